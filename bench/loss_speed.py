@@ -1,0 +1,70 @@
+"""Forward+backward time of LADELoss vs plain cross-entropy and vs a masked C x N formulation.
+
+Run: python bench/loss_speed.py [--smoke-test]. Prints ratios measured in one run (best of k, interleaved).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import best_times  # noqa: E402
+
+from lade_core.losses import LADELoss  # noqa: E402
+
+
+def masked_lade(z, y, log_ps, alpha, lam, weights):
+    """The straightforward formulation (as the authors' code): a [C, N] masked copy of the logits."""
+    n, c = z.shape
+    ce = F.cross_entropy(z + log_ps, y)
+    mask = y[None, :] == torch.arange(c, device=z.device)[:, None]  # [C, N]
+    first = (z.T * mask).sum(1) / (mask.sum(1) + 1e-8)  # [C]
+    second = torch.logsumexp(z.T - log_ps[:, None] - math.log(c), dim=1) - math.log(n)  # [C]
+    return ce - alpha * (weights * (first - second - lam * second**2)).sum()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--smoke-test", action="store_true", help="tiny sizes, few repeats")
+    ap.add_argument("--batch", type=int, default=256)
+    args = ap.parse_args()
+    sizes = [100] if args.smoke_test else [100, 1000, 8142]
+    repeats = 3 if args.smoke_test else 30
+    print(f"N={args.batch}, torch {torch.__version__}, threads={torch.get_num_threads()}")
+    print(f"{'C':>6} {'CE ms':>8} {'LADE ms':>8} {'masked ms':>9} {'LADE/CE':>8} {'masked/LADE':>11}")
+    for c in sizes:
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(args.batch, c, generator=g).requires_grad_()
+        y = torch.randint(0, c, (args.batch,), generator=g)
+        counts = torch.tensor([max(1, int(500 * 0.01 ** (k / max(c - 1, 1)))) for k in range(c)], dtype=torch.float64)
+        prior = counts / counts.sum()
+        lade = LADELoss(prior, alpha=0.1, lam=0.1)
+        log_ps, weights = prior.log().float(), prior.float()
+
+        def step(loss_fn):
+            def run():
+                z.grad = None
+                loss_fn().backward()
+            return run
+
+        t = best_times(
+            {
+                "ce": step(lambda: F.cross_entropy(z, y)),
+                "lade": step(lambda: lade(z, y)),
+                "masked": step(lambda: masked_lade(z, y, log_ps, 0.1, 0.1, weights)),
+            },
+            repeats=repeats,
+        )
+        print(
+            f"{c:>6} {t['ce'] * 1e3:>8.3f} {t['lade'] * 1e3:>8.3f} {t['masked'] * 1e3:>9.3f} "
+            f"{t['lade'] / t['ce']:>8.2f} {t['masked'] / t['lade']:>11.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""LADE-CE (Balanced Softmax), the LADER regularizer and LADE (paper Eq. 15-20).
+
+Notation: logits z [N, C], targets y [N], source prior p_s [C], class weights alpha_c [C] (default p_s).
+All modules follow ``forward(logits, targets) -> scalar``; priors are buffers, so ``.to(device)`` moves them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import gather_batch, is_distributed
+from .priors import validate_prior
+
+__all__ = ["BalancedSoftmaxLoss", "LADERLoss", "LADELoss", "ESTIMATORS", "check_targets"]
+
+Estimator = Literal["released", "paper"]
+ESTIMATORS: tuple[str, ...] = ("released", "paper")
+PriorLike = Sequence[float] | np.ndarray | torch.Tensor
+
+
+def check_targets(targets: torch.Tensor, num_classes: int) -> None:
+    """One clear error for labels outside [0, C) instead of a device-side assert deep inside a kernel."""
+    if targets.dim() != 1:
+        raise ValueError(f"targets must have shape [N], got {tuple(targets.shape)}")
+    if targets.numel():
+        lo, hi = (int(v) for v in torch.aminmax(targets))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"targets out of range: labels must lie in [0, {num_classes}), got [{lo}, {hi}]")
+
+
+def _check_logits(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if logits.dim() != 2 or logits.shape[1] != num_classes:
+        raise ValueError(f"logits must have shape [N, {num_classes}], got {tuple(logits.shape)}")
+    if logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"logits have {logits.shape[0]} rows but targets have {targets.shape[0]}")
+    check_targets(targets, num_classes)
+    # Reductions over the batch in fp16/bf16 lose the tail classes; autocast output is promoted to fp32.
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+class _CastCache:
+    """The float64 buffers cast to the logits' dtype/device once, not on every step.
+
+    Keyed on the buffer's storage and version, so ``.to(device)`` or an in-place edit invalidates the entry.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        key = (name, like.dtype, like.device, buf.data_ptr(), buf._version)
+        out = self._entries.get(key)
+        if out is None:
+            self._entries = {k: v for k, v in self._entries.items() if k[0] != name}
+            out = self._entries[key] = buf.to(device=like.device, dtype=like.dtype)
+        return out
+
+
+def _non_negative(value: float, name: str) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _source_prior(source_prior: PriorLike) -> torch.Tensor:
+    p = torch.as_tensor(np.asarray(source_prior, dtype=np.float64))
+    p = validate_prior(p, p.numel(), "source_prior")
+    if (p == 0).any():
+        # log p_s(c) = -inf would make the loss infinite for every sample of class c.
+        raise ValueError(f"source_prior is zero at class indices {torch.nonzero(p == 0).flatten().tolist()[:20]}")
+    return p
+
+
+class BalancedSoftmaxLoss(nn.Module):
+    """LADE-CE, Eq. 19 (= Balanced Softmax): cross-entropy of ``logits + log p_s``."""
+
+    def __init__(self, source_prior: PriorLike):
+        super().__init__()
+        p = _source_prior(source_prior)
+        self.num_classes = p.numel()
+        self.register_buffer("log_source_prior", p.log())  # [C], float64
+        self._cast = _CastCache()
+
+    def log_prior_like(self, z: torch.Tensor) -> torch.Tensor:
+        return self._cast.get("log_source_prior", self.log_source_prior, z)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = _check_logits(logits, targets, self.num_classes)
+        return F.cross_entropy(z + self.log_prior_like(z), targets)
+
+
+class _LADEFunction(torch.autograd.Function):
+    """Fused LADE-CE + alpha * LADER: forward and analytic backward in O(N*C), one [N, C] gradient written.
+
+    LADER = -sum_c w_c (F_c - S_c - lam * S_c^2), with
+      F_c = mean_{i: y_i = c} z_ic (0 if class c is absent),
+      S_c = logsumexp_i(z_ic + o_ic) - log N, where the offset o is [1, C] ("released") or [N, 1] ("paper").
+    dLADER/dz_ic = w_c (1 + 2 lam S_c) softmax_i(z_ic + o_ic) - w_c [y_i = c] / n_c.
+    LADE-CE = mean_i CE(z_i + log p_s, y_i), dCE/dz_ic = (softmax_c(z_i + log p_s)_c - [y_i = c]) / N.
+    ``ce_weight = 0`` skips the CE term (LADER alone, e.g. on an all-gathered batch).
+    Returns (total, ce, lader, F [C], S [C]); only ``total`` is differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, z, targets, log_prior, offset, weights, lam, alpha, ce_weight, present_only):  # z [N, C]
+        n_samples, num_classes = z.shape
+        rows = torch.arange(n_samples, device=z.device)
+        counts = torch.bincount(targets, minlength=num_classes).to(z.dtype)  # [C]
+        if ce_weight:
+            log_probs = torch.log_softmax(z + log_prior, dim=1)  # [N, C]; saved: backward is one exp
+            ce = -log_probs[rows, targets].mean()
+        else:
+            log_probs, ce = None, z.new_zeros(())
+        if offset.shape[0] == 1:
+            # A per-class offset commutes with the logsumexp over samples: no [N, C] temporary.
+            col_lse = torch.logsumexp(z, dim=0) + offset[0]  # [C]
+        else:
+            col_lse = torch.logsumexp(z + offset, dim=0)  # [C]
+        s = col_lse - math.log(n_samples)  # [C]
+        f = torch.zeros(num_classes, dtype=z.dtype, device=z.device).index_add_(0, targets, z[rows, targets])
+        f = f / counts.clamp(min=1)  # [C]
+        w = weights * (counts > 0) if present_only else weights  # [C]
+        lader = -(w * (f - s - lam * s * s)).sum()
+        ctx.save_for_backward(z, targets, log_probs, offset, col_lse, s, counts, w)
+        ctx.lam, ctx.alpha, ctx.ce_weight = lam, alpha, ce_weight
+        ctx.mark_non_differentiable(ce, lader, f, s)
+        return ce_weight * ce + alpha * lader, ce, lader, f, s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, *_):
+        z, targets, log_probs, offset, col_lse, s, counts, w = ctx.saved_tensors
+        n_samples = z.shape[0]
+        rows = torch.arange(n_samples, device=z.device)
+        coef = (g * ctx.alpha) * w * (1 + 2 * ctx.lam * s)  # [C]
+        if offset.shape[0] == 1:
+            grad = torch.add(z, offset - col_lse)  # [N, C]
+        else:
+            grad = torch.add(z, offset).sub_(col_lse)
+        grad.exp_().mul_(coef)
+        at_target = (g * ctx.alpha) * w / counts.clamp(min=1)  # [C]
+        if ctx.ce_weight:
+            ce_scale = g * (ctx.ce_weight / n_samples)  # 0-dim tensor: no host sync
+            grad.addcmul_(log_probs.exp(), ce_scale)
+            grad[rows, targets] -= at_target[targets] + ce_scale
+        else:
+            grad[rows, targets] -= at_target[targets]
+        return grad, None, None, None, None, None, None, None, None
+
+
+class LADERLoss(nn.Module):
+    """LADER (Eq. 15-16), the regularized Donsker-Varadhan term pushing z_c toward log p_u(x|c)/p_u(x).
+
+    estimator="released": the authors' released code (their published numbers): every class c contributes;
+      S_c = logsumexp_i(z_ic + log(1/C) - log p_s(c)) - log N.
+    estimator="paper": Eq. 13-16 as printed: importance weight by each sample's label,
+      S_c = log((1/N) sum_i [(1/C) / p_s(y_i)] e^{z_ic}), summed only over classes present in the batch.
+
+    Under torch.distributed with world size > 1 the batch statistics use the global batch (autograd-aware
+    all-gather), so W workers x B samples under DDP give the single-process gradient on W*B samples.
+    """
+
+    def __init__(
+        self,
+        source_prior: PriorLike,
+        lam: float = 0.1,
+        class_weights: PriorLike | None = None,
+        estimator: Estimator = "released",
+    ):
+        super().__init__()
+        p = _source_prior(source_prior)
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+        self.lam = _non_negative(lam, "lam (λ)")
+        self.estimator = estimator
+        self.num_classes = p.numel()
+        if class_weights is None:
+            w = p.clone()
+        else:
+            w = torch.as_tensor(np.asarray(class_weights, dtype=np.float64))
+            if w.dim() != 1 or w.numel() != self.num_classes:
+                raise ValueError(f"class_weights has wrong length: {w.numel()} entries for {self.num_classes} classes")
+            if not torch.isfinite(w).all():
+                raise ValueError(f"class_weights are NaN or infinite at class indices {torch.nonzero(~torch.isfinite(w)).flatten().tolist()[:20]}")
+            if (w < 0).any():
+                raise ValueError(f"class_weights are negative at class indices {torch.nonzero(w < 0).flatten().tolist()[:20]}")
+        self.register_buffer("log_source_prior", p.log())  # [C]
+        self.register_buffer("class_weights", w)  # [C], alpha_c
+        self.register_buffer("released_offset", -math.log(self.num_classes) - p.log())  # [C], log((1/C) / p_s(c))
+        self._cast = _CastCache()
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def _offset(self, targets: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        offset = self._cast.get("released_offset", self.released_offset, z)  # log((1/C) / p_s(c)), [C]
+        if self.estimator == "released":
+            return offset[None, :]  # [1, C]: importance weight by class c
+        return offset[targets][:, None]  # [N, 1]: by each sample's label
+
+    def _run(self, z, targets, log_prior, alpha: float, ce_weight: float):
+        total, ce, lader, f, s = _LADEFunction.apply(
+            z, targets, log_prior, self._offset(targets, z), self._cast.get("class_weights", self.class_weights, z),
+            self.lam, alpha, ce_weight, self.estimator == "paper",
+        )
+        # F_c and S_c of the last call, for diagnostics (the per-class DV bound is F_c - S_c).
+        self.last_terms = {"first_term": f, "second_term": s}
+        return total, ce, lader
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = _check_logits(logits, targets, self.num_classes)
+        z, targets = gather_batch(z, targets)
+        return self._run(z, targets, None, 1.0, 0.0)[0]
+
+
+class LADELoss(nn.Module):
+    """LADE, Eq. 20: LADE-CE + alpha * LADER. ``last_terms`` holds the two (detached) terms of the last call."""
+
+    def __init__(
+        self,
+        source_prior: PriorLike,
+        alpha: float = 0.1,
+        lam: float = 0.1,
+        class_weights: PriorLike | None = None,
+        estimator: Estimator = "released",
+    ):
+        super().__init__()
+        self.alpha = _non_negative(alpha, "alpha (α)")
+        self.lade_ce = BalancedSoftmaxLoss(source_prior)
+        self.lader = LADERLoss(source_prior, lam=lam, class_weights=class_weights, estimator=estimator)
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if is_distributed():
+            # LADER's batch statistics span the global batch; the CE term stays a local mean (DDP averages it).
+            ce, reg = self.lade_ce(logits, targets), self.lader(logits, targets)
+            total = ce + self.alpha * reg
+            ce, reg = ce.detach(), reg.detach()
+        else:
+            z = _check_logits(logits, targets, self.lader.num_classes)
+            total, ce, reg = self.lader._run(z, targets, self.lade_ce.log_prior_like(z), self.alpha, 1.0)
+        self.last_terms = {"lade_ce": ce, "lader": reg}
+        return total

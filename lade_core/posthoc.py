@@ -1,0 +1,53 @@
+"""Post-hoc handling of the label distribution at inference.
+
+- ``compensate``: PC strategy (Eq. 4): logits of a plain-softmax model minus log p_s plus log p_t.
+  ``pc_softmax`` is its softmax (Eq. 7).
+- ``inject_prior``: Eq. 17: logits of a LADE / Balanced-Softmax model (already disentangled from p_s) plus log p_t.
+"""
+from __future__ import annotations
+
+import torch
+
+from .priors import validate_prior
+
+__all__ = ["compensate", "pc_softmax", "inject_prior", "POSTHOC_MODES", "posthoc_logits"]
+
+
+def _log_prior(prior, logits: torch.Tensor, name: str) -> torch.Tensor:
+    p = validate_prior(prior, logits.shape[-1], name)
+    # log 0 = -inf is intended: a class the target distribution rules out is never predicted.
+    return p.log().to(device=logits.device, dtype=logits.dtype)
+
+
+def compensate(logits: torch.Tensor, source_prior, target_prior) -> torch.Tensor:
+    """logits - log p_s + log p_t, shape [N, C] -> [N, C]."""
+    return logits - _log_prior(source_prior, logits, "source_prior") + _log_prior(target_prior, logits, "target_prior")
+
+
+def pc_softmax(logits: torch.Tensor, source_prior, target_prior) -> torch.Tensor:
+    """PC Softmax (Eq. 7): class probabilities under the target prior, [N, C]."""
+    return torch.softmax(compensate(logits, source_prior, target_prior), dim=-1)
+
+
+def inject_prior(logits: torch.Tensor, target_prior) -> torch.Tensor:
+    """logits + log p_t (Eq. 17), shape [N, C] -> [N, C]."""
+    return logits + _log_prior(target_prior, logits, "target_prior")
+
+
+# Which post-hoc rules make sense for a model trained with each loss. "raw" is the logits as they are.
+POSTHOC_MODES: dict[str, tuple[str, ...]] = {
+    "softmax": ("raw", "pc"),
+    "balanced_softmax": ("inject", "raw"),
+    "lade": ("inject", "raw"),
+}
+
+
+def posthoc_logits(logits: torch.Tensor, mode: str, source_prior, target_prior) -> torch.Tensor:
+    """Apply one post-hoc rule by name: ``raw``, ``pc`` (compensate) or ``inject``."""
+    if mode == "raw":
+        return logits
+    if mode == "pc":
+        return compensate(logits, source_prior, target_prior)
+    if mode == "inject":
+        return inject_prior(logits, target_prior)
+    raise ValueError(f"unknown post-hoc mode {mode!r}; choose raw, pc or inject")
