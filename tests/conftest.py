@@ -34,3 +34,15 @@ def places_train_counts() -> list[int]:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session, with spare logical CPUs so Ray Data never starves behind workers."""
+    import ray
+
+    from lade_core.runtime import init_ray
+
+    init_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,93 @@
+"""Open a prepared dataset directory: manifest checks, the source prior, Ray Datasets per split."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..priors import prior_from_counts
+from .prepare import MANIFEST
+from .sources import DataError
+from .transforms import decode_augment
+
+_REQUIRED = ("name", "num_classes", "transform", "splits")
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    root: Path
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        self._check_split(split)
+        return list(self.manifest["splits"][split]["class_counts"])
+
+    @property
+    def source_prior(self) -> torch.Tensor:
+        """p_s from the training split's class counts, float64 [C]."""
+        return prior_from_counts(self.class_counts("train"))
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.manifest["splits"]:
+            raise DataError(f"{self.root}: no split {split!r}; it has {self.splits}")
+
+    def ray_dataset(self, split: str, *, train: bool | None = None, image_size: int | None = None):
+        """A Ray Dataset of {"image": float32 [3, H, W], "label": int64}, decoded and (train split) augmented."""
+        import ray.data
+
+        self._check_split(split)
+        augment = (split == "train") if train is None else train
+        fn = partial(decode_augment, kind=self.manifest["transform"], train=augment, image_size=image_size)
+        return ray.data.read_parquet(str(self.root / split)).select_columns(["image", "label"]).map_batches(
+            fn, batch_format="numpy", batch_size=64
+        )
+
+    def raw_split(self, split: str, columns: list[str] | None = None):
+        """The split's Parquet rows as a pyarrow Table (encoded bytes), read without Ray."""
+        import pyarrow.parquet as pq
+
+        self._check_split(split)
+        return pq.read_table(str(self.root / split), columns=columns)
+
+
+def open_prepared(path: str | Path) -> PreparedDataset:
+    """Open and check a prepared dataset directory; errors name what is missing or inconsistent."""
+    root = Path(path).resolve()
+    manifest_path = root / MANIFEST
+    if not manifest_path.exists():
+        raise DataError(f"{root} is not a prepared dataset: {MANIFEST} is missing (run pipelines/prepare_data.py)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{manifest_path}: not valid JSON ({e})") from e
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise DataError(f"{manifest_path}: missing keys {missing}")
+    if "train" not in manifest["splits"]:
+        raise DataError(f"{manifest_path}: no train split")
+    for split, info in manifest["splits"].items():
+        counts = info.get("class_counts", [])
+        if len(counts) != manifest["num_classes"]:
+            raise DataError(
+                f"{manifest_path}: split {split!r} has class counts for {len(counts)} classes, manifest says {manifest['num_classes']}"
+            )
+        if sum(counts) != info.get("num_samples"):
+            raise DataError(f"{manifest_path}: split {split!r} counts sum to {sum(counts)}, num_samples is {info.get('num_samples')}")
+        if not (root / split).is_dir() or not any((root / split).glob("*.parquet")):
+            raise DataError(f"{root / split}: no Parquet shards for split {split!r}")
+    return PreparedDataset(root, manifest)

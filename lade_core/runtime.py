@@ -1,0 +1,23 @@
+"""Process-level setup shared by the pipelines: Ray connection."""
+from __future__ import annotations
+
+import os
+
+
+def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS / ``address`` (as under ``ray job submit``) or start a local Ray.
+
+    A local Ray gets ``num_cpus`` logical CPUs: on small machines give it more than the training workers reserve,
+    or Ray Data's read/decode tasks get no CPU and the pipeline stalls.
+    """
+    import ray
+
+    # Ray >= 2.59 may enable token auth by default; a local dev cluster runs without unless the user set it.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
