@@ -161,6 +161,8 @@ def prepare_dataset(
             "num_classes": raw.num_classes,
             "class_names": raw.class_names,
             "transform": raw.transform,
+            # Native size of in-memory (CIFAR-family) images; the transforms crop to it. None: decided at load.
+            "image_size": int(splits["train"].images.shape[1]) if splits["train"].images is not None else None,
             "splits": {s: {"num_samples": int(sum(c)), "class_counts": c, "skipped": skipped[s]} for s, c in counts.items()},
             "imbalance_ratio": max(train) / min(train),
             "source": raw.source,

@@ -52,7 +52,8 @@ class PreparedDataset:
 
         self._check_split(split)
         augment = (split == "train") if train is None else train
-        fn = partial(decode_augment, kind=self.manifest["transform"], train=augment, image_size=image_size)
+        size = image_size or self.manifest.get("image_size")
+        fn = partial(decode_augment, kind=self.manifest["transform"], train=augment, image_size=size)
         return ray.data.read_parquet(str(self.root / split)).select_columns(["image", "label"]).map_batches(
             fn, batch_format="numpy", batch_size=64
         )

@@ -1,0 +1,94 @@
+"""Model factories: CIFAR ResNet-32 and torchvision ResNet-50 / ResNeXt-50 32x4d / ResNet-152, linear head.
+
+No weights are downloaded: ``weights_path`` optionally loads a local state dict (e.g. an ImageNet checkpoint).
+Constructors never move to a device; the training loop does (Ray Train's ``prepare_model``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The standard 3-stage CIFAR ResNet (He et al. 2016): depth = 6n + 2, widths 16/32/64."""
+
+    def __init__(self, depth: int = 32, num_classes: int = 100):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        layers, c_in = [], 16
+        for c_out, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(n):
+                layers.append(_BasicBlock(c_in, c_out, stride if i == 0 else 1))
+                c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 3, H, W] -> logits [B, C]
+        h = self.features(self.stem(x))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def _torchvision(name: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+
+    return build
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "resnet32": lambda num_classes: CifarResNet(32, num_classes),
+    "resnet50": _torchvision("resnet50"),
+    "resnext50_32x4d": _torchvision("resnext50_32x4d"),
+    "resnet152": _torchvision("resnet152"),
+}
+
+
+def build_model(name: str, num_classes: int, weights_path: str | None = None) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    model = MODELS[name](num_classes)
+    if weights_path:
+        path = Path(weights_path)
+        if not path.exists():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+        # A backbone checkpoint for another number of classes: keep everything but the classifier.
+        head = {k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape}
+        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
+        if unexpected:
+            raise ValueError(f"{path}: keys not in {name}: {unexpected[:5]}")
+    return model
+
+
+def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The final linear layer's parameters (for a separate classifier learning rate)."""
+    return list(model.fc.parameters())
