@@ -91,7 +91,7 @@ def test_worker_killed_mid_epoch_resumes_and_logs_each_epoch_once(workdir):
         (["--class-weights", "[0.5, 0.5]"], "class_weights has wrong length: 2 entries for 4 classes"),
         (["--class-weights", "[0.5, -0.5, 0.5, 0.5]"], "class_weights are negative"),
         (["--mlflow-uri", "http://127.0.0.1:9"], "unreachable"),
-        (["--num-workers", "64"], "needs 64 CPUs"),
+        (["--num-workers", "64", "--batch-size", "256"], "needs 64 CPUs"),
         (["--dataset", "no_such_prepared_dataset"], "dataset.json is missing"),
     ],
 )
