@@ -24,7 +24,7 @@ from lade_core.data.prepare import prepare_dataset, summary_line
 from lade_core.data.synthetic import make_synthetic
 from lade_core.models import MODELS, build_model
 from lade_core.posthoc import POSTHOC_MODES, posthoc_logits
-from lade_core.priors import prior_from_counts, shifted_subset
+from lade_core.priors import shifted_subset
 from lade_core.runtime import init_ray
 from lade_core.tracking import (LOGITS_ARTIFACT, check_reachable, resolve_tracking_uri, start_or_resume_run,
                                 write_logits_parquet)
@@ -132,7 +132,8 @@ def finalize(config: dict, prepared, checkpoint_dir: Path) -> dict:
     table = {"uniform": evaluate(logits, labels, config["loss"], source_prior, counts, prefix="test")}
     for direction in ("forward", "backward"):
         idx = torch.as_tensor(shifted_subset(labels, counts, per_class, 10, direction))
-        p_t = prior_from_counts(torch.bincount(labels[idx], minlength=prepared.num_classes), smoothing=1e-12)
+        counts_t = torch.bincount(labels[idx], minlength=prepared.num_classes).double()
+        p_t = counts_t / counts_t.sum()  # a target prior may rule classes out: zeros are valid here
         z = posthoc_logits(logits[idx].double(), mode, source_prior, p_t)
         table[f"{direction}_10"] = {"test/top1": float((z.argmax(1) == labels[idx]).double().mean())}
 
@@ -180,9 +181,9 @@ def main(argv=None) -> int:
     config["fail_marker"] = str(Path(config["storage_path"]) / config["run_name"] / ".fail_injected")
     run_id, resumed = start_or_resume_run(config["mlflow_uri"], config["experiment"], config["run_name"], config)
     config["mlflow_run_id"] = run_id
-    if resumed:
-        import mlflow
+    import mlflow
 
+    if resumed:
         logged = mlflow.MlflowClient(config["mlflow_uri"]).get_run(run_id).data.params.get("config_digest")
         if logged and logged != config_digest(config):
             print(f"error: run name {config['run_name']!r} exists with a different config; pass another --run-name",
@@ -190,8 +191,6 @@ def main(argv=None) -> int:
             return 2
         print(f"resuming run {config['run_name']} (MLflow run {run_id})")
     else:
-        import mlflow
-
         mlflow.MlflowClient(config["mlflow_uri"]).log_param(run_id, "config_digest", config_digest(config))
     try:
         init_ray(num_cpus=num_cpus or max(os.cpu_count() or 1, config["num_workers"] * config["cpus_per_worker"]) + 2)
