@@ -32,24 +32,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--smoke-test", action="store_true", help="tiny sizes, few repeats")
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     sizes = [100] if args.smoke_test else [100, 1000, 8142]
     repeats = 3 if args.smoke_test else 30
-    print(f"N={args.batch}, torch {torch.__version__}, threads={torch.get_num_threads()}")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads={torch.get_num_threads()}"
+    print(f"N={args.batch}, torch {torch.__version__}, {device.type} ({where})")
     print(f"{'C':>6} {'CE ms':>8} {'LADE ms':>8} {'masked ms':>9} {'LADE/CE':>8} {'masked/LADE':>11}")
     for c in sizes:
         g = torch.Generator().manual_seed(0)
-        z = torch.randn(args.batch, c, generator=g).requires_grad_()
-        y = torch.randint(0, c, (args.batch,), generator=g)
+        z = torch.randn(args.batch, c, generator=g).to(device).requires_grad_()
+        y = torch.randint(0, c, (args.batch,), generator=g).to(device)
         counts = torch.tensor([max(1, int(500 * 0.01 ** (k / max(c - 1, 1)))) for k in range(c)], dtype=torch.float64)
         prior = counts / counts.sum()
-        lade = LADELoss(prior, alpha=0.1, lam=0.1)
-        log_ps, weights = prior.log().float(), prior.float()
+        lade = LADELoss(prior, alpha=0.1, lam=0.1).to(device)
+        log_ps, weights = prior.log().float().to(device), prior.float().to(device)
 
         def step(loss_fn):
             def run():
                 z.grad = None
                 loss_fn().backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # time the kernels, not their launch
             return run
 
         t = best_times(
