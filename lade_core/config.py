@@ -27,6 +27,7 @@ DEFAULTS: dict = {
     "alpha": 0.1,
     "lam": 0.1,
     "class_weights": None,  # alpha_c; None = p_s
+    "tau": None,  # alpha_c = p_s(c)^tau / sum_k p_s(k)^tau (tau=1: p_s, the paper; tau=0: uniform); excludes class_weights
     "estimator": "released",
     "epochs": 10,
     "batch_size": 128,  # global: split evenly across workers
@@ -103,5 +104,11 @@ def validate_config(cfg: dict, num_classes: int | None = None) -> None:
         bad = [i for i, x in enumerate(w) if not (isinstance(x, (int, float)) and math.isfinite(x) and x >= 0)]
         if bad:
             raise ValueError(f"class_weights are negative or not finite at class indices {bad[:20]}")
+    tau = cfg["tau"]
+    if tau is not None:
+        if not isinstance(tau, (int, float)) or not 0 <= tau <= 1:
+            raise ValueError(f"tau must lie in [0, 1], got {tau!r}")
+        if w is not None:
+            raise ValueError("set class_weights or tau, not both: tau derives alpha_c from the source prior")
     if not cfg["dataset"]:
         raise ValueError("no dataset: set `dataset` (a prepared dataset directory) in the config or with --dataset")

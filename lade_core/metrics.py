@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["shot_accuracies", "expected_calibration_error", "reliability_bins", "nll", "brier", "shot_groups"]
+__all__ = ["shot_accuracies", "expected_calibration_error", "reliability_bins", "calibration_bins", "ece_from_bins",
+           "nll", "brier", "shot_groups"]
 
 
 def _long(x) -> torch.Tensor:
@@ -42,17 +43,15 @@ def shot_accuracies(predictions, labels, train_counts, many: int = 100, few: int
     return out
 
 
-def reliability_bins(probs: torch.Tensor, labels, n_bins: int = 20) -> dict[str, torch.Tensor]:
-    """Per-bin mean confidence, accuracy and count over equal-width bins (lo, hi] of the max probability."""
-    p = torch.as_tensor(probs).double()
-    y = _long(labels)
-    conf, pred = p.max(dim=1)  # [N]
-    correct = (pred == y.to(pred.device)).double()
-    upper = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=p.device)[1:]
+def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 20) -> dict[str, torch.Tensor]:
+    """Per-bin mean confidence, accuracy and count over equal-width bins (lo, hi] of the confidence [N]."""
+    conf = torch.as_tensor(confidence).double().flatten()
+    hit = torch.as_tensor(correct).double().flatten().to(conf.device)
+    upper = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=conf.device)[1:]
     idx = torch.bucketize(conf, upper, right=False).clamp_(max=n_bins - 1)  # bin b holds (b/n, (b+1)/n]
     count = torch.bincount(idx, minlength=n_bins).double()
     conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
-    acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
+    acc_sum = torch.bincount(idx, weights=hit, minlength=n_bins)
     denom = count.clamp(min=1)
     return {
         "lower": upper - 1.0 / n_bins,
@@ -63,11 +62,22 @@ def reliability_bins(probs: torch.Tensor, labels, n_bins: int = 20) -> dict[str,
     }
 
 
-def expected_calibration_error(probs: torch.Tensor, labels, n_bins: int = 20) -> float:
-    """ECE = sum_b (n_b / N) |acc_b - conf_b| over equal-width bins (lo, hi] of the max probability."""
-    bins = reliability_bins(probs, labels, n_bins)
+def ece_from_bins(bins: dict[str, torch.Tensor]) -> float:
+    """ECE = sum_b (n_b / N) |acc_b - conf_b|."""
     n = bins["count"].sum()
     return float((bins["count"] / n * (bins["accuracy"] - bins["confidence"]).abs()).sum())
+
+
+def reliability_bins(probs: torch.Tensor, labels, n_bins: int = 20) -> dict[str, torch.Tensor]:
+    """``calibration_bins`` of the max probability of ``probs`` [N, C] and whether its argmax is the label."""
+    p = torch.as_tensor(probs).double()
+    conf, pred = p.max(dim=1)  # [N]
+    return calibration_bins(conf, pred == _long(labels).to(pred.device), n_bins)
+
+
+def expected_calibration_error(probs: torch.Tensor, labels, n_bins: int = 20) -> float:
+    """ECE over equal-width bins (lo, hi] of the max probability of ``probs`` [N, C]."""
+    return ece_from_bins(reliability_bins(probs, labels, n_bins))
 
 
 def nll(logits: torch.Tensor, labels) -> float:

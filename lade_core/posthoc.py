@@ -10,7 +10,7 @@ import torch
 
 from .priors import validate_prior
 
-__all__ = ["compensate", "pc_softmax", "inject_prior", "POSTHOC_MODES", "posthoc_logits"]
+__all__ = ["compensate", "pc_softmax", "inject_prior", "POSTHOC_MODES", "posthoc_logits", "posthoc_offset"]
 
 
 def _log_prior(prior, logits: torch.Tensor, name: str) -> torch.Tensor:
@@ -34,9 +34,11 @@ def inject_prior(logits: torch.Tensor, target_prior) -> torch.Tensor:
     return logits + _log_prior(target_prior, logits, "target_prior")
 
 
-# Which post-hoc rules make sense for a model trained with each loss. "raw" is the logits as they are.
+# Which post-hoc rules make sense for a model trained with each loss. "raw" is the logits as they are. The first
+# is the rule the loss calls for (validation, the training summary, comparisons): a plain-softmax model's logits
+# are entangled with p_s and need PC compensation; LADE / Balanced Softmax logits take p_t by injection.
 POSTHOC_MODES: dict[str, tuple[str, ...]] = {
-    "softmax": ("raw", "pc"),
+    "softmax": ("pc", "raw"),
     "balanced_softmax": ("inject", "raw"),
     "lade": ("inject", "raw"),
 }
@@ -51,3 +53,13 @@ def posthoc_logits(logits: torch.Tensor, mode: str, source_prior, target_prior) 
     if mode == "inject":
         return inject_prior(logits, target_prior)
     raise ValueError(f"unknown post-hoc mode {mode!r}; choose raw, pc or inject")
+
+
+def posthoc_offset(mode: str, source_prior, target_prior, num_classes: int) -> torch.Tensor | None:
+    """The per-class offset b [C] (float64) with posthoc_logits(z) = z + b, or None for ``raw``.
+
+    Every rule is a per-class shift of the logits, so evaluating many target priors needs only this vector.
+    """
+    if mode == "raw":
+        return None
+    return posthoc_logits(torch.zeros(1, num_classes, dtype=torch.float64), mode, source_prior, target_prior)[0]

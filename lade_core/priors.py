@@ -18,6 +18,8 @@ __all__ = [
     "long_tailed_counts",
     "shifted_counts",
     "shifted_subset",
+    "subset_with_counts",
+    "tempered_class_weights",
     "SHIFT_PROTOCOL",
     "shift_protocol_name",
 ]
@@ -159,17 +161,27 @@ def shifted_subset(
     Keeps the first n_c test samples of each class in dataset order, as the published protocol lists do, so the
     subset is deterministic. Returns sorted int64 indices.
     """
+    wanted = shifted_counts(train_counts, per_class, imbalance_ratio, direction)
+    return subset_with_counts(test_labels, wanted, f"target prior {direction} {imbalance_ratio:g}")
+
+
+def subset_with_counts(
+    test_labels: Sequence[int] | np.ndarray | torch.Tensor, wanted: Sequence[int] | np.ndarray, what: str = "target prior"
+) -> np.ndarray:
+    """Sorted int64 indices of the first ``wanted[c]`` test samples of each class c, in dataset order."""
     labels = np.asarray(test_labels.cpu() if isinstance(test_labels, torch.Tensor) else test_labels, dtype=np.int64)
-    wanted = np.asarray(shifted_counts(train_counts, per_class, imbalance_ratio, direction), dtype=np.int64)
+    wanted = np.asarray(wanted, dtype=np.int64)
     num_classes = wanted.size
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"test labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
+    if (wanted < 0).any():
+        raise ValueError(f"{what}: negative counts at class indices {np.nonzero(wanted < 0)[0][:20].tolist()}")
     available = np.bincount(labels, minlength=num_classes)
     short = np.nonzero(available < wanted)[0]
     if short.size:
         c = int(short[0])
         raise ValueError(
-            f"target prior {direction} {imbalance_ratio:g} asks for more test samples than exist: class {c} needs "
+            f"{what} asks for more test samples than exist: class {c} needs "
             f"{wanted[c]} but the test split has {available[c]} (classes short: {short[:20].tolist()})"
         )
     # Rank of each sample within its class in dataset order, without a Python loop over samples.
@@ -178,3 +190,15 @@ def shifted_subset(
     rank_in_class = np.empty_like(order)
     rank_in_class[order] = np.arange(labels.size) - np.repeat(starts, available)
     return np.nonzero(rank_in_class < wanted[labels])[0].astype(np.int64)
+
+
+def tempered_class_weights(source_prior: Sequence[float] | np.ndarray | torch.Tensor, tau: float) -> torch.Tensor:
+    """LADER class weights alpha_c = p_s(c)^tau / sum_k p_s(k)^tau, float64 [C].
+
+    tau = 1 is the paper's alpha_c = p_s(c); tau = 0 weighs every class equally (1/C); in between interpolates.
+    """
+    if not (isinstance(tau, (int, float)) and 0 <= tau <= 1):
+        raise ValueError(f"tau must lie in [0, 1], got {tau!r}")
+    p = validate_prior(source_prior, len(source_prior), "source_prior")
+    w = p.pow(float(tau))
+    return w / w.sum()

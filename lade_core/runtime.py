@@ -20,4 +20,6 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard serves Ray's state API, which Ray Train V2 uses to release a finished or killed run's
+        # placement group; without it, each trainer run under Tune leaks its workers' CPUs until Ray stops.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)

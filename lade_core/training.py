@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
 from .losses import BalancedSoftmaxLoss, LADELoss
-from .metrics import shot_accuracies
 from .models import build_model, classifier_parameters
-from .posthoc import POSTHOC_MODES, posthoc_logits
-from .priors import uniform_prior
+from .posthoc import POSTHOC_MODES
+from .priors import tempered_class_weights, uniform_prior
 from .schedules import build_scheduler
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -38,7 +38,10 @@ def build_criterion(config: dict, source_prior: torch.Tensor) -> nn.Module:
         return SoftmaxLoss()
     if config["loss"] == "balanced_softmax":
         return BalancedSoftmaxLoss(source_prior)
-    return LADELoss(source_prior, alpha=config["alpha"], lam=config["lam"], class_weights=config["class_weights"],
+    weights = config["class_weights"]
+    if config.get("tau") is not None:
+        weights = tempered_class_weights(source_prior, config["tau"])
+    return LADELoss(source_prior, alpha=config["alpha"], lam=config["lam"], class_weights=weights,
                     estimator=config["estimator"])
 
 
@@ -94,11 +97,16 @@ def predict_logits(model: nn.Module, batches, device) -> tuple[torch.Tensor, tor
 
 
 def evaluate(logits: torch.Tensor, labels: torch.Tensor, loss: str, source_prior, train_counts, prefix="val") -> dict:
-    """Top-1 and Many/Medium/Few under the uniform target prior, with the post-hoc rule the loss calls for."""
-    mode = POSTHOC_MODES[loss][0]  # softmax -> PC compensation; LADE / Balanced Softmax -> prior injection
-    z = posthoc_logits(logits.double(), mode, source_prior, uniform_prior(logits.shape[1]))
-    acc = shot_accuracies(z.argmax(1), labels, train_counts)
-    return {f"{prefix}/top1": acc["all"], **{f"{prefix}/{k}": v for k, v in acc.items() if k != "all"}}
+    """Top-1, Many/Medium/Few, NLL and ECE under the uniform target prior, and the mean top-1 over the shifted
+    protocol, with the post-hoc rule the loss calls for (softmax -> PC compensation; LADE / Balanced Softmax ->
+    prior injection)."""
+    mode = POSTHOC_MODES[loss][0]
+    uniform = Target("uniform", np.arange(len(labels)), uniform_prior(logits.shape[1]))
+    (row,) = evaluate_targets(logits, labels, source_prior, train_counts, (mode,), [uniform])
+    out = {f"{prefix}/{k}": row[k] for k in METRICS}
+    # Mean top-1 over the 11 shifted priors: the Tune objective for users whose target distribution is unknown.
+    out[f"{prefix}/shift_mean_top1"] = protocol_mean_top1(logits, labels, source_prior, train_counts, mode)
+    return out
 
 
 def _rng_state() -> dict:
@@ -178,3 +186,26 @@ def train_loop_per_worker(config: dict) -> None:
                   f"few {metrics['val/few']:.3f})  {metrics['images_per_s'] * world:.0f} img/s", flush=True)
         else:
             ray.train.report(metrics)
+
+
+def build_trainer(config: dict, prepared, callbacks: list | None = None):
+    """The Ray Train V2 ``TorchTrainer`` for one training run: DDP workers fed by Ray Data shards.
+
+    ``config["run_name"]`` and ``config["storage_path"]`` name the run's checkpoint folder, so fitting a trainer
+    built from the same config again resumes from its last checkpoint.
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    val_split = "val" if "val" in prepared.splits else "test"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=config["num_workers"], use_gpu=config["use_gpu"],
+                                     resources_per_worker={"CPU": config["cpus_per_worker"]}),
+        run_config=RunConfig(name=config["run_name"], storage_path=config["storage_path"],
+                             failure_config=FailureConfig(max_failures=config["max_failures"]),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
+        datasets={"train": prepared.ray_dataset("train"), "val": prepared.ray_dataset(val_split, train=False)},
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker sees the whole val split
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -22,13 +23,14 @@ from lade_core.config import LOSSES, resolve_config, validate_config
 from lade_core.data import DataError, open_prepared
 from lade_core.data.prepare import prepare_dataset, summary_line
 from lade_core.data.synthetic import make_synthetic
+from lade_core.evaluation import evaluate_targets, protocol_targets
 from lade_core.models import MODELS, build_model
-from lade_core.posthoc import POSTHOC_MODES, posthoc_logits
-from lade_core.priors import shifted_subset
+from lade_core.posthoc import POSTHOC_MODES
+from lade_core.report import format_table
 from lade_core.runtime import init_ray
 from lade_core.tracking import (LOGITS_ARTIFACT, check_reachable, resolve_tracking_uri, start_or_resume_run,
                                 write_logits_parquet)
-from lade_core.training import CHECKPOINT_FILE, evaluate, predict_logits, train_loop_per_worker
+from lade_core.training import CHECKPOINT_FILE, build_trainer, predict_logits
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "synthetic" / "lade.yaml"
@@ -96,25 +98,6 @@ def check_cluster_fits(config: dict) -> None:
         raise RuntimeError(f"num_workers={config['num_workers']} with --use-gpu needs that many GPUs; the cluster has {res.get('GPU', 0):g}")
 
 
-def fit(config: dict, prepared):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    val_split = "val" if "val" in prepared.splits else "test"
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=config["num_workers"], use_gpu=config["use_gpu"],
-                                     resources_per_worker={"CPU": config["cpus_per_worker"]}),
-        run_config=RunConfig(name=config["run_name"], storage_path=config["storage_path"],
-                             failure_config=FailureConfig(max_failures=config["max_failures"]),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": prepared.ray_dataset("train"), "val": prepared.ray_dataset(val_split, train=False)},
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker sees the whole val split
-    )
-    return trainer.fit()
-
-
 def finalize(config: dict, prepared, checkpoint_dir: Path) -> dict:
     """Test logits -> MLflow (Parquet artifact + metrics), the model (optionally registered), and a summary table."""
     import mlflow
@@ -128,19 +111,18 @@ def finalize(config: dict, prepared, checkpoint_dir: Path) -> dict:
                                     torch.device("cpu"))
     source_prior, counts = prepared.source_prior, prepared.class_counts("train")
     mode = POSTHOC_MODES[config["loss"]][0]
-    per_class = min(prepared.class_counts(test_split))
-    table = {"uniform": evaluate(logits, labels, config["loss"], source_prior, counts, prefix="test")}
-    for direction in ("forward", "backward"):
-        idx = torch.as_tensor(shifted_subset(labels, counts, per_class, 10, direction))
-        counts_t = torch.bincount(labels[idx], minlength=prepared.num_classes).double()
-        p_t = counts_t / counts_t.sum()  # a target prior may rule classes out: zeros are valid here
-        z = posthoc_logits(logits[idx].double(), mode, source_prior, p_t)
-        table[f"{direction}_10"] = {"test/top1": float((z.argmax(1) == labels[idx]).double().mean())}
+    targets = {t.name: t for t in protocol_targets(labels, counts)}
+    rows = evaluate_targets(logits, labels, source_prior, counts, (mode,),
+                            [targets[name] for name in ("uniform", "forward_10", "backward_10")])
+    table = {r["target"]: r for r in rows}
+    u = table["uniform"]
 
     mlflow.set_tracking_uri(config["mlflow_uri"])
     with mlflow.start_run(run_id=config["mlflow_run_id"]):
-        mlflow.log_metrics({**table["uniform"], "test/forward_10/top1": table["forward_10"]["test/top1"],
-                            "test/backward_10/top1": table["backward_10"]["test/top1"]})
+        test_metrics = {"test/top1": u["top1"], "test/many": u["many"], "test/medium": u["medium"],
+                        "test/few": u["few"], "test/nll": u["nll"], "test/ece": u["ece"],
+                        **{f"test/{name}/top1": table[name]["top1"] for name in ("forward_10", "backward_10")}}
+        mlflow.log_metrics({k: v for k, v in test_metrics.items() if math.isfinite(v)})  # NaN: an empty shot group
         with tempfile.TemporaryDirectory() as d:
             write_logits_parquet(Path(d) / Path(LOGITS_ARTIFACT).name, logits, labels)
             mlflow.log_artifact(str(Path(d) / Path(LOGITS_ARTIFACT).name), artifact_path=str(Path(LOGITS_ARTIFACT).parent))
@@ -150,11 +132,7 @@ def finalize(config: dict, prepared, checkpoint_dir: Path) -> dict:
         mlflow.pytorch.log_model(model, name="model", serialization_format="pt2", input_example=example.numpy(),
                                  registered_model_name=config["register"])
     print(f"\nrun {config['run_name']} ({config['loss']}, post-hoc: {mode}) — MLflow run {config['mlflow_run_id']}")
-    print(f"{'target prior':>14} {'top-1':>7}")
-    for name, m in table.items():
-        print(f"{name:>14} {m['test/top1']:>7.4f}")
-    u = table["uniform"]
-    print(f"uniform many/medium/few: {u['test/many']:.4f} / {u['test/medium']:.4f} / {u['test/few']:.4f}")
+    print(format_table(rows, ["target", "n", "top1", "many", "medium", "few", "nll", "ece"]), end="")
     return table
 
 
@@ -198,7 +176,7 @@ def main(argv=None) -> int:
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = fit(config, prepared)
+    result = build_trainer(config, prepared).fit()
     with result.checkpoint.as_directory() as d:
         finalize(config, prepared, Path(d))
     return 0

@@ -1,5 +1,7 @@
 import collections
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +9,9 @@ import pytest
 
 # Ray >= 2.59 may turn on token auth; the tests run a local cluster without it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+# The pipelines are scripts, not a package: tests import their functions (main, parse_args) from here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
 
 SHARED_DATA = Path(os.environ.get("LADE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -46,3 +51,35 @@ def ray_local():
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_train(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """pipelines/train.py --smoke-test as a user runs it: own local Ray (4 logical CPUs), sqlite MLflow in workdir."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(REPO / "pipelines" / "train.py"), "--smoke-test", "--num-cpus", "4",
+           "--mlflow-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--storage-path", str(workdir / "ray_results"), *args]
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def train_workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(train_workdir):
+    """smoke_run(loss) -> the finished train.py process of run "r-<loss>" (model "model-<loss>"), trained once per
+    session and shared by the training, evaluation and comparison tests."""
+    done: dict[str, subprocess.CompletedProcess] = {}
+
+    def get(loss: str) -> subprocess.CompletedProcess:
+        if loss not in done:
+            done[loss] = run_train(train_workdir, "--loss", loss, "--run-name", f"r-{loss}", "--register", f"model-{loss}")
+            assert done[loss].returncode == 0, done[loss].stdout[-3000:] + done[loss].stderr[-3000:]
+        return done[loss]
+
+    return get

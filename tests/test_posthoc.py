@@ -31,3 +31,11 @@ def test_posthoc_rejects_bad_priors():
         compensate(z, [1.2, -0.2, 0.0], [1 / 3] * 3)
     with pytest.raises(ValueError, match="unknown post-hoc mode"):
         posthoc_logits(z, "bogus", [1 / 3] * 3, [1 / 3] * 3)
+
+
+def test_primary_posthoc_mode_per_loss():
+    from lade_core.posthoc import POSTHOC_MODES
+
+    assert {loss: modes[0] for loss, modes in POSTHOC_MODES.items()} == {
+        "softmax": "pc", "balanced_softmax": "inject", "lade": "inject"}
+    assert all("raw" in modes for modes in POSTHOC_MODES.values())

@@ -126,3 +126,16 @@ def test_shifted_subset_errors_when_class_is_short():
     labels = np.array([0] * 10 + [1] * 3)
     with pytest.raises(ValueError, match="class 1 needs 10 but the test split has 3"):
         shifted_subset(labels, [5, 5], 10, 1, "forward")
+
+
+def test_tempered_class_weights_interpolate_between_uniform_and_source_prior():
+    from lade_core.priors import tempered_class_weights
+
+    p = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    assert torch.allclose(tempered_class_weights(p, 1), p)
+    assert torch.allclose(tempered_class_weights(p, 0), torch.full((3,), 1 / 3, dtype=torch.float64))
+    half = tempered_class_weights(p, 0.5)
+    assert torch.allclose(half, p.sqrt() / p.sqrt().sum()) and half.sum().item() == pytest.approx(1.0)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="tau must lie in"):
+            tempered_class_weights(p, bad)

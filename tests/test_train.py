@@ -1,8 +1,5 @@
 """pipelines/train.py end to end: real local Ray (2 gloo DDP workers), real sqlite MLflow store."""
-import os
-import subprocess
-import sys
-from pathlib import Path
+import json
 
 import mlflow
 import numpy as np
@@ -10,22 +7,14 @@ import pytest
 import torch
 
 from lade_core.models import build_model
-from lade_core.tracking import LOGITS_ARTIFACT, read_logits_parquet
+from lade_core.tracking import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_train(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, str(REPO / "pipelines" / "train.py"), "--smoke-test", "--num-cpus", "4",
-           "--mlflow-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--storage-path", str(workdir / "ray_results"), *args]
-    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+from conftest import run_train
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("train")
+def workdir(train_workdir):
+    return train_workdir
 
 
 def _client(workdir):
@@ -41,14 +30,14 @@ def _run(client, name):
 
 
 @pytest.mark.parametrize("loss", ["softmax", "balanced_softmax", "lade"])
-def test_ddp_training_tracks_everything_in_mlflow(workdir, loss):
-    p = run_train(workdir, "--loss", loss, "--run-name", f"r-{loss}", "--register", f"model-{loss}")
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
+    p = smoke_run(loss)
     assert "forward_10" in p.stdout and "backward_10" in p.stdout
     client = _client(workdir)
     run = _run(client, f"r-{loss}")
     assert run.data.params["loss"] == loss and run.data.params["num_workers"] == "2"
-    for key in ("val/top1", "train/lade_ce", "train/lader", "lr", "test/top1", "test/backward_10/top1"):
+    for key in ("val/top1", "val/ece", "train/lade_ce", "train/lader", "lr", "test/top1", "test/ece",
+                "test/backward_10/top1"):
         assert key in run.data.metrics
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [0]
     arts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
@@ -56,6 +45,10 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, loss):
     assert {LOGITS_ARTIFACT, "data/source_prior.json", "config.yaml", "checkpoint/state_dict.pt"} <= arts
     logits, labels = read_logits_parquet(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=LOGITS_ARTIFACT))
     assert logits.shape == (80, 4) and np.bincount(labels.numpy()).tolist() == [20] * 4
+    # test/top1 is the uniform-prior accuracy under the rule the loss calls for: PC for softmax, else injection.
+    prior = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=PRIOR_ARTIFACT)).read())
+    z = logits.double() + (0 if loss != "softmax" else -torch.tensor(prior["source_prior"]).log())  # + log(1/C): no-op
+    assert run.data.metrics["test/top1"] == pytest.approx(float((z.argmax(1) == labels).double().mean()))
     # The registered model reproduces the checkpoint's logits.
     state = torch.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint/state_dict.pt"))
     ref = build_model("resnet32", 4)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -54,9 +55,18 @@ class PreparedDataset:
         augment = (split == "train") if train is None else train
         size = image_size or self.manifest.get("image_size")
         fn = partial(decode_augment, kind=self.manifest["transform"], train=augment, image_size=size)
-        return ray.data.read_parquet(str(self.root / split)).select_columns(["image", "label"]).map_batches(
-            fn, batch_format="numpy", batch_size=64
-        )
+        ctx = ray.data.DataContext.get_current()
+        v2 = ctx.use_datasource_v2
+        if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
+            # Ray 2.60's default V2 Parquet path (ListFiles -> ReadFiles) costs ~4 s per execution on a 2-core
+            # machine whatever the size, and a training loop re-executes the read every epoch; V1 takes ~0.2 s
+            # (bench/README.md, train_overhead). The user's RAY_DATA_USE_DATASOURCE_V2 wins if set.
+            ctx.use_datasource_v2 = False
+        try:
+            ds = ray.data.read_parquet(str(self.root / split))
+        finally:
+            ctx.use_datasource_v2 = v2
+        return ds.select_columns(["image", "label"]).map_batches(fn, batch_format="numpy", batch_size=64)
 
     def raw_split(self, split: str, columns: list[str] | None = None):
         """The split's Parquet rows as a pyarrow Table (encoded bytes), read without Ray."""

@@ -1,0 +1,90 @@
+"""The paper's diagnostic figures as PNG files (matplotlib, no display needed).
+
+Each function takes quantities computed by lade_core.evaluation and writes one file; it returns the path.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: workers and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .metrics import ece_from_bins  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def reliability_diagram(bins_by_mode: dict[str, dict], path: str | Path, title: str = "") -> Path:
+    """Paper Fig. 4: per-bin accuracy against confidence, one panel per post-hoc mode, with the ECE."""
+    fig, axes = plt.subplots(1, len(bins_by_mode), figsize=(4.2 * len(bins_by_mode), 4), squeeze=False)
+    for ax, (mode, b) in zip(axes[0], bins_by_mode.items()):
+        lower, width = b["lower"].numpy(), float(b["upper"][0] - b["lower"][0])
+        filled = b["count"].numpy() > 0
+        acc, conf = b["accuracy"].numpy(), b["confidence"].numpy()
+        ax.bar(lower[filled], acc[filled], width=width, align="edge", color="tab:blue", edgecolor="k", label="accuracy")
+        ax.bar(lower[filled], conf[filled] - acc[filled], bottom=acc[filled], width=width, align="edge",
+               color="tab:red", alpha=0.35, label="gap")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+               title=f"{mode}  ECE {ece_from_bins(b):.3f}")
+        ax.legend(loc="upper left")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def predicted_prior_figure(mean_prob_by_mode: dict[str, torch.Tensor], source_prior, target_prior,
+                           path: str | Path, title: str = "") -> Path:
+    """Paper Fig. 2: average predicted probability per class against p_s and p_t, classes by training frequency."""
+    ps = np.asarray(source_prior, dtype=np.float64)
+    order = np.argsort(-ps, kind="stable")
+    x = np.arange(ps.size)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(x, ps[order], "k-", lw=2, label="source prior p_s")
+    ax.plot(x, np.asarray(target_prior, dtype=np.float64)[order], "k--", lw=2, label="target prior p_t")
+    for mode, p in mean_prob_by_mode.items():
+        ax.plot(x, p.numpy()[order], marker=".", lw=1, label=f"mean predicted ({mode})")
+    ax.set(xlabel="class (sorted by training frequency)", ylabel="probability", title=title or "predicted label distribution")
+    ax.legend()
+    return _save(fig, path)
+
+
+def logit_figure(stats: dict[str, torch.Tensor], source_prior, path: str | Path, title: str = "") -> Path:
+    """Paper Fig. 3: per-class mean ± std of positive and negative logits, with the log C reference line."""
+    ps = np.asarray(source_prior, dtype=np.float64)
+    order = np.argsort(-ps, kind="stable")
+    x = np.arange(ps.size)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, color in (("pos", "tab:green"), ("neg", "tab:purple")):
+        mean, std = stats[f"{kind}_mean"].numpy()[order], stats[f"{kind}_std"].numpy()[order]
+        ax.plot(x, mean, color=color, lw=1.5, label="positive samples" if kind == "pos" else "negative samples")
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.25)
+    ax.axhline(math.log(ps.size), color="k", ls="--", lw=1, label="log C")
+    ax.set(xlabel="class (sorted by training frequency)", ylabel="logit", title=title or "logits by class")
+    ax.legend()
+    return _save(fig, path)
+
+
+def shift_curve(rows: list[dict], target_names: list[str], path: str | Path, title: str = "") -> Path:
+    """Top-1 accuracy across the shifted protocol (forward 50 .. backward 50), one line per post-hoc mode."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        by_target = {r["target"]: r["top1"] for r in rows if r["mode"] == mode}
+        ax.plot(range(len(target_names)), [by_target.get(t, np.nan) for t in target_names], marker="o", label=mode)
+    ax.set_xticks(range(len(target_names)), target_names, rotation=45, ha="right")
+    ax.set(ylabel="top-1 accuracy", title=title or "accuracy under label shift")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)

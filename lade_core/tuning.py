@@ -1,0 +1,51 @@
+"""Ray Tune glue: the per-trial driver function (the Ray Train V2 pattern) and the search summary.
+
+Ray Train V2 runs under Tune through a driver function: each trial calls ``trial_driver(config)``, which builds
+and fits a ``TorchTrainer``; ``TuneReportCallback`` forwards rank 0's per-epoch reports to Tune, so schedulers
+such as ASHA see every epoch. Each trial is an MLflow child run nested under the search's parent run.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+# Tune objectives -> the validation metric each reports (see lade_core.training.evaluate).
+OBJECTIVES = {"uniform": "val/top1", "shift_mean": "val/shift_mean_top1"}
+
+
+def trial_run_name(search: str, trial_id: str) -> str:
+    return f"{search}-{trial_id}"
+
+
+def trial_driver(config: dict) -> None:
+    """One Tune trial. ``config`` is a training config plus ``search``, ``search_storage``, ``parent_run_id``."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .data import open_prepared
+    from .tracking import start_or_resume_run
+    from .training import build_trainer
+
+    config = dict(config)
+    trial_id = tune.get_context().get_trial_id()
+    config["run_name"] = trial_run_name(config["search"], trial_id)
+    # A restored trial refits a trainer with the same name and storage: Ray Train resumes from its checkpoint.
+    config["storage_path"] = str(Path(config["search_storage"]) / "trials")
+    run_id, _ = start_or_resume_run(config["mlflow_uri"], config["experiment"], config["run_name"], config,
+                                    tags={"mlflow.parentRunId": config["parent_run_id"], "lade.search": config["search"],
+                                          "lade.trial_id": trial_id})
+    config["mlflow_run_id"] = run_id
+    build_trainer(config, open_prepared(config["dataset"]), callbacks=[TuneReportCallback()]).fit()
+
+
+def summary_rows(results, space_keys: list[str], metric: str, epochs: int) -> list[dict]:
+    """One row per trial of a ``ResultGrid``: sampled values, epochs run, last objective, early stop."""
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        done = int(m.get("training_iteration", 0))
+        rows.append({"trial": trial_run_name(r.config["search"], m.get("trial_id", "?")),
+                     **{k: r.config.get(k) for k in space_keys}, "epochs": done,
+                     metric: float(m.get(metric, math.nan)), "stopped_early": done < epochs and r.error is None,
+                     "error": "" if r.error is None else type(r.error).__name__})
+    return sorted(rows, key=lambda r: r["trial"])  # stable across reruns, so the logged table is not rewritten

@@ -1,0 +1,104 @@
+"""Compare runs side by side in the form of the paper's Table 6: top-1 under the 11 shifted target priors, plus
+uniform Many/Medium/Few and ECE, each run with the post-hoc rule its loss calls for (softmax: PC compensation;
+balanced_softmax/lade: prior injection). Computed from each run's stored test logits.
+
+  python pipelines/compare.py --run-ids ID1 ID2
+  python pipelines/compare.py --experiment lade --format csv
+  python pipelines/compare.py --model NAME            # every version of a registered model
+
+The table is printed and logged to a run of the experiment `lade-compare` (compare.md, compare.csv, and
+compare.json via mlflow.log_table).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from lade_core.evaluation import evaluate_targets, protocol_targets
+from lade_core.posthoc import POSTHOC_MODES
+from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name
+from lade_core.report import FORMATS, format_table
+from lade_core.tracking import LOGITS_ARTIFACT, RunLogits, load_run_logits, resolve_tracking_uri
+
+PRIORS = [shift_protocol_name(d, r) for d, r in SHIFT_PROTOCOL]
+COLUMNS = ["run", "loss", "posthoc", *PRIORS, "many", "medium", "few", "ece"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-ids", nargs="+", help="MLflow run ids")
+    src.add_argument("--experiment", help="every run of this experiment that stored test logits")
+    src.add_argument("--model", help="every version of this registered model")
+    ap.add_argument("--format", choices=FORMATS, default="markdown")
+    ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
+    ap.add_argument("--log-experiment", default="lade-compare", help="experiment the comparison is logged to")
+    ap.add_argument("--no-log", action="store_true", help="print only")
+    return ap.parse_args(argv)
+
+
+def select_runs(client, args) -> list[str]:
+    if args.run_ids:
+        return args.run_ids
+    if args.model:
+        versions = client.search_model_versions(f"name = '{args.model}'")
+        if not versions:
+            raise ValueError(f"no registered model named {args.model!r}")
+        return list(dict.fromkeys(v.run_id for v in sorted(versions, key=lambda v: int(v.version)) if v.run_id))
+    exp = client.get_experiment_by_name(args.experiment)
+    if exp is None:
+        raise ValueError(f"no experiment named {args.experiment!r}")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000)
+    # Search parents and other runs without logits are not comparable; they are left out, not an error.
+    folder = str(Path(LOGITS_ARTIFACT).parent)
+    ids = [r.info.run_id for r in runs if LOGITS_ARTIFACT in {a.path for a in client.list_artifacts(r.info.run_id, folder)}]
+    if not ids:
+        raise ValueError(f"experiment {args.experiment!r} has no run with test logits ({LOGITS_ARTIFACT})")
+    return ids
+
+
+def table_row(run: RunLogits) -> dict:
+    """One row of Table 6 for one run."""
+    mode = POSTHOC_MODES[run.loss][0]
+    targets = protocol_targets(run.labels, run.train_counts)
+    rows = {r["target"]: r for r in evaluate_targets(run.logits, run.labels, run.source_prior, run.train_counts,
+                                                       (mode,), targets)}
+    u = rows["uniform"]
+    return {"run": f"{run.run_name} ({run.run_id[:8]})", "loss": run.loss, "posthoc": mode,
+            **{p: rows[p]["top1"] for p in PRIORS}, "many": u["many"], "medium": u["medium"], "few": u["few"],
+            "ece": u["ece"]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import mlflow
+
+    uri = resolve_tracking_uri(args.mlflow_uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        runs = [load_run_logits(client, rid) for rid in select_runs(client, args)]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = [table_row(r) for r in runs]
+    print(format_table(rows, COLUMNS, args.format), end="")
+    if args.no_log:
+        return 0
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(args.log_experiment)
+    with mlflow.start_run(run_name=f"compare-{len(rows)}-runs") as logged, tempfile.TemporaryDirectory() as d:
+        mlflow.set_tag("lade.compared_runs", ",".join(r.run_id for r in runs))
+        for fmt, name in (("markdown", "compare.md"), ("csv", "compare.csv")):
+            (Path(d) / name).write_text(format_table(rows, COLUMNS, fmt))
+            mlflow.log_artifact(str(Path(d) / name))
+        mlflow.log_table(pd.DataFrame(rows, columns=COLUMNS), "compare.json")
+    print(f"logged to MLflow run {logged.info.run_id} (experiment {args.log_experiment})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Evaluate a trained run under any target prior p_t from its stored test logits: no re-inference, no GPU.
+
+  python pipelines/evaluate.py --run-id RUN_ID
+  python pipelines/evaluate.py --model models:/NAME@champion --target-prior my_prior.json
+  python pipelines/evaluate.py --logits test_logits.parquet --source-info source_prior.json --loss lade --output out/
+
+Targets: the 11 priors of the shifted protocol (forward 50 .. uniform .. backward 50, paper Table 6) plus any
+--target-prior file (JSON list / {"prior": [...]} / {"counts": [...]}, or CSV: one value per line or
+`class,value` rows). Per target and post-hoc mode (softmax: raw, pc; balanced_softmax/lade: inject, raw): top-1,
+Many/Medium/Few, NLL, ECE. With a run, results go back into it: metrics shift/<target>/<mode>/<metric>, the table
+(eval/shift_table.json) and figures (eval/figures/*.png); rerunning writes nothing new.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lade_core.evaluation import (METRICS, Target, calibration_by_mode, evaluate_targets, logit_statistics,
+                                  mean_predicted_prior, protocol_targets, target_from_values)
+from lade_core.posthoc import POSTHOC_MODES
+from lade_core.report import format_table
+from lade_core.tracking import (RunLogits, load_run_logits, log_metrics_once, log_table_once, read_logits_parquet,
+                                resolve_tracking_uri, run_for_model)
+
+TABLE_ARTIFACT = "eval/shift_table.json"
+FIGURES_DIR = "eval/figures"
+COLUMNS = ["target", "mode", "n", *METRICS]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-id", help="an MLflow run trained by pipelines/train.py")
+    src.add_argument("--model", help="a registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
+    src.add_argument("--logits", help="a local test-logits Parquet file (eval/test_logits.parquet of a run)")
+    ap.add_argument("--source-info", help="with --logits: the run's data/source_prior.json")
+    ap.add_argument("--loss", choices=sorted(POSTHOC_MODES), help="with --logits: the loss the model was trained with")
+    ap.add_argument("--output", help="with --logits: folder for the table and figures (default: beside the file)")
+    ap.add_argument("--target-prior", action="append", default=[], metavar="FILE", help="per-class probabilities or counts")
+    ap.add_argument("--per-class", type=int, help="head-class test count of the shifted protocol (default: the "
+                    "smallest class count of the test split)")
+    ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
+    ap.add_argument("--no-figures", action="store_true")
+    return ap.parse_args(argv)
+
+
+def read_prior_file(path: str | Path) -> np.ndarray:
+    """Per-class values from JSON (a list, {"prior": [...]} or {"counts": [...]}) or CSV (value or class,value)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"target prior file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+            if isinstance(data, dict):
+                keys = [k for k in ("prior", "probabilities", "counts") if k in data]
+                if len(keys) != 1:
+                    raise ValueError('a JSON object needs exactly one of the keys "prior", "probabilities", "counts"')
+                data = data[keys[0]]
+            return np.asarray(data, dtype=np.float64)
+        rows = [r for r in csv.reader(text.splitlines()) if r and any(x.strip() for x in r)]
+        if rows and not _is_number(rows[0][-1]):
+            rows = rows[1:]  # a header line
+        if rows and len(rows[0]) == 2:
+            values = np.full(len(rows), np.nan)
+            for cls, v in rows:
+                values[int(cls)] = float(v)
+            return values
+        return np.asarray([float(r[-1]) for r in rows], dtype=np.float64)
+    except (ValueError, IndexError, TypeError) as e:
+        raise ValueError(f"target prior file {path}: cannot read per-class values ({e})") from e
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def build_targets(run: RunLogits, prior_files: list[str], per_class: int | None) -> list[Target]:
+    targets = protocol_targets(run.labels, run.train_counts, per_class)
+    for f in prior_files:
+        targets.append(target_from_values(Path(f).stem, read_prior_file(f), run.labels, len(run.train_counts)))
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"target names must be unique; got {names} (rename a --target-prior file)")
+    return targets
+
+
+def evaluate_run(run: RunLogits, targets: list[Target]) -> list[dict]:
+    return evaluate_targets(run.logits, run.labels, run.source_prior, run.train_counts, POSTHOC_MODES[run.loss], targets)
+
+
+def write_figures(run: RunLogits, targets: list[Target], rows: list[dict], out: Path) -> list[Path]:
+    from lade_core import figures
+
+    modes = POSTHOC_MODES[run.loss]
+    uniform = next(t for t in targets if t.name == "uniform")
+    title = f"{run.run_name} ({run.loss})"
+    protocol = [t.name for t in targets[:11]]
+    return [
+        figures.reliability_diagram(calibration_by_mode(run.logits, run.labels, run.source_prior, uniform, modes),
+                                    out / "reliability.png", f"{title}, uniform target"),
+        figures.predicted_prior_figure({m: mean_predicted_prior(run.logits, run.source_prior, uniform, m) for m in modes},
+                                       run.source_prior, uniform.prior, out / "predicted_prior.png", title),
+        figures.logit_figure(logit_statistics(run.logits, run.labels), run.source_prior, out / "logits.png", title),
+        figures.shift_curve([r for r in rows if r["target"] in protocol], protocol, out / "accuracy_vs_shift.png", title),
+    ]
+
+
+def shift_metrics(rows: list[dict]) -> dict[str, float]:
+    return {f"shift/{r['target']}/{r['mode']}/{m}": r[m] for r in rows for m in METRICS}
+
+
+def load_local(args) -> RunLogits:
+    if not (args.source_info and args.loss):
+        raise ValueError("--logits needs --source-info (the run's data/source_prior.json) and --loss")
+    path = Path(args.logits)
+    if not path.is_file():
+        raise FileNotFoundError(f"logits file {path} does not exist")
+    logits, labels = read_logits_parquet(path)
+    info = json.loads(Path(args.source_info).read_text())
+    return RunLogits("", path.stem, args.loss, logits, labels, torch.tensor(info["source_prior"], dtype=torch.float64),
+                     list(info["train_counts"]))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    client = None
+    try:
+        if args.logits:
+            run = load_local(args)
+        else:
+            import mlflow
+
+            client = mlflow.MlflowClient(resolve_tracking_uri(args.mlflow_uri))
+            run_id = args.run_id or run_for_model(client, args.model)
+            run = load_run_logits(client, run_id)
+        targets = build_targets(run, args.target_prior, args.per_class)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = evaluate_run(run, targets)
+    print(f"{run.run_name} ({run.loss}){' — MLflow run ' + run.run_id if run.run_id else ''}")
+    print(format_table(rows, COLUMNS))
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    if client is None:
+        out = Path(args.output) if args.output else Path(args.logits).with_suffix("").parent / f"{Path(args.logits).stem}_eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "shift_table.csv").write_text(format_table(rows, COLUMNS, "csv"))
+        written = [] if args.no_figures else write_figures(run, targets, rows, out)
+        print(f"wrote {out / 'shift_table.csv'}" + "".join(f", {p.name}" for p in written))
+        return 0
+    metrics = shift_metrics(rows)
+    n_new = log_metrics_once(client, run.run_id, metrics)
+    table_written = log_table_once(client, run.run_id, table, TABLE_ARTIFACT)
+    if not args.no_figures:
+        with tempfile.TemporaryDirectory() as d:
+            for p in write_figures(run, targets, rows, Path(d)):
+                client.log_artifact(run.run_id, str(p), FIGURES_DIR)
+    n_finite = sum(math.isfinite(v) for v in metrics.values())
+    print(f"MLflow run {run.run_id}: {n_new} metrics written, {n_finite - n_new} unchanged, "
+          f"{len(metrics) - n_finite} not logged (NaN: an empty shot group); "
+          f"table {TABLE_ARTIFACT} {'written' if table_written else 'unchanged'}"
+          f"{'' if args.no_figures else f', figures in {FIGURES_DIR}/'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

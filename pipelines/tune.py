@@ -1,0 +1,195 @@
+"""Search LADE's α, λ, the class weights α_c ∝ p_s^τ and the learning rate with Ray Tune; every trial in MLflow.
+
+  python pipelines/tune.py --smoke-test                                   # 4 trials x 2 epochs, tiny data
+  python pipelines/tune.py --space cifar100_lt --dataset data/cifar100_lt --objective shift_mean --register lade-c100
+
+Ray Train V2 under Tune: each trial runs a driver function that fits a TorchTrainer (DDP workers); ASHA stops
+poor trials early on epochs. Objective: validation top-1 under the uniform prior (`uniform`) or the mean top-1
+over the 11 shifted priors with the loss's post-hoc rule (`shift_mean`). MLflow: a parent run named after the
+experiment, one nested child run per trial, the search summary on the parent; the best trial's model is
+registered under --register with the alias `champion`. Rerunning with the same --experiment resumes the search.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+import tune_spaces
+from lade_core.config import resolve_config, validate_config
+from lade_core.data import DataError
+from lade_core.report import format_table
+from lade_core.runtime import init_ray
+from lade_core.tracking import log_table_once, resolve_tracking_uri, start_or_resume_run
+from lade_core.tuning import OBJECTIVES, summary_rows, trial_driver, trial_run_name
+from train import SMOKE, finalize, load_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+CHAMPION = "champion"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--space", choices=tune_spaces.FAMILIES, help="search space family (default: synthetic; smoke "
+                    "with --smoke-test)")
+    ap.add_argument("--config", help="base training config (default: the space's)")
+    ap.add_argument("--dataset", help="prepared dataset directory (default: the config's)")
+    ap.add_argument("--epochs", type=int, help="epochs per trial = ASHA's max_t (default: the space's)")
+    ap.add_argument("--num-workers", type=int, default=1, help="training workers per trial")
+    ap.add_argument("--use-gpu", action="store_true")
+    ap.add_argument("--num-samples", type=int, help="trials (random) or repeats of the grid (grid)")
+    ap.add_argument("--max-concurrent-trials", type=int, help="default: as many as the cluster's CPUs fit")
+    ap.add_argument("--search", choices=("random", "grid"), default="random")
+    ap.add_argument("--grid-points", type=int, default=3, help="points per range with --search grid")
+    ap.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    ap.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
+    ap.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep the top 1/r at each rung")
+    ap.add_argument("--objective", choices=sorted(OBJECTIVES), default="uniform")
+    ap.add_argument("--experiment", default="lade-tune", help="MLflow experiment and Tune run name; rerun to resume")
+    ap.add_argument("--register", help="register the best trial's model under this name, alias 'champion'")
+    ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
+    ap.add_argument("--storage-path", help="Tune and trial checkpoints (default ./outputs/tune)")
+    ap.add_argument("--num-cpus", type=int, help="logical CPUs for a local Ray")
+    ap.add_argument("--seed", type=int, default=0, help="random search seed")
+    ap.add_argument("--smoke-test", action="store_true", help="tiny data, the smoke space, 4 trials x 2 epochs")
+    return ap.parse_args(argv)
+
+
+# --smoke-test data: like train.py's smoke set but with enough steps per epoch (~15) for trials to differ.
+TUNE_SMOKE = {**SMOKE, "dataset": "data/synthetic_tune_smoke",
+              "synthetic": {**SMOKE["synthetic"], "max_count": 200, "val_per_class": 40}}
+
+
+def base_config(args, defaults: dict) -> dict:
+    """The training config every trial starts from: the space's config file <- the flags given here."""
+    overrides = {"num_workers": args.num_workers, "use_gpu": args.use_gpu, "experiment": args.experiment,
+                 "mlflow_uri": resolve_tracking_uri(args.mlflow_uri), "epochs": args.epochs or defaults["epochs"],
+                 "register": args.register, "max_failures": 0}
+    if args.smoke_test:
+        overrides = {**TUNE_SMOKE, **overrides, "num_workers": args.num_workers}
+    if args.dataset:
+        overrides.update(dataset=args.dataset, synthetic=None)  # a named dataset is opened, never generated
+    return resolve_config(args.config or REPO / defaults["config"], overrides)
+
+
+def concurrency(args, config: dict) -> int:
+    """Trials that fit at once, keeping one CPU for Ray Data's read/decode tasks (else they starve and hang)."""
+    import ray
+
+    res = ray.cluster_resources()
+    per_trial = config["num_workers"] * config["cpus_per_worker"]
+    fit = int((res.get("CPU", 0) - 1) // per_trial)
+    if config["use_gpu"]:
+        fit = min(fit, int(res.get("GPU", 0) // config["num_workers"]))
+    if fit < 1:
+        raise RuntimeError(f"one trial needs {per_trial} CPUs{' and ' + str(config['num_workers']) + ' GPUs' if config['use_gpu'] else ''} "
+                           f"plus 1 CPU for Ray Data; the cluster has {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs")
+    if args.max_concurrent_trials is None:
+        return fit
+    if args.max_concurrent_trials < 1 or args.max_concurrent_trials > fit:
+        raise RuntimeError(f"--max-concurrent-trials {args.max_concurrent_trials} cannot fit the cluster: each trial needs "
+                           f"{per_trial} CPUs and Ray Data 1 more; {res.get('CPU', 0):g} CPUs fit at most {fit}")
+    return args.max_concurrent_trials
+
+
+def build_tuner(args, config: dict, space: dict, defaults: dict, storage: Path, max_concurrent: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    metric = OBJECTIVES[args.objective]
+    # The driver only waits on its TorchTrainer, which reserves the real CPUs; Tune refuses an empty request.
+    trainable = tune.with_resources(trial_driver, {"CPU": 0.01})
+    path = storage / args.experiment
+    if tune.Tuner.can_restore(str(path)):
+        print(f"resuming search {args.experiment} from {path} (its space and settings are the saved ones)")
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=config["epochs"],
+                               grace_period=args.grace_period or defaults["grace_period"],
+                               reduction_factor=args.reduction_factor)
+                 if args.scheduler == "asha" else FIFOScheduler())
+    samples = args.num_samples or (1 if args.search == "grid" else defaults["num_samples"])
+    return tune.Tuner(
+        trainable,
+        param_space={**config, **tune_spaces.to_param_space(space, args.search, args.grid_points)},
+        # The generator itself caps concurrency: TuneConfig(max_concurrent_trials=) is ignored with a generator.
+        tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, num_samples=samples,
+                                    search_alg=BasicVariantGenerator(random_state=args.seed, max_concurrent=max_concurrent)),
+        run_config=tune.RunConfig(name=args.experiment, storage_path=str(storage)),
+    )
+
+
+def register_champion(client, best, prepared, name: str) -> str:
+    """Log and register the best trial's model once (reruns reuse it); point the alias ``champion`` at it."""
+    run_name = trial_run_name(best.config["search"], best.metrics["trial_id"])
+    exp = client.get_experiment_by_name(best.config["experiment"])
+    (run,) = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{run_name}'", max_results=1)
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+    if not versions:
+        config = {**best.config, "run_name": run_name, "mlflow_run_id": run.info.run_id, "register": name}
+        finalize(config, prepared, Path(best.metrics["checkpoint_path"]))
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+    version = max(versions, key=lambda v: int(v.version))
+    client.set_registered_model_alias(name, CHAMPION, version.version)  # moves the alias if it exists
+    return f"models:/{name}@{CHAMPION} -> version {version.version} (run {run_name})"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    family = args.space or ("smoke" if args.smoke_test else "synthetic")
+    try:
+        space, defaults = tune_spaces.load_family(family)
+        if args.smoke_test and args.num_samples is None:
+            args.num_samples = defaults["num_samples"]
+        config = base_config(args, defaults)
+        validate_config(config)
+        prepared = load_dataset(config, args.num_cpus)
+        validate_config(config, prepared.num_classes)
+        if args.objective == "shift_mean":
+            val = "val" if "val" in prepared.splits else "test"
+            if 0 in prepared.class_counts(val):
+                raise ValueError(f"objective shift_mean needs every class in the {val} split; use --objective uniform")
+        init_ray(num_cpus=args.num_cpus or (os.cpu_count() or 1) + 2)
+        max_concurrent = concurrency(args, config)
+    except (ValueError, FileNotFoundError, DataError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import mlflow
+
+    storage = Path(args.storage_path or "outputs/tune").resolve()
+    config.update(source_prior=prepared.source_prior.tolist(), train_counts=prepared.class_counts("train"),
+                  search=args.experiment, search_storage=str(storage / args.experiment))
+    parent_id, _ = start_or_resume_run(config["mlflow_uri"], args.experiment, args.experiment,
+                                       {**config, "space": family, "objective": args.objective, "search_alg": args.search,
+                                        "scheduler": args.scheduler}, tags={"lade.kind": "search"})
+    config["parent_run_id"] = parent_id
+    print(f"search {args.experiment}: space {family}, objective {OBJECTIVES[args.objective]}, {args.scheduler}, "
+          f"up to {max_concurrent} trials at once; MLflow parent run {parent_id}")
+    results = build_tuner(args, config, space, defaults, storage, max_concurrent).fit()
+
+    metric = OBJECTIVES[args.objective]
+    rows = summary_rows(results, list(space), metric, config["epochs"])
+    client = mlflow.MlflowClient(config["mlflow_uri"])
+    log_table_once(client, parent_id, pd.DataFrame(rows), "search/summary.json")
+    print(format_table(rows, list(rows[0]) if rows else []), end="")
+    ok = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
+    if not ok:
+        print("error: no trial reported the objective", file=sys.stderr)
+        return 1
+    best = results.get_best_result(metric=metric, mode="max", scope="last", filter_nan_and_inf=True)
+    client.log_metric(parent_id, f"best/{metric}", float(best.metrics[metric]))
+    client.set_tag(parent_id, "lade.best_trial", trial_run_name(best.config["search"], best.metrics["trial_id"]))
+    print(f"best trial: {trial_run_name(best.config['search'], best.metrics['trial_id'])}  {metric} "
+          f"{best.metrics[metric]:.4f}  " + "  ".join(f"{k}={best.config[k]:.4g}" for k in space
+                                                       if isinstance(best.config.get(k), float)))
+    if args.register:
+        print(register_champion(client, best, prepared, args.register))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""lade_core.evaluation against direct computations with the lade_core metric functions and plain loops."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lade_core.evaluation import (calibration_by_mode, evaluate_targets, logit_statistics, mean_predicted_prior,
+                                  protocol_targets, target_from_values)
+from lade_core.metrics import expected_calibration_error, nll, reliability_bins, shot_accuracies
+from lade_core.posthoc import posthoc_logits
+from lade_core.priors import SHIFT_PROTOCOL, long_tailed_counts, prior_from_counts, shifted_counts
+
+C, PER_CLASS = 12, 30
+TRAIN = long_tailed_counts(C, 300, 30)  # 300 .. 10: Many, Medium and Few classes all present
+
+
+@pytest.fixture
+def data(rng):
+    labels = torch.as_tensor(rng.permutation(np.repeat(np.arange(C), PER_CLASS)))
+    logits = torch.as_tensor(rng.normal(size=(labels.numel(), C)) * 2)
+    logits[torch.arange(labels.numel()), labels] += 2.5
+    return logits, labels  # float64 [360, 12], [360]
+
+
+def _direct(logits, labels, source_prior, target, mode):
+    idx = torch.as_tensor(target.indices)
+    z, y = posthoc_logits(logits[idx].double(), mode, source_prior, target.prior), labels[idx]
+    acc = shot_accuracies(z.argmax(1), y, TRAIN)
+    return {"top1": acc["all"], "many": acc["many"], "medium": acc["medium"], "few": acc["few"],
+            "nll": nll(z, y), "ece": expected_calibration_error(torch.softmax(z, 1), y)}
+
+
+@pytest.mark.parametrize("modes", [("inject", "raw"), ("raw", "pc")])
+def test_protocol_table_equals_direct_computation(data, modes):
+    logits, labels = data
+    ps = prior_from_counts(TRAIN)
+    targets = protocol_targets(labels, TRAIN)
+    rows = evaluate_targets(logits, labels, ps, TRAIN, modes, targets)
+    assert [(r["target"], r["mode"]) for r in rows] == [(t.name, m) for t in targets for m in modes]
+    for row, (t, mode) in zip(rows, [(t, m) for t in targets for m in modes]):
+        want = _direct(logits, labels, ps, t, mode)
+        assert row["n"] == len(t.indices)
+        for k, v in want.items():
+            assert row[k] == pytest.approx(v, abs=1e-9, nan_ok=True), (t.name, mode, k)
+    # float32 logits (as stored) give the same table up to float32 rounding.
+    rows32 = evaluate_targets(logits.float(), labels, ps, TRAIN, modes, targets)
+    for a, b in zip(rows, rows32):
+        for k in ("top1", "many", "medium", "few"):
+            assert a[k] == pytest.approx(b[k], abs=1e-12, nan_ok=True)
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+        assert a["ece"] == pytest.approx(b["ece"], abs=1e-4)
+
+
+def test_posthoc_matters_under_shift(data):
+    # A softmax-trained classifier biased toward head classes: PC beats raw under backward shift.
+    logits, labels = data
+    ps = prior_from_counts(TRAIN)
+    biased = logits + ps.log()
+    t = {t.name: t for t in protocol_targets(labels, TRAIN)}
+    rows = {r["mode"]: r for r in evaluate_targets(biased, labels, ps, TRAIN, ("raw", "pc"), [t["backward_25"]])}
+    assert rows["pc"]["top1"] > rows["raw"]["top1"] + 0.05
+
+
+def test_protocol_targets_follow_shifted_counts(data):
+    _, labels = data
+    targets = protocol_targets(labels, TRAIN)
+    assert len(targets) == 11
+    for t, (direction, ratio) in zip(targets, SHIFT_PROTOCOL):
+        want = shifted_counts(TRAIN, PER_CLASS, ratio, direction)
+        got = np.bincount(labels[torch.as_tensor(t.indices)].numpy(), minlength=C)
+        assert got.tolist() == want
+        assert torch.allclose(t.prior, torch.tensor(want, dtype=torch.float64) / sum(want))
+    assert targets[5].name == "uniform" and len(targets[5].indices) == C * PER_CLASS
+
+
+def test_user_target_from_counts_and_probabilities(data):
+    _, labels = data
+    counts = [3] * 6 + [1] * 6
+    t = target_from_values("mine", counts, labels, C)
+    y = labels.numpy()
+    assert np.bincount(y[t.indices], minlength=C).tolist() == counts
+    # The first n_c of each class in dataset order.
+    for c in range(C):
+        assert t.indices[y[t.indices] == c].tolist() == np.nonzero(y == c)[0][:counts[c]].tolist()
+    p = np.array([4.0] * 3 + [1.0] * 9)
+    p /= p.sum()
+    t = target_from_values("probs", p, labels, C)
+    got = np.bincount(y[t.indices], minlength=C)
+    assert got.tolist() == [30] * 3 + [7] * 9  # the largest subset in proportion 4:1 (30 = all of a head class)
+    assert torch.allclose(t.prior, torch.as_tensor(p))
+
+
+@pytest.mark.parametrize("values, message", [
+    ([0.5, 0.5], "wrong length: 2 entries for 12 classes"),
+    ([-1.0] + [1.0] * 11, "negative at class indices [0]"),
+    ([float("nan")] + [1.0] * 11, "NaN or infinite"),
+    ([31] + [1] * 11, "asks for more test samples than exist: class 0 needs 31"),
+    ([0.3] * 12, "does not sum to 1"),
+])
+def test_user_target_bad_input(data, values, message):
+    _, labels = data
+    with pytest.raises(ValueError, match=None) as e:
+        target_from_values("bad", values, labels, C)
+    assert message in str(e.value)
+
+
+def test_protocol_needs_enough_test_samples(data):
+    _, labels = data
+    with pytest.raises(ValueError, match="asks for more test samples than exist"):
+        protocol_targets(labels, TRAIN, per_class=PER_CLASS + 1)
+
+
+def test_figure_quantities_match_loops(data):
+    logits, labels = data
+    stats = logit_statistics(logits, labels)
+    for c in range(C):
+        pos = logits[labels == c, c]
+        neg = logits[labels != c, c]
+        assert stats["pos_mean"][c] == pytest.approx(float(pos.mean()), abs=1e-9)
+        assert stats["pos_std"][c] == pytest.approx(float(pos.std(unbiased=False)), abs=1e-7)
+        assert stats["neg_mean"][c] == pytest.approx(float(neg.mean()), abs=1e-9)
+        assert stats["neg_std"][c] == pytest.approx(float(neg.std(unbiased=False)), abs=1e-7)
+    ps = prior_from_counts(TRAIN)
+    uniform = protocol_targets(labels, TRAIN)[5]
+    bins = calibration_by_mode(logits, labels, ps, uniform, ("pc",))["pc"]
+    ref = reliability_bins(torch.softmax(posthoc_logits(logits, "pc", ps, uniform.prior), 1), labels)
+    for k in ref:
+        assert torch.allclose(bins[k], ref[k], atol=1e-12)
+    avg = mean_predicted_prior(logits, ps, uniform, "raw")
+    assert torch.allclose(avg, torch.softmax(logits, 1).mean(0)) and math.isclose(float(avg.sum()), 1.0)

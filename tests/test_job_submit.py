@@ -1,0 +1,92 @@
+"""Cluster submission as a user does it: a real head on 127.0.0.1 (`ray start --head`), then
+`ray job submit --working-dir . -- python pipelines/train.py --smoke-test`, then the MLflow run is checked."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    # The job's `python` must be this interpreter (the one with lade installed), as in an activated venv.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@pytest.fixture
+def head():
+    """A head node of its own (own ports, own temp dir), stopped afterwards without touching any other Ray."""
+    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    gcs, dashboard = _free_port(), _free_port()
+    cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+           "--num-cpus", "4", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+           "--dashboard-port", str(dashboard), "--ray-client-server-port", str(_free_port()),
+           "--dashboard-agent-listen-port", str(_free_port()), "--temp-dir", temp_dir, "--disable-usage-stats"]
+    log = open(Path(temp_dir) / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("ray head did not come up:\n" + (Path(temp_dir) / "head.log").read_text()[-3000:])
+                time.sleep(1)
+        yield address
+    finally:
+        proc.send_signal(signal.SIGINT)  # `ray start --block` shuts its node down on interrupt
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_smoke_run_lands_in_mlflow(head, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results"
+    entrypoint = ["python", "pipelines/train.py", "--smoke-test", "--run-name", "job-smoke",
+                  "--mlflow-uri", f"sqlite:///{db}", "--storage-path", str(storage)]
+    submit = subprocess.run([RAY, "job", "submit", "--address", head, "--working-dir", ".", "--no-wait",
+                             "--", *entrypoint], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    (job_id,) = [w.strip("'") for line in submit.stdout.splitlines() for w in line.split() if w.startswith("'raysubmit_")][:1]
+    client = JobSubmissionClient(head)
+    deadline = time.time() + 600
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, client.get_job_logs(job_id)[-3000:]
+        time.sleep(2)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "backward_10" in logs  # the final table reached the job's log
+    mlflow_client = mlflow.MlflowClient(f"sqlite:///{db}")
+    (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("lade").experiment_id],
+                                       "tags.mlflow.runName = 'job-smoke'")
+    assert {"test/top1", "val/top1", "train/lader"} <= set(run.data.metrics)
+    assert (storage / "job-smoke").is_dir()  # checkpoints went where the flag said, not into the job's temp dir
