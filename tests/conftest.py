@@ -41,9 +41,13 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One real local Ray for the session, with spare logical CPUs so Ray Data never starves behind workers."""
+    """A real local Ray for one test module, with spare logical CPUs so Ray Data never starves behind workers.
+
+    Module-scoped: the pipeline tests start their own local Ray in a subprocess, and Ray Train's placement-group
+    cleaner finds its cluster through the state API, which refuses to guess when two local clusters are up.
+    """
     import ray
 
     from lade_core.runtime import init_ray

@@ -90,3 +90,20 @@ def test_ray_job_submit_smoke_run_lands_in_mlflow(head, tmp_path):
                                        "tags.mlflow.runName = 'job-smoke'")
     assert {"test/top1", "val/top1", "train/lader"} <= set(run.data.metrics)
     assert (storage / "job-smoke").is_dir()  # checkpoints went where the flag said, not into the job's temp dir
+
+
+def test_cluster_configs_run_the_real_entry_point():
+    """The cluster launcher and KubeRay configs parse and point at files that exist in this repository."""
+    import yaml
+
+    launcher = yaml.safe_load((REPO / "cluster" / "aws-gpu.yaml").read_text())
+    assert launcher["head_node_type"] in launcher["available_node_types"]
+    assert any("pip install -e ." in c for c in launcher["setup_commands"])
+    job = yaml.safe_load((REPO / "cluster" / "kuberay-rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["shutdownAfterJobFinishes"] is True
+    entry = job["spec"]["entrypoint"].split()
+    assert entry[:2] == ["python", "/app/pipelines/train.py"]
+    assert (REPO / entry[entry.index("--config") + 1].removeprefix("/app/")).is_file()
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert int(entry[entry.index("--num-workers") + 1]) == gpus * workers["replicas"]
