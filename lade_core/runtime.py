@@ -23,3 +23,12 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         # The dashboard serves Ray's state API, which Ray Train V2 uses to release a finished or killed run's
         # placement group; without it, each trainer run under Tune leaks its workers' CPUs until Ray stops.
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def local_num_cpus(requested: int | None, reserved: float) -> int:
+    """Logical CPUs for a local Ray: ``requested`` if given, else this machine's cores (at least what training
+    ``reserved``) plus 2, so Ray Data's read/decode tasks always have CPUs beside the training workers.
+
+    Decide it once, before anything starts Ray: the first ``init_ray`` fixes the cluster's size.
+    """
+    return int(requested or max(os.cpu_count() or 1, reserved) + 2)

@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from lade_core.evaluation import evaluate_targets, protocol_targets
 from lade_core.models import MODELS, build_model
 from lade_core.posthoc import POSTHOC_MODES
 from lade_core.report import format_table
-from lade_core.runtime import init_ray
+from lade_core.runtime import init_ray, local_num_cpus
 from lade_core.tracking import (LOGITS_ARTIFACT, check_reachable, resolve_tracking_uri, start_or_resume_run,
                                 write_logits_parquet)
 from lade_core.training import CHECKPOINT_FILE, build_trainer, predict_logits
@@ -147,6 +146,7 @@ def main(argv=None) -> int:
         validate_config(config)
         config["mlflow_uri"] = resolve_tracking_uri(config["mlflow_uri"])
         check_reachable(config["mlflow_uri"])
+        num_cpus = local_num_cpus(num_cpus, config["num_workers"] * config["cpus_per_worker"])
         prepared = load_dataset(config, num_cpus)
         validate_config(config, prepared.num_classes)
     except (ValueError, FileNotFoundError, ConnectionError, DataError) as e:
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     else:
         mlflow.MlflowClient(config["mlflow_uri"]).log_param(run_id, "config_digest", config_digest(config))
     try:
-        init_ray(num_cpus=num_cpus or max(os.cpu_count() or 1, config["num_workers"] * config["cpus_per_worker"]) + 2)
+        init_ray(num_cpus=num_cpus)
         check_cluster_fits(config)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,7 +22,7 @@ import tune_spaces
 from lade_core.config import resolve_config, validate_config
 from lade_core.data import DataError
 from lade_core.report import format_table
-from lade_core.runtime import init_ray
+from lade_core.runtime import init_ray, local_num_cpus
 from lade_core.tracking import log_table_once, resolve_tracking_uri, start_or_resume_run
 from lade_core.tuning import OBJECTIVES, summary_rows, trial_driver, trial_run_name
 from train import SMOKE, finalize, load_dataset
@@ -147,13 +147,14 @@ def main(argv=None) -> int:
             args.num_samples = defaults["num_samples"]
         config = base_config(args, defaults)
         validate_config(config)
-        prepared = load_dataset(config, args.num_cpus)
+        num_cpus = local_num_cpus(args.num_cpus, config["num_workers"] * config["cpus_per_worker"])
+        prepared = load_dataset(config, num_cpus)
         validate_config(config, prepared.num_classes)
         if args.objective == "shift_mean":
             val = "val" if "val" in prepared.splits else "test"
             if 0 in prepared.class_counts(val):
                 raise ValueError(f"objective shift_mean needs every class in the {val} split; use --objective uniform")
-        init_ray(num_cpus=args.num_cpus or (os.cpu_count() or 1) + 2)
+        init_ray(num_cpus=num_cpus)
         max_concurrent = concurrency(args, config)
     except (ValueError, FileNotFoundError, DataError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

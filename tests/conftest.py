@@ -60,11 +60,13 @@ def ray_local():
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_train(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """pipelines/train.py --smoke-test as a user runs it: own local Ray (4 logical CPUs), sqlite MLflow in workdir."""
+def run_train(workdir: Path, *args: str, timeout: int = 600, num_cpus: str | None = "4") -> subprocess.CompletedProcess:
+    """pipelines/train.py --smoke-test as a user runs it: own local Ray (``num_cpus`` logical CPUs, None: the
+    script's default), sqlite MLflow in workdir."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, str(REPO / "pipelines" / "train.py"), "--smoke-test", "--num-cpus", "4",
+    cpus = ["--num-cpus", num_cpus] if num_cpus else []
+    cmd = [sys.executable, str(REPO / "pipelines" / "train.py"), "--smoke-test", *cpus,
            "--mlflow-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--storage-path", str(workdir / "ray_results"), *args]
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -98,3 +98,11 @@ def test_bad_input_fails_before_workers_start(workdir, args, message):
 def test_unknown_loss_is_rejected_by_the_cli(workdir):
     p = run_train(workdir, "--loss", "focal")
     assert p.returncode == 2 and "invalid choice: 'focal'" in p.stderr
+
+
+def test_fresh_directory_default_local_ray_does_not_starve_ray_data(tmp_path):
+    # No --num-cpus and no prepared data yet: preparing the data starts the local Ray, which must already be
+    # sized for the training workers plus Ray Data (a 2-CPU Ray here hung once both workers took a CPU each).
+    p = run_train(tmp_path, "--run-name", "fresh", num_cpus=None, timeout=420)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert (tmp_path / "data" / "synthetic_smoke" / "dataset.json").exists() and "backward_10" in p.stdout
