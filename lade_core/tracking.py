@@ -172,10 +172,16 @@ def load_run_logits(client, run_id: str) -> RunLogits:
                              "end by pipelines/train.py store test logits")
     logits, labels = read_logits_parquet(mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path=LOGITS_ARTIFACT, tracking_uri=client.tracking_uri))
-    prior = json.loads(Path(mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=PRIOR_ARTIFACT, tracking_uri=client.tracking_uri)).read_text())
+    source_prior, train_counts = read_source_info(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=PRIOR_ARTIFACT, tracking_uri=client.tracking_uri))
     return RunLogits(run_id, run.info.run_name, run.data.params.get("loss", "lade"), logits, labels,
-                     torch.tensor(prior["source_prior"], dtype=torch.float64), list(prior["train_counts"]))
+                     source_prior, train_counts)
+
+
+def read_source_info(path: str | Path) -> tuple[torch.Tensor, list[int]]:
+    """A run's ``data/source_prior.json``: the source prior float64 [C] and the training class counts."""
+    info = json.loads(Path(path).read_text())
+    return torch.tensor(info["source_prior"], dtype=torch.float64), list(info["train_counts"])
 
 
 def log_metrics_once(client, run_id: str, metrics: dict[str, float]) -> int:

@@ -29,7 +29,7 @@ from lade_core.evaluation import (METRICS, Target, calibration_by_mode, evaluate
 from lade_core.posthoc import POSTHOC_MODES
 from lade_core.report import format_table
 from lade_core.tracking import (RunLogits, load_run_logits, log_metrics_once, log_table_once, read_logits_parquet,
-                                resolve_tracking_uri, run_for_model)
+                                read_source_info, resolve_tracking_uri, run_for_model)
 
 TABLE_ARTIFACT = "eval/shift_table.json"
 FIGURES_DIR = "eval/figures"
@@ -131,9 +131,7 @@ def load_local(args) -> RunLogits:
     if not path.is_file():
         raise FileNotFoundError(f"logits file {path} does not exist")
     logits, labels = read_logits_parquet(path)
-    info = json.loads(Path(args.source_info).read_text())
-    return RunLogits("", path.stem, args.loss, logits, labels, torch.tensor(info["source_prior"], dtype=torch.float64),
-                     list(info["train_counts"]))
+    return RunLogits("", path.stem, args.loss, logits, labels, *read_source_info(args.source_info))
 
 
 def main(argv=None) -> int:
