@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from lade_core.evaluation import (METRICS, Target, calibration_by_mode, evaluate_targets, logit_statistics,
                                   mean_predicted_prior, protocol_targets, target_from_values)
