@@ -30,7 +30,7 @@ class _Encoded(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        out = decode_augment({"image": [self.images[i]], "label": [self.labels[i]]}, self.kind, train=True)
+        out = decode_augment({"image": [self.images[i]], "label": [self.labels[i]], "index": [i]}, self.kind, train=True)
         return torch.from_numpy(out["image"][0]), int(out["label"][0])
 
 
@@ -38,7 +38,7 @@ def run(kind: str, size: int, n: int, tmp: Path) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     arrays = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n)
-    raw = RawDataset(name=f"bench_{kind}", num_classes=10, splits={"train": RawSplit(labels=labels, images=arrays)},
+    raw = RawDataset(name=f"bench_{kind}", num_classes=10, splits={"train": RawSplit(labels=labels, images=arrays), "val": RawSplit(labels=labels[:64], images=arrays[:64])},
                      transform=kind, source={"kind": "bench"}, input_hash=f"{kind}{n}{size}")
     prepare_dataset(raw, tmp / kind, progress=False)
     ds = open_prepared(tmp / kind)

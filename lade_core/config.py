@@ -11,10 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from .losses import ESTIMATORS
+from .data.sources import MIN_IMAGE_SIZE
+from .losses import ESTIMATORS, LOSSES
 from .models import MODELS
 
-LOSSES = ("softmax", "balanced_softmax", "lade")
 SCHEDULES = ("cosine", "multistep", "step", "constant")
 
 DEFAULTS: dict = {
@@ -22,7 +22,7 @@ DEFAULTS: dict = {
     "synthetic": None,  # generation options: prepare `dataset` from them if it is absent
     "model": "resnet32",
     "weights_path": None,
-    "image_size": None,
+    "image_size": None,  # crop size for training and evaluation; None: the prepared dataset's (its manifest)
     "loss": "lade",
     "alpha": 0.1,
     "lam": 0.1,
@@ -47,6 +47,7 @@ DEFAULTS: dict = {
     "register": None,
     "storage_path": None,
     "max_failures": 1,
+    "progress": True,  # per-epoch progress bar on the driver's console (train.py turns it off when not a terminal)
     "fail_at_epoch": None,  # test-only failure injection: a worker dies mid-epoch once
 }
 
@@ -81,7 +82,7 @@ def resolve_config(path: str | Path | None, overrides: dict) -> dict:
 def validate_config(cfg: dict, num_classes: int | None = None) -> None:
     """Every user error that would otherwise surface inside a worker, raised before any worker starts."""
     if cfg["loss"] not in LOSSES:
-        raise ValueError(f"unknown loss {cfg['loss']!r}; choose one of {LOSSES}")
+        raise ValueError(f"unknown loss {cfg['loss']!r}; choose one of {sorted(LOSSES)}")
     if cfg["model"] not in MODELS:
         raise ValueError(f"unknown model {cfg['model']!r}; choose one of {sorted(MODELS)}")
     if cfg["estimator"] not in ESTIMATORS:
@@ -90,9 +91,14 @@ def validate_config(cfg: dict, num_classes: int | None = None) -> None:
         v = cfg[key]
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{key} must be a finite number >= 0, got {v!r}")
+    if not isinstance(cfg["progress"], bool):
+        raise ValueError(f"progress must be true or false, got {cfg['progress']!r}")
     for key in ("epochs", "batch_size", "num_workers"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
+    size = cfg["image_size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE):
+        raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {size!r}")
     if cfg["batch_size"] < cfg["num_workers"]:
         raise ValueError(f"batch_size {cfg['batch_size']} is smaller than num_workers {cfg['num_workers']}")
     if cfg["schedule"].get("name") not in SCHEDULES:

@@ -1,11 +1,16 @@
-"""LADE-CE (Balanced Softmax), the LADER regularizer and LADE (paper Eq. 15-20).
+"""The training losses and their one registry: softmax CE, LADE-CE (Balanced Softmax), LADER and LADE (Eq. 15-20).
 
 Notation: logits z [N, C], targets y [N], source prior p_s [C], class weights alpha_c [C] (default p_s).
 All modules follow ``forward(logits, targets) -> scalar``; priors are buffers, so ``.to(device)`` moves them.
+After each call ``last_terms`` holds the loss's own named scalar terms (detached), for logging.
+
+``LOSSES`` is the one place that says which losses exist, which hyperparameters each takes and which post-hoc
+rules fit its logits; config, CLI, trainer, evaluation and Tune all read it, and ``build_loss`` builds from it.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
@@ -16,7 +21,8 @@ from torch import nn
 from .distributed import gather_batch, is_distributed
 from .priors import validate_prior
 
-__all__ = ["BalancedSoftmaxLoss", "LADERLoss", "LADELoss", "ESTIMATORS", "check_targets"]
+__all__ = ["SoftmaxLoss", "BalancedSoftmaxLoss", "LADERLoss", "LADELoss", "ESTIMATORS", "LOSSES", "LossSpec",
+           "build_loss", "posthoc_rules", "check_targets"]
 
 Estimator = Literal["released", "paper"]
 ESTIMATORS: tuple[str, ...] = ("released", "paper")
@@ -76,8 +82,24 @@ def _source_prior(source_prior: PriorLike) -> torch.Tensor:
     return p
 
 
+class SoftmaxLoss(nn.Module):
+    """Plain softmax cross-entropy (the paper's "Softmax" baseline). Its logits stay entangled with p_s, which the
+    PC strategy (Eq. 4-7) removes at inference. ``source_prior`` only fixes the number of classes."""
+
+    def __init__(self, source_prior: PriorLike):
+        super().__init__()
+        self.num_classes = _source_prior(source_prior).numel()
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = _check_logits(logits, targets, self.num_classes)
+        loss = F.cross_entropy(z, targets)
+        self.last_terms = {"ce": loss.detach()}
+        return loss
+
+
 class BalancedSoftmaxLoss(nn.Module):
-    """LADE-CE, Eq. 19 (= Balanced Softmax): cross-entropy of ``logits + log p_s``."""
+    """LADE-CE, Eq. 19 (= Balanced Softmax): cross-entropy of ``logits + log p_s``. Its one term is ``lade_ce``."""
 
     def __init__(self, source_prior: PriorLike):
         super().__init__()
@@ -85,13 +107,16 @@ class BalancedSoftmaxLoss(nn.Module):
         self.num_classes = p.numel()
         self.register_buffer("log_source_prior", p.log())  # [C], float64
         self._cast = _CastCache()
+        self.last_terms: dict[str, torch.Tensor] = {}
 
     def log_prior_like(self, z: torch.Tensor) -> torch.Tensor:
         return self._cast.get("log_source_prior", self.log_source_prior, z)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         z = _check_logits(logits, targets, self.num_classes)
-        return F.cross_entropy(z + self.log_prior_like(z), targets)
+        loss = F.cross_entropy(z + self.log_prior_like(z), targets)
+        self.last_terms = {"lade_ce": loss.detach()}
+        return loss
 
 
 class _LADEFunction(torch.autograd.Function):
@@ -194,6 +219,7 @@ class LADERLoss(nn.Module):
         self.register_buffer("released_offset", -math.log(self.num_classes) - p.log())  # [C], log((1/C) / p_s(c))
         self._cast = _CastCache()
         self.last_terms: dict[str, torch.Tensor] = {}
+        self.last_class_terms: dict[str, torch.Tensor] = {}
 
     def _offset(self, targets: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         offset = self._cast.get("released_offset", self.released_offset, z)  # log((1/C) / p_s(c)), [C]
@@ -206,8 +232,12 @@ class LADERLoss(nn.Module):
             z, targets, log_prior, self._offset(targets, z), self._cast.get("class_weights", self.class_weights, z),
             self.lam, alpha, ce_weight, self.estimator == "paper",
         )
-        # F_c and S_c of the last call, for diagnostics (the per-class DV bound is F_c - S_c).
-        self.last_terms = {"first_term": f, "second_term": s}
+        # Eq. 15-16 per class: F_c (mean logit of class-c samples) and S_c (log of the importance-weighted mean of
+        # e^{z_c}); the per-class DV bound is F_c - S_c. Scalars for logging: LADER itself and the alpha_c-weighted
+        # sums of F and S (LADER = -(F - S - lam * sum_c alpha_c S_c^2) with these sums).
+        w = self._cast.get("class_weights", self.class_weights, z)
+        self.last_class_terms = {"F": f, "S": s}
+        self.last_terms = {"lader": lader, "lader_F": (w * f).sum(), "lader_S": (w * s).sum()}
         return total, ce, lader
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -217,7 +247,8 @@ class LADERLoss(nn.Module):
 
 
 class LADELoss(nn.Module):
-    """LADE, Eq. 20: LADE-CE + alpha * LADER. ``last_terms`` holds the two (detached) terms of the last call."""
+    """LADE, Eq. 20: LADE-CE + alpha * LADER. ``last_terms``: ``lade_ce``, ``lader`` and LADER's weighted F and S
+    sums (``lader_F``, ``lader_S``) of the last call, detached."""
 
     def __init__(
         self,
@@ -242,5 +273,46 @@ class LADELoss(nn.Module):
         else:
             z = _check_logits(logits, targets, self.lader.num_classes)
             total, ce, reg = self.lader._run(z, targets, self.lade_ce.log_prior_like(z), self.alpha, 1.0)
-        self.last_terms = {"lade_ce": ce, "lader": reg}
+        self.last_terms = {"lade_ce": ce, **self.lader.last_terms, "lader": reg}
         return total
+
+
+# --- The registry ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One training loss: its module, the hyperparameters ``build_loss`` passes it (keyword names of the class),
+    and the post-hoc rules that fit its logits, the rule the loss calls for first (validation, summaries)."""
+
+    cls: type[nn.Module]
+    hyperparameters: tuple[str, ...]
+    posthoc: tuple[str, ...]
+
+
+# A plain-softmax model's logits are entangled with p_s and need PC compensation (Eq. 4); LADE / Balanced
+# Softmax logits are disentangled and take p_t by injection (Eq. 17). "raw" is the logits as they are.
+LOSSES: dict[str, LossSpec] = {
+    "softmax": LossSpec(SoftmaxLoss, (), ("pc", "raw")),
+    "balanced_softmax": LossSpec(BalancedSoftmaxLoss, (), ("inject", "raw")),
+    "lade": LossSpec(LADELoss, ("alpha", "lam", "class_weights", "estimator"), ("inject", "raw")),
+}
+
+
+def _spec(name: str) -> LossSpec:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    return LOSSES[name]
+
+
+def build_loss(name: str, source_prior: PriorLike, **hyperparameters) -> nn.Module:
+    """The registered loss ``name`` for ``source_prior`` [C]; unknown names and hyperparameters are refused."""
+    spec = _spec(name)
+    unknown = sorted(set(hyperparameters) - set(spec.hyperparameters))
+    if unknown:
+        raise ValueError(f"loss {name!r} takes no hyperparameters {unknown}; it takes {list(spec.hyperparameters)}")
+    return spec.cls(source_prior, **hyperparameters)
+
+
+def posthoc_rules(name: str) -> tuple[str, ...]:
+    """The post-hoc rules that fit loss ``name``'s logits, the one the loss calls for first."""
+    return _spec(name).posthoc

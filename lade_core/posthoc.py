@@ -10,7 +10,7 @@ import torch
 
 from .priors import validate_prior
 
-__all__ = ["compensate", "pc_softmax", "inject_prior", "POSTHOC_MODES", "posthoc_logits", "posthoc_offset"]
+__all__ = ["compensate", "pc_softmax", "inject_prior", "posthoc_logits", "posthoc_offset"]
 
 
 def _log_prior(prior, logits: torch.Tensor, name: str) -> torch.Tensor:
@@ -34,18 +34,9 @@ def inject_prior(logits: torch.Tensor, target_prior) -> torch.Tensor:
     return logits + _log_prior(target_prior, logits, "target_prior")
 
 
-# Which post-hoc rules make sense for a model trained with each loss. "raw" is the logits as they are. The first
-# is the rule the loss calls for (validation, the training summary, comparisons): a plain-softmax model's logits
-# are entangled with p_s and need PC compensation; LADE / Balanced Softmax logits take p_t by injection.
-POSTHOC_MODES: dict[str, tuple[str, ...]] = {
-    "softmax": ("pc", "raw"),
-    "balanced_softmax": ("inject", "raw"),
-    "lade": ("inject", "raw"),
-}
-
-
 def posthoc_logits(logits: torch.Tensor, mode: str, source_prior, target_prior) -> torch.Tensor:
-    """Apply one post-hoc rule by name: ``raw``, ``pc`` (compensate) or ``inject``."""
+    """Apply one post-hoc rule by name: ``raw``, ``pc`` (compensate) or ``inject``. Which rules fit a model is
+    its loss's business: ``lade_core.losses.posthoc_rules``."""
     if mode == "raw":
         return logits
     if mode == "pc":

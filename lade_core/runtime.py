@@ -1,7 +1,53 @@
-"""Process-level setup shared by the pipelines: Ray connection."""
+"""Process-level setup shared by the pipelines: Ray connection and how much Ray says on the console."""
 from __future__ import annotations
 
+import logging
 import os
+
+_VERBOSE = False
+# Loggers that print INFO lines on every run: Ray's (dataset plans, operator progress, controller state) and
+# MLflow's (store migrations, experiment creation).
+_RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow")
+
+
+def quiet_logging(verbose: bool = False) -> None:
+    """Ray's (and MLflow's) INFO logging off unless ``verbose``: a run's console shows the pipeline's own lines and
+    progress bars.
+
+    Applies to this process now and, through ``init_ray``'s ``LoggingConfig``, to every Ray worker of the job.
+    """
+    global _VERBOSE
+    _VERBOSE = verbose
+    level = log_level()
+    for name in _RAY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    # Ray Data configures its loggers in every process that runs it from this variable; a local Ray's workers
+    # inherit it from this process (on a cluster, set it in the job's runtime env).
+    os.environ["RAY_DATA_LOG_LEVEL"] = level
+    os.environ["MLFLOW_LOGGING_LEVEL"] = level  # MLflow sets its logger's level from this when first imported
+
+
+def log_level() -> str:
+    return "INFO" if _VERBOSE else "WARNING"
+
+
+def train_logging_config():
+    """Ray Train's own log level (controller and workers), for ``RunConfig(logging_config=...)``."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level=log_level())
+
+
+def worker_env() -> dict:
+    """Environment for the training workers on any cluster (``RunConfig(worker_runtime_env=...)``): the log levels
+    this process runs with."""
+    return {"env_vars": {"RAY_DATA_LOG_LEVEL": log_level(), "LADE_LOG_LEVEL": log_level()}}
+
+
+def quiet_worker_logging() -> None:
+    """In a training worker: the root logger at the driver's level. Ray Train sends worker logs through the root
+    logger at INFO, including some of its own records that its ``LoggingConfig`` does not filter."""
+    logging.getLogger().setLevel(os.environ.get("LADE_LOG_LEVEL", "INFO"))
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
@@ -16,13 +62,19 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         return
+    level = "INFO" if _VERBOSE else "WARNING"
+    logs = dict(logging_level=level, logging_config=ray.LoggingConfig(log_level=level), log_to_driver=True)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **logs)
     else:
         # The dashboard serves Ray's state API, which Ray Train V2 uses to release a finished or killed run's
         # placement group; without it, each trainer run under Tune leaks its workers' CPUs until Ray stops.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **logs)
+    import ray.data
+
+    # Ray Data's per-operator bars: useful while preparing, noise between the epoch lines of a training run.
+    ray.data.DataContext.get_current().enable_progress_bars = _VERBOSE
 
 
 def local_num_cpus(requested: int | None, reserved: float) -> int:

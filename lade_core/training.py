@@ -7,42 +7,47 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
-from .losses import BalancedSoftmaxLoss, LADELoss
+from .losses import LOSSES, build_loss, posthoc_rules
 from .models import build_model, classifier_parameters
-from .posthoc import POSTHOC_MODES
 from .priors import tempered_class_weights, uniform_prior
 from .schedules import build_scheduler
 
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-class SoftmaxLoss(nn.Module):
-    """Plain cross-entropy, with the same ``forward(logits, targets)`` contract as the LADE losses."""
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), targets)
+# Rows each worker's local shuffle buffer holds, in per-worker batches: enough to change every batch's make-up
+# each epoch on rows that preparation already spread uniformly over the shard files (see train_dataset).
+SHUFFLE_BUFFER_BATCHES = 4
 
 
 def build_criterion(config: dict, source_prior: torch.Tensor) -> nn.Module:
-    if config["loss"] == "softmax":
-        return SoftmaxLoss()
-    if config["loss"] == "balanced_softmax":
-        return BalancedSoftmaxLoss(source_prior)
-    weights = config["class_weights"]
-    if config.get("tau") is not None:
-        weights = tempered_class_weights(source_prior, config["tau"])
-    return LADELoss(source_prior, alpha=config["alpha"], lam=config["lam"], class_weights=weights,
-                    estimator=config["estimator"])
+    """The config's loss from the registry, with the hyperparameters the registry says it takes."""
+    hyperparameters = {k: config[k] for k in LOSSES[config["loss"]].hyperparameters}
+    if "class_weights" in hyperparameters and config.get("tau") is not None:
+        hyperparameters["class_weights"] = tempered_class_weights(source_prior, config["tau"])
+    return build_loss(config["loss"], source_prior, **hyperparameters)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The local-shuffle seed of one worker in one epoch: a fresh order each epoch, the same on a rerun or after a
+    restore from a checkpoint (it depends on the epoch number, not on how many epochs this process has run)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def epoch_batches(shard, *, epoch: int, seed: int, rank: int, batch_size: int):
+    """One epoch of training batches from a worker's dataset shard (a ``ray.data.DataIterator``), locally shuffled
+    with a buffer of SHUFFLE_BUFFER_BATCHES batches and a seed fixed by (seed, epoch, rank)."""
+    return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
+                                    local_shuffle_seed=epoch_seed(seed, epoch, rank))
 
 
 def build_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
@@ -61,10 +66,16 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
-def train_one_epoch(model, criterion, optimizer, batches, device, amp: bool, on_batch=None) -> dict:
+def train_one_epoch(model, criterion, optimizer, batches, device, amp: bool, on_batch=None, progress=None) -> dict:
+    """One pass over ``batches``; returns the mean loss and the mean of each of the loss's own named terms
+    (``criterion.last_terms``: softmax ``ce``; Balanced Softmax ``lade_ce``; LADE ``lade_ce``, ``lader``, ...),
+    the mean number of distinct classes per batch (the label mix) and images/s."""
     model.train()
-    sums, n_images, n_batches, t0 = {"loss": 0.0, "lade_ce": 0.0, "lader": 0.0}, 0, 0, time.perf_counter()
+    # Sums stay on the device: one host sync per epoch, not one per term per step.
+    sums: dict[str, torch.Tensor] = {}
+    n_images, n_batches, n_classes, t0 = 0, 0, 0, time.perf_counter()
     for i, batch in enumerate(batches):
+        n_classes += int(batch["label"].unique().numel())  # on the CPU copy: no device sync
         x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
         with _autocast(device, amp):
             logits = model(x)  # [B, C]
@@ -72,15 +83,16 @@ def train_one_epoch(model, criterion, optimizer, batches, device, amp: bool, on_
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        sums["loss"] += loss.item()
-        for k, v in getattr(criterion, "last_terms", {}).items():
-            if k in sums:
-                sums[k] += float(v)
+        for k, v in {"loss": loss.detach(), **criterion.last_terms}.items():
+            sums[k] = sums[k] + v.float() if k in sums else v.float()
         n_images += len(y)
         n_batches += 1
         if on_batch:
             on_batch(i)
-    out = {f"train/{k}": v / max(n_batches, 1) for k, v in sums.items()}
+        if progress is not None:
+            progress.update(1)
+    out = {f"train/{k}": float(v) / max(n_batches, 1) for k, v in sums.items()}
+    out["train/classes_per_batch"] = n_classes / max(n_batches, 1)
     out["images_per_s"] = n_images / max(time.perf_counter() - t0, 1e-9)
     return out
 
@@ -100,7 +112,7 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor, loss: str, source_prior
     """Top-1, Many/Medium/Few, NLL and ECE under the uniform target prior, and the mean top-1 over the shifted
     protocol, with the post-hoc rule the loss calls for (softmax -> PC compensation; LADE / Balanced Softmax ->
     prior injection)."""
-    mode = POSTHOC_MODES[loss][0]
+    mode = posthoc_rules(loss)[0]
     uniform = Target("uniform", np.arange(len(labels)), uniform_prior(logits.shape[1]))
     (row,) = evaluate_targets(logits, labels, source_prior, train_counts, (mode,), [uniform])
     out = {f"{prefix}/{k}": row[k] for k in METRICS}
@@ -123,8 +135,10 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from .runtime import quiet_worker_logging
     from .tracking import EpochLogger
 
+    quiet_worker_logging()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"] + rank)
@@ -164,8 +178,11 @@ def train_loop_per_worker(config: dict) -> None:
                     marker.touch()
                     os._exit(1)
 
-        batches = train_shard.iter_torch_batches(batch_size=per_worker_batch)
-        metrics = train_one_epoch(model, criterion, optimizer, batches, device, config["amp"], on_batch)
+        batches = epoch_batches(train_shard, epoch=epoch, seed=config["seed"], rank=rank, batch_size=per_worker_batch)
+        progress = _progress_bar(config, epoch, world, per_worker_batch) if rank == 0 and config["progress"] else None
+        metrics = train_one_epoch(model, criterion, optimizer, batches, device, config["amp"], on_batch, progress)
+        if progress is not None:
+            progress.close()
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics["epoch"] = epoch
@@ -180,12 +197,88 @@ def train_loop_per_worker(config: dict) -> None:
                             "rng": [_rng_state()], "config": config}, Path(d) / CHECKPOINT_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             logger.log_epoch(metrics)  # after the checkpoint is durable: a crash in between is backfilled
-            print(f"epoch {epoch + 1}/{config['epochs']}  loss {metrics['train/loss']:.4f}  "
-                  f"lade_ce {metrics['train/lade_ce']:.4f}  lader {metrics['train/lader']:.4f}  "
-                  f"val top1 {metrics['val/top1']:.4f} (many {metrics['val/many']:.3f} medium {metrics['val/medium']:.3f} "
-                  f"few {metrics['val/few']:.3f})  {metrics['images_per_s'] * world:.0f} img/s", flush=True)
+            # Straight to the worker's stdout, which Ray forwards to the driver once. A plain print() is patched
+            # by Ray Train into a log record *and* echoed to the wrapped stdout: every line would appear twice.
+            print(epoch_line(metrics, config["epochs"], world), file=sys.__stdout__, flush=True)
         else:
             ray.train.report(metrics)
+
+
+def _fmt(v: float, digits: int = 3) -> str:
+    return "—" if v != v else f"{v:.{digits}f}"  # NaN: an empty shot group
+
+
+def epoch_line(metrics: dict, epochs: int, world: int) -> str:
+    """The one console line of an epoch: loss, the loss's own terms, the label mix, validation, throughput."""
+    terms = "  ".join(f"{k[len('train/'):]} {v:.4f}" for k, v in metrics.items()
+                      if k.startswith("train/") and k not in ("train/loss", "train/classes_per_batch"))
+    return (f"epoch {metrics['epoch'] + 1}/{epochs}  loss {metrics['train/loss']:.4f}  {terms}  "
+            f"classes/batch {metrics['train/classes_per_batch']:.1f}  val top1 {_fmt(metrics['val/top1'], 4)} "
+            f"(many {_fmt(metrics['val/many'])} medium {_fmt(metrics['val/medium'])} few {_fmt(metrics['val/few'])})  "
+            f"{metrics['images_per_s'] * world:.0f} img/s")
+
+
+def _progress_bar(config: dict, epoch: int, world: int, per_worker_batch: int):
+    """Rank 0's bar over its share of the epoch, drawn on the driver's console by Ray (``tqdm_ray``), not as
+    hundreds of forwarded log lines."""
+    from ray.experimental import tqdm_ray
+
+    total = -(-sum(config["train_counts"]) // (world * per_worker_batch))  # ceil: the last batch may be short
+    return tqdm_ray.tqdm(total=total, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="batch")
+
+
+# Ray Train V2 writes this beside a run's checkpoints; its latest entry is the checkpoint a restart resumes from.
+_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def resume_epoch(run_dir: str | None) -> int:
+    """The epoch a (re)started worker group of the run in ``run_dir`` begins with: one past the epoch of the latest
+    registered checkpoint, 0 for a new run. ``run_dir`` is ``<storage_path>/<run_name>``, a path or a URI."""
+    import json
+
+    import pyarrow.fs
+
+    if not run_dir:
+        return 0
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(run_dir if "://" in run_dir else Path(run_dir).resolve().as_uri())
+        with fs.open_input_stream(f"{path}/{_CHECKPOINT_SNAPSHOT}") as f:
+            latest = json.loads(f.read())["latest_checkpoint_result"]
+        return int(latest["metrics"]["epoch"]) + 1 if latest else 0
+    except (FileNotFoundError, OSError, KeyError, TypeError, ValueError):
+        return 0  # no checkpoint yet: a new run
+
+
+def align_execution_index(ds, epoch: int) -> None:
+    """Make the next execution of ``ds`` count as epoch ``epoch``. The per-epoch file order of ``train_dataset`` is
+    seeded by (seed, execution index), and a worker group (re)started from a checkpoint counts executions from 0;
+    starting the count at the epoch it resumes gives every epoch the order an uninterrupted run gave it."""
+    ds.context._execution_idx = int(epoch)  # Ray Data's own per-execution counter (read by FileShuffleConfig)
+
+
+def train_data_config(run_dir: str | None = None):
+    """Ray Train's ``DataConfig`` for a run: only ``train`` is split across workers (every worker sees the whole val
+    split); the train split's execution keeps block order, so which rows each worker gets in epoch e, and in what
+    order, follows from the seed alone (Ray Data otherwise hands out blocks in completion order); and a worker
+    group started from a checkpoint of the run in ``run_dir`` continues the per-epoch file order where it was."""
+    from ray.train import DataConfig
+
+    class _SeededEpochsDataConfig(DataConfig):
+        def configure(self, datasets, *args, **kwargs):
+            # Runs when a worker group first asks for its shard: after a restart too, with the snapshot up to date.
+            if "train" in datasets:
+                align_execution_index(datasets["train"], resume_epoch(run_dir))
+            return super().configure(datasets, *args, **kwargs)
+
+    with warnings.catch_warnings():  # Ray's own defaults touch a deprecated option of its own
+        warnings.simplefilter("ignore", DeprecationWarning)
+        options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return _SeededEpochsDataConfig(datasets_to_split=["train"], execution_options={"train": options})
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
 
 
 def build_trainer(config: dict, prepared, callbacks: list | None = None):
@@ -194,10 +287,13 @@ def build_trainer(config: dict, prepared, callbacks: list | None = None):
     ``config["run_name"]`` and ``config["storage_path"]`` name the run's checkpoint folder, so fitting a trainer
     built from the same config again resumes from its last checkpoint.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    val_split = "val" if "val" in prepared.splits else "test"
+    from .runtime import train_logging_config, worker_env
+
+    prepared.check_validation_split()  # validation never runs on the test split
+    size = config.get("image_size")  # None: the dataset's own size (manifest)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -205,7 +301,9 @@ def build_trainer(config: dict, prepared, callbacks: list | None = None):
                                      resources_per_worker={"CPU": config["cpus_per_worker"]}),
         run_config=RunConfig(name=config["run_name"], storage_path=config["storage_path"],
                              failure_config=FailureConfig(max_failures=config["max_failures"]),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
-        datasets={"train": prepared.ray_dataset("train"), "val": prepared.ray_dataset(val_split, train=False)},
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker sees the whole val split
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks,
+                             logging_config=train_logging_config(), worker_runtime_env=worker_env()),
+        datasets={"train": prepared.train_dataset(config["seed"], image_size=size),
+                  "val": prepared.ray_dataset("val", train=False, image_size=size)},
+        dataset_config=train_data_config(_join(config["storage_path"], config["run_name"])),
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from lade_core.evaluation import evaluate_targets, protocol_targets
-from lade_core.posthoc import POSTHOC_MODES
+from lade_core.losses import posthoc_rules
 from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name
 from lade_core.report import FORMATS, format_table
 from lade_core.tracking import LOGITS_ARTIFACT, RunLogits, load_run_logits, resolve_tracking_uri
@@ -63,7 +63,7 @@ def select_runs(client, args) -> list[str]:
 
 def table_row(run: RunLogits) -> dict:
     """One row of Table 6 for one run."""
-    mode = POSTHOC_MODES[run.loss][0]
+    mode = posthoc_rules(run.loss)[0]
     targets = protocol_targets(run.labels, run.train_counts)
     rows = {r["target"]: r for r in evaluate_targets(run.logits, run.labels, run.source_prior, run.train_counts,
                                                        (mode,), targets)}

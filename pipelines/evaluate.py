@@ -25,7 +25,7 @@ import pandas as pd
 
 from lade_core.evaluation import (METRICS, Target, calibration_by_mode, evaluate_targets, logit_statistics,
                                   mean_predicted_prior, protocol_targets, target_from_values)
-from lade_core.posthoc import POSTHOC_MODES
+from lade_core.losses import LOSSES, posthoc_rules
 from lade_core.report import format_table
 from lade_core.tracking import (RunLogits, load_run_logits, log_metrics_once, log_table_once, read_logits_parquet,
                                 read_source_info, resolve_tracking_uri, run_for_model)
@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--model", help="a registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
     src.add_argument("--logits", help="a local test-logits Parquet file (eval/test_logits.parquet of a run)")
     ap.add_argument("--source-info", help="with --logits: the run's data/source_prior.json")
-    ap.add_argument("--loss", choices=sorted(POSTHOC_MODES), help="with --logits: the loss the model was trained with")
+    ap.add_argument("--loss", choices=sorted(LOSSES), help="with --logits: the loss the model was trained with")
     ap.add_argument("--output", help="with --logits: folder for the table and figures (default: beside the file)")
     ap.add_argument("--target-prior", action="append", default=[], metavar="FILE", help="per-class probabilities or counts")
     ap.add_argument("--per-class", type=int, help="head-class test count of the shifted protocol (default: the "
@@ -99,13 +99,13 @@ def build_targets(run: RunLogits, prior_files: list[str], per_class: int | None)
 
 
 def evaluate_run(run: RunLogits, targets: list[Target]) -> list[dict]:
-    return evaluate_targets(run.logits, run.labels, run.source_prior, run.train_counts, POSTHOC_MODES[run.loss], targets)
+    return evaluate_targets(run.logits, run.labels, run.source_prior, run.train_counts, posthoc_rules(run.loss), targets)
 
 
 def write_figures(run: RunLogits, targets: list[Target], rows: list[dict], out: Path) -> list[Path]:
     from lade_core import figures
 
-    modes = POSTHOC_MODES[run.loss]
+    modes = posthoc_rules(run.loss)
     uniform = next(t for t in targets if t.name == "uniform")
     title = f"{run.run_name} ({run.loss})"
     protocol = [t.name for t in targets[:11]]

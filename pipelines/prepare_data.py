@@ -5,6 +5,10 @@
   python pipelines/prepare_data.py lists --name places_lt --image-root ~/places365 \
       --train Places_LT_train.txt --val Places_LT_val.txt --test Places_LT_test.txt --out data/places_lt
   python pipelines/prepare_data.py inat2018 --image-root ~/inat2018 --train train2018.json --val val2018.json --out data/inat18
+  python pipelines/prepare_data.py imagefolder --root ~/my_images --transform cifar --image-size 32 --out data/mine
+
+Every prepared dataset has a validation split disjoint from test: the dataset's own (--val), CIFAR-100-LT's from
+unused training images, else a seeded class-balanced hold-out from train (--val-per-class, --min-train-per-class).
 """
 from __future__ import annotations
 
@@ -12,8 +16,11 @@ import argparse
 import sys
 
 from lade_core.data.prepare import prepare_dataset, summary_line
-from lade_core.data.sources import DataError, load_cifar100_lt, load_inat2018_json, load_split_lists
+from lade_core.data.sources import (MIN_TRAIN_PER_CLASS, DataError, load_cifar100_lt, load_image_folder,
+                                    load_inat2018_json, load_split_lists, with_validation)
 from lade_core.data.synthetic import make_synthetic
+from lade_core.data.transforms import TRANSFORM_KINDS
+from lade_core.runtime import quiet_logging
 
 
 def build_raw(args: argparse.Namespace):
@@ -23,11 +30,18 @@ def build_raw(args: argparse.Namespace):
             imbalance_ratio=args.imbalance_ratio, test_per_class=args.test_per_class, seed=args.seed,
         )
     if args.source == "cifar100_lt":
-        return load_cifar100_lt(args.root, imbalance_ratio=args.imbalance_ratio, seed=args.seed)
-    lists = {s: getattr(args, s) for s in ("train", "val", "test") if getattr(args, s)}
+        return load_cifar100_lt(args.root, imbalance_ratio=args.imbalance_ratio, seed=args.seed,
+                                val_per_class=args.val_per_class or 20)
+    lists = {s: getattr(args, s) for s in ("train", "val", "test") if getattr(args, s, None)}
     if args.source == "lists":
-        return load_split_lists(args.name, args.image_root, lists, num_classes=args.num_classes)
-    return load_inat2018_json(args.image_root, lists)
+        raw = load_split_lists(args.name, args.image_root, lists, num_classes=args.num_classes,
+                               transform=args.transform, image_size=args.image_size)
+    elif args.source == "imagefolder":
+        raw = load_image_folder(args.root, args.name, transform=args.transform, image_size=args.image_size)
+    else:
+        raw = load_inat2018_json(args.image_root, lists)
+    return with_validation(raw, val_per_class=args.val_per_class, min_train_per_class=args.min_train_per_class,
+                           seed=args.seed)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,25 +58,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cif.add_argument("--root", required=True, help="directory holding cifar-100-python/ (or the folder itself)")
     cif.add_argument("--imbalance-ratio", type=float, default=100, choices=[10, 50, 100])
     cif.add_argument("--seed", type=int, default=0)
+    cif.add_argument("--val-per-class", type=int, default=None, help="validation images per class (default 20)")
     lst = sub.add_parser("lists", help="ImageNet-LT / Places-LT / iNat split lists + image root")
     lst.add_argument("--name", required=True)
     lst.add_argument("--num-classes", type=int, default=None, help="default: inferred from the train list")
+    fold = sub.add_parser("imagefolder", help="<root>/<split>/<class name>/<image> (torchvision ImageFolder layout)")
+    fold.add_argument("--root", required=True)
+    fold.add_argument("--name", help="dataset name (default: the root folder's name)")
     inat = sub.add_parser("inat2018", help="iNaturalist 2018 json annotations + image root")
     for p in (lst, inat):
         p.add_argument("--image-root", required=True)
         p.add_argument("--train", required=True)
         p.add_argument("--val")
         p.add_argument("--test")
-    for p in (syn, cif, lst, inat):
+    for p in (lst, fold):
+        p.add_argument("--transform", default="imagenet",
+                       help=f"augmentation family used by training and evaluation: one of {list(TRANSFORM_KINDS)}")
+        p.add_argument("--image-size", type=int, default=None,
+                       help="crop size for training and evaluation (default: 224 for imagenet, native for cifar)")
+    for p in (lst, fold, inat):
+        p.add_argument("--val-per-class", type=int, default=None,
+                       help="without a val split: images per class held out of train (default: up to 20, as many "
+                            "as the smallest class allows)")
+        p.add_argument("--min-train-per-class", type=int, default=MIN_TRAIN_PER_CLASS,
+                       help="the hold-out never leaves a class with fewer training images than this")
+        p.add_argument("--seed", type=int, default=0, help="hold-out and row-order seed")
+    for p in (syn, cif, lst, fold, inat):
         p.add_argument("--out", required=True, help="prepared dataset directory to create")
         p.add_argument("--overwrite", action="store_true", help="replace an existing, different prepared dataset")
         p.add_argument("--skip-bad", action="store_true", help="skip (and count) missing/corrupt images instead of failing")
         p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for a local Ray")
+        p.add_argument("--verbose", action="store_true", help="show Ray's INFO logs")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_logging(args.verbose)
     try:
         raw = build_raw(args)
         manifest = prepare_dataset(raw, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, num_cpus=args.num_cpus)

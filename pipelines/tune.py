@@ -22,10 +22,10 @@ import tune_spaces
 from lade_core.config import resolve_config, validate_config
 from lade_core.data import DataError
 from lade_core.report import format_table
-from lade_core.runtime import init_ray, local_num_cpus
+from lade_core.runs import SMOKE, finalize, load_dataset
+from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
 from lade_core.tracking import log_table_once, resolve_tracking_uri, start_or_resume_run
 from lade_core.tuning import OBJECTIVES, summary_rows, trial_driver, trial_run_name
-from train import SMOKE, finalize, load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
@@ -55,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-cpus", type=int, help="logical CPUs for a local Ray")
     ap.add_argument("--seed", type=int, default=0, help="random search seed")
     ap.add_argument("--smoke-test", action="store_true", help="tiny data, the smoke space, 4 trials x 2 epochs")
+    ap.add_argument("--verbose", action="store_true", help="show Ray's INFO logs")
     return ap.parse_args(argv)
 
 
@@ -67,7 +68,7 @@ def base_config(args, defaults: dict) -> dict:
     """The training config every trial starts from: the space's config file <- the flags given here."""
     overrides = {"num_workers": args.num_workers, "use_gpu": args.use_gpu, "experiment": args.experiment,
                  "mlflow_uri": resolve_tracking_uri(args.mlflow_uri), "epochs": args.epochs or defaults["epochs"],
-                 "register": args.register, "max_failures": 0}
+                 "register": args.register, "max_failures": 0, "progress": False}
     if args.smoke_test:
         overrides = {**TUNE_SMOKE, **overrides, "num_workers": args.num_workers}
     if args.dataset:
@@ -140,6 +141,7 @@ def register_champion(client, best, prepared, name: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    quiet_logging(args.verbose)
     family = args.space or ("smoke" if args.smoke_test else "synthetic")
     try:
         space, defaults = tune_spaces.load_family(family)
@@ -150,10 +152,9 @@ def main(argv=None) -> int:
         num_cpus = local_num_cpus(args.num_cpus, config["num_workers"] * config["cpus_per_worker"])
         prepared = load_dataset(config, num_cpus)
         validate_config(config, prepared.num_classes)
-        if args.objective == "shift_mean":
-            val = "val" if "val" in prepared.splits else "test"
-            if 0 in prepared.class_counts(val):
-                raise ValueError(f"objective shift_mean needs every class in the {val} split; use --objective uniform")
+        prepared.check_validation_split()  # trials are selected on val, never on test
+        if args.objective == "shift_mean" and 0 in prepared.class_counts("val"):
+            raise ValueError("objective shift_mean needs every class in the val split; use --objective uniform")
         init_ray(num_cpus=num_cpus)
         max_concurrent = concurrency(args, config)
     except (ValueError, FileNotFoundError, DataError, RuntimeError) as e:

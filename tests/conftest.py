@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 # Ray >= 2.59 may turn on token auth; the tests run a local cluster without it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -89,3 +90,26 @@ def smoke_run(train_workdir):
         return done[loss]
 
     return get
+
+
+def class_png(path: Path, label: int, size: int, rng: np.random.Generator) -> None:
+    """A small learnable image: class colour plus noise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colour = np.array([(37 * label) % 256, (91 * label) % 256, (173 * label) % 256], dtype=np.float64)
+    img = np.clip(colour + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path, format="PNG")
+
+
+def write_sorted_list_dataset(root: Path, counts: list[int], test_per_class: int = 4, size: int = 20) -> dict:
+    """A split-list dataset in the published layout, lines grouped by class exactly like Places_LT_train.txt."""
+    rng, lists = np.random.default_rng(0), {}
+    for split, per in (("train", counts), ("test", [test_per_class] * len(counts))):
+        lines = []
+        for c, n in enumerate(per):
+            for k in range(n):
+                rel = f"{split}/class_{c:02d}/{k:04d}.png"
+                class_png(root / "images" / rel, c, size, rng)
+                lines.append(f"{rel} {c}")
+        lists[split] = root / f"{split}.txt"
+        lists[split].write_text("\n".join(lines) + "\n")
+    return lists

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import shared_file, split_counts
+from conftest import class_png, shared_file, split_counts, write_sorted_list_dataset
 from lade_core.data import DataError, open_prepared
 from lade_core.data.prepare import prepare_dataset
 from lade_core.data.sources import load_cifar100_lt, load_inat2018_json, load_split_lists
@@ -33,7 +33,9 @@ def cifar_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar") / "cifar-100-python"
     root.mkdir()
     rng = np.random.default_rng(0)
-    per_class_train = [n + 3 for n in long_tailed_counts(100, 500, 100)]
+    # Real CIFAR-100 has 500 training images per class; fewer here except for the head class, which the long tail
+    # keeps whole (so its val images must come out of its training images).
+    per_class_train = [500 if c == 0 else n + 25 for c, n in enumerate(long_tailed_counts(100, 500, 100))]
     y_tr = rng.permutation(np.repeat(np.arange(100), per_class_train))
     y_te = np.repeat(np.arange(100), 2)
     for name, y in (("train", y_tr), ("test", y_te)):
@@ -49,14 +51,18 @@ def test_cifar100_lt_prepare_roundtrip(cifar_root, tmp_path, ray_local):
     raw = load_cifar100_lt(cifar_root.parent, imbalance_ratio=100, seed=3)
     prepare_dataset(raw, tmp_path / "cifar", progress=False)
     ds = open_prepared(tmp_path / "cifar")
-    assert ds.class_counts("train") == long_tailed_counts(100, 500, 100)
+    # The head class gives its 20 val images out of its 500; every other class from images the tail left unused.
+    assert ds.class_counts("train") == [480] + long_tailed_counts(100, 500, 100)[1:]
+    assert ds.class_counts("val") == [20] * 100
+    assert ds.manifest["validation"]["taken_from_train"] == {"0": 20}
     assert ds.manifest["seed"] == 3 and ds.manifest["class_names"][:2] == ["c0", "c1"]
     src = pickle.loads((cifar_root / "train").read_bytes())
     src_images = np.asarray(src["data"]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    rows = _rows_by_index(ds, "train")
-    assert len(rows) == 10847
-    for i in list(rows)[:50]:
-        b, y = rows[i]
+    rows, val_rows = _rows_by_index(ds, "train"), _rows_by_index(ds, "val")
+    assert len(rows) == 10847 - 20 and len(val_rows) == 2000
+    assert not set(rows) & set(val_rows)  # val is disjoint from train (and from test: another pickle)
+    for i in list(rows)[:50] + list(val_rows)[:50]:
+        b, y = rows.get(i) or val_rows[i]
         assert y == src["fine_labels"][i]
         assert np.array_equal(_decode(b), src_images[i])
     # Through Ray Data (decode + eval transform): same labels and counts.
@@ -221,8 +227,15 @@ def test_synthetic_is_deterministic_and_long_tailed(tmp_path, ray_local):
     assert np.array_equal(a.splits["train"].images, b.splits["train"].images)
     assert not np.array_equal(a.splits["train"].images, make_synthetic(seed=6).splits["train"].images)
     assert np.bincount(a.splits["train"].labels).tolist() == long_tailed_counts(10, 300, 10)
+    # Generated grouped by class, as real datasets arrive; prepared in a seeded random row order.
+    assert np.all(np.diff(a.splits["train"].labels) >= 0)
     prepare_dataset(a, tmp_path / "syn", progress=False)
     ds = open_prepared(tmp_path / "syn")
+    t = ds.raw_split("train").to_pydict()
+    assert sorted(t["index"]) == list(range(len(t["index"]))) and t["index"] != sorted(t["index"])
+    assert np.array_equal(np.asarray(t["label"]), a.splits["train"].labels[t["index"]])
+    assert ds.manifest["row_order"] == {"shuffled": True, "seed": 5}
+    assert len(list((tmp_path / "syn" / "train").glob("*.parquet"))) >= 8  # file order can vary per epoch
     batch = ds.ray_dataset("train").take_batch(16)
     assert batch["image"].shape == (16, 3, 32, 32)
 
@@ -236,3 +249,168 @@ def test_open_prepared_rejects_missing_or_inconsistent_manifest(tmp_path, ray_lo
     (tmp_path / "s" / "dataset.json").write_text(json.dumps(m))
     with pytest.raises(DataError, match="class counts for 3 classes, manifest says 4"):
         open_prepared(tmp_path / "s")
+
+
+# ---------- a user's own data: class-sorted lists without val, ImageFolder, transform and size ----------
+
+def test_sorted_list_without_val_gets_a_balanced_holdout_and_its_transform(tmp_path, ray_local):
+    import prepare_data
+
+    counts = long_tailed_counts(10, 60, 10)  # 60 .. 6 images per class
+    lists = write_sorted_list_dataset(tmp_path, counts)
+    out = tmp_path / "prepared"
+    rc = prepare_data.main(["lists", "--name", "mine", "--image-root", str(tmp_path / "images"), "--train",
+                            str(lists["train"]), "--test", str(lists["test"]), "--transform", "cifar",
+                            "--image-size", "16", "--out", str(out)])
+    assert rc == 0
+    ds = open_prepared(out)
+    k = min(counts) - 2  # default: as many per class as the smallest class gives while keeping 2 for training
+    assert ds.class_counts("val") == [k] * 10
+    assert ds.class_counts("train") == [n - k for n in counts]
+    assert ds.manifest["validation"] == {"source": "held out of train (seeded, class-balanced)", "per_class": k,
+                                         "min_train_per_class": 2, "seed": 0}
+    train_paths, val_paths = set(ds.raw_split("train")["path"].to_pylist()), set(ds.raw_split("val")["path"].to_pylist())
+    assert not train_paths & val_paths and len(train_paths | val_paths) == sum(counts)
+    assert ds.manifest["transform"] == "cifar" and ds.image_size == 16
+    batch = ds.ray_dataset("val").take_batch(4)
+    assert batch["image"].shape == (4, 3, 16, 16)  # the stored size reaches every later use of the dataset
+    assert ds.ray_dataset("val", image_size=8).take_batch(2)["image"].shape == (2, 3, 8, 8)
+
+
+def test_image_folder_classes_sorted_by_name(tmp_path, ray_local):
+    import prepare_data
+
+    rng = np.random.default_rng(1)
+    names, counts = ["zebra", "ant", "moth"], [9, 6, 3]  # ImageFolder order: ant, moth, zebra
+    for name, n in zip(names, counts):
+        for k in range(n):
+            class_png(tmp_path / "root" / "train" / name / f"{k}.png", names.index(name), 12, rng)
+        class_png(tmp_path / "root" / "test" / name / "t.png", names.index(name), 12, rng)
+    (tmp_path / "root" / "train" / "ant" / "notes.txt").write_text("not an image")
+    rc = prepare_data.main(["imagefolder", "--root", str(tmp_path / "root"), "--val-per-class", "1",
+                            "--transform", "cifar", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    ds = open_prepared(tmp_path / "out")
+    assert ds.manifest["class_names"] == ["ant", "moth", "zebra"]
+    assert ds.class_counts("train") == [5, 2, 8] and ds.class_counts("val") == [1, 1, 1]
+    assert ds.manifest["source"]["ignored_files"] == {"train": 1, "test": 0}
+    t = ds.raw_split("train").to_pydict()
+    assert all(p.split("/")[1] == ds.manifest["class_names"][y] for p, y in zip(t["path"], t["label"]))
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("transform", r"unknown transform 'fancy'; choose one of \['cifar', 'imagenet'\]"),
+        ("size", r"image size must be an integer >= 8, got 4"),
+        ("val_per_class", r"--val-per-class 7 would leave 3 classes below --min-train-per-class 2 \(7: 8 images, "
+                          r"8: 7 images, 9: 6 images\); the smallest class allows at most 4"),
+        ("min_train", r"holding out even 1 image per class would leave classes below --min-train-per-class 6: 9: 6"),
+        ("outside", r"image path '\.\./outside/x\.png' \(entry 1\) leaves the image root"),
+        ("empty_folder", r"zero training images: class indices \[2\] \(\['empty'\]\)"),
+        ("unknown_class", r"class folders \['ghost'\] are not among the train split's classes"),
+    ],
+)
+def test_user_dataset_bad_input_is_one_clear_error_before_anything_is_written(tmp_path, capsys, case, match):
+    import prepare_data
+
+    out = tmp_path / "out"
+    if case in ("empty_folder", "unknown_class"):
+        rng = np.random.default_rng(0)
+        for name in ("cat", "dog"):
+            for k in range(4):
+                class_png(tmp_path / "root" / "train" / name / f"{k}.png", 0, 12, rng)
+        if case == "empty_folder":
+            for f in (tmp_path / "root" / "train" / "dog").iterdir():
+                f.unlink()
+            (tmp_path / "root" / "train" / "empty").mkdir()
+            class_png(tmp_path / "root" / "train" / "dog" / "0.png", 0, 12, rng)
+        else:
+            class_png(tmp_path / "root" / "test" / "ghost" / "0.png", 0, 12, rng)
+        argv = ["imagefolder", "--root", str(tmp_path / "root"), "--out", str(out)]
+    else:
+        lists = write_sorted_list_dataset(tmp_path, long_tailed_counts(10, 30, 5), test_per_class=1, size=10)
+        if case == "outside":
+            lists["train"].write_text("../outside/x.png 0\n" + lists["train"].read_text())
+        argv = ["lists", "--name", "mine", "--image-root", str(tmp_path / "images"), "--train", str(lists["train"]),
+                "--out", str(out)]
+        argv += {"transform": ["--transform", "fancy"], "size": ["--image-size", "4"], "outside": [],
+                 "val_per_class": ["--val-per-class", "7"], "min_train": ["--min-train-per-class", "6"]}[case]
+    assert prepare_data.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and __import__("re").search(match, err), err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+# ---------- shuffled training epochs on class-sorted data ----------
+
+def _epoch_streams(splits, epoch: int, seed: int = 0, per_worker_batch: int = 32) -> dict[int, list[dict]]:
+    """What each of 2 DDP workers gets in one epoch from ``ds.streaming_split(2, equal=True)``, consumed
+    concurrently, as Ray Train does (one split for the whole run: each epoch is one execution of the dataset)."""
+    import threading
+
+    from lade_core.training import epoch_batches
+
+    out: dict[int, list[dict]] = {}
+
+    def consume(rank: int) -> None:
+        out[rank] = [{"label": b["label"].numpy(), "index": b["index"].numpy()} for b in
+                     epoch_batches(splits[rank], epoch=epoch, seed=seed, rank=rank, batch_size=per_worker_batch)]
+
+    threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return out
+
+
+def test_training_epochs_mix_classes_differ_and_split_disjointly(tmp_path, ray_local):
+    counts = [120, 100, 80, 70, 60, 50, 40, 30, 25, 20]  # 595 images, 10 classes, listed grouped by class
+    lists = write_sorted_list_dataset(tmp_path, counts, test_per_class=1, size=8)
+    raw = load_split_lists("sorted", tmp_path / "images", lists, transform="cifar")
+    from lade_core.data.sources import with_validation
+
+    prepare_dataset(with_validation(raw, val_per_class=2, min_train_per_class=2, seed=0), tmp_path / "out", progress=False)
+    prepared = open_prepared(tmp_path / "out")
+    n_train = sum(prepared.class_counts("train"))
+    from lade_core.training import train_data_config
+
+    ds = prepared.train_dataset(seed=0)
+    ds.context.execution_options = train_data_config()._resolve_execution_options("train")  # as Ray Train does
+    splits, orders = ds.streaming_split(2, equal=True), []
+    for epoch in (0, 1):
+        streams = _epoch_streams(splits, epoch)
+        # Each worker gets a disjoint, equal share; together they cover the split once (equal shares drop at most
+        # world - 1 rows of an odd-sized split).
+        seen = np.concatenate([b["index"] for r in (0, 1) for b in streams[r]])
+        assert len(set(seen.tolist())) == len(seen) and n_train - 1 <= len(seen) <= n_train
+        assert sum(len(b["index"]) for b in streams[0]) == sum(len(b["index"]) for b in streams[1])
+        # A 64-image global batch (2 x 32) of a 10-class, class-sorted set holds many classes.
+        for b0, b1 in zip(streams[0], streams[1]):
+            if len(b0["label"]) == len(b1["label"]) == 32:
+                assert len(set(b0["label"]) | set(b1["label"])) >= 5, (b0["label"], b1["label"])
+        orders.append({r: np.concatenate([b["index"] for b in streams[r]]) for r in (0, 1)})
+    for r in (0, 1):  # two epochs see different orders, and each worker a different share (file order per epoch)
+        assert not np.array_equal(orders[0][r][:64], orders[1][r][:64])
+        assert set(orders[0][r].tolist()) != set(orders[1][r].tolist())
+    # The order follows from the seed: a dataset built again from the prepared files repeats epoch 0 exactly, and
+    # one whose execution count starts at epoch 1 (a worker group restored from epoch 0's checkpoint) repeats
+    # epoch 1 exactly: a restored run continues with the order it would have had.
+    from lade_core.training import align_execution_index
+
+    for epoch in (0, 1):
+        again = prepared.train_dataset(seed=0)
+        again.context.execution_options = ds.context.execution_options
+        align_execution_index(again, epoch)
+        streams = _epoch_streams(again.streaming_split(2, equal=True), epoch)
+        assert all(np.array_equal(np.concatenate([b["index"] for b in streams[r]]), orders[epoch][r]) for r in (0, 1))
+
+
+def test_resume_epoch_reads_the_latest_registered_checkpoint(tmp_path):
+    from lade_core.training import resume_epoch
+
+    assert resume_epoch(str(tmp_path / "new_run")) == 0 and resume_epoch(None) == 0
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"latest_checkpoint_result": {"checkpoint_dir_name": "c", "metrics": {"epoch": 3}}}))
+    assert resume_epoch(str(tmp_path)) == 4

@@ -189,3 +189,46 @@ def test_losses_reject_bad_targets_and_shapes():
         mod(torch.zeros(2, 4), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="rows but targets"):
         mod(torch.zeros(2, 3), torch.tensor([0, 1, 2]))
+
+
+# ---------- the registry and each loss's own named terms ----------
+
+def ref_softmax_ce(z, y):
+    return sum(_lse(z[i]) - z[i, y[i]] for i in range(len(y))) / len(y)
+
+
+def test_registry_builds_every_loss_with_its_own_terms(rng):
+    from lade_core.losses import LOSSES, build_loss, posthoc_rules
+
+    z, y, ps = _batch(rng, 24, 7)
+    zt, yt = torch.tensor(z), torch.tensor(y)
+    assert set(LOSSES) == {"softmax", "balanced_softmax", "lade"}
+    soft = build_loss("softmax", ps)
+    assert soft(zt, yt).item() == pytest.approx(ref_softmax_ce(z, y), abs=1e-10)
+    assert set(soft.last_terms) == {"ce"} and soft.last_terms["ce"].item() == pytest.approx(ref_softmax_ce(z, y), abs=1e-10)
+    bal = build_loss("balanced_softmax", ps)
+    assert bal(zt, yt).item() == pytest.approx(ref_balanced_ce(z, y, ps), abs=1e-10)
+    assert set(bal.last_terms) == {"lade_ce"}  # its whole loss is LADE-CE; no LADER term to report
+    lade = build_loss("lade", ps, alpha=0.3, lam=0.2, class_weights=None, estimator="released")
+    lade(zt, yt)
+    reg = ref_lader(z, y, ps, 0.2, ps, "released")
+    assert set(lade.last_terms) == {"lade_ce", "lader", "lader_F", "lader_S"}
+    assert lade.last_terms["lader"].item() == pytest.approx(reg, abs=1e-10)
+    # F and S as in Eq. 15-16: alpha_c-weighted sums of the per-class mean logit and log importance-weighted mean.
+    n, c = z.shape
+    f_ref = sum(ps[k] * np.mean([z[i, k] for i in range(n) if y[i] == k]) for k in range(c) if (y == k).any())
+    s_ref = sum(ps[k] * (_lse(z[:, k] + math.log(1 / c) - math.log(ps[k])) - math.log(n)) for k in range(c))
+    assert lade.last_terms["lader_F"].item() == pytest.approx(f_ref, abs=1e-10)
+    assert lade.last_terms["lader_S"].item() == pytest.approx(s_ref, abs=1e-10)
+    s_sq = sum(ps[k] * (_lse(z[:, k] + math.log(1 / c) - math.log(ps[k])) - math.log(n)) ** 2 for k in range(c))
+    assert reg == pytest.approx(-(f_ref - s_ref - 0.2 * s_sq), abs=1e-10)
+    assert [posthoc_rules(k)[0] for k in ("softmax", "balanced_softmax", "lade")] == ["pc", "inject", "inject"]
+
+
+def test_registry_refuses_unknown_losses_and_hyperparameters():
+    from lade_core.losses import build_loss
+
+    with pytest.raises(ValueError, match=r"unknown loss 'focal'; choose one of \['balanced_softmax', 'lade', 'softmax'\]"):
+        build_loss("focal", [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"loss 'balanced_softmax' takes no hyperparameters \['alpha'\]; it takes \[\]"):
+        build_loss("balanced_softmax", [0.5, 0.5], alpha=0.1)

@@ -34,8 +34,8 @@ def test_posthoc_rejects_bad_priors():
 
 
 def test_primary_posthoc_mode_per_loss():
-    from lade_core.posthoc import POSTHOC_MODES
+    from lade_core.losses import LOSSES, posthoc_rules
 
-    assert {loss: modes[0] for loss, modes in POSTHOC_MODES.items()} == {
+    assert {loss: posthoc_rules(loss)[0] for loss in LOSSES} == {
         "softmax": "pc", "balanced_softmax": "inject", "lade": "inject"}
-    assert all("raw" in modes for modes in POSTHOC_MODES.values())
+    assert all("raw" in posthoc_rules(loss) for loss in LOSSES)

@@ -9,7 +9,7 @@ import torch
 from lade_core.models import build_model
 from lade_core.tracking import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
 
-from conftest import run_train
+from conftest import run_train, write_sorted_list_dataset
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,23 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     client = _client(workdir)
     run = _run(client, f"r-{loss}")
     assert run.data.params["loss"] == loss and run.data.params["num_workers"] == "2"
-    for key in ("val/top1", "val/ece", "train/lade_ce", "train/lader", "lr", "test/top1", "test/ece",
+    for key in ("val/top1", "val/ece", "train/loss", "train/classes_per_batch", "lr", "test/top1", "test/ece",
                 "test/backward_10/top1"):
         assert key in run.data.metrics
+    # Each loss logs its own terms, and only those: no 0.0 placeholders for terms a loss does not have.
+    terms = {k for k in run.data.metrics if k.startswith("train/")} - {"train/loss", "train/classes_per_batch"}
+    assert terms == {"softmax": {"train/ce"}, "balanced_softmax": {"train/lade_ce"},
+                     "lade": {"train/lade_ce", "train/lader", "train/lader_F", "train/lader_S"}}[loss]
+    assert run.data.metrics["train/" + ("ce" if loss == "softmax" else "lade_ce")] != 0.0
+    # One line per epoch, printed once; no Ray INFO chatter; never "nan" for an empty shot group.
+    assert p.stdout.count("epoch 1/1 ") == 1 and "nan" not in p.stdout, p.stdout
+    assert "Starting execution of Dataset" not in p.stdout + p.stderr
+    assert " INFO " not in p.stdout + p.stderr, [line for line in p.stderr.splitlines() if " INFO " in line]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [0]
+    # What a restart of this run would resume from, read from the snapshot Ray Train wrote (its real format).
+    from lade_core.training import resume_epoch
+
+    assert resume_epoch(str(workdir / "ray_results" / f"r-{loss}")) == 1
     arts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for d in ("eval", "data", "checkpoint") for a in client.list_artifacts(run.info.run_id, d)}
     assert {LOGITS_ARTIFACT, "data/source_prior.json", "config.yaml", "checkpoint/state_dict.pt"} <= arts
@@ -58,6 +71,25 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(loaded(x), ref(x), atol=1e-5)
+
+
+def test_class_sorted_list_dataset_trains_well_above_chance(tmp_path):
+    """A user's long-tailed list dataset, lines grouped by class like Places-LT, no val list, small images trained
+    at their native size: unshuffled batches would hold one or two classes and training would stay at chance."""
+    import prepare_data
+
+    counts = [80, 64, 50, 40, 32, 25, 20, 16, 12, 10]  # 10 classes, imbalance 8
+    lists = write_sorted_list_dataset(tmp_path, counts, test_per_class=10, size=16)
+    assert prepare_data.main(["lists", "--name", "sorted10", "--image-root", str(tmp_path / "images"), "--train",
+                              str(lists["train"]), "--test", str(lists["test"]), "--transform", "cifar",
+                              "--val-per-class", "4", "--out", str(tmp_path / "data")]) == 0
+    p = run_train(tmp_path, "--dataset", str(tmp_path / "data"), "--epochs", "5", "--loss", "balanced_softmax",
+                  "--lr", "0.05", "--run-name", "sorted")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run = _run(_client(tmp_path), "sorted")
+    assert run.data.metrics["train/classes_per_batch"] >= 5  # 16 per worker-batch, 10 classes: mixed, not 1-2
+    assert run.data.metrics["test/top1"] >= 0.5, p.stdout  # chance is 0.1
+    assert [line for line in p.stdout.splitlines() if line.startswith("epoch ")][-1].startswith("epoch 5/5")
 
 
 def test_worker_killed_mid_epoch_resumes_and_logs_each_epoch_once(workdir):

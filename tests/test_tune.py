@@ -66,6 +66,29 @@ def test_concurrency_that_cannot_fit_is_refused_before_trials(tmp_path):
     assert "Trial" not in p.stdout
 
 
+def test_search_never_selects_on_the_test_split(tmp_path, ray_local):
+    """A dataset prepared before every dataset had a val split: tune.py (and train.py) refuse it rather than
+    validating, selecting trials and choosing the champion on test."""
+    import json
+    import shutil
+
+    from lade_core.data.prepare import prepare_dataset
+    from lade_core.data.synthetic import make_synthetic
+
+    from conftest import run_train
+
+    old = tmp_path / "old"
+    prepare_dataset(make_synthetic(num_classes=3, max_count=8, imbalance_ratio=2, val_per_class=2, test_per_class=2),
+                    old, progress=False)
+    manifest = json.loads((old / "dataset.json").read_text())
+    del manifest["splits"]["val"]
+    (old / "dataset.json").write_text(json.dumps(manifest))
+    shutil.rmtree(old / "val")
+    for p in (run_tune(tmp_path, "--dataset", str(old)), run_train(tmp_path, "--dataset", str(old))):
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert "has no validation split (prepared by an older lade)" in p.stderr and "Trial" not in p.stdout
+
+
 def test_unknown_objective_is_rejected_by_the_cli(tmp_path):
     p = run_tune(tmp_path, "--objective", "median")
     assert p.returncode == 2 and "invalid choice: 'median'" in p.stderr

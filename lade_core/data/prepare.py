@@ -3,6 +3,12 @@
 All checks (missing or undecodable images, labels, empty classes) run before any shard is written. The output is
 built in a temporary sibling directory and renamed into place at the end, so a prepared directory is either
 complete or absent. An existing directory is reused only if it was prepared from the same inputs and options.
+
+Rows are written in a seeded random order, not the order the source lists them in. Real long-tailed datasets
+arrive grouped by class (the Places-LT / ImageNet-LT lists, an ImageFolder tree, CIFAR-100-LT as built here); in
+that order every Parquet block, and so every training batch the streaming reader makes from a few blocks, would
+hold one or two classes. After the permutation every block is a uniform sample of the split, so training only
+has to vary block order and mix locally per epoch (``PreparedDataset.train_dataset``), never shuffle globally.
 """
 from __future__ import annotations
 
@@ -18,18 +24,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .. import __version__
 from .sources import DataError, RawDataset, RawSplit
+from .transforms import decode_rgb
 
 MANIFEST = "dataset.json"
-
-
-def _progress(done: int, total: int, what: str) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
-    end = "\n" if done >= total else ""
-    print(f"\r{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+# Bumped when the on-disk layout changes meaning (2: rows in seeded random order, a val split always present), so
+# a directory prepared by an older lade is not mistaken for an up-to-date one.
+LAYOUT_VERSION = 2
 
 
 def _encode_png(img: np.ndarray) -> bytes:
@@ -38,51 +42,51 @@ def _encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _check_image_file(path: Path) -> tuple[bytes | None, str | None]:
-    """Read and decode one image; return (bytes, None) or (None, why)."""
+def _check_image_file(path: Path) -> tuple[bytes | None, str | None, tuple[int, int] | None]:
+    """Read and decode one image; return (bytes, None, (H, W)) or (None, why, None)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return None, "missing image file"
+        return None, "missing image file", None
     except OSError as e:
-        return None, f"unreadable image file ({e})"
+        return None, f"unreadable image file ({e})", None
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale; still walks the whole stream
-            im.convert("RGB").load()
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
-        return None, f"undecodable image ({type(e).__name__}: {e})"
-    return data, None
+        shape = tuple(decode_rgb(data).shape[1:])
+    except Exception as e:  # noqa: BLE001 - the decoder raises several types for corrupt or unsupported data
+        return None, f"undecodable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", None
+    return data, None, shape
 
 
 def _fingerprint(raw: RawDataset, skip_bad: bool) -> str:
     key = {"name": raw.name, "kind": raw.source.get("kind"), "options": raw.options, "inputs": raw.input_hash,
-           "skip_bad": skip_bad}
+           "skip_bad": skip_bad, "layout": LAYOUT_VERSION}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _validate_files(raw: RawDataset, skip_bad: bool, progress: bool) -> tuple[dict[str, RawSplit], dict, str]:
-    """Decode every image once; returns kept splits, per-split bad-sample report, and a hash of image bytes."""
+def _validate_files(raw: RawDataset, skip_bad: bool, progress: bool) -> tuple[dict[str, RawSplit], dict, str, set]:
+    """Decode every image once; returns kept splits, per-split bad-sample report, a hash of image bytes and the
+    set of (H, W) sizes seen."""
     root = Path(raw.image_root or ".")
     h = hashlib.sha256(raw.input_hash.encode())
-    kept, skipped = {}, {}
+    kept, skipped, sizes = {}, {}, set()
     for split, rs in raw.splits.items():
         bad = []
         with ThreadPoolExecutor(max_workers=8) as pool:
-            for i, (data, why) in enumerate(pool.map(lambda p: _check_image_file(root / p), rs.paths)):
+            checked = pool.map(lambda p: _check_image_file(root / p), rs.paths)
+            for i, (data, why, shape) in enumerate(tqdm(checked, total=len(rs.paths), desc=f"checking {split}",
+                                                        unit="img", disable=not progress, file=sys.stderr)):
                 if why:
                     bad.append((i, why))
                 else:
                     h.update(hashlib.sha256(data).digest())
-                if progress and (i % 500 == 0 or i == len(rs.paths) - 1):
-                    _progress(i + 1, len(rs.paths), f"checking {split}")
+                    sizes.add(shape)
         if bad and not skip_bad:
             shown = "; ".join(f"{root / rs.paths[i]} (line {rs.index[i] + 1}): {why}" for i, why in bad[:5])
             raise DataError(f"{split}: {len(bad)} bad images, e.g. {shown}. Fix them or pass --skip-bad")
         keep = np.setdiff1d(np.arange(rs.labels.size), [i for i, _ in bad])
         kept[split] = RawSplit(labels=rs.labels[keep], paths=[rs.paths[i] for i in keep], index=rs.index[keep])
         skipped[split] = {"count": len(bad), "examples": [{"path": rs.paths[i], "why": why} for i, why in bad[:20]]}
-    return kept, skipped, h.hexdigest()
+    return kept, skipped, h.hexdigest(), sizes
 
 
 def _class_counts(split: RawSplit, num_classes: int) -> list[int]:
@@ -93,14 +97,11 @@ def _write_split(rs: RawSplit, out: Path, image_root: Path | None, rows_per_shar
     import ray.data  # imported here: the math modules and readers must not need Ray
 
     if rs.images is not None:
-        encoded = []
-        for i, img in enumerate(rs.images):
-            encoded.append(_encode_png(img))
-            if progress and (i % 2000 == 0 or i == len(rs.images) - 1):
-                _progress(i + 1, len(rs.images), f"encoding {name}")
+        encoded = [_encode_png(img) for img in tqdm(rs.images, desc=f"encoding {name}", unit="img",
+                                                      disable=not progress, file=sys.stderr)]
         table = pa.table({"image": pa.array(encoded, pa.binary()), "label": rs.labels, "index": rs.index,
                           "path": pa.array([""] * rs.labels.size)})
-        ds = ray.data.from_arrow(table)
+        ds = ray.data.from_arrow(_blocks(table, rows_per_shard))
     else:
         root = str(image_root)
         items = pa.table({"label": rs.labels, "index": rs.index, "path": rs.paths})
@@ -109,8 +110,20 @@ def _write_split(rs: RawSplit, out: Path, image_root: Path | None, rows_per_shar
             batch["image"] = np.array([Path(root, p).read_bytes() for p in batch["path"]], dtype=object)
             return batch
 
-        ds = ray.data.from_arrow(items).map_batches(read_bytes, batch_format="numpy", batch_size=256)
+        ds = ray.data.from_arrow(_blocks(items, rows_per_shard)).map_batches(read_bytes, batch_format="numpy", batch_size=None)
     ds.write_parquet(str(out), min_rows_per_file=rows_per_shard)
+
+
+def shuffle_rows(rs: RawSplit, seed: int) -> RawSplit:
+    """``rs`` in a seeded random row order (see the module docstring for why); ``index`` keeps the source order."""
+    perm = np.random.default_rng(seed).permutation(rs.labels.size)
+    return RawSplit(labels=rs.labels[perm], images=None if rs.images is None else rs.images[perm],
+                    paths=None if rs.paths is None else [rs.paths[i] for i in perm], index=rs.index[perm])
+
+
+def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    """One block per shard file: ``write_parquet`` never splits a block, so one table would be one file."""
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
 
 
 def prepare_dataset(
@@ -137,13 +150,26 @@ def prepare_dataset(
             raise DataError(f"{out_dir} already exists and holds {what}; choose another directory or pass --overwrite")
 
     splits, skipped = raw.splits, {s: {"count": 0, "examples": []} for s in raw.splits}
-    input_hash = raw.input_hash
+    input_hash, image_size = raw.input_hash, raw.image_size
+    if splits["train"].images is not None:
+        image_size = image_size or int(splits["train"].images.shape[1])  # native size of CIFAR-family arrays
     if raw.image_root is not None:
-        splits, skipped, input_hash = _validate_files(raw, skip_bad, progress)
+        splits, skipped, input_hash, sizes = _validate_files(raw, skip_bad, progress)
+        if image_size is None and raw.transform == "cifar":
+            # The cifar family crops at the native size: one square size, or the user names one.
+            if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
+                shown = sorted(sizes)[:5]
+                raise DataError(f"--transform cifar without --image-size needs images of one square size; found "
+                                f"{len(sizes)} sizes (H, W), e.g. {shown}; pass --image-size")
+            image_size = int(next(iter(sizes))[0])
     counts = {s: _class_counts(rs, raw.num_classes) for s, rs in splits.items()}
     empty = [c for c, n in enumerate(counts["train"]) if n == 0]
     if empty:
-        raise DataError(f"classes with zero training images: class indices {empty[:20]}" + (" ..." if len(empty) > 20 else ""))
+        names = f" ({[raw.class_names[c] for c in empty[:20]]})" if raw.class_names else ""
+        raise DataError(f"classes with zero training images: class indices {empty[:20]}{names}" + (" ..." if len(empty) > 20 else ""))
+    if "val" not in splits:
+        raise DataError(f"{raw.name}: no validation split; a reader must give one (see sources.with_validation)")
+    order_seed = int(raw.options.get("seed") or 0)
     if raw.class_names is not None and len(raw.class_names) != raw.num_classes:
         raise DataError(f"{len(raw.class_names)} class names for {raw.num_classes} classes")
 
@@ -154,15 +180,22 @@ def prepare_dataset(
     tmp.mkdir(parents=True)
     try:
         for split, rs in splits.items():
-            _write_split(rs, tmp / split, Path(raw.image_root) if raw.image_root else None, rows_per_shard, progress, split)
+            # Training reads its shard files in a new order each epoch: at least ~16 files where the split allows.
+            per_file = rows_per_shard if split != "train" else min(rows_per_shard, max(64, rs.labels.size // 16))
+            _write_split(shuffle_rows(rs, order_seed), tmp / split, Path(raw.image_root) if raw.image_root else None,
+                         per_file, progress, split)
         train = counts["train"]
         manifest = {
             "name": raw.name,
             "num_classes": raw.num_classes,
             "class_names": raw.class_names,
             "transform": raw.transform,
-            # Native size of in-memory (CIFAR-family) images; the transforms crop to it. None: decided at load.
-            "image_size": int(splits["train"].images.shape[1]) if splits["train"].images is not None else None,
+            # The crop size training and evaluation use: the one asked for, else the native size of in-memory
+            # (CIFAR-family) images; None: the transform family's default (224 for imagenet).
+            "image_size": image_size,
+            "validation": raw.validation,
+            "row_order": {"shuffled": True, "seed": order_seed},
+            "layout_version": LAYOUT_VERSION,
             "splits": {s: {"num_samples": int(sum(c)), "class_counts": c, "skipped": skipped[s]} for s, c in counts.items()},
             "imbalance_ratio": max(train) / min(train),
             "source": raw.source,
@@ -190,7 +223,12 @@ def summary_line(manifest: dict) -> str:
     train = manifest["splits"]["train"]["class_counts"]
     sizes = ", ".join(f"{s} {v['num_samples']}" for s, v in manifest["splits"].items())
     skipped = sum(v["skipped"]["count"] for v in manifest["splits"].values())
+    ignored = sum((manifest["source"].get("ignored_files") or {}).values())
+    val = manifest.get("validation") or {}
     return (
         f"{manifest['name']}: {manifest['num_classes']} classes; {sizes}; train max {max(train)} / min {min(train)} "
-        f"per class (imbalance {manifest['imbalance_ratio']:.1f})" + (f"; skipped {skipped} bad images" if skipped else "")
+        f"per class (imbalance {manifest['imbalance_ratio']:.1f}); val: {val.get('source', '?')}"
+        + (f", {val['per_class']} per class" if "per_class" in val else "")
+        + (f"; transform {manifest['transform']} at {manifest['image_size'] or 'default size'}")
+        + (f"; skipped {skipped} bad images" if skipped else "") + (f"; ignored {ignored} non-image files" if ignored else "")
     )

@@ -43,17 +43,56 @@ class PreparedDataset:
         """p_s from the training split's class counts, float64 [C]."""
         return prior_from_counts(self.class_counts("train"))
 
+    @property
+    def image_size(self) -> int | None:
+        """The crop size training and evaluation use (None: the transform family's default)."""
+        return self.manifest.get("image_size")
+
+    @property
+    def test_split(self) -> str:
+        """The split final results are reported on: ``test``, else ``val`` for a dataset published without one."""
+        return "test" if "test" in self.manifest["splits"] else "val"
+
+    def check_validation_split(self) -> None:
+        """Validation, Tune's objective and the champion must never be chosen on the test split."""
+        if "val" not in self.manifest["splits"]:
+            raise DataError(f"{self.root} has no validation split (prepared by an older lade); prepare it again with "
+                            "pipelines/prepare_data.py --overwrite, which holds one out of train")
+        if self.manifest["splits"].get("test") is not None and self.manifest.get("validation", {}).get("source") == "test":
+            raise DataError(f"{self.root}: its validation split is the test split")
+
     def _check_split(self, split: str) -> None:
         if split not in self.manifest["splits"]:
             raise DataError(f"{self.root}: no split {split!r}; it has {self.splits}")
 
-    def ray_dataset(self, split: str, *, train: bool | None = None, image_size: int | None = None):
-        """A Ray Dataset of {"image": float32 [3, H, W], "label": int64}, decoded and (train split) augmented."""
+    def train_dataset(self, seed: int, image_size: int | None = None):
+        """The training split for ``TorchTrainer``: decoded, augmented, its shard files in a new seeded order every
+        epoch. With ``lade_core.training.epoch_batches`` (a seeded local shuffle buffer per worker) this is how a
+        class-sorted dataset is mixed; why it suffices at Places-LT's size (62 500 rows sorted by class):
+
+        1. preparation wrote the rows in a seeded random order, so every shard file and every block read from it
+           is a uniform sample of all classes: a batch from any window of the stream holds many classes;
+        2. ``shuffle=FileShuffleConfig(seed, reseed_after_execution=True)`` gives each execution of the read (one
+           per epoch) another seeded file order, so the streaming split hands each DDP worker different rows
+           every epoch; it is applied while listing files, so reading stays streaming (``randomize_block_order``
+           after the read would be a barrier that materializes the whole split first);
+        3. the worker's local shuffle buffer, seeded by (seed, epoch, rank), reorders rows within its stream, so
+           batch composition changes every epoch even for a split stored in one file.
+        No global ``random_shuffle``: it would move the whole split through the object store every epoch.
+        """
+        from ray.data import FileShuffleConfig
+
+        return self.ray_dataset("train", train=True, image_size=image_size,
+                                shuffle=FileShuffleConfig(seed=int(seed), reseed_after_execution=True))
+
+    def ray_dataset(self, split: str, *, train: bool | None = None, image_size: int | None = None, shuffle=None):
+        """A Ray Dataset of {"image": float32 [3, H, W], "label": int64}, decoded and (train split) augmented.
+        ``shuffle``: passed to ``read_parquet`` (file order)."""
         import ray.data
 
         self._check_split(split)
         augment = (split == "train") if train is None else train
-        size = image_size or self.manifest.get("image_size")
+        size = image_size or self.image_size
         fn = partial(decode_augment, kind=self.manifest["transform"], train=augment, image_size=size)
         ctx = ray.data.DataContext.get_current()
         v2 = ctx.use_datasource_v2
@@ -63,10 +102,10 @@ class PreparedDataset:
             # (bench/README.md, train_overhead). The user's RAY_DATA_USE_DATASOURCE_V2 wins if set.
             ctx.use_datasource_v2 = False
         try:
-            ds = ray.data.read_parquet(str(self.root / split))
+            ds = ray.data.read_parquet(str(self.root / split), shuffle=shuffle)
         finally:
             ctx.use_datasource_v2 = v2
-        return ds.select_columns(["image", "label"]).map_batches(fn, batch_format="numpy", batch_size=64)
+        return ds.select_columns(["image", "label", "index"]).map_batches(fn, batch_format="numpy", batch_size=64)
 
     def raw_split(self, split: str, columns: list[str] | None = None):
         """The split's Parquet rows as a pyarrow Table (encoded bytes), read without Ray."""

@@ -1,13 +1,18 @@
 """Readers for the raw datasets in their standard published layouts.
 
 Each reader returns a ``RawDataset``: per split either in-memory uint8 images [N, H, W, 3] (CIFAR, synthetic) or
-image paths under a root (ImageNet-LT, Places-LT, iNaturalist 2018), plus int labels. Readers only parse and
-check structure; pixel-level checks happen in ``prepare`` before anything is written.
+image paths under a root (ImageNet-LT, Places-LT, iNaturalist 2018, an ImageFolder tree), plus int labels.
+Readers only parse and check structure; pixel-level checks happen in ``prepare`` before anything is written.
+
+Every dataset gets a validation split that is disjoint from test: the published val list or json where there is
+one; for CIFAR-100-LT a class-balanced set from the CIFAR-100 training images the long tail left unused; for any
+other dataset without one, a seeded class-balanced hold-out from train (``holdout_validation``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from ..priors import long_tailed_counts
+from .transforms import TRANSFORM_KINDS
+
+# Validation images per class when a dataset brings none (ImageNet-LT and Places-LT publish 20 per class), and the
+# fewest training images the hold-out may leave a class.
+VAL_PER_CLASS = 20
+MIN_TRAIN_PER_CLASS = 2
+MIN_IMAGE_SIZE = 8
+# What torchvision.io.decode_image (the training decoder) reads; an ImageFolder tree's other files are ignored.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 
 
 class DataError(ValueError):
@@ -39,12 +53,99 @@ class RawDataset:
     name: str
     num_classes: int
     splits: dict[str, RawSplit]
-    transform: str  # "cifar" (32x32 pad-crop) or "imagenet" (random-resized-crop 224)
+    transform: str  # "cifar" (pad-crop at native size) or "imagenet" (random-resized-crop)
     source: dict  # what was read: kind, layout, files
     class_names: list[str] | None = None
     image_root: str | None = None
     options: dict = field(default_factory=dict)  # everything that changes the output (ratio, seed, ...)
     input_hash: str = ""  # content hash of the input files
+    image_size: int | None = None  # training/eval crop size; None: the family's default (or the native size)
+    validation: dict = field(default_factory=dict)  # how the val split was made, for the manifest
+
+
+def check_transform(transform: str, image_size: int | None) -> None:
+    """One clear error for a transform family or image size training could not use."""
+    if transform not in TRANSFORM_KINDS:
+        raise DataError(f"unknown transform {transform!r}; choose one of {list(TRANSFORM_KINDS)}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size < MIN_IMAGE_SIZE):
+        raise DataError(f"image size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
+
+
+def check_inside_root(paths: list[str], where: str) -> None:
+    """Image paths from a list or json must name files under the image root: no absolute paths, no ``..``."""
+    for i, p in enumerate(paths):
+        parts = p.replace("\\", "/").split("/")
+        if os.path.isabs(p) or ".." in parts:
+            raise DataError(f"{where}: image path {p!r} (entry {i + 1}) leaves the image root; paths must be "
+                            "relative and stay inside it")
+
+
+def holdout_validation(train: RawSplit, num_classes: int, *, val_per_class: int | None = None,
+                       min_train_per_class: int = MIN_TRAIN_PER_CLASS, seed: int = 0,
+                       class_names: list[str] | None = None) -> tuple[RawSplit, RawSplit, dict]:
+    """A seeded, class-balanced validation split held out of ``train``: (train, val, manifest record).
+
+    Balanced (the same count per class, like the published ImageNet-LT / Places-LT val lists) so that validation
+    top-1 under the uniform prior and the shifted protocol mean what they mean on test. ``val_per_class=None``
+    takes as many as every class can give while keeping ``min_train_per_class``, at most VAL_PER_CLASS; a given
+    ``val_per_class`` that would leave some class below the minimum is an error naming those classes.
+    """
+    if min_train_per_class < 1:
+        raise DataError(f"--min-train-per-class must be >= 1, got {min_train_per_class}")
+    counts = np.bincount(train.labels, minlength=num_classes)
+    name = (lambda c: f"{c} ({class_names[c]})") if class_names else str
+    empty = np.nonzero(counts == 0)[0].tolist()
+    if empty:
+        names = f" ({[class_names[c] for c in empty[:20]]})" if class_names else ""
+        raise DataError(f"classes with zero training images: class indices {empty[:20]}{names}")
+    if val_per_class is None:
+        val_per_class = int(min(VAL_PER_CLASS, counts.min() - min_train_per_class))
+        if val_per_class < 1:
+            small = [f"{name(c)}: {counts[c]} images" for c in np.argsort(counts, kind="stable")[:5]
+                     if counts[c] - 1 < min_train_per_class]
+            raise DataError(f"no validation split given, and holding out even 1 image per class would leave classes "
+                            f"below --min-train-per-class {min_train_per_class}: {', '.join(small)}; pass a val list "
+                            "or lower --min-train-per-class")
+    elif val_per_class < 1:
+        raise DataError(f"--val-per-class must be >= 1, got {val_per_class}")
+    short = [c for c in range(num_classes) if counts[c] - val_per_class < min_train_per_class]
+    if short:
+        shown = ", ".join(f"{name(c)}: {counts[c]} images" for c in short[:10])
+        raise DataError(f"--val-per-class {val_per_class} would leave {len(short)} classes below --min-train-per-class "
+                        f"{min_train_per_class} ({shown}{' ...' if len(short) > 10 else ''}); the smallest class allows "
+                        f"at most {max(int(counts.min()) - min_train_per_class, 0)}")
+    rng = np.random.default_rng(seed)
+    held = np.zeros(train.labels.size, dtype=bool)
+    for c in range(num_classes):
+        held[rng.choice(np.nonzero(train.labels == c)[0], size=val_per_class, replace=False)] = True
+    record = {"source": "held out of train (seeded, class-balanced)", "per_class": val_per_class,
+              "min_train_per_class": min_train_per_class, "seed": seed}
+    return _take(train, ~held), _take(train, held), record
+
+
+def _take(split: RawSplit, mask: np.ndarray) -> RawSplit:
+    """The rows of ``split`` where ``mask`` is true, in their original order."""
+    idx = np.nonzero(mask)[0]
+    return RawSplit(labels=split.labels[idx], images=None if split.images is None else split.images[idx],
+                    paths=None if split.paths is None else [split.paths[i] for i in idx], index=split.index[idx])
+
+
+def with_validation(raw: RawDataset, *, val_per_class: int | None, min_train_per_class: int, seed: int) -> RawDataset:
+    """``raw`` with a held-out val split when it brings none (its own val list / json is used as it is)."""
+    if "val" in raw.splits:
+        if val_per_class is not None:
+            raise DataError("--val-per-class applies only to a hold-out from train; this dataset has its own val split")
+        raw.validation = {"source": "the dataset's own val split"}
+        return raw
+    train, val, record = holdout_validation(raw.splits["train"], raw.num_classes, val_per_class=val_per_class,
+                                            min_train_per_class=min_train_per_class, seed=seed,
+                                            class_names=raw.class_names)
+    raw.splits = {"train": train, "val": val, **{s: v for s, v in raw.splits.items() if s != "train"}}
+    raw.validation = record
+    raw.options = {**raw.options, "val_per_class": record["per_class"], "min_train_per_class": min_train_per_class,
+                   "seed": seed}
+    return raw
 
 
 def hash_files(paths: list[Path]) -> str:
@@ -92,11 +193,15 @@ def _unpickle(path: Path) -> dict:
         return pickle.load(f, encoding="latin1")
 
 
-def load_cifar100_lt(root: str | Path, imbalance_ratio: float = 100, seed: int = 0) -> RawDataset:
+def load_cifar100_lt(root: str | Path, imbalance_ratio: float = 100, seed: int = 0,
+                     val_per_class: int = VAL_PER_CLASS) -> RawDataset:
     """CIFAR-100-LT from the standard ``cifar-100-python/`` pickles (``train``, ``test``, ``meta``).
 
     Train keeps ``long_tailed_counts(100, 500, ratio)`` images per class, chosen by a seeded RNG; test stays
-    uniform (100 per class).
+    uniform (100 per class). Val: ``val_per_class`` images per class from the CIFAR-100 training images the long
+    tail left unused, so it is disjoint from both train and test. A class whose long-tailed count leaves fewer
+    spare (the head class keeps all 500) gives the rest from its own training images; the manifest says how many
+    (``validation.taken_from_train``). The pickles are unpickled: read them only from a path you trust.
     """
     root = Path(root)
     if (root / "cifar-100-python").is_dir():
@@ -120,38 +225,59 @@ def load_cifar100_lt(root: str | Path, imbalance_ratio: float = 100, seed: int =
     x_tr, y_tr = arrays(train, "train")
     x_te, y_te = arrays(test, "test")
     wanted = long_tailed_counts(100, 500, imbalance_ratio)
+    if not isinstance(val_per_class, int) or val_per_class < 1:
+        raise DataError(f"--val-per-class must be an integer >= 1, got {val_per_class!r}")
     rng = np.random.default_rng(seed)
-    keep = []
+    keep, val, from_train = [], [], {}
     for c, n_c in enumerate(wanted):
         idx = np.nonzero(y_tr == c)[0]
         if idx.size < n_c:
             raise DataError(f"{root / 'train'}: class {c} has {idx.size} images, the long tail needs {n_c}")
-        keep.append(np.sort(rng.choice(idx, size=n_c, replace=False)))
-    keep = np.concatenate(keep)
+        chosen = rng.choice(idx, size=n_c, replace=False)
+        spare = rng.permutation(np.setdiff1d(idx, chosen))
+        short = max(val_per_class - spare.size, 0)
+        if short >= n_c:
+            raise DataError(f"class {c}: {n_c} long-tailed + {spare.size} spare images cannot give {val_per_class} "
+                            "validation images and keep one for training; lower --val-per-class")
+        if short:  # e.g. the head class keeps all 500 of its images: its val comes out of them
+            from_train[c] = short
+        val.append(np.sort(np.concatenate([spare[:val_per_class], chosen[:short]])))
+        keep.append(np.sort(chosen[short:]))
+    keep, val = np.concatenate(keep), np.concatenate(val)
     return RawDataset(
         name=f"cifar100_lt_r{imbalance_ratio:g}",
         num_classes=100,
         splits={
             "train": RawSplit(labels=y_tr[keep], images=x_tr[keep], index=keep),
+            "val": RawSplit(labels=y_tr[val], images=x_tr[val], index=val),
             "test": RawSplit(labels=y_te, images=x_te),
         },
         transform="cifar",
         source={"kind": "cifar100_lt", "layout": "cifar-100-python pickles", "root": str(root)},
         class_names=class_names,
-        options={"imbalance_ratio": imbalance_ratio, "seed": seed},
+        options={"imbalance_ratio": imbalance_ratio, "seed": seed, "val_per_class": val_per_class},
         input_hash=hash_files(files),
+        validation={"source": "CIFAR-100 training images unused by the long tail", "per_class": val_per_class,
+                    "taken_from_train": {str(c): k for c, k in from_train.items()}},
     )
 
 
 def load_split_lists(
-    name: str, image_root: str | Path, lists: dict[str, str | Path], num_classes: int | None = None
+    name: str, image_root: str | Path, lists: dict[str, str | Path], num_classes: int | None = None,
+    transform: str = "imagenet", image_size: int | None = None,
 ) -> RawDataset:
-    """ImageNet-LT / Places-LT / iNat-style split lists (``<relative path> <label>``) plus an image root."""
+    """ImageNet-LT / Places-LT / iNat-style split lists (``<relative path> <label>``) plus an image root.
+
+    ``transform`` / ``image_size``: the augmentation family and crop size training and evaluation use (stored in
+    the manifest), e.g. ``cifar`` at 32 for a small-image dataset.
+    """
+    check_transform(transform, image_size)
     if "train" not in lists:
         raise DataError(f"{name}: a train split list is required (got splits {sorted(lists)})")
     splits, files = {}, []
     for split, list_path in lists.items():
         paths, labels = read_split_list(Path(list_path))
+        check_inside_root(paths, str(list_path))
         splits[split] = RawSplit(labels=labels, paths=paths)
         files.append(Path(list_path))
     inferred = {s: int(r.labels.max()) + 1 for s, r in splits.items()}
@@ -169,10 +295,67 @@ def load_split_lists(
         name=name,
         num_classes=num_classes,
         splits=splits,
-        transform="imagenet",
+        transform=transform,
         source={"kind": "split_lists", "layout": "<relative path> <label> lists", "lists": {s: str(p) for s, p in lists.items()}},
         image_root=str(image_root),
+        options={"transform": transform, "image_size": image_size},
         input_hash=hash_files(files),
+        image_size=image_size,
+    )
+
+
+def load_image_folder(root: str | Path, name: str | None = None, transform: str = "imagenet",
+                      image_size: int | None = None) -> RawDataset:
+    """An ImageFolder tree, ``root/<split>/<class name>/<image>`` (splits: train, optional val and test).
+
+    Classes are the train split's folder names sorted by name, as torchvision's ``ImageFolder`` does; a val or
+    test folder naming a class train does not have is an error. Files whose extension the training decoder does
+    not read (IMAGE_EXTENSIONS) and hidden files are ignored and counted in the manifest.
+    """
+    check_transform(transform, image_size)
+    root = Path(root)
+    if not (root / "train").is_dir():
+        raise DataError(f"{root}: no train/ folder; an image folder is laid out as <root>/<split>/<class name>/<image>")
+    class_names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_names:
+        raise DataError(f"{root / 'train'}: no class folders")
+    index = {c: i for i, c in enumerate(class_names)}
+    splits, ignored, listing = {}, {}, hashlib.sha256()
+    for split in ("train", "val", "test"):
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        unknown = [c for c in found if c not in index]
+        if unknown:
+            raise DataError(f"{folder}: class folders {unknown[:10]} are not among the train split's classes")
+        paths, labels, skipped = [], [], 0
+        for cls in found:
+            for dirpath, dirnames, filenames in os.walk(folder / cls):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for f in sorted(filenames):
+                    if f.startswith(".") or not f.lower().endswith(IMAGE_EXTENSIONS):
+                        skipped += 1
+                        continue
+                    paths.append(str(Path(dirpath, f).relative_to(root)))
+                    labels.append(index[cls])
+        if not paths:
+            raise DataError(f"{folder}: no images with extensions {list(IMAGE_EXTENSIONS)}")
+        splits[split] = RawSplit(labels=np.asarray(labels), paths=paths)
+        ignored[split] = skipped
+        listing.update("\n".join(f"{p} {y}" for p, y in zip(paths, labels)).encode())
+    return RawDataset(
+        name=name or root.resolve().name,
+        num_classes=len(class_names),
+        splits=splits,
+        transform=transform,
+        source={"kind": "imagefolder", "layout": "<root>/<split>/<class name>/<image>", "root": str(root.resolve()),
+                "ignored_files": ignored},
+        class_names=class_names,
+        image_root=str(root),
+        options={"transform": transform, "image_size": image_size},
+        input_hash=listing.hexdigest(),
+        image_size=image_size,
     )
 
 
@@ -191,6 +374,7 @@ def load_inat2018_json(image_root: str | Path, annotations: dict[str, str | Path
             labels = [by_image[im["id"]] for im in images]
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise DataError(f"{ann_path}: not an iNaturalist annotation file ({type(e).__name__}: {e})") from e
+        check_inside_root(paths, str(ann_path))
         if "categories" in ann and class_names is None:
             cats = sorted(ann["categories"], key=lambda c: c["id"])
             class_names = [c.get("name", str(c["id"])) for c in cats]

@@ -33,11 +33,18 @@ def build_transform(kind: str, train: bool, image_size: int | None = None) -> v2
     return v2.Compose([*geo, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """Encoded image bytes -> uint8 [3, H, W]. Preparation checks every image with this same decoder, so an image
+    that passes preparation never fails in training."""
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
 def decode_augment(batch: dict, kind: str, train: bool, image_size: int | None = None) -> dict:
-    """{"image": encoded bytes [B], "label": [B]} -> {"image": float32 [B, 3, H, W], "label": int64 [B]}."""
+    """{"image": encoded bytes [B], "label": [B], "index": [B]} -> {"image": float32 [B, 3, H, W], "label": int64
+    [B], "index": int64 [B]} (``index``: the sample's position in its source split, to trace a row back)."""
     tf = build_transform(kind, train, image_size)
     out = []
     for data in batch["image"]:
-        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)  # [3, H, W]
-        out.append(tf(img))
-    return {"image": torch.stack(out).numpy(), "label": np.asarray(batch["label"], dtype=np.int64)}
+        out.append(tf(decode_rgb(data)))
+    return {"image": torch.stack(out).numpy(), "label": np.asarray(batch["label"], dtype=np.int64),
+            "index": np.asarray(batch["index"], dtype=np.int64)}
