@@ -19,7 +19,7 @@ from .models import build_model
 from .report import format_table
 from .runtime import init_ray
 from .tracking import LOGITS_ARTIFACT, write_logits_parquet
-from .training import CHECKPOINT_FILE, predict_logits
+from .training import CHECKPOINT_FILE, load_checkpoint, predict_logits
 
 # --smoke-test: a tiny generated dataset (class-sorted, like real data) and one epoch.
 SMOKE = {"dataset": "data/synthetic_smoke", "epochs": 1, "batch_size": 32, "num_workers": 2,
@@ -39,7 +39,7 @@ def finalize(config: dict, prepared, checkpoint_dir: Path) -> dict:
     """Test logits -> MLflow (Parquet artifact + metrics), the model (optionally registered), and a summary table."""
     import mlflow
 
-    state = torch.load(checkpoint_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint_dir / CHECKPOINT_FILE)
     model = build_model(config["model"], prepared.num_classes)
     model.load_state_dict(state["model"])
     model.eval()

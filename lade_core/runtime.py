@@ -25,6 +25,8 @@ def quiet_logging(verbose: bool = False) -> None:
     # inherit it from this process (on a cluster, set it in the job's runtime env).
     os.environ["RAY_DATA_LOG_LEVEL"] = level
     os.environ["MLFLOW_LOGGING_LEVEL"] = level  # MLflow sets its logger's level from this when first imported
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "true" if verbose else "false"  # per-download bars
+    os.environ["LADE_LOG_LEVEL"] = level  # read by quiet_worker_logging in this job's local Ray workers
 
 
 def log_level() -> str:
@@ -45,9 +47,14 @@ def worker_env() -> dict:
 
 
 def quiet_worker_logging() -> None:
-    """In a training worker: the root logger at the driver's level. Ray Train sends worker logs through the root
-    logger at INFO, including some of its own records that its ``LoggingConfig`` does not filter."""
-    logging.getLogger().setLevel(os.environ.get("LADE_LOG_LEVEL", "INFO"))
+    """In a Ray worker that runs lade code (a training worker, a Tune trial's driver): the root logger at the
+    driver's level (Ray Train sends worker logs through it at INFO, some of its own records too, which its
+    ``LoggingConfig`` does not filter) and Ray Data's progress bars only when verbose."""
+    import ray.data
+
+    level = os.environ.get("LADE_LOG_LEVEL", "INFO")
+    logging.getLogger().setLevel(level)
+    ray.data.DataContext.get_current().enable_progress_bars = level == "INFO"
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:

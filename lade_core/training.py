@@ -121,14 +121,26 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor, loss: str, source_prior
     return out
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def rng_state() -> dict:
+    """This process's RNG states as tensors and plain Python values, so a checkpoint loads with
+    ``weights_only=True`` (numpy's state is an array inside a tuple, which the safe unpickler refuses)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)}}
 
 
-def _set_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by ``train_loop_per_worker``: tensors and plain values only. ``weights_only=True``:
+    checkpoints live on shared storage (``--storage-path``), and loading one must never run code from it."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -154,12 +166,12 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+            state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
-        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        restore_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
     model = ray.train.torch.prepare_model(model)  # device placement + DDP (gloo on CPU, NCCL on GPU)
     criterion = build_criterion(config, source_prior).to(device)
     logger = EpochLogger(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
@@ -194,7 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                            "rng": [_rng_state()], "config": config}, Path(d) / CHECKPOINT_FILE)
+                            "rng": [rng_state()], "config": config}, Path(d) / CHECKPOINT_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             logger.log_epoch(metrics)  # after the checkpoint is durable: a crash in between is backfilled
             # Straight to the worker's stdout, which Ray forwards to the driver once. A plain print() is patched

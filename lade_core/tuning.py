@@ -23,9 +23,11 @@ def trial_driver(config: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .data import open_prepared
+    from .runtime import quiet_worker_logging
     from .tracking import start_or_resume_run
     from .training import build_trainer
 
+    quiet_worker_logging()
     config = dict(config)
     trial_id = tune.get_context().get_trial_id()
     config["run_name"] = trial_run_name(config["search"], trial_id)

@@ -22,6 +22,7 @@ from lade_core.evaluation import evaluate_targets, protocol_targets
 from lade_core.losses import posthoc_rules
 from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name
 from lade_core.report import FORMATS, format_table
+from lade_core.runtime import quiet_logging
 from lade_core.tracking import LOGITS_ARTIFACT, RunLogits, load_run_logits, resolve_tracking_uri
 
 PRIORS = [shift_protocol_name(d, r) for d, r in SHIFT_PROTOCOL]
@@ -38,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
     ap.add_argument("--log-experiment", default="lade-compare", help="experiment the comparison is logged to")
     ap.add_argument("--no-log", action="store_true", help="print only")
+    ap.add_argument("--verbose", action="store_true", help="show MLflow's INFO logs and download bars")
     return ap.parse_args(argv)
 
 
@@ -75,6 +77,7 @@ def table_row(run: RunLogits) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_logging(args.verbose)
     import mlflow
 
     uri = resolve_tracking_uri(args.mlflow_uri)

@@ -27,6 +27,7 @@ from lade_core.evaluation import (METRICS, Target, calibration_by_mode, evaluate
                                   mean_predicted_prior, protocol_targets, target_from_values)
 from lade_core.losses import LOSSES, posthoc_rules
 from lade_core.report import format_table
+from lade_core.runtime import quiet_logging
 from lade_core.tracking import (RunLogits, load_run_logits, log_metrics_once, log_table_once, read_logits_parquet,
                                 read_source_info, resolve_tracking_uri, run_for_model)
 
@@ -49,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "smallest class count of the test split)")
     ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
     ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="show MLflow's INFO logs and download bars")
     return ap.parse_args(argv)
 
 
@@ -135,6 +137,7 @@ def load_local(args) -> RunLogits:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_logging(args.verbose)
     client = None
     try:
         if args.logits:

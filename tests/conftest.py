@@ -72,6 +72,15 @@ def run_train(workdir: Path, *args: str, timeout: int = 600, num_cpus: str | Non
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_prepare(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """pipelines/prepare_data.py as a user runs it, in its own process: no Ray is left running in the test process
+    (a second local Ray beside the pipelines' own confuses Ray Train's placement-group cleanup)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, str(REPO / "pipelines" / "prepare_data.py"), *args, "--num-cpus", "2"],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="session")
 def train_workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train")

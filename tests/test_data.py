@@ -149,7 +149,16 @@ def test_prepare_is_idempotent_and_never_overwrites_silently(places_subset, tmp_
     (notes / "mine.txt").write_text("user file")
     with pytest.raises(DataError, match="not a prepared dataset"):
         prepare_dataset(other, notes, progress=False)
+    # --overwrite replaces only a prepared dataset: a folder of the user's own files is never deleted.
+    with pytest.raises(DataError, match=r"not a prepared dataset; lade never replaces those \(not even with --overwrite\)"):
+        prepare_dataset(other, notes, overwrite=True, progress=False)
     assert (notes / "mine.txt").read_text() == "user file"
+    # What a killed preparation left beside its output is cleaned on the next run; look-alike user folders stay.
+    (tmp_path / ".fresh.tmp-0a1b2c3d").mkdir()
+    (tmp_path / ".fresh.tmp-0a1b2c3d" / "part-0.parquet").write_bytes(b"partial")
+    (tmp_path / ".fresh.tmp-mine").mkdir()
+    prepare_dataset(other, tmp_path / "fresh", progress=False)
+    assert not (tmp_path / ".fresh.tmp-0a1b2c3d").exists() and (tmp_path / ".fresh.tmp-mine").exists()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import torch
 from lade_core.models import build_model
 from lade_core.tracking import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
 
-from conftest import run_train, write_sorted_list_dataset
+from conftest import run_prepare, run_train, write_sorted_list_dataset
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +76,12 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
 def test_class_sorted_list_dataset_trains_well_above_chance(tmp_path):
     """A user's long-tailed list dataset, lines grouped by class like Places-LT, no val list, small images trained
     at their native size: unshuffled batches would hold one or two classes and training would stay at chance."""
-    import prepare_data
-
     counts = [80, 64, 50, 40, 32, 25, 20, 16, 12, 10]  # 10 classes, imbalance 8
     lists = write_sorted_list_dataset(tmp_path, counts, test_per_class=10, size=16)
-    assert prepare_data.main(["lists", "--name", "sorted10", "--image-root", str(tmp_path / "images"), "--train",
-                              str(lists["train"]), "--test", str(lists["test"]), "--transform", "cifar",
-                              "--val-per-class", "4", "--out", str(tmp_path / "data")]) == 0
+    prep = run_prepare(tmp_path, "lists", "--name", "sorted10", "--image-root", str(tmp_path / "images"), "--train",
+                       str(lists["train"]), "--test", str(lists["test"]), "--transform", "cifar",
+                       "--val-per-class", "4", "--out", str(tmp_path / "data"))
+    assert prep.returncode == 0, prep.stderr[-3000:]
     p = run_train(tmp_path, "--dataset", str(tmp_path / "data"), "--epochs", "5", "--loss", "balanced_softmax",
                   "--lr", "0.05", "--run-name", "sorted")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

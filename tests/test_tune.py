@@ -66,20 +66,18 @@ def test_concurrency_that_cannot_fit_is_refused_before_trials(tmp_path):
     assert "Trial" not in p.stdout
 
 
-def test_search_never_selects_on_the_test_split(tmp_path, ray_local):
+def test_search_never_selects_on_the_test_split(tmp_path):
     """A dataset prepared before every dataset had a val split: tune.py (and train.py) refuse it rather than
     validating, selecting trials and choosing the champion on test."""
     import json
     import shutil
 
-    from lade_core.data.prepare import prepare_dataset
-    from lade_core.data.synthetic import make_synthetic
-
-    from conftest import run_train
+    from conftest import run_prepare, run_train
 
     old = tmp_path / "old"
-    prepare_dataset(make_synthetic(num_classes=3, max_count=8, imbalance_ratio=2, val_per_class=2, test_per_class=2),
-                    old, progress=False)
+    prep = run_prepare(tmp_path, "synthetic", "--num-classes", "3", "--max-count", "8", "--imbalance-ratio", "2",
+                       "--test-per-class", "2", "--out", str(old))
+    assert prep.returncode == 0, prep.stderr[-3000:]
     manifest = json.loads((old / "dataset.json").read_text())
     del manifest["splits"]["val"]
     (old / "dataset.json").write_text(json.dumps(manifest))

@@ -121,6 +121,24 @@ def shuffle_rows(rs: RawSplit, seed: int) -> RawSplit:
                     paths=None if rs.paths is None else [rs.paths[i] for i in perm], index=rs.index[perm])
 
 
+def _read_manifest(out_dir: Path) -> dict | None:
+    """The manifest of a prepared dataset in ``out_dir``, or None if the folder is not one."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) and "fingerprint" in manifest and "splits" in manifest else None
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Folders a killed preparation of ``out_dir`` left beside it (``.<name>.tmp-<hex>``, ``.<name>.old-<hex>``):
+    lade made them, under names only it uses, and nothing else points at them."""
+    for leftover in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+        kind, _, tag = leftover.name[len(out_dir.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and len(tag) == 8 and all(c in "0123456789abcdef" for c in tag) and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
     """One block per shard file: ``write_parquet`` never splits a block, so one table would be one file."""
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
@@ -139,15 +157,19 @@ def prepare_dataset(
     """Write ``raw`` as a prepared dataset directory and return its manifest (idempotent for the same inputs)."""
     out_dir = Path(out_dir).resolve()
     fingerprint = _fingerprint(raw, skip_bad)
+    _remove_leftovers(out_dir)
     if out_dir.exists():
-        manifest_path = out_dir / MANIFEST
-        existing = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-        if existing and existing.get("fingerprint") == fingerprint and not overwrite:
+        existing = _read_manifest(out_dir)
+        if existing is None:
+            # --overwrite replaces only what lade wrote: a folder without a prepared dataset's manifest is the user's.
+            raise DataError(f"{out_dir} already exists and holds files that are not a prepared dataset; lade never "
+                            "replaces those (not even with --overwrite): choose another directory")
+        if existing.get("fingerprint") == fingerprint and not overwrite:
             print(f"{out_dir}: already prepared from the same inputs; nothing to do", file=sys.stderr)
             return existing
         if not overwrite:
-            what = f"a different prepared dataset ({existing.get('name')})" if existing else "files that are not a prepared dataset"
-            raise DataError(f"{out_dir} already exists and holds {what}; choose another directory or pass --overwrite")
+            raise DataError(f"{out_dir} already exists and holds a different prepared dataset ({existing.get('name')}); "
+                            "choose another directory or pass --overwrite")
 
     splits, skipped = raw.splits, {s: {"count": 0, "examples": []} for s in raw.splits}
     input_hash, image_size = raw.input_hash, raw.image_size
