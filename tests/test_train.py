@@ -117,6 +117,7 @@ def test_worker_killed_mid_epoch_resumes_and_logs_each_epoch_once(workdir):
         (["--mlflow-uri", "http://127.0.0.1:9"], "unreachable"),
         (["--num-workers", "64", "--batch-size", "256"], "needs 64 CPUs"),
         (["--dataset", "no_such_prepared_dataset"], "dataset.json is missing"),
+        (["--image-size", "4"], "image_size must be an integer >= 8, got 4"),
     ],
 )
 def test_bad_input_fails_before_workers_start(workdir, args, message):
