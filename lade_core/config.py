@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .data.sources import MIN_IMAGE_SIZE
+from .data.sources import check_image_size
 from .losses import ESTIMATORS, LOSSES
 from .models import MODELS
 
@@ -96,9 +96,7 @@ def validate_config(cfg: dict, num_classes: int | None = None) -> None:
     for key in ("epochs", "batch_size", "num_workers"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
-    size = cfg["image_size"]
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE):
-        raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {size!r}")
+    check_image_size(cfg["image_size"], "image_size")
     if cfg["batch_size"] < cfg["num_workers"]:
         raise ValueError(f"batch_size {cfg['batch_size']} is smaller than num_workers {cfg['num_workers']}")
     if cfg["schedule"].get("name") not in SCHEDULES:

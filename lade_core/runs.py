@@ -47,7 +47,15 @@ def finalize(config: dict, prepared, checkpoint_dir: Path) -> dict:
     batches = prepared.ray_dataset(test_split, train=False, image_size=size).iter_torch_batches(batch_size=256)
     n_test = prepared.manifest["splits"][test_split]["num_samples"]
     batches = tqdm(batches, total=-(-n_test // 256), desc=f"{test_split} inference", unit="batch", file=sys.stderr)
-    logits, labels = predict_logits(model, batches, torch.device("cpu"))
+    first: list[torch.Tensor] = []  # two test images [2, 3, H, W] kept for the model's input example
+
+    def keep_example(batches):
+        for batch in batches:
+            if not first:
+                first.append(batch["image"][:2].clone())
+            yield batch
+
+    logits, labels = predict_logits(model, keep_example(batches), torch.device("cpu"))
     source_prior, counts = prepared.source_prior, prepared.class_counts("train")
     mode = posthoc_rules(config["loss"])[0]
     targets = {t.name: t for t in protocol_targets(labels, counts)}
@@ -67,8 +75,7 @@ def finalize(config: dict, prepared, checkpoint_dir: Path) -> dict:
             mlflow.log_artifact(str(Path(d) / Path(LOGITS_ARTIFACT).name), artifact_path=str(Path(LOGITS_ARTIFACT).parent))
             torch.save(state["model"], Path(d) / "state_dict.pt")
             mlflow.log_artifact(str(Path(d) / "state_dict.pt"), artifact_path="checkpoint")
-        example = next(iter(prepared.ray_dataset(test_split, train=False, image_size=size).iter_torch_batches(batch_size=2)))["image"]
-        mlflow.pytorch.log_model(model, name="model", serialization_format="pt2", input_example=example.numpy(),
+        mlflow.pytorch.log_model(model, name="model", serialization_format="pt2", input_example=first[0].numpy(),
                                  registered_model_name=config["register"])
     print(f"\nrun {config['run_name']} ({config['loss']}, post-hoc: {mode}) — MLflow run {config['mlflow_run_id']}")
     print(format_table(rows, ["target", "n", "top1", "many", "medium", "few", "nll", "ece"]), end="")

@@ -7,7 +7,7 @@ import os
 _VERBOSE = False
 # Loggers that print INFO lines on every run: Ray's (dataset plans, operator progress, controller state) and
 # MLflow's (store migrations, experiment creation).
-_RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow")
+_QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow")
 
 
 def quiet_logging(verbose: bool = False) -> None:
@@ -19,7 +19,7 @@ def quiet_logging(verbose: bool = False) -> None:
     global _VERBOSE
     _VERBOSE = verbose
     level = log_level()
-    for name in _RAY_LOGGERS:
+    for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)
     # Ray Data configures its loggers in every process that runs it from this variable; a local Ray's workers
     # inherit it from this process (on a cluster, set it in the job's runtime env).
@@ -69,7 +69,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         return
-    level = "INFO" if _VERBOSE else "WARNING"
+    level = log_level()
     logs = dict(logging_level=level, logging_config=ray.LoggingConfig(log_level=level), log_to_driver=True)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:

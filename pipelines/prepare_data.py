@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from lade_core.data.prepare import prepare_dataset, summary_line
-from lade_core.data.sources import (MIN_TRAIN_PER_CLASS, DataError, load_cifar100_lt, load_image_folder,
+from lade_core.data.sources import (MIN_TRAIN_PER_CLASS, VAL_PER_CLASS, DataError, load_cifar100_lt, load_image_folder,
                                     load_inat2018_json, load_split_lists, with_validation)
 from lade_core.data.synthetic import make_synthetic
 from lade_core.data.transforms import TRANSFORM_KINDS
@@ -31,7 +31,7 @@ def build_raw(args: argparse.Namespace):
         )
     if args.source == "cifar100_lt":
         return load_cifar100_lt(args.root, imbalance_ratio=args.imbalance_ratio, seed=args.seed,
-                                val_per_class=args.val_per_class or 20)
+                                val_per_class=args.val_per_class)
     lists = {s: getattr(args, s) for s in ("train", "val", "test") if getattr(args, s, None)}
     if args.source == "lists":
         raw = load_split_lists(args.name, args.image_root, lists, num_classes=args.num_classes,
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cif.add_argument("--root", required=True, help="directory holding cifar-100-python/ (or the folder itself)")
     cif.add_argument("--imbalance-ratio", type=float, default=100, choices=[10, 50, 100])
     cif.add_argument("--seed", type=int, default=0)
-    cif.add_argument("--val-per-class", type=int, default=None, help="validation images per class (default 20)")
+    cif.add_argument("--val-per-class", type=int, default=VAL_PER_CLASS, help="validation images per class")
     lst = sub.add_parser("lists", help="ImageNet-LT / Places-LT / iNat split lists + image root")
     lst.add_argument("--name", required=True)
     lst.add_argument("--num-classes", type=int, default=None, help="default: inferred from the train list")

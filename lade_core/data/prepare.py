@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .sources import DataError, RawDataset, RawSplit
+from .sources import DataError, RawDataset, RawSplit, check_no_empty_class
 from .transforms import decode_rgb
 
 MANIFEST = "dataset.json"
@@ -59,7 +59,7 @@ def _check_image_file(path: Path) -> tuple[bytes | None, str | None, tuple[int, 
 
 def _fingerprint(raw: RawDataset, skip_bad: bool) -> str:
     key = {"name": raw.name, "kind": raw.source.get("kind"), "options": raw.options, "inputs": raw.input_hash,
-           "skip_bad": skip_bad, "layout": LAYOUT_VERSION}
+           "transform": raw.transform, "image_size": raw.image_size, "skip_bad": skip_bad, "layout": LAYOUT_VERSION}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -84,7 +84,7 @@ def _validate_files(raw: RawDataset, skip_bad: bool, progress: bool) -> tuple[di
             shown = "; ".join(f"{root / rs.paths[i]} (line {rs.index[i] + 1}): {why}" for i, why in bad[:5])
             raise DataError(f"{split}: {len(bad)} bad images, e.g. {shown}. Fix them or pass --skip-bad")
         keep = np.setdiff1d(np.arange(rs.labels.size), [i for i, _ in bad])
-        kept[split] = RawSplit(labels=rs.labels[keep], paths=[rs.paths[i] for i in keep], index=rs.index[keep])
+        kept[split] = rs.take(keep)
         skipped[split] = {"count": len(bad), "examples": [{"path": rs.paths[i], "why": why} for i, why in bad[:20]]}
     return kept, skipped, h.hexdigest(), sizes
 
@@ -116,9 +116,7 @@ def _write_split(rs: RawSplit, out: Path, image_root: Path | None, rows_per_shar
 
 def shuffle_rows(rs: RawSplit, seed: int) -> RawSplit:
     """``rs`` in a seeded random row order (see the module docstring for why); ``index`` keeps the source order."""
-    perm = np.random.default_rng(seed).permutation(rs.labels.size)
-    return RawSplit(labels=rs.labels[perm], images=None if rs.images is None else rs.images[perm],
-                    paths=None if rs.paths is None else [rs.paths[i] for i in perm], index=rs.index[perm])
+    return rs.take(np.random.default_rng(seed).permutation(rs.labels.size))
 
 
 def _read_manifest(out_dir: Path) -> dict | None:
@@ -185,10 +183,7 @@ def prepare_dataset(
                                 f"{len(sizes)} sizes (H, W), e.g. {shown}; pass --image-size")
             image_size = int(next(iter(sizes))[0])
     counts = {s: _class_counts(rs, raw.num_classes) for s, rs in splits.items()}
-    empty = [c for c, n in enumerate(counts["train"]) if n == 0]
-    if empty:
-        names = f" ({[raw.class_names[c] for c in empty[:20]]})" if raw.class_names else ""
-        raise DataError(f"classes with zero training images: class indices {empty[:20]}{names}" + (" ..." if len(empty) > 20 else ""))
+    check_no_empty_class(counts["train"], raw.class_names)
     if "val" not in splits:
         raise DataError(f"{raw.name}: no validation split; a reader must give one (see sources.with_validation)")
     order_seed = int(raw.options.get("seed") or 0)

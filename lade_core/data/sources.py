@@ -47,6 +47,11 @@ class RawSplit:
         if self.index is None:
             self.index = np.arange(self.labels.size, dtype=np.int64)
 
+    def take(self, rows: np.ndarray) -> "RawSplit":
+        """The rows at positions ``rows`` [K] (in that order), images or paths and source index with them."""
+        return RawSplit(labels=self.labels[rows], images=None if self.images is None else self.images[rows],
+                        paths=None if self.paths is None else [self.paths[i] for i in rows], index=self.index[rows])
+
 
 @dataclass
 class RawDataset:
@@ -63,13 +68,27 @@ class RawDataset:
     validation: dict = field(default_factory=dict)  # how the val split was made, for the manifest
 
 
+def check_image_size(image_size, name: str = "image size") -> None:
+    """None (the dataset's or family's default) or an integer crop size >= MIN_IMAGE_SIZE; booleans are not sizes."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size < MIN_IMAGE_SIZE):
+        raise DataError(f"{name} must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
+
+
 def check_transform(transform: str, image_size: int | None) -> None:
     """One clear error for a transform family or image size training could not use."""
     if transform not in TRANSFORM_KINDS:
         raise DataError(f"unknown transform {transform!r}; choose one of {list(TRANSFORM_KINDS)}")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size < MIN_IMAGE_SIZE):
-        raise DataError(f"image size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
+    check_image_size(image_size)
+
+
+def check_no_empty_class(counts, class_names: list[str] | None) -> None:
+    """Every class needs a training image: log p_s(c) = -inf otherwise. The error names the classes."""
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if empty:
+        names = f" ({[class_names[c] for c in empty[:20]]})" if class_names else ""
+        raise DataError(f"classes with zero training images: class indices {empty[:20]}{names}"
+                        + (" ..." if len(empty) > 20 else ""))
 
 
 def check_inside_root(paths: list[str], where: str) -> None:
@@ -95,10 +114,7 @@ def holdout_validation(train: RawSplit, num_classes: int, *, val_per_class: int 
         raise DataError(f"--min-train-per-class must be >= 1, got {min_train_per_class}")
     counts = np.bincount(train.labels, minlength=num_classes)
     name = (lambda c: f"{c} ({class_names[c]})") if class_names else str
-    empty = np.nonzero(counts == 0)[0].tolist()
-    if empty:
-        names = f" ({[class_names[c] for c in empty[:20]]})" if class_names else ""
-        raise DataError(f"classes with zero training images: class indices {empty[:20]}{names}")
+    check_no_empty_class(counts, class_names)
     if val_per_class is None:
         val_per_class = int(min(VAL_PER_CLASS, counts.min() - min_train_per_class))
         if val_per_class < 1:
@@ -121,14 +137,7 @@ def holdout_validation(train: RawSplit, num_classes: int, *, val_per_class: int 
         held[rng.choice(np.nonzero(train.labels == c)[0], size=val_per_class, replace=False)] = True
     record = {"source": "held out of train (seeded, class-balanced)", "per_class": val_per_class,
               "min_train_per_class": min_train_per_class, "seed": seed}
-    return _take(train, ~held), _take(train, held), record
-
-
-def _take(split: RawSplit, mask: np.ndarray) -> RawSplit:
-    """The rows of ``split`` where ``mask`` is true, in their original order."""
-    idx = np.nonzero(mask)[0]
-    return RawSplit(labels=split.labels[idx], images=None if split.images is None else split.images[idx],
-                    paths=None if split.paths is None else [split.paths[i] for i in idx], index=split.index[idx])
+    return train.take(np.nonzero(~held)[0]), train.take(np.nonzero(held)[0]), record
 
 
 def with_validation(raw: RawDataset, *, val_per_class: int | None, min_train_per_class: int, seed: int) -> RawDataset:
@@ -298,7 +307,6 @@ def load_split_lists(
         transform=transform,
         source={"kind": "split_lists", "layout": "<relative path> <label> lists", "lists": {s: str(p) for s, p in lists.items()}},
         image_root=str(image_root),
-        options={"transform": transform, "image_size": image_size},
         input_hash=hash_files(files),
         image_size=image_size,
     )
@@ -353,7 +361,6 @@ def load_image_folder(root: str | Path, name: str | None = None, transform: str 
                 "ignored_files": ignored},
         class_names=class_names,
         image_root=str(root),
-        options={"transform": transform, "image_size": image_size},
         input_hash=listing.hexdigest(),
         image_size=image_size,
     )
