@@ -1,118 +1,314 @@
-"""Training config: YAML file (with ``base:`` inheritance) -> CLI overrides -> validated flat dict.
+"""Training config: typed sections built from a YAML file (with ``base:`` inheritance) and CLI overrides.
 
-The resolved dict is the Ray Train ``train_loop_config`` (and doubles as a Tune search space); it is saved with
-every checkpoint and logged to MLflow.
+A config file is flat YAML (``lr: 0.1``, ``loss: lade``, ``schedule: {name: cosine}``); every key belongs to
+exactly one section below (model, data, loss, optimizer, schedule, runtime), which gives it a type and a range.
+``resolve_config`` refuses unknown keys, values of the wrong type (a boolean is not an integer, ``"abc"`` is not a
+seed) or range, incomplete schedules, YAML syntax errors and ``base:`` loops, each naming the file (or the command
+line) and the key, before Ray starts. What it returns is the flat, checked dict that Ray Train gets as
+``train_loop_config`` (and Tune as its param space); it is saved with every checkpoint and logged to MLflow.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import math
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .data.sources import check_image_size
+from .data.sources import MIN_IMAGE_SIZE
 from .losses import ESTIMATORS, LOSSES
 from .models import MODELS
 
 SCHEDULES = ("cosine", "multistep", "step", "constant")
-
-DEFAULTS: dict = {
-    "dataset": None,
-    "synthetic": None,  # generation options: prepare `dataset` from them if it is absent
-    "model": "resnet32",
-    "weights_path": None,
-    "image_size": None,  # crop size for training and evaluation; None: the prepared dataset's (its manifest)
-    "loss": "lade",
-    "alpha": 0.1,
-    "lam": 0.1,
-    "class_weights": None,  # alpha_c; None = p_s
-    "tau": None,  # alpha_c = p_s(c)^tau / sum_k p_s(k)^tau (tau=1: p_s, the paper; tau=0: uniform); excludes class_weights
-    "estimator": "released",
-    "epochs": 10,
-    "batch_size": 128,  # global: split evenly across workers
-    "lr": 0.1,
-    "backbone_lr": None,  # None = same as lr
-    "momentum": 0.9,
-    "weight_decay": 5.0e-4,
-    "schedule": {"name": "cosine", "warmup_epochs": 0},
-    "amp": True,  # bf16 autocast on GPU; ignored on CPU
-    "num_workers": 2,
-    "use_gpu": False,
-    "cpus_per_worker": 1,
-    "seed": 0,
-    "experiment": "lade",
-    "run_name": None,
-    "mlflow_uri": None,
-    "register": None,
-    "storage_path": None,
-    "max_failures": 1,
-    "progress": True,  # per-epoch progress bar on the driver's console (train.py turns it off when not a terminal)
-    "fail_at_epoch": None,  # test-only failure injection: a worker dies mid-epoch once
-}
+CLI = "command line"
 
 
-def _merge(base: dict, over: dict) -> dict:
+def _opt(default=None, **checks):
+    return field(default=default, metadata=checks)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = _opt("resnet32", choices=tuple(MODELS))
+    weights_path: str | None = _opt(None, existing_file=True)  # a local state dict to start from
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    dataset: str | None = _opt(None, nonempty=True)  # a prepared dataset directory
+    synthetic: dict | None = None  # make_synthetic options: prepare `dataset` from them if it is absent
+    image_size: int | None = _opt(None, ge=MIN_IMAGE_SIZE)  # crop size; None: the prepared dataset's (its manifest)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    loss: str = _opt("lade", choices=tuple(LOSSES))
+    alpha: float = _opt(0.1, ge=0)  # LADER weight (Eq. 20)
+    lam: float = _opt(0.1, ge=0)  # LADER regularizer λ (Eq. 16)
+    class_weights: list[float] | None = _opt(None, ge=0)  # alpha_c; None = p_s
+    # alpha_c = p_s(c)^tau / sum_k p_s(k)^tau (tau=1: p_s, the paper; tau=0: uniform); excludes class_weights
+    tau: float | None = _opt(None, ge=0, le=1)
+    estimator: str = _opt("released", choices=ESTIMATORS)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    epochs: int = _opt(10, ge=1)
+    batch_size: int = _opt(128, ge=1)  # global: split evenly across workers
+    lr: float = _opt(0.1, gt=0)
+    backbone_lr: float | None = _opt(None, ge=0)  # None = lr; 0 freezes the backbone (classifier retraining)
+    momentum: float = _opt(0.9, ge=0, lt=1)
+    weight_decay: float = _opt(5.0e-4, ge=0)
+    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Per-epoch lr factor (lade_core.schedules): linear warmup, then the named decay."""
+
+    name: str = _opt("cosine", choices=SCHEDULES)
+    warmup_epochs: int = _opt(0, ge=0)
+    milestones: list[int] | None = _opt(None, ge=1)  # multistep: epochs where lr *= gamma, ascending
+    step_size: int | None = _opt(None, ge=1)  # step: lr *= gamma every step_size epochs
+    gamma: float | None = _opt(None, gt=0, le=1)  # multistep / step decay factor (default 0.1)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    num_workers: int = _opt(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = _opt(1, gt=0)
+    # Extra Ray resources each training worker reserves, e.g. {"trainer": 1} to keep workers on the nodes that
+    # advertise that custom resource (``ray start --resources='{"trainer": 1}'``).
+    worker_resources: dict | None = None
+    seed: int = _opt(0, ge=0)
+    experiment: str = _opt("lade", nonempty=True)
+    run_name: str | None = _opt(None, name=True)  # None: <dataset>-<loss>-<config digest>
+    mlflow_uri: str | None = _opt(None, nonempty=True)  # None: sqlite store ./mlflow.db
+    register: str | None = _opt(None, name=True)  # registered model name for the final model
+    storage_path: str | None = _opt(None, nonempty=True)  # checkpoints: a local path or a URI (s3://, gs://)
+    max_failures: int = _opt(1, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
+    progress: bool = True  # per-epoch progress bar on the driver's console (train.py: off when not a terminal)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DatasetConfig, "loss": LossConfig,
+                             "optimizer": OptimizerConfig, "runtime": RuntimeConfig}
+# Flat config key -> its section; `schedule` is the one nested key (a ScheduleConfig).
+KEY_SECTION: dict[str, str] = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+KEY_SECTION["schedule"] = "schedule"
+CONFIG_KEYS = tuple(KEY_SECTION)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run's settings, typed and checked. ``to_dict()`` is the flat form the pipelines pass around."""
+
+    model: ModelConfig
+    data: DatasetConfig
+    loss: LossConfig
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig
+    runtime: RuntimeConfig
+
+    @classmethod
+    def from_dict(cls, flat: dict, origins: dict | None = None) -> TrainConfig:
+        """Build from a flat dict; every error names the key and where its value came from (``origins``)."""
+        origins = origins or {}
+        unknown = sorted(set(flat) - set(KEY_SECTION))
+        if unknown:
+            where = sorted({origins.get(k, "config") for k in unknown})
+            raise ValueError(f"{', '.join(where)}: unknown config keys {unknown}; known keys: {sorted(KEY_SECTION)}")
+        parts = {}
+        for name, section in SECTIONS.items():
+            values = {f.name: flat[f.name] for f in dataclasses.fields(section) if f.name in flat}
+            parts[name] = _build(section, values, lambda k: origins.get(k, "config"), "")
+        schedule = flat.get("schedule", {})
+        where = lambda k: origins.get("schedule", "config")  # noqa: E731
+        if not isinstance(schedule, dict):
+            raise ValueError(f"{where('')}: schedule must be a mapping such as {{name: cosine}}, got {schedule!r}")
+        unknown = sorted(set(schedule) - {f.name for f in dataclasses.fields(ScheduleConfig)})
+        if unknown:
+            raise ValueError(f"{where('')}: unknown schedule keys {unknown}; known: "
+                             f"{[f.name for f in dataclasses.fields(ScheduleConfig)]}")
+        parts["schedule"] = _build(ScheduleConfig, schedule, where, "schedule.")
+        config = cls(**parts)
+        config._check_together(lambda k: origins.get(k, "config"))
+        return config
+
+    def _check_together(self, where) -> None:
+        """Rules that span fields."""
+        s = self.schedule
+        if s.name == "multistep" and not s.milestones:
+            raise ValueError(f"{where('schedule')}: schedule multistep needs milestones, e.g. [120, 160]")
+        if s.name == "step" and s.step_size is None:
+            raise ValueError(f"{where('schedule')}: schedule step needs step_size")
+        for key, used_by in (("milestones", "multistep"), ("step_size", "step"), ("gamma", ("multistep", "step"))):
+            if getattr(s, key) is not None and s.name not in (used_by if isinstance(used_by, tuple) else (used_by,)):
+                raise ValueError(f"{where('schedule')}: schedule.{key} has no effect with schedule {s.name}")
+        if s.milestones and list(s.milestones) != sorted(set(s.milestones)):
+            raise ValueError(f"{where('schedule')}: schedule.milestones must be strictly ascending, got {s.milestones}")
+        if self.loss.tau is not None and self.loss.class_weights is not None:
+            raise ValueError(f"{where('tau')}: set class_weights or tau, not both: tau derives alpha_c from the source prior")
+        if self.optimizer.batch_size < self.runtime.num_workers:
+            raise ValueError(f"{where('batch_size')}: batch_size {self.optimizer.batch_size} is smaller than num_workers "
+                             f"{self.runtime.num_workers}")
+        extra = self.runtime.worker_resources or {}
+        bad = {k: v for k, v in extra.items() if not isinstance(k, str) or k in ("CPU", "GPU") or isinstance(v, bool)
+               or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}
+        if bad:
+            raise ValueError(f"{where('worker_resources')}: worker_resources must map custom resource names (not CPU "
+                             f"or GPU: use cpus_per_worker / use_gpu) to amounts >= 0; bad entries {bad}")
+        synthetic = self.data.synthetic
+        if synthetic is not None:
+            from .data.synthetic import make_synthetic
+
+            known = set(inspect.signature(make_synthetic).parameters)
+            if set(synthetic) - known:
+                raise ValueError(f"{where('synthetic')}: unknown synthetic keys {sorted(set(synthetic) - known)}; "
+                                 f"known: {sorted(known)}")
+
+    def to_dict(self) -> dict:
+        flat = {k: v for name in SECTIONS for k, v in dataclasses.asdict(getattr(self, name)).items()}
+        flat["schedule"] = {k: v for k, v in dataclasses.asdict(self.schedule).items() if v is not None}
+        return flat
+
+
+def _build(cls: type, values: dict, where, prefix: str):
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            out[f.name] = _check_value(f"{prefix}{f.name}", values[f.name], hints[f.name], f.metadata,
+                                       where(f.name))
+    return cls(**out)
+
+
+_PLURAL = {int: "integers", float: "numbers", bool: "booleans", str: "strings", dict: "mappings"}
+
+
+def _check_value(key: str, value, tp, checks, where: str):
+    """``value`` as type ``tp`` (Optional, list, int, float, bool, str, dict) within the field's ``checks``."""
+    def fail(what: str):
+        raise ValueError(f"{where}: {key} {what}, got {value!r}")
+
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, (list, tuple)):
+            fail(f"must be a list of {_PLURAL[args[0]]}")
+        return [_check_value(f"{key}[{i}]", v, args[0], checks, where) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("must be an integer")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail("must be a finite number")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            fail("must be a string")
+    elif tp is dict:
+        if not isinstance(value, dict):
+            fail("must be a mapping")
+        return value
+    if "choices" in checks and value not in checks["choices"]:
+        fail(f"must be one of {list(checks['choices'])}")
+    if "ge" in checks and value < checks["ge"]:
+        fail(f"must be >= {checks['ge']}")
+    if "gt" in checks and value <= checks["gt"]:
+        fail(f"must be > {checks['gt']}")
+    if "le" in checks and value > checks["le"]:
+        fail(f"must be <= {checks['le']}")
+    if "lt" in checks and value >= checks["lt"]:
+        fail(f"must be < {checks['lt']}")
+    if checks.get("nonempty") and not value.strip():
+        fail("must not be empty")
+    if checks.get("name") and (not value.strip() or "/" in value or "\\" in value or value in (".", "..")
+                               or any(ord(ch) < 32 for ch in value)):
+        fail("must be a non-empty name without path separators or control characters")
+    if checks.get("existing_file") and not Path(value).is_file():
+        fail("is not an existing file")
+    return value
+
+
+DEFAULTS: dict = TrainConfig.from_dict({}).to_dict()
+
+
+def _merge(base: dict, over: dict, origins: dict | None = None, origin: str = "") -> dict:
+    """``over``'s keys replace ``base``'s whole, mappings too: a file that sets ``schedule: {name: cosine}`` gets
+    exactly that schedule, not its base's milestones beside it."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        out[k] = copy.deepcopy(v)
+        if origins is not None:
+            origins[k] = origin
     return out
 
 
-def load_config_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+def load_config_file(path: str | Path, origins: dict | None = None, _chain: tuple = ()) -> dict:
+    """A YAML config and the ``base:`` files it inherits from (a relative ``base`` is next to the file).
+    ``origins`` records which file set each key. Errors name the file: syntax (with the line), not a mapping,
+    a missing base, a ``base:`` loop."""
+    path = Path(path).resolve()
+    if path in _chain:
+        loop = " -> ".join(str(p) for p in (*_chain, path))
+        raise ValueError(f"{path}: base loop: {loop}")
+    if not path.is_file():
+        via = f" (base of {_chain[-1]})" if _chain else ""
+        raise FileNotFoundError(f"config file not found: {path}{via}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must be a mapping")
+        raise ValueError(f"{path}: a config file must be a mapping of keys to values, got {type(data).__name__}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ValueError(f"{path}: config keys must be strings, got {bad_keys}")
     base = data.pop("base", None)
-    return _merge(load_config_file(path.parent / base), data) if base else data
+    if base is not None and (not isinstance(base, str) or not base):
+        raise ValueError(f"{path}: base must be a file name, got {base!r}")
+    merged = load_config_file(path.parent / base, origins, (*_chain, path)) if base else {}
+    unknown = sorted(set(data) - set(KEY_SECTION))
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {unknown}; known keys: {sorted(KEY_SECTION)}")
+    return _merge(merged, data, origins, str(path))
 
 
 def resolve_config(path: str | Path | None, overrides: dict) -> dict:
-    """DEFAULTS <- config file <- overrides (only the flags the user actually passed)."""
-    cfg = _merge(DEFAULTS, load_config_file(path) if path else {})
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"{path}: unknown config keys {unknown}")
-    return _merge(cfg, overrides)
+    """DEFAULTS <- config file (and its bases) <- overrides (only the flags the user actually passed), checked.
+
+    Returns the flat config dict; raises ValueError / FileNotFoundError naming the file or command line and key.
+    """
+    origins: dict[str, str] = {}
+    cfg = _merge(DEFAULTS, load_config_file(path, origins) if path else {})
+    cfg = _merge(cfg, overrides, origins, CLI)
+    return TrainConfig.from_dict(cfg, origins).to_dict()
 
 
-def validate_config(cfg: dict, num_classes: int | None = None) -> None:
-    """Every user error that would otherwise surface inside a worker, raised before any worker starts."""
-    if cfg["loss"] not in LOSSES:
-        raise ValueError(f"unknown loss {cfg['loss']!r}; choose one of {sorted(LOSSES)}")
-    if cfg["model"] not in MODELS:
-        raise ValueError(f"unknown model {cfg['model']!r}; choose one of {sorted(MODELS)}")
-    if cfg["estimator"] not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {cfg['estimator']!r}; choose one of {ESTIMATORS}")
-    for key in ("alpha", "lam", "lr", "weight_decay", "momentum"):
-        v = cfg[key]
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{key} must be a finite number >= 0, got {v!r}")
-    if not isinstance(cfg["progress"], bool):
-        raise ValueError(f"progress must be true or false, got {cfg['progress']!r}")
-    for key in ("epochs", "batch_size", "num_workers"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
-    check_image_size(cfg["image_size"], "image_size")
-    if cfg["batch_size"] < cfg["num_workers"]:
-        raise ValueError(f"batch_size {cfg['batch_size']} is smaller than num_workers {cfg['num_workers']}")
-    if cfg["schedule"].get("name") not in SCHEDULES:
-        raise ValueError(f"unknown schedule {cfg['schedule'].get('name')!r}; choose one of {SCHEDULES}")
-    w = cfg["class_weights"]
-    if w is not None:
-        if num_classes is not None and len(w) != num_classes:
-            raise ValueError(f"class_weights has wrong length: {len(w)} entries for {num_classes} classes")
-        bad = [i for i, x in enumerate(w) if not (isinstance(x, (int, float)) and math.isfinite(x) and x >= 0)]
-        if bad:
-            raise ValueError(f"class_weights are negative or not finite at class indices {bad[:20]}")
-    tau = cfg["tau"]
-    if tau is not None:
-        if not isinstance(tau, (int, float)) or not 0 <= tau <= 1:
-            raise ValueError(f"tau must lie in [0, 1], got {tau!r}")
-        if w is not None:
-            raise ValueError("set class_weights or tau, not both: tau derives alpha_c from the source prior")
-    if not cfg["dataset"]:
+def validate_config(cfg: dict, num_classes: int | None = None) -> dict:
+    """The flat config checked again (after edits such as a Tune trial's sampled values) plus the checks that need
+    the dataset: returns the normalized dict. Everything that would otherwise surface inside a worker."""
+    config = TrainConfig.from_dict({k: v for k, v in cfg.items() if k in KEY_SECTION}).to_dict()
+    w = config["class_weights"]
+    if w is not None and num_classes is not None and len(w) != num_classes:
+        raise ValueError(f"class_weights has wrong length: {len(w)} entries for {num_classes} classes")
+    if not config["dataset"]:
         raise ValueError("no dataset: set `dataset` (a prepared dataset directory) in the config or with --dataset")
+    return {**cfg, **config}

@@ -1,6 +1,7 @@
 """MLflow glue: absolute tracking URIs, one run per training run name, exactly-once epoch metrics, artifacts."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 LOGITS_ARTIFACT = "eval/test_logits.parquet"
+MODEL_NAME = "model"  # the run's logged model (mlflow.pytorch, pt2)
 PRIOR_ARTIFACT = "data/source_prior.json"
 
 
@@ -49,55 +51,118 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def start_or_resume_run(uri: str, experiment: str, run_name: str, config: dict,
-                        tags: dict | None = None) -> tuple[str, bool]:
-    """The run named ``run_name`` in ``experiment``: created with params (and ``tags``, e.g. a parent run id that
-    nests it), or found again (resume)."""
+# A run is found again by this tag (a hash of its name), never by building a filter string from the name itself:
+# a name with a quote cannot break (or widen) the search.
+RUN_KEY_TAG = "lade.run_key"
+# Where the run's Ray Train checkpoints live: resuming the name elsewhere would restart at epoch 0 and log twice.
+STORAGE_TAG = "lade.storage"
+
+
+def run_key(run_name: str) -> str:
+    return hashlib.sha256(run_name.encode()).hexdigest()
+
+
+def find_run(client, experiment_id: str, run_name: str):
+    """The run named ``run_name`` in the experiment, or None."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key(run_name)}'",
+                               max_results=1)
+    return found[0] if found else None
+
+
+def start_or_resume_run(uri: str, experiment: str, run_name: str, config: dict, tags: dict | None = None,
+                        storage: str | None = None) -> tuple[str, bool]:
+    """The run named ``run_name`` in ``experiment``, in state RUNNING: created with params, the resolved config and
+    the source prior (and ``tags``, e.g. a parent run id that nests it), or found again (resume).
+
+    ``storage`` is where the run's checkpoints live; a run found again with other storage is refused, since
+    training there would start over at epoch 0 under a name whose epochs are already logged.
+    """
     import mlflow
+    import yaml
 
     mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
     exp = mlflow.set_experiment(experiment)
-    found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{run_name}'",
-                               output_format="list", max_results=1)
-    if found:
-        return found[0].info.run_id, True
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        mlflow.log_params(_flatten({k: v for k, v in config.items() if k not in ("source_prior", "train_counts")}))
-        with tempfile.TemporaryDirectory() as d:
-            import yaml
+    run = find_run(client, exp.experiment_id, run_name)
+    if run is not None:
+        stored = run.data.tags.get(STORAGE_TAG)
+        if storage is not None and stored is not None and stored != storage:
+            raise ValueError(f"run {run_name!r} keeps its checkpoints under {stored}, not {storage}: resume it with "
+                             f"--storage-path {stored}, or pass another --run-name")
+        client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id, True
+    run_tags = {**(tags or {}), RUN_KEY_TAG: run_key(run_name), **({STORAGE_TAG: storage} if storage else {})}
+    run_id = client.create_run(exp.experiment_id, run_name=run_name, tags=run_tags).info.run_id  # RUNNING
+    params = _flatten({k: v for k, v in config.items() if k not in ("source_prior", "train_counts")})
+    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run_id, params=params[i:i + 100])
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+        client.log_artifact(run_id, str(Path(d) / "config.yaml"))
+        (Path(d) / "source_prior.json").write_text(
+            json.dumps({"source_prior": config["source_prior"], "train_counts": config["train_counts"]}))
+        client.log_artifact(run_id, str(Path(d) / "source_prior.json"), str(Path(PRIOR_ARTIFACT).parent))
+    return run_id, False
 
-            (Path(d) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
-            mlflow.log_artifact(str(Path(d) / "config.yaml"))
-            (Path(d) / "source_prior.json").write_text(
-                json.dumps({"source_prior": config["source_prior"], "train_counts": config["train_counts"]}))
-            mlflow.log_artifact(str(Path(d) / "source_prior.json"), artifact_path="data")
-    return run.info.run_id, False
+
+def end_run(uri: str, run_id: str, failed: bool = False) -> None:
+    """Mark the run FINISHED, or FAILED (a run that raised); a run whose driver was killed stays RUNNING until a
+    rerun resumes and ends it."""
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
 class EpochLogger:
-    """Per-epoch metrics into one MLflow run, each epoch exactly once across restarts."""
+    """Per-epoch metrics into one MLflow run, each (metric, epoch) exactly once across restarts: it reads the steps
+    the run already holds and never writes one twice (a worker group restarted before Ray registered rank 0's last
+    checkpoint trains that epoch again; its second result is not logged)."""
 
     def __init__(self, uri: str, run_id: str):
         from mlflow import MlflowClient
 
         self.client, self.run_id = MlflowClient(uri), run_id
+        keys = self.client.get_run(run_id).data.metrics
+        self.logged: dict[str, set[int]] = {k: {m.step for m in self.client.get_metric_history(run_id, k)} for k in keys}
 
-    def _logged_steps(self) -> set[int]:
-        return {m.step for m in self.client.get_metric_history(self.run_id, "val/top1")}
-
-    def log_epoch(self, metrics: dict) -> None:
+    def log_epoch(self, metrics: dict) -> int:
+        """Log the epoch's finite metrics not yet in the run; returns how many were written."""
         import mlflow.entities
 
         step = int(metrics["epoch"])
         batch = [mlflow.entities.Metric(k, float(v), 0, step) for k, v in metrics.items()
-                 if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v)]
-        self.client.log_batch(self.run_id, metrics=batch)
+                 if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v)
+                 and step not in self.logged.get(k, ())]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+        for m in batch:
+            self.logged.setdefault(m.key, set()).add(step)
+        return len(batch)
 
     def backfill(self, history: list[dict]) -> None:
-        logged = self._logged_steps()
+        """Epochs checkpointed before a crash but not yet in MLflow."""
         for metrics in history:
-            if int(metrics["epoch"]) not in logged:
-                self.log_epoch(metrics)
+            self.log_epoch(metrics)
+
+
+def logged_model_uri(client, run_id: str, name: str) -> str | None:
+    """``models:/<model_id>`` of the model ``name`` logged by the run, or None."""
+    exp = client.get_run(run_id).info.experiment_id
+    found = [m for m in client.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")
+             if m.name == name]  # the name is compared here, not spliced into the filter
+    return found[0].model_uri if found else None
+
+
+def register_once(client, run_id: str, name: str, model_uri: str):
+    """The registry version of ``name`` that holds this run's model, created only if there is none: rerunning a
+    finished run registers nothing new."""
+    import mlflow
+
+    versions = [v for v in client.search_model_versions(f"run_id = '{run_id}'") if v.name == name]
+    if versions:
+        return max(versions, key=lambda v: int(v.version))
+    return mlflow.register_model(model_uri, name)
 
 
 def write_logits_parquet(path: str | Path, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -130,6 +195,24 @@ class RunLogits:
     labels: torch.Tensor
     source_prior: torch.Tensor
     train_counts: list[int]
+
+    def __post_init__(self):
+        """Whatever the logits came from (an MLflow run, a local file), they are checked before any metric."""
+        from .priors import validate_prior
+
+        if self.logits.ndim != 2 or self.logits.shape[0] != self.labels.shape[0]:
+            raise ValueError(f"{self.run_name}: logits must be [N, C] with one label per row; got logits "
+                             f"{tuple(self.logits.shape)} and {tuple(self.labels.shape)} labels")
+        n, c = self.logits.shape
+        bad = (~torch.isfinite(self.logits)).any(dim=1).nonzero().flatten()
+        if bad.numel():
+            raise ValueError(f"{self.run_name}: logits are NaN or infinite in {bad.numel()} rows, e.g. {bad[:10].tolist()}")
+        if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= c):
+            raise ValueError(f"{self.run_name}: labels must lie in [0, {c}), got [{int(self.labels.min())}, "
+                             f"{int(self.labels.max())}]")
+        validate_prior(self.source_prior, c, "source prior")
+        if len(self.train_counts) != c:
+            raise ValueError(f"{self.run_name}: train_counts has {len(self.train_counts)} entries for {c} classes")
 
 
 def run_for_model(client, model_uri: str) -> str:

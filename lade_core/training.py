@@ -5,7 +5,7 @@ One ``config`` dict (see lade_core.config) drives everything; the driver adds th
 """
 from __future__ import annotations
 
-import os
+import json
 import random
 import sys
 import tempfile
@@ -24,6 +24,8 @@ from .priors import tempered_class_weights, uniform_prior
 from .schedules import build_scheduler
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
 # Rows each worker's local shuffle buffer holds, in per-worker batches: enough to change every batch's make-up
 # each epoch on rows that preparation already spread uniformly over the shard files (see train_dataset).
 SHUFFLE_BUFFER_BATCHES = 4
@@ -66,7 +68,7 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
-def train_one_epoch(model, criterion, optimizer, batches, device, amp: bool, on_batch=None, progress=None) -> dict:
+def train_one_epoch(model, criterion, optimizer, batches, device, amp: bool, progress=None) -> dict:
     """One pass over ``batches``; returns the mean loss and the mean of each of the loss's own named terms
     (``criterion.last_terms``: softmax ``ce``; Balanced Softmax ``lade_ce``; LADE ``lade_ce``, ``lader``, ...),
     the mean number of distinct classes per batch (the label mix) and images/s."""
@@ -74,7 +76,7 @@ def train_one_epoch(model, criterion, optimizer, batches, device, amp: bool, on_
     # Sums stay on the device: one host sync per epoch, not one per term per step.
     sums: dict[str, torch.Tensor] = {}
     n_images, n_batches, n_classes, t0 = 0, 0, 0, time.perf_counter()
-    for i, batch in enumerate(batches):
+    for batch in batches:
         n_classes += int(batch["label"].unique().numel())  # on the CPU copy: no device sync
         x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
         with _autocast(device, amp):
@@ -87,8 +89,6 @@ def train_one_epoch(model, criterion, optimizer, batches, device, amp: bool, on_
             sums[k] = sums[k] + v.float() if k in sums else v.float()
         n_images += len(y)
         n_batches += 1
-        if on_batch:
-            on_batch(i)
         if progress is not None:
             progress.update(1)
     out = {f"train/{k}": float(v) / max(n_batches, 1) for k, v in sums.items()}
@@ -137,10 +137,24 @@ def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by ``train_loop_per_worker``: tensors and plain values only. ``weights_only=True``:
-    checkpoints live on shared storage (``--storage-path``), and loading one must never run code from it."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def save_checkpoint(directory: Path, state: dict, config: dict, history: list[dict]) -> None:
+    """``checkpoint.pt`` (tensors and plain values: model, optimizer, scheduler, epoch, RNG states) with the run's
+    config and per-epoch history as JSON beside it, readable without torch."""
+    torch.save(state, directory / CHECKPOINT_FILE)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
+    (directory / HISTORY_FILE).write_text(json.dumps(history))
+
+
+def load_checkpoint(directory: str | Path) -> dict:
+    """A checkpoint directory written by ``save_checkpoint``: the state plus ``config`` and ``history``.
+
+    ``weights_only=True``: checkpoints live on shared storage (``--storage-path``), and loading one must never run
+    code from it."""
+    directory = Path(directory)
+    state = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    state["config"] = json.loads((directory / CONFIG_FILE).read_text())
+    state["history"] = json.loads((directory / HISTORY_FILE).read_text())
+    return state
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -166,7 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+            state = load_checkpoint(d)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -181,18 +195,9 @@ def train_loop_per_worker(config: dict) -> None:
     per_worker_batch = config["batch_size"] // world
     train_shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, config["epochs"]):
-        on_batch = None
-        if config.get("fail_at_epoch") == epoch and rank == world - 1:
-            marker = Path(config["fail_marker"])
-
-            def on_batch(i, marker=marker):
-                if i == 1 and not marker.exists():  # die once, mid-epoch, like a preempted node
-                    marker.touch()
-                    os._exit(1)
-
         batches = epoch_batches(train_shard, epoch=epoch, seed=config["seed"], rank=rank, batch_size=per_worker_batch)
         progress = _progress_bar(config, epoch, world, per_worker_batch) if rank == 0 and config["progress"] else None
-        metrics = train_one_epoch(model, criterion, optimizer, batches, device, config["amp"], on_batch, progress)
+        metrics = train_one_epoch(model, criterion, optimizer, batches, device, config["amp"], progress)
         if progress is not None:
             progress.close()
         metrics["lr"] = optimizer.param_groups[0]["lr"]
@@ -204,9 +209,9 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update(evaluate(logits, labels, config["loss"], source_prior, config["train_counts"]))
             history.append(metrics)
             with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                            "rng": [rng_state()], "config": config}, Path(d) / CHECKPOINT_FILE)
+                save_checkpoint(Path(d), {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                                          "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": [rng_state()]},
+                                config, history)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             logger.log_epoch(metrics)  # after the checkpoint is durable: a crash in between is backfilled
             # Straight to the worker's stdout, which Ray forwards to the driver once. A plain print() is patched
@@ -243,22 +248,29 @@ def _progress_bar(config: dict, epoch: int, world: int, per_worker_batch: int):
 _CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def resume_epoch(run_dir: str | None) -> int:
-    """The epoch a (re)started worker group of the run in ``run_dir`` begins with: one past the epoch of the latest
-    registered checkpoint, 0 for a new run. ``run_dir`` is ``<storage_path>/<run_name>``, a path or a URI."""
-    import json
-
+def latest_checkpoint(run_dir: str | None) -> tuple[int, str] | None:
+    """(epoch, checkpoint path or URI) of the latest checkpoint Ray Train registered for the run in ``run_dir``
+    (``<storage_path>/<run_name>``, a path or a URI), or None for a new run."""
     import pyarrow.fs
 
     if not run_dir:
-        return 0
+        return None
     try:
         fs, path = pyarrow.fs.FileSystem.from_uri(run_dir if "://" in run_dir else Path(run_dir).resolve().as_uri())
         with fs.open_input_stream(f"{path}/{_CHECKPOINT_SNAPSHOT}") as f:
             latest = json.loads(f.read())["latest_checkpoint_result"]
-        return int(latest["metrics"]["epoch"]) + 1 if latest else 0
+        if not latest:
+            return None
+        return int(latest["metrics"]["epoch"]), join_path(run_dir, latest["checkpoint_dir_name"])
     except (FileNotFoundError, OSError, KeyError, TypeError, ValueError):
-        return 0  # no checkpoint yet: a new run
+        return None  # no checkpoint yet: a new run
+
+
+def resume_epoch(run_dir: str | None) -> int:
+    """The epoch a (re)started worker group of the run in ``run_dir`` begins with: one past the epoch of the latest
+    registered checkpoint, 0 for a new run."""
+    latest = latest_checkpoint(run_dir)
+    return latest[0] + 1 if latest else 0
 
 
 def align_execution_index(ds, epoch: int) -> None:
@@ -289,7 +301,8 @@ def train_data_config(run_dir: str | None = None):
     return _SeededEpochsDataConfig(datasets_to_split=["train"], execution_options={"train": options})
 
 
-def _join(base: str, name: str) -> str:
+def join_path(base: str, name: str) -> str:
+    """``base``/``name`` for a local path or a URI (``s3://bucket/x``), never turning a URI into a local path."""
     return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
 
 
@@ -310,12 +323,13 @@ def build_trainer(config: dict, prepared, callbacks: list | None = None):
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=config["num_workers"], use_gpu=config["use_gpu"],
-                                     resources_per_worker={"CPU": config["cpus_per_worker"]}),
+                                     resources_per_worker={"CPU": config["cpus_per_worker"],
+                                                           **(config["worker_resources"] or {})}),
         run_config=RunConfig(name=config["run_name"], storage_path=config["storage_path"],
                              failure_config=FailureConfig(max_failures=config["max_failures"]),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks,
                              logging_config=train_logging_config(), worker_runtime_env=worker_env()),
         datasets={"train": prepared.train_dataset(config["seed"], image_size=size),
                   "val": prepared.ray_dataset("val", train=False, image_size=size)},
-        dataset_config=train_data_config(_join(config["storage_path"], config["run_name"])),
+        dataset_config=train_data_config(join_path(config["storage_path"], config["run_name"])),
     )

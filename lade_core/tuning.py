@@ -7,7 +7,6 @@ such as ASHA see every epoch. Each trial is an MLflow child run nested under the
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 # Tune objectives -> the validation metric each reports (see lade_core.training.evaluate).
 OBJECTIVES = {"uniform": "val/top1", "shift_mean": "val/shift_mean_top1"}
@@ -24,20 +23,26 @@ def trial_driver(config: dict) -> None:
 
     from .data import open_prepared
     from .runtime import quiet_worker_logging
-    from .tracking import start_or_resume_run
-    from .training import build_trainer
+    from .config import validate_config
+    from .tracking import end_run, start_or_resume_run
+    from .training import build_trainer, join_path
 
     quiet_worker_logging()
     config = dict(config)
     trial_id = tune.get_context().get_trial_id()
     config["run_name"] = trial_run_name(config["search"], trial_id)
     # A restored trial refits a trainer with the same name and storage: Ray Train resumes from its checkpoint.
-    config["storage_path"] = str(Path(config["search_storage"]) / "trials")
+    config["storage_path"] = join_path(config["search_storage"], "trials")
+    config = {**config, **validate_config(config)}  # the sampled values, type- and range-checked like a file's
     run_id, _ = start_or_resume_run(config["mlflow_uri"], config["experiment"], config["run_name"], config,
                                     tags={"mlflow.parentRunId": config["parent_run_id"], "lade.search": config["search"],
-                                          "lade.trial_id": trial_id})
+                                          "lade.trial_id": trial_id}, storage=config["storage_path"])
     config["mlflow_run_id"] = run_id
-    build_trainer(config, open_prepared(config["dataset"]), callbacks=[TuneReportCallback()]).fit()
+    try:
+        build_trainer(config, open_prepared(config["dataset"]), callbacks=[TuneReportCallback()]).fit()
+    except Exception:
+        end_run(config["mlflow_uri"], run_id, failed=True)
+        raise
 
 
 def summary_rows(results, space_keys: list[str], metric: str, epochs: int) -> list[dict]:

@@ -73,9 +73,15 @@ def read_prior_file(path: str | Path) -> np.ndarray:
         if rows and not _is_number(rows[0][-1]):
             rows = rows[1:]  # a header line
         if rows and len(rows[0]) == 2:
+            classes = [int(cls) for cls, _ in rows]
+            negative = [c for c in classes if c < 0]
+            if negative:
+                raise ValueError(f"negative class indices {negative[:20]}")
+            if sorted(classes) != list(range(len(rows))):
+                raise ValueError(f"class indices must be 0..{len(rows) - 1}, each once; got {sorted(classes)[:20]}...")
             values = np.full(len(rows), np.nan)
-            for cls, v in rows:
-                values[int(cls)] = float(v)
+            for cls, (_, v) in zip(classes, rows):
+                values[cls] = float(v)
             return values
         return np.asarray([float(r[-1]) for r in rows], dtype=np.float64)
     except (ValueError, IndexError, TypeError) as e:

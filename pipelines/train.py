@@ -18,16 +18,16 @@ from lade_core.config import resolve_config, validate_config
 from lade_core.data import DataError
 from lade_core.losses import LOSSES
 from lade_core.models import MODELS
-from lade_core.runs import SMOKE, finalize, load_dataset
+from lade_core.runs import SMOKE, finalize, load_dataset, storage_uri
 from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
-from lade_core.tracking import check_reachable, resolve_tracking_uri, start_or_resume_run
-from lade_core.training import build_trainer
+from lade_core.tracking import check_reachable, end_run, resolve_tracking_uri, start_or_resume_run
+from lade_core.training import build_trainer, join_path, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "synthetic" / "lade.yaml"
 # Keys that may change between a run and its resumption without making it a different experiment.
-RUNTIME_KEYS = {"progress", "run_name", "register", "max_failures", "fail_at_epoch", "fail_marker", "mlflow_uri", "storage_path",
-                "num_workers", "use_gpu", "cpus_per_worker", "mlflow_run_id", "experiment"}
+RUNTIME_KEYS = {"progress", "run_name", "register", "max_failures", "mlflow_uri", "storage_path", "num_workers",
+                "use_gpu", "cpus_per_worker", "worker_resources", "mlflow_run_id", "experiment"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,9 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--run-name", dest="run_name")
     ap.add_argument("--mlflow-uri", dest="mlflow_uri", help="default: sqlite store ./mlflow.db")
     ap.add_argument("--register", help="register the final model under this name")
-    ap.add_argument("--storage-path", dest="storage_path", help="Ray Train checkpoints (default ./outputs/ray_results)")
+    ap.add_argument("--storage-path", dest="storage_path",
+                    help="Ray Train checkpoints: a path or a URI such as s3://bucket/runs (default ./outputs/ray_results)")
     ap.add_argument("--max-failures", dest="max_failures", type=int)
-    ap.add_argument("--fail-at-epoch", dest="fail_at_epoch", type=int, help=argparse.SUPPRESS)  # tests only
     ap.add_argument("--num-cpus", dest="num_cpus", type=int, help="logical CPUs for a local Ray")
     ap.add_argument("--smoke-test", dest="smoke_test", action="store_true", help="tiny data, 1 epoch")
     ap.add_argument("--verbose", action="store_true", help="show Ray's INFO logs")
@@ -79,6 +79,10 @@ def check_cluster_fits(config: dict) -> None:
         raise RuntimeError(f"num_workers={config['num_workers']} needs {need_cpu} CPUs; the cluster has {res.get('CPU', 0):g}")
     if config["use_gpu"] and res.get("GPU", 0) < config["num_workers"]:
         raise RuntimeError(f"num_workers={config['num_workers']} with --use-gpu needs that many GPUs; the cluster has {res.get('GPU', 0):g}")
+    for name, amount in (config["worker_resources"] or {}).items():
+        if res.get(name, 0) < amount * config["num_workers"]:
+            raise RuntimeError(f"num_workers={config['num_workers']} needs {amount * config['num_workers']:g} of resource "
+                               f"{name!r} (worker_resources); the cluster has {res.get(name, 0):g}")
 
 
 def main(argv=None) -> int:
@@ -92,43 +96,57 @@ def main(argv=None) -> int:
         overrides["synthetic"] = None
     try:
         config = resolve_config(config_path, overrides)
-        validate_config(config)
         config["mlflow_uri"] = resolve_tracking_uri(config["mlflow_uri"])
         check_reachable(config["mlflow_uri"])
         num_cpus = local_num_cpus(num_cpus, config["num_workers"] * config["cpus_per_worker"])
+        validate_config(config)
         prepared = load_dataset(config, num_cpus)
-        validate_config(config, prepared.num_classes)
+        config = validate_config(config, prepared.num_classes)
         prepared.check_validation_split()
+        config["source_prior"] = prepared.source_prior.tolist()
+        config["train_counts"] = prepared.class_counts("train")
+        config["storage_path"] = storage_uri(config["storage_path"], "outputs/ray_results")
+        config["run_name"] = config["run_name"] or f"{prepared.name}-{config['loss']}-{config_digest(config)}"
+        run_id, resumed = start_or_resume_run(config["mlflow_uri"], config["experiment"], config["run_name"], config,
+                                              storage=config["storage_path"])
     except (ValueError, FileNotFoundError, ConnectionError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config["source_prior"] = prepared.source_prior.tolist()
-    config["train_counts"] = prepared.class_counts("train")
-    config["storage_path"] = str(Path(config["storage_path"] or "outputs/ray_results").resolve())
-    config["run_name"] = config["run_name"] or f"{prepared.name}-{config['loss']}-{config_digest(config)}"
-    config["fail_marker"] = str(Path(config["storage_path"]) / config["run_name"] / ".fail_injected")
-    run_id, resumed = start_or_resume_run(config["mlflow_uri"], config["experiment"], config["run_name"], config)
-    config["mlflow_run_id"] = run_id
-    import mlflow
+    import ray.train
+    from mlflow import MlflowClient
 
+    config["mlflow_run_id"] = run_id
+    client = MlflowClient(config["mlflow_uri"])
     if resumed:
-        logged = mlflow.MlflowClient(config["mlflow_uri"]).get_run(run_id).data.params.get("config_digest")
+        logged = client.get_run(run_id).data.params.get("config_digest")
         if logged and logged != config_digest(config):
             print(f"error: run name {config['run_name']!r} exists with a different config; pass another --run-name",
                   file=sys.stderr)
+            end_run(config["mlflow_uri"], run_id, failed=not client.get_run(run_id).data.metrics)
             return 2
         print(f"resuming run {config['run_name']} (MLflow run {run_id})")
     else:
-        mlflow.MlflowClient(config["mlflow_uri"]).log_param(run_id, "config_digest", config_digest(config))
+        client.log_param(run_id, "config_digest", config_digest(config))
     try:
         init_ray(num_cpus=num_cpus)
         check_cluster_fits(config)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
+        end_run(config["mlflow_uri"], run_id, failed=True)
         return 2
-    result = build_trainer(config, prepared).fit()
-    with result.checkpoint.as_directory() as d:
-        finalize(config, prepared, Path(d))
+    try:
+        latest = latest_checkpoint(join_path(config["storage_path"], config["run_name"]))
+        if latest and latest[0] + 1 >= config["epochs"]:
+            # Trained to the end before (the driver may have died before finalizing): finalize, never retrain.
+            print(f"run {config['run_name']}: all {config['epochs']} epochs are checkpointed; finalizing")
+            checkpoint = ray.train.Checkpoint(latest[1])
+        else:
+            checkpoint = build_trainer(config, prepared).fit().checkpoint
+        with checkpoint.as_directory() as d:
+            finalize(config, prepared, Path(d))
+    except BaseException:
+        end_run(config["mlflow_uri"], run_id, failed=True)  # a crashed run shows FAILED, not FINISHED
+        raise
     return 0
 
 

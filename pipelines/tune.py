@@ -22,9 +22,10 @@ import tune_spaces
 from lade_core.config import resolve_config, validate_config
 from lade_core.data import DataError
 from lade_core.report import format_table
-from lade_core.runs import SMOKE, finalize, load_dataset
+from lade_core.runs import SMOKE, finalize, load_dataset, storage_uri
 from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
-from lade_core.tracking import log_table_once, resolve_tracking_uri, start_or_resume_run
+from lade_core.tracking import end_run, find_run, log_table_once, resolve_tracking_uri, start_or_resume_run
+from lade_core.training import join_path
 from lade_core.tuning import OBJECTIVES, summary_rows, trial_driver, trial_run_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--experiment", default="lade-tune", help="MLflow experiment and Tune run name; rerun to resume")
     ap.add_argument("--register", help="register the best trial's model under this name, alias 'champion'")
     ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
-    ap.add_argument("--storage-path", help="Tune and trial checkpoints (default ./outputs/tune)")
+    ap.add_argument("--storage-path", help="Tune and trial checkpoints: a path or a URI such as s3://bucket/tune "
+                    "(default ./outputs/tune)")
     ap.add_argument("--num-cpus", type=int, help="logical CPUs for a local Ray")
     ap.add_argument("--seed", type=int, default=0, help="random search seed")
     ap.add_argument("--smoke-test", action="store_true", help="tiny data, the smoke space, 4 trials x 2 epochs")
@@ -96,7 +98,7 @@ def concurrency(args, config: dict) -> int:
     return args.max_concurrent_trials
 
 
-def build_tuner(args, config: dict, space: dict, defaults: dict, storage: Path, max_concurrent: int):
+def build_tuner(args, config: dict, space: dict, defaults: dict, storage: str, max_concurrent: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -104,10 +106,10 @@ def build_tuner(args, config: dict, space: dict, defaults: dict, storage: Path, 
     metric = OBJECTIVES[args.objective]
     # The driver only waits on its TorchTrainer, which reserves the real CPUs; Tune refuses an empty request.
     trainable = tune.with_resources(trial_driver, {"CPU": 0.01})
-    path = storage / args.experiment
-    if tune.Tuner.can_restore(str(path)):
+    path = join_path(storage, args.experiment)
+    if tune.Tuner.can_restore(path):
         print(f"resuming search {args.experiment} from {path} (its space and settings are the saved ones)")
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=config["epochs"],
                                grace_period=args.grace_period or defaults["grace_period"],
                                reduction_factor=args.reduction_factor)
@@ -119,23 +121,37 @@ def build_tuner(args, config: dict, space: dict, defaults: dict, storage: Path, 
         # The generator itself caps concurrency: TuneConfig(max_concurrent_trials=) is ignored with a generator.
         tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, num_samples=samples,
                                     search_alg=BasicVariantGenerator(random_state=args.seed, max_concurrent=max_concurrent)),
-        run_config=tune.RunConfig(name=args.experiment, storage_path=str(storage)),
+        run_config=tune.RunConfig(name=args.experiment, storage_path=storage),
     )
 
 
 def register_champion(client, best, prepared, name: str) -> str:
-    """Log and register the best trial's model once (reruns reuse it); point the alias ``champion`` at it."""
+    """Finalize the best trial (test logits, model) and register its model once (reruns reuse it); point the alias
+    ``champion`` at it."""
+    from ray.train import Checkpoint
+
     run_name = trial_run_name(best.config["search"], best.metrics["trial_id"])
     exp = client.get_experiment_by_name(best.config["experiment"])
-    (run,) = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{run_name}'", max_results=1)
-    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
-    if not versions:
-        config = {**best.config, "run_name": run_name, "mlflow_run_id": run.info.run_id, "register": name}
-        finalize(config, prepared, Path(best.metrics["checkpoint_path"]))
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
-    version = max(versions, key=lambda v: int(v.version))
+    run = find_run(client, exp.experiment_id, run_name)
+    config = {**best.config, "run_name": run_name, "mlflow_run_id": run.info.run_id, "register": name}
+    with Checkpoint(best.metrics["checkpoint_path"]).as_directory() as d:
+        finalize(config, prepared, Path(d))  # idempotent: a rerun logs and registers nothing new
+    (version,) = [v for v in client.search_model_versions(f"run_id = '{run.info.run_id}'") if v.name == name]
     client.set_registered_model_alias(name, CHAMPION, version.version)  # moves the alias if it exists
     return f"models:/{name}@{CHAMPION} -> version {version.version} (run {run_name})"
+
+
+def close_trial_runs(client, results) -> None:
+    """Each trial's MLflow run ends FINISHED (trained to the end or stopped early by the scheduler) or FAILED (the
+    trial errored)."""
+    for r in results:
+        trial_id = (r.metrics or {}).get("trial_id")
+        if trial_id is None:
+            continue
+        exp = client.get_experiment_by_name(r.config["experiment"])
+        run = find_run(client, exp.experiment_id, trial_run_name(r.config["search"], trial_id))
+        if run is not None:
+            client.set_terminated(run.info.run_id, "FAILED" if r.error is not None else "FINISHED")
 
 
 def main(argv=None) -> int:
@@ -151,7 +167,7 @@ def main(argv=None) -> int:
         validate_config(config)
         num_cpus = local_num_cpus(args.num_cpus, config["num_workers"] * config["cpus_per_worker"])
         prepared = load_dataset(config, num_cpus)
-        validate_config(config, prepared.num_classes)
+        config = validate_config(config, prepared.num_classes)
         prepared.check_validation_split()  # trials are selected on val, never on test
         if args.objective == "shift_mean" and 0 in prepared.class_counts("val"):
             raise ValueError("objective shift_mean needs every class in the val split; use --objective uniform")
@@ -162,25 +178,30 @@ def main(argv=None) -> int:
         return 2
     import mlflow
 
-    storage = Path(args.storage_path or "outputs/tune").resolve()
+    storage = storage_uri(args.storage_path, "outputs/tune")
     config.update(source_prior=prepared.source_prior.tolist(), train_counts=prepared.class_counts("train"),
-                  search=args.experiment, search_storage=str(storage / args.experiment))
+                  search=args.experiment, search_storage=join_path(storage, args.experiment))
     parent_id, _ = start_or_resume_run(config["mlflow_uri"], args.experiment, args.experiment,
                                        {**config, "space": family, "objective": args.objective, "search_alg": args.search,
                                         "scheduler": args.scheduler}, tags={"lade.kind": "search"})
     config["parent_run_id"] = parent_id
     print(f"search {args.experiment}: space {family}, objective {OBJECTIVES[args.objective]}, {args.scheduler}, "
           f"up to {max_concurrent} trials at once; MLflow parent run {parent_id}")
-    results = build_tuner(args, config, space, defaults, storage, max_concurrent).fit()
-
+    try:
+        results = build_tuner(args, config, space, defaults, storage, max_concurrent).fit()
+    except BaseException:
+        end_run(config["mlflow_uri"], parent_id, failed=True)
+        raise
     metric = OBJECTIVES[args.objective]
     rows = summary_rows(results, list(space), metric, config["epochs"])
     client = mlflow.MlflowClient(config["mlflow_uri"])
+    close_trial_runs(client, results)
     log_table_once(client, parent_id, pd.DataFrame(rows), "search/summary.json")
     print(format_table(rows, list(rows[0]) if rows else []), end="")
     ok = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
     if not ok:
         print("error: no trial reported the objective", file=sys.stderr)
+        end_run(config["mlflow_uri"], parent_id, failed=True)
         return 1
     best = results.get_best_result(metric=metric, mode="max", scope="last", filter_nan_and_inf=True)
     client.log_metric(parent_id, f"best/{metric}", float(best.metrics[metric]))
@@ -190,6 +211,7 @@ def main(argv=None) -> int:
                                                        if isinstance(best.config.get(k), float)))
     if args.register:
         print(register_champion(client, best, prepared, args.register))
+    end_run(config["mlflow_uri"], parent_id)
     return 0
 
 

@@ -59,6 +59,14 @@ def ray_local():
 
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests that use these start a Ray cluster or a pipeline end to end: marked slow (`pytest -m "not slow"` skips them).
+SLOW_FIXTURES = {"ray_local", "smoke_run", "store", "head", "mlflow_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def run_train(workdir: Path, *args: str, timeout: int = 600, num_cpus: str | None = "4") -> subprocess.CompletedProcess:

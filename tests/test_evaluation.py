@@ -129,3 +129,41 @@ def test_figure_quantities_match_loops(data):
         assert torch.allclose(bins[k], ref[k], atol=1e-12)
     avg = mean_predicted_prior(logits, ps, uniform, "raw")
     assert torch.allclose(avg, torch.softmax(logits, 1).mean(0)) and math.isclose(float(avg.sum()), 1.0)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("negative_class_csv", "negative class indices [-1]"),
+    ("prior_not_summing_to_1", "source prior does not sum to 1"),
+    ("nan_logits", "logits are NaN or infinite in 1 rows, e.g. [2]"),
+    ("label_out_of_range", "labels must lie in [0, 3), got [0, 3]"),
+    ("counts_wrong_length", "train_counts has 2 entries for 3 classes"),
+])
+def test_evaluate_refuses_bad_logits_priors_and_files(tmp_path, capsys, case, message):
+    """pipelines/evaluate.py on local files: every bad input is one `error:` line and exit 2, no table."""
+    import json
+
+    import evaluate  # pipelines/ is on sys.path (conftest)
+    from lade_core.tracking import write_logits_parquet
+
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    info = {"source_prior": [0.5, 0.3, 0.2], "train_counts": [50, 30, 20]}
+    target = tmp_path / "target.csv"
+    target.write_text("0,0.5\n1,0.25\n2,0.25\n")
+    if case == "negative_class_csv":
+        target.write_text("0,0.5\n1,0.25\n-1,0.25\n")  # once read as "the last class"
+    elif case == "prior_not_summing_to_1":
+        info["source_prior"] = [0.5, 0.3, 0.3]
+    elif case == "nan_logits":
+        logits[2, 1] = float("nan")
+    elif case == "label_out_of_range":
+        labels[-1] = 3
+    elif case == "counts_wrong_length":
+        info["train_counts"] = [50, 30]
+    write_logits_parquet(tmp_path / "test_logits.parquet", logits, labels)
+    (tmp_path / "source_prior.json").write_text(json.dumps(info))
+    rc = evaluate.main(["--logits", str(tmp_path / "test_logits.parquet"), "--source-info",
+                        str(tmp_path / "source_prior.json"), "--loss", "lade", "--target-prior", str(target),
+                        "--per-class", "2", "--output", str(tmp_path / "out"), "--no-figures"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "out").exists()

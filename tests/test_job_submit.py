@@ -107,3 +107,12 @@ def test_cluster_configs_run_the_real_entry_point():
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert int(entry[entry.index("--num-workers") + 1]) == gpus * workers["replicas"]
+    # Token authentication on every node, never disabled; the launcher's dashboard stays on the head's loopback.
+    starts = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+    assert [c for c in starts if "ray start" in c] and all("RAY_AUTH_MODE=token ray start" in c for c in starts
+                                                            if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in " ".join(launcher["head_start_ray_commands"])
+    assert "/home/ubuntu/.ray/auth_token" in launcher["file_mounts"]
+    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    text = (REPO / "cluster" / "aws-gpu.yaml").read_text() + (REPO / "cluster" / "kuberay-rayjob.yaml").read_text()
+    assert "RAY_AUTH_MODE=disabled" not in text and "value: disabled" not in text

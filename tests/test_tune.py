@@ -1,6 +1,7 @@
-"""pipelines/tune.py: a real smoke search (Ray Tune + Ray Train V2 + ASHA) into a real sqlite MLflow store,
-resumed by rerunning; and the search-space checks of tune_spaces."""
+"""pipelines/tune.py: a real smoke search (Ray Tune + Ray Train V2 + ASHA) against a real MLflow tracking server,
+killed mid-way and resumed by rerunning; and the search-space checks of tune_spaces."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -15,11 +16,15 @@ CMD = [sys.executable, str(REPO / "pipelines" / "tune.py"), "--smoke-test", "--n
        "--reduction-factor", "4"]  # keep the top quarter at each rung: a stop is near certain with 4 trials
 
 
-def run_tune(workdir, *args):
+def _env():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([*CMD, "--mlflow-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--storage-path",
-                           str(workdir / "tune"), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    return env
+
+
+def run_tune(workdir, *args, mlflow_uri=None):
+    return subprocess.run([*CMD, "--mlflow-uri", mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}", "--storage-path",
+                           str(workdir / "tune"), *args], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=900)
 
 
 def _last(client, run_id, key):
@@ -27,45 +32,106 @@ def _last(client, run_id, key):
     return max(history, key=lambda m: m.step) if history else None
 
 
-def test_smoke_search_tracks_trials_registers_champion_and_resumes(tmp_path):
-    p = run_tune(tmp_path)
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on a free loopback port, sqlite backend, artifacts proxied: what a team runs."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "mlflow_server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "server_artifacts"), "--workers", "2"],
+                              cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=1).read()
+            break
+        except OSError:
+            assert server.poll() is None, (tmp_path / "mlflow_server.log").read_text()[-3000:]
+            time.sleep(0.5)
+    yield uri, tmp_path / "mlflow_server.log"
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+    log.close()
+
+
+def test_search_killed_midway_resumes_on_a_tracking_server_with_every_trial_once(tmp_path, mlflow_server):
+    """A smoke search (4 trials, 2 at once) against a real tracking server, SIGKILLed mid-way with its local Ray,
+    then rerun: every trial is one child run with each epoch once, the champion is the best trial, a third run
+    adds nothing, and the server never reported a locked database."""
+    import time
+
+    from lade_core.tracking import find_run
+
+    uri, server_log = mlflow_server
+    cmd = [*CMD, "--mlflow-uri", uri, "--storage-path", str(tmp_path / "tune")]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    client = mlflow.MlflowClient(uri)
+    deadline = time.time() + 600
+    while time.time() < deadline:  # mid-way: Tune has saved its state and some trial has logged an epoch
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        exp = client.get_experiment_by_name("smoke-search")
+        children = client.search_runs([exp.experiment_id], "tags.`lade.search` = 'smoke-search'") if exp else []
+        if list((tmp_path / "tune" / "smoke-search").glob("experiment_state*.json")) and any(
+                "val/top1" in c.data.metrics for c in children):
+            break
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate()
+    assert len(children) < 4 or any(c.info.status == "RUNNING" for c in children)  # really killed mid-way
+
+    p = run_tune(tmp_path, mlflow_uri=uri)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert "resuming search smoke-search" in p.stdout
     exp = client.get_experiment_by_name("smoke-search")
-    (parent,) = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'smoke-search'")
+    parent = find_run(client, exp.experiment_id, "smoke-search")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 4  # every trial is a nested child run
+    assert len(children) == 4 and len({c.info.run_name for c in children}) == 4  # every trial once
     epochs = {}
     for child in children:
         assert {"alpha", "lam", "tau", "lr"} <= set(child.data.params)
-        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "val/top1"))
-        assert steps == list(range(len(steps))) and 1 <= len(steps) <= 2  # each epoch once
+        assert child.info.status == "FINISHED"  # trained to the end or stopped early, none left RUNNING
+        for key in ("val/top1", "train/loss", "lr"):
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
+            assert sorted(steps) == list(range(len(steps))) and 1 <= len(steps) <= 2, (key, steps)  # each epoch once
         epochs[child.info.run_id] = len(steps)
     assert min(epochs.values()) < 2, "ASHA (grace period 1, reduction 4) stopped no trial early"
     # The champion is the trial with the best last val/top1.
     last = {rid: _last(client, rid, "val/top1").value for rid in epochs}
     champion = client.get_model_version_by_alias("champ", "champion")
     assert last[champion.run_id] == max(last.values())
+    parent = client.get_run(parent.info.run_id)
     assert parent.data.metrics["best/val/top1"] == pytest.approx(max(last.values()))
+    assert parent.info.status == "FINISHED"
     assert "search/summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
     # The champion run carries test logits, so evaluate.py --model models:/champ@champion works on it.
     assert "eval/test_logits.parquet" in {a.path for a in client.list_artifacts(champion.run_id, "eval")}
 
-    # Rerunning the same command resumes the finished search: no new trial, no new model version.
-    again = run_tune(tmp_path)
+    # Rerunning the finished search: no new trial, no new model version, no metric written twice.
+    again = run_tune(tmp_path, mlflow_uri=uri)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming search smoke-search" in again.stdout
     assert len(client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 4
     assert [v.version for v in client.search_model_versions("name = 'champ'")] == [champion.version]
-    assert client.get_model_version_by_alias("champ", "champion").version == champion.version
+    assert len(client.get_metric_history(champion.run_id, "test/top1")) == 1
+    assert "database is locked" not in server_log.read_text() + p.stderr + again.stderr
 
 
+@pytest.mark.slow
 def test_concurrency_that_cannot_fit_is_refused_before_trials(tmp_path):
     p = run_tune(tmp_path, "--max-concurrent-trials", "8")
     assert p.returncode == 2 and "--max-concurrent-trials 8 cannot fit the cluster" in p.stderr, p.stderr[-2000:]
     assert "Trial" not in p.stdout
 
 
+@pytest.mark.slow
 def test_search_never_selects_on_the_test_split(tmp_path):
     """A dataset prepared before every dataset had a val split: tune.py (and train.py) refuse it rather than
     validating, selecting trials and choosing the champion on test."""
@@ -87,6 +153,7 @@ def test_search_never_selects_on_the_test_split(tmp_path):
         assert "has no validation split (prepared by an older lade)" in p.stderr and "Trial" not in p.stdout
 
 
+@pytest.mark.slow
 def test_unknown_objective_is_rejected_by_the_cli(tmp_path):
     p = run_tune(tmp_path, "--objective", "median")
     assert p.returncode == 2 and "invalid choice: 'median'" in p.stderr

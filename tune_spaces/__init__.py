@@ -30,7 +30,7 @@ def load_family(name: str) -> tuple[dict, dict]:
 
 def validate_space(space: dict, name: str = "space") -> None:
     """Empty spaces, unknown kinds, lower > upper, non-positive log bounds and out-of-range keys are errors."""
-    from lade_core.config import DEFAULTS as CONFIG_KEYS
+    from lade_core.config import CONFIG_KEYS
 
     if not space:
         raise ValueError(f"search space {name!r} is empty")
