@@ -1,7 +1,8 @@
 """Training images/s: the Ray Train loop (1 worker) vs a plain PyTorch loop on the same model and data, and
 Ray Train with 2 workers vs 1. Target: Ray Train (1 worker) >= 0.9 of the plain loop. And the per-epoch cost of
 the training shuffle (per-epoch file order + seeded local shuffle buffer, what train.py runs) against reading the
-same prepared split unshuffled, 1 worker. Target: <= 10 % of an epoch.
+same prepared split unshuffled, 1 worker. Target: <= 10 % of an epoch. And the end-of-run test inference: Ray Data
+batch inference on 2 actors (what ``finalize`` runs) against the same model run on the driver.
 
 Same model (ResNet-32, LADE loss, SGD), same prepared synthetic dataset (32x32 PNG in Parquet), same decode +
 augment, same total torch threads (2). Plain loop: a torch DataLoader over the Parquet bytes, train_one_epoch.
@@ -24,6 +25,7 @@ from data_throughput import _Encoded  # noqa: E402
 from lade_core.data.prepare import prepare_dataset  # noqa: E402
 from lade_core.data.prepared import open_prepared  # noqa: E402
 from lade_core.data.synthetic import make_synthetic  # noqa: E402
+from lade_core.inference import batch_logits, model_batches, predict_logits  # noqa: E402
 from lade_core.losses import LADELoss  # noqa: E402
 from lade_core.models import build_model  # noqa: E402
 from lade_core.runtime import init_ray  # noqa: E402
@@ -44,13 +46,13 @@ def plain_loop(root: str, epochs: int, batch_size: int) -> float:
     ds = open_prepared(root)
     table = ds.raw_split("train")
     loader = torch.utils.data.DataLoader(
-        _Encoded(table.column("image").to_pylist(), table.column("label").to_numpy(), ds.manifest["transform"]),
+        _Encoded(table.column("image").to_pylist(), ds.transform, table.column("label").to_numpy()),
         batch_size=batch_size, shuffle=True, num_workers=1, persistent_workers=True,
         multiprocessing_context="spawn")  # a fork of a process running a Ray driver confuses the raylet
     model, optimizer, criterion = _setup(ds.num_classes, ds.source_prior.tolist())
     best = 0.0
     for epoch in range(epochs):
-        batches = ({"image": x, "label": y} for x, y in loader)
+        batches = model_batches(({"image": x, "label": y} for x, y in loader), torch.device("cpu"), ds.transform)
         ips = train_one_epoch(model, criterion, optimizer, batches, torch.device("cpu"), amp=False)["images_per_s"]
         best = max(best, ips) if epoch else best
     return best
@@ -72,7 +74,9 @@ def _ray_worker(config: dict) -> None:
                                     batch_size=config["batch_size"] // world)
         else:
             batches = shard.iter_torch_batches(batch_size=config["batch_size"] // world)
-        ips = train_one_epoch(model, criterion, optimizer, batches, ray.train.torch.get_device(), amp=False)["images_per_s"]
+        device = ray.train.torch.get_device()
+        batches = model_batches(batches, device, config["kind"])
+        ips = train_one_epoch(model, criterion, optimizer, batches, device, amp=False)["images_per_s"]
         best = max(best, ips) if epoch else best
     if ray.train.get_context().get_world_rank() == 0:
         # Train V2 keeps only metrics that come with a checkpoint; the figure goes to a file on this node instead.
@@ -88,7 +92,8 @@ def ray_train_loop(root: str, epochs: int, batch_size: int, num_workers: int, st
         _ray_worker,
         train_loop_config={"epochs": epochs, "batch_size": batch_size, "threads": THREADS // num_workers,
                            "num_classes": ds.num_classes, "source_prior": ds.source_prior.tolist(),
-                           "out": str(Path(storage) / f"ips-{num_workers}-{shuffle}"), "shuffle": shuffle},
+                           "out": str(Path(storage) / f"ips-{num_workers}-{shuffle}"), "shuffle": shuffle,
+                           "kind": ds.transform},
         scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": THREADS // num_workers}),
         run_config=RunConfig(name=f"overhead-{num_workers}-{shuffle}", storage_path=storage),
         datasets={"train": ds.train_dataset(seed=0) if shuffle else ds.ray_dataset("train")},
@@ -97,6 +102,23 @@ def ray_train_loop(root: str, epochs: int, batch_size: int, num_workers: int, st
     )
     trainer.fit()
     return float((Path(storage) / f"ips-{num_workers}-{shuffle}").read_text())
+
+
+def test_inference(root: str) -> tuple[float, float]:
+    """Seconds for the test split's logits: on the driver (one process, 2 threads) vs 2 Ray Data actors."""
+    import time
+
+    ds = open_prepared(root)
+    torch.manual_seed(0)
+    model = build_model("resnet32", ds.num_classes).eval()
+    torch.set_num_threads(THREADS)
+    t0 = time.perf_counter()
+    batches = ds.ray_dataset("test", train=False).iter_torch_batches(batch_size=256)
+    predict_logits(model, model_batches(batches, torch.device("cpu"), ds.transform))
+    driver = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batch_logits(ds, "test", "resnet32", model.state_dict(), image_size=None, num_actors=2, use_gpu=False)
+    return driver, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -108,13 +130,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         # Balanced counts (imbalance 1): every epoch is the same size for every variant.
         raw = make_synthetic(num_classes=10, image_size=32, max_count=per_class, imbalance_ratio=1,
-                             test_per_class=2, seed=0)
+                             test_per_class=20 if args.smoke_test else 300, seed=0)
         prepare_dataset(raw, Path(d) / "data", progress=False)
         root, batch = str(Path(d) / "data"), 128
         plain = plain_loop(root, epochs, batch)
         one = ray_train_loop(root, epochs, batch, 1, d)
         two = ray_train_loop(root, epochs, batch, 2, d)
         unshuffled = ray_train_loop(root, epochs, batch, 1, d, shuffle=False)
+        test_inference(root)  # warm-up
+        driver_s, actors_s = test_inference(root)
     n = 10 * per_class
     print(f"torch {torch.__version__}, {THREADS} threads in total, {n} images/epoch, batch {batch}, best warm epoch")
     print(f"{'loop':>22} {'img/s':>8} {'ratio':>7}")
@@ -123,6 +147,9 @@ def main() -> None:
     print(f"{'Ray Train, 2 workers':>22} {two:>8.0f} {two / one:>7.2f}   (vs 1 worker)")
     print(f"{'1 worker, no shuffle':>22} {unshuffled:>8.0f} {unshuffled / one:>7.2f}   (vs shuffled; epoch-time cost "
           f"of the shuffle {unshuffled / one - 1:+.1%}, target <= +10%)")
+    n_test = 10 * (20 if args.smoke_test else 300)
+    print(f"test inference, {n_test} images: driver {driver_s:.2f} s, 2 Ray Data actors {actors_s:.2f} s "
+          f"(actors / driver {actors_s / driver_s:.2f})")
 
 
 if __name__ == "__main__":

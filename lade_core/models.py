@@ -89,6 +89,22 @@ def build_model(name: str, num_classes: int, weights_path: str | None = None) ->
     return model
 
 
+def check_input_size(name: str, num_classes: int, image_size: int, batch_size: int) -> None:
+    """Raise ValueError if the model cannot train on [batch_size, 3, image_size, image_size] inputs (a feature map
+    pooled away, BatchNorm with one value per channel). Shapes only: the forward runs on the meta device, so it
+    costs no compute and no memory, on the driver, before any worker starts."""
+    with torch.device("meta"):
+        model = MODELS[name](num_classes).train()
+        try:
+            out = model(torch.empty(batch_size, 3, image_size, image_size))
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"model {name} cannot train on {image_size}x{image_size} images in batches of {batch_size} "
+                             f"per worker ({e}); use a larger image_size or batch_size") from None
+    if tuple(out.shape) != (batch_size, num_classes):
+        raise ValueError(f"model {name} maps {image_size}x{image_size} images to {tuple(out.shape)}, not "
+                         f"[{batch_size}, {num_classes}] logits")
+
+
 def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The final linear layer's parameters (for a separate classifier learning rate)."""
     return list(model.fc.parameters())

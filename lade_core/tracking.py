@@ -1,4 +1,5 @@
-"""MLflow glue: absolute tracking URIs, one run per training run name, exactly-once epoch metrics, artifacts."""
+"""MLflow glue: absolute tracking URIs, one run per training run name (RUNNING / FINISHED / FAILED), exactly-once
+epoch metrics, registration once. What a run stores, and how it is read back, is ``lade_core.artifacts``."""
 from __future__ import annotations
 
 import hashlib
@@ -8,17 +9,10 @@ import math
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
+from .artifacts import PRIOR_ARTIFACT, write_source_info
 
-LOGITS_ARTIFACT = "eval/test_logits.parquet"
-MODEL_NAME = "model"  # the run's logged model (mlflow.pytorch, pt2)
-PRIOR_ARTIFACT = "data/source_prior.json"
 
 
 def resolve_tracking_uri(uri: str | None, workdir: str | Path = ".") -> str:
@@ -100,9 +94,8 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, config: dict, 
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
         client.log_artifact(run_id, str(Path(d) / "config.yaml"))
-        (Path(d) / "source_prior.json").write_text(
-            json.dumps({"source_prior": config["source_prior"], "train_counts": config["train_counts"]}))
-        client.log_artifact(run_id, str(Path(d) / "source_prior.json"), str(Path(PRIOR_ARTIFACT).parent))
+        write_source_info(Path(d) / Path(PRIOR_ARTIFACT).name, config["source_prior"], config["train_counts"])
+        client.log_artifact(run_id, str(Path(d) / Path(PRIOR_ARTIFACT).name), str(Path(PRIOR_ARTIFACT).parent))
     return run_id, False
 
 
@@ -163,108 +156,6 @@ def register_once(client, run_id: str, name: str, model_uri: str):
     if versions:
         return max(versions, key=lambda v: int(v.version))
     return mlflow.register_model(model_uri, name)
-
-
-def write_logits_parquet(path: str | Path, logits: torch.Tensor, labels: torch.Tensor) -> None:
-    """Test logits [N, C] float32 as a fixed-size-list column plus int64 labels."""
-    n, c = logits.shape
-    flat = pa.array(logits.float().numpy().reshape(-1), pa.float32())
-    table = pa.table({"label": pa.array(labels.numpy().astype(np.int64)),
-                      "logits": pa.FixedSizeListArray.from_arrays(flat, c)})
-    pq.write_table(table, str(path))
-
-
-def read_logits_parquet(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    table = pq.read_table(str(path))
-    col = table.column("logits").combine_chunks()
-    c = col.type.list_size
-    logits = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(-1, c).copy())
-    return logits, torch.from_numpy(table.column("label").to_numpy().copy())
-
-
-# --- Reading a finished run back (evaluation, comparison, tuning) ----------------------------------------------
-
-@dataclass(frozen=True)
-class RunLogits:
-    """What evaluation needs from a training run: test logits [N, C], labels [N], p_s [C], train counts, loss."""
-
-    run_id: str
-    run_name: str
-    loss: str
-    logits: torch.Tensor
-    labels: torch.Tensor
-    source_prior: torch.Tensor
-    train_counts: list[int]
-
-    def __post_init__(self):
-        """Whatever the logits came from (an MLflow run, a local file), they are checked before any metric."""
-        from .priors import validate_prior
-
-        if self.logits.ndim != 2 or self.logits.shape[0] != self.labels.shape[0]:
-            raise ValueError(f"{self.run_name}: logits must be [N, C] with one label per row; got logits "
-                             f"{tuple(self.logits.shape)} and {tuple(self.labels.shape)} labels")
-        n, c = self.logits.shape
-        bad = (~torch.isfinite(self.logits)).any(dim=1).nonzero().flatten()
-        if bad.numel():
-            raise ValueError(f"{self.run_name}: logits are NaN or infinite in {bad.numel()} rows, e.g. {bad[:10].tolist()}")
-        if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= c):
-            raise ValueError(f"{self.run_name}: labels must lie in [0, {c}), got [{int(self.labels.min())}, "
-                             f"{int(self.labels.max())}]")
-        validate_prior(self.source_prior, c, "source prior")
-        if len(self.train_counts) != c:
-            raise ValueError(f"{self.run_name}: train_counts has {len(self.train_counts)} entries for {c} classes")
-
-
-def run_for_model(client, model_uri: str) -> str:
-    """The training run behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
-    from mlflow.exceptions import MlflowException
-
-    if not model_uri.startswith("models:/") or model_uri.count("/") not in (1, 2):
-        raise ValueError(f"model must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
-    ref = model_uri[len("models:/"):]
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        elif "/" in ref:
-            name, number = ref.split("/", 1)
-            version = client.get_model_version(name, number)
-        else:
-            raise ValueError(f"{model_uri!r} names no alias or version: use models:/{ref}@ALIAS or models:/{ref}/VERSION")
-    except MlflowException as e:
-        raise ValueError(f"unknown model {model_uri!r}: {e.message}") from e
-    if not version.run_id:
-        raise ValueError(f"{model_uri} (version {version.version}) is not linked to a training run")
-    return version.run_id
-
-
-def load_run_logits(client, run_id: str) -> RunLogits:
-    """Download the run's test logits and source prior; errors name what is missing."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as e:
-        raise ValueError(f"unknown run id {run_id!r} in {client.tracking_uri}") from e
-    have = {a.path for d in (Path(LOGITS_ARTIFACT).parent, Path(PRIOR_ARTIFACT).parent)
-            for a in client.list_artifacts(run_id, str(d))}
-    for needed in (LOGITS_ARTIFACT, PRIOR_ARTIFACT):
-        if needed not in have:
-            raise ValueError(f"run {run_id} ({run.info.run_name}) has no {needed} artifact: only runs trained to the "
-                             "end by pipelines/train.py store test logits")
-    logits, labels = read_logits_parquet(mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=LOGITS_ARTIFACT, tracking_uri=client.tracking_uri))
-    source_prior, train_counts = read_source_info(mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=PRIOR_ARTIFACT, tracking_uri=client.tracking_uri))
-    return RunLogits(run_id, run.info.run_name, run.data.params.get("loss", "lade"), logits, labels,
-                     source_prior, train_counts)
-
-
-def read_source_info(path: str | Path) -> tuple[torch.Tensor, list[int]]:
-    """A run's ``data/source_prior.json``: the source prior float64 [C] and the training class counts."""
-    info = json.loads(Path(path).read_text())
-    return torch.tensor(info["source_prior"], dtype=torch.float64), list(info["train_counts"])
 
 
 def log_metrics_once(client, run_id: str, metrics: dict[str, float]) -> int:

@@ -20,6 +20,7 @@ from torch import nn
 from .evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
 from .losses import LOSSES, build_loss, posthoc_rules
 from .models import build_model, classifier_parameters
+from .inference import model_batches, sharded_logits, sync_buffers
 from .priors import tempered_class_weights, uniform_prior
 from .schedules import build_scheduler
 
@@ -69,16 +70,16 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def train_one_epoch(model, criterion, optimizer, batches, device, amp: bool, progress=None) -> dict:
-    """One pass over ``batches``; returns the mean loss and the mean of each of the loss's own named terms
-    (``criterion.last_terms``: softmax ``ce``; Balanced Softmax ``lade_ce``; LADE ``lade_ce``, ``lader``, ...),
-    the mean number of distinct classes per batch (the label mix) and images/s."""
+    """One pass over ``batches`` (from ``model_batches``); returns the mean loss and the mean of each of the loss's
+    own named terms (``criterion.last_terms``: softmax ``ce``; Balanced Softmax ``lade_ce``; LADE ``lade_ce``,
+    ``lader``, ...), the mean number of distinct classes per batch (the label mix) and images/s."""
     model.train()
     # Sums stay on the device: one host sync per epoch, not one per term per step.
     sums: dict[str, torch.Tensor] = {}
     n_images, n_batches, n_classes, t0 = 0, 0, 0, time.perf_counter()
     for batch in batches:
         n_classes += int(batch["label"].unique().numel())  # on the CPU copy: no device sync
-        x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+        x, y = batch["image"], batch["label"].to(device, non_blocking=True)
         with _autocast(device, amp):
             logits = model(x)  # [B, C]
         loss = criterion(logits, y)
@@ -95,17 +96,6 @@ def train_one_epoch(model, criterion, optimizer, batches, device, amp: bool, pro
     out["train/classes_per_batch"] = n_classes / max(n_batches, 1)
     out["images_per_s"] = n_images / max(time.perf_counter() - t0, 1e-9)
     return out
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [N, C] (float32, CPU) and labels [N] over an iterable of {"image", "label"} batches."""
-    model.eval()
-    logits, labels = [], []
-    for batch in batches:
-        logits.append(model(batch["image"].to(device)).float().cpu())
-        labels.append(batch["label"].cpu())
-    return torch.cat(logits), torch.cat(labels)
 
 
 def evaluate(logits: torch.Tensor, labels: torch.Tensor, loss: str, source_prior, train_counts, prefix="val") -> dict:
@@ -161,6 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from .data import open_prepared
     from .runtime import quiet_worker_logging
     from .tracking import EpochLogger
 
@@ -194,19 +185,21 @@ def train_loop_per_worker(config: dict) -> None:
 
     per_worker_batch = config["batch_size"] // world
     train_shard = ray.train.get_dataset_shard("train")
+    prepared = open_prepared(config["dataset"])  # validation: every worker builds its own share of the val split
     for epoch in range(start_epoch, config["epochs"]):
         batches = epoch_batches(train_shard, epoch=epoch, seed=config["seed"], rank=rank, batch_size=per_worker_batch)
         progress = _progress_bar(config, epoch, world, per_worker_batch) if rank == 0 and config["progress"] else None
-        metrics = train_one_epoch(model, criterion, optimizer, batches, device, config["amp"], progress)
+        metrics = train_one_epoch(model, criterion, optimizer, model_batches(batches, device, prepared.transform),
+                                  device, config["amp"], progress)
         if progress is not None:
             progress.close()
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics["epoch"] = epoch
+        sync_buffers(unwrap(model))
+        val = sharded_logits(unwrap(model), prepared, "val", device, config["image_size"], rank, world)
         if rank == 0:
-            val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=256)
-            logits, labels = predict_logits(unwrap(model), val_batches, device)
-            metrics.update(evaluate(logits, labels, config["loss"], source_prior, config["train_counts"]))
+            metrics.update(evaluate(*val, config["loss"], source_prior, config["train_counts"]))
             history.append(metrics)
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(Path(d), {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -281,8 +274,7 @@ def align_execution_index(ds, epoch: int) -> None:
 
 
 def train_data_config(run_dir: str | None = None):
-    """Ray Train's ``DataConfig`` for a run: only ``train`` is split across workers (every worker sees the whole val
-    split); the train split's execution keeps block order, so which rows each worker gets in epoch e, and in what
+    """Ray Train's ``DataConfig`` for a run: ``train`` is split across workers; its execution keeps block order, so which rows each worker gets in epoch e, and in what
     order, follows from the seed alone (Ray Data otherwise hands out blocks in completion order); and a worker
     group started from a checkpoint of the run in ``run_dir`` continues the per-epoch file order where it was."""
     from ray.train import DataConfig
@@ -329,7 +321,7 @@ def build_trainer(config: dict, prepared, callbacks: list | None = None):
                              failure_config=FailureConfig(max_failures=config["max_failures"]),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks,
                              logging_config=train_logging_config(), worker_runtime_env=worker_env()),
-        datasets={"train": prepared.train_dataset(config["seed"], image_size=size),
-                  "val": prepared.ray_dataset("val", train=False, image_size=size)},
+        # Only the train split goes through Ray Train's ingest; each worker reads its share of val itself.
+        datasets={"train": prepared.train_dataset(config["seed"], image_size=size)},
         dataset_config=train_data_config(join_path(config["storage_path"], config["run_name"])),
     )

@@ -23,7 +23,8 @@ from lade_core.losses import posthoc_rules
 from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name
 from lade_core.report import FORMATS, format_table
 from lade_core.runtime import quiet_logging
-from lade_core.tracking import LOGITS_ARTIFACT, RunLogits, load_run_logits, resolve_tracking_uri
+from lade_core.artifacts import LOGITS_ARTIFACT, RunLogits, load_run_logits
+from lade_core.tracking import resolve_tracking_uri
 
 PRIORS = [shift_protocol_name(d, r) for d, r in SHIFT_PROTOCOL]
 COLUMNS = ["run", "loss", "posthoc", *PRIORS, "many", "medium", "few", "ece"]

@@ -28,8 +28,8 @@ from lade_core.evaluation import (METRICS, Target, calibration_by_mode, evaluate
 from lade_core.losses import LOSSES, posthoc_rules
 from lade_core.report import format_table
 from lade_core.runtime import quiet_logging
-from lade_core.tracking import (RunLogits, load_run_logits, log_metrics_once, log_table_once, read_logits_parquet,
-                                read_source_info, resolve_tracking_uri, run_for_model)
+from lade_core.artifacts import RunLogits, load_run_logits, read_logits_parquet, read_source_info, run_for_model
+from lade_core.tracking import log_metrics_once, log_table_once, resolve_tracking_uri
 
 TABLE_ARTIFACT = "eval/shift_table.json"
 FIGURES_DIR = "eval/figures"

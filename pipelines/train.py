@@ -18,7 +18,7 @@ from lade_core.config import resolve_config, validate_config
 from lade_core.data import DataError
 from lade_core.losses import LOSSES
 from lade_core.models import MODELS
-from lade_core.runs import SMOKE, finalize, load_dataset, storage_uri
+from lade_core.runs import SMOKE, check_against_dataset, finalize, load_dataset, storage_uri
 from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
 from lade_core.tracking import check_reachable, end_run, resolve_tracking_uri, start_or_resume_run
 from lade_core.training import build_trainer, join_path, latest_checkpoint
@@ -76,7 +76,7 @@ def check_cluster_fits(config: dict) -> None:
     res = ray.cluster_resources()
     need_cpu = config["num_workers"] * config["cpus_per_worker"]
     if res.get("CPU", 0) < need_cpu:
-        raise RuntimeError(f"num_workers={config['num_workers']} needs {need_cpu} CPUs; the cluster has {res.get('CPU', 0):g}")
+        raise RuntimeError(f"num_workers={config['num_workers']} needs {need_cpu:g} CPUs; the cluster has {res.get('CPU', 0):g}")
     if config["use_gpu"] and res.get("GPU", 0) < config["num_workers"]:
         raise RuntimeError(f"num_workers={config['num_workers']} with --use-gpu needs that many GPUs; the cluster has {res.get('GPU', 0):g}")
     for name, amount in (config["worker_resources"] or {}).items():
@@ -101,8 +101,7 @@ def main(argv=None) -> int:
         num_cpus = local_num_cpus(num_cpus, config["num_workers"] * config["cpus_per_worker"])
         validate_config(config)
         prepared = load_dataset(config, num_cpus)
-        config = validate_config(config, prepared.num_classes)
-        prepared.check_validation_split()
+        config = check_against_dataset(config, prepared)
         config["source_prior"] = prepared.source_prior.tolist()
         config["train_counts"] = prepared.class_counts("train")
         config["storage_path"] = storage_uri(config["storage_path"], "outputs/ray_results")

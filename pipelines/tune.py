@@ -22,7 +22,7 @@ import tune_spaces
 from lade_core.config import resolve_config, validate_config
 from lade_core.data import DataError
 from lade_core.report import format_table
-from lade_core.runs import SMOKE, finalize, load_dataset, storage_uri
+from lade_core.runs import SMOKE, check_against_dataset, finalize, load_dataset, storage_uri
 from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
 from lade_core.tracking import end_run, find_run, log_table_once, resolve_tracking_uri, start_or_resume_run
 from lade_core.training import join_path
@@ -167,8 +167,7 @@ def main(argv=None) -> int:
         validate_config(config)
         num_cpus = local_num_cpus(args.num_cpus, config["num_workers"] * config["cpus_per_worker"])
         prepared = load_dataset(config, num_cpus)
-        config = validate_config(config, prepared.num_classes)
-        prepared.check_validation_split()  # trials are selected on val, never on test
+        config = check_against_dataset(config, prepared)  # trials are selected on val, never on test
         if args.objective == "shift_mean" and 0 in prepared.class_counts("val"):
             raise ValueError("objective shift_mean needs every class in the val split; use --objective uniform")
         init_ray(num_cpus=num_cpus)

@@ -14,7 +14,7 @@ from PIL import Image
 from lade_core.evaluation import protocol_targets
 from lade_core.metrics import expected_calibration_error, nll, shot_accuracies
 from lade_core.posthoc import posthoc_logits
-from lade_core.tracking import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
+from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
 
 import compare  # noqa: E402  (pipelines/ is put on sys.path below)
 import evaluate  # noqa: E402

@@ -143,7 +143,7 @@ def test_evaluate_refuses_bad_logits_priors_and_files(tmp_path, capsys, case, me
     import json
 
     import evaluate  # pipelines/ is on sys.path (conftest)
-    from lade_core.tracking import write_logits_parquet
+    from lade_core.artifacts import write_logits_parquet
 
     logits, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
     info = {"source_prior": [0.5, 0.3, 0.2], "train_counts": [50, 30, 20]}

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from lade_core.inference import predict_logits
 from lade_core.losses import LADELoss
 from lade_core.models import build_model
-from lade_core.training import build_optimizer, predict_logits, train_one_epoch
+from lade_core.training import build_optimizer, train_one_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 C = 10
@@ -65,7 +66,8 @@ def test_train_one_epoch_nccl_ddp_with_amp(tmp_path):
         g = torch.Generator().manual_seed(0)
         labels = torch.randint(0, C, (256,), generator=g)
         images = torch.randn(256, 3, 32, 32, generator=g) * 0.5 + labels[:, None, None, None] * 0.3 / C
-        batches = [{"image": images[i:i + 64], "label": labels[i:i + 64]} for i in range(0, 256, 64)]
+        batches = [{"image": images[i:i + 64].to(device), "label": labels[i:i + 64], "index": torch.arange(i, i + 64)}
+                   for i in range(0, 256, 64)]  # as model_batches yields them: images already on the device
         first = train_one_epoch(ddp, criterion, optimizer, batches, device, amp=True)
         for _ in range(4):
             last = train_one_epoch(ddp, criterion, optimizer, batches, device, amp=True)
@@ -73,8 +75,8 @@ def test_train_one_epoch_nccl_ddp_with_amp(tmp_path):
             assert math.isfinite(first[k]) and math.isfinite(last[k])
         assert last["train/loss"] < first["train/loss"]  # it learns under bf16 autocast
         assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
-        logits, out_labels = predict_logits(model, batches, device)
+        logits, out_labels, index = predict_logits(model, batches)
         assert logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.shape == (256, C)
-        assert torch.equal(out_labels, labels)
+        assert torch.equal(out_labels, labels) and torch.equal(index, torch.arange(256))
     finally:
         dist.destroy_process_group()

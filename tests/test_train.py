@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lade_core.models import build_model
-from lade_core.tracking import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
+from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
 
 from conftest import run_prepare, run_train, write_sorted_list_dataset
 

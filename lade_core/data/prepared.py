@@ -49,6 +49,11 @@ class PreparedDataset:
         return self.manifest.get("image_size")
 
     @property
+    def transform(self) -> str:
+        """The transform family (``cifar`` / ``imagenet``): augmentation and the normalization statistics."""
+        return self.manifest["transform"]
+
+    @property
     def test_split(self) -> str:
         """The split final results are reported on: ``test``, else ``val`` for a dataset published without one."""
         return "test" if "test" in self.manifest["splits"] else "val"
@@ -83,15 +88,18 @@ class PreparedDataset:
         return self.ray_dataset("train", train=True, image_size=image_size,
                                 shuffle=FileShuffleConfig(seed=int(seed), reseed_after_execution=True))
 
-    def ray_dataset(self, split: str, *, train: bool | None = None, image_size: int | None = None, shuffle=None):
-        """A Ray Dataset of {"image": float32 [3, H, W], "label": int64}, decoded and (train split) augmented.
-        ``shuffle``: passed to ``read_parquet`` (file order)."""
+    def ray_dataset(self, split: str, *, train: bool | None = None, image_size: int | None = None, shuffle=None,
+                    shard: tuple[int, int] | None = None):
+        """A Ray Dataset of {"image": uint8 [3, H, W], "label": int64, "index": int64}, decoded and (train split)
+        augmented; ``lade_core.data.transforms.normalize`` makes the model input on the worker.
+        ``shuffle``: passed to ``read_parquet`` (file order). ``shard=(rank, world)``: only the rows with
+        ``index % world == rank`` (one inference worker's disjoint share)."""
         import ray.data
 
         self._check_split(split)
         augment = (split == "train") if train is None else train
         size = image_size or self.image_size
-        fn = partial(decode_augment, kind=self.manifest["transform"], train=augment, image_size=size)
+        fn = partial(decode_augment, kind=self.manifest["transform"], train=augment, image_size=size, shard=shard)
         ctx = ray.data.DataContext.get_current()
         v2 = ctx.use_datasource_v2
         if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:

@@ -1,0 +1,126 @@
+"""The contract between training and evaluation: what a finished run stores, and how it is written and read back.
+
+A run trained by ``pipelines/train.py`` (or the champion of ``pipelines/tune.py``) holds, in MLflow:
+  - ``data/source_prior.json``: {"source_prior": p_s [C], "train_counts": [C]} (written when the run starts);
+  - ``eval/test_logits.parquet``: the test split's logits [N, C] float32 and labels [N], in test-split order;
+  - ``checkpoint/state_dict.pt``: the final model's state dict (loads with ``weights_only=True``);
+  - the logged model ``model`` (mlflow.pytorch, pt2), optionally registered;
+  - params (the resolved config) and metrics (``train/*``, ``val/*``, ``lr`` per epoch; ``test/*`` once).
+Evaluation (``pipelines/evaluate.py``, ``compare.py``) reads only these, through ``load_run_logits``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+LOGITS_ARTIFACT = "eval/test_logits.parquet"
+PRIOR_ARTIFACT = "data/source_prior.json"
+STATE_DICT_ARTIFACT = "checkpoint/state_dict.pt"
+MODEL_NAME = "model"  # the run's logged model (mlflow.pytorch, pt2)
+
+
+def write_source_info(path: str | Path, source_prior, train_counts) -> None:
+    Path(path).write_text(json.dumps({"source_prior": [float(x) for x in source_prior],
+                                      "train_counts": [int(x) for x in train_counts]}))
+
+
+def write_logits_parquet(path: str | Path, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Test logits [N, C] float32 as a fixed-size-list column plus int64 labels."""
+    n, c = logits.shape
+    flat = pa.array(logits.float().numpy().reshape(-1), pa.float32())
+    table = pa.table({"label": pa.array(labels.numpy().astype(np.int64)),
+                      "logits": pa.FixedSizeListArray.from_arrays(flat, c)})
+    pq.write_table(table, str(path))
+
+
+def read_logits_parquet(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    table = pq.read_table(str(path))
+    col = table.column("logits").combine_chunks()
+    c = col.type.list_size
+    logits = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(-1, c).copy())
+    return logits, torch.from_numpy(table.column("label").to_numpy().copy())
+
+
+# --- Reading a finished run back (evaluation, comparison, tuning) ----------------------------------------------
+
+@dataclass(frozen=True)
+class RunLogits:
+    """What evaluation needs from a training run: test logits [N, C], labels [N], p_s [C], train counts, loss."""
+
+    run_id: str
+    run_name: str
+    loss: str
+    logits: torch.Tensor
+    labels: torch.Tensor
+    source_prior: torch.Tensor
+    train_counts: list[int]
+
+    def __post_init__(self):
+        """Whatever the logits came from (an MLflow run, a local file), they are checked before any metric."""
+        from .priors import validate_prior
+
+        if self.logits.ndim != 2 or self.logits.shape[0] != self.labels.shape[0]:
+            raise ValueError(f"{self.run_name}: logits must be [N, C] with one label per row; got logits "
+                             f"{tuple(self.logits.shape)} and {tuple(self.labels.shape)} labels")
+        n, c = self.logits.shape
+        bad = (~torch.isfinite(self.logits)).any(dim=1).nonzero().flatten()
+        if bad.numel():
+            raise ValueError(f"{self.run_name}: logits are NaN or infinite in {bad.numel()} rows, e.g. {bad[:10].tolist()}")
+        if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= c):
+            raise ValueError(f"{self.run_name}: labels must lie in [0, {c}), got [{int(self.labels.min())}, "
+                             f"{int(self.labels.max())}]")
+        validate_prior(self.source_prior, c, "source prior")
+        if len(self.train_counts) != c:
+            raise ValueError(f"{self.run_name}: train_counts has {len(self.train_counts)} entries for {c} classes")
+
+
+def run_for_model(client, model_uri: str) -> str:
+    """The training run behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri.startswith("models:/") or model_uri.count("/") not in (1, 2):
+        raise ValueError(f"model must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
+    ref = model_uri[len("models:/"):]
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, number = ref.split("/", 1)
+            version = client.get_model_version(name, number)
+        else:
+            raise ValueError(f"{model_uri!r} names no alias or version: use models:/{ref}@ALIAS or models:/{ref}/VERSION")
+    except MlflowException as e:
+        raise ValueError(f"unknown model {model_uri!r}: {e.message}") from e
+    if not version.run_id:
+        raise ValueError(f"{model_uri} (version {version.version}) is not linked to a training run")
+    return version.run_id
+
+
+def load_run_logits(client, run_id: str) -> RunLogits:
+    """Download the run's test logits and source prior; errors name what is missing."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise ValueError(f"unknown run id {run_id!r} in {client.tracking_uri}") from e
+    have = {a.path for d in (Path(LOGITS_ARTIFACT).parent, Path(PRIOR_ARTIFACT).parent)
+            for a in client.list_artifacts(run_id, str(d))}
+    for needed in (LOGITS_ARTIFACT, PRIOR_ARTIFACT):
+        if needed not in have:
+            raise ValueError(f"run {run_id} ({run.info.run_name}) has no {needed} artifact: only runs trained to the "
+                             "end by pipelines/train.py store test logits")
+    logits, labels = read_logits_parquet(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=LOGITS_ARTIFACT, tracking_uri=client.tracking_uri))
+    source_prior, train_counts = read_source_info(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=PRIOR_ARTIFACT, tracking_uri=client.tracking_uri))
+    return RunLogits(run_id, run.info.run_name, run.data.params.get("loss", "lade"), logits, labels,
+                     source_prior, train_counts)

@@ -1,0 +1,116 @@
+"""Running a trained model over a prepared split, where the accelerators are — never on the driver.
+
+- During training, ``sharded_logits``: the DDP workers each run the model on a disjoint share of the split
+  (``index % world == rank``) and rank 0 gathers the logits (validation, every epoch).
+- After training, ``batch_logits``: Ray Data batch inference on an actor pool (one GPU per actor when the run used
+  GPUs), for the test logits a finished run stores.
+Both return logits in split order (by the ``index`` column), with every sample exactly once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data.transforms import normalize
+from .models import build_model
+
+
+def model_batches(batches, device: torch.device, kind: str):
+    """Ray Data batches {"image": uint8 [B, 3, H, W], "label": [B], "index": [B]} -> the same with "image" as the
+    model's normalized float32 input on ``device``: the conversion runs where the model runs (its GPU if any)."""
+    for batch in batches:
+        yield {**batch, "image": normalize(batch["image"].to(device, non_blocking=True), kind)}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [N, C] (float32, CPU), labels [N] and split indices [N] over batches from ``model_batches``."""
+    model.eval()
+    logits, labels, index = [], [], []
+    for batch in batches:
+        logits.append(model(batch["image"]).float().cpu())
+        labels.append(batch["label"].cpu())
+        index.append(batch["index"].cpu())
+    if not logits:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(logits), torch.cat(labels), torch.cat(index)
+
+
+def merge_shards(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_samples: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shards of (logits [n_k, C], labels [n_k], index [n_k]) -> logits [N, C] and labels [N] in split order (by
+    index); an error if any sample is missing or repeated."""
+    parts = [p for p in parts if len(p[2])]
+    logits = torch.cat([p[0] for p in parts])
+    labels, index = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    order = torch.argsort(index)
+    if len(index) != num_samples or bool((index[order][1:] == index[order][:-1]).any()):
+        raise RuntimeError(f"sharded inference returned {len(index)} rows ({len(torch.unique(index))} distinct) for a "
+                           f"split of {num_samples}: samples were dropped or repeated")
+    return logits[order], labels[order]
+
+
+def sharded_logits(model: nn.Module, prepared, split: str, device: torch.device, image_size: int | None,
+                   rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Logits of ``split`` computed by all ``world`` DDP workers together: each runs ``model`` on its disjoint share
+    (``index % world == rank``) and rank 0 gathers them. Returns (logits [N, C], labels [N]) in split order on
+    rank 0, None on the others. Every rank must call it (a collective)."""
+    ds = prepared.ray_dataset(split, train=False, image_size=image_size, shard=(rank, world) if world > 1 else None)
+    batches = model_batches(ds.iter_torch_batches(batch_size=256), device, prepared.transform)
+    part = predict_logits(model, batches)
+    parts = [part]
+    if world > 1:
+        import torch.distributed as dist
+
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(part, parts, dst=0)
+    return merge_shards(parts, prepared.manifest["splits"][split]["num_samples"]) if rank == 0 else None
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP broadcasts them at the start of each
+    training forward, but each rank then updates them on its own batch: without this, sharded evaluation would
+    mix slightly different models, and differ from the checkpoint (rank 0's)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
+class _LogitsActor:
+    """A Ray Data actor: builds the model once, then maps uint8 image batches to logits."""
+
+    def __init__(self, model_name: str, num_classes: int, state_dict, kind: str, use_gpu: bool):
+        import ray
+
+        state = ray.get(state_dict) if isinstance(state_dict, ray.ObjectRef) else state_dict
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = build_model(model_name, num_classes)
+        self.model.load_state_dict(state)
+        self.model.to(self.device).eval()
+        self.kind = kind
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        x = normalize(torch.from_numpy(batch["image"]).to(self.device), self.kind)  # [B, 3, H, W] float32
+        return {"logits": self.model(x).float().cpu().numpy(), "label": batch["label"], "index": batch["index"]}
+
+
+def batch_logits(prepared, split: str, model_name: str, state_dict: dict, *, image_size: int | None,
+                 num_actors: int, use_gpu: bool, cpus_per_actor: float = 1, batch_size: int = 256
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, C] and labels [N] of ``split`` in split order, by Ray Data batch inference on ``num_actors``
+    actors (each with a GPU if ``use_gpu``); the driver only collects the results."""
+    import numpy as np
+    import ray
+
+    ds = prepared.ray_dataset(split, train=False, image_size=image_size)
+    out = ds.map_batches(_LogitsActor, batch_format="numpy", batch_size=batch_size, concurrency=num_actors,
+                         num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor,
+                         fn_constructor_kwargs={"model_name": model_name, "num_classes": prepared.num_classes,
+                                                "state_dict": ray.put(state_dict), "kind": prepared.transform,
+                                                "use_gpu": use_gpu})
+    parts = [(torch.from_numpy(np.asarray(b["logits"])), torch.from_numpy(np.asarray(b["label"])),
+              torch.from_numpy(np.asarray(b["index"]))) for b in out.iter_batches(batch_size=None, batch_format="numpy")]
+    return merge_shards(parts, prepared.manifest["splits"][split]["num_samples"])
