@@ -76,7 +76,7 @@ def check_cluster_fits(config: dict) -> None:
     res = ray.cluster_resources()
     need_cpu = config["num_workers"] * config["cpus_per_worker"]
     if res.get("CPU", 0) < need_cpu:
-        raise RuntimeError(f"num_workers={config['num_workers']} needs {need_cpu} CPUs; the cluster has {res.get('CPU', 0):g}")
+        raise RuntimeError(f"num_workers={config['num_workers']} needs {need_cpu:g} CPUs; the cluster has {res.get('CPU', 0):g}")
     if config["use_gpu"] and res.get("GPU", 0) < config["num_workers"]:
         raise RuntimeError(f"num_workers={config['num_workers']} with --use-gpu needs that many GPUs; the cluster has {res.get('GPU', 0):g}")
     for name, amount in (config["worker_resources"] or {}).items():
