@@ -116,8 +116,15 @@ def test_inference(root: str) -> tuple[float, float]:
     batches = ds.ray_dataset("test", train=False).iter_torch_batches(batch_size=256)
     predict_logits(model, model_batches(batches, torch.device("cpu"), ds.transform))
     driver = time.perf_counter() - t0
+    from ray.train import Checkpoint
+
+    from lade_core.training import save_checkpoint
+
+    ckpt = Path(root).parent / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    save_checkpoint(ckpt, {"model": model.state_dict(), "epoch": 0}, {}, [])
     t0 = time.perf_counter()
-    batch_logits(ds, "test", "resnet32", model.state_dict(), image_size=None, num_actors=2, use_gpu=False)
+    batch_logits(ds, "test", "resnet32", Checkpoint(str(ckpt)), image_size=None, num_actors=2, use_gpu=False)
     return driver, time.perf_counter() - t0
 
 

@@ -30,6 +30,12 @@ def write_source_info(path: str | Path, source_prior, train_counts) -> None:
                                       "train_counts": [int(x) for x in train_counts]}))
 
 
+def read_source_info(path: str | Path) -> tuple[torch.Tensor, list[int]]:
+    """A run's ``data/source_prior.json``: the source prior float64 [C] and the training class counts."""
+    info = json.loads(Path(path).read_text())
+    return torch.tensor(info["source_prior"], dtype=torch.float64), list(info["train_counts"])
+
+
 def write_logits_parquet(path: str | Path, logits: torch.Tensor, labels: torch.Tensor) -> None:
     """Test logits [N, C] float32 as a fixed-size-list column plus int64 labels."""
     n, c = logits.shape

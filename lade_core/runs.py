@@ -53,7 +53,7 @@ def storage_uri(path: str | None, default: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def finalize(config: dict, prepared, checkpoint_dir: Path) -> dict:
+def finalize(config: dict, prepared, checkpoint) -> dict:
     """Test logits -> MLflow (Parquet artifact + metrics), the model (optionally registered), a summary table, and
     the run marked FINISHED. The test logits come from Ray Data batch inference on actors with the run's
     resources (its GPUs in a ``use_gpu`` run), never from the driver's CPU.
@@ -64,13 +64,14 @@ def finalize(config: dict, prepared, checkpoint_dir: Path) -> dict:
     import mlflow
 
     client, run_id = mlflow.MlflowClient(config["mlflow_uri"]), config["mlflow_run_id"]
-    state = load_checkpoint(checkpoint_dir)
+    with checkpoint.as_directory() as d:  # ``checkpoint``: the run's final ``ray.train.Checkpoint``
+        state = load_checkpoint(d)
     have = {a.path for d in ("eval", "checkpoint") for a in client.list_artifacts(run_id, d)}
     if LOGITS_ARTIFACT in have:
         logits, labels = read_logits_parquet(mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=LOGITS_ARTIFACT, tracking_uri=config["mlflow_uri"]))
     else:
-        logits, labels = batch_logits(prepared, prepared.test_split, config["model"], state["model"],
+        logits, labels = batch_logits(prepared, prepared.test_split, config["model"], checkpoint,
                                       image_size=config["image_size"], num_actors=config["num_workers"],
                                       use_gpu=config["use_gpu"], cpus_per_actor=config["cpus_per_worker"])
         with tempfile.TemporaryDirectory() as d:

@@ -141,8 +141,7 @@ def main(argv=None) -> int:
             checkpoint = ray.train.Checkpoint(latest[1])
         else:
             checkpoint = build_trainer(config, prepared).fit().checkpoint
-        with checkpoint.as_directory() as d:
-            finalize(config, prepared, Path(d))
+        finalize(config, prepared, checkpoint)
     except BaseException:
         end_run(config["mlflow_uri"], run_id, failed=True)  # a crashed run shows FAILED, not FINISHED
         raise

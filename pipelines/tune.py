@@ -134,8 +134,7 @@ def register_champion(client, best, prepared, name: str) -> str:
     exp = client.get_experiment_by_name(best.config["experiment"])
     run = find_run(client, exp.experiment_id, run_name)
     config = {**best.config, "run_name": run_name, "mlflow_run_id": run.info.run_id, "register": name}
-    with Checkpoint(best.metrics["checkpoint_path"]).as_directory() as d:
-        finalize(config, prepared, Path(d))  # idempotent: a rerun logs and registers nothing new
+    finalize(config, prepared, Checkpoint(best.metrics["checkpoint_path"]))  # idempotent: reruns add nothing
     (version,) = [v for v in client.search_model_versions(f"run_id = '{run.info.run_id}'") if v.name == name]
     client.set_registered_model_alias(name, CHAMPION, version.version)  # moves the alias if it exists
     return f"models:/{name}@{CHAMPION} -> version {version.version} (run {run_name})"

@@ -15,7 +15,7 @@ import pytest
 from lade_core.tracking import find_run
 from lade_core.training import latest_checkpoint
 
-from conftest import REPO, run_prepare  # noqa: F401  (REPO: the checkout the pipelines run from)
+from conftest import REPO
 
 pytestmark = pytest.mark.slow
 SERIES = ("val/top1", "val/ece", "train/loss", "lr")

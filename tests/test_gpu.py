@@ -1,6 +1,5 @@
 """The GPU path: LADE under bf16 autocast on CUDA, and a DDP training epoch over NCCL. Skipped without CUDA."""
 import math
-import os
 
 import pytest
 import torch

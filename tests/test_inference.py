@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from lade_core.data.transforms import _STATS, decode_augment, normalize
+from lade_core.data.transforms import _STATS, cifar_batch_transform, decode_augment, normalize
 from lade_core.inference import merge_shards
 
 
@@ -48,27 +48,9 @@ def test_merge_shards_orders_by_index_and_refuses_drops_and_repeats():
         merge_shards([a, a, (b[0][:1], b[1][:1], b[2][:1])], 5)  # repeated rows with the right count
 
 
-def _sharded_loop(config):
-    import ray.train
-
-    from lade_core.data import open_prepared
-    from lade_core.inference import sharded_logits
-    from lade_core.models import build_model
-
-    ctx = ray.train.get_context()
-    model = build_model("resnet32", 4)
-    model.load_state_dict(config["state"])
-    out = sharded_logits(model, open_prepared(config["dataset"]), "val", torch.device("cpu"), None,
-                         ctx.get_world_rank(), ctx.get_world_size())
-    if ctx.get_world_rank() == 0:
-        torch.save(out, config["out"])
-    else:
-        assert out is None
-
-
 @pytest.mark.slow
 def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray_local):
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import Checkpoint, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from lade_core.data import open_prepared
@@ -76,7 +58,9 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
     from lade_core.data.synthetic import make_synthetic
     from lade_core.inference import batch_logits, model_batches, predict_logits
     from lade_core.models import build_model
+    from lade_core.training import save_checkpoint
 
+    (tmp_path / "ckpt").mkdir()
     # 4 classes: val 4 x 5 = 20 rows and test 4 x 7 = 28 rows, neither divisible by 3 workers.
     prepare_dataset(make_synthetic(num_classes=4, image_size=16, max_count=20, imbalance_ratio=2, val_per_class=5,
                                    test_per_class=7), tmp_path / "d", progress=False)
@@ -97,6 +81,24 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
         assert index[order].tolist() == sorted(set(index.tolist())) and len(index) == len(set(index.tolist()))
         return logits[order], labels[order]
 
+    # Defined here, not at module level: Ray pickles a local function by value (workers cannot import tests).
+    def _sharded_loop(config):
+        import ray.train
+
+        from lade_core.data import open_prepared
+        from lade_core.inference import sharded_logits
+        from lade_core.models import build_model
+
+        ctx = ray.train.get_context()
+        model = build_model("resnet32", 4)
+        model.load_state_dict(config["state"])
+        out = sharded_logits(model, open_prepared(config["dataset"]), "val", torch.device("cpu"), None,
+                             ctx.get_world_rank(), ctx.get_world_size())
+        if ctx.get_world_rank() == 0:
+            torch.save(out, config["out"])
+        else:
+            assert out is None
+
     out = tmp_path / "val_logits.pt"
     TorchTrainer(_sharded_loop, train_loop_config={"state": model.state_dict(), "dataset": str(tmp_path / "d"),
                                                     "out": str(out)},
@@ -107,8 +109,26 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
     assert sharded.shape == (20, 4) and torch.equal(sharded_labels, ref_labels)
     assert torch.allclose(sharded, ref, atol=1e-5)
 
-    test, test_labels = batch_logits(prepared, "test", "resnet32", model.state_dict(), image_size=None, num_actors=2,
-                                     use_gpu=False, batch_size=5)
+    save_checkpoint(tmp_path / "ckpt", {"model": model.state_dict(), "epoch": 0}, {}, [])
+    test, test_labels = batch_logits(prepared, "test", "resnet32", Checkpoint(str(tmp_path / "ckpt")), image_size=None,
+                                     num_actors=2, use_gpu=False, batch_size=5)
     ref, ref_labels = single("test")
     assert test.shape == (28, 4) and torch.equal(test_labels, ref_labels)
     assert torch.allclose(test, ref, atol=1e-5)
+
+
+def test_cifar_batch_transform_is_a_crop_of_the_padded_image_or_its_mirror():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = cifar_batch_transform(images, 32, train=True)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    offsets, flips = set(), 0
+    for i in range(64):
+        found = [(t, l, f) for t in range(9) for l in range(9) for f in (False, True)
+                 if torch.equal(out[i], (lambda c: c.flip(-1) if f else c)(padded[i, :, t:t + 32, l:l + 32]))]
+        assert found, i
+        offsets.add(found[0][:2])
+        flips += found[0][2]
+    assert len(offsets) > 20 and 15 < flips < 49  # each image its own crop and coin
+    assert torch.equal(cifar_batch_transform(images, 32, train=False), images)
+    assert torch.equal(cifar_batch_transform(images, 24, train=False), images[:, :, 4:28, 4:28])

@@ -12,7 +12,7 @@ import torch
 from ..priors import prior_from_counts
 from .prepare import MANIFEST
 from .sources import DataError
-from .transforms import decode_augment
+from .transforms import decode_augment_chunks
 
 _REQUIRED = ("name", "num_classes", "transform", "splits")
 
@@ -99,7 +99,7 @@ class PreparedDataset:
         self._check_split(split)
         augment = (split == "train") if train is None else train
         size = image_size or self.image_size
-        fn = partial(decode_augment, kind=self.manifest["transform"], train=augment, image_size=size, shard=shard)
+        fn = partial(decode_augment_chunks, kind=self.manifest["transform"], train=augment, image_size=size, shard=shard)
         ctx = ray.data.DataContext.get_current()
         v2 = ctx.use_datasource_v2
         if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
@@ -108,10 +108,11 @@ class PreparedDataset:
             # (bench/README.md, train_overhead). The user's RAY_DATA_USE_DATASOURCE_V2 wins if set.
             ctx.use_datasource_v2 = False
         try:
-            ds = ray.data.read_parquet(str(self.root / split), shuffle=shuffle)
+            ds = ray.data.read_parquet(str(self.root / split), shuffle=shuffle, columns=["image", "label", "index"])
         finally:
             ctx.use_datasource_v2 = v2
-        return ds.select_columns(["image", "label", "index"]).map_batches(fn, batch_format="numpy", batch_size=64)
+        # batch_size=None: the decode runs inside the read task (fused), a block at a time, in 64-row chunks.
+        return ds.map_batches(fn, batch_format="numpy", batch_size=None)
 
     def raw_split(self, split: str, columns: list[str] | None = None):
         """The split's Parquet rows as a pyarrow Table (encoded bytes), read without Ray."""
