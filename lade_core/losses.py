@@ -33,10 +33,17 @@ def check_targets(targets: torch.Tensor, num_classes: int) -> None:
     """One clear error for labels outside [0, C) instead of a device-side assert deep inside a kernel."""
     if targets.dim() != 1:
         raise ValueError(f"targets must have shape [N], got {tuple(targets.shape)}")
-    if targets.numel():
-        lo, hi = (int(v) for v in torch.aminmax(targets))
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(f"targets out of range: labels must lie in [0, {num_classes}), got [{lo}, {hi}]")
+    if not targets.numel():
+        return
+    if targets.device.type != "cpu":
+        # On an accelerator a host-side check costs a sync every step; the device-side assert stops the step
+        # with this message instead (the training input is checked at preparation, so it never fires there).
+        torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
+                            f"targets out of range: labels must lie in [0, {num_classes})")
+        return
+    lo, hi = (int(v) for v in torch.aminmax(targets))
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"targets out of range: labels must lie in [0, {num_classes}), got [{lo}, {hi}]")
 
 
 def _check_logits(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -135,7 +142,8 @@ class _LADEFunction(torch.autograd.Function):
     def forward(ctx, z, targets, log_prior, offset, weights, lam, alpha, ce_weight, present_only):  # z [N, C]
         n_samples, num_classes = z.shape
         rows = torch.arange(n_samples, device=z.device)
-        counts = torch.bincount(targets, minlength=num_classes).to(z.dtype)  # [C]
+        # n_c per class [C]; index_add_ rather than bincount, whose output size needs a host sync on a GPU.
+        counts = z.new_zeros(num_classes).index_add_(0, targets, z.new_ones(n_samples))
         if ce_weight:
             log_probs = torch.log_softmax(z + log_prior, dim=1)  # [N, C]; saved: backward is one exp
             ce = -log_probs[rows, targets].mean()

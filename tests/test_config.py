@@ -121,3 +121,12 @@ def test_validate_config_checks_sampled_values_and_dataset_dependent_rules():
         validate_config({**cfg, "class_weights": [1, 1, 1]}, 2)
     with pytest.raises(ValueError, match="no dataset"):
         validate_config({**cfg, "dataset": None})
+
+
+def test_an_image_size_the_model_cannot_train_on_is_refused_without_compute():
+    from lade_core.models import check_input_size
+
+    check_input_size("resnet32", 10, 8, 2)  # the CIFAR ResNet takes 8 px
+    check_input_size("resnet50", 10, 32, 2)
+    with pytest.raises(ValueError, match="model resnet50 cannot train on 8x8 images in batches of 1 per worker"):
+        check_input_size("resnet50", 10, 8, 1)  # BatchNorm would see one value per channel
