@@ -7,18 +7,18 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import LOGITS_ARTIFACT, MODEL_NAME, STATE_DICT_ARTIFACT, read_logits_parquet, write_logits_parquet
+from .config import validate_config
 from .data import open_prepared
 from .data.prepare import prepare_dataset, summary_line
 from .data.synthetic import make_synthetic
+from .data.transforms import default_image_size, normalize
 from .evaluation import evaluate_targets, protocol_targets
+from .inference import batch_logits
 from .losses import posthoc_rules
 from .models import build_model, check_input_size
 from .report import format_table
 from .runtime import init_ray
-from .artifacts import LOGITS_ARTIFACT, MODEL_NAME, STATE_DICT_ARTIFACT, read_logits_parquet, write_logits_parquet
-from .config import validate_config
-from .data.transforms import default_image_size, normalize
-from .inference import batch_logits
 from .tracking import end_run, log_metrics_once, logged_model_uri, register_once
 from .training import load_checkpoint
 
