@@ -147,8 +147,8 @@ class TrainConfig:
             raise ValueError(f"{where('schedule')}: schedule multistep needs milestones, e.g. [120, 160]")
         if s.name == "step" and s.step_size is None:
             raise ValueError(f"{where('schedule')}: schedule step needs step_size")
-        for key, used_by in (("milestones", "multistep"), ("step_size", "step"), ("gamma", ("multistep", "step"))):
-            if getattr(s, key) is not None and s.name not in (used_by if isinstance(used_by, tuple) else (used_by,)):
+        for key, used_by in (("milestones", ("multistep",)), ("step_size", ("step",)), ("gamma", ("multistep", "step"))):
+            if getattr(s, key) is not None and s.name not in used_by:
                 raise ValueError(f"{where('schedule')}: schedule.{key} has no effect with schedule {s.name}")
         if s.milestones and list(s.milestones) != sorted(set(s.milestones)):
             raise ValueError(f"{where('schedule')}: schedule.milestones must be strictly ascending, got {s.milestones}")

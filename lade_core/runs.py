@@ -64,8 +64,6 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
     import mlflow
 
     client, run_id = mlflow.MlflowClient(config["mlflow_uri"]), config["mlflow_run_id"]
-    with checkpoint.as_directory() as d:  # ``checkpoint``: the run's final ``ray.train.Checkpoint``
-        state = load_checkpoint(d)
     have = {a.path for d in ("eval", "checkpoint") for a in client.list_artifacts(run_id, d)}
     if LOGITS_ARTIFACT in have:
         logits, labels = read_logits_parquet(mlflow.artifacts.download_artifacts(
@@ -87,11 +85,14 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
     log_metrics_once(client, run_id, {"test/top1": u["top1"], "test/many": u["many"], "test/medium": u["medium"],
                                       "test/few": u["few"], "test/nll": u["nll"], "test/ece": u["ece"],
                                       **{f"test/{name}/top1": table[name]["top1"] for name in ("forward_10", "backward_10")}})
+    model_uri = logged_model_uri(client, run_id, MODEL_NAME)
+    if STATE_DICT_ARTIFACT not in have or model_uri is None:  # a finished run's rerun reads no checkpoint
+        with checkpoint.as_directory() as d:  # ``checkpoint``: the run's final ``ray.train.Checkpoint``
+            state = load_checkpoint(d)
     if STATE_DICT_ARTIFACT not in have:
         with tempfile.TemporaryDirectory() as d:
             torch.save(state["model"], Path(d) / Path(STATE_DICT_ARTIFACT).name)
             client.log_artifact(run_id, str(Path(d) / Path(STATE_DICT_ARTIFACT).name), str(Path(STATE_DICT_ARTIFACT).parent))
-    model_uri = logged_model_uri(client, run_id, MODEL_NAME)
     if model_uri is None:
         model = build_model(config["model"], prepared.num_classes)
         model.load_state_dict(state["model"])
