@@ -1,0 +1,144 @@
+"""Estimating the target prior p_t(y) from unlabeled target data, to inject it where the paper assumes it known
+(Eq. 6 / Eq. 17). torch/numpy only.
+
+Every estimator starts from the model's *source* posteriors p_s(y|x). Which those are depends on the loss that
+produced the logits, through its post-hoc rule evaluated at p_t = p_s (``source_logits``):
+  - plain softmax (rule ``pc``): logits - log p_s + log p_s = the logits; p_s(y|x) = softmax(z);
+  - LADE / Balanced Softmax (rule ``inject``): z + log p_s (Eq. 17 with p_t = p_s).
+
+- **BCTS** (bias-corrected temperature scaling; Alexandari et al., ICML 2020): softmax(z_s / T + b), T > 0, b [C],
+  fitted by NLL on labeled validation data from the source distribution (``fit_bcts``).
+- **EM / MLLS** (Saerens et al., 2002): the maximum-likelihood p_t as the fixed point of
+      w = p_t / p_s;  q_i(y) = p_s(y|x_i) w(y) / sum_k p_s(k|x_i) w(k);  p_t(y) = mean_i q_i(y).
+- **BBSE** (Lipton et al., 2018): with the validation joint confusion matrix C[i, j] = P(yhat = i, y = j) and the
+  target's predicted-label distribution mu[i] = P(yhat = i), solve C w = mu; p_t = clip(w, 0) * p_val, normalized.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .posthoc import posthoc_logits
+from .priors import validate_prior
+
+__all__ = ["CALIBRATIONS", "METHODS", "source_logits", "fit_bcts", "calibrate", "em_prior", "bbse_prior",
+           "estimate_target_prior"]
+
+METHODS = ("em", "bbse")
+CALIBRATIONS = (None, "bcts")
+
+
+def source_logits(logits: torch.Tensor, source_prior, loss: str) -> torch.Tensor:
+    """Logits [N, C] -> float64 logits whose softmax is the model's source posterior p_s(y|x): the loss's post-hoc
+    rule with p_t = p_s."""
+    from .losses import posthoc_rules  # the registry: losses.py imports no estimator
+
+    mode = posthoc_rules(loss)[0]
+    z = logits.double()
+    return z if mode == "raw" else posthoc_logits(z, mode, source_prior, source_prior)
+
+
+def fit_bcts(val_logits: torch.Tensor, val_labels: torch.Tensor, max_iter: int = 200) -> tuple[float, torch.Tensor]:
+    """BCTS: (temperature T, bias b [C] float64) minimizing the NLL of softmax(z / T + b) on validation logits
+    [N, C] (source-posterior logits, see ``source_logits``) and labels [N]. L-BFGS in float64 over (log T, b)."""
+    z = val_logits.double()
+    y = torch.as_tensor(val_labels, dtype=torch.int64)
+    if z.ndim != 2 or len(y) != len(z) or len(y) == 0:
+        raise ValueError(f"fit_bcts needs validation logits [N, C] and N labels, N > 0; got {tuple(z.shape)} and {tuple(y.shape)}")
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t, b], lr=1, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        # b is defined up to a constant shift (softmax is shift-invariant); the tiny ridge pins it near 0.
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp() + b, y) + 1e-8 * (b ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp()), (b - b.mean()).detach()
+
+
+def calibrate(z_source: torch.Tensor, calibration: tuple[float, torch.Tensor] | None) -> torch.Tensor:
+    """Calibrated source posteriors [N, C] float64: softmax(z / T + b), or softmax(z) without a calibration."""
+    if calibration is None:
+        return torch.softmax(z_source.double(), 1)
+    t, b = calibration
+    return torch.softmax(z_source.double() / float(t) + torch.as_tensor(b, dtype=torch.float64), 1)
+
+
+def em_prior(posteriors: torch.Tensor, source_prior, tol: float = 1e-8, max_iter: int = 10_000
+             ) -> tuple[torch.Tensor, dict]:
+    """MLLS / EM (Saerens et al. 2002) on source posteriors [N, C]: the target prior [C] float64 and
+    {"iterations", "converged"}."""
+    p = posteriors.double()
+    ps = validate_prior(source_prior, p.shape[1], "source_prior")
+    pt = ps.clone()
+    for it in range(1, max_iter + 1):
+        q = p * (pt / ps)  # E-step: posteriors re-weighted to the current target prior, [N, C]
+        q = q / q.sum(1, keepdim=True)
+        new = q.mean(0)  # M-step
+        done = float((new - pt).abs().max()) < tol
+        pt = new
+        if done:
+            return pt, {"iterations": it, "converged": True}
+    return pt, {"iterations": max_iter, "converged": False}
+
+
+def bbse_prior(posteriors: torch.Tensor, val_posteriors: torch.Tensor, val_labels: torch.Tensor
+               ) -> tuple[torch.Tensor, dict]:
+    """BBSE (Lipton et al. 2018) with hard predictions: the target prior [C] float64 and {"clipped": #classes}."""
+    c = posteriors.shape[1]
+    yv = torch.as_tensor(val_labels, dtype=torch.int64)
+    joint = torch.zeros(c, c, dtype=torch.float64)  # [predicted, true]
+    joint.index_put_((val_posteriors.argmax(1), yv), torch.ones(len(yv), dtype=torch.float64), accumulate=True)
+    joint /= len(yv)
+    mu = torch.bincount(posteriors.argmax(1), minlength=c).double() / len(posteriors)
+    w = torch.linalg.lstsq(joint, mu.unsqueeze(1)).solution.squeeze(1)  # least squares: C may be singular
+    p_val = torch.bincount(yv, minlength=c).double() / len(yv)
+    pt = w.clamp_min(0) * p_val
+    if float(pt.sum()) <= 0:
+        raise ValueError("BBSE found no positive class weight: too few validation or target samples for this many classes")
+    return pt / pt.sum(), {"clipped": int((w < 0).sum())}
+
+
+def estimate_target_prior(logits: torch.Tensor, source_prior, *, loss: str, method: str = "em",
+                          calibration: str | tuple[float, torch.Tensor] | None = None,
+                          val_logits: torch.Tensor | None = None, val_labels: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, dict]:
+    """Estimate p_t [C] (float64) from unlabeled target logits [N, C] of a model trained with ``loss``.
+
+    ``calibration``: None (posteriors as they are), ``"bcts"`` (fitted here on ``val_logits`` / ``val_labels``), or
+    a fitted (T, b). With a calibration EM's reference prior is the mean calibrated validation posterior when
+    validation logits are given: the prior those posteriors actually imply (EM's fixed point is then p_t = p_s on
+    source data), not the training frequencies. ``bbse`` needs ``val_logits`` and ``val_labels``.
+    Returns (prior, info) with info: method, calibration, and the estimator's own diagnostics.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown prior estimation method {method!r}; choose one of {METHODS}")
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [N, C]; got shape {tuple(logits.shape)}")
+    n, c = logits.shape
+    if n < c:
+        raise ValueError(f"estimating a target prior over {c} classes needs at least {c} unlabeled samples; got {n}")
+    has_val = val_logits is not None and val_labels is not None
+    if (method == "bbse" or calibration == "bcts") and not has_val:
+        raise ValueError(f"{method if method == 'bbse' else 'BCTS calibration'} needs validation logits and labels")
+    ps = validate_prior(source_prior, c, "source_prior")
+    if isinstance(calibration, str):
+        if calibration != "bcts":
+            raise ValueError(f"unknown calibration {calibration!r}; choose None, 'bcts' or a fitted (T, b)")
+        calibration = fit_bcts(source_logits(val_logits, ps, loss), val_labels)
+    post = calibrate(source_logits(logits, ps, loss), calibration)
+    info: dict = {"method": method,
+                  "calibration": None if calibration is None else {"temperature": float(calibration[0]),
+                                                                   "bias": [float(x) for x in calibration[1]]}}
+    val_post = calibrate(source_logits(val_logits, ps, loss), calibration) if has_val else None
+    if method == "em":
+        reference = val_post.mean(0) if (calibration is not None and val_post is not None) else ps
+        prior, diag = em_prior(post, reference)
+    else:
+        prior, diag = bbse_prior(post, val_post, val_labels)
+    return prior, {**info, **diag}
