@@ -3,8 +3,9 @@
 A run trained by ``pipelines/train.py`` (or the champion of ``pipelines/tune.py``) holds, in MLflow:
   - ``data/source_prior.json``: {"source_prior": p_s [C], "train_counts": [C]} (written when the run starts);
   - ``eval/test_logits.parquet``: the test split's logits [N, C] float32 and labels [N], in test-split order;
+  - ``eval/val_logits.parquet``: the same for the validation split (calibration, BBSE's confusion matrix);
   - ``checkpoint/state_dict.pt``: the final model's state dict (loads with ``weights_only=True``);
-  - the logged model ``model`` (mlflow.pytorch, pt2), optionally registered;
+  - the logged model ``model`` (an MLflow pyfunc, ``lade_core.serving``), optionally registered;
   - params (the resolved config) and metrics (``train/*``, ``val/*``, ``lr`` per epoch; ``test/*`` once).
 Evaluation (``pipelines/evaluate.py``, ``compare.py``) reads only these, through ``load_run_logits``.
 """
@@ -20,9 +21,10 @@ import pyarrow.parquet as pq
 import torch
 
 LOGITS_ARTIFACT = "eval/test_logits.parquet"
+VAL_LOGITS_ARTIFACT = "eval/val_logits.parquet"
 PRIOR_ARTIFACT = "data/source_prior.json"
 STATE_DICT_ARTIFACT = "checkpoint/state_dict.pt"
-MODEL_NAME = "model"  # the run's logged model (mlflow.pytorch, pt2)
+MODEL_NAME = "model"  # the run's logged model (pyfunc: lade_core.serving.LadeClassifier)
 
 
 def write_source_info(path: str | Path, source_prior, train_counts) -> None:
@@ -57,7 +59,8 @@ def read_logits_parquet(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass(frozen=True)
 class RunLogits:
-    """What evaluation needs from a training run: test logits [N, C], labels [N], p_s [C], train counts, loss."""
+    """What evaluation needs from a training run: test logits [N, C], labels [N], p_s [C], train counts, loss;
+    the validation logits [M, C] and labels [M] where the run stored them (prior estimation)."""
 
     run_id: str
     run_name: str
@@ -66,6 +69,8 @@ class RunLogits:
     labels: torch.Tensor
     source_prior: torch.Tensor
     train_counts: list[int]
+    val_logits: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
 
     def __post_init__(self):
         """Whatever the logits came from (an MLflow run, a local file), they are checked before any metric."""
@@ -128,5 +133,8 @@ def load_run_logits(client, run_id: str) -> RunLogits:
         run_id=run_id, artifact_path=LOGITS_ARTIFACT, tracking_uri=client.tracking_uri))
     source_prior, train_counts = read_source_info(mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path=PRIOR_ARTIFACT, tracking_uri=client.tracking_uri))
+    val = (read_logits_parquet(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=VAL_LOGITS_ARTIFACT, tracking_uri=client.tracking_uri))
+        if VAL_LOGITS_ARTIFACT in have else (None, None))
     return RunLogits(run_id, run.info.run_name, run.data.params.get("loss", "lade"), logits, labels,
-                     source_prior, train_counts)
+                     source_prior, train_counts, *val)

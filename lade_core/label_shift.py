@@ -15,13 +15,14 @@ produced the logits, through its post-hoc rule evaluated at p_t = p_s (``source_
 """
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+
 import torch
 
 from .posthoc import posthoc_logits
 from .priors import validate_prior
 
-__all__ = ["CALIBRATIONS", "METHODS", "source_logits", "fit_bcts", "calibrate", "em_prior", "bbse_prior",
+__all__ = ["CALIBRATIONS", "METHODS", "Calibration", "source_logits", "fit_bcts", "fit_calibration", "calibrate", "em_prior", "bbse_prior",
            "estimate_target_prior"]
 
 METHODS = ("em", "bbse")
@@ -61,12 +62,40 @@ def fit_bcts(val_logits: torch.Tensor, val_labels: torch.Tensor, max_iter: int =
     return float(log_t.detach().exp()), (b - b.mean()).detach()
 
 
-def calibrate(z_source: torch.Tensor, calibration: tuple[float, torch.Tensor] | None) -> torch.Tensor:
-    """Calibrated source posteriors [N, C] float64: softmax(z / T + b), or softmax(z) without a calibration."""
-    if calibration is None:
-        return torch.softmax(z_source.double(), 1)
-    t, b = calibration
-    return torch.softmax(z_source.double() / float(t) + torch.as_tensor(b, dtype=torch.float64), 1)
+@dataclass(frozen=True)
+class Calibration:
+    """A fitted BCTS: calibrated source posteriors softmax(z / T + b), and ``prior``, the label prior they refer
+    to: the mean calibrated posterior on the data it was fitted on. EM must start from that prior, not from the
+    training frequencies: fitted on a class-balanced validation split, the bias moves the posteriors to that
+    split's (uniform) prior, and EM on source data then has its fixed point at p_t = ``prior``."""
+
+    temperature: float
+    bias: torch.Tensor  # [C] float64
+    prior: torch.Tensor  # [C] float64
+
+    def posteriors(self, z_source: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(z_source.double() / self.temperature + self.bias.to(torch.float64), 1)
+
+    def to_dict(self) -> dict:
+        return {"temperature": float(self.temperature), "bias": [float(x) for x in self.bias],
+                "prior": [float(x) for x in self.prior]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        bias = torch.tensor(d["bias"], dtype=torch.float64)
+        return cls(float(d["temperature"]), bias, validate_prior(d["prior"], len(bias), "calibration prior"))
+
+
+def fit_calibration(val_source_logits: torch.Tensor, val_labels: torch.Tensor) -> Calibration:
+    """BCTS (``fit_bcts``) on validation source-posterior logits, with the prior its posteriors refer to."""
+    t, b = fit_bcts(val_source_logits, val_labels)
+    cal = Calibration(t, b, torch.zeros(len(b), dtype=torch.float64))
+    return Calibration(t, b, cal.posteriors(val_source_logits).mean(0))
+
+
+def calibrate(z_source: torch.Tensor, calibration: Calibration | None) -> torch.Tensor:
+    """Calibrated source posteriors [N, C] float64, or softmax(z) without a calibration."""
+    return torch.softmax(z_source.double(), 1) if calibration is None else calibration.posteriors(z_source)
 
 
 def em_prior(posteriors: torch.Tensor, source_prior, tol: float = 1e-8, max_iter: int = 10_000
@@ -105,15 +134,14 @@ def bbse_prior(posteriors: torch.Tensor, val_posteriors: torch.Tensor, val_label
 
 
 def estimate_target_prior(logits: torch.Tensor, source_prior, *, loss: str, method: str = "em",
-                          calibration: str | tuple[float, torch.Tensor] | None = None,
+                          calibration: str | Calibration | None = None,
                           val_logits: torch.Tensor | None = None, val_labels: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, dict]:
     """Estimate p_t [C] (float64) from unlabeled target logits [N, C] of a model trained with ``loss``.
 
     ``calibration``: None (posteriors as they are), ``"bcts"`` (fitted here on ``val_logits`` / ``val_labels``), or
-    a fitted (T, b). With a calibration EM's reference prior is the mean calibrated validation posterior when
-    validation logits are given: the prior those posteriors actually imply (EM's fixed point is then p_t = p_s on
-    source data), not the training frequencies. ``bbse`` needs ``val_logits`` and ``val_labels``.
+    a fitted ``Calibration`` (a model card's). EM starts from the calibration's prior, else from ``source_prior``.
+    ``bbse`` needs ``val_logits`` and ``val_labels``.
     Returns (prior, info) with info: method, calibration, and the estimator's own diagnostics.
     """
     if method not in METHODS:
@@ -129,16 +157,12 @@ def estimate_target_prior(logits: torch.Tensor, source_prior, *, loss: str, meth
     ps = validate_prior(source_prior, c, "source_prior")
     if isinstance(calibration, str):
         if calibration != "bcts":
-            raise ValueError(f"unknown calibration {calibration!r}; choose None, 'bcts' or a fitted (T, b)")
-        calibration = fit_bcts(source_logits(val_logits, ps, loss), val_labels)
+            raise ValueError(f"unknown calibration {calibration!r}; choose None, 'bcts' or a fitted Calibration")
+        calibration = fit_calibration(source_logits(val_logits, ps, loss), val_labels)
     post = calibrate(source_logits(logits, ps, loss), calibration)
-    info: dict = {"method": method,
-                  "calibration": None if calibration is None else {"temperature": float(calibration[0]),
-                                                                   "bias": [float(x) for x in calibration[1]]}}
-    val_post = calibrate(source_logits(val_logits, ps, loss), calibration) if has_val else None
+    info: dict = {"method": method, "calibration": None if calibration is None else calibration.to_dict()}
     if method == "em":
-        reference = val_post.mean(0) if (calibration is not None and val_post is not None) else ps
-        prior, diag = em_prior(post, reference)
+        prior, diag = em_prior(post, ps if calibration is None else calibration.prior)
     else:
-        prior, diag = bbse_prior(post, val_post, val_labels)
+        prior, diag = bbse_prior(post, calibrate(source_logits(val_logits, ps, loss), calibration), val_labels)
     return prior, {**info, **diag}

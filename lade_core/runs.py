@@ -7,18 +7,21 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import LOGITS_ARTIFACT, MODEL_NAME, STATE_DICT_ARTIFACT, read_logits_parquet, write_logits_parquet
+from .artifacts import (LOGITS_ARTIFACT, MODEL_NAME, STATE_DICT_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet,
+                        write_logits_parquet)
 from .config import validate_config
 from .data import open_prepared
 from .data.prepare import prepare_dataset, summary_line
 from .data.synthetic import make_synthetic
-from .data.transforms import default_image_size, normalize
+from .data.transforms import default_image_size
 from .evaluation import evaluate_targets, protocol_targets
 from .inference import batch_logits
+from .label_shift import fit_calibration, source_logits
 from .losses import posthoc_rules
-from .models import build_model, check_input_size
+from .models import check_input_size
 from .report import format_table
 from .runtime import init_ray
+from .serving import ModelCard, log_classifier
 from .tracking import end_run, log_metrics_once, logged_model_uri, register_once
 from .training import load_checkpoint
 
@@ -54,8 +57,9 @@ def storage_uri(path: str | None, default: str) -> str:
 
 
 def finalize(config: dict, prepared, checkpoint) -> dict:
-    """Test logits -> MLflow (Parquet artifact + metrics), the model (optionally registered), a summary table, and
-    the run marked FINISHED. The test logits come from Ray Data batch inference on actors with the run's
+    """Test logits -> MLflow (Parquet artifact + metrics), the model as a pyfunc that takes a target prior
+    (``lade_core.serving``; optionally registered), a summary table, and the run marked FINISHED. The test (and
+    validation) logits come from Ray Data batch inference on actors with the run's
     resources (its GPUs in a ``use_gpu`` run), never from the driver's CPU.
 
     Idempotent, step by step: a rerun after a driver died halfway does only what is missing (stored test logits
@@ -65,16 +69,20 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
 
     client, run_id = mlflow.MlflowClient(config["mlflow_uri"]), config["mlflow_run_id"]
     have = {a.path for d in ("eval", "checkpoint") for a in client.list_artifacts(run_id, d)}
-    if LOGITS_ARTIFACT in have:
-        logits, labels = read_logits_parquet(mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=LOGITS_ARTIFACT, tracking_uri=config["mlflow_uri"]))
-    else:
-        logits, labels = batch_logits(prepared, prepared.test_split, config["model"], checkpoint,
-                                      image_size=config["image_size"], num_actors=config["num_workers"],
-                                      use_gpu=config["use_gpu"], cpus_per_actor=config["cpus_per_worker"])
+
+    def split_logits(split: str, artifact: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if artifact in have:
+            return read_logits_parquet(mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact, tracking_uri=config["mlflow_uri"]))
+        logits, labels = batch_logits(prepared, split, config["model"], checkpoint, image_size=config["image_size"],
+                                      num_actors=config["num_workers"], use_gpu=config["use_gpu"],
+                                      cpus_per_actor=config["cpus_per_worker"])
         with tempfile.TemporaryDirectory() as d:
-            write_logits_parquet(Path(d) / Path(LOGITS_ARTIFACT).name, logits, labels)
-            client.log_artifact(run_id, str(Path(d) / Path(LOGITS_ARTIFACT).name), str(Path(LOGITS_ARTIFACT).parent))
+            write_logits_parquet(Path(d) / Path(artifact).name, logits, labels)
+            client.log_artifact(run_id, str(Path(d) / Path(artifact).name), str(Path(artifact).parent))
+        return logits, labels
+
+    logits, labels = split_logits(prepared.test_split, LOGITS_ARTIFACT)
     source_prior, counts = prepared.source_prior, prepared.class_counts("train")
     mode = posthoc_rules(config["loss"])[0]
     targets = {t.name: t for t in protocol_targets(labels, counts)}
@@ -94,16 +102,17 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
             torch.save(state["model"], Path(d) / Path(STATE_DICT_ARTIFACT).name)
             client.log_artifact(run_id, str(Path(d) / Path(STATE_DICT_ARTIFACT).name), str(Path(STATE_DICT_ARTIFACT).parent))
     if model_uri is None:
-        model = build_model(config["model"], prepared.num_classes)
-        model.load_state_dict(state["model"])
-        model.eval()
-        # Two test images, normalized as the model takes them [2, 3, H, W]: MLflow's input example (pt2 traces it).
-        images = prepared.ray_dataset(prepared.test_split, train=False, image_size=config["image_size"]).take_batch(2)
-        example = normalize(torch.from_numpy(images["image"]), prepared.transform)
+        # BCTS on the validation split: the calibration prior estimation uses (lade_core.label_shift).
+        val_logits, val_labels = split_logits("val", VAL_LOGITS_ARTIFACT)
+        calibration = fit_calibration(source_logits(val_logits, source_prior, config["loss"]), val_labels)
+        names = prepared.manifest.get("class_names") or [str(c) for c in range(prepared.num_classes)]
+        card = ModelCard(config["model"], prepared.num_classes, list(names), [float(x) for x in source_prior],
+                         config["loss"], prepared.transform,
+                         config["image_size"] or prepared.image_size or default_image_size(prepared.transform),
+                         calibration.to_dict())
         mlflow.set_tracking_uri(config["mlflow_uri"])
         with mlflow.start_run(run_id=run_id):
-            model_uri = mlflow.pytorch.log_model(model, name=MODEL_NAME, serialization_format="pt2",
-                                                 input_example=example.numpy()).model_uri
+            model_uri = log_classifier(card, state["model"], MODEL_NAME).model_uri
     if config["register"]:
         register_once(client, run_id, config["register"], model_uri)
     end_run(config["mlflow_uri"], run_id)

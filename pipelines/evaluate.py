@@ -13,19 +13,17 @@ Many/Medium/Few, NLL, ECE. With a run, results go back into it: metrics shift/<t
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from lade_core.evaluation import (METRICS, Target, calibration_by_mode, evaluate_targets, logit_statistics,
                                   mean_predicted_prior, protocol_targets, target_from_values)
 from lade_core.losses import LOSSES, posthoc_rules
+from lade_core.priors import read_prior_file
 from lade_core.report import format_table
 from lade_core.runtime import quiet_logging
 from lade_core.artifacts import RunLogits, load_run_logits, read_logits_parquet, read_source_info, run_for_model
@@ -52,48 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="show MLflow's INFO logs and download bars")
     return ap.parse_args(argv)
-
-
-def read_prior_file(path: str | Path) -> np.ndarray:
-    """Per-class values from JSON (a list, {"prior": [...]} or {"counts": [...]}) or CSV (value or class,value)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"target prior file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-            if isinstance(data, dict):
-                keys = [k for k in ("prior", "probabilities", "counts") if k in data]
-                if len(keys) != 1:
-                    raise ValueError('a JSON object needs exactly one of the keys "prior", "probabilities", "counts"')
-                data = data[keys[0]]
-            return np.asarray(data, dtype=np.float64)
-        rows = [r for r in csv.reader(text.splitlines()) if r and any(x.strip() for x in r)]
-        if rows and not _is_number(rows[0][-1]):
-            rows = rows[1:]  # a header line
-        if rows and len(rows[0]) == 2:
-            classes = [int(cls) for cls, _ in rows]
-            negative = [c for c in classes if c < 0]
-            if negative:
-                raise ValueError(f"negative class indices {negative[:20]}")
-            if sorted(classes) != list(range(len(rows))):
-                raise ValueError(f"class indices must be 0..{len(rows) - 1}, each once; got {sorted(classes)[:20]}...")
-            values = np.full(len(rows), np.nan)
-            for cls, (_, v) in zip(classes, rows):
-                values[cls] = float(v)
-            return values
-        return np.asarray([float(r[-1]) for r in rows], dtype=np.float64)
-    except (ValueError, IndexError, TypeError) as e:
-        raise ValueError(f"target prior file {path}: cannot read per-class values ({e})") from e
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
 
 
 def build_targets(run: RunLogits, prior_files: list[str], per_class: int | None) -> list[Target]:

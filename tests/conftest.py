@@ -1,5 +1,6 @@
 import collections
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,13 @@ def ray_local():
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 # Tests that use these start a Ray cluster or a pipeline end to end: marked slow (`pytest -m "not slow"` skips them).
 SLOW_FIXTURES = {"ray_local", "smoke_run", "store", "head", "mlflow_server"}
 

@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,14 +12,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -35,11 +30,11 @@ def _env() -> dict:
 def head():
     """A head node of its own (own ports, own temp dir), stopped afterwards without touching any other Ray."""
     temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's unix socket paths have a length limit
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
            "--num-cpus", "4", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dashboard), "--ray-client-server-port", str(_free_port()),
-           "--dashboard-agent-listen-port", str(_free_port()), "--temp-dir", temp_dir, "--disable-usage-stats"]
+           "--dashboard-port", str(dashboard), "--ray-client-server-port", str(free_port()),
+           "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", temp_dir, "--disable-usage-stats"]
     log = open(Path(temp_dir) / "head.log", "w")
     proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"

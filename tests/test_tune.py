@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 import tune_spaces
-from conftest import REPO
+from conftest import REPO, free_port
 
 CMD = [sys.executable, str(REPO / "pipelines" / "tune.py"), "--smoke-test", "--num-cpus", "4",
        "--max-concurrent-trials", "2", "--register", "champ", "--experiment", "smoke-search",
@@ -35,13 +35,10 @@ def _last(client, run_id, key):
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real ``mlflow server`` on a free loopback port, sqlite backend, artifacts proxied: what a team runs."""
-    import socket
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path / "mlflow_server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

@@ -59,16 +59,19 @@ def decode_augment(batch: dict, kind: str, train: bool, image_size: int | None =
     """
     index = np.asarray(batch["index"], dtype=np.int64)
     keep = np.arange(len(index)) if shard is None else np.flatnonzero(index % shard[1] == shard[0])
-    size = image_size or default_image_size(kind)
-    images = [decode_rgb(batch["image"][i]) for i in keep]
-    if not images:
-        stacked = torch.zeros((0, 3, size, size), dtype=torch.uint8)
-    elif kind == "cifar" and len({im.shape for im in images}) == 1:
-        stacked = cifar_batch_transform(torch.stack(images), size, train)  # one vectorized pass
-    else:
-        tf = build_transform(kind, train, image_size)
-        stacked = torch.stack([tf(im) for im in images])
+    stacked = transform_batch([decode_rgb(batch["image"][i]) for i in keep], kind, train, image_size)
     return {"image": stacked.numpy(), "label": np.asarray(batch["label"], dtype=np.int64)[keep], "index": index[keep]}
+
+
+def transform_batch(images: list[torch.Tensor], kind: str, train: bool, image_size: int | None = None) -> torch.Tensor:
+    """Decoded images (uint8 [3, H_i, W_i] each) -> the family's transform, stacked: uint8 [B, 3, S, S]."""
+    size = image_size or default_image_size(kind)
+    if not images:
+        return torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    if kind == "cifar" and len({im.shape for im in images}) == 1:
+        return cifar_batch_transform(torch.stack(images), size, train)  # one vectorized pass
+    tf = build_transform(kind, train, image_size)
+    return torch.stack([tf(im) for im in images])
 
 
 def decode_augment_chunks(batch: dict, kind: str, train: bool, image_size: int | None = None,

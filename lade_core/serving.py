@@ -1,0 +1,226 @@
+"""The registered model: an MLflow pyfunc that answers under any target prior p_t (Eq. 6 / Eq. 17).
+
+A trained run logs ``LadeClassifier`` (models-from-code: the stored model holds ``pyfunc_entry.py``, two lines that
+import this installed module, plus the weights and a JSON card; no pickle). The card, ``ModelCard``, carries
+what a caller would otherwise need to know: the network, the source prior, the loss and its post-hoc rule, class
+names, the preprocessing (transform family, image size) and the BCTS calibration fitted on the validation split.
+
+    model = mlflow.pyfunc.load_model("models:/NAME@champion")
+    model.predict(pd.DataFrame({"image": [png_bytes, ...]}), params={"target_prior": [...]})
+
+Input: a DataFrame with an ``image`` column of encoded image bytes (PNG / JPEG; base64 strings, as a REST request
+carries them, are decoded too), or a float32 array [B, 3, H, W] already preprocessed (``normalize``d).
+Params (the signature declares them): ``target_prior`` (C doubles, default uniform), ``posthoc`` (one of the
+loss's rules, default its first), ``output`` (``probabilities`` / ``logits`` / ``label``), ``skip_bad``.
+Output: a DataFrame with ``label``, ``class_name`` and, per ``output``, ``probabilities`` = p_t(y|x) [C] or the
+post-hoc ``logits`` [C]; with ``skip_bad`` an ``error`` column names what failed for rows that did not decode.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from .data.transforms import decode_rgb, normalize, transform_batch
+from .losses import posthoc_rules
+from .models import build_model
+from .posthoc import posthoc_logits
+from .priors import uniform_prior, validate_prior
+
+OUTPUTS = ("probabilities", "logits", "label")
+CARD_FILE = "lade_model.json"
+_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything besides the weights that turns an image into p_t(y|x)."""
+
+    model: str
+    num_classes: int
+    class_names: list[str]
+    source_prior: list[float]
+    loss: str
+    transform: str
+    image_size: int
+    calibration: dict | None = None  # label_shift.Calibration.to_dict(): BCTS on the validation split
+
+    @property
+    def posthoc(self) -> str:
+        return posthoc_rules(self.loss)[0]
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ModelCard":
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != "lade-model-card/1":
+            raise ValueError(f"{path} is not a lade model card (format {data.get('format')!r})")
+        data.pop("format")
+        return cls(**data)
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"format": "lade-model-card/1", **asdict(self)}))
+
+
+def signature(card: ModelCard):
+    """Params only: the input is either image bytes or a preprocessed float array, which one schema can't say."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec
+
+    return ModelSignature(inputs=None, params=ParamSchema([
+        ParamSpec("target_prior", "double", [float(x) for x in uniform_prior(card.num_classes)], shape=(-1,)),
+        ParamSpec("posthoc", "string", card.posthoc),
+        ParamSpec("output", "string", "probabilities"),
+        ParamSpec("skip_bad", "boolean", False),
+    ]))
+
+
+def decode_images(values) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+    """Encoded images (bytes, or base64 text) -> uint8 [3, H, W] each (None where it fails) and {row: error}."""
+    images, errors = [], {}
+    for i, v in enumerate(values):
+        try:
+            if isinstance(v, str):
+                v = base64.b64decode(v, validate=False)
+            if not isinstance(v, (bytes, bytearray, memoryview)) or len(v) == 0:
+                raise ValueError(f"expected encoded image bytes, got {type(v).__name__}")
+            images.append(decode_rgb(bytes(v)))
+        except (RuntimeError, ValueError, binascii.Error) as e:
+            images.append(None)
+            errors[i] = f"image does not decode: {str(e).splitlines()[0][:200]}"
+    return images, errors
+
+
+class LadeClassifier(mlflow.pyfunc.PythonModel):
+    """See the module docstring. ``load`` also works without MLflow's loader (tests, benches)."""
+
+    def load_context(self, context) -> None:
+        self.load(context.artifacts["card"], context.artifacts["weights"])
+
+    def load(self, card_path: str | Path, weights_path: str | Path) -> "LadeClassifier":
+        self.card = ModelCard.read(card_path)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.net = build_model(self.card.model, self.card.num_classes)
+        # Shared storage never runs code: tensors only.
+        self.net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        self.net.to(self.device).eval()
+        self.source_prior = torch.tensor(self.card.source_prior, dtype=torch.float64)
+        return self
+
+    def check_params(self, params: dict | None) -> dict:
+        """Params with defaults filled in; a malformed prior or an unknown choice is one clear error."""
+        p = {"target_prior": None, "posthoc": self.card.posthoc, "output": "probabilities", "skip_bad": False,
+             **(params or {})}
+        unknown = sorted(set(p) - {"target_prior", "posthoc", "output", "skip_bad"})
+        if unknown:
+            raise ValueError(f"unknown params {unknown}; this model takes target_prior, posthoc, output, skip_bad")
+        rules = posthoc_rules(self.card.loss)
+        if p["posthoc"] not in rules:
+            raise ValueError(f"posthoc {p['posthoc']!r} does not fit a {self.card.loss} model; choose one of {list(rules)}")
+        if p["output"] not in OUTPUTS:
+            raise ValueError(f"output {p['output']!r}: choose one of {list(OUTPUTS)}")
+        c = self.card.num_classes
+        p["target_prior"] = uniform_prior(c) if p["target_prior"] is None else validate_prior(p["target_prior"], c, "target_prior")
+        return p
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """The network's raw logits [B, C] float32 (CPU) for a model input [B, 3, H, W] (uint8 or normalized)."""
+        out = []
+        for chunk in x.split(batch_size):
+            chunk = chunk.to(self.device)
+            if chunk.dtype == torch.uint8:
+                chunk = normalize(chunk, self.card.transform)
+            out.append(self.net(chunk.float()).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.card.num_classes)
+
+    def preprocess(self, model_input, skip_bad: bool) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
+        """The model input [B', 3, S, S] of the rows that decode, their row numbers, and {row: error}."""
+        if isinstance(model_input, (np.ndarray, torch.Tensor)):
+            x = torch.as_tensor(model_input)
+            if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+                raise ValueError(f"a preprocessed input must be float [B, 3, H, W]; got {x.dtype} {tuple(x.shape)}")
+            return x, np.arange(len(x)), {}
+        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+            raise ValueError("input must be a DataFrame with an 'image' column of encoded image bytes, or a float "
+                             "array [B, 3, H, W]")
+        images, errors = decode_images(model_input["image"].tolist())
+        if errors and not skip_bad:
+            shown = "; ".join(f"row {i}: {e}" for i, e in list(errors.items())[:5])
+            raise ValueError(f"{len(errors)} of {len(images)} images do not decode ({shown}); pass skip_bad=True to "
+                             "predict the rest")
+        ok = np.array([i for i, im in enumerate(images) if im is not None], dtype=np.int64)
+        x = transform_batch([images[i] for i in ok], self.card.transform, False, self.card.image_size)
+        return x, ok, errors
+
+    def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
+        p = self.check_params(params)
+        x, ok, errors = self.preprocess(model_input, p["skip_bad"])
+        z = posthoc_logits(self.logits(x).double(), p["posthoc"], self.source_prior, p["target_prior"])  # [B', C]
+        return self.frame(z, ok, errors, len(ok) + len(errors), p["output"])
+
+    def frame(self, z: torch.Tensor, ok: np.ndarray, errors: dict[int, str], n: int, output: str) -> pd.DataFrame:
+        """Post-hoc logits [B', C] of rows ``ok`` -> the output DataFrame of all ``n`` rows."""
+        label = np.full(n, -1, dtype=np.int64)
+        label[ok] = z.argmax(1).numpy()
+        names = self.card.class_names
+        out = pd.DataFrame({"label": label, "class_name": [names[k] if k >= 0 else None for k in label]})
+        if output != "label":
+            values = torch.softmax(z, 1) if output == "probabilities" else z
+            col: list = [None] * n
+            for row, v in zip(ok, values.numpy()):
+                col[row] = v.tolist()
+            out[output] = col
+        if errors:
+            out["error"] = [errors.get(i) for i in range(n)]
+        return out
+
+
+def log_classifier(card: ModelCard, state_dict: dict, name: str):
+    """Log the pyfunc under the active MLflow run; returns its ``ModelInfo``."""
+    import tempfile
+
+    import warnings
+
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        # No input example on purpose: the input is either image bytes or a float array, and the signature
+        # declares the params only; MLflow's reminder would be noise in every run's console.
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        card.write(Path(d) / CARD_FILE)
+        torch.save(state_dict, Path(d) / "weights.pt")
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=str(_ENTRY), signature=signature(card),
+            artifacts={"card": str(Path(d) / CARD_FILE), "weights": str(Path(d) / "weights.pt")},
+            # Explicit: inferring them would load the model in a subprocess. lade itself must be installed where
+            # the model is served (as on every Ray worker): the stored code only imports it.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision", "pandas", "numpy"])
+
+
+def load_classifier(model_uri: str) -> LadeClassifier:
+    """The ``LadeClassifier`` behind a logged model (``models:/NAME@ALIAS``, ``runs:/...``); a model logged by
+    another tool is refused by name."""
+    from mlflow.exceptions import MlflowException
+
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # MLflow suggests type hints; ours would make it coerce the input
+            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+            model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as e:  # an unknown name, version or run, an unset alias
+        raise ValueError(f"cannot load {model_uri}: {e.message}") from e
+    except OSError as e:
+        raise ValueError(f"cannot load {model_uri}: {e}") from e
+    try:
+        inner = model.unwrap_python_model()
+    except Exception as e:  # noqa: BLE001  (MLflow raises MlflowException for other flavors)
+        raise ValueError(f"{model_uri} is not a lade model (logged by another tool: {e})") from e
+    if not isinstance(inner, LadeClassifier):
+        raise ValueError(f"{model_uri} is not a lade model: its python model is {type(inner).__name__}")
+    return inner

@@ -1,0 +1,139 @@
+"""Predict with a logged lade model over new images, as Ray Data batch inference, under a target prior p_t.
+
+  python pipelines/predict.py --model models:/lade@champion --input photos/ --output preds.parquet
+  python pipelines/predict.py --model models:/lade/3 --input test.txt --image-root images/ --output preds.csv \\
+      --target-prior estimate
+  python pipelines/predict.py --model models:/lade@champion --input data/places_lt --split test --output p.parquet
+
+--input: an image folder (a parent folder named like a class gives the true label), a `<path> <label>` split list
+(with --image-root), or a prepared dataset (with --split). One row per image: path, label, class_name,
+probability, top_k_labels, top_k_probabilities, true_label (-1: unknown), error (with --skip-bad).
+--target-prior: uniform (default), a file (JSON / CSV as for evaluate.py), or `estimate`: EM on the images' own
+BCTS-calibrated outputs (lade_core.label_shift); the estimate is written beside the predictions and logged to a
+run of the MLflow experiment `lade-predict`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from lade_core.data import DataError
+from lade_core.label_shift import Calibration, estimate_target_prior
+from lade_core.posthoc import posthoc_offset
+from lade_core.prediction import collect_logits, finish, image_dataset, predict_images, write_predictions
+from lade_core.priors import read_prior_file, uniform_prior, validate_prior
+from lade_core.runtime import init_ray, quiet_logging
+from lade_core.tracking import resolve_tracking_uri
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION (or runs:/ID/model)")
+    ap.add_argument("--input", required=True, help="image folder, split list, or prepared dataset directory")
+    ap.add_argument("--image-root", help="with a split list: the folder its paths are relative to")
+    ap.add_argument("--split", default="test", help="with a prepared dataset: the split to predict (default test)")
+    ap.add_argument("--output", required=True, help="predictions file: .parquet or .csv")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    ap.add_argument("--target-prior", default="uniform", help="uniform, estimate, or a prior file")
+    ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--num-workers", type=int, default=1, help="model actors (each loads the model once)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--skip-bad", action="store_true", help="predict the images that decode; report the others")
+    ap.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per actor (default: if the cluster has GPUs)")
+    ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
+    ap.add_argument("--num-cpus", type=int, help="logical CPUs for a local Ray")
+    ap.add_argument("--verbose", action="store_true")
+    return ap.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Everything that can be checked before Ray starts or a model loads."""
+    out = Path(args.output)
+    if out.suffix.lower() not in (".parquet", ".csv"):
+        raise ValueError(f"--output {out}: use a .parquet or .csv file name")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"--output {out} exists; pass --overwrite to replace it")
+    for name in ("top_k", "num_workers", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.target_prior not in ("uniform", "estimate") and not Path(args.target_prior).is_file():
+        raise ValueError(f"--target-prior {args.target_prior!r}: not uniform, estimate, or an existing file")
+
+
+def log_estimate(tracking_uri: str, args, prior, info: dict, n: int, path: Path) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("lade-predict")
+    with mlflow.start_run() as run:
+        mlflow.log_params({"model": args.model, "input": str(args.input), "method": info["method"],
+                           "calibrated": info["calibration"] is not None})
+        mlflow.log_metrics({"images": n, "em_iterations": info.get("iterations", 0)})
+        mlflow.log_artifact(str(path))
+    return run.info.run_id
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_logging(args.verbose)
+    tracking_uri = resolve_tracking_uri(args.mlflow_uri)
+    try:
+        check_args(args)
+        import mlflow
+
+        from lade_core.serving import load_classifier
+
+        mlflow.set_tracking_uri(tracking_uri)
+        model = load_classifier(args.model)  # also on the driver: the card, and a bad URI fails before Ray starts
+        card = model.card
+        prior = None if args.target_prior in ("uniform", "estimate") else \
+            validate_prior(read_prior_file(args.target_prior), card.num_classes, "target_prior")
+    except (ValueError, FileNotFoundError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    init_ray(num_cpus=args.num_cpus)
+    use_gpu = args.use_gpu if args.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    t0 = time.perf_counter()
+    try:
+        ds = image_dataset(args.input, card.class_names, image_root=args.image_root, split=args.split)
+        logits = predict_images(ds, args.model, tracking_uri, num_workers=args.num_workers, use_gpu=use_gpu,
+                                batch_size=args.batch_size, skip_bad=args.skip_bad)
+        out = Path(args.output)
+        if args.target_prior == "estimate":
+            z, _ = collect_logits(logits)
+            calibration = Calibration.from_dict(card.calibration) if card.calibration else None
+            prior, info = estimate_target_prior(z, card.source_prior, loss=card.loss, calibration=calibration)
+            est_path = out.with_name(out.stem + ".target_prior.json")
+            est_path.write_text(json.dumps({"prior": [float(x) for x in prior], "class_names": card.class_names,
+                                            "images": len(z), **info}, indent=1))
+            run_id = log_estimate(tracking_uri, args, prior, info, len(z), est_path)
+            print(f"estimated target prior ({info['method']}, {info.get('iterations')} EM iterations) -> {est_path}; "
+                  f"MLflow run {run_id} (experiment lade-predict)")
+        prior = uniform_prior(card.num_classes) if prior is None else prior
+        table = finish(logits, posthoc_offset(card.posthoc, card.source_prior, prior, card.num_classes),
+                       args.top_k, card.class_names)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ray.exceptions.RayTaskError as e:  # a DataError raised inside an actor
+        cause = e.cause if isinstance(getattr(e, "cause", None), (DataError, ValueError)) else e
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - t0
+    write_predictions(table, out)
+    table = table.select(["label", "true_label", "error"]).to_pandas()
+    bad = int((table["error"] != "").sum())
+    known = table[(table["true_label"] >= 0) & (table["label"] >= 0)]
+    acc = f", top-1 {float((known['label'] == known['true_label']).mean()):.4f} on {len(known)} labeled" if len(known) else ""
+    print(f"{len(table)} images in {elapsed:.1f} s ({len(table) / elapsed:.1f} images/s){acc}"
+          f"{f', {bad} not decoded' if bad else ''} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

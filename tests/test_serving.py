@@ -1,0 +1,240 @@
+"""The registered model under any target prior: the MLflow pyfunc in process, pipelines/predict.py on Ray Data,
+and `mlflow models serve` over REST; all on the models of real tiny training runs (session fixture ``smoke_run``),
+checked against the run's stored test logits and Eq. 6 / Eq. 17 computed here."""
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
+from lade_core.label_shift import Calibration, estimate_target_prior
+
+from conftest import REPO, free_port
+
+LOSSES = ("lade", "softmax")
+
+
+@pytest.fixture(scope="module")
+def store(train_workdir, smoke_run):
+    for loss in LOSSES:
+        smoke_run(loss)
+    uri = f"sqlite:///{train_workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([client.get_experiment_by_name("lade").experiment_id])}
+    return uri, client, runs, train_workdir / "data" / "synthetic_smoke"
+
+
+def _download(client, run_id, path):
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=client.tracking_uri)
+
+
+def _stored(client, run_id):
+    """The run's test logits [N, C] (split order), labels, and source prior, as training stored them."""
+    logits, labels = read_logits_parquet(_download(client, run_id, LOGITS_ARTIFACT))
+    ps = torch.tensor(json.loads(open(_download(client, run_id, PRIOR_ARTIFACT)).read())["source_prior"], dtype=torch.float64)
+    return logits.double(), labels, ps
+
+
+def _expected_probabilities(loss, logits, ps, pt):
+    """Eq. 17 (LADE: softmax(z + log p_t)) or Eq. 6-7 (softmax: PC, softmax(z - log p_s + log p_t)), written here."""
+    z = logits + torch.log(pt) - (torch.log(ps) if loss == "softmax" else 0)
+    return torch.softmax(z, 1)
+
+
+def _test_images(data_dir):
+    """The prepared test split's encoded images as stored, and each row's position in the split."""
+    t = pq.read_table(str(data_dir / "test"), columns=["image", "index"])
+    return t.column("image").to_pylist(), np.asarray(t.column("index").to_pylist())
+
+
+def _png(colour, size=20) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), colour, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_pyfunc_answers_under_any_target_prior(store, loss):
+    uri, client, runs, data_dir = store
+    logits, labels, ps = _stored(client, runs[f"r-{loss}"])
+    images, index = _test_images(data_dir)
+    model = mlflow.pyfunc.load_model(f"models:/model-{loss}/1")
+    pt = torch.distributions.Dirichlet(torch.ones(4, dtype=torch.float64)).sample()
+    pt = pt / pt.sum()
+    out = model.predict(pd.DataFrame({"image": images}), params={"target_prior": pt.tolist()})
+    expected = _expected_probabilities(loss, logits[index], ps, pt)
+    np.testing.assert_allclose(np.stack(out["probabilities"]), expected.numpy(), atol=2e-4)
+    assert (out["label"].to_numpy() == expected.argmax(1).numpy()).mean() > 0.97  # float32 ties aside
+    # Default params: uniform target, the loss's own rule; output=label has no probability column.
+    uniform = model.predict(pd.DataFrame({"image": images[:8]}), params={"output": "label"})
+    assert list(uniform.columns) == ["label", "class_name"]
+    np.testing.assert_array_equal(uniform["label"], _expected_probabilities(loss, logits[index[:8]], ps,
+                                                                              torch.full((4,), 0.25, dtype=torch.float64)).argmax(1))
+    assert uniform["class_name"].tolist() == [f"class_{k}" for k in uniform["label"]]
+    # The model card carries the source prior and a BCTS calibration fitted on validation.
+    card = model.unwrap_python_model().card
+    np.testing.assert_allclose(card.source_prior, ps.numpy())
+    assert card.loss == loss and card.calibration["temperature"] > 0 and len(card.calibration["bias"]) == 4
+
+
+def test_pyfunc_refuses_bad_input_by_name(store):
+    from lade_core.serving import load_classifier
+
+    model = mlflow.pyfunc.load_model("models:/model-lade/1")
+    good = pd.DataFrame({"image": [_png(10), _png(200)]})
+    for prior, message in (([0.5, 0.5], "wrong length"), ([0.5, -0.1, 0.3, 0.3], "negative"),
+                           ([float("nan"), 0.2, 0.4, 0.4], "NaN"), ([0, 0, 0, 0], "sum")):
+        with pytest.raises(Exception, match=message):
+            model.predict(good, params={"target_prior": prior})
+    with pytest.raises(Exception, match="posthoc 'pc' does not fit a lade model"):
+        model.predict(good, params={"posthoc": "pc"})
+    bad = pd.DataFrame({"image": [_png(10), b"not an image", _png(90)]})
+    with pytest.raises(ValueError, match=r"1 of 3 images do not decode \(row 1"):
+        model.predict(bad)
+    out = model.predict(bad, params={"skip_bad": True})
+    assert out["label"].tolist()[1] == -1 and "does not decode" in out["error"][1] and out["label"][0] >= 0
+    with pytest.raises(ValueError, match="alias champion not found"):
+        load_classifier("models:/model-lade@champion")
+    with pytest.raises(ValueError, match="cannot load models:/no-such-model/1"):
+        load_classifier("models:/no-such-model/1")
+    with mlflow.start_run(experiment_id=mlflow.set_experiment("other-tool").experiment_id):
+        other = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="m", input_example=np.zeros((1, 2), np.float32)).model_uri
+    with pytest.raises(ValueError, match="not a lade model"):
+        load_classifier(other)
+
+
+def _serve(uri, model_uri, log_path):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    log = open(log_path, "w")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--host",
+                               "127.0.0.1", "--port", str(port), "--env-manager", "local"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1).read()
+            return server, port, log
+        except OSError:
+            assert server.poll() is None, open(log_path).read()[-3000:]
+            time.sleep(0.5)
+    raise AssertionError(open(log_path).read()[-3000:])
+
+
+def test_rest_server_answers_like_the_pyfunc(store, tmp_path):
+    uri, client, runs, data_dir = store
+    images, _ = _test_images(data_dir)
+    images = images[::7]
+    pt = [0.1, 0.2, 0.3, 0.4]
+    local = mlflow.pyfunc.load_model("models:/model-lade/1").predict(pd.DataFrame({"image": images}),
+                                                                      params={"target_prior": pt})
+    server, port, log = _serve(uri, "models:/model-lade/1", tmp_path / "serve.log")
+    try:
+        def post(body):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        b64 = [base64.b64encode(im).decode() for im in images]
+        status, answer = post({"dataframe_split": {"columns": ["image"], "data": [[x] for x in b64]},
+                               "params": {"target_prior": pt}})
+        assert status == 200, answer
+        served = pd.DataFrame(answer["predictions"])
+        assert served["label"].tolist() == local["label"].tolist()
+        np.testing.assert_allclose(np.stack(served["probabilities"]), np.stack(local["probabilities"]), atol=1e-6)
+        # A malformed prior is a 400 that names the problem, not a stack trace.
+        status, answer = post({"dataframe_split": {"columns": ["image"], "data": [[b64[0]]]},
+                               "params": {"target_prior": [0.5, 0.5]}})
+        assert status >= 400 and "wrong length" in json.dumps(answer), answer
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+
+
+def _predict(workdir, uri, *args):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, str(REPO / "pipelines" / "predict.py"), "--mlflow-uri", uri,
+                           "--num-cpus", "4", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_predict_pipeline_on_a_prepared_split_with_a_given_and_an_estimated_prior(store, tmp_path):
+    uri, client, runs, data_dir = store
+    logits, labels, ps = _stored(client, runs["r-lade"])
+    prior_file = tmp_path / "pt.json"
+    pt = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    prior_file.write_text(json.dumps({"prior": pt.tolist()}))
+    p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir), "--split", "test",
+                 "--output", str(tmp_path / "given.parquet"), "--target-prior", str(prior_file), "--num-workers", "2",
+                 "--top-k", "3")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "80 images" in p.stdout and "top-1" in p.stdout
+    out = pq.read_table(tmp_path / "given.parquet").to_pandas()
+    assert out["row"].tolist() == list(range(80))  # one row per image, in split order
+    expected = _expected_probabilities("lade", logits, ps, pt)
+    top = expected.topk(3, dim=1)
+    np.testing.assert_allclose(np.stack(out["top_k_probabilities"]), top.values.numpy(), atol=2e-4)
+    assert (np.stack(out["top_k_labels"])[:, 0] == top.indices[:, 0].numpy()).mean() > 0.97
+    assert out["true_label"].tolist() == labels.tolist()
+    # An existing output is never overwritten silently.
+    again = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir),
+                     "--output", str(tmp_path / "given.parquet"))
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+    # The estimated prior: EM on the images' own outputs with the card's calibration, logged to lade-predict.
+    p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir),
+                 "--output", str(tmp_path / "est.csv"), "--target-prior", "estimate")
+    assert p.returncode == 0, p.stderr[-3000:]
+    est = json.loads((tmp_path / "est.target_prior.json").read_text())
+    card = mlflow.pyfunc.load_model("models:/model-lade/1").unwrap_python_model().card
+    ref, _ = estimate_target_prior(logits.float(), ps, loss="lade", calibration=Calibration.from_dict(card.calibration))
+    np.testing.assert_allclose(est["prior"], ref.numpy(), atol=1e-3)
+    logged = client.search_runs([client.get_experiment_by_name("lade-predict").experiment_id])
+    assert len(logged) == 1 and logged[0].data.params["method"] == "em"
+    csv = pd.read_csv(tmp_path / "est.csv")
+    expected = _expected_probabilities("lade", logits, ps, torch.tensor(est["prior"], dtype=torch.float64))
+    np.testing.assert_allclose(csv["probability"], expected.max(1).values.numpy(), atol=2e-4)
+
+
+def test_predict_pipeline_on_an_image_folder_reports_bad_images(store, tmp_path):
+    uri, *_ = store
+    folder = tmp_path / "photos"
+    for k, colour in enumerate((10, 200, 90)):
+        (folder / f"class_{k}").mkdir(parents=True)
+        (folder / f"class_{k}" / "a.png").write_bytes(_png(colour))
+    (folder / "unsorted").mkdir()
+    (folder / "unsorted" / "b.png").write_bytes(_png(30))
+    (folder / "unsorted" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder), "--output", str(tmp_path / "x.parquet"))
+    assert p.returncode == 2 and "broken.jpg" in p.stderr and "--skip-bad" in p.stderr, p.stderr[-3000:]
+    assert not (tmp_path / "x.parquet").exists()
+    p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder), "--output",
+                 str(tmp_path / "x.parquet"), "--skip-bad")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1 not decoded" in p.stdout
+    out = pq.read_table(tmp_path / "x.parquet").to_pandas().set_index("path")
+    assert out.loc[str(folder / "unsorted" / "broken.jpg"), "label"] == -1
+    assert "does not decode" in out.loc[str(folder / "unsorted" / "broken.jpg"), "error"]
+    assert out.loc[str(folder / "class_1" / "a.png"), "true_label"] == 1  # the folder names the class
+    assert out.loc[str(folder / "unsorted" / "b.png"), "true_label"] == -1 and out.loc[str(folder / "unsorted" / "b.png"), "label"] >= 0
+    # An estimate over fewer images than classes is refused by name.
+    p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder / "unsorted"), "--output",
+                 str(tmp_path / "y.parquet"), "--skip-bad", "--target-prior", "estimate")
+    assert p.returncode == 2 and "at least 4 unlabeled samples; got 1" in p.stderr, p.stderr[-3000:]
