@@ -5,7 +5,12 @@ long_tailed_counts(50, 500, 100), a uniform test pool of 400/class. A linear cla
 linear) is trained with CE, Balanced Softmax and LADE; each of the 11 shifted test sets (shifted_subset) is scored
 as accuracy / Bayes accuracy, where Bayes = argmax of the true log-likelihood + log p_t.
 
-Run: python bench/bayes_gap.py [--smoke-test]
+A second table: what not knowing p_t costs. Each shifted test set's prior is estimated from its own unlabeled
+logits (EM on the raw posteriors, and EM on posteriors BCTS-calibrated on a class-balanced validation sample of
+--val-per-class images; lade_core.label_shift), and top-1 with the estimate is shown as a fraction of top-1 with
+the true prior, beside the uniform prior's fraction.
+
+Run: python bench/bayes_gap.py [--smoke-test] [--val-per-class 20]
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lade_core.evaluation import Target, estimated_prior_rows
 from lade_core.losses import BalancedSoftmaxLoss, LADELoss
 from lade_core.posthoc import compensate, inject_prior
 from lade_core.priors import SHIFT_PROTOCOL, long_tailed_counts, prior_from_counts, shift_protocol_name, shifted_subset
@@ -45,6 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--smoke-test", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val-per-class", type=int, default=20)
     args = ap.parse_args()
     epochs = 3 if args.smoke_test else 40
     g = torch.Generator().manual_seed(args.seed)
@@ -55,6 +62,7 @@ def main() -> None:
     x_te, y_te = sample(means, [PER_CLASS_TEST] * C, g)
     perm = torch.randperm(len(y_te), generator=g)  # dataset order for "first n_c per class"
     x_te, y_te = x_te[perm], y_te[perm]
+    x_val, y_val = sample(means, [args.val_per_class] * C, g)
 
     losses = {
         "softmax": lambda z, y: F.cross_entropy(z, y),
@@ -64,6 +72,7 @@ def main() -> None:
     models = {k: train_linear(x_tr, y_tr, fn, epochs, args.seed) for k, fn in losses.items()}
     with torch.no_grad():
         logits = {k: m(x_te) for k, m in models.items()}
+        val_logits = {k: m(x_val) for k, m in models.items()}
         # True class-conditional log-likelihood up to a constant shared by all classes: -||x - mu_c||^2 / 2.
         loglik = -0.5 * torch.cdist(x_te, means) ** 2
 
@@ -75,11 +84,12 @@ def main() -> None:
     }
     print(f"C={C} d={D} train={len(y_tr)} (imbalance 100) test pool={len(y_te)}; accuracy / Bayes accuracy")
     print(f"{'target prior':>13} {'n':>6} {'Bayes':>6} " + " ".join(f"{m:>17}" for m in methods))
-    rows = []
+    rows, targets = [], []
     for direction, ratio in SHIFT_PROTOCOL:
         idx = torch.as_tensor(shifted_subset(y_te, train_counts, PER_CLASS_TEST, ratio, direction))
         p_t = prior_from_counts(torch.bincount(y_te[idx], minlength=C), smoothing=0)
         y = y_te[idx]
+        targets.append(Target(shift_protocol_name(direction, ratio), idx.numpy(), p_t))
         bayes = (inject_prior(loglik[idx], p_t).argmax(1) == y).double().mean().item()
         fracs = [((fn(p_t, idx).argmax(1) == y).double().mean().item()) / bayes for fn in methods.values()]
         rows.append(fracs)
@@ -87,6 +97,18 @@ def main() -> None:
         print(f"{name:>13} {len(idx):>6} {bayes:>6.3f} " + " ".join(f"{f:>17.3f}" for f in fracs))
     mean = np.mean(rows, axis=0)
     print(f"{'mean':>13} {'':>6} {'':>6} " + " ".join(f"{f:>17.3f}" for f in mean))
+
+    print(f"\nEstimated p_t: top-1 with the EM estimate / with the true p_t (raw posteriors; BCTS on "
+          f"{args.val_per_class}/class validation), uniform p_t / true p_t")
+    cal = {"EM": None, "EM+BCTS": "bcts"}
+    est = {(k, c): estimated_prior_rows(logits[k], y_te, p_s, k, targets, "em", val_logits[k], y_val, v)
+           for k in ("softmax", "lade") for c, v in cal.items()}
+    heads = [f"{name} {h}" for name in ("PC", "LADE") for h in (*cal, "unif")]
+    print(f"{'target prior':>13} {'n':>6} " + " ".join(f"{h:>12}" for h in heads))
+    for i, t in enumerate(targets):
+        cells = [v for k in ("softmax", "lade") for v in (
+            *(est[k, c][i]["ratio"] for c in cal), est[k, "EM"][i]["top1_uniform"] / est[k, "EM"][i]["top1_true"])]
+        print(f"{t.name:>13} {len(t.indices):>6} " + " ".join(f"{v:>12.3f}" for v in cells))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from .posthoc import posthoc_offset
 from .priors import SHIFT_PROTOCOL, shift_protocol_name, shifted_counts, subset_with_counts, validate_prior
 
 __all__ = ["Target", "protocol_targets", "target_from_values", "evaluate_targets", "METRICS", "logit_statistics",
-           "mean_predicted_prior", "calibration_by_mode", "protocol_mean_top1"]
+           "mean_predicted_prior", "calibration_by_mode", "protocol_mean_top1", "ESTIMATE_COLUMNS",
+           "estimated_prior_rows"]
 
 METRICS: tuple[str, ...] = ("top1", "many", "medium", "few", "nll", "ece")
 
@@ -159,6 +160,49 @@ def protocol_mean_top1(logits, labels, source_prior, train_counts, mode: str) ->
         return float("nan")
     rows = evaluate_targets(logits, labels, source_prior, train_counts, (mode,), protocol_targets(labels, train_counts))
     return float(np.mean([r["top1"] for r in rows]))
+
+
+# --- What not knowing p_t costs ------------------------------------------------------------------------------
+
+ESTIMATE_COLUMNS: tuple[str, ...] = ("top1_true", "top1_estimated", "top1_uniform", "ratio", "tv", "kl")
+
+
+def estimated_prior_rows(logits, labels, source_prior, loss: str, targets: list[Target], method: str = "em",
+                         val_logits=None, val_labels=None, calibration: str | None = "auto") -> list[dict]:
+    """Per target: top-1 under its true prior, under the prior estimated from its own (unlabeled) logits, and under
+    the uniform prior, with the loss's post-hoc rule; ``ratio`` = estimated / true top-1; the estimation error as
+    total variation and KL(true || estimate). ``calibration``: as for ``estimate_target_prior``, fitted once."""
+    from .label_shift import auto_calibration, estimate_target_prior, fit_calibration, source_logits
+    from .losses import posthoc_rules
+
+    z = torch.as_tensor(logits).double()
+    y = torch.as_tensor(_labels_np(labels))
+    num_classes, mode = z.shape[1], posthoc_rules(loss)[0]
+    if calibration is not None:
+        z_val = source_logits(val_logits, source_prior, loss) if val_logits is not None else None
+        if calibration == "bcts" and z_val is None:
+            raise ValueError("BCTS calibration needs validation logits and labels")
+        calibration = (fit_calibration(z_val, val_labels, source_prior) if calibration == "bcts"
+                       else auto_calibration(z_val, val_labels, source_prior))
+
+    def top1(zt, yt, prior) -> float:
+        return float(((zt + posthoc_offset(mode, source_prior, prior, num_classes)).argmax(1) == yt).double().mean())
+
+    rows = []
+    for t in targets:
+        idx = torch.as_tensor(t.indices)
+        zt, yt = z[idx], y[idx]
+        est, _ = estimate_target_prior(zt, source_prior, loss=loss, method=method, calibration=calibration,
+                                       val_logits=val_logits, val_labels=val_labels)
+        true, with_est = top1(zt, yt, t.prior), top1(zt, yt, est)
+        pos = t.prior > 0
+        rows.append({"target": t.name, "n": int(idx.numel()), "calibrated": calibration is not None,
+                     "top1_true": true, "top1_estimated": with_est,
+                     "top1_uniform": top1(zt, yt, torch.full((num_classes,), 1 / num_classes, dtype=torch.float64)),
+                     "ratio": with_est / true if true > 0 else float("nan"),
+                     "tv": 0.5 * float((est - t.prior).abs().sum()),
+                     "kl": float((t.prior[pos] * (t.prior[pos] / est[pos].clamp_min(1e-300)).log()).sum())})
+    return rows
 
 
 # --- Quantities behind the paper's figures -------------------------------------------------------------------

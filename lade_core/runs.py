@@ -16,7 +16,7 @@ from .data.synthetic import make_synthetic
 from .data.transforms import default_image_size
 from .evaluation import evaluate_targets, protocol_targets
 from .inference import batch_logits
-from .label_shift import fit_calibration, source_logits
+from .label_shift import auto_calibration, source_logits
 from .losses import posthoc_rules
 from .models import check_input_size
 from .report import format_table
@@ -102,14 +102,14 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
             torch.save(state["model"], Path(d) / Path(STATE_DICT_ARTIFACT).name)
             client.log_artifact(run_id, str(Path(d) / Path(STATE_DICT_ARTIFACT).name), str(Path(STATE_DICT_ARTIFACT).parent))
     if model_uri is None:
-        # BCTS on the validation split: the calibration prior estimation uses (lade_core.label_shift).
+        # BCTS on the validation split, where it has enough images: the calibration prior estimation uses.
         val_logits, val_labels = split_logits("val", VAL_LOGITS_ARTIFACT)
-        calibration = fit_calibration(source_logits(val_logits, source_prior, config["loss"]), val_labels)
+        calibration = auto_calibration(source_logits(val_logits, source_prior, config["loss"]), val_labels, source_prior)
         names = prepared.manifest.get("class_names") or [str(c) for c in range(prepared.num_classes)]
         card = ModelCard(config["model"], prepared.num_classes, list(names), [float(x) for x in source_prior],
                          config["loss"], prepared.transform,
                          config["image_size"] or prepared.image_size or default_image_size(prepared.transform),
-                         calibration.to_dict())
+                         calibration and calibration.to_dict())
         mlflow.set_tracking_uri(config["mlflow_uri"])
         with mlflow.start_run(run_id=run_id):
             model_uri = log_classifier(card, state["model"], MODEL_NAME).model_uri

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from lade_core.evaluation import (METRICS, Target, calibration_by_mode, evaluate_targets, logit_statistics,
-                                  mean_predicted_prior, protocol_targets, target_from_values)
+from lade_core.evaluation import (ESTIMATE_COLUMNS, METRICS, Target, calibration_by_mode, estimated_prior_rows,
+                                  evaluate_targets, logit_statistics, mean_predicted_prior, protocol_targets,
+                                  target_from_values)
+from lade_core.label_shift import BCTS_MIN_PER_CLASS, METHODS
 from lade_core.losses import LOSSES, posthoc_rules
 from lade_core.priors import read_prior_file
 from lade_core.report import format_table
@@ -32,6 +34,7 @@ from lade_core.tracking import log_metrics_once, log_table_once, resolve_trackin
 TABLE_ARTIFACT = "eval/shift_table.json"
 FIGURES_DIR = "eval/figures"
 COLUMNS = ["target", "mode", "n", *METRICS]
+ESTIMATE_COLUMNS_SHOWN = ["target", "n", *ESTIMATE_COLUMNS]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--target-prior", action="append", default=[], metavar="FILE", help="per-class probabilities or counts")
     ap.add_argument("--per-class", type=int, help="head-class test count of the shifted protocol (default: the "
                     "smallest class count of the test split)")
+    ap.add_argument("--estimate-prior", choices=METHODS, help="also score each target with p_t estimated from its "
+                    "own unlabeled logits (BBSE needs the run's validation logits)")
+    ap.add_argument("--calibration", choices=["auto", "bcts", "none"], default="auto",
+                    help="posteriors for the estimate: BCTS fitted on the run's validation logits (auto: only with "
+                    f">= {BCTS_MIN_PER_CLASS} validation images per class), or none")
     ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="show MLflow's INFO logs and download bars")
@@ -111,6 +119,9 @@ def main(argv=None) -> int:
             run_id = args.run_id or run_for_model(client, args.model)
             run = load_run_logits(client, run_id)
         targets = build_targets(run, args.target_prior, args.per_class)
+        if (args.estimate_prior == "bbse" or args.calibration == "bcts") and run.val_logits is None:
+            raise ValueError("BBSE and BCTS need the run's validation logits (eval/val_logits.parquet), which runs "
+                             "trained before lade stored them lack; use --estimate-prior em --calibration none")
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -118,14 +129,29 @@ def main(argv=None) -> int:
     print(f"{run.run_name} ({run.loss}){' — MLflow run ' + run.run_id if run.run_id else ''}")
     print(format_table(rows, COLUMNS))
     table = pd.DataFrame(rows, columns=COLUMNS)
+    estimates = []
+    if args.estimate_prior:
+        estimates = estimated_prior_rows(run.logits, run.labels, run.source_prior, run.loss, targets,
+                                         args.estimate_prior, run.val_logits, run.val_labels,
+                                         None if args.calibration == "none" else args.calibration)
+        print(f"\ntarget prior estimated from each target's unlabeled logits ({args.estimate_prior}, "
+              f"{'BCTS-calibrated on validation' if estimates[0]['calibrated'] else 'uncalibrated posteriors'}):")
+        print(format_table(estimates, ESTIMATE_COLUMNS_SHOWN))
     if client is None:
         out = Path(args.output) if args.output else Path(args.logits).with_suffix("").parent / f"{Path(args.logits).stem}_eval"
         out.mkdir(parents=True, exist_ok=True)
         (out / "shift_table.csv").write_text(format_table(rows, COLUMNS, "csv"))
+        if estimates:
+            (out / f"estimate_{args.estimate_prior}.csv").write_text(format_table(estimates, ESTIMATE_COLUMNS_SHOWN, "csv"))
         written = [] if args.no_figures else write_figures(run, targets, rows, out)
         print(f"wrote {out / 'shift_table.csv'}" + "".join(f", {p.name}" for p in written))
         return 0
     metrics = shift_metrics(rows)
+    if estimates:
+        metrics.update({f"estimate/{args.estimate_prior}/{r['target']}/{m}": r[m]
+                        for r in estimates for m in ("top1_estimated", "ratio", "tv", "kl")})
+        log_table_once(client, run.run_id, pd.DataFrame(estimates, columns=ESTIMATE_COLUMNS_SHOWN),
+                       f"eval/estimate_{args.estimate_prior}.json")
     n_new = log_metrics_once(client, run.run_id, metrics)
     table_written = log_table_once(client, run.run_id, table, TABLE_ARTIFACT)
     if not args.no_figures:

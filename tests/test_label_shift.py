@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lade_core.label_shift import bbse_prior, calibrate, em_prior, estimate_target_prior, fit_bcts, source_logits
+from lade_core.label_shift import (BCTS_MIN_PER_CLASS, auto_calibration, bbse_prior, calibrate, em_prior,
+                                  estimate_target_prior, fit_bcts, fit_calibration, source_logits)
 from lade_core.priors import long_tailed_counts, prior_from_counts
 
 C, D = 10, 4
@@ -109,6 +110,17 @@ def test_estimate_converges_to_the_true_prior_as_the_sample_grows(world, loss, m
     assert errors[-1] < errors[0] and errors[-1] < 0.02, errors
     # The estimate beats not estimating: the source prior is far from the truth.
     assert errors[-1] < 0.1 * 0.5 * float((world.ps - p_true).abs().sum())
+
+
+def test_calibration_on_a_balanced_validation_split_refers_to_the_source_prior(world):
+    """Exact source posteriors need no calibration: fitted on a class-balanced split (p_val != p_s), BCTS finds
+    T = 1 and b = 0 because the known offset log p_val - log p_s is held fixed, not learned into b."""
+    xv, yv = world.sample(torch.full((C,), 1 / C, dtype=torch.float64), 40_000)
+    z = world.loglik(xv) + world.ps.log()  # softmax(z) = p_s(y|x)
+    cal = fit_calibration(z, yv, world.ps)
+    assert cal.temperature == pytest.approx(1, abs=0.03) and cal.bias.abs().max() < 0.1, cal
+    assert auto_calibration(z[: BCTS_MIN_PER_CLASS * C - 1], yv[: BCTS_MIN_PER_CLASS * C - 1], world.ps) is None
+    assert auto_calibration(z, yv, world.ps) is not None
 
 
 def test_bcts_calibrated_em_fixes_an_overconfident_model(world):
