@@ -170,3 +170,33 @@ def test_local_logits_file(store, tmp_path, capsys):
     assert len(rows) == 22 and all((out / f"{n}.png").is_file() for n in FIGURES)
     back = next(r for r in rows if r["target"] == "backward_10" and r["mode"] == "inject")
     assert float(back["top1"]) == pytest.approx(metrics["shift/backward_10/inject/top1"])
+
+
+@pytest.mark.parametrize("method", ["em", "bbse"])
+def test_estimated_prior_columns_against_a_direct_estimate(store, capsys, method):
+    """evaluate.py --estimate-prior: per target, top-1 under the prior estimated from the target's own logits,
+    recomputed here from the stored test and validation logits with lade_core.label_shift and Eq. 17."""
+    from lade_core.artifacts import VAL_LOGITS_ARTIFACT
+    from lade_core.label_shift import estimate_target_prior
+
+    uri, client, ids = store
+    rid = ids["r-lade"]
+    assert evaluate.main(["--run-id", rid, "--mlflow-uri", uri, "--no-figures", "--estimate-prior", method,
+                          "--calibration", "none"]) == 0
+    assert "uncalibrated posteriors" in capsys.readouterr().out
+    logits, labels = read_logits_parquet(_download(client, rid, LOGITS_ARTIFACT))
+    val_logits, val_labels = read_logits_parquet(_download(client, rid, VAL_LOGITS_ARTIFACT))
+    info = json.loads(open(_download(client, rid, PRIOR_ARTIFACT)).read())
+    ps, counts = torch.tensor(info["source_prior"], dtype=torch.float64), info["train_counts"]
+    metrics = client.get_run(rid).data.metrics
+    table = _table(client, rid, f"eval/estimate_{method}.json").set_index("target")
+    for t in protocol_targets(labels, counts):
+        idx = torch.as_tensor(t.indices)
+        est, _ = estimate_target_prior(logits[idx], ps, loss="lade", method=method, val_logits=val_logits,
+                                       val_labels=val_labels)
+        z, y = logits[idx].double(), labels[idx]
+        top1 = lambda p: float(((z + p.log()).argmax(1) == y).double().mean())  # noqa: E731  (Eq. 17)
+        assert table.loc[t.name, "top1_true"] == pytest.approx(top1(t.prior))
+        assert table.loc[t.name, "top1_uniform"] == pytest.approx(top1(torch.full((4,), 0.25, dtype=torch.float64)))
+        assert metrics[f"estimate/{method}/{t.name}/top1_estimated"] == pytest.approx(top1(est))
+        assert metrics[f"estimate/{method}/{t.name}/tv"] == pytest.approx(0.5 * float((est - t.prior).abs().sum()))
