@@ -37,7 +37,7 @@ def main() -> None:
     from lade_core.runtime import init_ray
     from lade_core.serving import LadeClassifier, ModelCard, log_classifier
 
-    per_class = 20 if args.smoke_test else 500
+    per_class = 20 if args.smoke_test else 2000
     with tempfile.TemporaryDirectory() as d:
         init_ray(num_cpus=4)
         prepare_dataset(make_synthetic(num_classes=10, max_count=40, imbalance_ratio=4, val_per_class=2,

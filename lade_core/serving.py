@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
@@ -159,7 +160,9 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
         x = transform_batch([images[i] for i in ok], self.card.transform, False, self.card.image_size)
         return x, ok, errors
 
-    def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
+    # ``pd.DataFrame``: one of the hints for which MLflow neither infers a schema nor converts the input, so a float
+    # array still arrives as it is (an unhinted predict makes MLflow warn on every load).
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         p = self.check_params(params)
         x, ok, errors = self.preprocess(model_input, p["skip_bad"])
         z = posthoc_logits(self.logits(x).double(), p["posthoc"], self.source_prior, p["target_prior"])  # [B', C]
@@ -207,12 +210,8 @@ def load_classifier(model_uri: str) -> LadeClassifier:
     another tool is refused by name."""
     from mlflow.exceptions import MlflowException
 
-    import warnings
-
     try:
-        with warnings.catch_warnings():  # MLflow suggests type hints; ours would make it coerce the input
-            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
-            model = mlflow.pyfunc.load_model(model_uri)
+        model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as e:  # an unknown name, version or run, an unset alias
         raise ValueError(f"cannot load {model_uri}: {e.message}") from e
     except OSError as e:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lade_core.evaluation import evaluate_targets, protocol_targets
+from lade_core.evaluation import estimated_prior_rows, evaluate_targets, protocol_targets
+from lade_core.label_shift import METHODS
 from lade_core.losses import posthoc_rules
 from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name
 from lade_core.report import FORMATS, format_table
@@ -36,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--run-ids", nargs="+", help="MLflow run ids")
     src.add_argument("--experiment", help="every run of this experiment that stored test logits")
     src.add_argument("--model", help="every version of this registered model")
+    ap.add_argument("--estimate-prior", choices=METHODS, help="add the top-1 with p_t estimated from each target's own "
+                    "logits as a fraction of the top-1 with the true p_t: mean and min over the 11 targets")
     ap.add_argument("--format", choices=FORMATS, default="markdown")
     ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
     ap.add_argument("--log-experiment", default="lade-compare", help="experiment the comparison is logged to")
@@ -64,16 +67,21 @@ def select_runs(client, args) -> list[str]:
     return ids
 
 
-def table_row(run: RunLogits) -> dict:
-    """One row of Table 6 for one run."""
+def table_row(run: RunLogits, estimate: str | None = None) -> dict:
+    """One row of Table 6 for one run; with ``estimate``, the estimated-prior columns too."""
     mode = posthoc_rules(run.loss)[0]
     targets = protocol_targets(run.labels, run.train_counts)
     rows = {r["target"]: r for r in evaluate_targets(run.logits, run.labels, run.source_prior, run.train_counts,
                                                        (mode,), targets)}
     u = rows["uniform"]
-    return {"run": f"{run.run_name} ({run.run_id[:8]})", "loss": run.loss, "posthoc": mode,
-            **{p: rows[p]["top1"] for p in PRIORS}, "many": u["many"], "medium": u["medium"], "few": u["few"],
-            "ece": u["ece"]}
+    row = {"run": f"{run.run_name} ({run.run_id[:8]})", "loss": run.loss, "posthoc": mode,
+           **{p: rows[p]["top1"] for p in PRIORS}, "many": u["many"], "medium": u["medium"], "few": u["few"],
+           "ece": u["ece"]}
+    if estimate:
+        ratios = [r["ratio"] for r in estimated_prior_rows(run.logits, run.labels, run.source_prior, run.loss, targets,
+                                                            estimate, run.val_logits, run.val_labels)]
+        row.update({f"{estimate}/true mean": float(sum(ratios) / len(ratios)), f"{estimate}/true min": min(ratios)})
+    return row
 
 
 def main(argv=None) -> int:
@@ -88,8 +96,13 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = [table_row(r) for r in runs]
-    print(format_table(rows, COLUMNS, args.format), end="")
+    if args.estimate_prior == "bbse" and any(r.val_logits is None for r in runs):
+        print("error: --estimate-prior bbse needs validation logits, which some of these runs lack", file=sys.stderr)
+        return 2
+    rows = [table_row(r, args.estimate_prior) for r in runs]
+    columns = COLUMNS + ([f"{args.estimate_prior}/true mean", f"{args.estimate_prior}/true min"]
+                         if args.estimate_prior else [])
+    print(format_table(rows, columns, args.format), end="")
     if args.no_log:
         return 0
     mlflow.set_tracking_uri(uri)
@@ -97,9 +110,9 @@ def main(argv=None) -> int:
     with mlflow.start_run(run_name=f"compare-{len(rows)}-runs") as logged, tempfile.TemporaryDirectory() as d:
         mlflow.set_tag("lade.compared_runs", ",".join(r.run_id for r in runs))
         for fmt, name in (("markdown", "compare.md"), ("csv", "compare.csv")):
-            (Path(d) / name).write_text(format_table(rows, COLUMNS, fmt))
+            (Path(d) / name).write_text(format_table(rows, columns, fmt))
             mlflow.log_artifact(str(Path(d) / name))
-        mlflow.log_table(pd.DataFrame(rows, columns=COLUMNS), "compare.json")
+        mlflow.log_table(pd.DataFrame(rows, columns=columns), "compare.json")
     print(f"logged to MLflow run {logged.info.run_id} (experiment {args.log_experiment})", file=sys.stderr)
     return 0
 

@@ -142,16 +142,20 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "shift_table.csv").write_text(format_table(rows, COLUMNS, "csv"))
         if estimates:
-            (out / f"estimate_{args.estimate_prior}.csv").write_text(format_table(estimates, ESTIMATE_COLUMNS_SHOWN, "csv"))
+            tag = f"{args.estimate_prior}-{'bcts' if estimates[0]['calibrated'] else 'raw'}"
+            (out / f"estimate_{tag}.csv").write_text(format_table(estimates, ESTIMATE_COLUMNS_SHOWN, "csv"))
         written = [] if args.no_figures else write_figures(run, targets, rows, out)
         print(f"wrote {out / 'shift_table.csv'}" + "".join(f", {p.name}" for p in written))
         return 0
     metrics = shift_metrics(rows)
     if estimates:
-        metrics.update({f"estimate/{args.estimate_prior}/{r['target']}/{m}": r[m]
+        # Named by method and posteriors: estimates with and without BCTS are different quantities, and a name
+        # is logged once.
+        tag = f"{args.estimate_prior}-{'bcts' if estimates[0]['calibrated'] else 'raw'}"
+        metrics.update({f"estimate/{tag}/{r['target']}/{m}": r[m]
                         for r in estimates for m in ("top1_estimated", "ratio", "tv", "kl")})
         log_table_once(client, run.run_id, pd.DataFrame(estimates, columns=ESTIMATE_COLUMNS_SHOWN),
-                       f"eval/estimate_{args.estimate_prior}.json")
+                       f"eval/estimate_{tag}.json")
     n_new = log_metrics_once(client, run.run_id, metrics)
     table_written = log_table_once(client, run.run_id, table, TABLE_ARTIFACT)
     if not args.no_figures:

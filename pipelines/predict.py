@@ -25,7 +25,7 @@ from lade_core.label_shift import Calibration, estimate_target_prior
 from lade_core.posthoc import posthoc_offset
 from lade_core.prediction import collect_logits, finish, image_dataset, predict_images, write_predictions
 from lade_core.priors import read_prior_file, uniform_prior, validate_prior
-from lade_core.runtime import init_ray, quiet_logging
+from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
 from lade_core.tracking import resolve_tracking_uri
 
 
@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         return 2
     import ray
 
-    init_ray(num_cpus=args.num_cpus)
+    # A local Ray gets CPUs beyond the actors' own, or the read/decode tasks wait behind them and the job stalls.
+    init_ray(num_cpus=local_num_cpus(args.num_cpus, args.num_workers))
     use_gpu = args.use_gpu if args.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     t0 = time.perf_counter()
     try:

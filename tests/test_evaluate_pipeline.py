@@ -189,7 +189,7 @@ def test_estimated_prior_columns_against_a_direct_estimate(store, capsys, method
     info = json.loads(open(_download(client, rid, PRIOR_ARTIFACT)).read())
     ps, counts = torch.tensor(info["source_prior"], dtype=torch.float64), info["train_counts"]
     metrics = client.get_run(rid).data.metrics
-    table = _table(client, rid, f"eval/estimate_{method}.json").set_index("target")
+    table = _table(client, rid, f"eval/estimate_{method}-raw.json").set_index("target")
     for t in protocol_targets(labels, counts):
         idx = torch.as_tensor(t.indices)
         est, _ = estimate_target_prior(logits[idx], ps, loss="lade", method=method, val_logits=val_logits,
@@ -198,5 +198,18 @@ def test_estimated_prior_columns_against_a_direct_estimate(store, capsys, method
         top1 = lambda p: float(((z + p.log()).argmax(1) == y).double().mean())  # noqa: E731  (Eq. 17)
         assert table.loc[t.name, "top1_true"] == pytest.approx(top1(t.prior))
         assert table.loc[t.name, "top1_uniform"] == pytest.approx(top1(torch.full((4,), 0.25, dtype=torch.float64)))
-        assert metrics[f"estimate/{method}/{t.name}/top1_estimated"] == pytest.approx(top1(est))
-        assert metrics[f"estimate/{method}/{t.name}/tv"] == pytest.approx(0.5 * float((est - t.prior).abs().sum()))
+        assert metrics[f"estimate/{method}-raw/{t.name}/top1_estimated"] == pytest.approx(top1(est))
+        assert metrics[f"estimate/{method}-raw/{t.name}/tv"] == pytest.approx(0.5 * float((est - t.prior).abs().sum()))
+
+
+def test_compare_shows_the_estimated_prior_columns(store, capsys):
+    uri, client, ids = store
+    rid = ids["r-lade"]
+    assert evaluate.main(["--run-id", rid, "--mlflow-uri", uri, "--no-figures", "--estimate-prior", "em"]) == 0
+    capsys.readouterr()
+    ratios = _table(client, rid, "eval/estimate_em-bcts.json")["ratio"]  # auto: BCTS from 20 val images/class
+    assert compare.main(["--run-ids", rid, "--mlflow-uri", uri, "--estimate-prior", "em", "--no-log",
+                         "--format", "csv"]) == 0
+    row = next(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert float(row["em/true mean"]) == pytest.approx(ratios.mean(), abs=1e-4)
+    assert float(row["em/true min"]) == pytest.approx(ratios.min(), abs=1e-4)

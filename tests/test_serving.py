@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
-from lade_core.label_shift import Calibration, estimate_target_prior
+from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
+from lade_core.label_shift import Calibration, estimate_target_prior, fit_calibration, source_logits
 
 from conftest import REPO, free_port
 
@@ -49,10 +49,13 @@ def _stored(client, run_id):
     return logits.double(), labels, ps
 
 
+def _expected_logits(loss, logits, ps, pt):
+    """Eq. 17 (LADE: z + log p_t) or Eq. 4 (softmax: PC, z - log p_s + log p_t), written here."""
+    return logits + torch.log(pt) - (torch.log(ps) if loss == "softmax" else 0)
+
+
 def _expected_probabilities(loss, logits, ps, pt):
-    """Eq. 17 (LADE: softmax(z + log p_t)) or Eq. 6-7 (softmax: PC, softmax(z - log p_s + log p_t)), written here."""
-    z = logits + torch.log(pt) - (torch.log(ps) if loss == "softmax" else 0)
-    return torch.softmax(z, 1)
+    return torch.softmax(_expected_logits(loss, logits, ps, pt), 1)
 
 
 def _test_images(data_dir):
@@ -79,17 +82,25 @@ def test_pyfunc_answers_under_any_target_prior(store, loss):
     expected = _expected_probabilities(loss, logits[index], ps, pt)
     np.testing.assert_allclose(np.stack(out["probabilities"]), expected.numpy(), atol=2e-4)
     assert (out["label"].to_numpy() == expected.argmax(1).numpy()).mean() > 0.97  # float32 ties aside
+    # The post-hoc logits themselves: a tiny model's probabilities saturate and would hide a per-class offset.
+    out = model.predict(pd.DataFrame({"image": images}), params={"target_prior": pt.tolist(), "output": "logits"})
+    np.testing.assert_allclose(np.stack(out["logits"]), _expected_logits(loss, logits[index], ps, pt).numpy(),
+                               rtol=1e-4, atol=1e-3)
     # Default params: uniform target, the loss's own rule; output=label has no probability column.
     uniform = model.predict(pd.DataFrame({"image": images[:8]}), params={"output": "label"})
     assert list(uniform.columns) == ["label", "class_name"]
     np.testing.assert_array_equal(uniform["label"], _expected_probabilities(loss, logits[index[:8]], ps,
                                                                               torch.full((4,), 0.25, dtype=torch.float64)).argmax(1))
     assert uniform["class_name"].tolist() == [f"class_{k}" for k in uniform["label"]]
-    # The model card carries the source prior; no BCTS from a validation split of 4 images per class (auto).
+    # The model card carries the source prior and the BCTS fitted on the validation split (20 images per class).
     card = model.unwrap_python_model().card
     np.testing.assert_allclose(card.source_prior, ps.numpy())
     assert card.loss == loss and card.posthoc == ("pc" if loss == "softmax" else "inject")
-    assert card.calibration is None and card.class_names == [f"class_{k}" for k in range(4)]
+    val_logits, val_labels = read_logits_parquet(_download(client, runs[f"r-{loss}"], VAL_LOGITS_ARTIFACT))
+    ref = fit_calibration(source_logits(val_logits, ps, loss), val_labels, ps)
+    assert card.calibration["temperature"] == pytest.approx(ref.temperature, rel=1e-4)
+    np.testing.assert_allclose(card.calibration["bias"], ref.bias.numpy(), atol=1e-4)
+    assert card.class_names == [f"class_{k}" for k in range(4)]
 
 
 def test_pyfunc_refuses_bad_input_by_name(store):
