@@ -172,18 +172,14 @@ def estimated_prior_rows(logits, labels, source_prior, loss: str, targets: list[
     """Per target: top-1 under its true prior, under the prior estimated from its own (unlabeled) logits, and under
     the uniform prior, with the loss's post-hoc rule; ``ratio`` = estimated / true top-1; the estimation error as
     total variation and KL(true || estimate). ``calibration``: as for ``estimate_target_prior``, fitted once."""
-    from .label_shift import auto_calibration, estimate_target_prior, fit_calibration, source_logits
+    from .label_shift import estimate_target_prior, resolve_calibration, source_logits
     from .losses import posthoc_rules
 
     z = torch.as_tensor(logits).double()
     y = torch.as_tensor(_labels_np(labels))
     num_classes, mode = z.shape[1], posthoc_rules(loss)[0]
-    if calibration is not None:
-        z_val = source_logits(val_logits, source_prior, loss) if val_logits is not None else None
-        if calibration == "bcts" and z_val is None:
-            raise ValueError("BCTS calibration needs validation logits and labels")
-        calibration = (fit_calibration(z_val, val_labels, source_prior) if calibration == "bcts"
-                       else auto_calibration(z_val, val_labels, source_prior))
+    z_val = source_logits(val_logits, source_prior, loss) if val_logits is not None else None
+    calibration = resolve_calibration(calibration, z_val, val_labels, source_prior)  # fitted once, for every target
 
     def top1(zt, yt, prior) -> float:
         return float(((zt + posthoc_offset(mode, source_prior, prior, num_classes)).argmax(1) == yt).double().mean())

@@ -22,7 +22,8 @@ import torch
 from .posthoc import posthoc_logits
 from .priors import validate_prior
 
-__all__ = ["CALIBRATIONS", "METHODS", "Calibration", "source_logits", "fit_bcts", "fit_calibration", "auto_calibration", "calibrate", "em_prior", "bbse_prior",
+__all__ = ["CALIBRATIONS", "METHODS", "Calibration", "source_logits", "fit_bcts", "fit_calibration", "auto_calibration",
+           "resolve_calibration", "calibrate", "em_prior", "bbse_prior",
            "estimate_target_prior"]
 
 METHODS = ("em", "bbse")
@@ -114,6 +115,20 @@ def auto_calibration(val_source_logits: torch.Tensor | None, val_labels: torch.T
     return fit_calibration(val_source_logits, val_labels, source_prior)
 
 
+def resolve_calibration(calibration: str | Calibration | None, val_source_logits: torch.Tensor | None,
+                        val_labels: torch.Tensor | None, source_prior) -> Calibration | None:
+    """A ``calibration`` argument (None, "bcts", "auto" or a fitted ``Calibration``) -> the Calibration to use."""
+    if calibration is None or isinstance(calibration, Calibration):
+        return calibration
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}; choose None, 'bcts', 'auto' or a fitted Calibration")
+    if calibration == "auto":
+        return auto_calibration(val_source_logits, val_labels, source_prior)
+    if val_source_logits is None or val_labels is None:
+        raise ValueError("BCTS calibration needs validation logits and labels")
+    return fit_calibration(val_source_logits, val_labels, source_prior)
+
+
 def calibrate(z_source: torch.Tensor, calibration: Calibration | None) -> torch.Tensor:
     """Calibrated source posteriors [N, C] float64, or softmax(z) without a calibration."""
     return torch.softmax(z_source.double(), 1) if calibration is None else calibration.posteriors(z_source)
@@ -174,19 +189,15 @@ def estimate_target_prior(logits: torch.Tensor, source_prior, *, loss: str, meth
     if n < c:
         raise ValueError(f"estimating a target prior over {c} classes needs at least {c} unlabeled samples; got {n}")
     has_val = val_logits is not None and val_labels is not None
-    if (method == "bbse" or calibration == "bcts") and not has_val:
-        raise ValueError(f"{method if method == 'bbse' else 'BCTS calibration'} needs validation logits and labels")
+    if method == "bbse" and not has_val:
+        raise ValueError("bbse needs validation logits and labels")
     ps = validate_prior(source_prior, c, "source_prior")
-    if isinstance(calibration, str):
-        if calibration not in ("bcts", "auto"):
-            raise ValueError(f"unknown calibration {calibration!r}; choose None, 'bcts', 'auto' or a fitted Calibration")
-        z_val = source_logits(val_logits, ps, loss) if has_val else None
-        calibration = (fit_calibration(z_val, val_labels, ps) if calibration == "bcts"
-                       else auto_calibration(z_val, val_labels, ps))
+    z_val = source_logits(val_logits, ps, loss) if has_val else None
+    calibration = resolve_calibration(calibration, z_val, val_labels, ps)
     post = calibrate(source_logits(logits, ps, loss), calibration)
     info: dict = {"method": method, "calibration": None if calibration is None else calibration.to_dict()}
     if method == "em":
         prior, diag = em_prior(post, ps)
     else:
-        prior, diag = bbse_prior(post, calibrate(source_logits(val_logits, ps, loss), calibration), val_labels)
+        prior, diag = bbse_prior(post, calibrate(z_val, calibration), val_labels)
     return prior, {**info, **diag}

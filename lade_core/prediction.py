@@ -71,16 +71,15 @@ def image_dataset(source: str | Path, class_names: list[str], *, image_root=None
         prepared = open_prepared(source)
         if prepared.num_classes != len(class_names):
             raise DataError(f"{source} has {prepared.num_classes} classes; the model has {len(class_names)}")
-        prepared._check_split(split)
-        ds = ray.data.read_parquet(str(source / split), columns=["image", "label", "index"])
-        return ds.map_batches(lambda b: {"row": b["index"], "path": np.array([f"{split}#{i}" for i in b["index"]]),
-                                         "true_label": b["label"], "image": b["image"]}, batch_format="numpy")
+        return prepared.encoded_dataset(split).map_batches(
+            lambda b: {"row": b["index"], "path": np.array([f"{split}#{i}" for i in b["index"]]),
+                       "true_label": b["label"], "image": b["image"]}, batch_format="numpy")
     rows = image_rows(source, class_names, image_root=image_root)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 64, 200)))
     return ds.map_batches(_read_files, batch_format="numpy")
 
 
-class _LogitsActor:
+class _PyfuncLogitsActor:
     """Pass 1 on an actor: loads the model once, maps encoded images to raw logits [B, C] (NaN rows: not decoded)."""
 
     def __init__(self, model_uri: str, tracking_uri: str, skip_bad: bool):
@@ -92,22 +91,15 @@ class _LogitsActor:
         self.model, self.skip_bad = load_classifier(model_uri), skip_bad
 
     def __call__(self, batch: dict) -> dict:
-        images = pd.DataFrame({"image": list(batch["image"])})
-        try:
-            x, ok, errors = self.model.preprocess(images, self.skip_bad)
-        except ValueError as e:  # name the files, not row numbers within this batch
-            bad = [p for p, im in zip(batch["path"], images["image"]) if not _decodes(im)]
-            raise DataError(f"{len(bad)} images do not decode, e.g. {bad[:5]}; pass --skip-bad to predict the rest") from e
-        logits = np.full((len(images), self.model.card.num_classes), np.nan, dtype=np.float32)
+        n = len(batch["row"])
+        x, ok, errors = self.model.preprocess(pd.DataFrame({"image": list(batch["image"])}), skip_bad=True)
+        if errors and not self.skip_bad:  # named by file, not by row number within this batch
+            bad = [batch["path"][i] for i in errors]
+            raise DataError(f"{len(bad)} images do not decode, e.g. {bad[:5]}; pass --skip-bad to predict the rest")
+        logits = np.full((n, self.model.card.num_classes), np.nan, dtype=np.float32)
         logits[ok] = self.model.logits(x).numpy()
         return {"row": batch["row"], "path": batch["path"], "true_label": batch["true_label"], "logits": logits,
-                "error": np.array([errors.get(i, "") for i in range(len(images))], dtype=object)}
-
-
-def _decodes(data) -> bool:
-    from .serving import decode_images
-
-    return not decode_images([data])[1]
+                "error": np.array([errors.get(i, "") for i in range(n)], dtype=object)}
 
 
 def _top_k(batch: dict, offset: np.ndarray, k: int, class_names: list[str]) -> dict:
@@ -117,13 +109,12 @@ def _top_k(batch: dict, offset: np.ndarray, k: int, class_names: list[str]) -> d
     prob = torch.softmax(torch.where(ok[:, None], z, 0.0), 1)
     p, idx = prob.topk(min(k, z.shape[1]), dim=1)
     label = np.where(ok.numpy(), idx[:, 0].numpy(), UNKNOWN)
-    out = {"row": batch["row"], "path": batch["path"], "label": label,
+    return {"row": batch["row"], "path": batch["path"], "label": label,
            "class_name": np.array([class_names[c] if c >= 0 else None for c in label], dtype=object),
            "probability": np.where(ok.numpy(), p[:, 0].numpy(), np.nan),
            "top_k_labels": [r.tolist() if g else None for r, g in zip(idx.numpy(), ok.numpy())],
            "top_k_probabilities": [r.tolist() if g else None for r, g in zip(p.numpy(), ok.numpy())],
            "true_label": batch["true_label"], "error": batch["error"]}
-    return out
 
 
 def predict_images(ds, model_uri: str, tracking_uri: str, *, num_workers: int, use_gpu: bool, batch_size: int,
@@ -131,20 +122,18 @@ def predict_images(ds, model_uri: str, tracking_uri: str, *, num_workers: int, u
     """Pass 1: the materialized Ray Dataset of {"row", "path", "true_label", "logits" [C], "error"}."""
     from ray.data import ActorPoolStrategy
 
-    return ds.map_batches(_LogitsActor, batch_format="numpy", batch_size=batch_size,
+    return ds.map_batches(_PyfuncLogitsActor, batch_format="numpy", batch_size=batch_size,
                           compute=ActorPoolStrategy(size=num_workers), num_gpus=1 if use_gpu else 0,
                           fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
                                                  "skip_bad": skip_bad}).materialize()
 
 
-def collect_logits(logits_ds) -> tuple[torch.Tensor, np.ndarray]:
-    """The decoded rows' raw logits [N, C] float32 and their ``row`` ids, for prior estimation on the driver."""
-    parts, rows = [], []
-    for b in logits_ds.select_columns(["row", "logits"]).iter_batches(batch_size=None, batch_format="numpy"):
-        keep = np.isfinite(b["logits"]).all(1)
-        parts.append(torch.from_numpy(np.array(b["logits"][keep])))
-        rows.append(b["row"][keep])
-    return torch.cat(parts), np.concatenate(rows)
+def collect_logits(logits_ds) -> torch.Tensor:
+    """The decoded rows' raw logits [N, C] float32, for prior estimation on the driver."""
+    parts = []
+    for b in logits_ds.select_columns(["logits"]).iter_batches(batch_size=None, batch_format="numpy"):
+        parts.append(torch.from_numpy(np.array(b["logits"][np.isfinite(b["logits"]).all(1)])))
+    return torch.cat(parts)
 
 
 def finish(logits_ds, offset: torch.Tensor, k: int, class_names: list[str]):

@@ -13,7 +13,6 @@ from .config import validate_config
 from .data import open_prepared
 from .data.prepare import prepare_dataset, summary_line
 from .data.synthetic import make_synthetic
-from .data.transforms import default_image_size
 from .evaluation import evaluate_targets, protocol_targets
 from .inference import batch_logits
 from .label_shift import auto_calibration, source_logits
@@ -45,8 +44,8 @@ def check_against_dataset(config: dict, prepared) -> dict:
     checked config."""
     config = validate_config(config, prepared.num_classes)
     prepared.check_validation_split()
-    size = config["image_size"] or prepared.image_size or default_image_size(prepared.transform)
-    check_input_size(config["model"], prepared.num_classes, size, config["batch_size"] // config["num_workers"])
+    check_input_size(config["model"], prepared.num_classes, prepared.crop_size(config["image_size"]),
+                     config["batch_size"] // config["num_workers"])
     return config
 
 
@@ -108,7 +107,7 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
         names = prepared.manifest.get("class_names") or [str(c) for c in range(prepared.num_classes)]
         card = ModelCard(config["model"], prepared.num_classes, list(names), [float(x) for x in source_prior],
                          config["loss"], prepared.transform,
-                         config["image_size"] or prepared.image_size or default_image_size(prepared.transform),
+                         prepared.crop_size(config["image_size"]),
                          calibration and calibration.to_dict())
         mlflow.set_tracking_uri(config["mlflow_uri"])
         with mlflow.start_run(run_id=run_id):

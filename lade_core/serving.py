@@ -74,12 +74,19 @@ def signature(card: ModelCard):
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec
 
+    d = param_defaults(card)
     return ModelSignature(inputs=None, params=ParamSchema([
-        ParamSpec("target_prior", "double", [float(x) for x in uniform_prior(card.num_classes)], shape=(-1,)),
-        ParamSpec("posthoc", "string", card.posthoc),
-        ParamSpec("output", "string", "probabilities"),
-        ParamSpec("skip_bad", "boolean", False),
+        ParamSpec("target_prior", "double", d["target_prior"], shape=(-1,)),
+        ParamSpec("posthoc", "string", d["posthoc"]),
+        ParamSpec("output", "string", d["output"]),
+        ParamSpec("skip_bad", "boolean", d["skip_bad"]),
     ]))
+
+
+def param_defaults(card: ModelCard) -> dict:
+    """The predict params and their defaults: uniform target prior, the loss's own rule, probabilities."""
+    return {"target_prior": [float(x) for x in uniform_prior(card.num_classes)], "posthoc": card.posthoc,
+            "output": "probabilities", "skip_bad": False}
 
 
 def decode_images(values) -> tuple[list[torch.Tensor | None], dict[int, str]]:
@@ -116,18 +123,17 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
 
     def check_params(self, params: dict | None) -> dict:
         """Params with defaults filled in; a malformed prior or an unknown choice is one clear error."""
-        p = {"target_prior": None, "posthoc": self.card.posthoc, "output": "probabilities", "skip_bad": False,
-             **(params or {})}
-        unknown = sorted(set(p) - {"target_prior", "posthoc", "output", "skip_bad"})
+        defaults = param_defaults(self.card)
+        unknown = sorted(set(params or {}) - set(defaults))
         if unknown:
-            raise ValueError(f"unknown params {unknown}; this model takes target_prior, posthoc, output, skip_bad")
+            raise ValueError(f"unknown params {unknown}; this model takes {list(defaults)}")
+        p = {**defaults, **(params or {})}
         rules = posthoc_rules(self.card.loss)
         if p["posthoc"] not in rules:
             raise ValueError(f"posthoc {p['posthoc']!r} does not fit a {self.card.loss} model; choose one of {list(rules)}")
         if p["output"] not in OUTPUTS:
             raise ValueError(f"output {p['output']!r}: choose one of {list(OUTPUTS)}")
-        c = self.card.num_classes
-        p["target_prior"] = uniform_prior(c) if p["target_prior"] is None else validate_prior(p["target_prior"], c, "target_prior")
+        p["target_prior"] = validate_prior(p["target_prior"], self.card.num_classes, "target_prior")
         return p
 
     @torch.no_grad()
@@ -188,7 +194,6 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
 def log_classifier(card: ModelCard, state_dict: dict, name: str):
     """Log the pyfunc under the active MLflow run; returns its ``ModelInfo``."""
     import tempfile
-
     import warnings
 
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():

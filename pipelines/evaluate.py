@@ -137,25 +137,24 @@ def main(argv=None) -> int:
         print(f"\ntarget prior estimated from each target's unlabeled logits ({args.estimate_prior}, "
               f"{'BCTS-calibrated on validation' if estimates[0]['calibrated'] else 'uncalibrated posteriors'}):")
         print(format_table(estimates, ESTIMATE_COLUMNS_SHOWN))
+        # Named by method and posteriors: estimates with and without BCTS are different quantities, and a name
+        # is logged once.
+        estimate_tag = f"{args.estimate_prior}-{'bcts' if estimates[0]['calibrated'] else 'raw'}"
     if client is None:
         out = Path(args.output) if args.output else Path(args.logits).with_suffix("").parent / f"{Path(args.logits).stem}_eval"
         out.mkdir(parents=True, exist_ok=True)
         (out / "shift_table.csv").write_text(format_table(rows, COLUMNS, "csv"))
         if estimates:
-            tag = f"{args.estimate_prior}-{'bcts' if estimates[0]['calibrated'] else 'raw'}"
-            (out / f"estimate_{tag}.csv").write_text(format_table(estimates, ESTIMATE_COLUMNS_SHOWN, "csv"))
+            (out / f"estimate_{estimate_tag}.csv").write_text(format_table(estimates, ESTIMATE_COLUMNS_SHOWN, "csv"))
         written = [] if args.no_figures else write_figures(run, targets, rows, out)
         print(f"wrote {out / 'shift_table.csv'}" + "".join(f", {p.name}" for p in written))
         return 0
     metrics = shift_metrics(rows)
     if estimates:
-        # Named by method and posteriors: estimates with and without BCTS are different quantities, and a name
-        # is logged once.
-        tag = f"{args.estimate_prior}-{'bcts' if estimates[0]['calibrated'] else 'raw'}"
-        metrics.update({f"estimate/{tag}/{r['target']}/{m}": r[m]
+        metrics.update({f"estimate/{estimate_tag}/{r['target']}/{m}": r[m]
                         for r in estimates for m in ("top1_estimated", "ratio", "tv", "kl")})
         log_table_once(client, run.run_id, pd.DataFrame(estimates, columns=ESTIMATE_COLUMNS_SHOWN),
-                       f"eval/estimate_{tag}.json")
+                       f"eval/estimate_{estimate_tag}.json")
     n_new = log_metrics_once(client, run.run_id, metrics)
     table_written = log_table_once(client, run.run_id, table, TABLE_ARTIFACT)
     if not args.no_figures:

@@ -63,7 +63,7 @@ def check_args(args) -> None:
         raise ValueError(f"--target-prior {args.target_prior!r}: not uniform, estimate, or an existing file")
 
 
-def log_estimate(tracking_uri: str, args, prior, info: dict, n: int, path: Path) -> str:
+def log_estimate(tracking_uri: str, args, info: dict, n: int, path: Path) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -106,13 +106,13 @@ def main(argv=None) -> int:
                                 batch_size=args.batch_size, skip_bad=args.skip_bad)
         out = Path(args.output)
         if args.target_prior == "estimate":
-            z, _ = collect_logits(logits)
+            z = collect_logits(logits)
             calibration = Calibration.from_dict(card.calibration) if card.calibration else None
             prior, info = estimate_target_prior(z, card.source_prior, loss=card.loss, calibration=calibration)
             est_path = out.with_name(out.stem + ".target_prior.json")
             est_path.write_text(json.dumps({"prior": [float(x) for x in prior], "class_names": card.class_names,
                                             "images": len(z), **info}, indent=1))
-            run_id = log_estimate(tracking_uri, args, prior, info, len(z), est_path)
+            run_id = log_estimate(tracking_uri, args, info, len(z), est_path)
             print(f"estimated target prior ({info['method']}, {info.get('iterations')} EM iterations) -> {est_path}; "
                   f"MLflow run {run_id} (experiment lade-predict)")
         prior = uniform_prior(card.num_classes) if prior is None else prior

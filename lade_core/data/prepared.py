@@ -12,7 +12,7 @@ import torch
 from ..priors import prior_from_counts
 from .prepare import MANIFEST
 from .sources import DataError
-from .transforms import decode_augment_chunks
+from .transforms import decode_augment_chunks, default_image_size
 
 _REQUIRED = ("name", "num_classes", "transform", "splits")
 
@@ -47,6 +47,11 @@ class PreparedDataset:
     def image_size(self) -> int | None:
         """The crop size training and evaluation use (None: the transform family's default)."""
         return self.manifest.get("image_size")
+
+    def crop_size(self, override: int | None = None) -> int:
+        """The crop size the model sees: ``override`` (a config's image_size), else the manifest's, else the
+        transform family's default."""
+        return override or self.image_size or default_image_size(self.transform)
 
     @property
     def transform(self) -> str:
@@ -94,12 +99,18 @@ class PreparedDataset:
         augmented; ``lade_core.data.transforms.normalize`` makes the model input on the worker.
         ``shuffle``: passed to ``read_parquet`` (file order). ``shard=(rank, world)``: only the rows with
         ``index % world == rank`` (one inference worker's disjoint share)."""
-        import ray.data
-
-        self._check_split(split)
         augment = (split == "train") if train is None else train
         size = image_size or self.image_size
         fn = partial(decode_augment_chunks, kind=self.manifest["transform"], train=augment, image_size=size, shard=shard)
+        # batch_size=None: the decode runs inside the read task (fused), a block at a time, in 64-row chunks.
+        return self.encoded_dataset(split, shuffle=shuffle).map_batches(fn, batch_format="numpy", batch_size=None)
+
+    def encoded_dataset(self, split: str, shuffle=None):
+        """The split's rows as stored, {"image": encoded bytes, "label", "index"}, as a Ray Dataset (streaming
+        read; ``shuffle`` is passed to ``read_parquet``)."""
+        import ray.data
+
+        self._check_split(split)
         ctx = ray.data.DataContext.get_current()
         v2 = ctx.use_datasource_v2
         if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
@@ -108,11 +119,9 @@ class PreparedDataset:
             # (bench/README.md, train_overhead). The user's RAY_DATA_USE_DATASOURCE_V2 wins if set.
             ctx.use_datasource_v2 = False
         try:
-            ds = ray.data.read_parquet(str(self.root / split), shuffle=shuffle, columns=["image", "label", "index"])
+            return ray.data.read_parquet(str(self.root / split), shuffle=shuffle, columns=["image", "label", "index"])
         finally:
             ctx.use_datasource_v2 = v2
-        # batch_size=None: the decode runs inside the read task (fused), a block at a time, in 64-row chunks.
-        return ds.map_batches(fn, batch_format="numpy", batch_size=None)
 
     def raw_split(self, split: str, columns: list[str] | None = None):
         """The split's Parquet rows as a pyarrow Table (encoded bytes), read without Ray."""
