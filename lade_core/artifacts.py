@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .losses import posthoc_rules
+
 LOGITS_ARTIFACT = "eval/test_logits.parquet"
 VAL_LOGITS_ARTIFACT = "eval/val_logits.parquet"
 PRIOR_ARTIFACT = "data/source_prior.json"
@@ -71,6 +73,9 @@ class RunLogits:
     train_counts: list[int]
     val_logits: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None
+    # The linear classifier's weight [C, D] and bias [C] of a run whose loss takes PC compensation (softmax, focal),
+    # for the τ-normalized classifier evaluated from its stored logits (``heads.tau_normalize``); else None.
+    classifier: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def __post_init__(self):
         """Whatever the logits came from (an MLflow run, a local file), they are checked before any metric."""
@@ -136,5 +141,20 @@ def load_run_logits(client, run_id: str) -> RunLogits:
     val = (read_logits_parquet(mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path=VAL_LOGITS_ARTIFACT, tracking_uri=client.tracking_uri))
         if VAL_LOGITS_ARTIFACT in have else (None, None))
-    return RunLogits(run_id, run.info.run_name, run.data.params.get("loss", "lade"), logits, labels,
-                     source_prior, train_counts, *val)
+    loss = run.data.params.get("loss", "lade")
+    return RunLogits(run_id, run.info.run_name, loss, logits, labels, source_prior, train_counts, *val,
+                     classifier=_linear_classifier(client, run_id) if posthoc_rules(loss)[0] == "pc" else None)
+
+
+def _linear_classifier(client, run_id: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [C, D], bias [C]) of the run's stored model if its classifier is a plain linear layer, else None."""
+    import mlflow
+
+    if STATE_DICT_ARTIFACT not in {a.path for a in client.list_artifacts(run_id, str(Path(STATE_DICT_ARTIFACT).parent))}:
+        return None
+    state = torch.load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=STATE_DICT_ARTIFACT,
+                                                           tracking_uri=client.tracking_uri),
+                       map_location="cpu", weights_only=True)  # shared storage never runs code
+    if set(k for k in state if k.startswith("fc.")) - {"fc.weight", "fc.bias"}:
+        return None
+    return state["fc.weight"].double(), state["fc.bias"].double() if "fc.bias" in state else None

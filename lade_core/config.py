@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from .data.sources import MIN_IMAGE_SIZE
-from .losses import ESTIMATORS, LOSSES
+from .losses import ESTIMATORS, LOSS_KEYS, LOSSES
 from .models import MODELS
 
 SCHEDULES = ("cosine", "multistep", "step", "constant")
@@ -47,13 +47,24 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    """The loss and its hyperparameters. A hyperparameter left None takes the loss's default (``LOSSES``, the
+    paper's); one the chosen loss does not take is an error. A name means one thing within its loss."""
+
     loss: str = _opt("lade", choices=tuple(LOSSES))
-    alpha: float = _opt(0.1, ge=0)  # LADER weight (Eq. 20)
-    lam: float = _opt(0.1, ge=0)  # LADER regularizer λ (Eq. 16)
-    class_weights: list[float] | None = _opt(None, ge=0)  # alpha_c; None = p_s
-    # alpha_c = p_s(c)^tau / sum_k p_s(k)^tau (tau=1: p_s, the paper; tau=0: uniform); excludes class_weights
-    tau: float | None = _opt(None, ge=0, le=1)
-    estimator: str = _opt("released", choices=ESTIMATORS)
+    # lade (Eq. 20): LADER weight alpha, its regularizer lambda (Eq. 16), the class weights alpha_c (None: p_s) or
+    # alpha_c ∝ p_s(c)^class_weight_power (1: p_s, the paper; 0: uniform), and the LADER estimator.
+    alpha: float | None = _opt(None, ge=0)  # also causal_norm: the TDE strength
+    lam: float | None = _opt(None, ge=0)
+    class_weights: list[float] | None = _opt(None, ge=0)
+    class_weight_power: float | None = _opt(None, ge=0, le=1)
+    estimator: str | None = _opt(None, choices=ESTIMATORS)
+    tau: float | None = _opt(None, ge=0)  # logit_adjusted: the adjustment strength; causal_norm: the logit scale
+    gamma: float | None = _opt(None, ge=0)  # focal: the focusing parameter; causal_norm: the weight-norm offset
+    heads: int | None = _opt(None, ge=1)  # causal_norm: the number of heads K
+    max_margin: float | None = _opt(None, gt=0)  # ldam_drw: the largest class margin
+    scale: float | None = _opt(None, gt=0)  # ldam_drw: the cosine logit scale s
+    drw_epoch: int | None = _opt(None, ge=0)  # ldam_drw: the epoch re-weighting starts (None: 80 % of the run)
+    beta: float | None = _opt(None, ge=0, lt=1)  # ldam_drw: the class-balanced weights' beta
 
 
 @dataclass(frozen=True)
@@ -152,8 +163,19 @@ class TrainConfig:
                 raise ValueError(f"{where('schedule')}: schedule.{key} has no effect with schedule {s.name}")
         if s.milestones and list(s.milestones) != sorted(set(s.milestones)):
             raise ValueError(f"{where('schedule')}: schedule.milestones must be strictly ascending, got {s.milestones}")
-        if self.loss.tau is not None and self.loss.class_weights is not None:
-            raise ValueError(f"{where('tau')}: set class_weights or tau, not both: tau derives alpha_c from the source prior")
+        takes = LOSSES[self.loss.loss].hyperparameters
+        bad = [f.name for f in dataclasses.fields(LossConfig)
+               if f.name != "loss" and getattr(self.loss, f.name) is not None and f.name not in takes]
+        if bad:
+            raise ValueError(f"{', '.join(sorted({where(k) for k in bad}))}: loss {self.loss.loss} takes no "
+                             f"hyperparameters {bad}; it takes {list(takes) or 'none'}")
+        if self.loss.class_weight_power is not None and self.loss.class_weights is not None:
+            raise ValueError(f"{where('class_weight_power')}: set class_weights or class_weight_power, not both: the "
+                             "power derives alpha_c from the source prior")
+        for key in LOSSES[self.loss.loss].epoch_keys:
+            value = getattr(self.loss, key)
+            if value is not None and value >= self.optimizer.epochs:
+                raise ValueError(f"{where(key)}: {key} {value} is beyond the run: epochs are 0..{self.optimizer.epochs - 1}")
         if self.optimizer.batch_size < self.runtime.num_workers:
             raise ValueError(f"{where('batch_size')}: batch_size {self.optimizer.batch_size} is smaller than num_workers "
                              f"{self.runtime.num_workers}")
@@ -298,8 +320,23 @@ def resolve_config(path: str | Path | None, overrides: dict) -> dict:
     """
     origins: dict[str, str] = {}
     cfg = _merge(DEFAULTS, load_config_file(path, origins) if path else {})
+    file_loss = cfg["loss"]
     cfg = _merge(cfg, overrides, origins, CLI)
+    if cfg["loss"] != file_loss:
+        # A file's loss hyperparameters belong to the file's loss: `--loss focal` on a LADE recipe drops its alpha
+        # and lam rather than failing on them (or, worse, reading LADE's alpha as Causal Norm's).
+        cfg.update({k: None for k in LOSS_KEYS if origins.get(k) not in (None, CLI)})
     return TrainConfig.from_dict(cfg, origins).to_dict()
+
+
+def loss_hyperparameters(config: dict) -> dict:
+    """The config's loss hyperparameters with the loss's defaults filled in (what ``build_loss`` gets): the paper's,
+    except ldam_drw's re-weighting epoch, 80 % of the run as in its recipe (160 of 200) when not given."""
+    spec = LOSSES[config["loss"]]
+    out = {k: v if (v := config.get(k)) is not None else spec.defaults[k] for k in spec.hyperparameters}
+    if "drw_epoch" in out and config.get("drw_epoch") is None:
+        out["drw_epoch"] = int(0.8 * config["epochs"])
+    return out
 
 
 def validate_config(cfg: dict, num_classes: int | None = None) -> dict:
@@ -311,4 +348,5 @@ def validate_config(cfg: dict, num_classes: int | None = None) -> dict:
         raise ValueError(f"class_weights has wrong length: {len(w)} entries for {num_classes} classes")
     if not config["dataset"]:
         raise ValueError("no dataset: set `dataset` (a prepared dataset directory) in the config or with --dataset")
-    return {**cfg, **config}
+    # The run records the values its loss uses, defaults included (MLflow params, the checkpoint's config).
+    return {**cfg, **config, **loss_hyperparameters(config)}

@@ -18,7 +18,7 @@ from .priors import SHIFT_PROTOCOL, shift_protocol_name, shifted_counts, subset_
 
 __all__ = ["Target", "protocol_targets", "target_from_values", "evaluate_targets", "METRICS", "logit_statistics",
            "mean_predicted_prior", "calibration_by_mode", "protocol_mean_top1", "ESTIMATE_COLUMNS",
-           "estimated_prior_rows"]
+           "estimated_prior_rows", "TAU_NORM_GRID", "select_tau_norm"]
 
 METRICS: tuple[str, ...] = ("top1", "many", "medium", "few", "nll", "ece")
 
@@ -160,6 +160,22 @@ def protocol_mean_top1(logits, labels, source_prior, train_counts, mode: str) ->
         return float("nan")
     rows = evaluate_targets(logits, labels, source_prior, train_counts, (mode,), protocol_targets(labels, train_counts))
     return float(np.mean([r["top1"] for r in rows]))
+
+
+# --- The τ-normalized classifier (Decouple, Kang et al. 2020) from stored logits --------------------------------
+
+TAU_NORM_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))  # 0 .. 2, as Decouple searches
+
+
+def select_tau_norm(val_logits, val_labels, weight: torch.Tensor, bias: torch.Tensor | None,
+                    grid: tuple[float, ...] = TAU_NORM_GRID) -> float:
+    """The τ of the grid whose τ-normalized logits (``heads.tau_normalize``) have the best validation top-1 under
+    the (class-balanced) validation split; the smallest such τ on ties. Never chosen on the test split."""
+    from .heads import tau_normalize
+
+    z, y = torch.as_tensor(val_logits).double(), torch.as_tensor(_labels_np(val_labels))
+    scores = [float((tau_normalize(z, weight, bias, t).argmax(1) == y).double().mean()) for t in grid]
+    return grid[int(np.argmax(scores))]
 
 
 # --- What not knowing p_t costs ------------------------------------------------------------------------------

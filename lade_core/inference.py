@@ -81,13 +81,13 @@ def sync_buffers(model: nn.Module) -> None:
 class _LogitsActor:
     """A Ray Data actor: loads the model from the run's checkpoint once, then maps uint8 image batches to logits."""
 
-    def __init__(self, model_name: str, num_classes: int, checkpoint, kind: str, use_gpu: bool):
+    def __init__(self, model_name: str, num_classes: int, head, checkpoint, kind: str, use_gpu: bool):
         from .training import load_checkpoint
 
         with checkpoint.as_directory() as d:  # shared storage (or a copy of it): the same files rank 0 wrote
             state = load_checkpoint(d)["model"]
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = build_model(model_name, num_classes)
+        self.model = build_model(model_name, num_classes, head=head)
         self.model.load_state_dict(state)
         self.model.to(self.device).eval()
         self.kind = kind
@@ -98,11 +98,11 @@ class _LogitsActor:
         return {"logits": self.model(x).float().cpu().numpy(), "label": batch["label"], "index": batch["index"]}
 
 
-def batch_logits(prepared, split: str, model_name: str, checkpoint, *, image_size: int | None, num_actors: int,
+def batch_logits(prepared, split: str, model_name: str, head, checkpoint, *, image_size: int | None, num_actors: int,
                  use_gpu: bool, cpus_per_actor: float = 1, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, C] and labels [N] of ``split`` in split order, by Ray Data batch inference on ``num_actors``
     actors (each with a GPU if ``use_gpu``) that load the model from ``checkpoint`` (a ``ray.train.Checkpoint`` of
-    ``train_loop_per_worker``); the driver only collects the results."""
+    ``train_loop_per_worker``) with classifier ``head`` (``models.build_model``); the driver only collects results."""
     import numpy as np
     from ray.data import ActorPoolStrategy
 
@@ -110,7 +110,7 @@ def batch_logits(prepared, split: str, model_name: str, checkpoint, *, image_siz
     out = ds.map_batches(_LogitsActor, batch_format="numpy", batch_size=batch_size,
                          compute=ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0,
                          num_cpus=cpus_per_actor,
-                         fn_constructor_kwargs={"model_name": model_name, "num_classes": prepared.num_classes,
+                         fn_constructor_kwargs={"model_name": model_name, "num_classes": prepared.num_classes, "head": head,
                                                 "checkpoint": checkpoint, "kind": prepared.transform,
                                                 "use_gpu": use_gpu})
     parts = [tuple(torch.from_numpy(np.array(b[k])) for k in ("logits", "label", "index"))  # np.array: a writable copy

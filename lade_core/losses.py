@@ -1,11 +1,14 @@
-"""The training losses and their one registry: softmax CE, LADE-CE (Balanced Softmax), LADER and LADE (Eq. 15-20).
+"""The training losses and their one registry: softmax CE, LADE-CE (Balanced Softmax), LADER and LADE (Eq. 15-20),
+and the peers the paper compares with: logit adjustment, Focal loss, LDAM-DRW and Causal Norm.
 
 Notation: logits z [N, C], targets y [N], source prior p_s [C], class weights alpha_c [C] (default p_s).
 All modules follow ``forward(logits, targets) -> scalar``; priors are buffers, so ``.to(device)`` moves them.
-After each call ``last_terms`` holds the loss's own named scalar terms (detached), for logging.
+After each call ``last_terms`` holds the loss's own named scalar terms (detached), for logging. ``head`` is the
+classifier head the loss trains (``lade_core.heads``) and ``set_epoch(e)`` is called before each training epoch.
 
-``LOSSES`` is the one place that says which losses exist, which hyperparameters each takes and which post-hoc
-rules fit its logits; config, CLI, trainer, evaluation and Tune all read it, and ``build_loss`` builds from it.
+``LOSSES`` is the one place that says which losses exist, which hyperparameters each takes (with the paper's
+defaults) and which post-hoc rules fit its logits; config, CLI, trainer, evaluation and Tune all read it, and
+``build_loss`` builds from it.
 """
 from __future__ import annotations
 
@@ -19,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import gather_batch, is_distributed
-from .priors import validate_prior
+from .priors import tempered_class_weights, validate_prior
 
-__all__ = ["SoftmaxLoss", "BalancedSoftmaxLoss", "LADERLoss", "LADELoss", "ESTIMATORS", "LOSSES", "LossSpec",
-           "build_loss", "posthoc_rules", "check_targets"]
+__all__ = ["SoftmaxLoss", "BalancedSoftmaxLoss", "LADERLoss", "LADELoss", "LogitAdjustedLoss", "FocalLoss",
+           "LDAMDRWLoss", "CausalNormLoss", "ESTIMATORS", "LOSSES", "LossSpec", "build_loss", "posthoc_rules",
+           "classifier_head", "check_targets"]
 
 Estimator = Literal["released", "paper"]
 ESTIMATORS: tuple[str, ...] = ("released", "paper")
@@ -89,7 +93,16 @@ def _source_prior(source_prior: PriorLike) -> torch.Tensor:
     return p
 
 
-class SoftmaxLoss(nn.Module):
+class _Loss(nn.Module):
+    """What every registered loss has besides ``forward``: the head it trains and a per-epoch hook."""
+
+    head: tuple[str, dict] = ("linear", {})
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the training loop before epoch ``epoch`` (0-based); most losses do not change over a run."""
+
+
+class SoftmaxLoss(_Loss):
     """Plain softmax cross-entropy (the paper's "Softmax" baseline). Its logits stay entangled with p_s, which the
     PC strategy (Eq. 4-7) removes at inference. ``source_prior`` only fixes the number of classes."""
 
@@ -105,7 +118,7 @@ class SoftmaxLoss(nn.Module):
         return loss
 
 
-class BalancedSoftmaxLoss(nn.Module):
+class BalancedSoftmaxLoss(_Loss):
     """LADE-CE, Eq. 19 (= Balanced Softmax): cross-entropy of ``logits + log p_s``. Its one term is ``lade_ce``."""
 
     def __init__(self, source_prior: PriorLike):
@@ -186,7 +199,7 @@ class _LADEFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
-class LADERLoss(nn.Module):
+class LADERLoss(_Loss):
     """LADER (Eq. 15-16), the regularized Donsker-Varadhan term pushing z_c toward log p_u(x|c)/p_u(x).
 
     estimator="released": the authors' released code (their published numbers): every class c contributes;
@@ -254,9 +267,12 @@ class LADERLoss(nn.Module):
         return self._run(z, targets, None, 1.0, 0.0)[0]
 
 
-class LADELoss(nn.Module):
+class LADELoss(_Loss):
     """LADE, Eq. 20: LADE-CE + alpha * LADER. ``last_terms``: ``lade_ce``, ``lader`` and LADER's weighted F and S
-    sums (``lader_F``, ``lader_S``) of the last call, detached."""
+    sums (``lader_F``, ``lader_S``) of the last call, detached.
+
+    ``class_weight_power`` t (this project's, not the paper's) sets alpha_c = p_s(c)^t / sum_k p_s(k)^t instead of
+    giving ``class_weights``: t = 1 is the paper's alpha_c = p_s(c), t = 0 weighs every class equally."""
 
     def __init__(
         self,
@@ -264,10 +280,16 @@ class LADELoss(nn.Module):
         alpha: float = 0.1,
         lam: float = 0.1,
         class_weights: PriorLike | None = None,
+        class_weight_power: float | None = None,
         estimator: Estimator = "released",
     ):
         super().__init__()
         self.alpha = _non_negative(alpha, "alpha (α)")
+        if class_weight_power is not None:
+            if class_weights is not None:
+                raise ValueError("set class_weights or class_weight_power, not both: the power derives alpha_c from "
+                                 "the source prior")
+            class_weights = tempered_class_weights(_source_prior(source_prior), class_weight_power)
         self.lade_ce = BalancedSoftmaxLoss(source_prior)
         self.lader = LADERLoss(source_prior, lam=lam, class_weights=class_weights, estimator=estimator)
         self.last_terms: dict[str, torch.Tensor] = {}
@@ -285,25 +307,163 @@ class LADELoss(nn.Module):
         return total
 
 
+# --- The peers of the paper's comparison (Tables 2-6) --------------------------------------------------------
+
+def _finite(value, name: str, *, low: float = -math.inf, low_open: bool = False, high: float = math.inf,
+            high_open: bool = False) -> float:
+    """``value`` as a float within the given bounds, or one error naming the hyperparameter and its range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo = "" if low == -math.inf else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high == math.inf else f"{'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{name} must be a finite number {' and '.join(b for b in (lo, hi) if b)}, got {value!r}")
+    return float(value)
+
+
+class LogitAdjustedLoss(_Loss):
+    """Logit-adjusted loss (Menon et al., ICLR 2021, Eq. 10): cross-entropy of z + tau * log p_s (tau = 1 is Balanced
+    Softmax / LADE-CE). Its head adds (tau - 1) * log p_s at inference, so the stored logits z + (tau - 1) log p_s
+    are disentangled from p_s and take p_t by injection (Eq. 17), for every tau."""
+
+    def __init__(self, source_prior: PriorLike, tau: float = 1.0):
+        super().__init__()
+        p = _source_prior(source_prior)
+        self.tau = _finite(tau, "logit_adjusted tau (τ)", low=0)
+        self.num_classes = p.numel()
+        self.register_buffer("log_source_prior", p.log())  # [C], float64
+        self.head = ("adjusted_linear", {"eval_offset": ((self.tau - 1) * p.log()).tolist()})  # JSON: the model card
+        self._cast = _CastCache()
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = _check_logits(logits, targets, self.num_classes)
+        loss = F.cross_entropy(z + self.tau * self._cast.get("log_source_prior", self.log_source_prior, z), targets)
+        self.last_terms = {"adjusted_ce": loss.detach()}
+        return loss
+
+
+class FocalLoss(_Loss):
+    """Focal loss (Lin et al., ICCV 2017, Eq. 5 without alpha-balancing): mean_i -(1 - p_i)^gamma log p_i with
+    p_i = softmax(z_i)[y_i]; gamma = 0 is cross-entropy. Trained on p_s, its logits take PC compensation."""
+
+    def __init__(self, source_prior: PriorLike, gamma: float = 2.0):
+        super().__init__()
+        self.num_classes = _source_prior(source_prior).numel()
+        self.gamma = _finite(gamma, "focal gamma (γ)", low=0)
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = _check_logits(logits, targets, self.num_classes)
+        log_p = torch.log_softmax(z, dim=1).gather(1, targets[:, None])[:, 0]  # [N], log p_i
+        loss = (-(1 - log_p.exp()).pow(self.gamma) * log_p).mean()
+        self.last_terms = {"focal": loss.detach()}
+        return loss
+
+
+class LDAMDRWLoss(_Loss):
+    """LDAM with deferred re-weighting (Cao et al., NeurIPS 2019, Eq. 12-13 and Alg. 1), on a cosine classifier.
+
+    ``forward`` takes the normalized classifier's cosine logits c [N, C] (its training output). With per-class
+    margins m_c = max_margin * (n_c / min_k n_k)^(-1/4) (largest margin on the rarest class) and scale s:
+      loss = sum_i w_{y_i} CE(s * (c_i - m_{y_i} e_{y_i}), y_i) / sum_i w_{y_i},
+    w = 1 before epoch ``drw_epoch`` and the class-balanced weights of Cui et al. 2019 from it on:
+      w_c = (1 - beta) / (1 - beta^{n_c}), normalized to sum to C.
+    At inference the head returns s * c, which the DRW stage trained towards a balanced posterior: p_t is injected.
+    """
+
+    def __init__(self, source_prior: PriorLike, max_margin: float = 0.5, scale: float = 30.0, drw_epoch: int = 160,
+                 beta: float = 0.9999, train_counts: Sequence[int] | None = None):
+        super().__init__()
+        p = _source_prior(source_prior)
+        self.num_classes = p.numel()
+        self.max_margin = _finite(max_margin, "ldam_drw max_margin", low=0, low_open=True)
+        self.scale = _finite(scale, "ldam_drw scale (s)", low=0, low_open=True)
+        self.beta = _finite(beta, "ldam_drw beta (β)", low=0, high=1, high_open=True)
+        if isinstance(drw_epoch, bool) or not isinstance(drw_epoch, int) or drw_epoch < 0:
+            raise ValueError(f"ldam_drw drw_epoch must be an integer >= 0, got {drw_epoch!r}")
+        self.drw_epoch = drw_epoch
+        if train_counts is None:
+            raise ValueError("ldam_drw needs the training class counts (train_counts) for its class-balanced weights")
+        n = torch.as_tensor(np.asarray(train_counts, dtype=np.float64))
+        if n.shape != (self.num_classes,) or (n <= 0).any():
+            raise ValueError(f"ldam_drw train_counts must be {self.num_classes} positive counts, got {n.tolist()[:20]}")
+        margins = n.pow(-0.25)
+        self.register_buffer("margins", margins * (self.max_margin / margins.max()))  # [C], float64
+        weights = (1 - self.beta) / (1 - torch.pow(self.beta, n))  # [C]
+        self.register_buffer("drw_weights", weights / weights.sum() * self.num_classes)
+        self.head = ("cosine", {"scale": self.scale})
+        self.reweighting = False
+        self._cast = _CastCache()
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.reweighting = epoch >= self.drw_epoch
+
+    def forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        c = _check_logits(cosine, targets, self.num_classes)
+        m = self._cast.get("margins", self.margins, c)
+        output = self.scale * (c - F.one_hot(targets, self.num_classes).to(c.dtype) * m)  # [N, C]
+        weight = self._cast.get("drw_weights", self.drw_weights, c) if self.reweighting else None
+        loss = F.cross_entropy(output, targets, weight=weight)
+        # ``drw``: 1 once re-weighting is on, so the epoch it starts shows in the logged history.
+        self.last_terms = {"ldam": loss.detach(), "drw": loss.new_tensor(float(self.reweighting)).detach()}
+        return loss
+
+
+class CausalNormLoss(SoftmaxLoss):
+    """Causal Norm (Tang et al., NeurIPS 2020): cross-entropy on the multi-head normalized classifier
+    (``heads.CausalNormClassifier``: tau, gamma, K = ``heads``), whose inference logits are the TDE logits with
+    strength ``alpha``. The loss itself is plain cross-entropy (term ``ce``); its hyperparameters configure the head."""
+
+    def __init__(self, source_prior: PriorLike, tau: float = 16.0, gamma: float = 1 / 32, heads: int = 2,
+                 alpha: float = 1.5):
+        super().__init__(source_prior)
+        tau = _finite(tau, "causal_norm tau (τ)", low=0, low_open=True)
+        gamma = _finite(gamma, "causal_norm gamma (γ)", low=0)
+        alpha = _finite(alpha, "causal_norm alpha (α)", low=0)
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"causal_norm heads must be an integer >= 1, got {heads!r}")
+        self.head = ("causal_norm", {"tau": tau, "gamma": gamma, "heads": heads, "alpha": alpha})
+
+
 # --- The registry ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class LossSpec:
-    """One training loss: its module, the hyperparameters ``build_loss`` passes it (keyword names of the class),
-    and the post-hoc rules that fit its logits, the rule the loss calls for first (validation, summaries)."""
+    """One training loss: its module, the hyperparameters ``build_loss`` passes it with the paper's defaults
+    (keyword names of the class), the post-hoc rules that fit its (inference) logits, the one the loss calls for
+    first (validation, summaries), and which hyperparameters are epoch numbers (each must fall inside the run)."""
 
     cls: type[nn.Module]
-    hyperparameters: tuple[str, ...]
+    defaults: dict
     posthoc: tuple[str, ...]
+    epoch_keys: tuple[str, ...] = ()
+    needs_counts: bool = False  # the loss takes the training class counts, not only their proportions
+
+    @property
+    def hyperparameters(self) -> tuple[str, ...]:
+        return tuple(self.defaults)
 
 
-# A plain-softmax model's logits are entangled with p_s and need PC compensation (Eq. 4); LADE / Balanced
-# Softmax logits are disentangled and take p_t by injection (Eq. 17). "raw" is the logits as they are.
+# A plain-softmax (or focal) model's logits are entangled with p_s and need PC compensation (Eq. 4); the logits of
+# LADE / Balanced Softmax, of a logit-adjusted model (its head's inference offset), of LDAM-DRW (re-weighted towards
+# balance) and of Causal Norm (TDE; the paper's "PC Causal Norm" adds log p_t - log p_u) are disentangled and
+# take p_t by injection (Eq. 17). "raw" is the logits as they are.
 LOSSES: dict[str, LossSpec] = {
-    "softmax": LossSpec(SoftmaxLoss, (), ("pc", "raw")),
-    "balanced_softmax": LossSpec(BalancedSoftmaxLoss, (), ("inject", "raw")),
-    "lade": LossSpec(LADELoss, ("alpha", "lam", "class_weights", "estimator"), ("inject", "raw")),
+    "softmax": LossSpec(SoftmaxLoss, {}, ("pc", "raw")),
+    "balanced_softmax": LossSpec(BalancedSoftmaxLoss, {}, ("inject", "raw")),
+    "lade": LossSpec(LADELoss, {"alpha": 0.1, "lam": 0.1, "class_weights": None, "class_weight_power": None,
+                                "estimator": "released"}, ("inject", "raw")),
+    "logit_adjusted": LossSpec(LogitAdjustedLoss, {"tau": 1.0}, ("inject", "raw")),
+    "focal": LossSpec(FocalLoss, {"gamma": 2.0}, ("pc", "raw")),
+    "ldam_drw": LossSpec(LDAMDRWLoss, {"max_margin": 0.5, "scale": 30.0, "drw_epoch": 160, "beta": 0.9999},
+                         ("inject", "raw"), epoch_keys=("drw_epoch",), needs_counts=True),
+    "causal_norm": LossSpec(CausalNormLoss, {"tau": 16.0, "gamma": 1 / 32, "heads": 2, "alpha": 1.5},
+                            ("inject", "raw")),
 }
+# Every hyperparameter name any loss takes (config keys): a name means one thing within its loss.
+LOSS_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for spec in LOSSES.values() for k in spec.hyperparameters))
 
 
 def _spec(name: str) -> LossSpec:
@@ -312,15 +472,24 @@ def _spec(name: str) -> LossSpec:
     return LOSSES[name]
 
 
-def build_loss(name: str, source_prior: PriorLike, **hyperparameters) -> nn.Module:
-    """The registered loss ``name`` for ``source_prior`` [C]; unknown names and hyperparameters are refused."""
+def build_loss(name: str, source_prior: PriorLike, *, train_counts: Sequence[int] | None = None,
+               **hyperparameters) -> _Loss:
+    """The registered loss ``name`` for ``source_prior`` [C]; unknown names and hyperparameters are refused, and a
+    hyperparameter not given takes the paper's default. ``train_counts`` [C] only for losses that need them."""
     spec = _spec(name)
     unknown = sorted(set(hyperparameters) - set(spec.hyperparameters))
     if unknown:
         raise ValueError(f"loss {name!r} takes no hyperparameters {unknown}; it takes {list(spec.hyperparameters)}")
-    return spec.cls(source_prior, **hyperparameters)
+    extra = {"train_counts": train_counts} if spec.needs_counts else {}
+    return spec.cls(source_prior, **{**spec.defaults, **hyperparameters}, **extra)
 
 
 def posthoc_rules(name: str) -> tuple[str, ...]:
     """The post-hoc rules that fit loss ``name``'s logits, the one the loss calls for first."""
     return _spec(name).posthoc
+
+
+def classifier_head(name: str, source_prior: PriorLike, *, train_counts: Sequence[int] | None = None,
+                    **hyperparameters) -> tuple[str, dict]:
+    """(kind, keyword arguments) of the classifier head loss ``name`` trains: ``models.build_model(..., head=)``."""
+    return build_loss(name, source_prior, train_counts=train_counts, **hyperparameters).head

@@ -1,4 +1,5 @@
-"""Model factories: CIFAR ResNet-32 and torchvision ResNet-50 / ResNeXt-50 32x4d / ResNet-152, linear head.
+"""Model factories: CIFAR ResNet-32 and torchvision ResNet-50 / ResNeXt-50 32x4d / ResNet-152, with the classifier
+head ``fc`` the loss trains (``lade_core.heads``; linear unless the loss says otherwise, ``losses.classifier_head``).
 
 No weights are downloaded: ``weights_path`` optionally loads a local state dict (e.g. an ImageNet checkpoint).
 Constructors never move to a device; the training loop does (Ray Train's ``prepare_model``).
@@ -11,6 +12,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .heads import build_head
+
+Head = tuple[str, dict]  # (kind in heads.HEADS, its keyword arguments)
+LINEAR: Head = ("linear", {})
 
 
 class _BasicBlock(nn.Module):
@@ -71,30 +77,38 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-def build_model(name: str, num_classes: int, weights_path: str | None = None) -> nn.Module:
+def _with_head(model: nn.Module, num_classes: int, head: Head) -> nn.Module:
+    kind, kwargs = head
+    if kind != "linear":
+        model.fc = build_head(kind, model.fc.in_features, num_classes, **kwargs)
+    return model
+
+
+def build_model(name: str, num_classes: int, weights_path: str | None = None, head: Head = LINEAR) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    model = MODELS[name](num_classes)
+    model = _with_head(MODELS[name](num_classes), num_classes, head)
     if weights_path:
         path = Path(weights_path)
         if not path.exists():
             raise FileNotFoundError(f"weights file not found: {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state)
-        # A backbone checkpoint for another number of classes: keep everything but the classifier.
-        head = {k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape}
-        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
+        own = model.state_dict()
+        # A backbone checkpoint's classifier (another class count or another head) is not loaded.
+        skip = {k for k in state if k.startswith("fc.") and (k not in own or state[k].shape != own[k].shape)}
+        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
         if unexpected:
             raise ValueError(f"{path}: keys not in {name}: {unexpected[:5]}")
     return model
 
 
-def check_input_size(name: str, num_classes: int, image_size: int, batch_size: int) -> None:
+def check_input_size(name: str, num_classes: int, image_size: int, batch_size: int, head: Head = LINEAR) -> None:
     """Raise ValueError if the model cannot train on [batch_size, 3, image_size, image_size] inputs (a feature map
     pooled away, BatchNorm with one value per channel). Shapes only: the forward runs on the meta device, so it
     costs no compute and no memory, on the driver, before any worker starts."""
     with torch.device("meta"):
-        model = MODELS[name](num_classes).train()
+        model = _with_head(MODELS[name](num_classes), num_classes, head).train()
         try:
             out = model(torch.empty(batch_size, 3, image_size, image_size))
         except (RuntimeError, ValueError) as e:

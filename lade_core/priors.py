@@ -196,15 +196,15 @@ def subset_with_counts(
     return np.nonzero(rank_in_class < wanted[labels])[0].astype(np.int64)
 
 
-def tempered_class_weights(source_prior: Sequence[float] | np.ndarray | torch.Tensor, tau: float) -> torch.Tensor:
-    """LADER class weights alpha_c = p_s(c)^tau / sum_k p_s(k)^tau, float64 [C].
+def tempered_class_weights(source_prior: Sequence[float] | np.ndarray | torch.Tensor, power: float) -> torch.Tensor:
+    """LADER class weights alpha_c = p_s(c)^power / sum_k p_s(k)^power, float64 [C].
 
-    tau = 1 is the paper's alpha_c = p_s(c); tau = 0 weighs every class equally (1/C); in between interpolates.
+    power = 1 is the paper's alpha_c = p_s(c); power = 0 weighs every class equally (1/C); in between interpolates.
     """
-    if not (isinstance(tau, (int, float)) and 0 <= tau <= 1):
-        raise ValueError(f"tau must lie in [0, 1], got {tau!r}")
+    if not (isinstance(power, (int, float)) and 0 <= power <= 1):
+        raise ValueError(f"class_weight_power must lie in [0, 1], got {power!r}")
     p = validate_prior(source_prior, len(source_prior), "source_prior")
-    w = p.pow(float(tau))
+    w = p.pow(float(power))
     return w / w.sum()
 
 

@@ -22,7 +22,7 @@ from .report import format_table
 from .runtime import init_ray
 from .serving import ModelCard, log_classifier
 from .tracking import end_run, log_metrics_once, logged_model_uri, register_once
-from .training import load_checkpoint
+from .training import build_criterion, load_checkpoint
 
 # --smoke-test: a tiny generated dataset (class-sorted, like real data) and one epoch.
 SMOKE = {"dataset": "data/synthetic_smoke", "epochs": 1, "batch_size": 32, "num_workers": 2,
@@ -44,8 +44,10 @@ def check_against_dataset(config: dict, prepared) -> dict:
     checked config."""
     config = validate_config(config, prepared.num_classes)
     prepared.check_validation_split()
+    # The loss and its head built here, so a bad hyperparameter fails now, not in every worker.
+    head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
     check_input_size(config["model"], prepared.num_classes, prepared.crop_size(config["image_size"]),
-                     config["batch_size"] // config["num_workers"])
+                     config["batch_size"] // config["num_workers"], head)
     return config
 
 
@@ -68,12 +70,13 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
 
     client, run_id = mlflow.MlflowClient(config["mlflow_uri"]), config["mlflow_run_id"]
     have = {a.path for d in ("eval", "checkpoint") for a in client.list_artifacts(run_id, d)}
+    head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
 
     def split_logits(split: str, artifact: str) -> tuple[torch.Tensor, torch.Tensor]:
         if artifact in have:
             return read_logits_parquet(mlflow.artifacts.download_artifacts(
                 run_id=run_id, artifact_path=artifact, tracking_uri=config["mlflow_uri"]))
-        logits, labels = batch_logits(prepared, split, config["model"], checkpoint, image_size=config["image_size"],
+        logits, labels = batch_logits(prepared, split, config["model"], head, checkpoint, image_size=config["image_size"],
                                       num_actors=config["num_workers"], use_gpu=config["use_gpu"],
                                       cpus_per_actor=config["cpus_per_worker"])
         with tempfile.TemporaryDirectory() as d:
@@ -108,7 +111,7 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
         card = ModelCard(config["model"], prepared.num_classes, list(names), [float(x) for x in source_prior],
                          config["loss"], prepared.transform,
                          prepared.crop_size(config["image_size"]),
-                         calibration and calibration.to_dict())
+                         calibration and calibration.to_dict(), head=list(head))
         mlflow.set_tracking_uri(config["mlflow_uri"])
         with mlflow.start_run(run_id=run_id):
             model_uri = log_classifier(card, state["model"], MODEL_NAME).model_uri

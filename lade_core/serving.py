@@ -31,7 +31,8 @@ import torch
 
 from .data.transforms import decode_rgb, normalize, transform_batch
 from .losses import posthoc_rules
-from .models import build_model
+from .heads import check_head_state
+from .models import LINEAR, build_model
 from .posthoc import posthoc_logits
 from .priors import uniform_prior, validate_prior
 
@@ -52,6 +53,7 @@ class ModelCard:
     transform: str
     image_size: int
     calibration: dict | None = None  # label_shift.Calibration.to_dict(): BCTS on the validation split
+    head: list | None = None  # [kind, kwargs] of the classifier head (losses.classifier_head); None: linear
 
     @property
     def posthoc(self) -> str:
@@ -114,9 +116,11 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
     def load(self, card_path: str | Path, weights_path: str | Path) -> "LadeClassifier":
         self.card = ModelCard.read(card_path)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.net = build_model(self.card.model, self.card.num_classes)
-        # Shared storage never runs code: tensors only.
-        self.net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        head = tuple(self.card.head) if self.card.head else LINEAR
+        self.net = build_model(self.card.model, self.card.num_classes, head=head)
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)  # shared storage never runs code
+        check_head_state(head[0], state)
+        self.net.load_state_dict(state)
         self.net.to(self.device).eval()
         self.source_prior = torch.tensor(self.card.source_prior, dtype=torch.float64)
         return self

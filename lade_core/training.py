@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from .evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
-from .losses import LOSSES, build_loss, posthoc_rules
+from .config import loss_hyperparameters
+from .losses import build_loss, posthoc_rules
 from .models import build_model, classifier_parameters
 from .inference import model_batches, sharded_logits, sync_buffers
-from .priors import tempered_class_weights, uniform_prior
+from .priors import uniform_prior
 from .schedules import build_scheduler
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -32,12 +33,11 @@ HISTORY_FILE = "history.json"
 SHUFFLE_BUFFER_BATCHES = 4
 
 
-def build_criterion(config: dict, source_prior: torch.Tensor) -> nn.Module:
-    """The config's loss from the registry, with the hyperparameters the registry says it takes."""
-    hyperparameters = {k: config[k] for k in LOSSES[config["loss"]].hyperparameters}
-    if "class_weights" in hyperparameters and config.get("tau") is not None:
-        hyperparameters["class_weights"] = tempered_class_weights(source_prior, config["tau"])
-    return build_loss(config["loss"], source_prior, **hyperparameters)
+def build_criterion(config: dict, source_prior: torch.Tensor, train_counts: list[int] | None = None) -> nn.Module:
+    """The config's loss from the registry, with the hyperparameters the registry says it takes (defaults filled);
+    ``criterion.head`` is the classifier head it trains. ``train_counts`` default to the config's."""
+    counts = train_counts if train_counts is not None else config["train_counts"]
+    return build_loss(config["loss"], source_prior, train_counts=counts, **loss_hyperparameters(config))
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -164,7 +164,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     source_prior = torch.tensor(config["source_prior"], dtype=torch.float64)
 
-    model = build_model(config["model"], len(source_prior), config["weights_path"])
+    criterion = build_criterion(config, source_prior)
+    model = build_model(config["model"], len(source_prior), config["weights_path"], head=criterion.head)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config["epochs"], config["schedule"])
     start_epoch, history = 0, []
@@ -178,7 +179,7 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         restore_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
     model = ray.train.torch.prepare_model(model)  # device placement + DDP (gloo on CPU, NCCL on GPU)
-    criterion = build_criterion(config, source_prior).to(device)
+    criterion = criterion.to(device)
     logger = EpochLogger(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
     if logger:
         logger.backfill(history)  # epochs checkpointed before a crash but not yet in MLflow
@@ -189,6 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, config["epochs"]):
         batches = epoch_batches(train_shard, epoch=epoch, seed=config["seed"], rank=rank, batch_size=per_worker_batch)
         progress = _progress_bar(config, epoch, world, per_worker_batch) if rank == 0 and config["progress"] else None
+        criterion.set_epoch(epoch)  # e.g. LDAM-DRW's deferred re-weighting
         metrics = train_one_epoch(model, criterion, optimizer, model_batches(batches, device, prepared.transform),
                                   device, config["amp"], progress)
         if progress is not None:

@@ -12,6 +12,29 @@ import math
 OBJECTIVES = {"uniform": "val/top1", "shift_mean": "val/shift_mean_top1"}
 
 
+def select_method(config: dict) -> dict:
+    """A trial's config as a plain training config when the search is over the loss itself (``tune_spaces``'s
+    ``with_methods``): the drawn method's own values in place (``<method>/<key>`` from random search, or the
+    grid's {loss, key: value} setting), other methods' draws dropped. The base config's loss hyperparameters stay
+    only for trials of the base config's loss (``search_base_loss``): another loss starts from its own defaults,
+    never reads LADE's alpha as Causal Norm's."""
+    from .losses import LOSS_KEYS
+
+    config = dict(config)
+    setting = config["loss"] if isinstance(config.get("loss"), dict) else {}
+    drawn = {k: v for k, v in config.items() if "/" in k}
+    if not setting and not drawn:
+        return config  # a search over one loss's hyperparameters
+    for k in drawn:
+        del config[k]
+    loss = setting.get("loss", config["loss"])
+    if loss != config.get("search_base_loss"):
+        config.update({k: None for k in LOSS_KEYS})
+    config.update({k.split("/", 1)[1]: v for k, v in drawn.items() if k.split("/", 1)[0] == loss})
+    config.update({**setting, "loss": loss})
+    return config
+
+
 def trial_run_name(search: str, trial_id: str) -> str:
     return f"{search}-{trial_id}"
 
@@ -28,7 +51,7 @@ def trial_driver(config: dict) -> None:
     from .training import build_trainer, join_path
 
     quiet_worker_logging()
-    config = dict(config)
+    config = select_method(config)
     trial_id = tune.get_context().get_trial_id()
     config["run_name"] = trial_run_name(config["search"], trial_id)
     # A restored trial refits a trainer with the same name and storage: Ray Train resumes from its checkpoint.
@@ -46,13 +69,21 @@ def trial_driver(config: dict) -> None:
 
 
 def summary_rows(results, space_keys: list[str], metric: str, epochs: int) -> list[dict]:
-    """One row per trial of a ``ResultGrid``: sampled values, epochs run, last objective, early stop."""
+    """One row per trial of a ``ResultGrid``: sampled values, epochs run, last objective, early stop. In a search
+    over the loss, ``loss`` and the drawn method's own values (``hyperparameters``)."""
+    from .losses import LOSSES
+
     rows = []
     for r in results:
         m = r.metrics or {}
         done = int(m.get("training_iteration", 0))
-        rows.append({"trial": trial_run_name(r.config["search"], m.get("trial_id", "?")),
-                     **{k: r.config.get(k) for k in space_keys}, "epochs": done,
+        config = select_method(r.config)
+        values = {k: config.get(k) for k in space_keys}
+        if "loss" in space_keys:
+            values["hyperparameters"] = ", ".join(f"{k}={config[k]:.4g}" if isinstance(config[k], float) else
+                                                  f"{k}={config[k]}" for k in LOSSES[config["loss"]].hyperparameters
+                                                  if config.get(k) is not None)
+        rows.append({"trial": trial_run_name(r.config["search"], m.get("trial_id", "?")), **values, "epochs": done,
                      metric: float(m.get(metric, math.nan)), "stopped_early": done < epochs and r.error is None,
                      "error": "" if r.error is None else type(r.error).__name__})
     return sorted(rows, key=lambda r: r["trial"])  # stable across reruns, so the logged table is not rewritten

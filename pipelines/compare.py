@@ -1,13 +1,16 @@
 """Compare runs side by side in the form of the paper's Table 6: top-1 under the 11 shifted target priors, plus
-uniform Many/Medium/Few and ECE, each run with the post-hoc rule its loss calls for (softmax: PC compensation;
-balanced_softmax/lade: prior injection). Computed from each run's stored test logits.
+uniform Many/Medium/Few and ECE. Each run gets one row per post-hoc rule that fits its loss: its own first
+(softmax, focal: PC compensation; balanced_softmax, lade, logit_adjusted, ldam_drw, causal_norm: prior injection),
+then ``raw``; a run with a plain linear classifier and PC (softmax, focal) also gets a ``tau_norm`` row, Decouple's
+τ-normalized classifier with τ chosen on the validation split, evaluated from the stored logits and weights.
+Computed from each run's stored test logits.
 
   python pipelines/compare.py --run-ids ID1 ID2
   python pipelines/compare.py --experiment lade --format csv
   python pipelines/compare.py --model NAME            # every version of a registered model
 
-The table is printed and logged to a run of the experiment `lade-compare` (compare.md, compare.csv, and
-compare.json via mlflow.log_table).
+The table is printed and logged to a run of the experiment `lade-compare` (compare.md, compare.csv,
+compare.json via mlflow.log_table, and compare.png: top-1 across the 11 priors, one line per run and rule).
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from lade_core.evaluation import estimated_prior_rows, evaluate_targets, protocol_targets
+from lade_core.evaluation import estimated_prior_rows, evaluate_targets, protocol_targets, select_tau_norm
+from lade_core.figures import shift_curve
+from lade_core.heads import tau_normalize
 from lade_core.label_shift import METHODS
 from lade_core.losses import posthoc_rules
 from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name
@@ -67,21 +72,27 @@ def select_runs(client, args) -> list[str]:
     return ids
 
 
-def table_row(run: RunLogits, estimate: str | None = None) -> dict:
-    """One row of Table 6 for one run; with ``estimate``, the estimated-prior columns too."""
-    mode = posthoc_rules(run.loss)[0]
+def table_rows(run: RunLogits, estimate: str | None = None) -> list[dict]:
+    """The rows of Table 6 for one run, one per post-hoc rule (and τ-norm where it applies); with ``estimate``, the
+    estimated-prior columns of the run's own rule too."""
     targets = protocol_targets(run.labels, run.train_counts)
-    rows = {r["target"]: r for r in evaluate_targets(run.logits, run.labels, run.source_prior, run.train_counts,
-                                                       (mode,), targets)}
-    u = rows["uniform"]
-    row = {"run": f"{run.run_name} ({run.run_id[:8]})", "loss": run.loss, "posthoc": mode,
-           **{p: rows[p]["top1"] for p in PRIORS}, "many": u["many"], "medium": u["medium"], "few": u["few"],
-           "ece": u["ece"]}
+    rules = [(rule, rule, run.logits) for rule in posthoc_rules(run.loss)]
+    if run.classifier is not None and run.val_logits is not None:
+        tau = select_tau_norm(run.val_logits, run.val_labels, *run.classifier)
+        rules.append((f"tau_norm (τ={tau:g})", "inject", tau_normalize(run.logits.double(), *run.classifier, tau)))
+    out = []
+    for label, rule, logits in rules:
+        rows = {r["target"]: r for r in evaluate_targets(logits, run.labels, run.source_prior, run.train_counts,
+                                                           (rule,), targets)}
+        u = rows["uniform"]
+        out.append({"run": f"{run.run_name} ({run.run_id[:8]})", "loss": run.loss, "posthoc": label,
+                    **{p: rows[p]["top1"] for p in PRIORS}, "many": u["many"], "medium": u["medium"],
+                    "few": u["few"], "ece": u["ece"]})
     if estimate:
         ratios = [r["ratio"] for r in estimated_prior_rows(run.logits, run.labels, run.source_prior, run.loss, targets,
                                                             estimate, run.val_logits, run.val_labels)]
-        row.update({f"{estimate}/true mean": float(sum(ratios) / len(ratios)), f"{estimate}/true min": min(ratios)})
-    return row
+        out[0].update({f"{estimate}/true mean": float(sum(ratios) / len(ratios)), f"{estimate}/true min": min(ratios)})
+    return out
 
 
 def main(argv=None) -> int:
@@ -99,7 +110,7 @@ def main(argv=None) -> int:
     if args.estimate_prior == "bbse" and any(r.val_logits is None for r in runs):
         print("error: --estimate-prior bbse needs validation logits, which some of these runs lack", file=sys.stderr)
         return 2
-    rows = [table_row(r, args.estimate_prior) for r in runs]
+    rows = [row for r in runs for row in table_rows(r, args.estimate_prior)]
     columns = COLUMNS + ([f"{args.estimate_prior}/true mean", f"{args.estimate_prior}/true min"]
                          if args.estimate_prior else [])
     print(format_table(rows, columns, args.format), end="")
@@ -112,6 +123,8 @@ def main(argv=None) -> int:
         for fmt, name in (("markdown", "compare.md"), ("csv", "compare.csv")):
             (Path(d) / name).write_text(format_table(rows, columns, fmt))
             mlflow.log_artifact(str(Path(d) / name))
+        curves = [{"mode": f"{r['run']} {r['posthoc']}", "target": p, "top1": r[p]} for r in rows for p in PRIORS]
+        mlflow.log_artifact(str(shift_curve(curves, PRIORS, Path(d) / "compare.png", "top-1 under label shift")))
         mlflow.log_table(pd.DataFrame(rows, columns=columns), "compare.json")
     print(f"logged to MLflow run {logged.info.run_id} (experiment {args.log_experiment})", file=sys.stderr)
     return 0

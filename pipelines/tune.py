@@ -1,6 +1,8 @@
-"""Search LADE's α, λ, the class weights α_c ∝ p_s^τ and the learning rate with Ray Tune; every trial in MLflow.
+"""Search LADE's α, λ, the class weights α_c ∝ p_s^power and the learning rate with Ray Tune, or the loss itself with
+each method's own hyperparameters (--methods); every trial in MLflow.
 
   python pipelines/tune.py --smoke-test                                   # 4 trials x 2 epochs, tiny data
+  python pipelines/tune.py --space cifar100_lt --methods lade causal_norm logit_adjusted --objective shift_mean
   python pipelines/tune.py --space cifar100_lt --dataset data/cifar100_lt --objective shift_mean --register lade-c100
 
 Ray Train V2 under Tune: each trial runs a driver function that fits a TorchTrainer (DDP workers); ASHA stops
@@ -21,15 +23,18 @@ import pandas as pd
 import tune_spaces
 from lade_core.config import resolve_config, validate_config
 from lade_core.data import DataError
+from lade_core.losses import LOSSES
 from lade_core.report import format_table
 from lade_core.runs import SMOKE, check_against_dataset, finalize, load_dataset, storage_uri
 from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
 from lade_core.tracking import end_run, find_run, log_table_once, resolve_tracking_uri, start_or_resume_run
 from lade_core.training import join_path
-from lade_core.tuning import OBJECTIVES, summary_rows, trial_driver, trial_run_name
+from lade_core.tuning import OBJECTIVES, select_method, summary_rows, trial_driver, trial_run_name
 
 REPO = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
+# A trial's driver only waits on its TorchTrainer, which reserves the real CPUs; Tune refuses an empty request.
+DRIVER_CPUS = 0.01
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--space", choices=tune_spaces.FAMILIES, help="search space family (default: synthetic; smoke "
                     "with --smoke-test)")
     ap.add_argument("--config", help="base training config (default: the space's)")
+    ap.add_argument("--methods", nargs="+", metavar="LOSS", help="search over these losses too, each with its own "
+                    "hyperparameters (LADE: the space's ranges; others: tune_spaces.METHOD_SPACES)")
     ap.add_argument("--dataset", help="prepared dataset directory (default: the config's)")
     ap.add_argument("--epochs", type=int, help="epochs per trial = ASHA's max_t (default: the space's)")
     ap.add_argument("--num-workers", type=int, default=1, help="training workers per trial")
@@ -83,18 +90,19 @@ def concurrency(args, config: dict) -> int:
     import ray
 
     res = ray.cluster_resources()
-    per_trial = config["num_workers"] * config["cpus_per_worker"]
+    per_trial = config["num_workers"] * config["cpus_per_worker"] + DRIVER_CPUS
+    # A whole CPU must stay free for Ray Data: 3 trials of 1 + 0.01 on 4 CPUs leave 0.97, and every read waits.
     fit = int((res.get("CPU", 0) - 1) // per_trial)
     if config["use_gpu"]:
         fit = min(fit, int(res.get("GPU", 0) // config["num_workers"]))
     if fit < 1:
-        raise RuntimeError(f"one trial needs {per_trial} CPUs{' and ' + str(config['num_workers']) + ' GPUs' if config['use_gpu'] else ''} "
+        raise RuntimeError(f"one trial needs {per_trial:g} CPUs{' and ' + str(config['num_workers']) + ' GPUs' if config['use_gpu'] else ''} "
                            f"plus 1 CPU for Ray Data; the cluster has {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs")
     if args.max_concurrent_trials is None:
         return fit
     if args.max_concurrent_trials < 1 or args.max_concurrent_trials > fit:
         raise RuntimeError(f"--max-concurrent-trials {args.max_concurrent_trials} cannot fit the cluster: each trial needs "
-                           f"{per_trial} CPUs and Ray Data 1 more; {res.get('CPU', 0):g} CPUs fit at most {fit}")
+                           f"{per_trial:g} CPUs and Ray Data 1 more; {res.get('CPU', 0):g} CPUs fit at most {fit}")
     return args.max_concurrent_trials
 
 
@@ -104,8 +112,7 @@ def build_tuner(args, config: dict, space: dict, defaults: dict, storage: str, m
     from ray.tune.search import BasicVariantGenerator
 
     metric = OBJECTIVES[args.objective]
-    # The driver only waits on its TorchTrainer, which reserves the real CPUs; Tune refuses an empty request.
-    trainable = tune.with_resources(trial_driver, {"CPU": 0.01})
+    trainable = tune.with_resources(trial_driver, {"CPU": DRIVER_CPUS})
     path = join_path(storage, args.experiment)
     if tune.Tuner.can_restore(path):
         print(f"resuming search {args.experiment} from {path} (its space and settings are the saved ones)")
@@ -133,7 +140,7 @@ def register_champion(client, best, prepared, name: str) -> str:
     run_name = trial_run_name(best.config["search"], best.metrics["trial_id"])
     exp = client.get_experiment_by_name(best.config["experiment"])
     run = find_run(client, exp.experiment_id, run_name)
-    config = {**best.config, "run_name": run_name, "mlflow_run_id": run.info.run_id, "register": name}
+    config = {**select_method(best.config), "run_name": run_name, "mlflow_run_id": run.info.run_id, "register": name}
     finalize(config, prepared, Checkpoint(best.metrics["checkpoint_path"]))  # idempotent: reruns add nothing
     (version,) = [v for v in client.search_model_versions(f"run_id = '{run.info.run_id}'") if v.name == name]
     client.set_registered_model_alias(name, CHAMPION, version.version)  # moves the alias if it exists
@@ -160,6 +167,9 @@ def main(argv=None) -> int:
     family = args.space or ("smoke" if args.smoke_test else "synthetic")
     try:
         space, defaults = tune_spaces.load_family(family)
+        if args.methods:
+            space = tune_spaces.with_methods(space, args.methods)
+            tune_spaces.validate_space(space, family)
         if args.smoke_test and args.num_samples is None:
             args.num_samples = defaults["num_samples"]
         config = base_config(args, defaults)
@@ -178,7 +188,8 @@ def main(argv=None) -> int:
 
     storage = storage_uri(args.storage_path, "outputs/tune")
     config.update(source_prior=prepared.source_prior.tolist(), train_counts=prepared.class_counts("train"),
-                  search=args.experiment, search_storage=join_path(storage, args.experiment))
+                  search=args.experiment, search_storage=join_path(storage, args.experiment),
+                  search_base_loss=config["loss"])
     parent_id, _ = start_or_resume_run(config["mlflow_uri"], args.experiment, args.experiment,
                                        {**config, "space": family, "objective": args.objective, "search_alg": args.search,
                                         "scheduler": args.scheduler}, tags={"lade.kind": "search"})
@@ -204,9 +215,11 @@ def main(argv=None) -> int:
     best = results.get_best_result(metric=metric, mode="max", scope="last", filter_nan_and_inf=True)
     client.log_metric(parent_id, f"best/{metric}", float(best.metrics[metric]))
     client.set_tag(parent_id, "lade.best_trial", trial_run_name(best.config["search"], best.metrics["trial_id"]))
+    chosen = select_method(best.config)
     print(f"best trial: {trial_run_name(best.config['search'], best.metrics['trial_id'])}  {metric} "
-          f"{best.metrics[metric]:.4f}  " + "  ".join(f"{k}={best.config[k]:.4g}" for k in space
-                                                       if isinstance(best.config.get(k), float)))
+          f"{best.metrics[metric]:.4f}  loss={chosen['loss']}  " + "  ".join(
+              f"{k}={v:.4g}" for k, v in chosen.items() if isinstance(v, float) and (k in space or "/" in str(k)
+                                                                                   or k in LOSSES[chosen['loss']].hyperparameters)))
     if args.register:
         print(register_champion(client, best, prepared, args.register))
     end_run(config["mlflow_uri"], parent_id)

@@ -102,15 +102,22 @@ def train_workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train")
 
 
+# Per-loss train.py flags of the session's smoke runs: a non-default value where the default would hide a bug
+# (logit adjustment's tau = 1 is Balanced Softmax; LDAM-DRW's re-weighting must switch on mid-run).
+SMOKE_FLAGS = {"logit_adjusted": ["--tau", "0.5"], "focal": ["--gamma", "1"],
+               "ldam_drw": ["--epochs", "2", "--drw-epoch", "1"]}
+
+
 @pytest.fixture(scope="session")
 def smoke_run(train_workdir):
     """smoke_run(loss) -> the finished train.py process of run "r-<loss>" (model "model-<loss>"), trained once per
-    session and shared by the training, evaluation and comparison tests."""
+    session (flags: ``SMOKE_FLAGS``) and shared by the training, evaluation, serving and comparison tests."""
     done: dict[str, subprocess.CompletedProcess] = {}
 
     def get(loss: str) -> subprocess.CompletedProcess:
         if loss not in done:
-            done[loss] = run_train(train_workdir, "--loss", loss, "--run-name", f"r-{loss}", "--register", f"model-{loss}")
+            done[loss] = run_train(train_workdir, "--loss", loss, "--run-name", f"r-{loss}", "--register", f"model-{loss}",
+                                   *SMOKE_FLAGS.get(loss, []))
             assert done[loss].returncode == 0, done[loss].stdout[-3000:] + done[loss].stderr[-3000:]
         return done[loss]
 

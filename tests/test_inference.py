@@ -110,7 +110,7 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
     assert torch.allclose(sharded, ref, atol=1e-5)
 
     save_checkpoint(tmp_path / "ckpt", {"model": model.state_dict(), "epoch": 0}, {}, [])
-    test, test_labels = batch_logits(prepared, "test", "resnet32", Checkpoint(str(tmp_path / "ckpt")), image_size=None,
+    test, test_labels = batch_logits(prepared, "test", "resnet32", ("linear", {}), Checkpoint(str(tmp_path / "ckpt")), image_size=None,
                                      num_actors=2, use_gpu=False, batch_size=5)
     ref, ref_labels = single("test")
     assert test.shape == (28, 4) and torch.equal(test_labels, ref_labels)

@@ -37,5 +37,6 @@ def test_primary_posthoc_mode_per_loss():
     from lade_core.losses import LOSSES, posthoc_rules
 
     assert {loss: posthoc_rules(loss)[0] for loss in LOSSES} == {
-        "softmax": "pc", "balanced_softmax": "inject", "lade": "inject"}
+        "softmax": "pc", "balanced_softmax": "inject", "lade": "inject", "logit_adjusted": "inject", "focal": "pc",
+        "ldam_drw": "inject", "causal_norm": "inject"}
     assert all("raw" in posthoc_rules(loss) for loss in LOSSES)

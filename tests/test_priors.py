@@ -136,5 +136,5 @@ def test_tempered_class_weights_interpolate_between_uniform_and_source_prior():
     half = tempered_class_weights(p, 0.5)
     assert torch.allclose(half, p.sqrt() / p.sqrt().sum()) and half.sum().item() == pytest.approx(1.0)
     for bad in (-0.1, 1.5):
-        with pytest.raises(ValueError, match="tau must lie in"):
+        with pytest.raises(ValueError, match="class_weight_power must lie in"):
             tempered_class_weights(p, bad)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lade_core.losses import classifier_head
 from lade_core.models import build_model
 from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
 
@@ -31,9 +32,11 @@ def _run(client, name):
     return run
 
 
-@pytest.mark.parametrize("loss", ["softmax", "balanced_softmax", "lade"])
+# Balanced Softmax is logit adjustment at tau = 1 (its end-to-end run is logit_adjusted's, at tau = 0.5).
+@pytest.mark.parametrize("loss", ["softmax", "lade", "logit_adjusted", "focal", "ldam_drw", "causal_norm"])
 def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     p = smoke_run(loss)
+    epochs = 2 if loss == "ldam_drw" else 1
     assert "forward_10" in p.stdout and "backward_10" in p.stdout
     client = _client(workdir)
     run = _run(client, f"r-{loss}")
@@ -43,30 +46,40 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
         assert key in run.data.metrics
     # Each loss logs its own terms, and only those: no 0.0 placeholders for terms a loss does not have.
     terms = {k for k in run.data.metrics if k.startswith("train/")} - {"train/loss", "train/classes_per_batch"}
-    assert terms == {"softmax": {"train/ce"}, "balanced_softmax": {"train/lade_ce"},
-                     "lade": {"train/lade_ce", "train/lader", "train/lader_F", "train/lader_S"}}[loss]
-    assert run.data.metrics["train/" + ("ce" if loss == "softmax" else "lade_ce")] != 0.0
+    assert terms == {"softmax": {"train/ce"}, "lade": {"train/lade_ce", "train/lader", "train/lader_F", "train/lader_S"},
+                     "logit_adjusted": {"train/adjusted_ce"}, "focal": {"train/focal"},
+                     "ldam_drw": {"train/ldam", "train/drw"}, "causal_norm": {"train/ce"}}[loss]
+    assert all(run.data.metrics[k] != 0.0 for k in terms - {"train/drw"})
     # One line per epoch, printed once; no Ray INFO chatter; never "nan" for an empty shot group.
-    assert p.stdout.count("epoch 1/1 ") == 1 and "nan" not in p.stdout, p.stdout
+    assert all(p.stdout.count(f"epoch {e}/{epochs} ") == 1 for e in range(1, epochs + 1)) and "nan" not in p.stdout, p.stdout
     assert "Starting execution of Dataset" not in p.stdout + p.stderr
     assert " INFO " not in p.stdout + p.stderr, [line for line in p.stderr.splitlines() if " INFO " in line]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == list(range(epochs))
     # What a restart of this run would resume from, read from the snapshot Ray Train wrote (its real format).
     from lade_core.training import resume_epoch
 
-    assert resume_epoch(str(workdir / "ray_results" / f"r-{loss}")) == 1
+    assert resume_epoch(str(workdir / "ray_results" / f"r-{loss}")) == epochs
     arts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for d in ("eval", "data", "checkpoint") for a in client.list_artifacts(run.info.run_id, d)}
     assert {LOGITS_ARTIFACT, "data/source_prior.json", "config.yaml", "checkpoint/state_dict.pt"} <= arts
     logits, labels = read_logits_parquet(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=LOGITS_ARTIFACT))
     assert logits.shape == (80, 4) and np.bincount(labels.numpy()).tolist() == [20] * 4
-    # test/top1 is the uniform-prior accuracy under the rule the loss calls for: PC for softmax, else injection.
+    # test/top1 is the uniform-prior accuracy under the rule the loss calls for: PC for softmax and focal, else
+    # injection.
     prior = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=PRIOR_ARTIFACT)).read())
-    z = logits.double() + (0 if loss != "softmax" else -torch.tensor(prior["source_prior"]).log())  # + log(1/C): no-op
+    ps = torch.tensor(prior["source_prior"], dtype=torch.float64)
+    z = logits.double() - (ps.log() if loss in ("softmax", "focal") else 0)  # + log(1/C): no-op
     assert run.data.metrics["test/top1"] == pytest.approx(float((z.argmax(1) == labels).double().mean()))
-    # The registered model reproduces the checkpoint's logits.
+    # The registered model reproduces the checkpoint's logits, with the head the loss trained and its state.
     state = torch.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint/state_dict.pt"))
-    ref = build_model("resnet32", 4)
+    if loss == "logit_adjusted":  # the inference offset (tau - 1) log p_s at the run's tau = 0.5
+        torch.testing.assert_close(state["fc.eval_offset"].double(), -0.5 * ps.log(), atol=1e-6, rtol=0)
+    if loss == "causal_norm":  # the moving-average feature direction TDE needs, accumulated and saved
+        assert float(state["fc.feature_direction"].norm()) > 0
+    if loss == "ldam_drw":  # deferred re-weighting: off in epoch 0, on from --drw-epoch 1
+        drw = sorted(client.get_metric_history(run.info.run_id, "train/drw"), key=lambda m: m.step)
+        assert [m.value for m in drw] == [0.0, 1.0]
+    ref = build_model("resnet32", 4, head=classifier_head(loss, ps, train_counts=prior["train_counts"]))
     ref.load_state_dict(state)
     ref.eval()
     loaded = mlflow.pyfunc.load_model(f"models:/model-{loss}/1")

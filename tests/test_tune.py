@@ -93,7 +93,7 @@ def test_search_killed_midway_resumes_on_a_tracking_server_with_every_trial_once
     assert len(children) == 4 and len({c.info.run_name for c in children}) == 4  # every trial once
     epochs = {}
     for child in children:
-        assert {"alpha", "lam", "tau", "lr"} <= set(child.data.params)
+        assert {"alpha", "lam", "class_weight_power", "lr"} <= set(child.data.params)
         assert child.info.status == "FINISHED"  # trained to the end or stopped early, none left RUNNING
         for key in ("val/top1", "train/loss", "lr"):
             steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
@@ -158,21 +158,26 @@ def test_unknown_objective_is_rejected_by_the_cli(tmp_path):
     assert p.returncode == 2 and "invalid choice: 'median'" in p.stderr
 
 
-def test_every_family_space_is_valid_and_tau_is_in_range():
+def test_every_family_space_is_valid_and_the_class_weight_power_is_in_range():
     for family in tune_spaces.FAMILIES:
         space, defaults = tune_spaces.load_family(family)
-        assert {"alpha", "lam", "tau"} <= set(space) and defaults["epochs"] >= 1
-        assert space["tau"] == ("uniform", 0.0, 1.0)
+        assert {"alpha", "lam", "class_weight_power"} <= set(space) and defaults["epochs"] >= 1
+        assert space["class_weight_power"] == ("uniform", 0.0, 1.0)
     assert tune_spaces.grid_points(("loguniform", 0.01, 1.0), 3) == pytest.approx([0.01, 0.1, 1.0])
-    grid = tune_spaces.to_param_space({"alpha": ("loguniform", 0.01, 1.0), "tau": ("choice", [0.0, 1.0])}, "grid", 2)
-    assert grid == {"alpha": {"grid_search": pytest.approx([0.01, 1.0])}, "tau": {"grid_search": [0.0, 1.0]}}
+    grid = tune_spaces.to_param_space({"alpha": ("loguniform", 0.01, 1.0), "class_weight_power": ("choice", [0.0, 1.0])},
+                                      "grid", 2)
+    assert grid == {"alpha": {"grid_search": pytest.approx([0.01, 1.0])},
+                    "class_weight_power": {"grid_search": [0.0, 1.0]}}
 
 
 @pytest.mark.parametrize("space, message", [
     ({}, "is empty"),
     ({"alpha": ("loguniform", 1.0, 0.1)}, "lower bound 1.0 is not below upper bound 0.1"),
-    ({"tau": ("uniform", 0.0, 1.5)}, "tau range [0.0, 1.5] outside [0.0, 1.0]"),
-    ({"tau": ("choice", [0.5, 2.0])}, "tau values [2.0] outside"),
+    ({"class_weight_power": ("uniform", 0.0, 1.5)}, "class_weight_power range [0.0, 1.5] outside [0.0, 1.0]"),
+    ({"class_weight_power": ("choice", [0.5, 2.0])}, "class_weight_power values [2.0] outside"),
+    ({"loss": ("methods", {"fancy": {}})}, "unknown method 'fancy'"),
+    ({"loss": ("methods", {"focal": {"alpha": ("uniform", 0.0, 1.0)}})}, "loss focal takes no hyperparameters ['alpha']"),
+    ({"loss": ("methods", {"focal": {"gamma": ("uniform", -1.0, 1.0)}})}, "gamma range [-1.0, 1.0] outside"),
     ({"lam": ("loguniform", 0.0, 1.0)}, "loguniform needs low > 0"),
     ({"alpha": ("normal", 0.0, 1.0)}, "unknown kind"),
     ({"not_a_key": ("uniform", 0.0, 1.0)}, "not a training config key"),
@@ -181,3 +186,67 @@ def test_bad_space_is_one_clear_error(space, message):
     with pytest.raises(ValueError) as e:
         tune_spaces.validate_space(space, "mine")
     assert message in str(e.value)
+
+
+def test_a_search_over_the_loss_draws_each_method_with_its_own_hyperparameters():
+    from ray.tune.search.sample import Categorical, Float
+
+    from lade_core.config import DEFAULTS, validate_config
+    from lade_core.tuning import select_method
+
+    space, _ = tune_spaces.load_family("smoke")
+    space = tune_spaces.with_methods(space, ["lade", "focal", "causal_norm", "softmax"])
+    tune_spaces.validate_space(space, "smoke")
+    assert space["loss"][1]["lade"] == {k: space_k for k, space_k in tune_spaces.load_family("smoke")[0].items()
+                                        if k in ("alpha", "lam", "class_weight_power")}
+    assert "alpha" not in space and space["lr"] == ("loguniform", 0.001, 0.5)  # shared keys stay shared
+    random = tune_spaces.to_param_space(space)
+    assert isinstance(random["loss"], Categorical) and random["loss"].categories == ["lade", "focal", "causal_norm", "softmax"]
+    assert isinstance(random["focal/gamma"], Float) and isinstance(random["causal_norm/alpha"], Float)
+    # A LADE base config (its defaults filled in, as the driver's check does), then one trial per method.
+    base = {**DEFAULTS, "dataset": "d", "alpha": 0.1, "lam": 0.01, "estimator": "released", "search_base_loss": "lade",
+            "lade/alpha": 0.5, "lade/lam": 0.2, "lade/class_weight_power": 0.3, "focal/gamma": 1.5,
+            "causal_norm/alpha": 2.5}
+    cn = validate_config(select_method({**base, "loss": "causal_norm"}))
+    assert (cn["alpha"], cn["tau"], cn["heads"], cn["lam"], cn["gamma"]) == (2.5, 16.0, 2, None, 0.03125)
+    assert not [k for k in cn if "/" in k]
+    focal = validate_config(select_method({**base, "loss": "focal"}))
+    assert (focal["gamma"], focal["alpha"], focal["lam"]) == (1.5, None, None)
+    lade = validate_config(select_method({**{k: v for k, v in base.items() if k != "lade/lam"}, "loss": "lade"}))
+    assert (lade["alpha"], lade["lam"], lade["class_weight_power"]) == (0.5, 0.01, 0.3)  # base lam kept for LADE
+    softmax = validate_config(select_method({**base, "loss": "softmax"}))
+    assert all(softmax[k] is None for k in ("alpha", "lam", "gamma", "tau"))
+    # Grid: one setting per method and grid point, never one method crossed with another's values.
+    grid = tune_spaces.to_param_space({"loss": ("methods", {"focal": {"gamma": ("uniform", 0.0, 2.0)},
+                                                            "softmax": {}})}, "grid", 3)
+    settings = grid["loss"]["grid_search"]
+    assert settings == [{"loss": "focal", "gamma": 0.0}, {"loss": "focal", "gamma": 1.0},
+                        {"loss": "focal", "gamma": 2.0}, {"loss": "softmax"}]
+    assert validate_config(select_method({**base, "loss": settings[1]}))["gamma"] == 1.0
+
+
+def test_ray_tune_resolves_a_methods_space_into_valid_trial_configs():
+    """The space as Ray Tune itself resolves it (its variant generator, as BasicVariantGenerator uses): every drawn
+    trial is a valid training config of its own method, random and grid alike."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from lade_core.config import DEFAULTS, validate_config
+    from lade_core.losses import LOSSES
+    from lade_core.tuning import select_method
+
+    space = tune_spaces.with_methods(tune_spaces.load_family("smoke")[0], ["lade", "focal", "causal_norm", "ldam_drw"])
+    base = {**DEFAULTS, "dataset": "d", "alpha": 0.1, "lam": 0.01, "estimator": "released", "search_base_loss": "lade"}
+    seen = set()
+    for search in ("random", "grid"):
+        param_space = tune_spaces.to_param_space(space, search, 2)
+        for _ in range(12 if search == "random" else 1):
+            for _, drawn in generate_variants({"config": param_space}):
+                trial = validate_config(select_method({**base, **drawn["config"]}))
+                loss = trial["loss"]
+                seen.add(loss)
+                own = {k: v for k, v in drawn["config"].items() if k.startswith(f"{loss}/")}
+                assert all(trial[k.split("/", 1)[1]] == v for k, v in own.items()), (loss, own, trial)
+                given = {k for k in ("alpha", "lam", "tau", "gamma", "heads", "max_margin", "scale", "beta")
+                         if trial[k] is not None}
+                assert given <= set(LOSSES[loss].hyperparameters), (loss, given)
+    assert seen == {"lade", "focal", "causal_norm", "ldam_drw"}

@@ -3,8 +3,14 @@
 Each family module defines ``SPACE`` (config key -> distribution spec) and ``DEFAULTS`` (search settings: the
 base config file, epochs, samples, ASHA grace period). A spec is one of
   ("loguniform", low, high)   ("uniform", low, high)   ("choice", [values])   or a constant.
-Keys are training config keys (lade_core.config); ``tau`` sets the LADER class weights alpha_c ∝ p_s(c)^tau.
-``to_param_space`` turns a validated SPACE into Ray Tune domains (random search) or grids (grid search).
+Keys are training config keys (lade_core.config); ``class_weight_power`` sets the LADER class weights
+alpha_c ∝ p_s(c)^power. ``to_param_space`` turns a validated SPACE into Ray Tune domains (random search) or grids
+(grid search).
+
+A search over the loss itself: ``with_methods(space, names)`` replaces the family's LADE keys by
+  "loss": ("methods", {name: {its own hyperparameter: spec, ...}, ...})
+(LADE keeps the family's ranges, every other method takes ``METHOD_SPACES``). Each trial draws a method, then that
+method's own values; ``lade_core.tuning.select_method`` turns the draw into a plain training config.
 """
 from __future__ import annotations
 
@@ -14,8 +20,33 @@ import math
 FAMILIES = ("smoke", "synthetic", "cifar100_lt", "imagenet_lt", "places_lt", "inat18")
 KINDS = ("loguniform", "uniform", "choice")
 # Keys with a bounded range: a spec outside it is an error, not a silent clip.
-BOUNDS = {"tau": (0.0, 1.0), "alpha": (0.0, math.inf), "lam": (0.0, math.inf), "lr": (0.0, math.inf),
-          "backbone_lr": (0.0, math.inf), "weight_decay": (0.0, math.inf)}
+BOUNDS = {"class_weight_power": (0.0, 1.0), "alpha": (0.0, math.inf), "lam": (0.0, math.inf), "lr": (0.0, math.inf),
+          "backbone_lr": (0.0, math.inf), "weight_decay": (0.0, math.inf), "tau": (0.0, math.inf),
+          "gamma": (0.0, math.inf), "max_margin": (0.0, math.inf), "scale": (0.0, math.inf), "beta": (0.0, 1.0)}
+# Each method's own ranges for a search over the loss, bracketing its paper's value.
+METHOD_SPACES: dict[str, dict] = {
+    "softmax": {},
+    "balanced_softmax": {},
+    "logit_adjusted": {"tau": ("uniform", 0.5, 2.0)},  # Menon et al.: 1
+    "focal": {"gamma": ("uniform", 0.0, 3.0)},  # Lin et al.: 2; Cao et al.'s comparison: 1
+    "ldam_drw": {"max_margin": ("uniform", 0.1, 1.0), "scale": ("loguniform", 5.0, 50.0)},  # 0.5, 30
+    "causal_norm": {"alpha": ("uniform", 0.0, 3.0)},  # 1.5 (TDE strength; tau 16, gamma 1/32, 2 heads fixed)
+}
+METHODS = "methods"
+
+
+def with_methods(space: dict, names: list[str]) -> dict:
+    """``space`` searching over the losses ``names`` too: LADE with the family's LADE ranges, the others with
+    ``METHOD_SPACES``; the family's other keys (learning rate, ...) are shared by all."""
+    from lade_core.losses import LOSSES
+
+    unknown = [n for n in names if n not in LOSSES]
+    if unknown or not names:
+        raise ValueError(f"unknown methods {unknown}; choose among {sorted(LOSSES)}" if unknown else "no methods given")
+    lade_keys = set(LOSSES["lade"].hyperparameters)
+    methods = {n: {k: v for k, v in space.items() if k in lade_keys} if n == "lade" else dict(METHOD_SPACES[n])
+               for n in names}
+    return {**{k: v for k, v in space.items() if k not in lade_keys}, "loss": (METHODS, methods)}
 
 
 def load_family(name: str) -> tuple[dict, dict]:
@@ -35,6 +66,9 @@ def validate_space(space: dict, name: str = "space") -> None:
     if not space:
         raise ValueError(f"search space {name!r} is empty")
     for key, spec in space.items():
+        if key == "loss" and isinstance(spec, tuple) and spec[:1] == (METHODS,):
+            _validate_methods(spec, name)
+            continue
         if key not in CONFIG_KEYS:
             raise ValueError(f"search space {name!r}: {key!r} is not a training config key")
         if not isinstance(spec, tuple):
@@ -61,6 +95,23 @@ def validate_space(space: dict, name: str = "space") -> None:
             raise ValueError(f"search space {name!r}: {key} range [{lo}, {hi}] outside [{lo_ok}, {hi_ok}]")
 
 
+def _validate_methods(spec: tuple, name: str) -> None:
+    from lade_core.losses import LOSSES
+
+    methods = spec[1] if len(spec) == 2 and isinstance(spec[1], dict) else None
+    if not methods:
+        raise ValueError(f"search space {name!r}: loss methods need {{method: {{hyperparameter: spec}}}}, got {spec[1:]}")
+    for method, sub in methods.items():
+        if method not in LOSSES:
+            raise ValueError(f"search space {name!r}: unknown method {method!r}; choose among {sorted(LOSSES)}")
+        bad = sorted(set(sub) - set(LOSSES[method].hyperparameters))
+        if bad:
+            raise ValueError(f"search space {name!r}: loss {method} takes no hyperparameters {bad}; it takes "
+                             f"{list(LOSSES[method].hyperparameters)}")
+        if sub:
+            validate_space(sub, f"{name}/{method}")
+
+
 def grid_points(spec: tuple, points: int) -> list:
     """Evenly spaced values of a range (log-spaced for loguniform), or a choice's values."""
     if spec[0] == "choice":
@@ -81,7 +132,9 @@ def to_param_space(space: dict, search: str = "random", points: int = 3) -> dict
         raise ValueError(f"unknown search {search!r}; choose random or grid")
     out = {}
     for key, spec in space.items():
-        if not isinstance(spec, tuple):
+        if key == "loss" and isinstance(spec, tuple) and spec[:1] == (METHODS,):
+            out.update(_methods_param_space(spec[1], search, points))
+        elif not isinstance(spec, tuple):
             out[key] = spec
         elif search == "grid":
             out[key] = tune.grid_search(grid_points(spec, points))
@@ -89,4 +142,25 @@ def to_param_space(space: dict, search: str = "random", points: int = 3) -> dict
             out[key] = tune.choice(list(spec[1]))
         else:
             out[key] = getattr(tune, spec[0])(spec[1], spec[2])
+    return out
+
+
+def _methods_param_space(methods: dict, search: str, points: int) -> dict:
+    """Random: ``loss`` drawn among the methods and every method's values drawn as ``<method>/<key>`` (the trial
+    keeps its own method's). Grid: ``loss`` runs through one {loss, key: value, ...} per method and grid point, so
+    no method is crossed with another's values."""
+    import itertools
+
+    from ray import tune
+
+    if search == "grid":
+        settings = []
+        for method, sub in methods.items():
+            keys = list(sub)
+            values = [grid_points(sub[k], points) if isinstance(sub[k], tuple) else [sub[k]] for k in keys]
+            settings += [{"loss": method, **dict(zip(keys, combo))} for combo in itertools.product(*values)]
+        return {"loss": tune.grid_search(settings)}
+    out = {"loss": tune.choice(list(methods))}
+    for method, sub in methods.items():
+        out.update({f"{method}/{k}": v for k, v in to_param_space(sub, search, points).items()} if sub else {})
     return out

@@ -2,7 +2,7 @@
 SPACE = {
     "alpha": ("loguniform", 0.01, 1.0),
     "lam": ("loguniform", 0.001, 1.0),
-    "tau": ("uniform", 0.0, 1.0),
+    "class_weight_power": ("uniform", 0.0, 1.0),
     "lr": ("loguniform", 0.05, 0.4),
 }
 DEFAULTS = {"config": "configs/cifar100_lt/lade.yaml", "epochs": 200, "num_samples": 32, "grace_period": 20}

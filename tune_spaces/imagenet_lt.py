@@ -2,6 +2,6 @@
 SPACE = {
     "alpha": ("loguniform", 0.005, 0.5),
     "lam": ("loguniform", 0.05, 2.0),
-    "tau": ("uniform", 0.0, 1.0),
+    "class_weight_power": ("uniform", 0.0, 1.0),
 }
 DEFAULTS = {"config": "configs/imagenet_lt/lade.yaml", "epochs": 180, "num_samples": 16, "grace_period": 30}

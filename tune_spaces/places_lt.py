@@ -2,7 +2,7 @@
 SPACE = {
     "alpha": ("loguniform", 0.0005, 0.05),
     "lam": ("loguniform", 0.01, 1.0),
-    "tau": ("uniform", 0.0, 1.0),
+    "class_weight_power": ("uniform", 0.0, 1.0),
     "lr": ("loguniform", 0.01, 0.1),
 }
 DEFAULTS = {"config": "configs/places_lt/lade.yaml", "epochs": 30, "num_samples": 16, "grace_period": 10}

@@ -1,0 +1,100 @@
+"""Table 6 from one command: compare.py over the session's smoke runs of every method (pipelines/train.py with
+MLflow, ``smoke_run``), with each run's post-hoc rules and the τ-normalized classifier; and the registered Causal
+Norm model serving the TDE logits its run stored."""
+import io
+import json
+import math
+from contextlib import redirect_stdout
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, STATE_DICT_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
+from lade_core.evaluation import TAU_NORM_GRID, protocol_targets
+from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name
+
+METHODS = ("softmax", "lade", "logit_adjusted", "focal", "ldam_drw", "causal_norm")
+PRIORS = [shift_protocol_name(d, r) for d, r in SHIFT_PROTOCOL]
+
+
+def _download(client, run_id, path):
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=client.tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def peers(train_workdir, smoke_run):
+    for loss in METHODS:
+        smoke_run(loss)
+    uri = f"sqlite:///{train_workdir / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("lade").experiment_id])}
+    return uri, client, {loss: runs[f"r-{loss}"] for loss in METHODS}, train_workdir
+
+
+def test_registered_causal_norm_model_serves_the_tde_logits_its_run_stored(peers):
+    """The card's head rebuilds the network training had: the pyfunc's raw logits on the test images are the TDE
+    logits the run stored (a linear head would not even load the weights)."""
+    uri, client, runs, workdir = peers
+    logits, _ = read_logits_parquet(_download(client, runs["causal_norm"].info.run_id, LOGITS_ARTIFACT))
+    test = pq.read_table(str(workdir / "data" / "synthetic_smoke" / "test"), columns=["image", "index"])
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/model-causal_norm/1")
+    out = model.predict(pd.DataFrame({"image": test.column("image").to_pylist()}),
+                        params={"output": "logits", "posthoc": "raw"})
+    served = np.stack(out["logits"].to_numpy())[np.argsort(test.column("index").to_pylist())]
+    np.testing.assert_allclose(served, logits.numpy(), atol=1e-4)
+
+
+def _compare_csv(uri: str, run_ids: list[str]) -> pd.DataFrame:
+    import compare
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert compare.main(["--run-ids", *run_ids, "--mlflow-uri", uri, "--format", "csv"]) == 0
+    # MLflow prints links to the logged run on stdout too; the table is the CSV lines.
+    return pd.read_csv(io.StringIO("\n".join(line for line in buf.getvalue().splitlines() if line.count(",") > 10)))
+
+
+def test_compare_prints_table_6_for_every_method_from_one_command(peers):
+    uri, client, runs, _ = peers
+    table = _compare_csv(uri, [runs[m].info.run_id for m in METHODS])
+    assert list(table.columns[:3 + len(PRIORS)]) == ["run", "loss", "posthoc", *PRIORS]
+    assert {"many", "medium", "few", "ece"} <= set(table.columns)
+    rules = [(r["loss"], r["posthoc"].split(" ")[0]) for _, r in table.iterrows()]
+    assert rules == [("softmax", "pc"), ("softmax", "raw"), ("softmax", "tau_norm"), ("lade", "inject"), ("lade", "raw"),
+                     ("logit_adjusted", "inject"), ("logit_adjusted", "raw"), ("focal", "pc"), ("focal", "raw"),
+                     ("focal", "tau_norm"), ("ldam_drw", "inject"), ("ldam_drw", "raw"), ("causal_norm", "inject"),
+                     ("causal_norm", "raw")]
+    assert all(0 <= v <= 1 for v in table[PRIORS].to_numpy().ravel())
+    # Each row recomputed here from the run's stored logits: the rule's offset (Eq. 4: - log p_s + log p_t; Eq. 17:
+    # + log p_t; raw: none), or the τ-normalized classifier, τ chosen on validation over Decouple's grid,
+    # (z - b) / |w|^τ + log p_t; top-1 on each of the 11 shifted targets.
+    for _, row in table.iterrows():
+        run_id = runs[row["loss"]].info.run_id
+        z, y = read_logits_parquet(_download(client, run_id, LOGITS_ARTIFACT))
+        info = json.loads(open(_download(client, run_id, PRIOR_ARTIFACT)).read())
+        z, ps = z.double(), torch.tensor(info["source_prior"], dtype=torch.float64)
+        rule = row["posthoc"].split(" ")[0]
+        if rule == "tau_norm":
+            state = torch.load(_download(client, run_id, STATE_DICT_ARTIFACT), weights_only=True)
+            w, b = state["fc.weight"].double(), state["fc.bias"].double()
+            zv, yv = read_logits_parquet(_download(client, run_id, VAL_LOGITS_ARTIFACT))
+            val = [float((((zv.double() - b) / w.norm(dim=1) ** t).argmax(1) == yv).double().mean())
+                   for t in TAU_NORM_GRID]
+            tau = TAU_NORM_GRID[int(np.argmax(val))]
+            assert row["posthoc"] == f"tau_norm (τ={tau:g})"
+            z = (z - b) / w.norm(dim=1) ** tau
+        for target in protocol_targets(y, info["train_counts"]):
+            shift = {"raw": 0, "inject": target.prior.log(), "tau_norm": target.prior.log(),
+                     "pc": target.prior.log() - ps.log()}[rule]
+            idx = torch.as_tensor(target.indices)
+            top1 = float(((z[idx] + shift).argmax(1) == y[idx]).double().mean())
+            assert row[target.name] == pytest.approx(top1, abs=1e-9), (row["run"], rule, target.name)
+    logged = client.search_runs([client.get_experiment_by_name("lade-compare").experiment_id],
+                                order_by=["attributes.start_time DESC"])[0]
+    assert {"compare.md", "compare.csv", "compare.png"} <= {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert not math.isnan(table.loc[0, "uniform"])
