@@ -22,7 +22,7 @@ import argparse
 import numpy as np
 import torch
 
-from lade_core.evaluation import Target, estimated_prior_rows, select_tau_norm
+from lade_core.evaluation import Target, estimated_prior_rows, select_tau
 from lade_core.heads import build_head, tau_normalize
 from lade_core.losses import LOSSES, build_loss, posthoc_rules
 from lade_core.posthoc import inject_prior, posthoc_logits
@@ -81,7 +81,7 @@ def main() -> None:
         # True class-conditional log-likelihood up to a constant shared by all classes: -||x - mu_c||^2 / 2.
         loglik = -0.5 * torch.cdist(x_te, means) ** 2
     fc = models["softmax"]
-    tau = select_tau_norm(val_logits["softmax"], y_val, fc.weight.detach(), fc.bias.detach())
+    tau = select_tau(val_logits["softmax"], y_val, lambda z, t: tau_normalize(z, fc.weight.detach(), fc.bias.detach(), t))
     tau_norm = tau_normalize(logits["softmax"], fc.weight.detach(), fc.bias.detach(), tau)
 
     methods = {"softmax raw": lambda pt, idx: logits["softmax"][idx],

@@ -124,7 +124,7 @@ def test_inference(root: str) -> tuple[float, float]:
     ckpt.mkdir(exist_ok=True)
     save_checkpoint(ckpt, {"model": model.state_dict(), "epoch": 0}, {}, [])
     t0 = time.perf_counter()
-    batch_logits(ds, "test", "resnet32", ("linear", {}), Checkpoint(str(ckpt)), image_size=None, num_actors=2, use_gpu=False)
+    batch_logits(ds, ("test",), "resnet32", ("linear", {}), Checkpoint(str(ckpt)), image_size=None, num_actors=2, use_gpu=False)
     return driver, time.perf_counter() - t0
 
 

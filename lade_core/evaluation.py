@@ -18,7 +18,7 @@ from .priors import SHIFT_PROTOCOL, shift_protocol_name, shifted_counts, subset_
 
 __all__ = ["Target", "protocol_targets", "target_from_values", "evaluate_targets", "METRICS", "logit_statistics",
            "mean_predicted_prior", "calibration_by_mode", "protocol_mean_top1", "ESTIMATE_COLUMNS",
-           "estimated_prior_rows", "TAU_NORM_GRID", "select_tau_norm"]
+           "estimated_prior_rows", "TAU_GRID", "select_tau"]
 
 METRICS: tuple[str, ...] = ("top1", "many", "medium", "few", "nll", "ece")
 
@@ -162,19 +162,18 @@ def protocol_mean_top1(logits, labels, source_prior, train_counts, mode: str) ->
     return float(np.mean([r["top1"] for r in rows]))
 
 
-# --- The τ-normalized classifier (Decouple, Kang et al. 2020) from stored logits --------------------------------
+# --- Post-hoc rules with a tau chosen on validation: Decouple's τ-norm, Menon's logit adjustment ---------------
 
-TAU_NORM_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))  # 0 .. 2, as Decouple searches
+TAU_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))  # 0 .. 2, as Decouple searches τ
 
 
-def select_tau_norm(val_logits, val_labels, weight: torch.Tensor, bias: torch.Tensor | None,
-                    grid: tuple[float, ...] = TAU_NORM_GRID) -> float:
-    """The τ of the grid whose τ-normalized logits (``heads.tau_normalize``) have the best validation top-1 under
-    the (class-balanced) validation split; the smallest such τ on ties. Never chosen on the test split."""
-    from .heads import tau_normalize
-
+def select_tau(val_logits, val_labels, logits_at, grid: tuple[float, ...] = TAU_GRID) -> float:
+    """The tau of ``grid`` whose validation logits ``logits_at(z_val, tau)`` have the best top-1 on the (class-
+    balanced) validation split, the smallest such tau on ties. Never chosen on the test split. E.g.
+    ``logits_at = lambda z, t: heads.tau_normalize(z, w, b, t)`` (τ-norm) or
+    ``lambda z, t: posthoc.logit_adjust(z, p_s, uniform, t)`` (post-hoc logit adjustment)."""
     z, y = torch.as_tensor(val_logits).double(), torch.as_tensor(_labels_np(val_labels))
-    scores = [float((tau_normalize(z, weight, bias, t).argmax(1) == y).double().mean()) for t in grid]
+    scores = [float((logits_at(z, t).argmax(1) == y).double().mean()) for t in grid]
     return grid[int(np.argmax(scores))]
 
 

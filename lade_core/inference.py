@@ -8,6 +8,10 @@ Both return logits in split order (by the ``index`` column), with every sample e
 """
 from __future__ import annotations
 
+from functools import partial
+from typing import Sequence
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -95,24 +99,35 @@ class _LogitsActor:
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
         x = normalize(torch.from_numpy(batch["image"]).to(self.device), self.kind)  # [B, 3, H, W] float32
-        return {"logits": self.model(x).float().cpu().numpy(), "label": batch["label"], "index": batch["index"]}
+        return {"logits": self.model(x).float().cpu().numpy(), **{k: v for k, v in batch.items() if k != "image"}}
 
 
-def batch_logits(prepared, split: str, model_name: str, head, checkpoint, *, image_size: int | None, num_actors: int,
-                 use_gpu: bool, cpus_per_actor: float = 1, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [N, C] and labels [N] of ``split`` in split order, by Ray Data batch inference on ``num_actors``
-    actors (each with a GPU if ``use_gpu``) that load the model from ``checkpoint`` (a ``ray.train.Checkpoint`` of
+def _tag_split(batch: dict, split_id: int) -> dict:
+    return {**batch, "split_id": np.full(len(batch["index"]), split_id, dtype=np.int64)}
+
+
+def batch_logits(prepared, splits: Sequence[str], model_name: str, head, checkpoint, *, image_size: int | None,
+                 num_actors: int, use_gpu: bool, cpus_per_actor: float = 1,
+                 batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{split: (logits [N, C], labels [N]) in split order} for each of ``splits``, by Ray Data batch inference in
+    one pass over one pool of ``num_actors`` actors (each with a GPU if ``use_gpu``; the model is loaded once per
+    actor, not once per split) that load the model from ``checkpoint`` (a ``ray.train.Checkpoint`` of
     ``train_loop_per_worker``) with classifier ``head`` (``models.build_model``); the driver only collects results."""
-    import numpy as np
     from ray.data import ActorPoolStrategy
 
-    ds = prepared.ray_dataset(split, train=False, image_size=image_size)
+    tagged = [prepared.ray_dataset(split, train=False, image_size=image_size).map_batches(
+        partial(_tag_split, split_id=i), batch_format="numpy", batch_size=None) for i, split in enumerate(splits)]
+    ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
     out = ds.map_batches(_LogitsActor, batch_format="numpy", batch_size=batch_size,
                          compute=ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0,
                          num_cpus=cpus_per_actor,
                          fn_constructor_kwargs={"model_name": model_name, "num_classes": prepared.num_classes, "head": head,
                                                 "checkpoint": checkpoint, "kind": prepared.transform,
                                                 "use_gpu": use_gpu})
-    parts = [tuple(torch.from_numpy(np.array(b[k])) for k in ("logits", "label", "index"))  # np.array: a writable copy
-             for b in out.iter_batches(batch_size=None, batch_format="numpy")]
-    return merge_shards(parts, prepared.manifest["splits"][split]["num_samples"])
+    parts: dict[int, list] = {i: [] for i in range(len(splits))}
+    for b in out.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in np.unique(b["split_id"]):
+            rows = b["split_id"] == i
+            parts[int(i)].append(tuple(torch.from_numpy(np.array(b[k][rows])) for k in ("logits", "label", "index")))
+    return {split: merge_shards(parts[i], prepared.manifest["splits"][split]["num_samples"])
+            for i, split in enumerate(splits)}

@@ -3,6 +3,8 @@
 - ``compensate``: PC strategy (Eq. 4): logits of a plain-softmax model minus log p_s plus log p_t.
   ``pc_softmax`` is its softmax (Eq. 7).
 - ``inject_prior``: Eq. 17: logits of a LADE / Balanced-Softmax model (already disentangled from p_s) plus log p_t.
+- ``logit_adjust``: post-hoc logit adjustment (Menon et al., ICLR 2021, Eq. 9) for any p_t: z - tau log p_s + log p_t;
+  tau = 1 is ``compensate``.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 from .priors import validate_prior
 
-__all__ = ["compensate", "pc_softmax", "inject_prior", "posthoc_logits", "posthoc_offset"]
+__all__ = ["compensate", "pc_softmax", "inject_prior", "logit_adjust", "posthoc_logits", "posthoc_offset"]
 
 
 def _log_prior(prior, logits: torch.Tensor, name: str) -> torch.Tensor:
@@ -32,6 +34,12 @@ def pc_softmax(logits: torch.Tensor, source_prior, target_prior) -> torch.Tensor
 def inject_prior(logits: torch.Tensor, target_prior) -> torch.Tensor:
     """logits + log p_t (Eq. 17), shape [N, C] -> [N, C]."""
     return logits + _log_prior(target_prior, logits, "target_prior")
+
+
+def logit_adjust(logits: torch.Tensor, source_prior, target_prior, tau: float) -> torch.Tensor:
+    """logits - tau * log p_s + log p_t, [N, C] -> [N, C]: Menon et al.'s post-hoc adjustment of a softmax model,
+    whose tau (1 in theory, tuned on held-out data in practice) scales how much of p_s is taken out."""
+    return logits - tau * _log_prior(source_prior, logits, "source_prior") + _log_prior(target_prior, logits, "target_prior")
 
 
 def posthoc_logits(logits: torch.Tensor, mode: str, source_prior, target_prior) -> torch.Tensor:

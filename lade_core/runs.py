@@ -72,19 +72,24 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
     have = {a.path for d in ("eval", "checkpoint") for a in client.list_artifacts(run_id, d)}
     head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
 
-    def split_logits(split: str, artifact: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if artifact in have:
+    splits = {prepared.test_split: LOGITS_ARTIFACT, "val": VAL_LOGITS_ARTIFACT}
+    missing = [split for split, artifact in splits.items() if artifact not in have]
+    # Every split still missing in one pass over one actor pool: the model loads once per actor.
+    computed = batch_logits(prepared, missing, config["model"], head, checkpoint, image_size=config["image_size"],
+                            num_actors=config["num_workers"], use_gpu=config["use_gpu"],
+                            cpus_per_actor=config["cpus_per_worker"]) if missing else {}
+
+    def split_logits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        artifact = splits[split]
+        if split not in computed:
             return read_logits_parquet(mlflow.artifacts.download_artifacts(
                 run_id=run_id, artifact_path=artifact, tracking_uri=config["mlflow_uri"]))
-        logits, labels = batch_logits(prepared, split, config["model"], head, checkpoint, image_size=config["image_size"],
-                                      num_actors=config["num_workers"], use_gpu=config["use_gpu"],
-                                      cpus_per_actor=config["cpus_per_worker"])
         with tempfile.TemporaryDirectory() as d:
-            write_logits_parquet(Path(d) / Path(artifact).name, logits, labels)
+            write_logits_parquet(Path(d) / Path(artifact).name, *computed[split])
             client.log_artifact(run_id, str(Path(d) / Path(artifact).name), str(Path(artifact).parent))
-        return logits, labels
+        return computed[split]
 
-    logits, labels = split_logits(prepared.test_split, LOGITS_ARTIFACT)
+    logits, labels = split_logits(prepared.test_split)
     source_prior, counts = prepared.source_prior, prepared.class_counts("train")
     mode = posthoc_rules(config["loss"])[0]
     targets = {t.name: t for t in protocol_targets(labels, counts)}
@@ -105,7 +110,7 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
             client.log_artifact(run_id, str(Path(d) / Path(STATE_DICT_ARTIFACT).name), str(Path(STATE_DICT_ARTIFACT).parent))
     if model_uri is None:
         # BCTS on the validation split, where it has enough images: the calibration prior estimation uses.
-        val_logits, val_labels = split_logits("val", VAL_LOGITS_ARTIFACT)
+        val_logits, val_labels = split_logits("val")
         calibration = auto_calibration(source_logits(val_logits, source_prior, config["loss"]), val_labels, source_prior)
         names = prepared.manifest.get("class_names") or [str(c) for c in range(prepared.num_classes)]
         card = ModelCard(config["model"], prepared.num_classes, list(names), [float(x) for x in source_prior],

@@ -1,8 +1,9 @@
 """Compare runs side by side in the form of the paper's Table 6: top-1 under the 11 shifted target priors, plus
 uniform Many/Medium/Few and ECE. Each run gets one row per post-hoc rule that fits its loss: its own first
 (softmax, focal: PC compensation; balanced_softmax, lade, logit_adjusted, ldam_drw, causal_norm: prior injection),
-then ``raw``; a run with a plain linear classifier and PC (softmax, focal) also gets a ``tau_norm`` row, Decouple's
-τ-normalized classifier with τ chosen on the validation split, evaluated from the stored logits and weights.
+then ``raw``; a run whose logits take PC (softmax, focal) also gets an ``adjusted`` row, Menon et al.'s post-hoc logit
+adjustment z - τ log p_s + log p_t, and, with a plain linear classifier, a ``tau_norm`` row, Decouple's
+τ-normalized classifier evaluated from the stored logits and weights; both with τ chosen on the validation split.
 Computed from each run's stored test logits.
 
   python pipelines/compare.py --run-ids ID1 ID2
@@ -20,10 +21,12 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+import torch
 
-from lade_core.evaluation import estimated_prior_rows, evaluate_targets, protocol_targets, select_tau_norm
+from lade_core.evaluation import estimated_prior_rows, evaluate_targets, protocol_targets, select_tau
 from lade_core.figures import shift_curve
 from lade_core.heads import tau_normalize
+from lade_core.posthoc import logit_adjust
 from lade_core.label_shift import METHODS
 from lade_core.losses import posthoc_rules
 from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name
@@ -73,13 +76,19 @@ def select_runs(client, args) -> list[str]:
 
 
 def table_rows(run: RunLogits, estimate: str | None = None) -> list[dict]:
-    """The rows of Table 6 for one run, one per post-hoc rule (and τ-norm where it applies); with ``estimate``, the
-    estimated-prior columns of the run's own rule too."""
+    """The rows of Table 6 for one run, one per post-hoc rule (and the tuned rules where they apply); with
+    ``estimate``, the estimated-prior columns of the run's own rule too."""
     targets = protocol_targets(run.labels, run.train_counts)
     rules = [(rule, rule, run.logits) for rule in posthoc_rules(run.loss)]
-    if run.classifier is not None and run.val_logits is not None:
-        tau = select_tau_norm(run.val_logits, run.val_labels, *run.classifier)
-        rules.append((f"tau_norm (τ={tau:g})", "inject", tau_normalize(run.logits.double(), *run.classifier, tau)))
+    z, zv = run.logits.double(), None if run.val_logits is None else run.val_logits.double()
+    if posthoc_rules(run.loss)[0] == "pc" and zv is not None:
+        uniform = torch.full_like(run.source_prior, 1 / len(run.source_prior))
+        tau = select_tau(zv, run.val_labels, lambda v, t: logit_adjust(v, run.source_prior, uniform, t))
+        # z - τ log p_s + log p_t as "inject" on z - τ log p_s
+        rules.append((f"adjusted (τ={tau:g})", "inject", logit_adjust(z, run.source_prior, uniform, tau)))
+    if run.classifier is not None and zv is not None:
+        tau = select_tau(zv, run.val_labels, lambda v, t: tau_normalize(v, *run.classifier, t))
+        rules.append((f"tau_norm (τ={tau:g})", "inject", tau_normalize(z, *run.classifier, tau)))
     out = []
     for label, rule, logits in rules:
         rows = {r["target"]: r for r in evaluate_targets(logits, run.labels, run.source_prior, run.train_counts,

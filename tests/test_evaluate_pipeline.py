@@ -142,19 +142,21 @@ def test_compare_lists_both_runs(store, capsys):
     uri, client, ids = store
     assert compare.main(["--run-ids", ids["r-softmax"], ids["r-lade"], "--mlflow-uri", uri, "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    # One row per post-hoc rule that fits each run, its own first; τ-norm for the linear softmax model.
+    # One row per post-hoc rule that fits each run, its own first; the tuned post-hoc logit adjustment and τ-norm
+    # for the softmax model (tests/test_peers_pipeline.py recomputes them).
     assert [(r["loss"], r["posthoc"].split(" ")[0]) for r in rows] == [
-        ("softmax", "pc"), ("softmax", "raw"), ("softmax", "tau_norm"), ("lade", "inject"), ("lade", "raw")]
+        ("softmax", "pc"), ("softmax", "raw"), ("softmax", "adjusted"), ("softmax", "tau_norm"), ("lade", "inject"),
+        ("lade", "raw")]
     assert list(rows[0])[3:14] == ["forward_50", "forward_25", "forward_10", "forward_5", "forward_2", "uniform",
                                    "backward_2", "backward_5", "backward_10", "backward_25", "backward_50"]
     direct = _direct_rows(client, ids["r-lade"], ("inject",))
     for name in ("uniform", "backward_50", "forward_10"):
-        assert float(rows[3][name]) == pytest.approx(direct[(name, "inject")]["top1"])
-    assert float(rows[3]["ece"]) == pytest.approx(direct[("uniform", "inject")]["ece"])
+        assert float(rows[4][name]) == pytest.approx(direct[(name, "inject")]["top1"])
+    assert float(rows[4]["ece"]) == pytest.approx(direct[("uniform", "inject")]["ece"])
     # Logged as a table in the comparison experiment.
     exp = client.get_experiment_by_name("lade-compare")
     (logged,) = client.search_runs([exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"])
-    assert len(_table(client, logged.info.run_id, "compare.json")) == 5
+    assert len(_table(client, logged.info.run_id, "compare.json")) == 6
     # An experiment: every run with logits, runs without are left out; markdown by default.
     assert compare.main(["--experiment", "lade", "--mlflow-uri", uri, "--no-log"]) == 0
     out = capsys.readouterr().out

@@ -110,11 +110,14 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
     assert torch.allclose(sharded, ref, atol=1e-5)
 
     save_checkpoint(tmp_path / "ckpt", {"model": model.state_dict(), "epoch": 0}, {}, [])
-    test, test_labels = batch_logits(prepared, "test", "resnet32", ("linear", {}), Checkpoint(str(tmp_path / "ckpt")), image_size=None,
-                                     num_actors=2, use_gpu=False, batch_size=5)
-    ref, ref_labels = single("test")
-    assert test.shape == (28, 4) and torch.equal(test_labels, ref_labels)
-    assert torch.allclose(test, ref, atol=1e-5)
+    # Both splits in one pass over one actor pool, each back in its own split order.
+    out = batch_logits(prepared, ("test", "val"), "resnet32", ("linear", {}), Checkpoint(str(tmp_path / "ckpt")),
+                       image_size=None, num_actors=2, use_gpu=False, batch_size=5)
+    for split, n in (("test", 28), ("val", 20)):
+        logits, labels = out[split]
+        ref, ref_labels = single(split)
+        assert logits.shape == (n, 4) and torch.equal(labels, ref_labels)
+        assert torch.allclose(logits, ref, atol=1e-5)
 
 
 def test_cifar_batch_transform_is_a_crop_of_the_padded_image_or_its_mirror():

@@ -235,6 +235,31 @@ def test_tau_normalized_logits_from_stored_logits_equal_rescaled_weights(rng, ta
         tau_normalize(torch.tensor(z), torch.tensor(w), None, -1)
 
 
+# ---------- post-hoc logit adjustment (Menon et al. 2021) and choosing tau on validation ----------
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 1.5])
+def test_post_hoc_logit_adjustment_formula_and_tau_one_is_pc(rng, tau):
+    from lade_core.posthoc import compensate, logit_adjust
+
+    z, _, _, ps = _batch(rng)
+    pt = rng.dirichlet(np.ones(len(ps)))
+    out = logit_adjust(torch.tensor(z), ps, pt, tau).numpy()
+    np.testing.assert_allclose(out, z - tau * np.log(ps) + np.log(pt), atol=1e-12)
+    if tau == 1.0:
+        np.testing.assert_allclose(out, compensate(torch.tensor(z), ps, pt).numpy(), atol=1e-12)
+
+
+def test_select_tau_picks_the_best_validation_top1_and_the_smallest_on_ties():
+    from lade_core.evaluation import select_tau
+
+    # Validation logits that classify every sample right only for tau in {0.6, 0.7, 0.8}, and at chance otherwise.
+    zv = torch.tensor([[0.0, 0.0]] * 4, dtype=torch.float64)
+    yv = torch.tensor([0, 1, 0, 1])
+    margin = {0.6: 1, 0.7: 1, 0.8: 1}  # three tied taus: the smallest wins
+    at = lambda z, t: z + torch.tensor([[margin.get(t, 0), 0], [0, margin.get(t, 0)]] * 2, dtype=z.dtype)  # noqa: E731
+    assert select_tau(zv, yv, at) == 0.6
+
+
 # ---------- the registry ----------
 
 def test_every_loss_builds_its_head_and_trains_a_step(rng):

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, STATE_DICT_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
-from lade_core.evaluation import TAU_NORM_GRID, protocol_targets
+from lade_core.evaluation import TAU_GRID, protocol_targets
 from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name
 
-METHODS = ("softmax", "lade", "logit_adjusted", "focal", "ldam_drw", "causal_norm")
+# Every head and post-hoc rule (focal loss trains softmax's head with softmax's rule: tests/test_peers.py).
+METHODS = ("softmax", "lade", "logit_adjusted", "ldam_drw", "causal_norm")
 PRIORS = [shift_protocol_name(d, r) for d, r in SHIFT_PROTOCOL]
 
 
@@ -65,32 +66,35 @@ def test_compare_prints_table_6_for_every_method_from_one_command(peers):
     assert list(table.columns[:3 + len(PRIORS)]) == ["run", "loss", "posthoc", *PRIORS]
     assert {"many", "medium", "few", "ece"} <= set(table.columns)
     rules = [(r["loss"], r["posthoc"].split(" ")[0]) for _, r in table.iterrows()]
-    assert rules == [("softmax", "pc"), ("softmax", "raw"), ("softmax", "tau_norm"), ("lade", "inject"), ("lade", "raw"),
-                     ("logit_adjusted", "inject"), ("logit_adjusted", "raw"), ("focal", "pc"), ("focal", "raw"),
-                     ("focal", "tau_norm"), ("ldam_drw", "inject"), ("ldam_drw", "raw"), ("causal_norm", "inject"),
-                     ("causal_norm", "raw")]
+    assert rules == [("softmax", "pc"), ("softmax", "raw"), ("softmax", "adjusted"), ("softmax", "tau_norm"),
+                     ("lade", "inject"), ("lade", "raw"), ("logit_adjusted", "inject"), ("logit_adjusted", "raw"),
+                     ("ldam_drw", "inject"), ("ldam_drw", "raw"), ("causal_norm", "inject"), ("causal_norm", "raw")]
     assert all(0 <= v <= 1 for v in table[PRIORS].to_numpy().ravel())
     # Each row recomputed here from the run's stored logits: the rule's offset (Eq. 4: - log p_s + log p_t; Eq. 17:
-    # + log p_t; raw: none), or the τ-normalized classifier, τ chosen on validation over Decouple's grid,
-    # (z - b) / |w|^τ + log p_t; top-1 on each of the 11 shifted targets.
+    # + log p_t; raw: none), Menon's post-hoc adjustment z - τ log p_s + log p_t, or the τ-normalized classifier
+    # (z - b) / |w|^τ + log p_t, each τ chosen on validation top-1 over 0, 0.1, ..., 2; top-1 on each of the 11
+    # shifted targets.
     for _, row in table.iterrows():
         run_id = runs[row["loss"]].info.run_id
         z, y = read_logits_parquet(_download(client, run_id, LOGITS_ARTIFACT))
         info = json.loads(open(_download(client, run_id, PRIOR_ARTIFACT)).read())
         z, ps = z.double(), torch.tensor(info["source_prior"], dtype=torch.float64)
         rule = row["posthoc"].split(" ")[0]
-        if rule == "tau_norm":
-            state = torch.load(_download(client, run_id, STATE_DICT_ARTIFACT), weights_only=True)
-            w, b = state["fc.weight"].double(), state["fc.bias"].double()
+        if rule in ("adjusted", "tau_norm"):
             zv, yv = read_logits_parquet(_download(client, run_id, VAL_LOGITS_ARTIFACT))
-            val = [float((((zv.double() - b) / w.norm(dim=1) ** t).argmax(1) == yv).double().mean())
-                   for t in TAU_NORM_GRID]
-            tau = TAU_NORM_GRID[int(np.argmax(val))]
-            assert row["posthoc"] == f"tau_norm (τ={tau:g})"
-            z = (z - b) / w.norm(dim=1) ** tau
+            if rule == "adjusted":
+                transform = lambda v, t: v - t * ps.log()  # noqa: E731
+            else:
+                state = torch.load(_download(client, run_id, STATE_DICT_ARTIFACT), weights_only=True)
+                w, b = state["fc.weight"].double(), state["fc.bias"].double()
+                transform = lambda v, t: (v - b) / w.norm(dim=1) ** t  # noqa: E731
+            val = [float((transform(zv.double(), t).argmax(1) == yv).double().mean()) for t in TAU_GRID]
+            tau = TAU_GRID[int(np.argmax(val))]
+            assert row["posthoc"] == f"{rule} (τ={tau:g})"
+            z = transform(z, tau)
         for target in protocol_targets(y, info["train_counts"]):
             shift = {"raw": 0, "inject": target.prior.log(), "tau_norm": target.prior.log(),
-                     "pc": target.prior.log() - ps.log()}[rule]
+                     "adjusted": target.prior.log(), "pc": target.prior.log() - ps.log()}[rule]
             idx = torch.as_tensor(target.indices)
             top1 = float(((z[idx] + shift).argmax(1) == y[idx]).double().mean())
             assert row[target.name] == pytest.approx(top1, abs=1e-9), (row["run"], rule, target.name)

@@ -32,8 +32,9 @@ def _run(client, name):
     return run
 
 
-# Balanced Softmax is logit adjustment at tau = 1 (its end-to-end run is logit_adjusted's, at tau = 0.5).
-@pytest.mark.parametrize("loss", ["softmax", "lade", "logit_adjusted", "focal", "ldam_drw", "causal_norm"])
+# Balanced Softmax is logit adjustment at tau = 1 (its end-to-end run is logit_adjusted's, at tau = 0.5). Focal loss
+# takes softmax's path (linear head, PC) with another loss function, tested in test_peers.py: left out for CI time.
+@pytest.mark.parametrize("loss", ["softmax", "lade", "logit_adjusted", "ldam_drw", "causal_norm"])
 def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     p = smoke_run(loss)
     epochs = 2 if loss == "ldam_drw" else 1
@@ -141,8 +142,8 @@ def test_bad_input_fails_before_workers_start(workdir, args, message):
 
 
 def test_unknown_loss_is_rejected_by_the_cli(workdir):
-    p = run_train(workdir, "--loss", "focal")
-    assert p.returncode == 2 and "invalid choice: 'focal'" in p.stderr
+    p = run_train(workdir, "--loss", "fancy")
+    assert p.returncode == 2 and "invalid choice: 'fancy'" in p.stderr
 
 
 def test_fresh_directory_default_local_ray_does_not_starve_ray_data(tmp_path):
