@@ -119,8 +119,9 @@ def run_for_model(client, model_uri: str) -> str:
     return version.run_id
 
 
-def load_run_logits(client, run_id: str) -> RunLogits:
-    """Download the run's test logits and source prior; errors name what is missing."""
+def load_run_logits(client, run_id: str, classifier: bool = False) -> RunLogits:
+    """Download the run's test logits and source prior; errors name what is missing. ``classifier``: also its
+    linear classifier's weights (a state-dict download) where its loss takes PC, for τ-norm."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -143,7 +144,8 @@ def load_run_logits(client, run_id: str) -> RunLogits:
         if VAL_LOGITS_ARTIFACT in have else (None, None))
     loss = run.data.params.get("loss", "lade")
     return RunLogits(run_id, run.info.run_name, loss, logits, labels, source_prior, train_counts, *val,
-                     classifier=_linear_classifier(client, run_id) if posthoc_rules(loss)[0] == "pc" else None)
+                     classifier=_linear_classifier(client, run_id) if classifier and posthoc_rules(loss)[0] == "pc"
+                     else None)
 
 
 def _linear_classifier(client, run_id: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:

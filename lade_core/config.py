@@ -331,12 +331,11 @@ def resolve_config(path: str | Path | None, overrides: dict) -> dict:
 
 def loss_hyperparameters(config: dict) -> dict:
     """The config's loss hyperparameters with the loss's defaults filled in (what ``build_loss`` gets): the paper's,
-    except ldam_drw's re-weighting epoch, 80 % of the run as in its recipe (160 of 200) when not given."""
+    and for an epoch number (``LossSpec.epoch_keys``) its fraction of this run, e.g. ldam_drw's re-weighting from
+    80 % of the run as in its recipe (160 of 200)."""
     spec = LOSSES[config["loss"]]
-    out = {k: v if (v := config.get(k)) is not None else spec.defaults[k] for k in spec.hyperparameters}
-    if "drw_epoch" in out and config.get("drw_epoch") is None:
-        out["drw_epoch"] = int(0.8 * config["epochs"])
-    return out
+    defaults = {**spec.defaults, **{k: int(f * config["epochs"]) for k, f in spec.epoch_keys.items()}}
+    return {k: v if (v := config.get(k)) is not None else defaults[k] for k in spec.hyperparameters}
 
 
 def validate_config(cfg: dict, num_classes: int | None = None) -> dict:

@@ -27,9 +27,7 @@ class CosineClassifier(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 30.0):
         super().__init__()
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale (s) must be a finite number > 0, got {scale!r}")
-        self.scale = float(scale)
+        self.scale = float(scale)  # range-checked by the loss that trains the head (losses.LDAMDRWLoss)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))  # [C, D]
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
@@ -54,9 +52,8 @@ class CausalNormClassifier(nn.Module):
     def __init__(self, in_features: int, num_classes: int, tau: float = 16.0, gamma: float = 1 / 32, heads: int = 2,
                  alpha: float = 1.5):
         super().__init__()
-        for name, value, low_ok in (("tau", tau, False), ("gamma", gamma, True), ("alpha", alpha, True)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if low_ok else value > 0)):
-                raise ValueError(f"causal_norm {name} must be a finite number {'>= 0' if low_ok else '> 0'}, got {value!r}")
+        # tau, gamma and alpha are range-checked by the loss that trains the head (losses.CausalNormLoss); only the
+        # head knows the feature dimension its heads must divide.
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or in_features % heads:
             raise ValueError(f"causal_norm heads must be a positive integer dividing the feature dimension "
                              f"{in_features}, got {heads!r}")
@@ -106,11 +103,11 @@ def build_head(kind: str, in_features: int, num_classes: int, **kwargs) -> nn.Mo
     return HEADS[kind](in_features, num_classes, **kwargs)
 
 
-def check_head_state(kind: str, state: dict, prefix: str = "fc.") -> None:
+def check_head_state(kind: str, state: dict) -> None:
     """A stored model must carry what its head needs at inference: a Causal Norm model without its moving-average
     feature direction cannot compute TDE logits (it would silently fall back to the biased ones)."""
     if kind == "causal_norm":
-        d = state.get(f"{prefix}feature_direction")
+        d = state.get("fc.feature_direction")
         if d is None or not torch.isfinite(d).all() or float(d.norm()) == 0:
             raise ValueError("this Causal Norm model has no saved feature direction (fc.feature_direction is "
                              f"{'missing' if d is None else 'zero or not finite'}): it was not trained as a Causal Norm "

@@ -13,7 +13,7 @@ defaults) and which post-hoc rules fit its logits; config, CLI, trainer, evaluat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import numpy as np
@@ -78,9 +78,17 @@ class _CastCache:
         return out
 
 
-def _non_negative(value: float, name: str) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _finite(value, name: str, *, low: float = -math.inf, low_open: bool = False, high: float = math.inf,
+            high_open: bool = False) -> float:
+    """``value`` as a float within the given bounds, or one error naming the hyperparameter and its range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo = "" if low == -math.inf else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high == math.inf else f"{'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{name} must be a finite number {' and '.join(b for b in (lo, hi) if b)}, got {value!r}")
     return float(value)
 
 
@@ -222,7 +230,7 @@ class LADERLoss(_Loss):
         p = _source_prior(source_prior)
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
-        self.lam = _non_negative(lam, "lam (λ)")
+        self.lam = _finite(lam, "lam (λ)", low=0)
         self.estimator = estimator
         self.num_classes = p.numel()
         if class_weights is None:
@@ -284,7 +292,7 @@ class LADELoss(_Loss):
         estimator: Estimator = "released",
     ):
         super().__init__()
-        self.alpha = _non_negative(alpha, "alpha (α)")
+        self.alpha = _finite(alpha, "alpha (α)", low=0)
         if class_weight_power is not None:
             if class_weights is not None:
                 raise ValueError("set class_weights or class_weight_power, not both: the power derives alpha_c from "
@@ -308,18 +316,6 @@ class LADELoss(_Loss):
 
 
 # --- The peers of the paper's comparison (Tables 2-6) --------------------------------------------------------
-
-def _finite(value, name: str, *, low: float = -math.inf, low_open: bool = False, high: float = math.inf,
-            high_open: bool = False) -> float:
-    """``value`` as a float within the given bounds, or one error naming the hyperparameter and its range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        lo = "" if low == -math.inf else f"{'>' if low_open else '>='} {low:g}"
-        hi = "" if high == math.inf else f"{'<' if high_open else '<='} {high:g}"
-        raise ValueError(f"{name} must be a finite number {' and '.join(b for b in (lo, hi) if b)}, got {value!r}")
-    return float(value)
-
 
 class LogitAdjustedLoss(_Loss):
     """Logit-adjusted loss (Menon et al., ICLR 2021, Eq. 10): cross-entropy of z + tau * log p_s (tau = 1 is Balanced
@@ -433,12 +429,14 @@ class CausalNormLoss(SoftmaxLoss):
 class LossSpec:
     """One training loss: its module, the hyperparameters ``build_loss`` passes it with the paper's defaults
     (keyword names of the class), the post-hoc rules that fit its (inference) logits, the one the loss calls for
-    first (validation, summaries), and which hyperparameters are epoch numbers (each must fall inside the run)."""
+    first (validation, summaries), and which hyperparameters are epoch numbers: each must fall inside the run, and
+    a run that leaves one unset gets the given fraction of its epochs (the paper's default holds for a bare
+    ``build_loss``, which knows no run length)."""
 
     cls: type[nn.Module]
     defaults: dict
     posthoc: tuple[str, ...]
-    epoch_keys: tuple[str, ...] = ()
+    epoch_keys: dict[str, float] = field(default_factory=dict)
     needs_counts: bool = False  # the loss takes the training class counts, not only their proportions
 
     @property
@@ -458,7 +456,7 @@ LOSSES: dict[str, LossSpec] = {
     "logit_adjusted": LossSpec(LogitAdjustedLoss, {"tau": 1.0}, ("inject", "raw")),
     "focal": LossSpec(FocalLoss, {"gamma": 2.0}, ("pc", "raw")),
     "ldam_drw": LossSpec(LDAMDRWLoss, {"max_margin": 0.5, "scale": 30.0, "drw_epoch": 160, "beta": 0.9999},
-                         ("inject", "raw"), epoch_keys=("drw_epoch",), needs_counts=True),
+                         ("inject", "raw"), epoch_keys={"drw_epoch": 0.8}, needs_counts=True),
     "causal_norm": LossSpec(CausalNormLoss, {"tau": 16.0, "gamma": 1 / 32, "heads": 2, "alpha": 1.5},
                             ("inject", "raw")),
 }

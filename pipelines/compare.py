@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     uri = resolve_tracking_uri(args.mlflow_uri)
     client = mlflow.MlflowClient(uri)
     try:
-        runs = [load_run_logits(client, rid) for rid in select_runs(client, args)]
+        runs = [load_run_logits(client, rid, classifier=True) for rid in select_runs(client, args)]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
