@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from ray.tune.schedulers import ASHAScheduler
+
 # Tune objectives -> the validation metric each reports (see lade_core.training.evaluate).
 OBJECTIVES = {"uniform": "val/top1", "shift_mean": "val/shift_mean_top1"}
 
@@ -37,6 +39,60 @@ def select_method(config: dict) -> dict:
 
 def trial_run_name(search: str, trial_id: str) -> str:
     return f"{search}-{trial_id}"
+
+
+# ASHA's clock: epochs a trial has completed (rank 0 reports the 0-based ``epoch``).
+EPOCHS_DONE = "epochs_completed"
+
+
+class EpochASHA(ASHAScheduler):
+    """ASHA over completed epochs whose rungs survive a resumed search.
+
+    Ray Tune 2.60 does not save a scheduler with the experiment: ``Tuner.restore`` unpickles the one built when
+    the search started, rungs empty. Nor does it keep a resumed function trial's ``training_iteration``: it starts
+    again at 1 while the trainer resumes from its checkpoint. A search killed mid-way and resumed would compare
+    epoch-2 results against epoch-1 rungs that forgot every earlier trial, and stop far fewer trials. So:
+
+    - the time attribute is the epochs completed (``epoch`` + 1), which a resumed trainer carries on counting;
+    - a trial added to the scheduler gets its rung records back from its own MLflow run (``trial_run_name``),
+      which holds each epoch's validation metrics exactly once. A new trial has no run yet, and gets none.
+    """
+
+    def __init__(self, *, mlflow_uri: str, experiment: str, search: str, **kwargs):
+        super().__init__(time_attr=EPOCHS_DONE, **kwargs)
+        self._runs = (mlflow_uri, experiment, search)
+
+    @staticmethod
+    def _with_epochs(result: dict) -> dict:
+        return {**result, EPOCHS_DONE: int(result["epoch"]) + 1} if "epoch" in result else result
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return super().on_trial_result(tune_controller, trial, self._with_epochs(result))
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, self._with_epochs(result))
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        history = self._logged_history(trial.trial_id)
+        bracket = self._trial_info[trial.trial_id]
+        for m in history:  # epoch by epoch, as the trial reported them: each rung records its own epoch's value
+            bracket.on_result(trial, m.step + 1, self._metric_op * m.value)
+        if history:
+            print(f"ASHA: trial {trial.trial_id} resumes with {len(history)} epochs of {self._metric} from MLflow")
+
+    def _logged_history(self, trial_id: str) -> list:
+        from mlflow import MlflowClient
+
+        from .tracking import find_run
+
+        uri, experiment, search = self._runs
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        run = find_run(client, exp.experiment_id, trial_run_name(search, trial_id)) if exp else None
+        if run is None:
+            return []
+        return sorted(client.get_metric_history(run.info.run_id, self._metric), key=lambda m: m.step)
 
 
 def trial_driver(config: dict) -> None:
@@ -76,7 +132,7 @@ def summary_rows(results, space_keys: list[str], metric: str, epochs: int) -> li
     rows = []
     for r in results:
         m = r.metrics or {}
-        done = int(m.get("training_iteration", 0))
+        done = int(m["epoch"]) + 1 if "epoch" in m else 0  # not training_iteration: it restarts on resume
         config = select_method(r.config)
         values = {k: config.get(k) for k in space_keys}
         if "loss" in space_keys:

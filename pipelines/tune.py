@@ -29,7 +29,7 @@ from lade_core.runs import SMOKE, check_against_dataset, finalize, load_dataset,
 from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
 from lade_core.tracking import end_run, find_run, log_table_once, resolve_tracking_uri, start_or_resume_run
 from lade_core.training import join_path
-from lade_core.tuning import OBJECTIVES, select_method, summary_rows, trial_driver, trial_run_name
+from lade_core.tuning import OBJECTIVES, EpochASHA, select_method, summary_rows, trial_driver, trial_run_name
 
 REPO = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
@@ -108,7 +108,7 @@ def concurrency(args, config: dict) -> int:
 
 def build_tuner(args, config: dict, space: dict, defaults: dict, storage: str, max_concurrent: int):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
     metric = OBJECTIVES[args.objective]
@@ -117,9 +117,9 @@ def build_tuner(args, config: dict, space: dict, defaults: dict, storage: str, m
     if tune.Tuner.can_restore(path):
         print(f"resuming search {args.experiment} from {path} (its space and settings are the saved ones)")
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=config["epochs"],
-                               grace_period=args.grace_period or defaults["grace_period"],
-                               reduction_factor=args.reduction_factor)
+    scheduler = (EpochASHA(max_t=config["epochs"], grace_period=args.grace_period or defaults["grace_period"],
+                           reduction_factor=args.reduction_factor, mlflow_uri=config["mlflow_uri"],
+                           experiment=config["experiment"], search=config["search"])
                  if args.scheduler == "asha" else FIFOScheduler())
     samples = args.num_samples or (1 if args.search == "grid" else defaults["num_samples"])
     return tune.Tuner(
