@@ -108,12 +108,14 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=2, help="Ray's logical CPUs = DataLoader worker processes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--families", nargs="+", default=["cifar", "imagenet"], choices=["cifar", "imagenet"])
+    ap.add_argument("--scale", type=int, default=1, help="images per pass x this (per-pass start-up amortized)")
     args = ap.parse_args()
     init_ray(num_cpus=args.cpus)
     # The consumer stands in for the training worker, which would normalize on its GPU: one thread here, for both
     # sides, so its float conversion does not compete with the decoders for the cores.
     torch.set_num_threads(1)
-    sizes = {"cifar": 512 if args.smoke_test else 8192, "imagenet": 64 if args.smoke_test else 768}
+    sizes = {"cifar": 512 if args.smoke_test else 8192 * args.scale,
+             "imagenet": 64 if args.smoke_test else 768 * args.scale}
     cases = [(kind, sizes[kind]) for kind in args.families]
     ratios = {}
     print(f"{'family':>9} {'n':>6} {'mean bytes':>10} {'Ray Data img/s':>15} {'DataLoader img/s':>17} {'ratio':>6}")

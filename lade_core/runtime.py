@@ -77,11 +77,25 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     else:
         # The dashboard serves Ray's state API, which Ray Train V2 uses to release a finished or killed run's
         # placement group; without it, each trainer run under Tune leaks its workers' CPUs until Ray stops.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **logs)
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _system_config={"num_workers_soft_limit": worker_soft_limit(num_cpus)}, **logs)
     import ray.data
 
     # Ray Data's per-operator bars: useful while preparing, noise between the epoch lines of a training run.
     ray.data.DataContext.get_current().enable_progress_bars = _VERBOSE
+
+
+def worker_soft_limit(num_cpus: int | None) -> int:
+    """Idle worker processes a raylet keeps for reuse (Ray's ``num_workers_soft_limit``).
+
+    Why: Ray's default is the node's CPU count. A training epoch's Ray Data tasks (the split's read/decode, and
+    each worker's validation pass, started from the training actors) use more worker processes than that on a
+    small node, and every idle one over the limit is killed a second later: each epoch then starts fresh Python
+    processes that import torch again, ~13 s of a small epoch's 14 s on 2 cores (bench/README.md). Twice the
+    CPUs plus room for the actors keeps them warm from epoch to epoch. A cluster's raylets take the same setting
+    from ``RAY_num_workers_soft_limit`` (cluster/)."""
+    cpus = num_cpus or os.cpu_count() or 1
+    return 2 * cpus + 4
 
 
 def local_num_cpus(requested: int | None, reserved: float) -> int:

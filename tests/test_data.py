@@ -81,6 +81,22 @@ def test_cifar_missing_pickle(tmp_path):
 
 # ---------- split lists (Places-LT / ImageNet-LT layout) ----------
 
+def test_committed_split_lists_are_the_published_ones():
+    """tests/fixtures/shared holds ../shared/data's lists byte for byte (compared wherever a checkout has both)."""
+    import lzma
+
+    from conftest import FIXTURE_DATA, SHARED_DATA
+
+    packed = sorted(FIXTURE_DATA.rglob("*.txt.xz"))
+    assert len(packed) == 5
+    for xz in packed:
+        lines = lzma.decompress(xz.read_bytes()).decode()
+        assert lines.count("\n") > 1000 and all(len(line.split()) == 2 for line in lines.splitlines()[:100])
+        shared = SHARED_DATA / xz.relative_to(FIXTURE_DATA).with_suffix("")
+        if shared.exists():
+            assert lines == shared.read_text(), shared
+
+
 def test_real_split_lists_parse_to_published_counts():
     lists = {s: shared_file("Places_LT", f"Places_LT_{s}.txt") for s in ("train", "val", "test")}
     raw = load_split_lists("places_lt", "/nonexistent", lists)
@@ -423,3 +439,38 @@ def test_resume_epoch_reads_the_latest_registered_checkpoint(tmp_path):
     (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(
         {"latest_checkpoint_result": {"checkpoint_dir_name": "c", "metrics": {"epoch": 3}}}))
     assert resume_epoch(str(tmp_path)) == 4
+
+
+def test_ray_data_task_workers_stay_warm_between_training_epochs(ray_local, tmp_path):
+    """The local Ray keeps Ray Data's task workers alive from one epoch to the next. Beside the training actors
+    and the split coordinator, Ray's default limit (the CPU count) kills each read task's worker a second after
+    its epoch, and every epoch starts fresh processes that import torch again (bench/README.md: 14 s of a small
+    epoch's 15 s)."""
+    import json
+    import os
+    import time
+
+    import ray.data
+    import ray.train
+    import ray.train.torch
+
+    def pid(batch):
+        return {"pid": [os.getpid()] * len(batch["id"])}
+
+    def loop(config):
+        shard, seen = ray.train.get_dataset_shard("train"), []
+        for _ in range(2):
+            pids = {int(p) for b in shard.iter_batches(batch_size=4) for p in b["pid"]}
+            val = ray.data.range(16, override_num_blocks=8).map_batches(pid, batch_size=None)  # each rank's val pass
+            seen.append(pids | {int(p) for b in val.iter_batches(batch_size=4) for p in b["pid"]})
+            time.sleep(2)  # an epoch's compute: longer than Ray's idle-worker grace period (1 s)
+        if ray.train.get_context().get_world_rank() == 0:
+            (tmp_path / "pids.json").write_text(json.dumps([sorted(seen[0]), sorted(seen[1])]))
+
+    ds = ray.data.range(64, override_num_blocks=16).map_batches(pid, batch_size=None)
+    ray.train.torch.TorchTrainer(loop, datasets={"train": ds}, scaling_config=ray.train.ScalingConfig(num_workers=2),
+                                 run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="warm")).fit()
+    first, second = (set(p) for p in json.loads((tmp_path / "pids.json").read_text()))
+    # The second epoch's reads run in processes of the first (Ray may still start one more); under Ray's default
+    # limit every one of them was a new process.
+    assert first & second, (first, second)
