@@ -91,7 +91,7 @@ def worker_soft_limit(num_cpus: int | None) -> int:
     Why: Ray's default is the node's CPU count. A training epoch's Ray Data tasks (the split's read/decode, and
     each worker's validation pass, started from the training actors) use more worker processes than that on a
     small node, and every idle one over the limit is killed a second later: each epoch then starts fresh Python
-    processes that import torch again, ~13 s of a small epoch's 14 s on 2 cores (bench/README.md). Twice the
+    processes that import torch again, ~13 s of a small epoch's 15 s on 2 cores (bench/README.md). Twice the
     CPUs plus room for the actors keeps them warm from epoch to epoch. A cluster's raylets take the same setting
     from ``RAY_num_workers_soft_limit`` (cluster/)."""
     cpus = num_cpus or os.cpu_count() or 1

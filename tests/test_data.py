@@ -444,7 +444,7 @@ def test_resume_epoch_reads_the_latest_registered_checkpoint(tmp_path):
 def test_ray_data_task_workers_stay_warm_between_training_epochs(ray_local, tmp_path):
     """The local Ray keeps Ray Data's task workers alive from one epoch to the next. Beside the training actors
     and the split coordinator, Ray's default limit (the CPU count) kills each read task's worker a second after
-    its epoch, and every epoch starts fresh processes that import torch again (bench/README.md: 14 s of a small
+    its epoch, and every epoch starts fresh processes that import torch again (bench/README.md: 13 s of a small
     epoch's 15 s)."""
     import json
     import os
