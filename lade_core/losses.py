@@ -78,8 +78,6 @@ class _CastCache:
         return out
 
 
-
-
 def _finite(value, name: str, *, low: float = -math.inf, low_open: bool = False, high: float = math.inf,
             high_open: bool = False) -> float:
     """``value`` as a float within the given bounds, or one error naming the hyperparameter and its range."""

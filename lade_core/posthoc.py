@@ -22,8 +22,8 @@ def _log_prior(prior, logits: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def compensate(logits: torch.Tensor, source_prior, target_prior) -> torch.Tensor:
-    """logits - log p_s + log p_t, shape [N, C] -> [N, C]."""
-    return logits - _log_prior(source_prior, logits, "source_prior") + _log_prior(target_prior, logits, "target_prior")
+    """logits - log p_s + log p_t, shape [N, C] -> [N, C]: ``logit_adjust`` at tau = 1."""
+    return logit_adjust(logits, source_prior, target_prior, 1.0)
 
 
 def pc_softmax(logits: torch.Tensor, source_prior, target_prior) -> torch.Tensor:

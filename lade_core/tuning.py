@@ -45,6 +45,12 @@ def trial_run_name(search: str, trial_id: str) -> str:
 EPOCHS_DONE = "epochs_completed"
 
 
+def epochs_completed(result: dict) -> int:
+    """Epochs a trial's last result says it completed; not Tune's ``training_iteration``, which restarts at 1 when a
+    trial resumes from its checkpoint."""
+    return int(result["epoch"]) + 1 if "epoch" in result else 0
+
+
 class EpochASHA(ASHAScheduler):
     """ASHA over completed epochs whose rungs survive a resumed search.
 
@@ -64,7 +70,7 @@ class EpochASHA(ASHAScheduler):
 
     @staticmethod
     def _with_epochs(result: dict) -> dict:
-        return {**result, EPOCHS_DONE: int(result["epoch"]) + 1} if "epoch" in result else result
+        return {**result, EPOCHS_DONE: epochs_completed(result)} if "epoch" in result else result
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         return super().on_trial_result(tune_controller, trial, self._with_epochs(result))
@@ -132,7 +138,7 @@ def summary_rows(results, space_keys: list[str], metric: str, epochs: int) -> li
     rows = []
     for r in results:
         m = r.metrics or {}
-        done = int(m["epoch"]) + 1 if "epoch" in m else 0  # not training_iteration: it restarts on resume
+        done = epochs_completed(m)
         config = select_method(r.config)
         values = {k: config.get(k) for k in space_keys}
         if "loss" in space_keys:

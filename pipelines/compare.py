@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from lade_core.evaluation import estimated_prior_rows, evaluate_targets, protocol_targets, select_tau
 from lade_core.figures import shift_curve
@@ -29,7 +28,7 @@ from lade_core.heads import tau_normalize
 from lade_core.posthoc import logit_adjust
 from lade_core.label_shift import METHODS
 from lade_core.losses import posthoc_rules
-from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name
+from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name, uniform_prior
 from lade_core.report import FORMATS, format_table
 from lade_core.runtime import quiet_logging
 from lade_core.artifacts import LOGITS_ARTIFACT, RunLogits, load_run_logits
@@ -82,7 +81,7 @@ def table_rows(run: RunLogits, estimate: str | None = None) -> list[dict]:
     rules = [(rule, rule, run.logits) for rule in posthoc_rules(run.loss)]
     z, zv = run.logits.double(), None if run.val_logits is None else run.val_logits.double()
     if posthoc_rules(run.loss)[0] == "pc" and zv is not None:
-        uniform = torch.full_like(run.source_prior, 1 / len(run.source_prior))
+        uniform = uniform_prior(len(run.source_prior))
         tau = select_tau(zv, run.val_labels, lambda v, t: logit_adjust(v, run.source_prior, uniform, t))
         # z - τ log p_s + log p_t as "inject" on z - τ log p_s
         rules.append((f"adjusted (τ={tau:g})", "inject", logit_adjust(z, run.source_prior, uniform, tau)))
