@@ -97,7 +97,7 @@ class RuntimeConfig:
     # Extra Ray resources each training worker reserves, e.g. {"trainer": 1} to keep workers on the nodes that
     # advertise that custom resource (``ray start --resources='{"trainer": 1}'``).
     worker_resources: dict | None = None
-    seed: int = _opt(0, ge=0)
+    seed: int = _opt(0, ge=0, le=2**32 - 1)  # numpy's seeds are 32-bit
     experiment: str = _opt("lade", nonempty=True)
     run_name: str | None = _opt(None, name=True)  # None: <dataset>-<loss>-<config digest>
     mlflow_uri: str | None = _opt(None, nonempty=True)  # None: sqlite store ./mlflow.db

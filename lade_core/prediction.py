@@ -102,11 +102,14 @@ class _PyfuncLogitsActor:
                 "error": np.array([errors.get(i, "") for i in range(n)], dtype=object)}
 
 
-def _top_k(batch: dict, offset: np.ndarray, k: int, class_names: list[str]) -> dict:
+def top_k_batch(batch: dict, offset: np.ndarray, k: int, class_names: list[str]) -> dict:
     """Pass 2: raw logits [B, C] + post-hoc offset [C] -> p_t(y|x) -> label, top-k classes and probabilities."""
-    z = torch.from_numpy(np.array(batch["logits"], dtype=np.float64)) + torch.tensor(offset)  # copies: Ray's are read-only
-    ok = torch.isfinite(z).all(1)
-    prob = torch.softmax(torch.where(ok[:, None], z, 0.0), 1)
+    raw = np.array(batch["logits"], dtype=np.float64)  # a copy: Ray's arrays are read-only
+    # Decoded rows are those pass 1 filled in (NaN: not decoded), judged before the offset: a target prior with a
+    # zero entry puts -inf in the offset, which only zeroes that class's probability (as in the pyfunc).
+    ok = torch.from_numpy(np.isfinite(raw).all(1))
+    z = torch.from_numpy(np.where(ok.numpy()[:, None], raw, 0.0)) + torch.tensor(offset)
+    prob = torch.softmax(z, 1)
     p, idx = prob.topk(min(k, z.shape[1]), dim=1)
     label = np.where(ok.numpy(), idx[:, 0].numpy(), UNKNOWN)
     return {"row": batch["row"], "path": batch["path"], "label": label,
@@ -142,7 +145,7 @@ def finish(logits_ds, offset: torch.Tensor, k: int, class_names: list[str]):
     import pyarrow.compute as pc
     import ray
 
-    out = logits_ds.map_batches(_top_k, batch_format="numpy",
+    out = logits_ds.map_batches(top_k_batch, batch_format="numpy",
                                 fn_kwargs={"offset": offset.numpy(), "k": k, "class_names": class_names})
     table = pa.concat_tables(ray.get(out.to_arrow_refs()))
     return table.take(pc.sort_indices(table, [("row", "ascending")]))

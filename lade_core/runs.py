@@ -21,8 +21,8 @@ from .models import check_input_size
 from .report import format_table
 from .runtime import init_ray
 from .serving import ModelCard, log_classifier
-from .tracking import end_run, log_metrics_once, logged_model_uri, register_once
-from .training import build_criterion, load_checkpoint
+from .tracking import EpochLogger, end_run, log_metrics_once, logged_model_uri, register_once
+from .training import build_criterion, load_checkpoint, saved_history
 
 # --smoke-test: a tiny generated dataset (class-sorted, like real data) and one epoch.
 SMOKE = {"dataset": "data/synthetic_smoke", "epochs": 1, "batch_size": 32, "num_workers": 2,
@@ -69,6 +69,8 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
     import mlflow
 
     client, run_id = mlflow.MlflowClient(config["mlflow_uri"]), config["mlflow_run_id"]
+    # Epochs rank 0 could not log (MLflow unreachable in the last epochs), from the final checkpoint's history.
+    EpochLogger(config["mlflow_uri"], run_id).backfill(saved_history(checkpoint))
     have = {a.path for d in ("eval", "checkpoint") for a in client.list_artifacts(run_id, d)}
     head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
 

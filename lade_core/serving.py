@@ -38,6 +38,7 @@ from .priors import uniform_prior, validate_prior
 
 OUTPUTS = ("probabilities", "logits", "label")
 CARD_FILE = "lade_model.json"
+WEIGHTS_FILE = "weights.pt"
 _ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 
 
@@ -205,30 +206,71 @@ def log_classifier(card: ModelCard, state_dict: dict, name: str):
         # declares the params only; MLflow's reminder would be noise in every run's console.
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         card.write(Path(d) / CARD_FILE)
-        torch.save(state_dict, Path(d) / "weights.pt")
+        torch.save(state_dict, Path(d) / WEIGHTS_FILE)
         return mlflow.pyfunc.log_model(
             name=name, python_model=str(_ENTRY), signature=signature(card),
-            artifacts={"card": str(Path(d) / CARD_FILE), "weights": str(Path(d) / "weights.pt")},
+            artifacts={"card": str(Path(d) / CARD_FILE), "weights": str(Path(d) / WEIGHTS_FILE)},
             # Explicit: inferring them would load the model in a subprocess. lade itself must be installed where
             # the model is served (as on every Ray worker): the stored code only imports it.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision", "pandas", "numpy"])
 
 
+# What ``log_classifier`` stores, as its MLmodel file says it (models-from-code): the entry file and two artifacts.
+_CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
+_ARTIFACTS = {"card": f"artifacts/{CARD_FILE}", "weights": f"artifacts/{WEIGHTS_FILE}"}
+
+
+def _model_file(model_uri: str, path: str) -> str:
+    """One file of a logged model, downloaded alone: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+    ``runs:/ID/PATH`` or a logged model's own ``models:/<model_id>``."""
+    import mlflow.artifacts
+
+    ref = model_uri[len("models:/"):] if model_uri.startswith("models:/") else None
+    if ref is not None and "/" not in ref and "@" not in ref:  # a logged model id, not a registered name
+        base = mlflow.MlflowClient().get_logged_model(ref).artifact_location
+    else:
+        base = model_uri.rstrip("/")
+    return mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{path}")
+
+
+def check_model_layout(model_uri: str, mlmodel: dict) -> dict:
+    """The ``python_function`` flavor of a parsed MLmodel file if it is lade's layout (``log_classifier``), else one
+    error naming what differs. Only data is read: nothing the model stores is imported or unpickled."""
+    flavor = (mlmodel.get("flavors") or {}).get("python_function") if isinstance(mlmodel, dict) else None
+    if not isinstance(flavor, dict):
+        raise ValueError(f"{model_uri} is not a lade model: it has no python_function flavor")
+    if "python_model" in flavor or flavor.get("loader_module") != _CODE_LOADER:
+        kind = "a pickled python model" if "python_model" in flavor else f"loader {flavor.get('loader_module')!r}"
+        raise ValueError(f"{model_uri} is not a lade model: it was logged by another tool ({kind})")
+    entry = Path(str(flavor.get("model_code_path", ""))).name
+    artifacts = {k: (v or {}).get("path") for k, v in (flavor.get("artifacts") or {}).items()}
+    if entry != _ENTRY.name or artifacts != _ARTIFACTS:
+        raise ValueError(f"{model_uri} is not a lade model: its code file is {entry!r} and its artifacts {artifacts}; "
+                         f"lade logs {_ENTRY.name!r} with {_ARTIFACTS}")
+    return flavor
+
+
 def load_classifier(model_uri: str) -> LadeClassifier:
-    """The ``LadeClassifier`` behind a logged model (``models:/NAME@ALIAS``, ``runs:/...``); a model logged by
-    another tool is refused by name."""
+    """The ``LadeClassifier`` behind a logged model (``models:/NAME@ALIAS``, ``runs:/...``), built by the installed
+    lade from the model's card and weights alone.
+
+    The registry and the artifact store are a trust boundary: whoever can write to them could replace the stored
+    code. So this never calls ``mlflow.pyfunc.load_model`` (which runs the stored ``pyfunc_entry.py``, or unpickles a
+    foreign model): it reads the MLmodel file as YAML, refuses anything that is not lade's layout, and downloads
+    only the JSON card and the weights (``weights_only=True``). MLflow's own serving (``mlflow models serve``) does
+    run the stored entry, which a user who serves that way has chosen."""
+    import yaml
     from mlflow.exceptions import MlflowException
 
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except MlflowException as e:  # an unknown name, version or run, an unset alias
+        mlmodel = yaml.safe_load(Path(_model_file(model_uri, "MLmodel")).read_text())
+        check_model_layout(model_uri, mlmodel)
+        card, weights = (_model_file(model_uri, path) for path in _ARTIFACTS.values())
+    except MlflowException as e:  # an unknown name, version or run, an unset alias, a missing file
         raise ValueError(f"cannot load {model_uri}: {e.message}") from e
-    except OSError as e:
+    except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"cannot load {model_uri}: {e}") from e
     try:
-        inner = model.unwrap_python_model()
-    except Exception as e:  # noqa: BLE001  (MLflow raises MlflowException for other flavors)
-        raise ValueError(f"{model_uri} is not a lade model (logged by another tool: {e})") from e
-    if not isinstance(inner, LadeClassifier):
-        raise ValueError(f"{model_uri} is not a lade model: its python model is {type(inner).__name__}")
-    return inner
+        return LadeClassifier().load(card, weights)
+    except (TypeError, KeyError, RuntimeError) as e:  # a card with other fields, weights of another network
+        raise ValueError(f"{model_uri}: its card or weights do not make a lade model ({e})") from e

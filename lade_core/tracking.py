@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -114,9 +115,8 @@ class EpochLogger:
     def __init__(self, uri: str, run_id: str):
         from mlflow import MlflowClient
 
-        self.client, self.run_id = MlflowClient(uri), run_id
-        keys = self.client.get_run(run_id).data.metrics
-        self.logged: dict[str, set[int]] = {k: {m.step for m in self.client.get_metric_history(run_id, k)} for k in keys}
+        self.client, self.run_id, self._stale = MlflowClient(uri), run_id, False
+        self.logged: dict[str, set[int]] = self._read_logged()
 
     def log_epoch(self, metrics: dict) -> int:
         """Log the epoch's finite metrics not yet in the run; returns how many were written."""
@@ -137,13 +137,46 @@ class EpochLogger:
         for metrics in history:
             self.log_epoch(metrics)
 
+    def log_history(self, history: list[dict]) -> bool:
+        """Every epoch of ``history`` (a run's per-epoch metrics so far) not yet in the run. If MLflow cannot be
+        reached, warns and returns False instead of raising: training goes on, and the next call writes what was
+        missed. After a failed write the run's steps are read again first, since the server may have stored the
+        batch whose answer was lost: no step is written twice."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if self._stale:
+                self.logged = self._read_logged()
+                self._stale = False
+            self.backfill(history)
+            return True
+        except (MlflowException, OSError) as e:
+            if not self._stale:  # once per outage; to the process's own stderr, which Ray forwards to the driver
+                print(f"warning: MLflow is unreachable ({str(e).splitlines()[0][:160]}); training goes on, and "
+                      "the epochs are logged once it answers", file=sys.__stderr__, flush=True)
+            self._stale = True
+            return False
+
+    def _read_logged(self) -> dict[str, set[int]]:
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {k: {m.step for m in self.client.get_metric_history(self.run_id, k)} for k in keys}
+
 
 def logged_model_uri(client, run_id: str, name: str) -> str | None:
-    """``models:/<model_id>`` of the model ``name`` logged by the run, or None."""
+    """``models:/<model_id>`` of the model ``name`` the run logged completely (status READY), or None.
+
+    A driver killed inside ``log_model`` leaves a PENDING model whose files may be partial; it is marked FAILED here
+    (so that nothing reuses or registers it) and the caller logs the model again."""
+    from mlflow.entities import LoggedModelStatus
+
     exp = client.get_run(run_id).info.experiment_id
     found = [m for m in client.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")
              if m.name == name]  # the name is compared here, not spliced into the filter
-    return found[0].model_uri if found else None
+    for m in found:
+        if m.status == LoggedModelStatus.PENDING:
+            client.finalize_logged_model(m.model_id, LoggedModelStatus.FAILED)
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    return ready[0].model_uri if ready else None
 
 
 def register_once(client, run_id: str, name: str, model_uri: str):

@@ -12,6 +12,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -180,7 +181,10 @@ def train_loop_per_worker(config: dict) -> None:
         restore_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
     model = ray.train.torch.prepare_model(model)  # device placement + DDP (gloo on CPU, NCCL on GPU)
     criterion = criterion.to(device)
-    logger = EpochLogger(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    # Under Tune the search driver logs the epochs (tuning.TrialEpochLogger), exactly those Tune acted on: a worker
+    # runs up to an epoch ahead of what Tune has seen, and would log epochs of a trial the scheduler already stopped.
+    logs_epochs = rank == 0 and config.get("epoch_logging", "worker") == "worker"
+    logger = EpochLogger(config["mlflow_uri"], config["mlflow_run_id"]) if logs_epochs else None
     if logger:
         logger.backfill(history)  # epochs checkpointed before a crash but not yet in MLflow
 
@@ -208,7 +212,8 @@ def train_loop_per_worker(config: dict) -> None:
                                           "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": [rng_state()]},
                                 config, history)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            logger.log_epoch(metrics)  # after the checkpoint is durable: a crash in between is backfilled
+            if logger:  # after the checkpoint is durable: a crash in between is backfilled
+                logger.log_history(history)  # an MLflow outage warns, and what it missed is written next epoch
             # Straight to the worker's stdout, which Ray forwards to the driver once. A plain print() is patched
             # by Ray Train into a log record *and* echoed to the wrapped stdout: every line would appear twice.
             print(epoch_line(metrics, config["epochs"], world), file=sys.__stdout__, flush=True)
@@ -243,22 +248,54 @@ def _progress_bar(config: dict, epoch: int, world: int, per_worker_batch: int):
 _CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def latest_checkpoint(run_dir: str | None) -> tuple[int, str] | None:
-    """(epoch, checkpoint path or URI) of the latest checkpoint Ray Train registered for the run in ``run_dir``
-    (``<storage_path>/<run_name>``, a path or a URI), or None for a new run."""
+class LatestCheckpoint(NamedTuple):
+    epoch: int
+    path: str  # the checkpoint folder: a path or a URI
+    metrics: dict  # what rank 0 reported with it (lade_core.training.train_loop_per_worker)
+
+
+def _storage_fs(location: str):
+    """(pyarrow filesystem, path inside it) of a local path or a URI."""
     import pyarrow.fs
 
+    return pyarrow.fs.FileSystem.from_uri(location if "://" in location else Path(location).resolve().as_uri())
+
+
+def latest_checkpoint(run_dir: str | None) -> LatestCheckpoint | None:
+    """(epoch, checkpoint path or URI, reported metrics) of the latest checkpoint Ray Train registered for the run in
+    ``run_dir`` (``<storage_path>/<run_name>``, a path or a URI), or None for a new run."""
     if not run_dir:
         return None
     try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(run_dir if "://" in run_dir else Path(run_dir).resolve().as_uri())
+        fs, path = _storage_fs(run_dir)
         with fs.open_input_stream(f"{path}/{_CHECKPOINT_SNAPSHOT}") as f:
             latest = json.loads(f.read())["latest_checkpoint_result"]
         if not latest:
             return None
-        return int(latest["metrics"]["epoch"]), join_path(run_dir, latest["checkpoint_dir_name"])
+        return LatestCheckpoint(int(latest["metrics"]["epoch"]), join_path(run_dir, latest["checkpoint_dir_name"]),
+                                dict(latest["metrics"]))
     except (FileNotFoundError, OSError, KeyError, TypeError, ValueError):
         return None  # no checkpoint yet: a new run
+
+
+def saved_history(checkpoint) -> list[dict]:
+    """The per-epoch history saved in a ``ray.train.Checkpoint``, read alone (not the weights beside it)."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{HISTORY_FILE}") as f:
+        return json.loads(f.read())
+
+
+def checkpoint_history(storage: str, checkpoint_path: str) -> list[dict] | None:
+    """The per-epoch history saved in a checkpoint folder, given as Ray Train names it (``Checkpoint.path``: a path
+    inside the filesystem of ``storage``, the run's storage location), or None if it cannot be read."""
+    try:
+        if "://" in checkpoint_path:
+            fs, path = _storage_fs(checkpoint_path)
+        else:
+            fs, path = _storage_fs(storage)[0], checkpoint_path
+        with fs.open_input_stream(f"{path.rstrip('/')}/{HISTORY_FILE}") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, TypeError, ValueError):
+        return None
 
 
 def resume_epoch(run_dir: str | None) -> int:

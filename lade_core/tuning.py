@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 
+from ray.tune import Callback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.schedulers import ASHAScheduler
 
 # Tune objectives -> the validation metric each reports (see lade_core.training.evaluate).
@@ -40,6 +43,9 @@ def select_method(config: dict) -> dict:
 def trial_run_name(search: str, trial_id: str) -> str:
     return f"{search}-{trial_id}"
 
+
+# What Tune adds to a trial's reported metrics (rank 0 reports the rest: lade_core.training.train_loop_per_worker).
+TUNE_RESULT_KEYS = {*AUTO_RESULT_KEYS, CHECKPOINT_PATH_KEY, "trial_id", "done", "experiment_tag", "should_checkpoint"}
 
 # ASHA's clock: epochs a trial has completed (rank 0 reports the 0-based ``epoch``).
 EPOCHS_DONE = "epochs_completed"
@@ -90,15 +96,69 @@ class EpochASHA(ASHAScheduler):
     def _logged_history(self, trial_id: str) -> list:
         from mlflow import MlflowClient
 
-        from .tracking import find_run
-
-        uri, experiment, search = self._runs
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
-        run = find_run(client, exp.experiment_id, trial_run_name(search, trial_id)) if exp else None
+        run = trial_run(*self._runs, trial_id)
         if run is None:
             return []
-        return sorted(client.get_metric_history(run.info.run_id, self._metric), key=lambda m: m.step)
+        return sorted(MlflowClient(self._runs[0]).get_metric_history(run.info.run_id, self._metric),
+                      key=lambda m: m.step)
+
+
+def trial_run(mlflow_uri: str, experiment: str, search: str, trial_id: str):
+    """The MLflow run of one trial of the search (``trial_run_name``), or None before its driver created it."""
+    from mlflow import MlflowClient
+
+    from .tracking import find_run
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name(experiment)
+    return find_run(client, exp.experiment_id, trial_run_name(search, trial_id)) if exp else None
+
+
+class TrialEpochLogger(Callback):
+    """Each trial's per-epoch metrics into its MLflow run, from the search driver, for exactly the results Tune acted
+    on (``config["epoch_logging"] = "driver"``: the training workers then log none).
+
+    Why not rank 0, as in a plain training run: Ray Train's controller collects a worker's report only every couple
+    of seconds (its health-check poll; the worker's result queue holds one), so a worker trains and reports up to an
+    epoch ahead of what Tune has seen. When the scheduler stops a trial, that epoch was trained, and rank 0 would have
+    logged it, although Tune never saw it: the trial's run said 2 epochs, the search summary 1. Logged here, MLflow
+    holds what the scheduler judged and the summary reports.
+
+    A result names its checkpoint, whose history lists every epoch up to it: epochs whose results Tune never
+    processed before a kill (their checkpoints were registered) are backfilled, each epoch still exactly once.
+    """
+
+    def __init__(self, *, mlflow_uri: str, experiment: str, search: str, storage: str):
+        self._runs = (mlflow_uri, experiment, search)
+        self._storage = storage
+        self._loggers: dict = {}
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks with the search; clients are rebuilt on resume
+        return {**self.__dict__, "_loggers": {}}
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        from .training import checkpoint_history
+
+        if "epoch" not in result:
+            return
+        logger = self._logger(trial.trial_id)
+        if logger is None:
+            return
+        path = result.get(CHECKPOINT_PATH_KEY)
+        history = checkpoint_history(self._storage, path) if path else None
+        if not history:  # unreadable storage: at least this epoch, without the keys Tune adds to every result
+            history = [{k: v for k, v in result.items() if k not in TUNE_RESULT_KEYS}]
+        logger.backfill([m for m in history if m["epoch"] <= result["epoch"]])
+
+    def _logger(self, trial_id: str):
+        from .tracking import EpochLogger
+
+        if trial_id not in self._loggers:
+            run = trial_run(*self._runs, trial_id)
+            if run is None:  # the trial's driver creates its run before training: not yet, try again next result
+                return None
+            self._loggers[trial_id] = EpochLogger(self._runs[0], run.info.run_id)
+        return self._loggers[trial_id]
 
 
 def trial_driver(config: dict) -> None:
@@ -110,7 +170,7 @@ def trial_driver(config: dict) -> None:
     from .runtime import quiet_worker_logging
     from .config import validate_config
     from .tracking import end_run, start_or_resume_run
-    from .training import build_trainer, join_path
+    from .training import build_trainer, join_path, latest_checkpoint
 
     quiet_worker_logging()
     config = select_method(config)
@@ -123,6 +183,12 @@ def trial_driver(config: dict) -> None:
                                     tags={"mlflow.parentRunId": config["parent_run_id"], "lade.search": config["search"],
                                           "lade.trial_id": trial_id}, storage=config["storage_path"])
     config["mlflow_run_id"] = run_id
+    latest = latest_checkpoint(join_path(config["storage_path"], config["run_name"]))
+    if latest and latest.epoch + 1 >= config["epochs"]:
+        # Trained to the end before the search was killed, but Tune may not have seen the last epochs: a refit
+        # would train nothing and report nothing, and the trial would end on a stale result. Report the last.
+        tune.report({**latest.metrics, CHECKPOINT_PATH_KEY: latest.path})
+        return
     try:
         build_trainer(config, open_prepared(config["dataset"]), callbacks=[TuneReportCallback()]).fit()
     except Exception:

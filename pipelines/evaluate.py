@@ -13,6 +13,7 @@ Many/Medium/Few, NLL, ECE. With a run, results go back into it: metrics shift/<t
 from __future__ import annotations
 
 import argparse
+import re
 import math
 import sys
 import tempfile
@@ -63,7 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_targets(run: RunLogits, prior_files: list[str], per_class: int | None) -> list[Target]:
     targets = protocol_targets(run.labels, run.train_counts, per_class)
     for f in prior_files:
-        targets.append(target_from_values(Path(f).stem, read_prior_file(f), run.labels, len(run.train_counts)))
+        name = Path(f).stem
+        # The name goes into MLflow metric keys (shift/<target>/...), which allow only these characters.
+        if not re.fullmatch(r"[\w.\- ]+", name):
+            raise ValueError(f"--target-prior {f}: its file name {name!r} names the target in the metric keys, "
+                             "which allow only letters, digits, '_', '-', '.' and spaces; rename the file")
+        targets.append(target_from_values(name, read_prior_file(f), run.labels, len(run.train_counts)))
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         raise ValueError(f"target names must be unique; got {names} (rename a --target-prior file)")

@@ -54,6 +54,8 @@ def check_args(args) -> None:
     out = Path(args.output)
     if out.suffix.lower() not in (".parquet", ".csv"):
         raise ValueError(f"--output {out}: use a .parquet or .csv file name")
+    if not out.parent.is_dir():
+        raise ValueError(f"--output {out}: folder {out.parent} does not exist")
     if out.exists() and not args.overwrite:
         raise ValueError(f"--output {out} exists; pass --overwrite to replace it")
     for name in ("top_k", "num_workers", "batch_size"):

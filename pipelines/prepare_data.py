@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw = build_raw(args)
         manifest = prepare_dataset(raw, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, num_cpus=args.num_cpus)
-    except DataError as e:
+    except (DataError, ValueError) as e:  # bad data or a bad option value (e.g. an imbalance ratio below 1)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_line(manifest))

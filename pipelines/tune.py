@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from lade_core.runs import SMOKE, check_against_dataset, finalize, load_dataset,
 from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
 from lade_core.tracking import end_run, find_run, log_table_once, resolve_tracking_uri, start_or_resume_run
 from lade_core.training import join_path
-from lade_core.tuning import OBJECTIVES, EpochASHA, select_method, summary_rows, trial_driver, trial_run_name
+from lade_core.tuning import (OBJECTIVES, EpochASHA, TrialEpochLogger, select_method, summary_rows, trial_driver,
+                              trial_run_name)
 
 REPO = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
@@ -66,6 +68,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--smoke-test", action="store_true", help="tiny data, the smoke space, 4 trials x 2 epochs")
     ap.add_argument("--verbose", action="store_true", help="show Ray's INFO logs")
     return ap.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """What the flags alone can get wrong, before any data or Ray: each one clear error."""
+    # The experiment names the search's folder under --storage-path (Tune's run name): one path component.
+    if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", args.experiment):
+        raise ValueError(f"--experiment {args.experiment!r}: use letters, digits, '_', '-' and '.' (it names the "
+                         "search's folder in --storage-path and its MLflow experiment)")
+    for name in ("epochs", "num_samples", "grace_period", "num_workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.reduction_factor < 2:
+        raise ValueError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
 
 
 # --smoke-test data: like train.py's smoke set but with enough steps per epoch (~15) for trials to differ.
@@ -128,7 +144,9 @@ def build_tuner(args, config: dict, space: dict, defaults: dict, storage: str, m
         # The generator itself caps concurrency: TuneConfig(max_concurrent_trials=) is ignored with a generator.
         tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, num_samples=samples,
                                     search_alg=BasicVariantGenerator(random_state=args.seed, max_concurrent=max_concurrent)),
-        run_config=tune.RunConfig(name=args.experiment, storage_path=storage),
+        run_config=tune.RunConfig(name=args.experiment, storage_path=storage, callbacks=[TrialEpochLogger(
+            mlflow_uri=config["mlflow_uri"], experiment=config["experiment"], search=config["search"],
+            storage=config["search_storage"])]),
     )
 
 
@@ -166,6 +184,7 @@ def main(argv=None) -> int:
     quiet_logging(args.verbose)
     family = args.space or ("smoke" if args.smoke_test else "synthetic")
     try:
+        check_args(args)
         space, defaults = tune_spaces.load_family(family)
         if args.methods:
             space = tune_spaces.with_methods(space, args.methods)
@@ -174,6 +193,11 @@ def main(argv=None) -> int:
             args.num_samples = defaults["num_samples"]
         config = base_config(args, defaults)
         validate_config(config)
+        grace = args.grace_period or defaults["grace_period"]
+        if args.scheduler == "asha" and grace > config["epochs"]:
+            given = "--grace-period" if args.grace_period else f"the {family} space's default"
+            raise ValueError(f"ASHA's grace period {grace} ({given}) exceeds the {config['epochs']} epochs per "
+                             f"trial; pass --grace-period <= {config['epochs']}")
         num_cpus = local_num_cpus(args.num_cpus, config["num_workers"] * config["cpus_per_worker"])
         prepared = load_dataset(config, num_cpus)
         config = check_against_dataset(config, prepared)  # trials are selected on val, never on test
@@ -189,7 +213,7 @@ def main(argv=None) -> int:
     storage = storage_uri(args.storage_path, "outputs/tune")
     config.update(source_prior=prepared.source_prior.tolist(), train_counts=prepared.class_counts("train"),
                   search=args.experiment, search_storage=join_path(storage, args.experiment),
-                  search_base_loss=config["loss"])
+                  search_base_loss=config["loss"], epoch_logging="driver")  # tuning.TrialEpochLogger
     parent_id, _ = start_or_resume_run(config["mlflow_uri"], args.experiment, args.experiment,
                                        {**config, "space": family, "objective": args.objective, "search_alg": args.search,
                                         "scheduler": args.scheduler}, tags={"lade.kind": "search"})

@@ -78,6 +78,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+def start_mlflow_server(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real ``mlflow server`` on a loopback port (a free one by default), sqlite backend and proxied artifacts in
+    ``workdir`` (a second start on the same port and folder is the same server restarted); returns it once healthy,
+    with its URI. Its log: ``workdir/mlflow_server.log`` (appended)."""
+    import time
+    import urllib.request
+
+    port = port or free_port()
+    log = open(workdir / "mlflow_server.log", "a")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
+                               "--artifacts-destination", str(workdir / "server_artifacts"), "--workers", "2"],
+                              cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()  # the server holds its own copy
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=1).read()
+            return server, uri
+        except OSError:
+            assert server.poll() is None, (workdir / "mlflow_server.log").read_text()[-3000:]
+            time.sleep(0.5)
+    raise AssertionError(f"mlflow server on {uri} did not become healthy")
+
+
+def stop_mlflow_server(server: subprocess.Popen) -> None:
+    import signal
+
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 # Tests that use these start a Ray cluster or a pipeline end to end: marked slow (`pytest -m "not slow"` skips them).
 SLOW_FIXTURES = {"ray_local", "smoke_run", "store", "head", "mlflow_server"}
 

@@ -67,3 +67,22 @@ def test_model_registration_happens_once_per_run(uri):
     again = register_once(client, run_id, "it's a model", model_uri)
     assert again.version == first.version and str(first.version) == "1" and first.run_id == run_id
     assert len(client.search_model_versions(f"run_id = '{run_id}'")) == 1
+
+
+def test_a_half_logged_model_is_never_reused_or_registered(uri):
+    """A driver killed inside ``log_model`` leaves a PENDING logged model (MLflow creates it first and finalizes it
+    once its files are uploaded): it is marked FAILED, not returned, and the complete one is found instead."""
+    from mlflow.entities import LoggedModelStatus
+
+    run_id, _ = start_or_resume_run(uri, "exp", "r", CONFIG)
+    client = mlflow.MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        pending = mlflow.initialize_logged_model(name="model", source_run_id=run_id)  # what log_model starts with
+    assert client.get_logged_model(pending.model_id).status == LoggedModelStatus.PENDING
+    assert logged_model_uri(client, run_id, "model") is None
+    assert client.get_logged_model(pending.model_id).status == LoggedModelStatus.FAILED
+    with mlflow.start_run(run_id=run_id):
+        model_uri = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="model", serialization_format="pt2",
+                                             input_example=torch.zeros(1, 2).numpy()).model_uri
+    assert logged_model_uri(client, run_id, "model") == model_uri != f"models:/{pending.model_id}"

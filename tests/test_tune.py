@@ -12,22 +12,29 @@ import pandas as pd
 import pytest
 
 import tune_spaces
-from conftest import REPO, free_port
+from conftest import REPO, start_mlflow_server, stop_mlflow_server
 
 CMD = [sys.executable, str(REPO / "pipelines" / "tune.py"), "--smoke-test", "--num-cpus", "4",
        "--max-concurrent-trials", "2", "--register", "champ", "--experiment", "smoke-search",
        "--reduction-factor", "4"]  # keep the top quarter at each rung: a stop is near certain with 4 trials
 
 
-def _env():
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+def _env(**extra: str):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **extra}
     env.pop("RAY_ADDRESS", None)
     return env
 
 
-def run_tune(workdir, *args, mlflow_uri=None):
+def run_tune(workdir, *args, mlflow_uri=None, env=None):
     return subprocess.run([*CMD, "--mlflow-uri", mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}", "--storage-path",
-                           str(workdir / "tune"), *args], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=900)
+                           str(workdir / "tune"), *args], cwd=workdir, env=env or _env(), capture_output=True,
+                          text=True, timeout=900)
+
+
+# Ray Train's controller collects a worker's report every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a smoke epoch
+# is shorter, so a worker trains (and would log) its next epoch before Tune acts on the last. A longer poll makes
+# that the rule instead of a race: the summary and MLflow disagreed whenever ASHA stopped a trial.
+SLOW_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "6"}
 
 
 def _last(client, run_id, key):
@@ -38,27 +45,9 @@ def _last(client, run_id, key):
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real ``mlflow server`` on a free loopback port, sqlite backend, artifacts proxied: what a team runs."""
-    import time
-    import urllib.request
-
-    port = free_port()
-    log = open(tmp_path / "mlflow_server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                               "--artifacts-destination", str(tmp_path / "server_artifacts"), "--workers", "2"],
-                              cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=1).read()
-            break
-        except OSError:
-            assert server.poll() is None, (tmp_path / "mlflow_server.log").read_text()[-3000:]
-            time.sleep(0.5)
+    server, uri = start_mlflow_server(tmp_path)
     yield uri, tmp_path / "mlflow_server.log"
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
-    log.close()
+    stop_mlflow_server(server)
 
 
 def test_search_killed_midway_resumes_on_a_tracking_server_with_every_trial_once(tmp_path, mlflow_server):
@@ -71,7 +60,8 @@ def test_search_killed_midway_resumes_on_a_tracking_server_with_every_trial_once
 
     uri, server_log = mlflow_server
     cmd = [*CMD, "--mlflow-uri", uri, "--storage-path", str(tmp_path / "tune")]
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(**SLOW_POLL), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True,
                              start_new_session=True)
     client = mlflow.MlflowClient(uri)
     deadline = time.time() + 600
@@ -89,7 +79,7 @@ def test_search_killed_midway_resumes_on_a_tracking_server_with_every_trial_once
     children = client.search_runs([exp.experiment_id], "tags.`lade.search` = 'smoke-search'")
     logged = {c.data.tags["lade.trial_id"] for c in children if "val/top1" in c.data.metrics}
 
-    p = run_tune(tmp_path, mlflow_uri=uri)
+    p = run_tune(tmp_path, mlflow_uri=uri, env=_env(**SLOW_POLL))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "resuming search smoke-search" in p.stdout
     # Tune forgets the scheduler's rungs on restore: every trial that had logged an epoch gets them back from MLflow.

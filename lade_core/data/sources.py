@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +28,8 @@ from .transforms import TRANSFORM_KINDS
 VAL_PER_CLASS = 20
 MIN_TRAIN_PER_CLASS = 2
 MIN_IMAGE_SIZE = 8
-# What torchvision.io.decode_image (the training decoder) reads; an ImageFolder tree's other files are ignored.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+# What the one decoder (transforms.decode_rgb, on Pillow) is meant for; an ImageFolder tree's other files are ignored.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 class DataError(ValueError):
@@ -173,11 +174,15 @@ def read_split_list(path: Path) -> tuple[list[str], np.ndarray]:
     if not path.exists():
         raise DataError(f"split list not found: {path}")
     paths, labels = [], []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the split list as UTF-8") from e
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        if len(parts) != 2 or not re.fullmatch(r"-?[0-9]+", parts[1]):
             raise DataError(f"{path}:{lineno}: malformed line {line!r}; expected '<relative path> <integer label>'")
         paths.append(parts[0])
         labels.append(int(parts[1]))
@@ -379,7 +384,7 @@ def load_inat2018_json(image_root: str | Path, annotations: dict[str, str | Path
             images = ann["images"]
             paths = [im["file_name"] for im in images]
             labels = [by_image[im["id"]] for im in images]
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, ValueError) as e:  # JSON syntax, a category_id that is no integer, non-UTF-8
             raise DataError(f"{ann_path}: not an iNaturalist annotation file ({type(e).__name__}: {e})") from e
         check_inside_root(paths, str(ann_path))
         if "categories" in ann and class_names is None:

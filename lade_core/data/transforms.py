@@ -5,11 +5,13 @@ Why uint8 out of Ray Data: each batch goes through Arrow and the object store to
 bytes than float32, and the float conversion then runs where the model runs (on its GPU when there is one)."""
 from __future__ import annotations
 
+import io
+import os
 from functools import lru_cache
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 from torchvision.transforms import v2
 
 # Per-family normalization statistics (CIFAR-100 and ImageNet, as in torchvision's references).
@@ -43,10 +45,54 @@ def build_transform(kind: str, train: bool, image_size: int | None = None) -> v2
     return v2.Compose(geo)  # uint8 in, uint8 out: normalization is ``normalize``, on the worker
 
 
-def decode_rgb(data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> uint8 [3, H, W]. Preparation checks every image with this same decoder, so an image
-    that passes preparation never fails in training."""
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+# Pixels (width x height) an image may have, checked from its header before anything is decoded: a 4 kB PNG can
+# declare 27 000 x 1 000 pixels and decode to 108 MB. 40 MP holds any camera photo; raise it for scans and slides.
+MAX_PIXELS = int(float(os.environ.get("LADE_MAX_IMAGE_MEGAPIXELS", "40")) * 1_000_000)
+# Pillow modes and what they hold: 16-bit integer samples (scaled to 8 bits), or modes converted to RGB as they are.
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_TO_RGB = {"RGB", "RGBA", "RGBa", "RGBX", "L", "LA", "La", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+class ImageDecodeError(ValueError):
+    """An image the decoder refuses: oversized, or of a kind it does not turn into 8-bit RGB."""
+
+
+def decode_rgb(data: bytes, max_pixels: int | None = None) -> torch.Tensor:
+    """Encoded image bytes -> uint8 [3, H, W], the one decoder of preparation, training, evaluation and the served
+    model, so an image that passes preparation never fails (or is read differently) later.
+
+    Pillow reads the header first: an image over ``max_pixels`` (default ``MAX_PIXELS``, env
+    ``LADE_MAX_IMAGE_MEGAPIXELS``) is refused before it is decoded. One frame: an animated GIF / WebP / APNG gives its
+    first. 8-bit RGB out: grayscale, palette, alpha and CMYK images are converted; 16-bit samples (PNG, TIFF) are
+    scaled to 8 bits (v >> 8), never clipped or passed on as values up to 65 535; float images are refused by name.
+    """
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    try:
+        im = Image.open(io.BytesIO(data))
+    except (Image.UnidentifiedImageError, OSError) as e:
+        raise ImageDecodeError(f"not an image Pillow can read ({e})") from e
+    with im:
+        w, h = im.size
+        if w * h > limit:
+            raise ImageDecodeError(f"{w} x {h} pixels is over the {limit / 1e6:g}-megapixel limit "
+                                   "(LADE_MAX_IMAGE_MEGAPIXELS)")
+        try:
+            im.seek(0)  # the first frame of an animation
+            if im.mode in _SIXTEEN_BIT:
+                gray = np.asarray(im, dtype=np.int64)  # [H, W] samples in [0, 65535]
+                if gray.min() < 0 or gray.max() > 65535:
+                    raise ImageDecodeError(f"{im.mode} image with samples outside 16 bits")
+                rgb = np.repeat((gray >> 8).astype(np.uint8)[:, :, None], 3, axis=2)
+            elif im.mode in _TO_RGB:
+                rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # [H, W, 3], writable
+            else:
+                raise ImageDecodeError(f"images of mode {im.mode} (e.g. floating-point) are not supported: save it "
+                                       "as 8- or 16-bit")
+        except (OSError, SyntaxError, ValueError) as e:  # a truncated or corrupt file, found while decoding
+            if isinstance(e, ImageDecodeError):
+                raise
+            raise ImageDecodeError(f"corrupt image data ({e})") from e
+    return torch.from_numpy(rgb).permute(2, 0, 1)  # [3, H, W] view of the [H, W, 3] pixels
 
 
 def decode_augment(batch: dict, kind: str, train: bool, image_size: int | None = None,

@@ -1,0 +1,95 @@
+"""The registry and the artifact store are a trust boundary: lade's loader (``serving.load_classifier``, used by
+predict.py, evaluate.py --model and every Ray actor) builds a model from its card and weights with the installed
+lade and never executes what the store holds, even when someone has replaced it. No Ray: a real sqlite MLflow store."""
+import io
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from lade_core.models import build_model
+from lade_core.serving import LadeClassifier, ModelCard, load_classifier, log_classifier
+
+# What a tampered artifact would do if it ever ran: leave this file behind.
+PAYLOAD = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
+
+
+@pytest.fixture
+def logged(tmp_path):
+    """A lade model logged and registered by today's code into a fresh store; (client, registered URI, model dir)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("trust")
+    torch.manual_seed(0)
+    card = ModelCard("resnet32", 3, ["a", "b", "c"], [0.6, 0.3, 0.1], "lade", "cifar", 16)
+    with mlflow.start_run():
+        info = log_classifier(card, build_model("resnet32", 3).state_dict(), "model")
+    client = mlflow.MlflowClient(uri)
+    mlflow.register_model(info.model_uri, "trusted")
+    return client, "models:/trusted/1", Path(client.get_logged_model(info.model_id).artifact_location)
+
+
+def _png(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), colour, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_tampered_entry_file_never_runs_in_lades_loader(logged, tmp_path):
+    client, model_uri, model_dir = logged
+    images = pd.DataFrame({"image": [_png(10), _png(200)]})
+    before = load_classifier(model_uri).predict(None, images)
+    marker = tmp_path / "marker"
+    (model_dir / "pyfunc_entry.py").write_text(PAYLOAD.format(marker=str(marker)) + (model_dir / "pyfunc_entry.py").read_text())
+
+    model = load_classifier(model_uri)
+    assert isinstance(model, LadeClassifier) and not marker.exists()
+    pd.testing.assert_frame_equal(model.predict(None, images), before)  # built from the card and weights alone
+    # The same artifact through MLflow's generic loader does run it: the tamper is live, the boundary is lade's.
+    mlflow.pyfunc.load_model(model_uri)
+    assert marker.read_text() == "ran"
+
+
+class _Foreign(mlflow.pyfunc.PythonModel):
+    """A model logged by another tool, as a pickle whose unpickling writes the marker."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (PAYLOAD.format(marker=self.marker),))
+
+    def predict(self, context, model_input):
+        return model_input
+
+
+def test_a_foreign_pickled_model_is_refused_without_unpickling(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("foreign")
+    marker = tmp_path / "marker"
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=_Foreign(str(marker)), pip_requirements=[])
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="is not a lade model: it was logged by another tool \\(a pickled python model\\)"):
+        load_classifier(info.model_uri)
+    assert not marker.exists()
+
+
+def test_a_model_with_another_layout_or_a_bad_card_is_one_clear_error(logged):
+    client, model_uri, model_dir = logged
+    mlmodel = model_dir / "MLmodel"
+    original = mlmodel.read_text()
+    mlmodel.write_text(original.replace("pyfunc_entry.py", "other_entry.py"))
+    with pytest.raises(ValueError, match="is not a lade model: its code file is 'other_entry.py'"):
+        load_classifier(model_uri)
+    mlmodel.write_text(original)
+    card = model_dir / "artifacts" / "lade_model.json"
+    card.write_text(card.read_text().replace('"format": "lade-model-card/1"', '"format": "x"'))
+    with pytest.raises(ValueError, match="is not a lade model card"):
+        load_classifier(model_uri)
+    with pytest.raises(ValueError, match="cannot load models:/nope/1"):
+        load_classifier("models:/nope/1")

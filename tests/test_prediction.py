@@ -1,0 +1,40 @@
+"""Pass 2 of batch prediction (``prediction.top_k_batch``): raw logits + the post-hoc offset -> labels and top-k,
+checked against Eq. 17 / Eq. 6 written here. No Ray: the function Ray Data maps over each block."""
+import numpy as np
+import torch
+
+from lade_core.posthoc import posthoc_offset
+from lade_core.prediction import UNKNOWN, top_k_batch
+
+NAMES = ["a", "b", "c", "d"]
+
+
+def _batch(logits: np.ndarray) -> dict:
+    n = len(logits)
+    return {"row": np.arange(n), "path": np.array([f"x{i}" for i in range(n)]), "true_label": np.full(n, UNKNOWN),
+            "logits": logits, "error": np.array(["" if np.isfinite(r).all() else "does not decode" for r in logits],
+                                                dtype=object)}
+
+
+def test_a_target_prior_with_a_zero_entry_predicts_every_decoded_image():
+    """A class the target never holds gets probability 0; the other classes follow Eq. 17 renormalized. Rows that
+    did not decode (NaN logits from pass 1) stay unknown."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (6, 4)).astype(np.float32)
+    logits[3] = np.nan
+    logits[0] = [5.0, 0.0, 0.0, 0.0]  # its raw argmax is the class the target prior knocks out
+    ps = torch.tensor([0.5, 0.25, 0.15, 0.1], dtype=torch.float64)
+    for rule in ("inject", "pc"):
+        for pt in (torch.tensor([0.0, 0.5, 0.3, 0.2], dtype=torch.float64), torch.full((4,), 0.25, dtype=torch.float64)):
+            out = top_k_batch(_batch(logits), posthoc_offset(rule, ps, pt, 4).numpy(), 4, NAMES)
+            z = torch.from_numpy(logits.astype(np.float64)) + torch.log(pt) - (torch.log(ps) if rule == "pc" else 0)
+            expected = torch.softmax(z, 1)
+            for i in range(6):
+                if i == 3:
+                    assert out["label"][i] == UNKNOWN and out["top_k_labels"][i] is None and np.isnan(out["probability"][i])
+                    continue
+                assert out["label"][i] == int(expected[i].argmax()) and out["class_name"][i] == NAMES[out["label"][i]]
+                np.testing.assert_allclose(out["top_k_probabilities"][i], expected[i][out["top_k_labels"][i]].numpy(),
+                                           rtol=1e-12)
+                if pt[0] == 0:
+                    assert out["label"][i] != 0 and out["top_k_labels"][i][-1] == 0 and out["top_k_probabilities"][i][-1] == 0
