@@ -93,13 +93,24 @@ def build_model(name: str, num_classes: int, weights_path: str | None = None, he
         if not path.exists():
             raise FileNotFoundError(f"weights file not found: {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
         own = model.state_dict()
         # A backbone checkpoint's classifier (another class count or another head) is not loaded.
         skip = {k for k in state if k.startswith("fc.") and (k not in own or state[k].shape != own[k].shape)}
-        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
-        if unexpected:
-            raise ValueError(f"{path}: keys not in {name}: {unexpected[:5]}")
+        state = {k: v for k, v in state.items() if k not in skip}
+        unexpected = sorted(set(state) - set(own))
+        # Every backbone weight must come from the file: a partial match would train the rest from scratch silently.
+        missing = sorted(k for k in set(own) - set(state) if not k.startswith("fc."))
+        shapes = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+        if unexpected or missing or shapes:
+            raise ValueError(f"{path} does not match model {name}: " + "; ".join(
+                part for part in (f"keys not in the model {unexpected[:5]}" if unexpected else "",
+                                  f"backbone keys missing from the file {missing[:5]}" if missing else "",
+                                  f"other shapes: {shapes[:3]}" if shapes else "") if part))
+        model.load_state_dict(state, strict=False)
     return model
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .artifacts import (LOGITS_ARTIFACT, MODEL_NAME, STATE_DICT_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet,
                         write_logits_parquet)
 from .config import validate_config
@@ -17,7 +18,7 @@ from .evaluation import evaluate_targets, protocol_targets
 from .inference import batch_logits
 from .label_shift import auto_calibration, source_logits
 from .losses import posthoc_rules
-from .models import check_input_size
+from .models import build_model, check_input_size
 from .report import format_table
 from .runtime import init_ray
 from .serving import ModelCard, log_classifier
@@ -48,7 +49,14 @@ def check_against_dataset(config: dict, prepared) -> dict:
     head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
     check_input_size(config["model"], prepared.num_classes, prepared.crop_size(config["image_size"]),
                      config["batch_size"] // config["num_workers"], head)
+    if config["weights_path"]:  # the file against the model here, not in every worker after Ray has started them
+        build_model(config["model"], prepared.num_classes, config["weights_path"], head=head)
     return config
+
+
+def dataset_class_names(prepared) -> list[str]:
+    """The class names a model of this dataset carries in its card (the manifest's, else "0", "1", ...)."""
+    return list(prepared.manifest.get("class_names") or [str(c) for c in range(prepared.num_classes)])
 
 
 def storage_uri(path: str | None, default: str) -> str:
@@ -114,11 +122,11 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
         # BCTS on the validation split, where it has enough images: the calibration prior estimation uses.
         val_logits, val_labels = split_logits("val")
         calibration = auto_calibration(source_logits(val_logits, source_prior, config["loss"]), val_labels, source_prior)
-        names = prepared.manifest.get("class_names") or [str(c) for c in range(prepared.num_classes)]
-        card = ModelCard(config["model"], prepared.num_classes, list(names), [float(x) for x in source_prior],
+        card = ModelCard(config["model"], prepared.num_classes, dataset_class_names(prepared),
+                         [float(x) for x in source_prior],
                          config["loss"], prepared.transform,
                          prepared.crop_size(config["image_size"]),
-                         calibration and calibration.to_dict(), head=list(head))
+                         calibration and calibration.to_dict(), head=list(head), lade_version=__version__)
         mlflow.set_tracking_uri(config["mlflow_uri"])
         with mlflow.start_run(run_id=run_id):
             model_uri = log_classifier(card, state["model"], MODEL_NAME).model_uri

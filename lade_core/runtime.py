@@ -105,3 +105,38 @@ def local_num_cpus(requested: int | None, reserved: float) -> int:
     Decide it once, before anything starts Ray: the first ``init_ray`` fixes the cluster's size.
     """
     return int(requested or max(os.cpu_count() or 1, reserved) + 2)
+
+
+def job_working_dir() -> str | None:
+    """The runtime-env working directory this process runs in when it is the entry point of ``ray job submit
+    --working-dir``, else None. Ray passes the job's runtime env to its driver in RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        working_dir = (json.loads(raw).get("runtime_env") or {}).get("working_dir")
+    except (ValueError, AttributeError):
+        return None
+    return os.getcwd() if working_dir else None
+
+
+def check_job_locations(**locations: str | None) -> None:
+    """Under ``ray job submit --working-dir``, refuse default or relative locations for what must outlast the job.
+
+    The entry point's working directory is Ray's unpacked copy of the package, named after its content hash and
+    garbage-collected by Ray: an ``./mlflow.db`` or ``./outputs`` there is lost, and a rerun of changed code lands in
+    another directory, so "rerun to resume" silently starts over. ``locations``: flag name -> the value given."""
+    cwd = job_working_dir()
+    if cwd is None:
+        return
+    bad = [flag for flag, value in locations.items()
+           if value is None or ("://" not in value and not os.path.isabs(value))
+           or (value.startswith("sqlite:///") and not value.startswith("sqlite:////"))]
+    if bad:
+        flags = ", ".join(f"--{f.replace('_', '-')}" for f in bad)
+        raise ValueError(f"this is a Ray job whose working directory ({cwd}) is Ray's temporary copy of the package: "
+                         f"pass {flags} with an absolute path or a URI on storage every node reaches (e.g. "
+                         "--mlflow-uri http://mlflow.internal:5000 --storage-path /shared/ray_results), or the runs "
+                         "are lost when Ray cleans it up")

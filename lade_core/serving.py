@@ -20,15 +20,20 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 import numpy as np
 import pandas as pd
 import torch
 
+from . import __version__
 from .data.transforms import decode_rgb, normalize, transform_batch
 from .losses import posthoc_rules
 from .heads import check_head_state
@@ -37,6 +42,18 @@ from .posthoc import posthoc_logits
 from .priors import uniform_prior, validate_prior
 
 OUTPUTS = ("probabilities", "logits", "label")
+# Rows one predict call (one REST request) may carry, and rows decoded at a time: what bounds a request's memory,
+# with the decoder's pixel cap (transforms.MAX_PIXELS).
+MAX_ROWS = int(os.environ.get("LADE_MAX_ROWS_PER_REQUEST", "1024"))
+DECODE_CHUNK = 64
+
+
+class BadInput(MlflowException, ValueError):
+    """Bad input to ``predict``: a ValueError in process, and for MLflow's scoring server an MlflowException with
+    INVALID_PARAMETER_VALUE, which it answers with HTTP 400 and this message (no stack trace)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 CARD_FILE = "lade_model.json"
 WEIGHTS_FILE = "weights.pt"
 _ENTRY = Path(__file__).with_name("pyfunc_entry.py")
@@ -55,6 +72,9 @@ class ModelCard:
     image_size: int
     calibration: dict | None = None  # label_shift.Calibration.to_dict(): BCTS on the validation split
     head: list | None = None  # [kind, kwargs] of the classifier head (losses.classifier_head); None: linear
+    # The lade that trained it: preprocessing and post-hoc rules are lade's code, so a load by another version says
+    # so (None: a card written before versions were recorded).
+    lade_version: str | None = None
 
     @property
     def posthoc(self) -> str:
@@ -116,6 +136,9 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
 
     def load(self, card_path: str | Path, weights_path: str | Path) -> "LadeClassifier":
         self.card = ModelCard.read(card_path)
+        if self.card.lade_version != __version__:
+            print(f"note: this model was logged by lade {self.card.lade_version or '< 0.1.0'}; lade {__version__} "
+                  "preprocesses its images and applies its post-hoc rule", file=sys.stderr)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         head = tuple(self.card.head) if self.card.head else LINEAR
         self.net = build_model(self.card.model, self.card.num_classes, head=head)
@@ -174,10 +197,22 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
     # ``pd.DataFrame``: one of the hints for which MLflow neither infers a schema nor converts the input, so a float
     # array still arrives as it is (an unhinted predict makes MLflow warn on every load).
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        p = self.check_params(params)
-        x, ok, errors = self.preprocess(model_input, p["skip_bad"])
-        z = posthoc_logits(self.logits(x).double(), p["posthoc"], self.source_prior, p["target_prior"])  # [B', C]
-        return self.frame(z, ok, errors, len(ok) + len(errors), p["output"])
+        try:
+            p = self.check_params(params)
+            n = len(model_input)
+            if n > MAX_ROWS:
+                raise ValueError(f"{n} rows in one request; at most {MAX_ROWS} (LADE_MAX_ROWS_PER_REQUEST)")
+            # Decoded DECODE_CHUNK rows at a time: memory holds one chunk's pixels, whatever the request's size.
+            zs, oks, errors = [], [], {}
+            for start in range(0, max(n, 1), DECODE_CHUNK):
+                x, ok, bad = self.preprocess(model_input[start:start + DECODE_CHUNK], p["skip_bad"])
+                zs.append(self.logits(x).double())
+                oks.append(ok + start)
+                errors.update({start + i: e for i, e in bad.items()})
+        except ValueError as e:  # the caller's input: over REST a 400 with this one line, not a server stack trace
+            raise BadInput(str(e)) from None
+        z = posthoc_logits(torch.cat(zs), p["posthoc"], self.source_prior, p["target_prior"])  # [B', C]
+        return self.frame(z, np.concatenate(oks), errors, n, p["output"])
 
     def frame(self, z: torch.Tensor, ok: np.ndarray, errors: dict[int, str], n: int, output: str) -> pd.DataFrame:
         """Post-hoc logits [B', C] of rows ``ok`` -> the output DataFrame of all ``n`` rows."""
@@ -248,6 +283,27 @@ def check_model_layout(model_uri: str, mlmodel: dict) -> dict:
         raise ValueError(f"{model_uri} is not a lade model: its code file is {entry!r} and its artifacts {artifacts}; "
                          f"lade logs {_ENTRY.name!r} with {_ARTIFACTS}")
     return flavor
+
+
+def check_alias_classes(tracking_uri: str, name: str, alias: str, class_names: list[str]) -> None:
+    """Refuse to move ``models:/NAME@ALIAS`` to a model of other classes: whatever serves the alias would answer
+    with another label set. Nothing to check while the alias is unset."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        version = mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return
+    uri = f"models:/{name}/{version.version}"
+    try:
+        card = ModelCard.read(_model_file(uri, _ARTIFACTS["card"]))
+    except (MlflowException, OSError, ValueError, TypeError):
+        return  # not a lade model: nothing lade serves under it
+    if list(card.class_names) != list(class_names):
+        raise ValueError(f"models:/{name}@{alias} is version {version.version}, a model of {card.num_classes} other "
+                         f"classes (e.g. {card.class_names[:3]}); this dataset has {len(class_names)} "
+                         f"(e.g. {class_names[:3]}): register under another name")
 
 
 def load_classifier(model_uri: str) -> LadeClassifier:

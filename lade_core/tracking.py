@@ -9,6 +9,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import PRIOR_ARTIFACT, write_source_info
@@ -63,16 +64,32 @@ def find_run(client, experiment_id: str, run_name: str):
     return found[0] if found else None
 
 
-def start_or_resume_run(uri: str, experiment: str, run_name: str, config: dict, tags: dict | None = None,
-                        storage: str | None = None) -> tuple[str, bool]:
-    """The run named ``run_name`` in ``experiment``, in state RUNNING: created with params, the resolved config and
-    the source prior (and ``tags``, e.g. a parent run id that nests it), or found again (resume).
+# The training config's digest (train.py), set when the run is created: a rerun resumes only the same experiment.
+CONFIG_DIGEST_TAG = "lade.config_digest"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run found or created by ``open_run``: its id, whether it existed, the state it had then, its tags."""
+
+    run_id: str
+    resumed: bool
+    status: str
+    tags: dict
+
+
+def open_run(uri: str, experiment: str, run_name: str, config: dict, tags: dict | None = None,
+             storage: str | None = None) -> RunRecord:
+    """The run named ``run_name`` in ``experiment``: created (state RUNNING) with ``tags`` set atomically with it
+    (what a rerun checks: the run key, the checkpoint storage, a config digest), then its params, resolved config and
+    source prior; or found again, its state left as it was, so that the caller's checks can refuse the rerun without
+    rewriting it (``mark_running`` moves it on). A found run that lacks its inputs (a driver killed right after
+    creating it) gets them now.
 
     ``storage`` is where the run's checkpoints live; a run found again with other storage is refused, since
     training there would start over at epoch 0 under a name whose epochs are already logged.
     """
     import mlflow
-    import yaml
 
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
@@ -83,10 +100,22 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, config: dict, 
         if storage is not None and stored is not None and stored != storage:
             raise ValueError(f"run {run_name!r} keeps its checkpoints under {stored}, not {storage}: resume it with "
                              f"--storage-path {stored}, or pass another --run-name")
-        client.update_run(run.info.run_id, status="RUNNING")
-        return run.info.run_id, True
+        folder = str(Path(PRIOR_ARTIFACT).parent)
+        if PRIOR_ARTIFACT not in {a.path for a in client.list_artifacts(run.info.run_id, folder)}:
+            _record_inputs(client, run.info.run_id, config)
+        return RunRecord(run.info.run_id, True, run.info.status, dict(run.data.tags))
     run_tags = {**(tags or {}), RUN_KEY_TAG: run_key(run_name), **({STORAGE_TAG: storage} if storage else {})}
     run_id = client.create_run(exp.experiment_id, run_name=run_name, tags=run_tags).info.run_id  # RUNNING
+    _record_inputs(client, run_id, config)
+    return RunRecord(run_id, False, "RUNNING", run_tags)
+
+
+def _record_inputs(client, run_id: str, config: dict) -> None:
+    """Params (the flattened config), ``config.yaml`` and the source prior of a run; idempotent (MLflow keeps a
+    param logged twice with the same value)."""
+    import mlflow
+    import yaml
+
     params = _flatten({k: v for k, v in config.items() if k not in ("source_prior", "train_counts")})
     params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params
@@ -96,7 +125,23 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, config: dict, 
         client.log_artifact(run_id, str(Path(d) / "config.yaml"))
         write_source_info(Path(d) / Path(PRIOR_ARTIFACT).name, config["source_prior"], config["train_counts"])
         client.log_artifact(run_id, str(Path(d) / Path(PRIOR_ARTIFACT).name), str(Path(PRIOR_ARTIFACT).parent))
-    return run_id, False
+
+
+def mark_running(uri: str, run: RunRecord) -> None:
+    """A found run moves on to RUNNING, unless it is FINISHED: a state only moves forward."""
+    from mlflow import MlflowClient
+
+    if run.resumed and run.status != "FINISHED":
+        MlflowClient(uri).update_run(run.run_id, status="RUNNING")
+
+
+def start_or_resume_run(uri: str, experiment: str, run_name: str, config: dict, tags: dict | None = None,
+                        storage: str | None = None) -> tuple[str, bool]:
+    """``open_run`` and ``mark_running`` in one step, for callers with nothing to check in between (Tune's search
+    and trial runs): (run id, whether it existed)."""
+    run = open_run(uri, experiment, run_name, config, tags, storage)
+    mark_running(uri, run)
+    return run.run_id, run.resumed
 
 
 def end_run(uri: str, run_id: str, failed: bool = False) -> None:

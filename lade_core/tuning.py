@@ -6,6 +6,8 @@ such as ASHA see every epoch. Each trial is an MLflow child run nested under the
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
 from ray.tune import Callback
@@ -15,6 +17,33 @@ from ray.tune.schedulers import ASHAScheduler
 
 # Tune objectives -> the validation metric each reports (see lade_core.training.evaluate).
 OBJECTIVES = {"uniform": "val/top1", "shift_mean": "val/shift_mean_top1"}
+
+
+# What makes a search the same search: a rerun with the same --experiment resumes it only if this agrees.
+SEARCH_DIGEST_TAG = "lade.search_digest"
+
+
+def search_digest(identity: dict) -> str:
+    """A digest of what identifies a search (its dataset, objective, space and schedule), set on its parent run."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_search_digest(uri: str, experiment: str, digest: str) -> None:
+    """A rerun resumes the search it names, never another: Tune restores its own saved space and settings, and the
+    champion would be finalized against this invocation's dataset and objective."""
+    from mlflow import MlflowClient
+
+    from .tracking import find_run
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    parent = find_run(client, exp.experiment_id, experiment) if exp else None
+    stored = parent.data.tags.get(SEARCH_DIGEST_TAG) if parent else None
+    if parent is not None and stored != digest:
+        why = ("was started by an older lade" if stored is None
+               else "was started with another dataset, objective, space or schedule")
+        raise ValueError(f"search {experiment!r} {why}; rerun it with its original flags to resume it, or pass "
+                         "another --experiment")
 
 
 def select_method(config: dict) -> dict:

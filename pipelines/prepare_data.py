@@ -20,6 +20,7 @@ from lade_core.data.sources import (MIN_TRAIN_PER_CLASS, VAL_PER_CLASS, DataErro
                                     load_inat2018_json, load_split_lists, with_validation)
 from lade_core.data.synthetic import make_synthetic
 from lade_core.data.transforms import TRANSFORM_KINDS
+from lade_core.locks import LockHeld
 from lade_core.runtime import quiet_logging
 
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw = build_raw(args)
         manifest = prepare_dataset(raw, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, num_cpus=args.num_cpus)
-    except (DataError, ValueError) as e:  # bad data or a bad option value (e.g. an imbalance ratio below 1)
+    except (DataError, ValueError, LockHeld) as e:  # bad data, a bad option value, another preparation of --out
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_line(manifest))

@@ -9,18 +9,22 @@ Config file -> CLI overrides (only flags you pass override). Rerunning with the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
 from pathlib import Path
 
+from lade_core.artifacts import MODEL_NAME
 from lade_core.config import resolve_config, validate_config
 from lade_core.data import DataError
+from lade_core.locks import LockHeld, lock_for, maybe_exclusive
 from lade_core.losses import LOSSES
 from lade_core.models import MODELS
 from lade_core.runs import SMOKE, check_against_dataset, finalize, load_dataset, storage_uri
-from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
-from lade_core.tracking import check_reachable, end_run, resolve_tracking_uri, start_or_resume_run
+from lade_core.runtime import check_job_locations, init_ray, local_num_cpus, quiet_logging
+from lade_core.tracking import (CONFIG_DIGEST_TAG, RunRecord, check_reachable, end_run, logged_model_uri,
+                               mark_running, open_run, register_once, resolve_tracking_uri, run_key)
 from lade_core.training import build_trainer, join_path, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +99,20 @@ def check_cluster_fits(config: dict) -> None:
                                f"{name!r} (worker_resources); the cluster has {res.get(name, 0):g}")
 
 
+def check_same_run(config: dict, run: RunRecord, digest: str) -> None:
+    """A found run is resumed only with the config it was started with (its digest, a tag set at creation; a param
+    for runs of older lade); a run with none was not started by train.py and is never taken over silently."""
+    from mlflow import MlflowClient
+
+    logged = run.tags.get(CONFIG_DIGEST_TAG) or MlflowClient(config["mlflow_uri"]).get_run(
+        run.run_id).data.params.get("config_digest")
+    if logged is None:
+        raise ValueError(f"run name {config['run_name']!r} exists in experiment {config['experiment']!r} without a "
+                         "config digest (not started by train.py); pass another --run-name")
+    if logged != digest:
+        raise ValueError(f"run name {config['run_name']!r} exists with a different config; pass another --run-name")
+
+
 def main(argv=None) -> int:
     args = vars(parse_args(argv))
     config_path, num_cpus, smoke = args.pop("config"), args.pop("num_cpus", None), args.pop("smoke_test", False)
@@ -104,8 +122,15 @@ def main(argv=None) -> int:
         overrides["progress"] = False
     if "dataset" in args:  # a dataset the user named is opened, never generated from a recipe in the config
         overrides["synthetic"] = None
+    with contextlib.ExitStack() as held:  # the run's lock, taken once its name is known, until this driver ends
+        return train(config_path, overrides, num_cpus, held)
+
+
+def train(config_path: str, overrides: dict, num_cpus: int | None, held: contextlib.ExitStack) -> int:
+    """The run of one resolved command line, under the run's lock (held by ``held``) once its name is known."""
     try:
         config = resolve_config(config_path, overrides)
+        check_job_locations(mlflow_uri=config["mlflow_uri"], storage_path=config["storage_path"])
         config["mlflow_uri"] = resolve_tracking_uri(config["mlflow_uri"])
         check_reachable(config["mlflow_uri"])
         num_cpus = local_num_cpus(num_cpus, config["num_workers"] * config["cpus_per_worker"])
@@ -115,40 +140,47 @@ def main(argv=None) -> int:
         config["source_prior"] = prepared.source_prior.tolist()
         config["train_counts"] = prepared.class_counts("train")
         config["storage_path"] = storage_uri(config["storage_path"], "outputs/ray_results")
-        config["run_name"] = config["run_name"] or f"{prepared.name}-{config['loss']}-{config_digest(config)}"
-        run_id, resumed = start_or_resume_run(config["mlflow_uri"], config["experiment"], config["run_name"], config,
-                                              storage=config["storage_path"])
-    except (ValueError, FileNotFoundError, ConnectionError, DataError) as e:
+        digest = config_digest(config)
+        config["run_name"] = config["run_name"] or f"{prepared.name}-{config['loss']}-{digest}"
+        held.enter_context(maybe_exclusive(lock_for(config["storage_path"], f"run-{run_key(config['run_name'])}"),
+                                           f"run {config['run_name']!r}"))  # one driver per run (lade_core.locks)
+        run = open_run(config["mlflow_uri"], config["experiment"], config["run_name"], config,
+                       tags={CONFIG_DIGEST_TAG: digest}, storage=config["storage_path"])
+        if run.resumed:
+            check_same_run(config, run, digest)  # before anything touches the run: a refusal leaves its state
+    except (ValueError, FileNotFoundError, ConnectionError, DataError, LockHeld) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import ray.train
     from mlflow import MlflowClient
 
-    config["mlflow_run_id"] = run_id
+    run_id = config["mlflow_run_id"] = run.run_id
     client = MlflowClient(config["mlflow_uri"])
-    if resumed:
-        logged = client.get_run(run_id).data.params.get("config_digest")
-        if logged and logged != config_digest(config):
-            print(f"error: run name {config['run_name']!r} exists with a different config; pass another --run-name",
-                  file=sys.stderr)
-            end_run(config["mlflow_uri"], run_id, failed=not client.get_run(run_id).data.metrics)
-            return 2
-        print(f"resuming run {config['run_name']} (MLflow run {run_id})")
+    if run.status == "FINISHED":
+        # Finalized before: nothing to train or log, no Ray to start. A --register added now is done from MLflow.
+        if config["register"]:
+            register_once(client, run_id, config["register"], logged_model_uri(client, run_id, MODEL_NAME))
+        print(f"run {config['run_name']} is finished (MLflow run {run_id}); nothing to do")
+        return 0
+    if not run.resumed:
+        client.log_param(run_id, "config_digest", digest)  # also as a param, to compare runs by it in the UI
     else:
-        client.log_param(run_id, "config_digest", config_digest(config))
+        print(f"resuming run {config['run_name']} (MLflow run {run_id})")
     try:
         init_ray(num_cpus=num_cpus)
         check_cluster_fits(config)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
-        end_run(config["mlflow_uri"], run_id, failed=True)
+        if not run.resumed:  # a run of this invocation's own; a found run keeps the state it had
+            end_run(config["mlflow_uri"], run_id, failed=True)
         return 2
+    mark_running(config["mlflow_uri"], run)
     try:
         latest = latest_checkpoint(join_path(config["storage_path"], config["run_name"]))
-        if latest and latest[0] + 1 >= config["epochs"]:
+        if latest and latest.epoch + 1 >= config["epochs"]:
             # Trained to the end before (the driver may have died before finalizing): finalize, never retrain.
             print(f"run {config['run_name']}: all {config['epochs']} epochs are checkpointed; finalizing")
-            checkpoint = ray.train.Checkpoint(latest[1])
+            checkpoint = ray.train.Checkpoint(latest.path)
         else:
             checkpoint = build_trainer(config, prepared).fit().checkpoint
         finalize(config, prepared, checkpoint)

@@ -14,6 +14,7 @@ registered under --register with the alias `champion`. Rerunning with the same -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -24,14 +25,16 @@ import pandas as pd
 import tune_spaces
 from lade_core.config import resolve_config, validate_config
 from lade_core.data import DataError
+from lade_core.locks import lock_for, maybe_exclusive
 from lade_core.losses import LOSSES
 from lade_core.report import format_table
-from lade_core.runs import SMOKE, check_against_dataset, finalize, load_dataset, storage_uri
-from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
+from lade_core.runs import SMOKE, check_against_dataset, dataset_class_names, finalize, load_dataset, storage_uri
+from lade_core.serving import check_alias_classes
+from lade_core.runtime import check_job_locations, init_ray, local_num_cpus, quiet_logging
 from lade_core.tracking import end_run, find_run, log_table_once, resolve_tracking_uri, start_or_resume_run
 from lade_core.training import join_path
-from lade_core.tuning import (OBJECTIVES, EpochASHA, TrialEpochLogger, select_method, summary_rows, trial_driver,
-                              trial_run_name)
+from lade_core.tuning import (OBJECTIVES, SEARCH_DIGEST_TAG, EpochASHA, TrialEpochLogger, check_search_digest,
+                              search_digest, select_method, summary_rows, trial_driver, trial_run_name)
 
 REPO = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
@@ -159,6 +162,7 @@ def register_champion(client, best, prepared, name: str) -> str:
     exp = client.get_experiment_by_name(best.config["experiment"])
     run = find_run(client, exp.experiment_id, run_name)
     config = {**select_method(best.config), "run_name": run_name, "mlflow_run_id": run.info.run_id, "register": name}
+    check_alias_classes(config["mlflow_uri"], name, CHAMPION, dataset_class_names(prepared))
     finalize(config, prepared, Checkpoint(best.metrics["checkpoint_path"]))  # idempotent: reruns add nothing
     (version,) = [v for v in client.search_model_versions(f"run_id = '{run.info.run_id}'") if v.name == name]
     client.set_registered_model_alias(name, CHAMPION, version.version)  # moves the alias if it exists
@@ -182,9 +186,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     quiet_logging(args.verbose)
+    with contextlib.ExitStack() as held:  # the search's lock, until this driver ends
+        return search(args, held)
+
+
+def search(args, held: contextlib.ExitStack) -> int:
+    """The search of one command line, under its lock (held by ``held``): one driver per search."""
     family = args.space or ("smoke" if args.smoke_test else "synthetic")
     try:
         check_args(args)
+        check_job_locations(mlflow_uri=args.mlflow_uri, storage_path=args.storage_path)
+        storage = storage_uri(args.storage_path, "outputs/tune")
+        held.enter_context(maybe_exclusive(lock_for(storage, f"search-{args.experiment}"),
+                                           f"search {args.experiment!r}"))
         space, defaults = tune_spaces.load_family(family)
         if args.methods:
             space = tune_spaces.with_methods(space, args.methods)
@@ -203,20 +217,30 @@ def main(argv=None) -> int:
         config = check_against_dataset(config, prepared)  # trials are selected on val, never on test
         if args.objective == "shift_mean" and 0 in prepared.class_counts("val"):
             raise ValueError("objective shift_mean needs every class in the val split; use --objective uniform")
+        # The search's identity: its data, objective, space and schedule (not where it runs or how many at once).
+        digest = search_digest({"dataset": config["dataset"], "objective": args.objective, "family": family,
+                                "space": space, "methods": args.methods, "search": args.search,
+                                "grid_points": args.grid_points, "scheduler": args.scheduler,
+                                "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+                                "epochs": config["epochs"], "num_samples": args.num_samples, "seed": args.seed,
+                                "loss": config["loss"]})
+        check_search_digest(config["mlflow_uri"], args.experiment, digest)
+        if args.register:
+            check_alias_classes(config["mlflow_uri"], args.register, CHAMPION, dataset_class_names(prepared))
         init_ray(num_cpus=num_cpus)
         max_concurrent = concurrency(args, config)
-    except (ValueError, FileNotFoundError, DataError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, DataError, RuntimeError) as e:  # LockHeld is a RuntimeError
         print(f"error: {e}", file=sys.stderr)
         return 2
     import mlflow
 
-    storage = storage_uri(args.storage_path, "outputs/tune")
     config.update(source_prior=prepared.source_prior.tolist(), train_counts=prepared.class_counts("train"),
                   search=args.experiment, search_storage=join_path(storage, args.experiment),
                   search_base_loss=config["loss"], epoch_logging="driver")  # tuning.TrialEpochLogger
     parent_id, _ = start_or_resume_run(config["mlflow_uri"], args.experiment, args.experiment,
                                        {**config, "space": family, "objective": args.objective, "search_alg": args.search,
-                                        "scheduler": args.scheduler}, tags={"lade.kind": "search"})
+                                        "scheduler": args.scheduler},
+                                       tags={"lade.kind": "search", SEARCH_DIGEST_TAG: digest})
     config["parent_run_id"] = parent_id
     print(f"search {args.experiment}: space {family}, objective {OBJECTIVES[args.objective]}, {args.scheduler}, "
           f"up to {max_concurrent} trials at once; MLflow parent run {parent_id}")

@@ -1,9 +1,11 @@
 import collections
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +176,20 @@ def class_png(path: Path, label: int, size: int, rng: np.random.Generator) -> No
     colour = np.array([(37 * label) % 256, (91 * label) % 256, (173 * label) % 256], dtype=np.float64)
     img = np.clip(colour + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
     Image.fromarray(img).save(path, format="PNG")
+
+
+def png16(samples: np.ndarray) -> bytes:
+    """A 16-bit PNG (grayscale [H, W] or RGB [H, W, 3]) written from the PNG specification, big-endian samples."""
+    h, w = samples.shape[:2]
+    colour = 0 if samples.ndim == 2 else 2
+    rows = samples.astype(">u2").reshape(h, -1).tobytes()
+    raw = b"".join(b"\x00" + rows[i * len(rows) // h:(i + 1) * len(rows) // h] for i in range(h))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
 def write_sorted_list_dataset(root: Path, counts: list[int], test_per_class: int = 4, size: int = 20) -> dict:

@@ -15,11 +15,17 @@ from conftest import REPO
 pytestmark = pytest.mark.slow  # a dozen script start-ups (torch, Ray and MLflow imports): over a minute
 
 
-def _run(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
+def _start(script: str, *args: str, cwd) -> subprocess.Popen:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, str(REPO / "pipelines" / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.Popen([sys.executable, str(REPO / "pipelines" / script), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    proc = _start(script, *args, cwd=cwd)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _refused(p: subprocess.CompletedProcess, message: str) -> None:
@@ -28,18 +34,29 @@ def _refused(p: subprocess.CompletedProcess, message: str) -> None:
     assert "Started a local Ray instance" not in p.stdout + p.stderr  # refused before Ray
 
 
-@pytest.mark.parametrize("script, args, message", [
-    ("train.py", ["--seed", "4294967296"], "seed"),
+# (script, flags, the message it must print): each is refused before Ray starts.
+BAD_FLAGS = [
+    ("train.py", ["--seed", "4294967296"], "seed must be <= 4294967295"),
     ("tune.py", ["--experiment", "team/x"], "--experiment 'team/x': use letters, digits"),
     ("tune.py", ["--space", "cifar100_lt", "--epochs", "10"],
      "ASHA's grace period 20 (the cifar100_lt space's default) exceeds the 10 epochs per trial"),
     ("tune.py", ["--grace-period", "0"], "--grace-period must be >= 1, got 0"),
     ("predict.py", ["--model", "models:/m/1", "--input", ".", "--output", "nodir/x.parquet"],
      "--output nodir/x.parquet: folder nodir does not exist"),
-    ("prepare_data.py", ["synthetic", "--imbalance-ratio", "0.5", "--out", "d"], "imbalance"),
-])
-def test_bad_flags_are_one_clear_error_before_ray(tmp_path, script, args, message):
-    _refused(_run(script, *args, cwd=tmp_path), message)
+    ("prepare_data.py", ["synthetic", "--imbalance-ratio", "0.5", "--out", "d"], "imbalance_ratio must be >= 1"),
+]
+
+
+def test_bad_flags_are_one_clear_error_before_ray(tmp_path):
+    # All at once: each process is mostly interpreter and import start-up.
+    procs = []
+    for i, (script, args, message) in enumerate(BAD_FLAGS):
+        cwd = tmp_path / str(i)
+        cwd.mkdir()
+        procs.append((_start(script, *args, cwd=cwd), message))
+    for proc, message in procs:
+        out, err = proc.communicate(timeout=300)
+        _refused(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), message)
 
 
 def test_bad_split_lists_and_annotations_are_one_clear_error(tmp_path):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import class_png, shared_file, split_counts, write_sorted_list_dataset
+from conftest import class_png, png16, shared_file, split_counts, write_sorted_list_dataset
 from lade_core.data import DataError, open_prepared
 from lade_core.data.prepare import prepare_dataset
-from lade_core.data.sources import load_cifar100_lt, load_inat2018_json, load_split_lists
+from lade_core.data.sources import load_cifar100_lt, load_inat2018_json, load_split_lists, with_validation
 from lade_core.data.synthetic import make_synthetic
 from lade_core.priors import long_tailed_counts
 
@@ -145,6 +145,64 @@ def test_split_list_prepare_roundtrip(places_subset, tmp_path, ray_local):
         assert b == (root / path).read_bytes()  # original JPEG bytes, bit-exact
     batch = ds.ray_dataset("train").take_batch(8)
     assert batch["image"].shape == (8, 3, 224, 224) and batch["image"].dtype == np.uint8  # normalized on the worker
+
+
+def test_a_bomb_an_animation_and_16_bit_images_through_preparation_and_training_decode(tmp_path, ray_local):
+    """Preparation checks every image with the one decoder training uses: a decompression bomb is refused by name
+    (skipped with --skip-bad); an animated GIF and a 16-bit PNG pass, and training's decode reads them as 8-bit RGB
+    at the crop size, as it does the plain images."""
+    root, lines = tmp_path / "images", []
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        for k in range(4):
+            rel = f"c{c}/{k}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / rel)
+            lines.append(f"{rel} {c}")
+    frames = [Image.fromarray(np.full((20, 20, 3), v, np.uint8)) for v in (40, 220)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    (root / "c0/anim.gif").write_bytes(buf.getvalue())
+    (root / "c1/deep.png").write_bytes(png16(rng.integers(0, 65536, (20, 20, 3)).astype(np.uint16)))
+    Image.new("L", (9000, 9000)).save(root / "c1/bomb.png")
+    lines += ["c0/anim.gif 0", "c1/deep.png 1", "c1/bomb.png 1"]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    raw = load_split_lists("odd", root, {"train": tmp_path / "train.txt"}, transform="cifar", image_size=16)
+    raw = with_validation(raw, val_per_class=1, min_train_per_class=2, seed=0)
+    with pytest.raises(DataError, match="bomb.png .*9000 x 9000 pixels is over the 40-megapixel limit"):
+        prepare_dataset(raw, tmp_path / "out", progress=False)
+    manifest = prepare_dataset(raw, tmp_path / "out", skip_bad=True, progress=False)
+    assert [e["path"] for s in manifest["splits"].values() for e in s["skipped"]["examples"]] == ["c1/bomb.png"]
+    ds = open_prepared(tmp_path / "out")
+    batch = ds.ray_dataset("train", train=False).take_batch(100)
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape[1:] == (3, 16, 16)
+    assert len(batch["label"]) == sum(s["num_samples"] for k, s in manifest["splits"].items() if k == "train")
+
+
+def test_prepared_data_is_not_reused_once_its_images_change(places_subset, tmp_path, ray_local, capsys):
+    """The fingerprint covers the image root, and a size + mtime digest of every image says when to read them
+    again: touched files with the same bytes are no change; new bytes, or another image folder, are refused."""
+    import os
+    import shutil
+
+    root, lists = places_subset
+    out = tmp_path / "out"
+    first = prepare_dataset(load_split_lists("places_lt", root, lists), out, progress=False)
+    image = root / lists["train"].read_text().split()[0]
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, another time
+    assert prepare_dataset(load_split_lists("places_lt", root, lists), out, progress=False) == first
+    assert "same images (their file times changed); nothing to do" in capsys.readouterr().err
+    _write_jpeg(image, seed=999)  # new pixels at the same path
+    with pytest.raises(DataError, match=f"the images under {root} changed since {out} was prepared"):
+        prepare_dataset(load_split_lists("places_lt", root, lists), out, progress=False)
+    elsewhere = tmp_path / "copy"
+    shutil.copytree(root, elsewhere)
+    with pytest.raises(DataError, match="already exists and holds a different prepared dataset"):
+        prepare_dataset(load_split_lists("places_lt", elsewhere, lists), out, progress=False)
+    assert open_prepared(out).manifest["input_hash"] == first["input_hash"]  # nothing was replaced
+    renewed = prepare_dataset(load_split_lists("places_lt", root, lists), out, overwrite=True, progress=False)
+    assert renewed["input_hash"] != first["input_hash"]
 
 
 def test_prepare_is_idempotent_and_never_overwrites_silently(places_subset, tmp_path, ray_local):

@@ -1,10 +1,8 @@
 """The one image decoder (``transforms.decode_rgb``) of preparation, training and the served model: a pixel cap read
 from the header before decoding, one frame, 8-bit RGB out. Images are written here in the formats users have."""
 import io
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
@@ -12,25 +10,13 @@ from PIL import Image
 
 from lade_core.data.transforms import ImageDecodeError, decode_rgb
 
+from conftest import png16
+
 
 def _encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format=fmt, **kw)
     return buf.getvalue()
-
-
-def _png16(samples: np.ndarray) -> bytes:
-    """A 16-bit PNG (grayscale [H, W] or RGB [H, W, 3]) written from the PNG specification, big-endian samples."""
-    h, w = samples.shape[:2]
-    colour = 0 if samples.ndim == 2 else 2
-    rows = samples.astype(">u2").reshape(h, -1).tobytes()
-    raw = b"".join(b"\x00" + rows[i * len(rows) // h:(i + 1) * len(rows) // h] for i in range(h))
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
 def test_8bit_rgb_png_and_jpeg_decode_to_their_pixels(rng):
@@ -42,14 +28,22 @@ def test_8bit_rgb_png_and_jpeg_decode_to_their_pixels(rng):
     np.testing.assert_array_equal(decode_rgb(jpeg).permute(1, 2, 0).numpy(), np.asarray(Image.open(io.BytesIO(jpeg))))
 
 
-def test_16bit_pngs_are_scaled_to_8_bits_not_clipped(rng):
-    gray = rng.integers(0, 65536, (8, 9)).astype(np.uint16)
-    x = decode_rgb(_png16(gray)).numpy()
+def _to_8bit(v: np.ndarray) -> np.ndarray:
+    """The nearest 8-bit value of a 16-bit sample: round(v * 255 / 65535)."""
+    return np.round(v.astype(np.float64) * 255 / 65535).astype(np.uint8)
+
+
+def test_16bit_images_are_scaled_to_8_bits_not_clipped(rng):
+    gray = np.concatenate([np.array([0, 128, 129, 257, 65535]), rng.integers(0, 65536, 67)]).reshape(8, 9).astype(np.uint16)
+    x = decode_rgb(png16(gray)).numpy()
     assert x.dtype == np.uint8
     for c in range(3):
-        np.testing.assert_array_equal(x[c], gray >> 8)
+        np.testing.assert_array_equal(x[c], _to_8bit(gray))
     rgb = rng.integers(0, 65536, (8, 9, 3)).astype(np.uint16)
-    np.testing.assert_array_equal(decode_rgb(_png16(rgb)).permute(1, 2, 0).numpy(), rgb >> 8)
+    np.testing.assert_array_equal(decode_rgb(png16(rgb)).permute(1, 2, 0).numpy(), _to_8bit(rgb))
+    tiff = io.BytesIO()  # Pillow's path (TIFF): the same scaling
+    Image.fromarray(gray).save(tiff, format="TIFF")
+    np.testing.assert_array_equal(decode_rgb(tiff.getvalue()).numpy()[1], _to_8bit(gray))
 
 
 def test_grayscale_palette_and_alpha_images_become_rgb(rng):
@@ -80,13 +74,18 @@ def test_a_decompression_bomb_is_refused_from_its_header_in_bounded_memory(tmp_p
     out = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120).stdout
     assert "refused: 9000 x 9000 pixels is over the 40-megapixel limit" in out, out
     assert int(out.split("grew_kb")[1]) < 50_000, out  # < 50 MB, against 243 MB (RGB) decoded
-    with pytest.raises(ImageDecodeError, match="over the 1-megapixel limit"):
-        decode_rgb(_encode(Image.new("RGB", (1001, 1000))), max_pixels=1_000_000)
+    # Every format's header is read before its pixels: each is refused at 1 001 x 1 000 against a 1 MP cap.
+    big = Image.new("RGB", (1001, 1000))
+    for fmt, kw in (("PNG", {}), ("JPEG", {}), ("GIF", {}), ("WEBP", {"lossless": True}), ("WEBP", {"quality": 50}),
+                    ("BMP", {}), ("TIFF", {})):
+        with pytest.raises(ImageDecodeError, match="1001 x 1000 pixels is over the 1-megapixel limit"):
+            decode_rgb(_encode(big, fmt, **kw), max_pixels=1_000_000)
+        assert tuple(decode_rgb(_encode(big, fmt, **kw), max_pixels=1_001_000).shape) == (3, 1000, 1001), fmt
 
 
 def test_corrupt_truncated_and_float_images_are_one_clear_error(rng):
     png = _encode(Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)))
-    for data, message in ((b"not an image", "not an image Pillow can read"), (png[:120], "corrupt image data"),
+    for data, message in ((b"not an image", "not an image lade can read"), (png[:120], "corrupt image data"),
                           (_encode(Image.fromarray(np.zeros((4, 4), np.float32)), "TIFF"), "mode F")):
         with pytest.raises(ImageDecodeError, match=message):
             decode_rgb(data)

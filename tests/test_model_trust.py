@@ -93,3 +93,15 @@ def test_a_model_with_another_layout_or_a_bad_card_is_one_clear_error(logged):
         load_classifier(model_uri)
     with pytest.raises(ValueError, match="cannot load models:/nope/1"):
         load_classifier("models:/nope/1")
+
+
+def test_the_champion_alias_never_moves_to_a_model_of_other_classes(logged):
+    from lade_core.serving import check_alias_classes
+
+    client, model_uri, _ = logged
+    uri = client.tracking_uri
+    check_alias_classes(uri, "trusted", "champion", ["x", "y"])  # unset alias: nothing to compare
+    client.set_registered_model_alias("trusted", "champion", "1")
+    check_alias_classes(uri, "trusted", "champion", ["a", "b", "c"])  # the same classes
+    with pytest.raises(ValueError, match=r"models:/trusted@champion is version 1, a model of 3 other classes"):
+        check_alias_classes(uri, "trusted", "champion", ["a", "b", "c", "d"])

@@ -129,9 +129,13 @@ def test_pyfunc_refuses_bad_input_by_name(store):
         load_classifier(other)
 
 
+REST_MAX_ROWS = 16  # the served model's cap on rows per request in the REST test
+
+
 def _serve(uri, model_uri, log_path):
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+           "LADE_MAX_ROWS_PER_REQUEST": str(REST_MAX_ROWS)}
     log = open(log_path, "w")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--host",
                                "127.0.0.1", "--port", str(port), "--env-manager", "local"],
@@ -171,10 +175,27 @@ def test_rest_server_answers_like_the_pyfunc(store, tmp_path):
         served = pd.DataFrame(answer["predictions"])
         assert served["label"].tolist() == local["label"].tolist()
         np.testing.assert_allclose(np.stack(served["probabilities"]), np.stack(local["probabilities"]), atol=1e-6)
-        # A malformed prior is a 400 that names the problem, not a stack trace.
-        status, answer = post({"dataframe_split": {"columns": ["image"], "data": [[b64[0]]]},
-                               "params": {"target_prior": [0.5, 0.5]}})
-        assert status >= 400 and "wrong length" in json.dumps(answer), answer
+        # Bad input is a 400 that names the problem, without the server's stack trace: a malformed prior, more rows
+        # than the cap, an image over the pixel cap.
+        bomb = io.BytesIO()
+        Image.new("L", (9000, 9000)).save(bomb, format="PNG")
+        for body, message in (
+                ({"dataframe_split": {"columns": ["image"], "data": [[b64[0]]]},
+                  "params": {"target_prior": [0.5, 0.5]}}, "wrong length"),
+                ({"dataframe_split": {"columns": ["image"], "data": [[b64[0]]] * (REST_MAX_ROWS + 1)}},
+                 f"{REST_MAX_ROWS + 1} rows in one request; at most {REST_MAX_ROWS}"),
+                ({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(bomb.getvalue()).decode()]]}},
+                 "9000 x 9000 pixels is over the 40-megapixel limit")):
+            status, answer = post(body)
+            assert status == 400 and message in answer["message"], answer
+            assert not answer.get("stack_trace") and "Traceback" not in json.dumps(answer), answer
+        # An animated GIF answers with its first frame's prediction, like the same image as a PNG.
+        frames = [Image.open(io.BytesIO(images[0])).convert("RGB"), Image.new("RGB", (20, 20), (250, 0, 0))]
+        gif = io.BytesIO()
+        frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+        status, answer = post({"dataframe_split": {"columns": ["image"],
+                                                   "data": [[base64.b64encode(gif.getvalue()).decode()]]}})
+        assert status == 200 and len(answer["predictions"]) == 1 and answer["predictions"][0]["label"] >= 0, answer
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

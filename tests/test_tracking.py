@@ -86,3 +86,21 @@ def test_a_half_logged_model_is_never_reused_or_registered(uri):
         model_uri = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="model", serialization_format="pt2",
                                              input_example=torch.zeros(1, 2).numpy()).model_uri
     assert logged_model_uri(client, run_id, "model") == model_uri != f"models:/{pending.model_id}"
+
+
+def test_a_rerun_resumes_only_the_search_it_names(uri):
+    """The search's digest (its dataset, objective, space, schedule) is set on its parent run when it starts; a rerun
+    with the same --experiment and other settings is refused instead of finalizing a champion against them."""
+    from lade_core.tuning import SEARCH_DIGEST_TAG, check_search_digest, search_digest
+
+    digest = search_digest({"dataset": "/data/a", "objective": "uniform", "space": {"alpha": ("loguniform", 0.01, 1)}})
+    check_search_digest(uri, "search", digest)  # nothing started yet
+    start_or_resume_run(uri, "search", "search", CONFIG, tags={SEARCH_DIGEST_TAG: digest})
+    check_search_digest(uri, "search", digest)  # the same search: resumes
+    other = search_digest({"dataset": "/data/a", "objective": "shift_mean", "space": {"alpha": ("loguniform", 0.01, 1)}})
+    assert other != digest
+    with pytest.raises(ValueError, match="'search' was started with another dataset, objective, space or schedule"):
+        check_search_digest(uri, "search", other)
+    start_or_resume_run(uri, "old", "old", CONFIG)  # a search started before digests were recorded
+    with pytest.raises(ValueError, match="'old' was started by an older lade"):
+        check_search_digest(uri, "old", digest)

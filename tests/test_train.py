@@ -118,6 +118,40 @@ def test_run_name_with_another_config_is_refused(workdir, smoke_run):
     assert _run(client, "r-lade").info.status == "FINISHED"  # the finished run is left as it was
 
 
+def test_run_states_only_move_forward(workdir, smoke_run):
+    """A finished run rerun is left FINISHED without starting Ray, even with settings its cluster cannot fit; a
+    FAILED run rerun with another config stays FAILED (it used to be closed FINISHED); a run of that name without
+    a config digest (not started by train.py) is refused, untouched."""
+    from lade_core.tracking import CONFIG_DIGEST_TAG, open_run
+
+    smoke_run("lade")
+    client = _client(workdir)
+    finished = _run(client, "r-lade")
+    steps = len(client.get_metric_history(finished.info.run_id, "val/top1"))
+    # Even with settings its cluster cannot fit (which used to turn it FAILED): nothing to do, no Ray started.
+    again = run_train(workdir, "--loss", "lade", "--run-name", "r-lade", "--register", "model-lade",
+                      "--num-workers", "64", "--batch-size", "256")
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "is finished" in again.stdout and "nothing to do" in again.stdout and "epoch 1/" not in again.stdout
+    assert client.get_run(finished.info.run_id).info.status == "FINISHED"
+    assert len(client.get_metric_history(finished.info.run_id, "val/top1")) == steps
+    assert len(client.search_model_versions("name = 'model-lade'")) == 1
+
+    config = {"source_prior": [0.5, 0.5], "train_counts": [1, 1]}
+    failed = open_run(f"sqlite:///{workdir / 'mlflow.db'}", "lade", "was-failed", config,
+                      tags={CONFIG_DIGEST_TAG: "0123456789"}, storage=str(workdir / "ray_results"))
+    client.log_metric(failed.run_id, "val/top1", 0.5, step=0)
+    client.set_terminated(failed.run_id, "FAILED")
+    clash = run_train(workdir, "--loss", "lade", "--run-name", "was-failed")
+    assert clash.returncode == 2 and "exists with a different config" in clash.stderr, clash.stderr[-2000:]
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+    foreign = open_run(f"sqlite:///{workdir / 'mlflow.db'}", "lade", "no-digest", config)
+    client.set_terminated(foreign.run_id, "KILLED")
+    refused = run_train(workdir, "--loss", "lade", "--run-name", "no-digest")
+    assert refused.returncode == 2 and "without a config digest" in refused.stderr, refused.stderr[-2000:]
+    assert client.get_run(foreign.run_id).info.status == "KILLED"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..locks import exclusive
 from .sources import DataError, RawDataset, RawSplit, check_no_empty_class
 from .transforms import decode_rgb
 
@@ -59,8 +60,26 @@ def _check_image_file(path: Path) -> tuple[bytes | None, str | None, tuple[int, 
 
 def _fingerprint(raw: RawDataset, skip_bad: bool) -> str:
     key = {"name": raw.name, "kind": raw.source.get("kind"), "options": raw.options, "inputs": raw.input_hash,
-           "transform": raw.transform, "image_size": raw.image_size, "skip_bad": skip_bad, "layout": LAYOUT_VERSION}
+           "transform": raw.transform, "image_size": raw.image_size, "skip_bad": skip_bad, "layout": LAYOUT_VERSION,
+           # The same lists over another image folder are other data.
+           "image_root": str(Path(raw.image_root).resolve()) if raw.image_root is not None else None}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def image_stats(raw: RawDataset) -> str | None:
+    """A cheap digest of every image file's size and modification time (no reads): whether the images may have
+    changed since a preparation. None for in-memory datasets."""
+    if raw.image_root is None:
+        return None
+    root, h = Path(raw.image_root), hashlib.sha256()
+    for split in sorted(raw.splits):
+        for p in raw.splits[split].paths:
+            try:
+                st = (root / p).stat()
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
 
 
 def _validate_files(raw: RawDataset, skip_bad: bool, progress: bool) -> tuple[dict[str, RawSplit], dict, str, set]:
@@ -152,8 +171,15 @@ def prepare_dataset(
     progress: bool = True,
     num_cpus: int | None = None,
 ) -> dict:
-    """Write ``raw`` as a prepared dataset directory and return its manifest (idempotent for the same inputs)."""
+    """Write ``raw`` as a prepared dataset directory and return its manifest (idempotent for the same inputs). One
+    preparation of ``out_dir`` at a time (``locks``): a second one is refused, naming the first."""
     out_dir = Path(out_dir).resolve()
+    with exclusive(out_dir.parent / f".{out_dir.name}.lock", f"prepared dataset {out_dir}"):
+        return _prepare(raw, out_dir, overwrite, skip_bad, rows_per_shard, progress, num_cpus)
+
+
+def _prepare(raw: RawDataset, out_dir: Path, overwrite: bool, skip_bad: bool, rows_per_shard: int, progress: bool,
+             num_cpus: int | None) -> dict:
     fingerprint = _fingerprint(raw, skip_bad)
     _remove_leftovers(out_dir)
     if out_dir.exists():
@@ -163,8 +189,16 @@ def prepare_dataset(
             raise DataError(f"{out_dir} already exists and holds files that are not a prepared dataset; lade never "
                             "replaces those (not even with --overwrite): choose another directory")
         if existing.get("fingerprint") == fingerprint and not overwrite:
-            print(f"{out_dir}: already prepared from the same inputs; nothing to do", file=sys.stderr)
-            return existing
+            if existing.get("image_stats") == image_stats(raw):
+                print(f"{out_dir}: already prepared from the same inputs; nothing to do", file=sys.stderr)
+                return existing
+            # Sizes or times differ: read the images again; the same bytes (files copied or touched) are no change.
+            if _validate_files(raw, skip_bad, progress)[2] == existing.get("input_hash"):
+                print(f"{out_dir}: already prepared from the same images (their file times changed); nothing to do",
+                      file=sys.stderr)
+                return existing
+            raise DataError(f"the images under {raw.image_root} changed since {out_dir} was prepared from them; pass "
+                            "--overwrite to prepare it again, or choose another directory")
         if not overwrite:
             raise DataError(f"{out_dir} already exists and holds a different prepared dataset ({existing.get('name')}); "
                             "choose another directory or pass --overwrite")
@@ -220,6 +254,7 @@ def prepare_dataset(
             "seed": raw.options.get("seed"),
             "lade_version": __version__,
             "input_hash": input_hash,
+            "image_stats": image_stats(raw),
             "fingerprint": fingerprint,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
