@@ -4,7 +4,8 @@ Two ``train.py --run-name X`` started together would otherwise both resume the s
 checkpoint folder; a second ``prepare_data.py`` to the same ``--out`` would delete the first one's temporary
 folder mid-write. The lock is ``flock`` on a file: the kernel releases it when its process dies, however it dies, so
 a dead holder's lock is simply taken by the next driver (no stale-lock guessing); it works on a local disk and on
-NFS (Linux maps ``flock`` to NFS byte-range locks). The file records who holds it, for the error of the next one.
+NFS (Linux maps ``flock`` to NFS byte-range locks). The file records who holds it, for the error of the next one,
+and is removed when the holder is done.
 Object stores (``s3://``) have no such lock: a location given as a URI is not locked (``lock_for`` returns None).
 """
 from __future__ import annotations
@@ -28,18 +29,31 @@ def exclusive(path: str | Path, what: str) -> Iterator[None]:
     """Hold the lock file ``path`` for the ``with`` block, or raise ``LockHeld`` naming the process that has it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise LockHeld(f"{what} is in use by {_holder(fd)} (lock {path}); wait for it to finish, or stop it")
+            holder = _holder(fd)
+            os.close(fd)
+            raise LockHeld(f"{what} is in use by {holder} (lock {path}); wait for it to finish, or stop it") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its holder removed the file as we opened it: lock the file that is there now
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
                                   "what": what}).encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race a process opening it)
+        # Removed while still held, so nothing is left behind; a process that opened it meanwhile sees, once it
+        # has the lock, that the path no longer names its file, and tries again.
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _holder(fd: int) -> str:

@@ -1,6 +1,7 @@
 """Process-level setup shared by the pipelines: Ray connection and how much Ray says on the console."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -77,12 +78,33 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     else:
         # The dashboard serves Ray's state API, which Ray Train V2 uses to release a finished or killed run's
         # placement group; without it, each trainer run under Tune leaks its workers' CPUs until Ray stops.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _system_config={"num_workers_soft_limit": worker_soft_limit(num_cpus)}, **logs)
+        with _loopback_node():
+            ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     _system_config={"num_workers_soft_limit": worker_soft_limit(num_cpus)}, **logs)
     import ray.data
 
     # Ray Data's per-operator bars: useful while preparing, noise between the epoch lines of a training run.
     ray.data.DataContext.get_current().enable_progress_bars = _VERBOSE
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """A local Ray on this machine alone: its node IP is 127.0.0.1, so that every server of the node (GCS, raylet,
+    workers, dashboard agent, runtime-env agent) listens on loopback only, never on the network.
+
+    Why this way (Ray 2.60): each of a node's servers binds its node IP, which Ray takes on Linux from the outward
+    interface, and ``ray.init(_node_ip_address="127.0.0.1")`` is rewritten to that same address
+    (``services.resolve_ip_for_localhost``). Ray's own single-machine mode (macOS, Windows; the switch is
+    ``ray_constants.ENABLE_RAY_CLUSTER``) uses loopback instead: it is set for this start only. A driver that joins
+    a cluster (RAY_ADDRESS, ``ray job submit``) is never affected."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def worker_soft_limit(num_cpus: int | None) -> int:
