@@ -105,3 +105,51 @@ def test_the_champion_alias_never_moves_to_a_model_of_other_classes(logged):
     check_alias_classes(uri, "trusted", "champion", ["a", "b", "c"])  # the same classes
     with pytest.raises(ValueError, match=r"models:/trusted@champion is version 1, a model of 3 other classes"):
         check_alias_classes(uri, "trusted", "champion", ["a", "b", "c", "d"])
+
+
+KILLED_LOGGER = r'''
+import sys, mlflow, torch
+from lade_core.models import build_model
+from lade_core.serving import ModelCard, log_classifier
+mlflow.set_tracking_uri(sys.argv[1])
+with mlflow.start_run(run_id=sys.argv[2]):
+    log_classifier(ModelCard("resnet32", 3, ["a", "b", "c"], [0.6, 0.3, 0.1], "lade", "cifar", 16),
+                   build_model("resnet32", 3).state_dict(), "model")
+'''
+
+
+def test_a_driver_killed_inside_log_model_leaves_nothing_that_is_reused_or_registered(tmp_path):
+    """SIGKILL while MLflow is logging the model (its LoggedModel created PENDING, files on their way): the
+    rerun's lookup marks it FAILED and finds no model, so the model is logged again, and that one registers
+    and loads."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.entities import LoggedModelStatus
+
+    from lade_core.tracking import logged_model_uri, register_once, start_or_resume_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _ = start_or_resume_run(uri, "killed", "r", {"source_prior": [0.6, 0.3, 0.1], "train_counts": [6, 3, 1]})
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_run(run_id).info.experiment_id
+    child = subprocess.Popen([sys.executable, "-c", KILLED_LOGGER, uri, run_id])
+    deadline = time.time() + 120
+    while not client.search_logged_models([exp]):
+        assert child.poll() is None and time.time() < deadline, "log_model ended before it could be killed"
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    (half,) = client.search_logged_models([exp])
+    assert half.status == LoggedModelStatus.PENDING  # killed inside log_model
+    assert logged_model_uri(client, run_id, "model") is None
+    assert client.get_logged_model(half.model_id).status == LoggedModelStatus.FAILED
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = log_classifier(ModelCard("resnet32", 3, ["a", "b", "c"], [0.6, 0.3, 0.1], "lade", "cifar", 16),
+                              build_model("resnet32", 3).state_dict(), "model")
+    assert logged_model_uri(client, run_id, "model") == info.model_uri
+    version = register_once(client, run_id, "after-kill", logged_model_uri(client, run_id, "model"))
+    assert isinstance(load_classifier(f"models:/after-kill/{version.version}"), LadeClassifier)
