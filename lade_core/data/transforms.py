@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from PIL import Image
+from torchcodec import decoders
 from torchvision.transforms import v2
 
 # Per-family normalization statistics (CIFAR-100 and ImageNet, as in torchvision's references).
@@ -79,11 +80,9 @@ def decode_rgb(data: bytes, max_pixels: int | None = None) -> torch.Tensor:
     if size is None:
         raise ImageDecodeError(f"corrupt {kind} header")
     _check_pixels(*size, limit)
-    from torchcodec import decoders
-
     # The format's own decoder on a tensor of the bytes: no second format sniffing, no copy inside TorchCodec
     # (bench/decode_speed.py: on par with torchvision's decoder; decoders.decode_image on bytes is ~20 % slower).
-    decode = {"PNG": decoders.decode_png, "JPEG": decoders.decode_jpeg}.get(kind, decoders.decode_image)
+    decode = _DECODERS.get(kind, decoders.decode_image)
     try:
         image = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")  # [N, 3, H, W] if animated
     except (RuntimeError, ValueError) as e:  # a truncated or corrupt file, found while decoding
@@ -118,6 +117,8 @@ def _header_size(data: bytes) -> tuple[str | None, tuple[int, int] | None]:
         return "JPEG", _jpeg_size(data)
     return None, None
 
+
+_DECODERS = {"PNG": decoders.decode_png, "JPEG": decoders.decode_jpeg}
 
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they hold the image's size.
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
