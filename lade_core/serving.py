@@ -288,8 +288,6 @@ def check_model_layout(model_uri: str, mlmodel: dict) -> dict:
 def check_alias_classes(tracking_uri: str, name: str, alias: str, class_names: list[str]) -> None:
     """Refuse to move ``models:/NAME@ALIAS`` to a model of other classes: whatever serves the alias would answer
     with another label set. Nothing to check while the alias is unset."""
-    from mlflow.exceptions import MlflowException
-
     mlflow.set_tracking_uri(tracking_uri)
     try:
         version = mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, alias)
@@ -316,7 +314,6 @@ def load_classifier(model_uri: str) -> LadeClassifier:
     only the JSON card and the weights (``weights_only=True``). MLflow's own serving (``mlflow models serve``) does
     run the stored entry, which a user who serves that way has chosen."""
     import yaml
-    from mlflow.exceptions import MlflowException
 
     try:
         mlmodel = yaml.safe_load(Path(_model_file(model_uri, "MLmodel")).read_text())
