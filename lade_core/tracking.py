@@ -135,6 +135,15 @@ def mark_running(uri: str, run: RunRecord) -> None:
         MlflowClient(uri).update_run(run.run_id, status="RUNNING")
 
 
+def named_run(uri: str, experiment: str, run_name: str):
+    """The run named ``run_name`` in ``experiment`` of the store at ``uri``, or None (no such experiment or run)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return find_run(client, exp.experiment_id, run_name) if exp else None
+
+
 def start_or_resume_run(uri: str, experiment: str, run_name: str, config: dict, tags: dict | None = None,
                         storage: str | None = None) -> tuple[str, bool]:
     """``open_run`` and ``mark_running`` in one step, for callers with nothing to check in between (Tune's search

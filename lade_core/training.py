@@ -278,22 +278,24 @@ def latest_checkpoint(run_dir: str | None) -> LatestCheckpoint | None:
         return None  # no checkpoint yet: a new run
 
 
-def saved_history(checkpoint) -> list[dict]:
-    """The per-epoch history saved in a ``ray.train.Checkpoint``, read alone (not the weights beside it)."""
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{HISTORY_FILE}") as f:
+def _read_history(fs, checkpoint_dir: str) -> list[dict]:
+    """``history.json`` of a checkpoint folder in filesystem ``fs``, read alone (not the weights beside it)."""
+    with fs.open_input_stream(f"{checkpoint_dir.rstrip('/')}/{HISTORY_FILE}") as f:
         return json.loads(f.read())
+
+
+def saved_history(checkpoint) -> list[dict]:
+    """The per-epoch history saved in a ``ray.train.Checkpoint``."""
+    return _read_history(checkpoint.filesystem, checkpoint.path)
 
 
 def checkpoint_history(storage: str, checkpoint_path: str) -> list[dict] | None:
     """The per-epoch history saved in a checkpoint folder, given as Ray Train names it (``Checkpoint.path``: a path
-    inside the filesystem of ``storage``, the run's storage location), or None if it cannot be read."""
+    inside the filesystem of ``storage``, the run's storage location) or as a URI, or None if it cannot be read."""
     try:
-        if "://" in checkpoint_path:
-            fs, path = _storage_fs(checkpoint_path)
-        else:
-            fs, path = _storage_fs(storage)[0], checkpoint_path
-        with fs.open_input_stream(f"{path.rstrip('/')}/{HISTORY_FILE}") as f:
-            return json.loads(f.read())
+        fs, path = _storage_fs(checkpoint_path) if "://" in checkpoint_path else (_storage_fs(storage)[0],
+                                                                                   checkpoint_path)
+        return _read_history(fs, path)
     except (FileNotFoundError, OSError, TypeError, ValueError):
         return None
 

@@ -31,13 +31,9 @@ def search_digest(identity: dict) -> str:
 def check_search_digest(uri: str, experiment: str, digest: str) -> None:
     """A rerun resumes the search it names, never another: Tune restores its own saved space and settings, and the
     champion would be finalized against this invocation's dataset and objective."""
-    from mlflow import MlflowClient
+    from .tracking import named_run
 
-    from .tracking import find_run
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    parent = find_run(client, exp.experiment_id, experiment) if exp else None
+    parent = named_run(uri, experiment, experiment)
     stored = parent.data.tags.get(SEARCH_DIGEST_TAG) if parent else None
     if parent is not None and stored != digest:
         why = ("was started by an older lade" if stored is None
@@ -134,13 +130,9 @@ class EpochASHA(ASHAScheduler):
 
 def trial_run(mlflow_uri: str, experiment: str, search: str, trial_id: str):
     """The MLflow run of one trial of the search (``trial_run_name``), or None before its driver created it."""
-    from mlflow import MlflowClient
+    from .tracking import named_run
 
-    from .tracking import find_run
-
-    client = MlflowClient(mlflow_uri)
-    exp = client.get_experiment_by_name(experiment)
-    return find_run(client, exp.experiment_id, trial_run_name(search, trial_id)) if exp else None
+    return named_run(mlflow_uri, experiment, trial_run_name(search, trial_id))
 
 
 class TrialEpochLogger(Callback):

@@ -31,10 +31,10 @@ from lade_core.report import format_table
 from lade_core.runs import SMOKE, check_against_dataset, dataset_class_names, finalize, load_dataset, storage_uri
 from lade_core.serving import check_alias_classes
 from lade_core.runtime import check_job_locations, init_ray, local_num_cpus, quiet_logging
-from lade_core.tracking import end_run, find_run, log_table_once, resolve_tracking_uri, start_or_resume_run
+from lade_core.tracking import end_run, log_table_once, resolve_tracking_uri, start_or_resume_run
 from lade_core.training import join_path
 from lade_core.tuning import (OBJECTIVES, SEARCH_DIGEST_TAG, EpochASHA, TrialEpochLogger, check_search_digest,
-                              search_digest, select_method, summary_rows, trial_driver, trial_run_name)
+                              search_digest, select_method, summary_rows, trial_driver, trial_run, trial_run_name)
 
 REPO = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
@@ -159,8 +159,7 @@ def register_champion(client, best, prepared, name: str) -> str:
     from ray.train import Checkpoint
 
     run_name = trial_run_name(best.config["search"], best.metrics["trial_id"])
-    exp = client.get_experiment_by_name(best.config["experiment"])
-    run = find_run(client, exp.experiment_id, run_name)
+    run = trial_run(client.tracking_uri, best.config["experiment"], best.config["search"], best.metrics["trial_id"])
     config = {**select_method(best.config), "run_name": run_name, "mlflow_run_id": run.info.run_id, "register": name}
     check_alias_classes(config["mlflow_uri"], name, CHAMPION, dataset_class_names(prepared))
     finalize(config, prepared, Checkpoint(best.metrics["checkpoint_path"]))  # idempotent: reruns add nothing
@@ -176,8 +175,7 @@ def close_trial_runs(client, results) -> None:
         trial_id = (r.metrics or {}).get("trial_id")
         if trial_id is None:
             continue
-        exp = client.get_experiment_by_name(r.config["experiment"])
-        run = find_run(client, exp.experiment_id, trial_run_name(r.config["search"], trial_id))
+        run = trial_run(client.tracking_uri, r.config["experiment"], r.config["search"], trial_id)
         if run is not None:
             client.set_terminated(run.info.run_id, "FAILED" if r.error is not None else "FINISHED")
 
