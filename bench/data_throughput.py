@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw
 from lade_core.data.prepare import prepare_dataset
 from lade_core.data.prepared import open_prepared
 from lade_core.data.sources import RawDataset, RawSplit, load_image_folder
-from lade_core.data.transforms import decode_augment, normalize
+from lade_core.data.recipe import resolve_augment, resolve_normalize
+from lade_core.data.transforms import ImageTransform, decode_augment, normalize
 from lade_core.runtime import init_ray
 
 
@@ -46,15 +47,15 @@ def natural_image(rng: np.random.Generator, height: int, width: int) -> Image.Im
 class _Encoded(torch.utils.data.Dataset):
     """The DataLoader side: the same encoded bytes, decoded and augmented per sample in the worker processes."""
 
-    def __init__(self, images: list[bytes], kind: str, labels=None):
-        self.images, self.kind = images, kind
+    def __init__(self, images: list[bytes], tf: ImageTransform, labels=None):
+        self.images, self.tf = images, tf
         self.labels = np.zeros(len(images), np.int64) if labels is None else np.asarray(labels)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i):
-        out = decode_augment({"image": [self.images[i]], "label": [self.labels[i]], "index": [i]}, self.kind, train=True)
+        out = decode_augment({"image": [self.images[i]], "label": [self.labels[i]], "index": [i]}, self.tf)
         return torch.from_numpy(out["image"][0]), int(out["label"][0])
 
 
@@ -77,27 +78,34 @@ def make_dataset(kind: str, n: int, tmp: Path):
     return open_prepared(tmp / kind)
 
 
-def ray_data_ips(ds, kind: str, batch_size: int) -> float:
+def train_transform(ds) -> ImageTransform:
+    """The family's preset augmentation, resolved as a run resolves it (what the training workers get)."""
+    size = ds.crop_size()
+    return ImageTransform(ds.family, size, resolve_augment(None, ds.family, size, ds.input_sizes(size)), seed=0)
+
+
+def ray_data_ips(ds, batch_size: int) -> float:
     t0 = time.perf_counter()
-    count = 0
-    for batch in ds.ray_dataset("train").iter_torch_batches(batch_size=batch_size, prefetch_batches=2):
-        normalize(batch["image"], kind)
+    count, stats = 0, resolve_normalize(None, ds.family, None)
+    for batch in ds.ray_dataset("train", train_transform(ds)).iter_torch_batches(batch_size=batch_size,
+                                                                                prefetch_batches=2):
+        normalize(batch["image"], stats)
         count += len(batch["label"])
     return count / (time.perf_counter() - t0)
 
 
-def make_loader(encoded: list[bytes], kind: str, batch_size: int, workers: int):
+def make_loader(encoded: list[bytes], tf: ImageTransform, batch_size: int, workers: int):
     # spawn: a forked child of a process that runs a Ray driver confuses the raylet; persistent, so that like Ray's
     # workers they start once and are timed warm.
-    return torch.utils.data.DataLoader(_Encoded(encoded, kind), batch_size=batch_size, num_workers=workers,
+    return torch.utils.data.DataLoader(_Encoded(encoded, tf), batch_size=batch_size, num_workers=workers,
                                        shuffle=True, persistent_workers=True, multiprocessing_context="spawn")
 
 
 def dataloader_ips(loader, kind: str) -> float:
     t0 = time.perf_counter()
-    count = 0
+    count, stats = 0, resolve_normalize(None, kind, None)
     for images, labels in loader:
-        normalize(images, kind)
+        normalize(images, stats)
         count += len(labels)
     return count / (time.perf_counter() - t0)
 
@@ -123,9 +131,9 @@ def main() -> None:
         for kind, n in cases:
             ds = make_dataset(kind, n, Path(d))
             encoded = ds.raw_split("train").column("image").to_pylist()
-            ray_data_ips(ds, kind, 64)  # warm-up: starts Ray's worker processes
-            r = max(ray_data_ips(ds, kind, 64) for _ in range(args.repeats))
-            loader = make_loader(encoded, kind, 64, args.cpus)
+            ray_data_ips(ds, 64)  # warm-up: starts Ray's worker processes
+            r = max(ray_data_ips(ds, 64) for _ in range(args.repeats))
+            loader = make_loader(encoded, train_transform(ds), 64, args.cpus)
             dataloader_ips(loader, kind)  # warm-up: starts the worker processes
             t = max(dataloader_ips(loader, kind) for _ in range(args.repeats))
             del loader

@@ -76,6 +76,9 @@ class RunLogits:
     # The linear classifier's weight [C, D] and bias [C] of a run whose loss takes PC compensation (softmax, focal),
     # for the τ-normalized classifier evaluated from its stored logits (``heads.tau_normalize``); else None.
     classifier: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    # The digest of the run's config without its seed (tracking.SEED_GROUP_TAG): runs sharing it differ only in
+    # seed, and compare.py reports them as one mean ± std row. None: a run of an older lade (its own group).
+    seed_group: str | None = None
 
     def __post_init__(self):
         """Whatever the logits came from (an MLflow run, a local file), they are checked before any metric."""
@@ -145,7 +148,7 @@ def load_run_logits(client, run_id: str, classifier: bool = False) -> RunLogits:
     loss = run.data.params.get("loss", "lade")
     return RunLogits(run_id, run.info.run_name, loss, logits, labels, source_prior, train_counts, *val,
                      classifier=_linear_classifier(client, run_id) if classifier and posthoc_rules(loss)[0] == "pc"
-                     else None)
+                     else None, seed_group=run.data.tags.get("lade.seed_group"))
 
 
 def _linear_classifier(client, run_id: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:

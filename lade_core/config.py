@@ -9,7 +9,9 @@ line) and the key, before Ray starts. What it returns is the flat, checked dict 
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import dataclasses
 import inspect
 import math
@@ -20,9 +22,10 @@ from pathlib import Path
 
 import yaml
 
+from .data.recipe import check_augment, check_normalize
 from .data.sources import MIN_IMAGE_SIZE
 from .losses import ESTIMATORS, LOSS_KEYS, LOSSES
-from .models import MODELS
+from .models import check_model_name
 
 SCHEDULES = ("cosine", "multistep", "step", "constant")
 CLI = "command line"
@@ -34,7 +37,11 @@ def _opt(default=None, **checks):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = _opt("resnet32", choices=tuple(MODELS))
+    # lade's resnet32, any torchvision classification model (torchvision.models.list_models()), or timm:NAME
+    model: str = _opt("resnet32", check=check_model_name)
+    # The library's pretrained backbone weights: torchvision's weights name (DEFAULT, IMAGENET1K_V2, ...) or, for
+    # timm, DEFAULT or a pretrained tag (in1k, ...); None: random init (or weights_path).
+    pretrained: str | None = _opt(None, nonempty=True)
     weights_path: str | None = _opt(None, existing_file=True)  # a local state dict to start from
 
 
@@ -43,6 +50,30 @@ class DatasetConfig:
     dataset: str | None = _opt(None, nonempty=True)  # a prepared dataset directory
     synthetic: dict | None = None  # make_synthetic options: prepare `dataset` from them if it is absent
     image_size: int | None = _opt(None, ge=MIN_IMAGE_SIZE)  # crop size; None: the prepared dataset's (its manifest)
+
+
+def _check_mix(value):
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"alpha"}:
+        raise ValueError(f"must be {{alpha: number > 0}}, got {value!r}")
+    a = value["alpha"]
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {a!r}")
+    return {"alpha": float(a)}
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The image recipe (lade_core.data.recipe): training augmentation, normalization, batch mixing."""
+
+    # None: the dataset family's preset; a preset name (cifar, imagenet); or [{TransformName: {kwargs}}, ...] of
+    # torchvision.transforms.v2, on uint8 images. The resolved list is what the run records.
+    augment: object = _opt(None, check=check_augment)
+    # None: the family's statistics; `dataset`: the training split's (prepare_data computes them); {mean, std}.
+    normalize: object = _opt(None, check=check_normalize)
+    mixup: object = _opt(None, check=_check_mix)  # {alpha}: Beta(alpha, alpha) mixing weights (lade_core.mixing)
+    cutmix: object = _opt(None, check=_check_mix)  # {alpha}: CutMix box areas ~ Beta(alpha, alpha)
 
 
 @dataclass(frozen=True)
@@ -107,7 +138,7 @@ class RuntimeConfig:
     progress: bool = True  # per-epoch progress bar on the driver's console (train.py: off when not a terminal)
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DatasetConfig, "loss": LossConfig,
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DatasetConfig, "augment": AugmentConfig, "loss": LossConfig,
                              "optimizer": OptimizerConfig, "runtime": RuntimeConfig}
 # Flat config key -> its section; `schedule` is the one nested key (a ScheduleConfig).
 KEY_SECTION: dict[str, str] = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
@@ -121,6 +152,7 @@ class TrainConfig:
 
     model: ModelConfig
     data: DatasetConfig
+    augment: AugmentConfig
     loss: LossConfig
     optimizer: OptimizerConfig
     schedule: ScheduleConfig
@@ -176,6 +208,11 @@ class TrainConfig:
             value = getattr(self.loss, key)
             if value is not None and value >= self.optimizer.epochs:
                 raise ValueError(f"{where(key)}: {key} {value} is beyond the run: epochs are 0..{self.optimizer.epochs - 1}")
+        hard = LOSSES[self.loss.loss].hard_targets_only
+        for key in ("mixup", "cutmix"):
+            if getattr(self.augment, key) is not None and hard:
+                raise ValueError(f"{where(key)}: {key} trains on mixed (soft) targets, which loss {self.loss.loss} "
+                                 f"cannot take: {hard}")
         if self.optimizer.batch_size < self.runtime.num_workers:
             raise ValueError(f"{where('batch_size')}: batch_size {self.optimizer.batch_size} is smaller than num_workers "
                              f"{self.runtime.num_workers}")
@@ -228,6 +265,11 @@ def _check_value(key: str, value, tp, checks, where: str):
         if not isinstance(value, (list, tuple)):
             fail(f"must be a list of {_PLURAL[args[0]]}")
         return [_check_value(f"{key}[{i}]", v, args[0], checks, where) for i, v in enumerate(value)]
+    if "check" in checks:  # a value of its own structure (a model name, an augment list, ...): its checker says
+        try:
+            return checks["check"](value)
+        except ValueError as e:
+            raise ValueError(f"{where}: {key}: {e}") from None
     if tp is bool:
         if not isinstance(value, bool):
             fail("must be true or false")
@@ -327,6 +369,17 @@ def resolve_config(path: str | Path | None, overrides: dict) -> dict:
         # and lam rather than failing on them (or, worse, reading LADE's alpha as Causal Norm's).
         cfg.update({k: None for k in LOSS_KEYS if origins.get(k) not in (None, CLI)})
     return TrainConfig.from_dict(cfg, origins).to_dict()
+
+
+def json_or_name(text: str):
+    """A command-line value of a structured key: JSON (a list or a mapping) or a bare name such as ``dataset`` or
+    ``cifar``; malformed JSON is an error naming it."""
+    if text.lstrip()[:1] not in ("[", "{"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None  # a ValueError argparse shows
 
 
 def loss_hyperparameters(config: dict) -> dict:

@@ -78,11 +78,16 @@ def logit_figure(stats: dict[str, torch.Tensor], source_prior, path: str | Path,
 
 
 def shift_curve(rows: list[dict], target_names: list[str], path: str | Path, title: str = "") -> Path:
-    """Top-1 accuracy across the shifted protocol (forward 50 .. backward 50), one line per post-hoc mode."""
+    """Top-1 accuracy across the shifted protocol (forward 50 .. backward 50), one line per post-hoc mode, with a
+    band of ± its ``std`` where rows have one (a mean over seeds)."""
     fig, ax = plt.subplots(figsize=(8, 4))
     for mode in dict.fromkeys(r["mode"] for r in rows):
-        by_target = {r["target"]: r["top1"] for r in rows if r["mode"] == mode}
-        ax.plot(range(len(target_names)), [by_target.get(t, np.nan) for t in target_names], marker="o", label=mode)
+        by_target = {r["target"]: r for r in rows if r["mode"] == mode}
+        mean = np.array([by_target[t]["top1"] if t in by_target else np.nan for t in target_names])
+        (line,) = ax.plot(range(len(target_names)), mean, marker="o", label=mode)
+        std = np.array([by_target[t].get("std", 0.0) if t in by_target else 0.0 for t in target_names])
+        if std.any():  # a group of seeds: its mean ± std band
+            ax.fill_between(range(len(target_names)), mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xticks(range(len(target_names)), target_names, rotation=45, ha="right")
     ax.set(ylabel="top-1 accuracy", title=title or "accuracy under label shift")
     ax.grid(alpha=0.3)

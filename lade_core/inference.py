@@ -16,14 +16,15 @@ import torch
 from torch import nn
 
 from .data.transforms import normalize
-from .models import build_model
+from .models import build_model, load_model_state
 
 
-def model_batches(batches, device: torch.device, kind: str):
+def model_batches(batches, device: torch.device, stats: dict):
     """Ray Data batches {"image": uint8 [B, 3, H, W], "label": [B], "index": [B]} -> the same with "image" as the
-    model's normalized float32 input on ``device``: the conversion runs where the model runs (its GPU if any)."""
+    model's float32 input on ``device``, normalized with ``stats`` ({mean, std}, the run's ``normalize``): the
+    conversion runs where the model runs (its GPU if any)."""
     for batch in batches:
-        yield {**batch, "image": normalize(batch["image"].to(device, non_blocking=True), kind)}
+        yield {**batch, "image": normalize(batch["image"].to(device, non_blocking=True), stats)}
 
 
 @torch.no_grad()
@@ -55,12 +56,12 @@ def merge_shards(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n
 
 
 def sharded_logits(model: nn.Module, prepared, split: str, device: torch.device, image_size: int | None,
-                   rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   stats: dict, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Logits of ``split`` computed by all ``world`` DDP workers together: each runs ``model`` on its disjoint share
     (``index % world == rank``) and rank 0 gathers them. Returns (logits [N, C], labels [N]) in split order on
     rank 0, None on the others. Every rank must call it (a collective)."""
-    ds = prepared.ray_dataset(split, train=False, image_size=image_size, shard=(rank, world) if world > 1 else None)
-    batches = model_batches(ds.iter_torch_batches(batch_size=256), device, prepared.transform)
+    ds = prepared.ray_dataset(split, prepared.eval_transform(image_size), shard=(rank, world) if world > 1 else None)
+    batches = model_batches(ds.iter_torch_batches(batch_size=256), device, stats)
     part = predict_logits(model, batches)
     parts = [part]
     if world > 1:
@@ -85,20 +86,20 @@ def sync_buffers(model: nn.Module) -> None:
 class _LogitsActor:
     """A Ray Data actor: loads the model from the run's checkpoint once, then maps uint8 image batches to logits."""
 
-    def __init__(self, model_name: str, num_classes: int, head, checkpoint, kind: str, use_gpu: bool):
+    def __init__(self, model_name: str, num_classes: int, head, checkpoint, stats: dict, use_gpu: bool):
         from .training import load_checkpoint
 
         with checkpoint.as_directory() as d:  # shared storage (or a copy of it): the same files rank 0 wrote
             state = load_checkpoint(d)["model"]
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = build_model(model_name, num_classes, head=head)
-        self.model.load_state_dict(state)
+        load_model_state(self.model, state)
         self.model.to(self.device).eval()
-        self.kind = kind
+        self.stats = stats
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        x = normalize(torch.from_numpy(batch["image"]).to(self.device), self.kind)  # [B, 3, H, W] float32
+        x = normalize(torch.from_numpy(batch["image"]).to(self.device), self.stats)  # [B, 3, H, W] float32
         return {"logits": self.model(x).float().cpu().numpy(), **{k: v for k, v in batch.items() if k != "image"}}
 
 
@@ -107,22 +108,23 @@ def _tag_split(batch: dict, split_id: int) -> dict:
 
 
 def batch_logits(prepared, splits: Sequence[str], model_name: str, head, checkpoint, *, image_size: int | None,
-                 num_actors: int, use_gpu: bool, cpus_per_actor: float = 1,
+                 stats: dict, num_actors: int, use_gpu: bool, cpus_per_actor: float = 1,
                  batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{split: (logits [N, C], labels [N]) in split order} for each of ``splits``, by Ray Data batch inference in
     one pass over one pool of ``num_actors`` actors (each with a GPU if ``use_gpu``; the model is loaded once per
     actor, not once per split) that load the model from ``checkpoint`` (a ``ray.train.Checkpoint`` of
-    ``train_loop_per_worker``) with classifier ``head`` (``models.build_model``); the driver only collects results."""
+    ``train_loop_per_worker``) with classifier ``head`` (``models.build_model``), its inputs normalized with ``stats``
+    (the run's ``normalize``); the driver only collects results."""
     from ray.data import ActorPoolStrategy
 
-    tagged = [prepared.ray_dataset(split, train=False, image_size=image_size).map_batches(
+    tagged = [prepared.ray_dataset(split, prepared.eval_transform(image_size)).map_batches(
         partial(_tag_split, split_id=i), batch_format="numpy", batch_size=None) for i, split in enumerate(splits)]
     ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
     out = ds.map_batches(_LogitsActor, batch_format="numpy", batch_size=batch_size,
                          compute=ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0,
                          num_cpus=cpus_per_actor,
                          fn_constructor_kwargs={"model_name": model_name, "num_classes": prepared.num_classes, "head": head,
-                                                "checkpoint": checkpoint, "kind": prepared.transform,
+                                                "checkpoint": checkpoint, "stats": stats,
                                                 "use_gpu": use_gpu})
     parts: dict[int, list] = {i: [] for i in range(len(splits))}
     for b in out.iter_batches(batch_size=None, batch_format="numpy"):

@@ -436,6 +436,9 @@ class LossSpec:
     posthoc: tuple[str, ...]
     epoch_keys: dict[str, float] = field(default_factory=dict)
     needs_counts: bool = False  # the loss takes the training class counts, not only their proportions
+    # Why the loss cannot train on mixed (soft) targets (``mixing``: mixup / cutmix), None if it can: its
+    # per-sample value must be linear in the one-hot target, sum_c t_c * l_c(z).
+    hard_targets_only: str | None = None
 
     @property
     def hyperparameters(self) -> tuple[str, ...]:
@@ -450,11 +453,15 @@ LOSSES: dict[str, LossSpec] = {
     "softmax": LossSpec(SoftmaxLoss, {}, ("pc", "raw")),
     "balanced_softmax": LossSpec(BalancedSoftmaxLoss, {}, ("inject", "raw")),
     "lade": LossSpec(LADELoss, {"alpha": 0.1, "lam": 0.1, "class_weights": None, "class_weight_power": None,
-                                "estimator": "released"}, ("inject", "raw")),
+                                "estimator": "released"}, ("inject", "raw"),
+                 hard_targets_only="LADER (Eq. 15-16) averages each class's logits over the samples of that class "
+                                   "in the batch, which a mixed image does not belong to"),
     "logit_adjusted": LossSpec(LogitAdjustedLoss, {"tau": 1.0}, ("inject", "raw")),
     "focal": LossSpec(FocalLoss, {"gamma": 2.0}, ("pc", "raw")),
     "ldam_drw": LossSpec(LDAMDRWLoss, {"max_margin": 0.5, "scale": 30.0, "drw_epoch": 160, "beta": 0.9999},
-                         ("inject", "raw"), epoch_keys={"drw_epoch": 0.8}, needs_counts=True),
+                         ("inject", "raw"), epoch_keys={"drw_epoch": 0.8}, needs_counts=True,
+                         hard_targets_only="LDAM subtracts the label's margin inside the softmax, so the loss is not "
+                                           "linear in the target"),
     "causal_norm": LossSpec(CausalNormLoss, {"tau": 16.0, "gamma": 1 / 32, "heads": 2, "alpha": 1.5},
                             ("inject", "raw")),
 }

@@ -1,11 +1,14 @@
-"""Model factories: CIFAR ResNet-32 and torchvision ResNet-50 / ResNeXt-50 32x4d / ResNet-152, with the classifier
-head ``fc`` the loss trains (``lade_core.heads``; linear unless the loss says otherwise, ``losses.classifier_head``).
+"""Model factories: lade's CIFAR ResNet-32, every torchvision classification model and (``lade[timm]``) every timm
+model as ``timm:NAME``, each with the classifier head ``fc`` the loss trains (``lade_core.heads``; linear unless
+the loss says otherwise, ``losses.classifier_head``) in place of the model's own classifier.
 
-No weights are downloaded: ``weights_path`` optionally loads a local state dict (e.g. an ImageNet checkpoint).
-Constructors never move to a device; the training loop does (Ray Train's ``prepare_model``).
+``pretrained`` loads the library's weights for the backbone (torchvision's named weights, timm's pretrained tags)
+from its own cache, downloading as that library does where there is internet; ``weights_path`` loads a local state
+dict. Constructors never move to a device; the training loop does (Ray Train's ``prepare_model``).
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Callable
 
@@ -60,21 +63,141 @@ class CifarResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
-def _torchvision(name: str) -> Callable[[int], nn.Module]:
-    def build(num_classes: int) -> nn.Module:
-        import torchvision
+class Backbone(nn.Module):
+    """A torchvision or timm classification model with its own final linear classifier taken out (``backbone``:
+    images [B, 3, H, W] -> pooled features [B, D]) and the head the loss trains as ``fc`` (features -> logits
+    [B, C]), so every model keeps its classifier at ``fc``, the one place the optimizer's classifier learning
+    rate, Causal Norm's feature direction and tau-normalization look for it."""
 
-        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    def __init__(self, backbone: nn.Module, fc: nn.Module, classifier_path: str):
+        super().__init__()
+        self.backbone, self.fc = backbone, fc
+        self.classifier_path = classifier_path  # where the model kept its classifier (foreign checkpoints' keys)
 
-    return build
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 3, H, W] -> logits [B, C]
+        return self.fc(self.backbone(x))
 
 
+TIMM_PREFIX = "timm:"
+# lade's own architectures; every torchvision classification model and (lade[timm]) every timm model also build.
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet32": lambda num_classes: CifarResNet(32, num_classes),
-    "resnet50": _torchvision("resnet50"),
-    "resnext50_32x4d": _torchvision("resnext50_32x4d"),
-    "resnet152": _torchvision("resnet152"),
 }
+
+
+def torchvision_models() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("timm models need timm: pip install 'lade[timm]'") from None
+    return timm
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if lade can build it (its own, torchvision's ``list_models()``, or ``timm:NAME``), else one error
+    with the close matches."""
+    if not isinstance(name, str):
+        raise ValueError(f"model must be a name, got {name!r}")
+    if name.startswith(TIMM_PREFIX):
+        known = _timm().list_models()
+        if name[len(TIMM_PREFIX):] in known:
+            return name
+        close = [TIMM_PREFIX + m for m in difflib.get_close_matches(name[len(TIMM_PREFIX):], known, n=3)]
+    else:
+        known = [*MODELS, *torchvision_models()]
+        if name in known:
+            return name
+        close = difflib.get_close_matches(name, known, n=3)
+    raise ValueError(f"unknown model {name!r}" + (f"; did you mean {close}?" if close else "")
+                     + f"; lade builds {sorted(MODELS)}, every torchvision classification model "
+                     "(torchvision.models.list_models()) and timm:NAME for any timm model")
+
+
+def check_pretrained(name: str, pretrained: str | None) -> None:
+    """An error unless model ``name`` has pretrained weights ``pretrained`` (torchvision: a weights name of the
+    model's enum such as DEFAULT or IMAGENET1K_V2; timm: DEFAULT or a pretrained tag such as in1k)."""
+    if pretrained is None:
+        return
+    if name in MODELS:
+        raise ValueError(f"model {name} has no pretrained weights (it is lade's own); use --weights-path")
+    if name.startswith(TIMM_PREFIX):
+        arch = name[len(TIMM_PREFIX):]
+        tags = _timm().list_pretrained(f"{arch}.*")
+        if not tags or (pretrained != "DEFAULT" and f"{arch}.{pretrained}" not in tags):
+            raise ValueError(f"timm model {arch} has no pretrained weights {pretrained!r}; it has "
+                             f"{[t.split('.', 1)[1] for t in tags] or 'none'} (or DEFAULT)")
+        return
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(name)
+    except (KeyError, ValueError):
+        raise ValueError(f"torchvision model {name} has no pretrained weights") from None
+    if pretrained != "DEFAULT" and pretrained not in weights.__members__:
+        raise ValueError(f"torchvision model {name} has no weights {pretrained!r}; choose DEFAULT or one of "
+                         f"{[w for w in weights.__members__ if w != 'DEFAULT']}")
+
+
+def _final_linear(model: nn.Module, out_features: int) -> str:
+    """The dotted path of a model's classifier: its last linear layer with ``out_features`` outputs."""
+    paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == out_features]
+    if not paths:
+        raise ValueError(f"model {type(model).__name__} has no linear classifier lade can replace with its head")
+    return paths[-1]
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _external(name: str, pretrained: str | None) -> tuple[nn.Module, str, int]:
+    """(backbone without its classifier, where the classifier was, feature dimension) of a torchvision or timm
+    model, with pretrained weights (from the library's own cache, downloaded as it normally does) if asked."""
+    if name.startswith(TIMM_PREFIX):
+        timm, arch = _timm(), name[len(TIMM_PREFIX):]
+        tagged = arch if pretrained in (None, "DEFAULT") else f"{arch}.{pretrained}"
+        model = timm.create_model(tagged, pretrained=pretrained is not None)
+        path = model.pretrained_cfg.get("classifier") or _final_linear(model, model.num_classes)
+        dim = model.get_classifier().in_features
+        model.reset_classifier(0)  # the pooled features out; the head is lade's ``fc``
+        return model, path, dim
+    import torchvision
+
+    # Without weights the Inception models build without their auxiliary classifiers (and with their own init).
+    extra = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
+    weights = None
+    if pretrained is not None:
+        enum = torchvision.models.get_model_weights(name)
+        weights = enum.DEFAULT if pretrained == "DEFAULT" else enum[pretrained]
+        extra = {}  # the weights' own settings (the Inception models keep their auxiliary heads to load them)
+    model = torchvision.models.get_model(name, weights=weights, **extra)
+    for aux in ("AuxLogits", "aux1", "aux2"):  # auxiliary classifiers: not part of a lade model
+        if getattr(model, aux, None) is not None:
+            setattr(model, aux, None)
+    if hasattr(model, "aux_logits"):
+        model.aux_logits = False
+    path = _final_linear(model, len(weights.meta["categories"]) if weights is not None else 1000)
+    dim = model.get_submodule(path).in_features
+    _set_module(model, path, nn.Identity())
+    return model, path, dim
+
+
+def _architecture(name: str, num_classes: int, head: Head, pretrained: str | None = None) -> nn.Module:
+    if name in MODELS:
+        model = MODELS[name](num_classes)
+        return model if head[0] == "linear" else _with_head(model, num_classes, head)
+    check_model_name(name)
+    backbone, path, dim = _external(name, pretrained)
+    kind, kwargs = head
+    fc = nn.Linear(dim, num_classes) if kind == "linear" else build_head(kind, dim, num_classes, **kwargs)
+    return Backbone(backbone, fc, path)
 
 
 def _with_head(model: nn.Module, num_classes: int, head: Head) -> nn.Module:
@@ -84,52 +207,79 @@ def _with_head(model: nn.Module, num_classes: int, head: Head) -> nn.Module:
     return model
 
 
-def build_model(name: str, num_classes: int, weights_path: str | None = None, head: Head = LINEAR) -> nn.Module:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    model = _with_head(MODELS[name](num_classes), num_classes, head)
+def build_model(name: str, num_classes: int, weights_path: str | None = None, head: Head = LINEAR,
+                pretrained: str | None = None) -> nn.Module:
+    """Model ``name`` (lade's own, any torchvision classification model, ``timm:NAME``) with classifier head
+    ``head`` at ``fc`` for ``num_classes`` classes; ``pretrained``: the library's weights for the backbone;
+    ``weights_path``: a local state dict (a lade checkpoint, or a torchvision / timm one), whose classifier is not
+    loaded when its class count or head differs."""
+    check_model_name(name)
+    check_pretrained(name, pretrained)
+    model = _architecture(name, num_classes, head, pretrained)
     if weights_path:
-        path = Path(weights_path)
-        if not path.exists():
-            raise FileNotFoundError(f"weights file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state) if isinstance(state, dict) else state
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
-        own = model.state_dict()
-        # A backbone checkpoint's classifier (another class count or another head) is not loaded.
-        skip = {k for k in state if k.startswith("fc.") and (k not in own or state[k].shape != own[k].shape)}
-        state = {k: v for k, v in state.items() if k not in skip}
-        unexpected = sorted(set(state) - set(own))
-        # Every backbone weight must come from the file: a partial match would train the rest from scratch silently.
-        missing = sorted(k for k in set(own) - set(state) if not k.startswith("fc."))
-        shapes = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
-                  if k in own and v.shape != own[k].shape]
-        if unexpected or missing or shapes:
-            raise ValueError(f"{path} does not match model {name}: " + "; ".join(
-                part for part in (f"keys not in the model {unexpected[:5]}" if unexpected else "",
-                                  f"backbone keys missing from the file {missing[:5]}" if missing else "",
-                                  f"other shapes: {shapes[:3]}" if shapes else "") if part))
-        model.load_state_dict(state, strict=False)
+        load_backbone_weights(model, name, weights_path)
     return model
+
+
+def load_backbone_weights(model: nn.Module, name: str, weights_path: str) -> None:
+    """Load a state dict file into ``model``: every backbone weight must come from it (a partial match would train
+    the rest from scratch silently); its classifier is skipped when it does not fit the model's head."""
+    path = Path(weights_path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
+    if isinstance(model, Backbone) and not any(k.startswith("backbone.") for k in state):
+        # The library's own layout (a torchvision / timm checkpoint): its classifier is dropped, the rest is ours.
+        cls = model.classifier_path + "."
+        state = {f"backbone.{k}": v for k, v in state.items() if not k.startswith(cls)}
+    own = model.state_dict()
+    # A backbone checkpoint's classifier (another class count or another head) is not loaded.
+    skip = {k for k in state if k.startswith("fc.") and (k not in own or state[k].shape != own[k].shape)}
+    state = {k: v for k, v in state.items() if k not in skip}
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(k for k in set(own) - set(state) if not k.startswith("fc."))
+    shapes = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    if unexpected or missing or shapes:
+        raise ValueError(f"{path} does not match model {name}: " + "; ".join(
+            part for part in (f"keys not in the model {unexpected[:5]}" if unexpected else "",
+                              f"backbone keys missing from the file {missing[:5]}" if missing else "",
+                              f"other shapes: {shapes[:3]}" if shapes else "") if part))
+    model.load_state_dict(state, strict=False)
+
+
+def load_model_state(model: nn.Module, state: dict) -> None:
+    """A lade model's saved state dict into ``model`` (strict); a torchvision model saved by a lade before
+    ``Backbone`` (keys without ``backbone.``) loads too."""
+    if isinstance(model, Backbone) and not any(k.startswith("backbone.") for k in state):
+        state = {k if k.startswith("fc.") else f"backbone.{k}": v for k, v in state.items()}
+    model.load_state_dict(state)
 
 
 def check_input_size(name: str, num_classes: int, image_size: int, batch_size: int, head: Head = LINEAR) -> None:
     """Raise ValueError if the model cannot train on [batch_size, 3, image_size, image_size] inputs (a feature map
     pooled away, BatchNorm with one value per channel). Shapes only: the forward runs on the meta device, so it
-    costs no compute and no memory, on the driver, before any worker starts."""
-    with torch.device("meta"):
-        model = _with_head(MODELS[name](num_classes), num_classes, head).train()
-        try:
-            out = model(torch.empty(batch_size, 3, image_size, image_size))
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f"model {name} cannot train on {image_size}x{image_size} images in batches of {batch_size} "
-                             f"per worker ({e}); use a larger image_size or batch_size") from None
-    if tuple(out.shape) != (batch_size, num_classes):
+    costs no compute and no memory, on the driver, before any worker starts (a model whose constructor cannot
+    run there is checked on the CPU with a batch of 2)."""
+    try:
+        with torch.device("meta"):
+            model, x = _architecture(name, num_classes, head).train(), torch.empty(batch_size, 3, image_size, image_size)
+    except NotImplementedError:  # e.g. RegNet's init copies data
+        model, x = _architecture(name, num_classes, head).train(), torch.zeros(min(batch_size, 2), 3, image_size, image_size)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise ValueError(f"model {name} cannot train on {image_size}x{image_size} images in batches of {batch_size} "
+                         f"per worker ({e}); use a larger image_size or batch_size") from None
+    if tuple(out.shape) != (len(x), num_classes):
         raise ValueError(f"model {name} maps {image_size}x{image_size} images to {tuple(out.shape)}, not "
-                         f"[{batch_size}, {num_classes}] logits")
+                         f"[{len(x)}, {num_classes}] logits")
 
 
 def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The final linear layer's parameters (for a separate classifier learning rate)."""
+    """The classifier head's parameters (for a separate classifier learning rate)."""
     return list(model.fc.parameters())

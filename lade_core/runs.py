@@ -13,6 +13,7 @@ from .artifacts import (LOGITS_ARTIFACT, MODEL_NAME, STATE_DICT_ARTIFACT, VAL_LO
 from .config import validate_config
 from .data import open_prepared
 from .data.prepare import prepare_dataset, summary_line
+from .data.recipe import resolve_augment, resolve_normalize
 from .data.synthetic import make_synthetic
 from .evaluation import evaluate_targets, protocol_targets
 from .inference import batch_logits
@@ -47,10 +48,16 @@ def check_against_dataset(config: dict, prepared) -> dict:
     prepared.check_validation_split()
     # The loss and its head built here, so a bad hyperparameter fails now, not in every worker.
     head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
-    check_input_size(config["model"], prepared.num_classes, prepared.crop_size(config["image_size"]),
-                     config["batch_size"] // config["num_workers"], head)
-    if config["weights_path"]:  # the file against the model here, not in every worker after Ray has started them
-        build_model(config["model"], prepared.num_classes, config["weights_path"], head=head)
+    crop = prepared.crop_size(config["image_size"])
+    check_input_size(config["model"], prepared.num_classes, crop, config["batch_size"] // config["num_workers"], head)
+    # The image recipe the run records (checkpoint, MLflow params, config digest): the resolved lists, not presets.
+    config["augment"] = resolve_augment(config["augment"], prepared.family, crop, prepared.input_sizes(crop))
+    config["normalize"] = resolve_normalize(config["normalize"], prepared.family, prepared.channel_stats)
+    if config["weights_path"] or config["pretrained"]:
+        # The file (or the library's weights: fetched into its cache once, here) against the model, before Ray
+        # starts any worker.
+        build_model(config["model"], prepared.num_classes, config["weights_path"], head=head,
+                    pretrained=config["pretrained"])
     return config
 
 
@@ -86,7 +93,7 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
     missing = [split for split, artifact in splits.items() if artifact not in have]
     # Every split still missing in one pass over one actor pool: the model loads once per actor.
     computed = batch_logits(prepared, missing, config["model"], head, checkpoint, image_size=config["image_size"],
-                            num_actors=config["num_workers"], use_gpu=config["use_gpu"],
+                            stats=config["normalize"], num_actors=config["num_workers"], use_gpu=config["use_gpu"],
                             cpus_per_actor=config["cpus_per_worker"]) if missing else {}
 
     def split_logits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,9 +131,10 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
         calibration = auto_calibration(source_logits(val_logits, source_prior, config["loss"]), val_labels, source_prior)
         card = ModelCard(config["model"], prepared.num_classes, dataset_class_names(prepared),
                          [float(x) for x in source_prior],
-                         config["loss"], prepared.transform,
+                         config["loss"], prepared.family,
                          prepared.crop_size(config["image_size"]),
-                         calibration and calibration.to_dict(), head=list(head), lade_version=__version__)
+                         calibration and calibration.to_dict(), head=list(head), lade_version=__version__,
+                         normalize=config["normalize"])
         mlflow.set_tracking_uri(config["mlflow_uri"])
         with mlflow.start_run(run_id=run_id):
             model_uri = log_classifier(card, state["model"], MODEL_NAME).model_uri

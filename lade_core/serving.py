@@ -34,10 +34,11 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .data.transforms import decode_rgb, normalize, transform_batch
+from .data.recipe import resolve_normalize
+from .data.transforms import ImageTransform, decode_rgb, normalize, transform_batch
 from .losses import posthoc_rules
 from .heads import check_head_state
-from .models import LINEAR, build_model
+from .models import LINEAR, build_model, load_model_state
 from .posthoc import posthoc_logits
 from .priors import uniform_prior, validate_prior
 
@@ -75,6 +76,12 @@ class ModelCard:
     # The lade that trained it: preprocessing and post-hoc rules are lade's code, so a load by another version says
     # so (None: a card written before versions were recorded).
     lade_version: str | None = None
+    # {mean, std} the model's inputs were normalized with (recipe.resolve_normalize); None: the family's.
+    normalize: dict | None = None
+
+    @property
+    def normalization(self) -> dict:
+        return resolve_normalize(self.normalize, self.transform, None)
 
     @property
     def posthoc(self) -> str:
@@ -144,7 +151,7 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
         self.net = build_model(self.card.model, self.card.num_classes, head=head)
         state = torch.load(weights_path, map_location="cpu", weights_only=True)  # shared storage never runs code
         check_head_state(head[0], state)
-        self.net.load_state_dict(state)
+        load_model_state(self.net, state)
         self.net.to(self.device).eval()
         self.source_prior = torch.tensor(self.card.source_prior, dtype=torch.float64)
         return self
@@ -171,7 +178,7 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
         for chunk in x.split(batch_size):
             chunk = chunk.to(self.device)
             if chunk.dtype == torch.uint8:
-                chunk = normalize(chunk, self.card.transform)
+                chunk = normalize(chunk, self.card.normalization)
             out.append(self.net(chunk.float()).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.card.num_classes)
 
@@ -191,7 +198,7 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
             raise ValueError(f"{len(errors)} of {len(images)} images do not decode ({shown}); pass skip_bad=True to "
                              "predict the rest")
         ok = np.array([i for i, im in enumerate(images) if im is not None], dtype=np.int64)
-        x = transform_batch([images[i] for i in ok], self.card.transform, False, self.card.image_size)
+        x = transform_batch([images[i] for i in ok], ImageTransform(self.card.transform, self.card.image_size))
         return x, ok, errors
 
     # ``pd.DataFrame``: one of the hints for which MLflow neither infers a schema nor converts the input, so a float

@@ -66,6 +66,9 @@ def find_run(client, experiment_id: str, run_name: str):
 
 # The training config's digest (train.py), set when the run is created: a rerun resumes only the same experiment.
 CONFIG_DIGEST_TAG = "lade.config_digest"
+# The digest of the config without its seed: runs that differ only in seed share it (compare.py's mean ± std).
+SEED_GROUP_TAG = "lade.seed_group"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a seed's run under its group's parent run
 
 
 @dataclass(frozen=True)

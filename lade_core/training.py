@@ -1,7 +1,7 @@
 """The Ray Train worker loop: ``train_loop_per_worker(config)``, with ``train_one_epoch`` and ``evaluate``.
 
 One ``config`` dict (see lade_core.config) drives everything; the driver adds the dataset's ``source_prior``,
-``train_counts`` and ``mlflow_run_id``. Rank 0 checkpoints through ``ray.train.report`` and logs to MLflow.
+``train_counts`` and ``mlflow_run_id`` and resolves ``augment`` and ``normalize`` (``runs.check_against_dataset``). Rank 0 checkpoints through ``ray.train.report`` and logs to MLflow.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import random
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,7 +20,10 @@ from torch import nn
 from .evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
 from .config import loss_hyperparameters
 from .losses import build_loss, posthoc_rules
-from .models import build_model, classifier_parameters
+from .data.recipe import augment_seed
+from .data.transforms import ImageTransform
+from .mixing import BatchMix, mixed_loss
+from .models import build_model, classifier_parameters, load_model_state
 from .inference import model_batches, sharded_logits, sync_buffers
 from .priors import uniform_prior
 from .schedules import build_scheduler
@@ -47,11 +49,17 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def epoch_batches(shard, *, epoch: int, seed: int, rank: int, batch_size: int):
-    """One epoch of training batches from a worker's dataset shard (a ``ray.data.DataIterator``), locally shuffled
-    with a buffer of SHUFFLE_BUFFER_BATCHES batches and a seed fixed by (seed, epoch, rank)."""
-    return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
-                                    local_shuffle_seed=epoch_seed(seed, epoch, rank))
+def epoch_batches(prepared, config: dict, *, epoch: int, rank: int, world: int, batch_size: int):
+    """One epoch of training batches of worker ``rank`` of ``world``: its rows of the epoch
+    (``PreparedDataset.rank_dataset``), augmented by the run's ``augment`` seeded per (seed, epoch, sample) and
+    locally shuffled with a buffer of SHUFFLE_BUFFER_BATCHES batches seeded by (seed, epoch, rank). The same
+    batches for the same (seed, epoch, rank, world), on a rerun and after a restore from a checkpoint."""
+    seed = config["seed"]
+    tf = ImageTransform(prepared.family, prepared.crop_size(config["image_size"]), config["augment"],
+                        augment_seed(seed, epoch))
+    ds = prepared.rank_dataset(tf, seed=seed, epoch=epoch, rank=rank, world=world)
+    return ds.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
+                                 local_shuffle_seed=epoch_seed(seed, epoch, rank))
 
 
 def build_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
@@ -70,10 +78,12 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
-def train_one_epoch(model, criterion, optimizer, batches, device, amp: bool, progress=None) -> dict:
+def train_one_epoch(model, criterion, optimizer, batches, device, amp: bool, progress=None,
+                    mix: BatchMix | None = None, rng: np.random.Generator | None = None) -> dict:
     """One pass over ``batches`` (from ``model_batches``); returns the mean loss and the mean of each of the loss's
     own named terms (``criterion.last_terms``: softmax ``ce``; Balanced Softmax ``lade_ce``; LADE ``lade_ce``,
-    ``lader``, ...), the mean number of distinct classes per batch (the label mix) and images/s."""
+    ``lader``, ...), the mean number of distinct classes per batch (the label mix) and images/s. ``mix``: mixup /
+    cutmix every batch (``lade_core.mixing``), its draws from ``rng``."""
     model.train()
     # Sums stay on the device: one host sync per epoch, not one per term per step.
     sums: dict[str, torch.Tensor] = {}
@@ -81,9 +91,12 @@ def train_one_epoch(model, criterion, optimizer, batches, device, amp: bool, pro
     for batch in batches:
         n_classes += int(batch["label"].unique().numel())  # on the CPU copy: no device sync
         x, y = batch["image"], batch["label"].to(device, non_blocking=True)
+        lam = None
+        if mix is not None:
+            x, lam = mix(x, rng)
         with _autocast(device, amp):
             logits = model(x)  # [B, C]
-        loss = criterion(logits, y)
+        loss = criterion(logits, y) if lam is None else mixed_loss(criterion, logits, y, lam)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -166,7 +179,8 @@ def train_loop_per_worker(config: dict) -> None:
     source_prior = torch.tensor(config["source_prior"], dtype=torch.float64)
 
     criterion = build_criterion(config, source_prior)
-    model = build_model(config["model"], len(source_prior), config["weights_path"], head=criterion.head)
+    model = build_model(config["model"], len(source_prior), config["weights_path"], head=criterion.head,
+                        pretrained=config["pretrained"])
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config["epochs"], config["schedule"])
     start_epoch, history = 0, []
@@ -174,7 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d)
-        model.load_state_dict(state["model"])
+        load_model_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
@@ -189,21 +203,26 @@ def train_loop_per_worker(config: dict) -> None:
         logger.backfill(history)  # epochs checkpointed before a crash but not yet in MLflow
 
     per_worker_batch = config["batch_size"] // world
-    train_shard = ray.train.get_dataset_shard("train")
-    prepared = open_prepared(config["dataset"])  # validation: every worker builds its own share of the val split
+    prepared = open_prepared(config["dataset"])  # every worker reads its own rows of train and its share of val
+    stats = config["normalize"]  # {mean, std}, resolved on the driver (recipe.resolve_normalize)
+    mix = BatchMix((config["mixup"] or {}).get("alpha"), (config["cutmix"] or {}).get("alpha")) if (
+        config["mixup"] or config["cutmix"]) else None
     for epoch in range(start_epoch, config["epochs"]):
-        batches = epoch_batches(train_shard, epoch=epoch, seed=config["seed"], rank=rank, batch_size=per_worker_batch)
+        # Every random draw of the epoch from (seed, epoch, rank): a resumed run repeats an unkilled one's.
+        torch.manual_seed(epoch_seed(config["seed"], epoch, rank))
+        rng = np.random.default_rng([config["seed"], epoch, rank, 0x31C])
+        batches = epoch_batches(prepared, config, epoch=epoch, rank=rank, world=world, batch_size=per_worker_batch)
         progress = _progress_bar(config, epoch, world, per_worker_batch) if rank == 0 and config["progress"] else None
         criterion.set_epoch(epoch)  # e.g. LDAM-DRW's deferred re-weighting
-        metrics = train_one_epoch(model, criterion, optimizer, model_batches(batches, device, prepared.transform),
-                                  device, config["amp"], progress)
+        metrics = train_one_epoch(model, criterion, optimizer, model_batches(batches, device, stats),
+                                  device, config["amp"], progress, mix, rng)
         if progress is not None:
             progress.close()
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics["epoch"] = epoch
         sync_buffers(unwrap(model))
-        val = sharded_logits(unwrap(model), prepared, "val", device, config["image_size"], rank, world)
+        val = sharded_logits(unwrap(model), prepared, "val", device, config["image_size"], stats, rank, world)
         if rank == 0:
             metrics.update(evaluate(*val, config["loss"], source_prior, config["train_counts"]))
             history.append(metrics)
@@ -240,7 +259,7 @@ def _progress_bar(config: dict, epoch: int, world: int, per_worker_batch: int):
     hundreds of forwarded log lines."""
     from ray.experimental import tqdm_ray
 
-    total = -(-sum(config["train_counts"]) // (world * per_worker_batch))  # ceil: the last batch may be short
+    total = -(-(sum(config["train_counts"]) // world) // per_worker_batch)  # ceil: the last batch may be short
     return tqdm_ray.tqdm(total=total, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="batch")
 
 
@@ -307,33 +326,6 @@ def resume_epoch(run_dir: str | None) -> int:
     return latest[0] + 1 if latest else 0
 
 
-def align_execution_index(ds, epoch: int) -> None:
-    """Make the next execution of ``ds`` count as epoch ``epoch``. The per-epoch file order of ``train_dataset`` is
-    seeded by (seed, execution index), and a worker group (re)started from a checkpoint counts executions from 0;
-    starting the count at the epoch it resumes gives every epoch the order an uninterrupted run gave it."""
-    ds.context._execution_idx = int(epoch)  # Ray Data's own per-execution counter (read by FileShuffleConfig)
-
-
-def train_data_config(run_dir: str | None = None):
-    """Ray Train's ``DataConfig`` for a run: ``train`` is split across workers; its execution keeps block order, so which rows each worker gets in epoch e, and in what
-    order, follows from the seed alone (Ray Data otherwise hands out blocks in completion order); and a worker
-    group started from a checkpoint of the run in ``run_dir`` continues the per-epoch file order where it was."""
-    from ray.train import DataConfig
-
-    class _SeededEpochsDataConfig(DataConfig):
-        def configure(self, datasets, *args, **kwargs):
-            # Runs when a worker group first asks for its shard: after a restart too, with the snapshot up to date.
-            if "train" in datasets:
-                align_execution_index(datasets["train"], resume_epoch(run_dir))
-            return super().configure(datasets, *args, **kwargs)
-
-    with warnings.catch_warnings():  # Ray's own defaults touch a deprecated option of its own
-        warnings.simplefilter("ignore", DeprecationWarning)
-        options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return _SeededEpochsDataConfig(datasets_to_split=["train"], execution_options={"train": options})
-
-
 def join_path(base: str, name: str) -> str:
     """``base``/``name`` for a local path or a URI (``s3://bucket/x``), never turning a URI into a local path."""
     return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
@@ -351,7 +343,6 @@ def build_trainer(config: dict, prepared, callbacks: list | None = None):
     from .runtime import train_logging_config, worker_env
 
     prepared.check_validation_split()  # validation never runs on the test split
-    size = config.get("image_size")  # None: the dataset's own size (manifest)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -362,7 +353,6 @@ def build_trainer(config: dict, prepared, callbacks: list | None = None):
                              failure_config=FailureConfig(max_failures=config["max_failures"]),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks,
                              logging_config=train_logging_config(), worker_runtime_env=worker_env()),
-        # Only the train split goes through Ray Train's ingest; each worker reads its share of val itself.
-        datasets={"train": prepared.train_dataset(config["seed"], image_size=size)},
-        dataset_config=train_data_config(join_path(config["storage_path"], config["run_name"])),
+        # No Ray Train dataset ingest: each worker reads its own rows of each epoch (epoch_batches), so which rows
+        # a worker trains on never depends on which worker asked Ray Data for a block first.
     )

@@ -10,6 +10,9 @@ Computed from each run's stored test logits.
   python pipelines/compare.py --experiment lade --format csv
   python pipelines/compare.py --model NAME            # every version of a registered model
 
+Runs that differ only in seed (``train.py --seeds``, or any runs whose configs differ in nothing else) are one row
+with mean ± std (sample std) and their count n in every cell; --per-run shows each run.
+
 The table is printed and logged to a run of the experiment `lade-compare` (compare.md, compare.csv,
 compare.json via mlflow.log_table, and compare.png: top-1 across the 11 priors, one line per run and rule).
 """
@@ -29,7 +32,7 @@ from lade_core.posthoc import logit_adjust
 from lade_core.label_shift import METHODS
 from lade_core.losses import posthoc_rules
 from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name, uniform_prior
-from lade_core.report import FORMATS, format_table
+from lade_core.report import FORMATS, MeanStd, format_table, group_rows
 from lade_core.runtime import quiet_logging
 from lade_core.artifacts import LOGITS_ARTIFACT, RunLogits, load_run_logits
 from lade_core.tracking import resolve_tracking_uri
@@ -47,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--estimate-prior", choices=METHODS, help="add the top-1 with p_t estimated from each target's own "
                     "logits as a fraction of the top-1 with the true p_t: mean and min over the 11 targets")
     ap.add_argument("--format", choices=FORMATS, default="markdown")
+    ap.add_argument("--per-run", action="store_true", help="one row per run, not one mean ± std row per group of runs "
+                    "that differ only in seed")
     ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
     ap.add_argument("--log-experiment", default="lade-compare", help="experiment the comparison is logged to")
     ap.add_argument("--no-log", action="store_true", help="print only")
@@ -118,9 +123,21 @@ def main(argv=None) -> int:
     if args.estimate_prior == "bbse" and any(r.val_logits is None for r in runs):
         print("error: --estimate-prior bbse needs validation logits, which some of these runs lack", file=sys.stderr)
         return 2
-    rows = [row for r in runs for row in table_rows(r, args.estimate_prior)]
-    columns = COLUMNS + ([f"{args.estimate_prior}/true mean", f"{args.estimate_prior}/true min"]
-                         if args.estimate_prior else [])
+    per_run = [(r, row) for r in runs for row in table_rows(r, args.estimate_prior)]
+    extra = [f"{args.estimate_prior}/true mean", f"{args.estimate_prior}/true min"] if args.estimate_prior else []
+    rows = [row for _, row in per_run]
+    columns = COLUMNS + extra
+    if not args.per_run:
+        # Runs that differ only in seed: one row, mean ± std (n runs) in every cell. A tuned rule's label carries its
+        # own τ per run, so rows group by the rule's name.
+        for _, row in per_run:
+            row["rule"] = row["posthoc"].split(" (")[0]
+        grouped = group_rows(rows, [r.seed_group for r, _ in per_run], ["loss", "rule"], [*PRIORS, "many", "medium",
+                                                                                           "few", "ece", *extra])
+        for row in grouped:
+            if row["n"] > 1:
+                row["run"], row["posthoc"] = f"{row['run'].rsplit('-seed', 1)[0]} (seeds)", row["rule"]
+        rows, columns = grouped, ["run", "n", *COLUMNS[1:], *extra]
     print(format_table(rows, columns, args.format), end="")
     if args.no_log:
         return 0
@@ -131,9 +148,11 @@ def main(argv=None) -> int:
         for fmt, name in (("markdown", "compare.md"), ("csv", "compare.csv")):
             (Path(d) / name).write_text(format_table(rows, columns, fmt))
             mlflow.log_artifact(str(Path(d) / name))
-        curves = [{"mode": f"{r['run']} {r['posthoc']}", "target": p, "top1": r[p]} for r in rows for p in PRIORS]
+        curves = [{"mode": f"{r['run']} {r['posthoc']}", "target": p, "top1": float(r[p]),
+                   "std": getattr(r[p], "std", 0.0)} for r in rows for p in PRIORS]
         mlflow.log_artifact(str(shift_curve(curves, PRIORS, Path(d) / "compare.png", "top-1 under label shift")))
-        mlflow.log_table(pd.DataFrame(rows, columns=columns), "compare.json")
+        mlflow.log_table(pd.DataFrame([{k: v.text(6) if isinstance(v, MeanStd) else v for k, v in r.items()}
+                                       for r in rows], columns=columns), "compare.json")
     print(f"logged to MLflow run {logged.info.run_id} (experiment {args.log_experiment})", file=sys.stderr)
     return 0
 

@@ -19,7 +19,7 @@ from lade_core.data.prepare import prepare_dataset, summary_line
 from lade_core.data.sources import (MIN_TRAIN_PER_CLASS, VAL_PER_CLASS, DataError, load_cifar100_lt, load_image_folder,
                                     load_inat2018_json, load_split_lists, with_validation)
 from lade_core.data.synthetic import make_synthetic
-from lade_core.data.transforms import TRANSFORM_KINDS
+from lade_core.data.recipe import FAMILIES
 from lade_core.locks import LockHeld
 from lade_core.runtime import quiet_logging
 
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--test")
     for p in (lst, fold):
         p.add_argument("--transform", default="imagenet",
-                       help=f"augmentation family used by training and evaluation: one of {list(TRANSFORM_KINDS)}")
+                       help=f"augmentation family used by training and evaluation: one of {list(FAMILIES)}")
         p.add_argument("--image-size", type=int, default=None,
                        help="crop size for training and evaluation (default: 224 for imagenet, native for cifar)")
     for p in (lst, fold, inat):

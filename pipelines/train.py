@@ -16,15 +16,14 @@ import sys
 from pathlib import Path
 
 from lade_core.artifacts import MODEL_NAME
-from lade_core.config import resolve_config, validate_config
+from lade_core.config import json_or_name, resolve_config, validate_config
 from lade_core.data import DataError
 from lade_core.locks import LockHeld, lock_for, maybe_exclusive
 from lade_core.losses import LOSSES
-from lade_core.models import MODELS
 from lade_core.runs import SMOKE, check_against_dataset, finalize, load_dataset, storage_uri
 from lade_core.runtime import check_job_locations, init_ray, local_num_cpus, quiet_logging
-from lade_core.tracking import (CONFIG_DIGEST_TAG, RunRecord, check_reachable, end_run, logged_model_uri,
-                               mark_running, open_run, register_once, resolve_tracking_uri, run_key)
+from lade_core.tracking import (CONFIG_DIGEST_TAG, PARENT_RUN_TAG, SEED_GROUP_TAG, RunRecord, check_reachable, end_run,
+                               logged_model_uri, mark_running, open_run, register_once, resolve_tracking_uri, run_key)
 from lade_core.training import build_trainer, join_path, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,8 +39,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the synthetic LADE recipe)")
     ap.add_argument("--dataset", help="prepared dataset directory")
     ap.add_argument("--loss", choices=sorted(LOSSES))
-    ap.add_argument("--model", choices=sorted(MODELS))
-    ap.add_argument("--weights-path", dest="weights_path", help="local state dict to initialize the model from")
+    ap.add_argument("--model", help="resnet32 (lade's), any torchvision classification model (e.g. resnet50, "
+                    "convnext_tiny, vit_b_16), or timm:NAME with lade[timm]")
+    ap.add_argument("--pretrained", nargs="?", const="DEFAULT",
+                    help="the library's pretrained backbone: torchvision weights name (default DEFAULT) or timm tag")
+    ap.add_argument("--weights-path", dest="weights_path", help="local state dict to initialize the model from "
+                    "(a lade, torchvision or timm checkpoint; a classifier of another class count is left out)")
+    ap.add_argument("--augment", type=json_or_name, help="training augmentation: a preset (cifar, imagenet) or a "
+                    "JSON list of torchvision.transforms.v2 entries, e.g. '[{\"RandomCrop\": {\"size\": 32, "
+                    "\"padding\": 4}}]'")
+    ap.add_argument("--normalize", type=json_or_name, help="dataset, a family name, or JSON {\"mean\": [..], \"std\": [..]}")
+    ap.add_argument("--mixup", type=lambda a: {"alpha": float(a)}, metavar="ALPHA", help="mixup, Beta(α, α)")
+    ap.add_argument("--cutmix", type=lambda a: {"alpha": float(a)}, metavar="ALPHA", help="CutMix, Beta(α, α)")
     # Loss hyperparameters (unset: the loss's default, lade_core.losses.LOSSES); each loss takes its own.
     ap.add_argument("--alpha", type=float, help="lade: LADER weight α; causal_norm: TDE strength α")
     ap.add_argument("--lam", type=float, help="lade: LADER regularizer λ")
@@ -64,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-workers", dest="num_workers", type=int)
     ap.add_argument("--use-gpu", dest="use_gpu", action="store_true")
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--seeds", type=int, nargs="+", help="one run per seed, under a parent run (compare.py reports "
+                    "mean ± std over them)")
     ap.add_argument("--experiment")
     ap.add_argument("--run-name", dest="run_name")
     ap.add_argument("--mlflow-uri", dest="mlflow_uri", help="default: sqlite store ./mlflow.db")
@@ -122,12 +133,39 @@ def main(argv=None) -> int:
         overrides["progress"] = False
     if "dataset" in args:  # a dataset the user named is opened, never generated from a recipe in the config
         overrides["synthetic"] = None
+    seeds = overrides.pop("seeds", None)
+    if seeds:
+        if "seed" in overrides:
+            print("error: pass --seed or --seeds, not both", file=sys.stderr)
+            return 2
+        return train_seeds(config_path, overrides, num_cpus, seeds)
     with contextlib.ExitStack() as held:  # the run's lock, taken once its name is known, until this driver ends
         return train(config_path, overrides, num_cpus, held)
 
 
-def train(config_path: str, overrides: dict, num_cpus: int | None, held: contextlib.ExitStack) -> int:
-    """The run of one resolved command line, under the run's lock (held by ``held``) once its name is known."""
+def train_seeds(config_path: str, overrides: dict, num_cpus: int | None, seeds: list[int]) -> int:
+    """One run per seed, in turn, each under a parent run named after the group (MLflow's parentRunId tag); a rerun
+    resumes or skips each as ``train`` does. The parent is FINISHED when every seed's run is."""
+    if len(set(seeds)) != len(seeds):
+        print(f"error: --seeds repeats a seed: {seeds}", file=sys.stderr)
+        return 2
+    parent = {}
+    for seed in seeds:
+        with contextlib.ExitStack() as held:
+            rc = train(config_path, {**overrides, "seed": seed}, num_cpus, held, parent)
+        if rc:
+            return rc
+    end_run(parent["mlflow_uri"], parent["run_id"])
+    print(f"seeds {seeds}: parent run {parent['name']} (MLflow run {parent['run_id']}); "
+          f"python pipelines/compare.py --experiment {parent['experiment']} reports mean ± std over them")
+    return 0
+
+
+def train(config_path: str, overrides: dict, num_cpus: int | None, held: contextlib.ExitStack,
+          parent: dict | None = None) -> int:
+    """The run of one resolved command line, under the run's lock (held by ``held``) once its name is known.
+    ``parent`` (from ``train_seeds``): the seed group's parent run, opened by its first seed's call and filled in
+    here."""
     try:
         config = resolve_config(config_path, overrides)
         check_job_locations(mlflow_uri=config["mlflow_uri"], storage_path=config["storage_path"])
@@ -141,11 +179,22 @@ def train(config_path: str, overrides: dict, num_cpus: int | None, held: context
         config["train_counts"] = prepared.class_counts("train")
         config["storage_path"] = storage_uri(config["storage_path"], "outputs/ray_results")
         digest = config_digest(config)
+        group = config_digest({**config, "seed": None})  # the runs that differ from this one only in seed
+        tags = {CONFIG_DIGEST_TAG: digest, SEED_GROUP_TAG: group}
+        if parent is not None:
+            base = config["run_name"] or f"{prepared.name}-{config['loss']}-{group}"
+            if not parent:
+                record = open_run(config["mlflow_uri"], config["experiment"], base, {**config, "seed": None},
+                                  tags={SEED_GROUP_TAG: group}, storage=config["storage_path"])
+                parent.update(run_id=record.run_id, name=base, mlflow_uri=config["mlflow_uri"],
+                              experiment=config["experiment"])
+            config["run_name"] = f"{base}-seed{config['seed']}"
+            tags[PARENT_RUN_TAG] = parent["run_id"]
         config["run_name"] = config["run_name"] or f"{prepared.name}-{config['loss']}-{digest}"
         held.enter_context(maybe_exclusive(lock_for(config["storage_path"], f"run-{run_key(config['run_name'])}"),
                                            f"run {config['run_name']!r}"))  # one driver per run (lade_core.locks)
-        run = open_run(config["mlflow_uri"], config["experiment"], config["run_name"], config,
-                       tags={CONFIG_DIGEST_TAG: digest}, storage=config["storage_path"])
+        run = open_run(config["mlflow_uri"], config["experiment"], config["run_name"], config, tags=tags,
+                       storage=config["storage_path"])
         if run.resumed:
             check_same_run(config, run, digest)  # before anything touches the run: a refusal leaves its state
     except (ValueError, FileNotFoundError, ConnectionError, DataError, LockHeld) as e:

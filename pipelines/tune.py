@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 import tune_spaces
-from lade_core.config import resolve_config, validate_config
+from lade_core.config import json_or_name, resolve_config, validate_config
 from lade_core.data import DataError
 from lade_core.locks import lock_for, maybe_exclusive
 from lade_core.losses import LOSSES
@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "hyperparameters (LADE: the space's ranges; others: tune_spaces.METHOD_SPACES)")
     ap.add_argument("--dataset", help="prepared dataset directory (default: the config's)")
     ap.add_argument("--epochs", type=int, help="epochs per trial = ASHA's max_t (default: the space's)")
+    ap.add_argument("--augment", type=json_or_name, help="every trial's training augmentation: a preset or a JSON list "
+                    "of torchvision.transforms.v2 entries (as train.py --augment)")
+    ap.add_argument("--normalize", type=json_or_name, help="dataset, a family name, or JSON {mean, std}")
     ap.add_argument("--num-workers", type=int, default=1, help="training workers per trial")
     ap.add_argument("--use-gpu", action="store_true")
     ap.add_argument("--num-samples", type=int, help="trials (random) or repeats of the grid (grid)")
@@ -101,6 +104,7 @@ def base_config(args, defaults: dict) -> dict:
         overrides = {**TUNE_SMOKE, **overrides, "num_workers": args.num_workers}
     if args.dataset:
         overrides.update(dataset=args.dataset, synthetic=None)  # a named dataset is opened, never generated
+    overrides.update({k: getattr(args, k) for k in ("augment", "normalize") if getattr(args, k) is not None})
     return resolve_config(args.config or REPO / defaults["config"], overrides)
 
 
@@ -221,7 +225,7 @@ def search(args, held: contextlib.ExitStack) -> int:
                                 "grid_points": args.grid_points, "scheduler": args.scheduler,
                                 "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
                                 "epochs": config["epochs"], "num_samples": args.num_samples, "seed": args.seed,
-                                "loss": config["loss"]})
+                                "loss": config["loss"], "augment": config["augment"], "normalize": config["normalize"]})
         check_search_digest(config["mlflow_uri"], args.experiment, digest)
         if args.register:
             check_alias_classes(config["mlflow_uri"], args.register, CHAMPION, dataset_class_names(prepared))

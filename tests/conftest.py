@@ -5,6 +5,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -149,9 +150,12 @@ def train_workdir(tmp_path_factory) -> Path:
 
 
 # Per-loss train.py flags of the session's smoke runs: a non-default value where the default would hide a bug
-# (logit adjustment's tau = 1 is Balanced Softmax; LDAM-DRW's re-weighting must switch on mid-run).
+# (logit adjustment's tau = 1 is Balanced Softmax; LDAM-DRW's re-weighting must switch on mid-run), and backbones
+# other than resnet32 under the heads that replace a model's own classifier: a torchvision model outside the
+# classic ResNets under Causal Norm's head, a timm model under LDAM's cosine head (trained, registered, served).
 SMOKE_FLAGS = {"logit_adjusted": ["--tau", "0.5"], "focal": ["--gamma", "1"],
-               "ldam_drw": ["--epochs", "2", "--drw-epoch", "1"]}
+               "ldam_drw": ["--epochs", "2", "--drw-epoch", "1", "--model", "timm:test_resnet"],
+               "causal_norm": ["--model", "shufflenet_v2_x0_5"]}
 
 
 @pytest.fixture(scope="session")
@@ -205,3 +209,58 @@ def write_sorted_list_dataset(root: Path, counts: list[int], test_per_class: int
         lists[split] = root / f"{split}.txt"
         lists[split].write_text("\n".join(lines) + "\n")
     return lists
+
+
+def arrow_png(path: Path, direction: int, size: int, rng: np.random.Generator) -> None:
+    """An arrow (a filled triangle) pointing left, right, up or down (``direction`` 0..3), at a jittered place
+    on a noisy background: a horizontal mirror turns a left arrow into a right one, and nothing else into another
+    class."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = rng.normal(60, 25, (size, size, 3))
+    half = size // 3
+    cy, cx = rng.integers(half + 1, size - half - 1, 2)
+    ys, xs = np.mgrid[0:size, 0:size]
+    u, v = (xs - cx, ys - cy) if direction < 2 else (ys - cy, xs - cx)  # along the arrow, across it
+    u = -u if direction in (0, 2) else u  # left / up point towards -x / -y
+    inside = (u >= -half) & (u <= half) & (np.abs(v) <= (half - u) / 2)  # wide at the back, a point at the front
+    img[inside] = rng.uniform(170, 255, 3)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, format="PNG")
+
+
+def write_arrow_dataset(root: Path, counts: list[int], test_per_class: int, size: int = 16) -> dict:
+    """``write_sorted_list_dataset``'s published list layout (lines grouped by class) with arrow images."""
+    rng, lists = np.random.default_rng(1), {}
+    for split, per in (("train", counts), ("test", [test_per_class] * len(counts))):
+        lines = []
+        for c, n in enumerate(per):
+            for k in range(n):
+                rel = f"{split}/{['left', 'right', 'up', 'down'][c]}/{k:04d}.png"
+                arrow_png(root / "images" / rel, c, size, rng)
+                lines.append(f"{rel} {c}")
+        lists[split] = root / f"{split}.txt"
+        lists[split].write_text("\n".join(lines) + "\n")
+    return lists
+
+
+def wait_for(predicate, timeout: float, what: str, proc=None):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {what}:\n{out[-3000:]}\n{err[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def train_worker_pids() -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and b"RayTrainWorker" in (d / "cmdline").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids

@@ -34,7 +34,7 @@ def _write(tmp_path, text, name="c.yaml"):
         ("amp: 'yes'", "amp must be true or false"),
         ("warmup_epoch: 2", "unknown config keys ['warmup_epoch']"),
         ("loss: focal_typo", "loss must be one of"),
-        ("model: resnet9000", "model must be one of"),
+        ("model: resnet9000", "unknown model 'resnet9000'"),
         ("weights_path: /no/such/weights.pt", "weights_path is not an existing file"),
         ("class_weights: [0.5, -0.5]", "class_weights[1] must be >= 0, got -0.5"),
         ("class_weights: 0.5", "class_weights must be a list"),

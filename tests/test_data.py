@@ -138,6 +138,7 @@ def test_split_list_prepare_roundtrip(places_subset, tmp_path, ray_local):
     manifest = prepare_dataset(load_split_lists("places_lt", root, lists), tmp_path / "out", progress=False)
     assert manifest["splits"]["train"]["class_counts"] == [4] * 5
     ds = open_prepared(tmp_path / "out")
+    _check_channel_stats(ds)
     lines = lists["train"].read_text().splitlines()
     t = ds.raw_split("train").to_pydict()
     for path, b, y in zip(t["path"], t["image"], t["label"]):
@@ -174,7 +175,7 @@ def test_a_bomb_an_animation_and_16_bit_images_through_preparation_and_training_
     manifest = prepare_dataset(raw, tmp_path / "out", skip_bad=True, progress=False)
     assert [e["path"] for s in manifest["splits"].values() for e in s["skipped"]["examples"]] == ["c1/bomb.png"]
     ds = open_prepared(tmp_path / "out")
-    batch = ds.ray_dataset("train", train=False).take_batch(100)
+    batch = ds.ray_dataset("train").take_batch(100)
     assert batch["image"].dtype == np.uint8 and batch["image"].shape[1:] == (3, 16, 16)
     assert len(batch["label"]) == sum(s["num_samples"] for k, s in manifest["splits"].items() if k == "train")
 
@@ -303,6 +304,17 @@ def test_inat2018_json_roundtrip(tmp_path, ray_local):
     assert np.allclose(ds.source_prior.numpy(), [5 / 9, 3 / 9, 1 / 9])
 
 
+def _check_channel_stats(ds) -> None:
+    """The manifest's channel statistics (``normalize: dataset``) are the mean and std of every training pixel."""
+    import torch
+
+    from lade_core.data.transforms import decode_rgb
+
+    x = torch.cat([decode_rgb(b).reshape(3, -1) for b in ds.raw_split("train")["image"].to_pylist()], 1).double() / 255
+    assert np.allclose(ds.channel_stats["mean"], x.mean(1).numpy(), atol=1e-5)
+    assert np.allclose(ds.channel_stats["std"], x.std(1, unbiased=False).numpy(), atol=1e-5)
+
+
 # ---------- synthetic ----------
 
 def test_synthetic_is_deterministic_and_long_tailed(tmp_path, ray_local):
@@ -314,6 +326,8 @@ def test_synthetic_is_deterministic_and_long_tailed(tmp_path, ray_local):
     assert np.all(np.diff(a.splits["train"].labels) >= 0)
     prepare_dataset(a, tmp_path / "syn", progress=False)
     ds = open_prepared(tmp_path / "syn")
+    _check_channel_stats(ds)
+    assert ds.manifest["native_size"] == [32, 32]
     t = ds.raw_split("train").to_pydict()
     assert sorted(t["index"]) == list(range(len(t["index"]))) and t["index"] != sorted(t["index"])
     assert np.array_equal(np.asarray(t["label"]), a.splits["train"].labels[t["index"]])
@@ -357,7 +371,7 @@ def test_sorted_list_without_val_gets_a_balanced_holdout_and_its_transform(tmp_p
     assert ds.manifest["transform"] == "cifar" and ds.image_size == 16
     batch = ds.ray_dataset("val").take_batch(4)
     assert batch["image"].shape == (4, 3, 16, 16)  # the stored size reaches every later use of the dataset
-    assert ds.ray_dataset("val", image_size=8).take_batch(2)["image"].shape == (2, 3, 8, 8)
+    assert ds.ray_dataset("val", ds.eval_transform(8)).take_batch(2)["image"].shape == (2, 3, 8, 8)
 
 
 def test_image_folder_classes_sorted_by_name(tmp_path, ray_local):
@@ -427,25 +441,15 @@ def test_user_dataset_bad_input_is_one_clear_error_before_anything_is_written(tm
 
 # ---------- shuffled training epochs on class-sorted data ----------
 
-def _epoch_streams(splits, epoch: int, seed: int = 0, per_worker_batch: int = 32) -> dict[int, list[dict]]:
-    """What each of 2 DDP workers gets in one epoch from ``ds.streaming_split(2, equal=True)``, consumed
-    concurrently, as Ray Train does (one split for the whole run: each epoch is one execution of the dataset)."""
-    import threading
-
+def _epoch_streams(prepared, epoch: int, seed: int = 0, per_worker_batch: int = 32) -> dict[int, list[dict]]:
+    """What each of 2 DDP workers gets in one epoch (``training.epoch_batches``, as the worker loop calls it)."""
+    from lade_core.data.recipe import resolve_augment
     from lade_core.training import epoch_batches
 
-    out: dict[int, list[dict]] = {}
-
-    def consume(rank: int) -> None:
-        out[rank] = [{"label": b["label"].numpy(), "index": b["index"].numpy()} for b in
-                     epoch_batches(splits[rank], epoch=epoch, seed=seed, rank=rank, batch_size=per_worker_batch)]
-
-    threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    return out
+    config = {"seed": seed, "image_size": None, "augment": resolve_augment(None, "cifar", 8, [(8, 8)])}
+    return {rank: [{k: b[k].numpy() for k in ("label", "index", "image")} for b in
+                   epoch_batches(prepared, config, epoch=epoch, rank=rank, world=2, batch_size=per_worker_batch)]
+            for rank in (0, 1)}
 
 
 def test_training_epochs_mix_classes_differ_and_split_disjointly(tmp_path, ray_local):
@@ -457,37 +461,32 @@ def test_training_epochs_mix_classes_differ_and_split_disjointly(tmp_path, ray_l
     prepare_dataset(with_validation(raw, val_per_class=2, min_train_per_class=2, seed=0), tmp_path / "out", progress=False)
     prepared = open_prepared(tmp_path / "out")
     n_train = sum(prepared.class_counts("train"))
-    from lade_core.training import train_data_config
-
-    ds = prepared.train_dataset(seed=0)
-    ds.context.execution_options = train_data_config()._resolve_execution_options("train")  # as Ray Train does
-    splits, orders = ds.streaming_split(2, equal=True), []
+    orders = []
     for epoch in (0, 1):
-        streams = _epoch_streams(splits, epoch)
-        # Each worker gets a disjoint, equal share; together they cover the split once (equal shares drop at most
-        # world - 1 rows of an odd-sized split).
+        streams = _epoch_streams(prepared, epoch)
+        # Each worker gets a disjoint, equal share (so equal batch counts); together they cover the split once but
+        # for the n mod world rows left out of the epoch.
         seen = np.concatenate([b["index"] for r in (0, 1) for b in streams[r]])
-        assert len(set(seen.tolist())) == len(seen) and n_train - 1 <= len(seen) <= n_train
-        assert sum(len(b["index"]) for b in streams[0]) == sum(len(b["index"]) for b in streams[1])
+        assert len(set(seen.tolist())) == len(seen) and len(seen) == n_train - n_train % 2
+        assert [len(b["index"]) for b in streams[0]] == [len(b["index"]) for b in streams[1]]
         # A 64-image global batch (2 x 32) of a 10-class, class-sorted set holds many classes.
         for b0, b1 in zip(streams[0], streams[1]):
             if len(b0["label"]) == len(b1["label"]) == 32:
                 assert len(set(b0["label"]) | set(b1["label"])) >= 5, (b0["label"], b1["label"])
-        orders.append({r: np.concatenate([b["index"] for b in streams[r]]) for r in (0, 1)})
+        orders.append(streams)
     for r in (0, 1):  # two epochs see different orders, and each worker a different share (file order per epoch)
-        assert not np.array_equal(orders[0][r][:64], orders[1][r][:64])
-        assert set(orders[0][r].tolist()) != set(orders[1][r].tolist())
-    # The order follows from the seed: a dataset built again from the prepared files repeats epoch 0 exactly, and
-    # one whose execution count starts at epoch 1 (a worker group restored from epoch 0's checkpoint) repeats
-    # epoch 1 exactly: a restored run continues with the order it would have had.
-    from lade_core.training import align_execution_index
-
-    for epoch in (0, 1):
-        again = prepared.train_dataset(seed=0)
-        again.context.execution_options = ds.context.execution_options
-        align_execution_index(again, epoch)
-        streams = _epoch_streams(again.streaming_split(2, equal=True), epoch)
-        assert all(np.array_equal(np.concatenate([b["index"] for b in streams[r]]), orders[epoch][r]) for r in (0, 1))
+        first = [np.concatenate([b["index"] for b in orders[e][r]]) for e in (0, 1)]
+        assert not np.array_equal(first[0][:64], first[1][:64]) and set(first[0].tolist()) != set(first[1].tolist())
+    # The batches follow from (seed, epoch, rank, world) alone: built again (a rerun, or a worker group restored from a
+    # checkpoint at that epoch), every batch is the same rows, in the same order, with the same augmented pixels.
+    for epoch in (1, 0):
+        again = _epoch_streams(open_prepared(tmp_path / "out"), epoch)
+        for r in (0, 1):
+            assert len(again[r]) == len(orders[epoch][r])
+            for a, b in zip(again[r], orders[epoch][r]):
+                assert all(np.array_equal(a[k], b[k]) for k in ("index", "label", "image"))
+    other_seed = _epoch_streams(prepared, 0, seed=1)
+    assert not np.array_equal(other_seed[0][0]["index"], orders[0][0][0]["index"])
 
 
 def test_resume_epoch_reads_the_latest_registered_checkpoint(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from lade_core.tracking import find_run
 from lade_core.training import latest_checkpoint
 
-from conftest import REPO, start_mlflow_server, stop_mlflow_server
+from conftest import REPO, start_mlflow_server, stop_mlflow_server, train_worker_pids, wait_for
 
 pytestmark = pytest.mark.slow
 SERIES = ("val/top1", "val/ece", "train/loss", "lr")
@@ -31,19 +31,6 @@ def _train_cmd(workdir: Path, run_name: str, *args: str) -> list[str]:
     return [sys.executable, str(REPO / "pipelines" / "train.py"), "--smoke-test", "--mlflow-uri",
             f"sqlite:///{workdir / 'mlflow.db'}", "--storage-path", str(workdir / "ray_results"),
             "--run-name", run_name, "--register", f"model-{run_name}", *args]
-
-
-def _wait_for(predicate, timeout: float, what: str, proc=None):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before {what}:\n{out[-3000:]}\n{err[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _check_exactly_once(workdir: Path, run_name: str, epochs: int):
@@ -65,7 +52,7 @@ def test_driver_killed_after_training_finishes_on_rerun_without_retraining(tmp_p
     proc = subprocess.Popen(_train_cmd(tmp_path, "dk", "--epochs", "2", "--num-cpus", "4"), cwd=tmp_path, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     # Kill the moment Ray Train has registered the last checkpoint: fit() is returning, test inference not done.
-    _wait_for(lambda: (latest_checkpoint(run_dir) or (-1,))[0] == 1, 400, "the last checkpoint", proc)
+    wait_for(lambda: (latest_checkpoint(run_dir) or (-1,))[0] == 1, 400, "the last checkpoint", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -90,23 +77,12 @@ def test_driver_killed_after_training_finishes_on_rerun_without_retraining(tmp_p
     assert moved.returncode == 2 and "keeps its checkpoints under" in moved.stderr, moved.stderr[-2000:]
 
 
-def _train_worker_pids() -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and b"RayTrainWorker" in (d / "cmdline").read_bytes():
-                pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
-
-
 def test_crashed_run_is_failed_in_mlflow_and_a_rerun_resumes_it(tmp_path):
     run_dir = str(tmp_path / "ray_results" / "crash")
     cmd = _train_cmd(tmp_path, "crash", "--epochs", "3", "--num-cpus", "4", "--max-failures", "0")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (latest_checkpoint(run_dir) or (-1,))[0] >= 0, 400, "epoch 0's checkpoint", proc)
-    pids = _wait_for(_train_worker_pids, 60, "the training workers", proc)
+    wait_for(lambda: (latest_checkpoint(run_dir) or (-1,))[0] >= 0, 400, "epoch 0's checkpoint", proc)
+    pids = wait_for(train_worker_pids, 60, "the training workers", proc)
     os.kill(pids[-1], signal.SIGKILL)  # a worker dies and no restart is allowed: the run crashes
     out, err = proc.communicate(timeout=400)
     assert proc.returncode != 0, out[-2000:]
@@ -174,9 +150,9 @@ def test_node_loss_on_a_multi_node_cluster_resumes_and_logs_each_epoch_once(tmp_
         run_dir = str(tmp_path / "ray_results" / "mn")
         killed = []
         for after_epoch, kill_rank0 in ((0, True), (2, False)):
-            _wait_for(lambda: (latest_checkpoint(run_dir) or (-1,))[0] >= after_epoch, 400,
+            wait_for(lambda: (latest_checkpoint(run_dir) or (-1,))[0] >= after_epoch, 400,
                       f"epoch {after_epoch}'s checkpoint", proc)
-            rank0 = _wait_for(lambda: _rank0_node(cluster, logs, nodes), 120, "rank 0's node", proc)
+            rank0 = wait_for(lambda: _rank0_node(cluster, logs, nodes), 120, "rank 0's node", proc)
             victim = rank0 if kill_rank0 else next(n for n in nodes if n is not rank0)
             time.sleep(1.0)  # into the next epoch: the kill lands mid-epoch
             cluster.remove_node(victim, allow_graceful=False)
@@ -221,10 +197,10 @@ def test_an_mlflow_outage_mid_run_keeps_training_and_loses_no_epoch(tmp_path):
             run = find_run(client, exp.experiment_id, "outage") if exp else None
             return run is not None and "val/top1" in client.get_run(run.info.run_id).data.metrics
 
-        _wait_for(epoch0_logged, 400, "epoch 0 in MLflow", proc)
+        wait_for(epoch0_logged, 400, "epoch 0 in MLflow", proc)
         stop_mlflow_server(server)
         run_dir = str(tmp_path / "ray_results" / "outage")
-        _wait_for(lambda: (latest_checkpoint(run_dir) or (-1,))[0] >= 2, 400, "epochs trained with MLflow down", proc)
+        wait_for(lambda: (latest_checkpoint(run_dir) or (-1,))[0] >= 2, 400, "epochs trained with MLflow down", proc)
         server, _ = start_mlflow_server(tmp_path, port)
         out, err = proc.communicate(timeout=600)
     finally:

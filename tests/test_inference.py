@@ -9,8 +9,12 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from lade_core.data.transforms import _STATS, cifar_batch_transform, decode_augment, normalize
+from lade_core.data.recipe import PRESETS, resolve_normalize
+from lade_core.data.transforms import ImageTransform, center_crop_batch, crop_flip_batch, decode_augment, normalize
 from lade_core.inference import merge_shards
+
+
+STATS = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.25]}  # not a family's: the one passed must be the one used
 
 
 def _png(rng, size):
@@ -23,17 +27,17 @@ def _png(rng, size):
 def test_uint8_batches_normalized_on_the_worker_equal_the_float_pipeline(rng, kind, size):
     images = [_png(rng, size) for _ in range(5)]
     batch = {"image": images, "label": list(range(5)), "index": list(range(10, 15))}
-    out = decode_augment(batch, kind, train=False, image_size=size if kind == "cifar" else 64)
+    out = decode_augment(batch, ImageTransform(kind, size if kind == "cifar" else 64))
     assert out["image"].dtype == np.uint8 and out["index"].tolist() == list(range(10, 15))
     # The reference: torchvision's float conversion and Normalize on the same decoded, cropped pixels.
-    mean, std = _STATS[kind]
+    mean, std = PRESETS[kind]["mean"], PRESETS[kind]["std"]
     ref = v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(torch.from_numpy(out["image"])))
-    assert torch.allclose(normalize(torch.from_numpy(out["image"]), kind), ref, atol=1e-5)
+    assert torch.allclose(normalize(torch.from_numpy(out["image"]), resolve_normalize(None, kind, None)), ref, atol=1e-5)
 
 
 def test_decode_shard_keeps_a_disjoint_share_by_index(rng):
     batch = {"image": [_png(rng, 8) for _ in range(7)], "label": [0] * 7, "index": [3, 4, 5, 6, 7, 8, 9]}
-    shares = [decode_augment(batch, "cifar", False, 8, shard=(r, 3))["index"].tolist() for r in range(3)]
+    shares = [decode_augment(batch, ImageTransform("cifar", 8), shard=(r, 3))["index"].tolist() for r in range(3)]
     assert shares == [[3, 6, 9], [4, 7], [5, 8]]
 
 
@@ -75,8 +79,8 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
     model.eval()
 
     def single(split):
-        batches = prepared.ray_dataset(split, train=False).iter_torch_batches(batch_size=7)
-        logits, labels, index = predict_logits(model, model_batches(batches, torch.device("cpu"), prepared.transform))
+        batches = prepared.ray_dataset(split).iter_torch_batches(batch_size=7)
+        logits, labels, index = predict_logits(model, model_batches(batches, torch.device("cpu"), STATS))
         order = torch.argsort(index)
         assert index[order].tolist() == sorted(set(index.tolist())) and len(index) == len(set(index.tolist()))
         return logits[order], labels[order]
@@ -93,7 +97,7 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
         model = build_model("resnet32", 4)
         model.load_state_dict(config["state"])
         out = sharded_logits(model, open_prepared(config["dataset"]), "val", torch.device("cpu"), None,
-                             ctx.get_world_rank(), ctx.get_world_size())
+                             config["stats"], ctx.get_world_rank(), ctx.get_world_size())
         if ctx.get_world_rank() == 0:
             torch.save(out, config["out"])
         else:
@@ -101,7 +105,7 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
 
     out = tmp_path / "val_logits.pt"
     TorchTrainer(_sharded_loop, train_loop_config={"state": model.state_dict(), "dataset": str(tmp_path / "d"),
-                                                    "out": str(out)},
+                                                    "out": str(out), "stats": STATS},
                  scaling_config=ScalingConfig(num_workers=3),
                  run_config=RunConfig(name="sharded", storage_path=str(tmp_path / "ray"))).fit()
     sharded, sharded_labels = torch.load(out, weights_only=True)
@@ -112,7 +116,7 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
     save_checkpoint(tmp_path / "ckpt", {"model": model.state_dict(), "epoch": 0}, {}, [])
     # Both splits in one pass over one actor pool, each back in its own split order.
     out = batch_logits(prepared, ("test", "val"), "resnet32", ("linear", {}), Checkpoint(str(tmp_path / "ckpt")),
-                       image_size=None, num_actors=2, use_gpu=False, batch_size=5)
+                       image_size=None, stats=STATS, num_actors=2, use_gpu=False, batch_size=5)
     for split, n in (("test", 28), ("val", 20)):
         logits, labels = out[split]
         ref, ref_labels = single(split)
@@ -123,7 +127,9 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
 def test_cifar_batch_transform_is_a_crop_of_the_padded_image_or_its_mirror():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    out = cifar_batch_transform(images, 32, train=True)
+    seeds = np.random.default_rng(0).integers(0, 2**63, 64, dtype=np.uint64)
+    out = crop_flip_batch(images, 32, 4, 0.5, seeds)
+    assert torch.equal(out, crop_flip_batch(images, 32, 4, 0.5, seeds))  # a sample's seed fixes its crop and coin
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     offsets, flips = set(), 0
     for i in range(64):
@@ -133,5 +139,6 @@ def test_cifar_batch_transform_is_a_crop_of_the_padded_image_or_its_mirror():
         offsets.add(found[0][:2])
         flips += found[0][2]
     assert len(offsets) > 20 and 15 < flips < 49  # each image its own crop and coin
-    assert torch.equal(cifar_batch_transform(images, 32, train=False), images)
-    assert torch.equal(cifar_batch_transform(images, 24, train=False), images[:, :, 4:28, 4:28])
+    assert not crop_flip_batch(images, 32, 4, 0.0, seeds).equal(out)  # p = 0: no mirror
+    assert torch.equal(center_crop_batch(images, 32), images)
+    assert torch.equal(center_crop_batch(images, 24), images[:, :, 4:28, 4:28])

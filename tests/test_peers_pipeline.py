@@ -36,14 +36,18 @@ def peers(train_workdir, smoke_run):
     return uri, client, {loss: runs[f"r-{loss}"] for loss in METHODS}, train_workdir
 
 
-def test_registered_causal_norm_model_serves_the_tde_logits_its_run_stored(peers):
-    """The card's head rebuilds the network training had: the pyfunc's raw logits on the test images are the TDE
-    logits the run stored (a linear head would not even load the weights)."""
+@pytest.mark.parametrize("loss, model", [("causal_norm", "shufflenet_v2_x0_5"), ("ldam_drw", "timm:test_resnet")])
+def test_registered_model_serves_the_logits_its_run_stored(peers, loss, model):
+    """The card's architecture and head rebuild the network training had (a torchvision model outside the classic
+    ResNets under Causal Norm's head, a timm model under LDAM's cosine head): the pyfunc's raw logits on the test
+    images are the logits the run stored (the TDE logits for Causal Norm; a linear head would not load the
+    weights)."""
     uri, client, runs, workdir = peers
-    logits, _ = read_logits_parquet(_download(client, runs["causal_norm"].info.run_id, LOGITS_ARTIFACT))
+    assert runs[loss].data.params["model"] == model  # conftest.SMOKE_FLAGS
+    logits, _ = read_logits_parquet(_download(client, runs[loss].info.run_id, LOGITS_ARTIFACT))
     test = pq.read_table(str(workdir / "data" / "synthetic_smoke" / "test"), columns=["image", "index"])
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model("models:/model-causal_norm/1")
+    model = mlflow.pyfunc.load_model(f"models:/model-{loss}/1")
     out = model.predict(pd.DataFrame({"image": test.column("image").to_pylist()}),
                         params={"output": "logits", "posthoc": "raw"})
     served = np.stack(out["logits"].to_numpy())[np.argsort(test.column("index").to_pylist())]

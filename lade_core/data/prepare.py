@@ -23,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..locks import exclusive
 from .sources import DataError, RawDataset, RawSplit, check_no_empty_class
+from .recipe import ChannelStats
 from .transforms import decode_rgb
 
 MANIFEST = "dataset.json"
@@ -43,19 +45,20 @@ def _encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _check_image_file(path: Path) -> tuple[bytes | None, str | None, tuple[int, int] | None]:
-    """Read and decode one image; return (bytes, None, (H, W)) or (None, why, None)."""
+def _check_image_file(path: Path, stats: ChannelStats | None = None
+                      ) -> tuple[bytes | None, str | None, tuple[int, int] | None, torch.Tensor | None]:
+    """Read and decode one image; return (bytes, None, (H, W), the image if ``stats``) or (None, why, None, None)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return None, "missing image file", None
+        return None, "missing image file", None, None
     except OSError as e:
-        return None, f"unreadable image file ({e})", None
+        return None, f"unreadable image file ({e})", None, None
     try:
-        shape = tuple(decode_rgb(data).shape[1:])
+        image = decode_rgb(data)
     except Exception as e:  # noqa: BLE001 - the decoder raises several types for corrupt or unsupported data
-        return None, f"undecodable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", None
-    return data, None, shape
+        return None, f"undecodable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", None, None
+    return data, None, tuple(image.shape[1:]), ChannelStats.sums(image) if stats is not None else None
 
 
 def _fingerprint(raw: RawDataset, skip_bad: bool) -> str:
@@ -82,30 +85,34 @@ def image_stats(raw: RawDataset) -> str | None:
     return h.hexdigest()
 
 
-def _validate_files(raw: RawDataset, skip_bad: bool, progress: bool) -> tuple[dict[str, RawSplit], dict, str, set]:
-    """Decode every image once; returns kept splits, per-split bad-sample report, a hash of image bytes and the
-    set of (H, W) sizes seen."""
+def _validate_files(raw: RawDataset, skip_bad: bool, progress: bool
+                    ) -> tuple[dict[str, RawSplit], dict, str, set, ChannelStats]:
+    """Decode every image once; returns kept splits, per-split bad-sample report, a hash of image bytes, the
+    set of (H, W) sizes seen and the training split's channel statistics."""
     root = Path(raw.image_root or ".")
     h = hashlib.sha256(raw.input_hash.encode())
-    kept, skipped, sizes = {}, {}, set()
+    kept, skipped, sizes, stats = {}, {}, set(), ChannelStats()
     for split, rs in raw.splits.items():
         bad = []
+        of_split = stats if split == "train" else None
         with ThreadPoolExecutor(max_workers=8) as pool:
-            checked = pool.map(lambda p: _check_image_file(root / p), rs.paths)
-            for i, (data, why, shape) in enumerate(tqdm(checked, total=len(rs.paths), desc=f"checking {split}",
-                                                        unit="img", disable=not progress, file=sys.stderr)):
+            checked = pool.map(lambda p: _check_image_file(root / p, of_split), rs.paths)
+            for i, (data, why, shape, sums) in enumerate(tqdm(checked, total=len(rs.paths), desc=f"checking {split}",
+                                                              unit="img", disable=not progress, file=sys.stderr)):
                 if why:
                     bad.append((i, why))
                 else:
                     h.update(hashlib.sha256(data).digest())
                     sizes.add(shape)
+                    if sums is not None:
+                        stats.add_sums(*sums)
         if bad and not skip_bad:
             shown = "; ".join(f"{root / rs.paths[i]} (line {rs.index[i] + 1}): {why}" for i, why in bad[:5])
             raise DataError(f"{split}: {len(bad)} bad images, e.g. {shown}. Fix them or pass --skip-bad")
         keep = np.setdiff1d(np.arange(rs.labels.size), [i for i, _ in bad])
         kept[split] = rs.take(keep)
         skipped[split] = {"count": len(bad), "examples": [{"path": rs.paths[i], "why": why} for i, why in bad[:20]]}
-    return kept, skipped, h.hexdigest(), sizes
+    return kept, skipped, h.hexdigest(), sizes, stats
 
 
 def _class_counts(split: RawSplit, num_classes: int) -> list[int]:
@@ -204,11 +211,17 @@ def _prepare(raw: RawDataset, out_dir: Path, overwrite: bool, skip_bad: bool, ro
                             "choose another directory or pass --overwrite")
 
     splits, skipped = raw.splits, {s: {"count": 0, "examples": []} for s in raw.splits}
-    input_hash, image_size = raw.input_hash, raw.image_size
+    input_hash, image_size, native_size = raw.input_hash, raw.image_size, None
     if splits["train"].images is not None:
         image_size = image_size or int(splits["train"].images.shape[1])  # native size of CIFAR-family arrays
+        native_size = [int(x) for x in splits["train"].images.shape[1:3]]
+        stats = ChannelStats()
+        for start in range(0, len(splits["train"].images), 1024):
+            chunk = torch.from_numpy(np.ascontiguousarray(splits["train"].images[start:start + 1024]))  # [B, H, W, 3]
+            stats.add(chunk.permute(3, 0, 1, 2))
     if raw.image_root is not None:
-        splits, skipped, input_hash, sizes = _validate_files(raw, skip_bad, progress)
+        splits, skipped, input_hash, sizes, stats = _validate_files(raw, skip_bad, progress)
+        native_size = [int(x) for x in next(iter(sizes))] if len(sizes) == 1 else None
         if image_size is None and raw.transform == "cifar":
             # The cifar family crops at the native size: one square size, or the user names one.
             if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
@@ -244,6 +257,10 @@ def _prepare(raw: RawDataset, out_dir: Path, overwrite: bool, skip_bad: bool, ro
             # The crop size training and evaluation use: the one asked for, else the native size of in-memory
             # (CIFAR-family) images; None: the transform family's default (224 for imagenet).
             "image_size": image_size,
+            # (H, W) of every image where they all have one size (None: sizes vary): what augment is checked on.
+            "native_size": native_size,
+            # Per-channel mean and std of the training split on the [0, 1] scale (`normalize: dataset`).
+            "channel_stats": stats.result(),
             "validation": raw.validation,
             "row_order": {"shuffled": True, "seed": order_seed},
             "layout_version": LAYOUT_VERSION,

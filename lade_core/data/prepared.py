@@ -4,15 +4,17 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..priors import prior_from_counts
 from .prepare import MANIFEST
 from .sources import DataError
-from .transforms import decode_augment_chunks, default_image_size
+from .recipe import default_image_size
+from .transforms import ImageTransform, decode_augment_chunks
 
 _REQUIRED = ("name", "num_classes", "transform", "splits")
 
@@ -51,12 +53,32 @@ class PreparedDataset:
     def crop_size(self, override: int | None = None) -> int:
         """The crop size the model sees: ``override`` (a config's image_size), else the manifest's, else the
         transform family's default."""
-        return override or self.image_size or default_image_size(self.transform)
+        return override or self.image_size or default_image_size(self.family)
 
     @property
-    def transform(self) -> str:
-        """The transform family (``cifar`` / ``imagenet``): augmentation and the normalization statistics."""
+    def family(self) -> str:
+        """The transform family (``cifar`` / ``imagenet``): the evaluation transform, and the default augment
+        preset and normalization statistics (``lade_core.data.recipe``)."""
         return self.manifest["transform"]
+
+    @property
+    def channel_stats(self) -> dict | None:
+        """The training split's per-channel {mean, std} on the [0, 1] scale (None: prepared by an older lade)."""
+        return self.manifest.get("channel_stats")
+
+    def input_sizes(self, crop: int) -> list[tuple[int, int]]:
+        """The (H, W) sizes images reach the augmentation in, to check an ``augment`` list on: the images' one
+        size where the manifest records it (cifar-family data has one), else a square and a larger oblong one."""
+        native = self.manifest.get("native_size")
+        if native:
+            return [tuple(native)]
+        if self.family == "cifar" and self.image_size:
+            return [(self.image_size, self.image_size)]
+        return [(crop, crop), (2 * crop + 3, 3 * crop // 2 + 1)]
+
+    def eval_transform(self, image_size: int | None = None) -> ImageTransform:
+        """The deterministic evaluation transform at the crop size (``crop_size(image_size)``)."""
+        return ImageTransform(self.family, self.crop_size(image_size))
 
     @property
     def test_split(self) -> str:
@@ -73,41 +95,54 @@ class PreparedDataset:
         if split not in self.manifest["splits"]:
             raise DataError(f"{self.root}: no split {split!r}; it has {self.splits}")
 
-    def train_dataset(self, seed: int, image_size: int | None = None):
-        """The training split for ``TorchTrainer``: decoded, augmented, its shard files in a new seeded order every
-        epoch. With ``lade_core.training.epoch_batches`` (a seeded local shuffle buffer per worker) this is how a
-        class-sorted dataset is mixed; why it suffices at Places-LT's size (62 500 rows sorted by class):
+    def epoch_rows(self, seed: int, epoch: int, rank: int, world: int) -> tuple[list[str], np.ndarray]:
+        """(shard files, sorted split indices) training worker ``rank`` of ``world`` reads in ``epoch``: a function
+        of (seed, epoch, rank, world) only, never of timing. The train split's shard files in an order seeded by
+        (seed, epoch), their rows concatenated in that order, and rank r takes rows [r n, (r + 1) n) with
+        n = N // world: equal counts (so equal batch counts) on every rank, each file read by one rank (two at a
+        boundary), and the N mod world rows left out differ from epoch to epoch."""
+        files = _train_files(str(self.root / "train"), self.manifest.get("fingerprint"))
+        order = np.random.default_rng([int(seed), int(epoch), 0xF11E]).permutation(len(files))
+        index = np.concatenate([files[i][1] for i in order])
+        n = len(index) // world
+        mine = index[rank * n:(rank + 1) * n]
+        ends = np.cumsum([len(files[i][1]) for i in order])
+        first, last = np.searchsorted(ends, rank * n, side="right"), np.searchsorted(ends, (rank + 1) * n - 1, side="right")
+        return [files[i][0] for i in order[first:last + 1]] if n else [], np.sort(mine)
+
+    def rank_dataset(self, tf: ImageTransform, *, seed: int, epoch: int, rank: int, world: int):
+        """Training worker ``rank``'s rows of ``epoch`` (``epoch_rows``), decoded and augmented by ``tf`` (its
+        ``seed``: ``recipe.augment_seed(seed, epoch)``), in file order: with a seeded local shuffle buffer per
+        worker (``training.epoch_batches``) this is how a class-sorted dataset is mixed; why it suffices at
+        Places-LT's size (62 500 rows sorted by class):
 
         1. preparation wrote the rows in a seeded random order, so every shard file and every block read from it
            is a uniform sample of all classes: a batch from any window of the stream holds many classes;
-        2. ``shuffle=FileShuffleConfig(seed, reseed_after_execution=True)`` gives each execution of the read (one
-           per epoch) another seeded file order, so the streaming split hands each DDP worker different rows
-           every epoch; it is applied while listing files, so reading stays streaming (``randomize_block_order``
-           after the read would be a barrier that materializes the whole split first);
-        3. the worker's local shuffle buffer, seeded by (seed, epoch, rank), reorders rows within its stream, so
-           batch composition changes every epoch even for a split stored in one file.
-        No global ``random_shuffle``: it would move the whole split through the object store every epoch.
-        """
-        from ray.data import FileShuffleConfig
+        2. the file order is reseeded every epoch, so each worker gets other rows every epoch;
+        3. the worker's local shuffle buffer, seeded by (seed, epoch, rank), reorders rows within its stream.
+        No global ``random_shuffle``: it would move the whole split through the object store every epoch. Each
+        worker runs its own streaming read (Ray Data tasks on the cluster's CPUs) of only its files; Ray Data's
+        ``streaming_split`` would hand blocks to whichever worker asks first, so runs would differ."""
+        files, rows = self.epoch_rows(seed, epoch, rank, world)
+        return self.ray_dataset("train", tf, files=files, rows=rows)
 
-        return self.ray_dataset("train", train=True, image_size=image_size,
-                                shuffle=FileShuffleConfig(seed=int(seed), reseed_after_execution=True))
-
-    def ray_dataset(self, split: str, *, train: bool | None = None, image_size: int | None = None, shuffle=None,
-                    shard: tuple[int, int] | None = None):
-        """A Ray Dataset of {"image": uint8 [3, H, W], "label": int64, "index": int64}, decoded and (train split)
-        augmented; ``lade_core.data.transforms.normalize`` makes the model input on the worker.
-        ``shuffle``: passed to ``read_parquet`` (file order). ``shard=(rank, world)``: only the rows with
-        ``index % world == rank`` (one inference worker's disjoint share)."""
-        augment = (split == "train") if train is None else train
-        size = image_size or self.image_size
-        fn = partial(decode_augment_chunks, kind=self.manifest["transform"], train=augment, image_size=size, shard=shard)
+    def ray_dataset(self, split: str, tf: ImageTransform | None = None, *, shard: tuple[int, int] | None = None,
+                    files: list[str] | None = None, rows: np.ndarray | None = None):
+        """A Ray Dataset of {"image": uint8 [3, S, S], "label": int64, "index": int64}, decoded and transformed by
+        ``tf`` (default: the evaluation transform); ``lade_core.data.transforms.normalize`` makes the model input
+        on the worker. ``shard=(rank, world)``: only the rows with ``index % world == rank`` (one inference
+        worker's disjoint share); ``files`` / ``rows``: only those shard files, in that order, and of them only the
+        rows with those split indices. Rows come in file order."""
+        tf = tf or self.eval_transform()
+        fn = partial(decode_augment_chunks, tf=tf, shard=shard, rows=rows)
         # batch_size=None: the decode runs inside the read task (fused), a block at a time, in 64-row chunks.
-        return self.encoded_dataset(split, shuffle=shuffle).map_batches(fn, batch_format="numpy", batch_size=None)
+        ds = self.encoded_dataset(split, files=files).map_batches(fn, batch_format="numpy", batch_size=None)
+        ds.context.execution_options.preserve_order = True  # file order, whatever order the read tasks finish in
+        return ds
 
-    def encoded_dataset(self, split: str, shuffle=None):
-        """The split's rows as stored, {"image": encoded bytes, "label", "index"}, as a Ray Dataset (streaming
-        read; ``shuffle`` is passed to ``read_parquet``)."""
+    def encoded_dataset(self, split: str, files: list[str] | None = None):
+        """The split's rows as stored, {"image": encoded bytes, "label", "index"}, as a Ray Dataset (a streaming
+        read of all its shard files, or of ``files``)."""
         import ray.data
 
         self._check_split(split)
@@ -119,7 +154,8 @@ class PreparedDataset:
             # (bench/README.md, train_overhead). The user's RAY_DATA_USE_DATASOURCE_V2 wins if set.
             ctx.use_datasource_v2 = False
         try:
-            return ray.data.read_parquet(str(self.root / split), shuffle=shuffle, columns=["image", "label", "index"])
+            return ray.data.read_parquet(files if files is not None else str(self.root / split),
+                                         columns=["image", "label", "index"])
         finally:
             ctx.use_datasource_v2 = v2
 
@@ -129,6 +165,16 @@ class PreparedDataset:
 
         self._check_split(split)
         return pq.read_table(str(self.root / split), columns=columns)
+
+
+@lru_cache(maxsize=8)
+def _train_files(directory: str, fingerprint: str | None) -> list[tuple[str, np.ndarray]]:
+    """(path, split indices [n] in file order) of every shard file of a split, in name order: the index column
+    alone is read (a few bytes per row). ``fingerprint``: the manifest's, so a dataset prepared again is read again."""
+    import pyarrow.parquet as pq
+
+    return [(str(p), pq.read_table(p, columns=["index"]).column("index").to_numpy().astype(np.int64))
+            for p in sorted(Path(directory).glob("*.parquet"))]
 
 
 def open_prepared(path: str | Path) -> PreparedDataset:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..priors import long_tailed_counts
-from .transforms import TRANSFORM_KINDS
+from .recipe import FAMILIES
 
 # Validation images per class when a dataset brings none (ImageNet-LT and Places-LT publish 20 per class), and the
 # fewest training images the hold-out may leave a class.
@@ -78,8 +78,8 @@ def check_image_size(image_size, name: str = "image size") -> None:
 
 def check_transform(transform: str, image_size: int | None) -> None:
     """One clear error for a transform family or image size training could not use."""
-    if transform not in TRANSFORM_KINDS:
-        raise DataError(f"unknown transform {transform!r}; choose one of {list(TRANSFORM_KINDS)}")
+    if transform not in FAMILIES:
+        raise DataError(f"unknown transform {transform!r}; choose one of {list(FAMILIES)}")
     check_image_size(image_size)
 
 

@@ -1,5 +1,6 @@
 """Decode + augment for Ray Data ``map_batches`` (encoded image bytes -> uint8 [B, 3, H, W]) and ``normalize``, which
-turns those into the model's float32 input on the training or inference worker.
+turns those into the model's float32 input on the training or inference worker. What to apply is the run's recipe
+(``lade_core.data.recipe``: the ``augment`` list, the evaluation transform, the normalization statistics).
 
 Why uint8 out of Ray Data: each batch goes through Arrow and the object store to the worker; uint8 is 4x fewer
 bytes than float32, and the float conversion then runs where the model runs (on its GPU when there is one)."""
@@ -8,44 +9,14 @@ from __future__ import annotations
 import io
 import os
 import struct
-from functools import lru_cache
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from torchcodec import decoders
-from torchvision.transforms import v2
 
-# Per-family normalization statistics (CIFAR-100 and ImageNet, as in torchvision's references).
-_STATS = {
-    "cifar": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-TRANSFORM_KINDS = tuple(_STATS)
-_DEFAULT_SIZE = {"cifar": 32, "imagenet": 224}
-
-
-def default_image_size(kind: str) -> int:
-    """The crop size of a family when neither the config nor the prepared dataset sets one."""
-    return _DEFAULT_SIZE[kind]
-
-
-@lru_cache(maxsize=None)
-def build_transform(kind: str, train: bool, image_size: int | None = None) -> v2.Compose:
-    """The geometric (and, for ImageNet-family training, color) transform of a family, on uint8 [3, H, W]."""
-    if kind not in _STATS:
-        raise ValueError(f"unknown transform family {kind!r}; choose one of {TRANSFORM_KINDS}")
-    if kind == "cifar":
-        size = image_size or default_image_size(kind)
-        geo = [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()] if train else [v2.CenterCrop(size)]
-    else:
-        size = image_size or default_image_size(kind)
-        if train:
-            geo = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), v2.ColorJitter(0.4, 0.4, 0.4)]
-        else:
-            geo = [v2.Resize(int(size * 256 / 224), antialias=True), v2.CenterCrop(size)]
-    return v2.Compose(geo)  # uint8 in, uint8 out: normalization is ``normalize``, on the worker
-
+from .recipe import build_augment, crop_flip, eval_transform, sample_seeds
 
 # Pixels (width x height) an image may have, checked from its header before anything is decoded: a 4 kB PNG can
 # declare 27 000 x 1 000 pixels and decode to 108 MB. 40 MP holds any camera photo; raise it for scans and slides.
@@ -171,33 +142,68 @@ def _decode_pillow(data: bytes, limit: int) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1)  # [3, H, W] view of the [H, W, 3] pixels
 
 
-def decode_augment(batch: dict, kind: str, train: bool, image_size: int | None = None,
-                   shard: tuple[int, int] | None = None) -> dict:
-    """{"image": encoded bytes [B], "label": [B], "index": [B]} -> {"image": uint8 [B, 3, H, W], "label": int64 [B],
+@dataclass(frozen=True)
+class ImageTransform:
+    """What turns decoded images into a model batch at crop size ``size``: the training ``augment`` list
+    (``recipe.resolve_augment``) seeded per (``seed``, sample), or, with ``augment`` None, the deterministic
+    evaluation transform of ``family``."""
+
+    family: str
+    size: int
+    augment: list | None = None
+    seed: int | None = None  # recipe.augment_seed of the epoch; None: a fresh random one per batch
+
+    @property
+    def train(self) -> bool:
+        return self.augment is not None
+
+
+def decode_augment(batch: dict, tf: ImageTransform, shard: tuple[int, int] | None = None,
+                   rows: np.ndarray | None = None) -> dict:
+    """{"image": encoded bytes [B], "label": [B], "index": [B]} -> {"image": uint8 [B, 3, S, S], "label": int64 [B],
     "index": int64 [B]} (``index``: the sample's position in its source split, to trace a row back).
 
-    ``shard=(rank, world)`` keeps only the rows with ``index % world == rank``, before decoding: each of ``world``
-    inference workers decodes a disjoint share, and together they cover the split exactly once.
+    Rows are selected before decoding: ``shard=(rank, world)`` keeps ``index % world == rank`` (each of ``world``
+    inference workers decodes a disjoint share); ``rows`` (sorted split indices) keeps those (a training worker's
+    rows of the epoch, ``PreparedDataset.rank_dataset``).
     """
     index = np.asarray(batch["index"], dtype=np.int64)
-    keep = np.arange(len(index)) if shard is None else np.flatnonzero(index % shard[1] == shard[0])
-    stacked = transform_batch([decode_rgb(batch["image"][i]) for i in keep], kind, train, image_size)
+    keep = np.arange(len(index))
+    if shard is not None:
+        keep = np.flatnonzero(index % shard[1] == shard[0])
+    if rows is not None:
+        keep = keep[np.isin(index[keep], rows, assume_unique=True)]
+    stacked = transform_batch([decode_rgb(batch["image"][i]) for i in keep], tf, index[keep])
     return {"image": stacked.numpy(), "label": np.asarray(batch["label"], dtype=np.int64)[keep], "index": index[keep]}
 
 
-def transform_batch(images: list[torch.Tensor], kind: str, train: bool, image_size: int | None = None) -> torch.Tensor:
-    """Decoded images (uint8 [3, H_i, W_i] each) -> the family's transform, stacked: uint8 [B, 3, S, S]."""
-    size = image_size or default_image_size(kind)
+def transform_batch(images: list[torch.Tensor], tf: ImageTransform, index: np.ndarray | None = None) -> torch.Tensor:
+    """Decoded images (uint8 [3, H_i, W_i] each) -> ``tf``, stacked: uint8 [B, 3, S, S]. ``index`` [B]: the
+    samples' split indices, which seed their augmentation (``recipe.sample_seeds``)."""
     if not images:
-        return torch.zeros((0, 3, size, size), dtype=torch.uint8)
-    if kind == "cifar" and len({im.shape for im in images}) == 1:
-        return cifar_batch_transform(torch.stack(images), size, train)  # one vectorized pass
-    tf = build_transform(kind, train, image_size)
-    return torch.stack([tf(im) for im in images])
+        return torch.zeros((0, 3, tf.size, tf.size), dtype=torch.uint8)
+    same = len({im.shape for im in images}) == 1
+    if not tf.train:
+        if tf.family == "cifar" and same:
+            return center_crop_batch(torch.stack(images), tf.size)  # one vectorized pass
+        t = eval_transform(tf.family, tf.size)
+        return torch.stack([t(im) for im in images])
+    seed = tf.seed if tf.seed is not None else int(torch.randint(0, 2**62, ()))
+    seeds = sample_seeds(seed, np.arange(len(images)) if index is None else index)
+    fast = crop_flip(tf.augment)
+    if fast and same:
+        return crop_flip_batch(torch.stack(images), *fast, seeds)  # one vectorized pass
+    compose, gen = build_augment(tf.augment), torch.default_generator
+    out = []
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
+        for im, s in zip(images, seeds):
+            gen.manual_seed(int(s >> np.uint64(1)))  # v2 transforms draw from torch's default CPU generator
+            out.append(compose(im))
+    return torch.stack(out)
 
 
-def decode_augment_chunks(batch: dict, kind: str, train: bool, image_size: int | None = None,
-                          shard: tuple[int, int] | None = None, chunk: int = 64):
+def decode_augment_chunks(batch: dict, tf: ImageTransform, shard: tuple[int, int] | None = None,
+                          rows: np.ndarray | None = None, chunk: int = 64):
     """``decode_augment`` over a whole block, yielded ``chunk`` rows at a time.
 
     Why: with ``map_batches(batch_size=None)`` Ray Data fuses the decode into the Parquet read task (one task per
@@ -205,35 +211,47 @@ def decode_augment_chunks(batch: dict, kind: str, train: bool, image_size: int |
     generator keeps each output block small whatever the size of the block it reads (bench/README.md)."""
     n = len(batch["label"])
     for start in range(0, n, chunk):
-        out = decode_augment({k: v[start:start + chunk] for k, v in batch.items()}, kind, train, image_size, shard)
+        out = decode_augment({k: v[start:start + chunk] for k, v in batch.items()}, tf, shard, rows)
         if len(out["label"]):
             yield out
 
 
-def cifar_batch_transform(images: torch.Tensor, size: int, train: bool) -> torch.Tensor:
-    """The cifar family's transform on a whole uint8 batch [B, 3, H, W] of equal-sized images at once: train,
-    RandomCrop(size, padding=4) + RandomHorizontalFlip (each image its own crop and coin); eval, CenterCrop(size).
-    The same distribution as ``build_transform("cifar", ...)`` applied image by image, without its per-image
-    Python overhead, which dominates at 32 pixels."""
+def center_crop_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """CenterCrop(size) of a uint8 batch [B, 3, H, W] of equal-sized images at least ``size`` on each side (the
+    cifar family's evaluation transform); smaller images go through ``eval_transform``, which pads."""
     b, _, h, w = images.shape
-    if not train:
-        top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
-        return images[:, :, top:top + size, left:left + size].contiguous() if (h, w) != (size, size) else images
-    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))  # zero fill, as RandomCrop's default
-    top = torch.randint(0, h + 8 - size + 1, (b,))
-    left = torch.randint(0, w + 8 - size + 1, (b,))
+    if (h, w) == (size, size):
+        return images
+    if h < size or w < size:
+        return torch.stack([eval_transform("cifar", size)(im) for im in images])
+    top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
+    return images[:, :, top:top + size, left:left + size].contiguous()
+
+
+def crop_flip_batch(images: torch.Tensor, size: int, padding: int, p: float, seeds: np.ndarray) -> torch.Tensor:
+    """RandomCrop(size, padding) + RandomHorizontalFlip(p) on a whole uint8 batch [B, 3, H, W] of equal-sized
+    images at once, each image its own crop and coin from its seed (``seeds`` [B], uint64): the same distribution
+    as the torchvision pipeline applied image by image, without its per-image Python overhead, which dominates
+    at 32 pixels."""
+    b, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4) if padding else images  # zero fill, RandomCrop's default
+    span_h, span_w = h + 2 * padding - size + 1, w + 2 * padding - size + 1
+    if span_h < 1 or span_w < 1:
+        raise ValueError(f"RandomCrop({size}, padding={padding}) of {h}x{w} images: the crop is larger than the image")
+    top = torch.from_numpy((seeds % np.uint64(span_h)).astype(np.int64))
+    left = torch.from_numpy(((seeds >> np.uint64(20)) % np.uint64(span_w)).astype(np.int64))
     rows = (top[:, None] + torch.arange(size))[:, None, :, None]  # [B, 1, S, 1]
     cols = (left[:, None] + torch.arange(size))[:, None, None, :]  # [B, 1, 1, S]
     out = padded[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
-    flip = torch.rand(b) < 0.5
+    flip = torch.from_numpy(((seeds >> np.uint64(40)) & np.uint64(0x7FFFFF)).astype(np.float64) / 2 ** 23 < p)
     out[flip] = out[flip].flip(-1)
     return out
 
 
-def normalize(images: torch.Tensor, kind: str) -> torch.Tensor:
-    """uint8 [B, 3, H, W] on any device -> float32 [B, 3, H, W], scaled to [0, 1] and normalized with the family's
-    mean and std (torchvision's ``ToDtype(scale=True)`` + ``Normalize``, in one pass)."""
-    mean, std = _STATS[kind]
-    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+def normalize(images: torch.Tensor, stats: dict) -> torch.Tensor:
+    """uint8 [B, 3, H, W] on any device -> float32 [B, 3, H, W], scaled to [0, 1] and normalized with
+    ``stats`` = {"mean": [3], "std": [3]} (``recipe.resolve_normalize``): torchvision's ``ToDtype(scale=True)`` +
+    ``Normalize``, in one pass."""
+    m = torch.tensor(stats["mean"], device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    s = torch.tensor(stats["std"], device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
     return images.float().sub_(m).div_(s)  # (x / 255 - mean) / std, in two in-place passes
