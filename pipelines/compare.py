@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         for row in grouped:
             if row["n"] > 1:
                 row["run"], row["posthoc"] = f"{row['run'].rsplit('-seed', 1)[0]} (seeds)", row["rule"]
-        rows, columns = grouped, ["run", "n", *COLUMNS[1:], *extra]
+        rows, columns = grouped, [*COLUMNS, "n", *extra]
     print(format_table(rows, columns, args.format), end="")
     if args.no_log:
         return 0

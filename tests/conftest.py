@@ -196,15 +196,17 @@ def png16(samples: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
-def write_sorted_list_dataset(root: Path, counts: list[int], test_per_class: int = 4, size: int = 20) -> dict:
-    """A split-list dataset in the published layout, lines grouped by class exactly like Places_LT_train.txt."""
-    rng, lists = np.random.default_rng(0), {}
+def write_sorted_list_dataset(root: Path, counts: list[int], test_per_class: int = 4, size: int = 20, draw=None,
+                              class_dir=lambda c: f"class_{c:02d}", seed: int = 0) -> dict:
+    """A split-list dataset in the published layout, lines grouped by class exactly like Places_LT_train.txt;
+    ``draw(path, label, size, rng)`` writes each image (default ``class_png``)."""
+    rng, lists, draw = np.random.default_rng(seed), {}, draw or class_png
     for split, per in (("train", counts), ("test", [test_per_class] * len(counts))):
         lines = []
         for c, n in enumerate(per):
             for k in range(n):
-                rel = f"{split}/class_{c:02d}/{k:04d}.png"
-                class_png(root / "images" / rel, c, size, rng)
+                rel = f"{split}/{class_dir(c)}/{k:04d}.png"
+                draw(root / "images" / rel, c, size, rng)
                 lines.append(f"{rel} {c}")
         lists[split] = root / f"{split}.txt"
         lists[split].write_text("\n".join(lines) + "\n")
@@ -229,17 +231,8 @@ def arrow_png(path: Path, direction: int, size: int, rng: np.random.Generator) -
 
 def write_arrow_dataset(root: Path, counts: list[int], test_per_class: int, size: int = 16) -> dict:
     """``write_sorted_list_dataset``'s published list layout (lines grouped by class) with arrow images."""
-    rng, lists = np.random.default_rng(1), {}
-    for split, per in (("train", counts), ("test", [test_per_class] * len(counts))):
-        lines = []
-        for c, n in enumerate(per):
-            for k in range(n):
-                rel = f"{split}/{['left', 'right', 'up', 'down'][c]}/{k:04d}.png"
-                arrow_png(root / "images" / rel, c, size, rng)
-                lines.append(f"{rel} {c}")
-        lists[split] = root / f"{split}.txt"
-        lists[split].write_text("\n".join(lines) + "\n")
-    return lists
+    return write_sorted_list_dataset(root, counts, test_per_class, size, draw=arrow_png, seed=1,
+                                     class_dir=lambda c: ["left", "right", "up", "down"][c])
 
 
 def wait_for(predicate, timeout: float, what: str, proc=None):

@@ -131,13 +131,14 @@ class PreparedDataset:
         """A Ray Dataset of {"image": uint8 [3, S, S], "label": int64, "index": int64}, decoded and transformed by
         ``tf`` (default: the evaluation transform); ``lade_core.data.transforms.normalize`` makes the model input
         on the worker. ``shard=(rank, world)``: only the rows with ``index % world == rank`` (one inference
-        worker's disjoint share); ``files`` / ``rows``: only those shard files, in that order, and of them only the
-        rows with those split indices. Rows come in file order."""
+        worker's disjoint share); ``files`` / ``rows``: only those shard files, in that order (rows come in file
+        order), and of them only the rows with those split indices."""
         tf = tf or self.eval_transform()
         fn = partial(decode_augment_chunks, tf=tf, shard=shard, rows=rows)
         # batch_size=None: the decode runs inside the read task (fused), a block at a time, in 64-row chunks.
         ds = self.encoded_dataset(split, files=files).map_batches(fn, batch_format="numpy", batch_size=None)
-        ds.context.execution_options.preserve_order = True  # file order, whatever order the read tasks finish in
+        if files is not None:  # a training worker's rows: in file order, whatever order the read tasks finish in
+            ds.context.execution_options.preserve_order = True
         return ds
 
     def encoded_dataset(self, split: str, files: list[str] | None = None):
