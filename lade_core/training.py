@@ -1,7 +1,8 @@
 """The Ray Train worker loop: ``train_loop_per_worker(config)``, with ``train_one_epoch`` and ``evaluate``.
 
 One ``config`` dict (see lade_core.config) drives everything; the driver adds the dataset's ``source_prior``,
-``train_counts`` and ``mlflow_run_id`` and resolves ``augment`` and ``normalize`` (``runs.check_against_dataset``). Rank 0 checkpoints through ``ray.train.report`` and logs to MLflow.
+``train_counts`` and ``mlflow_run_id`` and resolves ``augment`` and ``normalize`` (``runs.check_against_dataset``).
+Rank 0 checkpoints through ``ray.train.report`` and logs to MLflow.
 """
 from __future__ import annotations
 

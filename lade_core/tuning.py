@@ -158,11 +158,22 @@ class TrialEpochLogger(Callback):
         return {**self.__dict__, "_loggers": {}}
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        self.log_result(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        # The trial's last result again: an epoch whose log a kill or an MLflow hiccup swallowed is written now.
+        self.log_result(trial.trial_id, trial.last_result or {})
+
+    def log_result(self, trial_id: str, result: dict) -> None:
+        """Every epoch up to ``result``'s (a result Tune acted on) into the trial's run, each exactly once: its
+        checkpoint's history fills in epochs whose results were never logged. Also called by the search driver for
+        every trial at the end of a search (``pipelines/tune.py``), so a trial finished before a kill, whose last
+        result reached Tune's saved state but not MLflow, is complete too."""
         from .training import checkpoint_history
 
         if "epoch" not in result:
             return
-        logger = self._logger(trial.trial_id)
+        logger = self._logger(trial_id)
         if logger is None:
             return
         path = result.get(CHECKPOINT_PATH_KEY)

@@ -172,13 +172,15 @@ def register_champion(client, best, prepared, name: str) -> str:
     return f"models:/{name}@{CHAMPION} -> version {version.version} (run {run_name})"
 
 
-def close_trial_runs(client, results) -> None:
-    """Each trial's MLflow run ends FINISHED (trained to the end or stopped early by the scheduler) or FAILED (the
-    trial errored)."""
+def close_trial_runs(client, results, epochs: TrialEpochLogger) -> None:
+    """Each trial's MLflow run holds every epoch of its last result Tune recorded (``epochs.log_result``: a trial
+    that finished just before a kill had that result saved by Tune, maybe not yet logged), then ends FINISHED
+    (trained to the end or stopped early by the scheduler) or FAILED (the trial errored)."""
     for r in results:
         trial_id = (r.metrics or {}).get("trial_id")
         if trial_id is None:
             continue
+        epochs.log_result(trial_id, r.metrics)
         run = trial_run(client.tracking_uri, r.config["experiment"], r.config["search"], trial_id)
         if run is not None:
             client.set_terminated(run.info.run_id, "FAILED" if r.error is not None else "FINISHED")
@@ -254,7 +256,8 @@ def search(args, held: contextlib.ExitStack) -> int:
     metric = OBJECTIVES[args.objective]
     rows = summary_rows(results, list(space), metric, config["epochs"])
     client = mlflow.MlflowClient(config["mlflow_uri"])
-    close_trial_runs(client, results)
+    close_trial_runs(client, results, TrialEpochLogger(mlflow_uri=config["mlflow_uri"], experiment=config["experiment"],
+                                                       search=config["search"], storage=config["search_storage"]))
     log_table_once(client, parent_id, pd.DataFrame(rows), "search/summary.json")
     print(format_table(rows, list(rows[0]) if rows else []), end="")
     ok = [r for r in results if r.error is None and r.metrics and metric in r.metrics]

@@ -153,6 +153,26 @@ def test_mixup_and_cutmix_images_and_the_losses_that_refuse_them():
         resolve_config(None, {"loss": "softmax", "mixup": {"alpha": 0}})
 
 
+def test_train_one_epoch_trains_on_the_mixed_batch():
+    """The worker loop's wiring: with ``mix`` every batch is mixed with draws from ``rng``, and the loss reported is
+    ``mixed_loss`` on it (lr 0 keeps the model, so the epoch's loss can be recomputed)."""
+    from lade_core.training import build_optimizer, train_one_epoch
+
+    torch.manual_seed(0)
+    model = build_model("resnet32", 3)
+    optimizer = build_optimizer(model, {"lr": 1e-12, "backbone_lr": 0.0, "momentum": 0.0, "weight_decay": 0.0})
+    prior = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    criterion = build_loss("balanced_softmax", prior)
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 0])
+    mix = BatchMix(mixup_alpha=0.4, cutmix_alpha=1.0)
+    out = train_one_epoch(model, criterion, optimizer, [{"image": x, "label": y}], torch.device("cpu"), False,
+                          mix=mix, rng=np.random.default_rng(5))
+    mixed, lam = mix(x, np.random.default_rng(5))
+    assert 0 < lam < 1 and not torch.equal(mixed, x)
+    expected = mixed_loss(criterion, model.train()(mixed), y, lam)
+    assert out["train/loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
 # --- backbones -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, head", [("mobilenet_v3_small", ("linear", {})), ("vit_b_16", ("cosine", {"scale": 30.0})),
