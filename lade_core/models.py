@@ -9,6 +9,7 @@ dict. Constructors never move to a device; the training loop does (Ray Train's `
 from __future__ import annotations
 
 import difflib
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -85,10 +86,16 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-def torchvision_models() -> list[str]:
+@lru_cache(maxsize=None)
+def torchvision_models() -> tuple[str, ...]:
     import torchvision
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+
+
+@lru_cache(maxsize=None)
+def _timm_models() -> frozenset[str]:
+    return frozenset(_timm().list_models())
 
 
 def _timm():
@@ -105,10 +112,10 @@ def check_model_name(name: str) -> str:
     if not isinstance(name, str):
         raise ValueError(f"model must be a name, got {name!r}")
     if name.startswith(TIMM_PREFIX):
-        known = _timm().list_models()
+        known = _timm_models()
         if name[len(TIMM_PREFIX):] in known:
             return name
-        close = [TIMM_PREFIX + m for m in difflib.get_close_matches(name[len(TIMM_PREFIX):], known, n=3)]
+        close = [TIMM_PREFIX + m for m in difflib.get_close_matches(name[len(TIMM_PREFIX):], sorted(known), n=3)]
     else:
         known = [*MODELS, *torchvision_models()]
         if name in known:
@@ -193,8 +200,7 @@ def _architecture(name: str, num_classes: int, head: Head, pretrained: str | Non
     if name in MODELS:
         model = MODELS[name](num_classes)
         return model if head[0] == "linear" else _with_head(model, num_classes, head)
-    check_model_name(name)
-    backbone, path, dim = _external(name, pretrained)
+    backbone, path, dim = _external(name, pretrained)  # the name was checked by build_model or the config
     kind, kwargs = head
     fc = nn.Linear(dim, num_classes) if kind == "linear" else build_head(kind, dim, num_classes, **kwargs)
     return Backbone(backbone, fc, path)
