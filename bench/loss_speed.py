@@ -1,6 +1,8 @@
-"""Forward+backward time of LADELoss vs plain cross-entropy and vs a masked C x N formulation.
+"""Forward+backward time of every registry loss vs plain cross-entropy, and of LADELoss vs a masked C x N
+formulation and vs its readable reference (``losses.lade_reference``, autograd).
 
-Run: python bench/loss_speed.py [--smoke-test]. Prints ratios measured in one run (best of k, interleaved).
+Run: python bench/loss_speed.py [--smoke-test] [--device cuda]. Prints ratios measured in one run (best of k,
+interleaved), last as ``<loss>/ce@<C> <ratio>`` lines (target: lade/ce <= 2).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import best_times  # noqa: E402
 
-from lade_core.losses import LADELoss  # noqa: E402
+from lade_core.losses import LOSSES, LADELoss, build_loss, lade_reference  # noqa: E402
 
 
 def masked_lade(z, y, log_ps, alpha, lam, weights):
@@ -39,7 +41,8 @@ def main() -> None:
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads={torch.get_num_threads()}"
     print(f"N={args.batch}, torch {torch.__version__}, {device.type} ({where})")
-    print(f"{'C':>6} {'CE ms':>8} {'LADE ms':>8} {'masked ms':>9} {'LADE/CE':>8} {'masked/LADE':>11}")
+    print(f"{'C':>6} {'CE ms':>8} {'LADE ms':>8} {'masked ms':>9} {'readable ms':>11} {'LADE/CE':>8} {'masked/LADE':>11}")
+    ratios = {}
     for c in sizes:
         g = torch.Generator().manual_seed(0)
         z = torch.randn(args.batch, c, generator=g).to(device).requires_grad_()
@@ -48,6 +51,9 @@ def main() -> None:
         prior = counts / counts.sum()
         lade = LADELoss(prior, alpha=0.1, lam=0.1).to(device)
         log_ps, weights = prior.log().float().to(device), prior.float().to(device)
+        offset = lade.lader.released_offset.float().to(device)[None, :]
+        losses = {name: build_loss(name, prior, train_counts=counts.long().tolist()).to(device) for name in LOSSES
+                  if name not in ("lade", "causal_norm")}  # causal_norm trains softmax CE on its head's logits
 
         def step(loss_fn):
             def run():
@@ -62,13 +68,18 @@ def main() -> None:
                 "ce": step(lambda: F.cross_entropy(z, y)),
                 "lade": step(lambda: lade(z, y)),
                 "masked": step(lambda: masked_lade(z, y, log_ps, 0.1, 0.1, weights)),
+                "readable": step(lambda: lade_reference(z, y, log_ps, offset, weights, 0.1, 0.1)),
+                **{name: step(lambda fn=fn: fn(z, y)) for name, fn in losses.items()},
             },
             repeats=repeats,
         )
         print(
-            f"{c:>6} {t['ce'] * 1e3:>8.3f} {t['lade'] * 1e3:>8.3f} {t['masked'] * 1e3:>9.3f} "
+            f"{c:>6} {t['ce'] * 1e3:>8.3f} {t['lade'] * 1e3:>8.3f} {t['masked'] * 1e3:>9.3f} {t['readable'] * 1e3:>11.3f} "
             f"{t['lade'] / t['ce']:>8.2f} {t['masked'] / t['lade']:>11.2f}"
         )
+        ratios.update({f"{name}/ce@{c}": t[name] / t["ce"] for name in ("lade", *losses)})
+    for name, r in ratios.items():
+        print(f"{name} {r:.2f}")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,10 @@ def write_logits_parquet(path: str | Path, logits: torch.Tensor, labels: torch.T
     pq.write_table(table, str(path))
 
 
-def read_logits_parquet(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    table = pq.read_table(str(path))
+def read_logits_parquet(path: str | Path, filesystem=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, C] float32, labels [N]) of a file ``write_logits_parquet`` wrote; ``filesystem``: a pyarrow
+    filesystem ``path`` lies in (a checkpoint's on remote storage), else a local path."""
+    table = pq.read_table(str(path), filesystem=filesystem)
     col = table.column("logits").combine_chunks()
     c = col.type.list_size
     logits = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(-1, c).copy())

@@ -99,7 +99,9 @@ class _LogitsActor:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        x = normalize(torch.from_numpy(batch["image"]).to(self.device), self.stats)  # [B, 3, H, W] float32
+        # Ray Data hands out read-only arrays (zero-copy from its blocks); torch wants a writable one.
+        image = np.require(batch["image"], requirements="W")  # uint8 [B, 3, H, W]
+        x = normalize(torch.from_numpy(image).to(self.device), self.stats)  # [B, 3, H, W] float32
         return {"logits": self.model(x).float().cpu().numpy(), **{k: v for k, v in batch.items() if k != "image"}}
 
 

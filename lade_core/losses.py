@@ -26,7 +26,7 @@ from .priors import tempered_class_weights, validate_prior
 
 __all__ = ["SoftmaxLoss", "BalancedSoftmaxLoss", "LADERLoss", "LADELoss", "LogitAdjustedLoss", "FocalLoss",
            "LDAMDRWLoss", "CausalNormLoss", "ESTIMATORS", "LOSSES", "LossSpec", "build_loss", "posthoc_rules",
-           "classifier_head", "check_targets"]
+           "classifier_head", "check_targets", "lade_reference"]
 
 Estimator = Literal["released", "paper"]
 ESTIMATORS: tuple[str, ...] = ("released", "paper")
@@ -154,55 +154,81 @@ class _LADEFunction(torch.autograd.Function):
     dLADER/dz_ic = w_c (1 + 2 lam S_c) softmax_i(z_ic + o_ic) - w_c [y_i = c] / n_c.
     LADE-CE = mean_i CE(z_i + log p_s, y_i), dCE/dz_ic = (softmax_c(z_i + log p_s)_c - [y_i = c]) / N.
     ``ce_weight = 0`` skips the CE term (LADER alone, e.g. on an all-gathered batch).
-    Returns (total, ce, lader, F [C], S [C]); only ``total`` is differentiable.
+    Returns (total, ce, lader, F [C], S [C], sum_c w_c F_c, sum_c w_c S_c); only ``total`` is differentiable. ``lade_reference`` is the same
+    loss written as the equations read, for autograd; the tests hold the two together.
+
+    Why it is shaped this way (bench/loss_speed.py): at large C the cost is the passes over [N, C] (exp most of
+    all), so both softmaxes are computed once in the forward and kept, and the backward is two fused multiply-adds; at small C it is the number of ops, so the class sums
+    are one ``bincount`` each and the three weighted sums of LADER one matrix-vector product.
     """
 
     @staticmethod
     def forward(ctx, z, targets, log_prior, offset, weights, lam, alpha, ce_weight, present_only):  # z [N, C]
         n_samples, num_classes = z.shape
-        rows = torch.arange(n_samples, device=z.device)
-        # n_c per class [C]; index_add_ rather than bincount, whose output size needs a host sync on a GPU.
-        counts = z.new_zeros(num_classes).index_add_(0, targets, z.new_ones(n_samples))
+        z_at_target = z.gather(1, targets[:, None])  # [N, 1]
+        if z.device.type == "cpu":
+            counts = torch.bincount(targets, minlength=num_classes).to(z.dtype)  # n_c [C]
+            f_sums = torch.bincount(targets, weights=z_at_target[:, 0], minlength=num_classes).to(z.dtype)
+        else:  # bincount's output size needs a host sync on an accelerator; index_add_ does not
+            counts = z.new_zeros(num_classes).index_add_(0, targets, z.new_ones(n_samples))
+            f_sums = z.new_zeros(num_classes).index_add_(0, targets, z_at_target[:, 0])
         if ce_weight:
-            log_probs = torch.log_softmax(z + log_prior, dim=1)  # [N, C]; saved: backward is one exp
-            ce = -log_probs[rows, targets].mean()
+            probs = torch.softmax(z + log_prior, dim=1)  # [N, C]; kept: the CE gradient
+            p_at_target = probs.gather(1, targets[:, None])  # [N, 1]
+            if z.device.type == "cpu" and bool(p_at_target.min() > 0):
+                ce = -p_at_target.log().mean()
+            else:  # a target probability below float range (CE > ~87), or no cheap check on an accelerator
+                x = z + log_prior
+                ce = (torch.logsumexp(x, dim=1) - x.gather(1, targets[:, None])[:, 0]).mean()
         else:
-            log_probs, ce = None, z.new_zeros(())
+            probs, ce = None, z.new_zeros(())
+        shifted = z if offset.shape[0] == 1 else z + offset  # a per-class offset cancels in the column softmax
+        col_max = shifted.amax(dim=0)  # [C]
+        col_exp = (shifted - col_max).exp_()  # [N, C], e^{z_ic + o_ic - max_i}: <= 1, no overflow
+        col_sum = col_exp.sum(dim=0)  # [C], >= 1
+        s = col_max + col_sum.log() - math.log(n_samples)  # [C]
         if offset.shape[0] == 1:
-            # A per-class offset commutes with the logsumexp over samples: no [N, C] temporary.
-            col_lse = torch.logsumexp(z, dim=0) + offset[0]  # [C]
-        else:
-            col_lse = torch.logsumexp(z + offset, dim=0)  # [C]
-        s = col_lse - math.log(n_samples)  # [C]
-        f = torch.zeros(num_classes, dtype=z.dtype, device=z.device).index_add_(0, targets, z[rows, targets])
-        f = f / counts.clamp(min=1)  # [C]
+            s = s + offset[0]
+        f = f_sums / counts.clamp(min=1)  # [C]
         w = weights * (counts > 0) if present_only else weights  # [C]
-        lader = -(w * (f - s - lam * s * s)).sum()
-        ctx.save_for_backward(z, targets, log_probs, offset, col_lse, s, counts, w)
+        wf, ws, wss = torch.stack([f, s, s * s]) @ w  # sum_c w_c F_c, sum_c w_c S_c, sum_c w_c S_c^2
+        lader = ws + lam * wss - wf
+        ctx.save_for_backward(targets, probs, col_exp, col_sum, s, counts, w)
         ctx.lam, ctx.alpha, ctx.ce_weight = lam, alpha, ce_weight
-        ctx.mark_non_differentiable(ce, lader, f, s)
-        return ce_weight * ce + alpha * lader, ce, lader, f, s
+        ctx.mark_non_differentiable(ce, lader, f, s, wf, ws)
+        return ce_weight * ce + alpha * lader, ce, lader, f, s, wf, ws
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g, *_):
-        z, targets, log_probs, offset, col_lse, s, counts, w = ctx.saved_tensors
-        n_samples = z.shape[0]
-        rows = torch.arange(n_samples, device=z.device)
-        coef = (g * ctx.alpha) * w * (1 + 2 * ctx.lam * s)  # [C]
-        if offset.shape[0] == 1:
-            grad = torch.add(z, offset - col_lse)  # [N, C]
-        else:
-            grad = torch.add(z, offset).sub_(col_lse)
-        grad.exp_().mul_(coef)
-        at_target = (g * ctx.alpha) * w / counts.clamp(min=1)  # [C]
+        targets, probs, col_exp, col_sum, s, counts, w = ctx.saved_tensors
+        n_samples = col_exp.shape[0]
+        gw = (g * ctx.alpha) * w  # [C]
+        # softmax_i(z_ic + o_ic) * w_c (1 + 2 lam S_c); not in place: a retained graph may run backward again.
+        grad = col_exp * (gw * (1 + 2 * ctx.lam * s) / col_sum)  # [N, C]
+        at_target = (gw / counts.clamp(min=1))[targets]  # [N]
         if ctx.ce_weight:
             ce_scale = g * (ctx.ce_weight / n_samples)  # 0-dim tensor: no host sync
-            grad.addcmul_(log_probs.exp(), ce_scale)
-            grad[rows, targets] -= at_target[targets] + ce_scale
-        else:
-            grad[rows, targets] -= at_target[targets]
+            grad.addcmul_(probs, ce_scale)
+            at_target = at_target + ce_scale
+        grad.scatter_add_(1, targets[:, None], -at_target[:, None])
         return grad, None, None, None, None, None, None, None, None
+
+
+def lade_reference(z: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor | None, offset: torch.Tensor,
+                   weights: torch.Tensor, lam: float, alpha: float, present_only: bool = False) -> torch.Tensor:
+    """LADE (Eq. 20) = LADE-CE (Eq. 19) + alpha * LADER (Eq. 15-16), written as the equations read and
+    differentiated by autograd: the readable path beside ``_LADEFunction``. ``log_prior`` None: LADER alone.
+    ``offset``: [1, C] (released estimator) or [N, 1] (paper), as ``LADERLoss._offset`` gives it."""
+    n, c = z.shape
+    onehot = F.one_hot(targets, c).to(z.dtype)  # [N, C]
+    counts = onehot.sum(0)  # n_c
+    f = (onehot * z).sum(0) / counts.clamp(min=1)  # F_c: the mean logit of class c's samples
+    s = torch.logsumexp(z + offset, dim=0) - math.log(n)  # S_c: log of the importance-weighted mean of e^{z_c}
+    w = weights * (counts > 0) if present_only else weights
+    lader = -(w * (f - s - lam * s * s)).sum()
+    ce = F.cross_entropy(z + log_prior, targets) if log_prior is not None else z.new_zeros(())
+    return ce + alpha * lader
 
 
 class LADERLoss(_Loss):
@@ -255,16 +281,15 @@ class LADERLoss(_Loss):
         return offset[targets][:, None]  # [N, 1]: by each sample's label
 
     def _run(self, z, targets, log_prior, alpha: float, ce_weight: float):
-        total, ce, lader, f, s = _LADEFunction.apply(
+        total, ce, lader, f, s, wf, ws = _LADEFunction.apply(
             z, targets, log_prior, self._offset(targets, z), self._cast.get("class_weights", self.class_weights, z),
             self.lam, alpha, ce_weight, self.estimator == "paper",
         )
         # Eq. 15-16 per class: F_c (mean logit of class-c samples) and S_c (log of the importance-weighted mean of
         # e^{z_c}); the per-class DV bound is F_c - S_c. Scalars for logging: LADER itself and the alpha_c-weighted
         # sums of F and S (LADER = -(F - S - lam * sum_c alpha_c S_c^2) with these sums).
-        w = self._cast.get("class_weights", self.class_weights, z)
         self.last_class_terms = {"F": f, "S": s}
-        self.last_terms = {"lader": lader, "lader_F": (w * f).sum(), "lader_S": (w * s).sum()}
+        self.last_terms = {"lader": lader, "lader_F": wf, "lader_S": ws}
         return total, ce, lader
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .report import format_table
 from .runtime import init_ray
 from .serving import ModelCard, log_classifier
 from .tracking import EpochLogger, end_run, log_metrics_once, logged_model_uri, register_once
-from .training import build_criterion, load_checkpoint, saved_history
+from .training import build_criterion, final_logits, load_checkpoint, saved_history
 
 # --smoke-test: a tiny generated dataset (class-sorted, like real data) and one epoch.
 SMOKE = {"dataset": "data/synthetic_smoke", "epochs": 1, "batch_size": 32, "num_workers": 2,
@@ -75,8 +75,9 @@ def storage_uri(path: str | None, default: str) -> str:
 def finalize(config: dict, prepared, checkpoint) -> dict:
     """Test logits -> MLflow (Parquet artifact + metrics), the model as a pyfunc that takes a target prior
     (``lade_core.serving``; optionally registered), a summary table, and the run marked FINISHED. The test (and
-    validation) logits come from Ray Data batch inference on actors with the run's
-    resources (its GPUs in a ``use_gpu`` run), never from the driver's CPU.
+    validation) logits are the ones the training workers computed in the last epoch, stored in its checkpoint;
+    for a checkpoint without them (an earlier epoch's, e.g. a Tune champion's best, or an older lade's), Ray Data
+    batch inference on actors with the run's resources (its GPUs in a ``use_gpu`` run), never the driver's CPU.
 
     Idempotent, step by step: a rerun after a driver died halfway does only what is missing (stored test logits
     are read back, not recomputed), and a rerun of a finished run logs and registers nothing new.
@@ -91,10 +92,12 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
 
     splits = {prepared.test_split: LOGITS_ARTIFACT, "val": VAL_LOGITS_ARTIFACT}
     missing = [split for split, artifact in splits.items() if artifact not in have]
-    # Every split still missing in one pass over one actor pool: the model loads once per actor.
-    computed = batch_logits(prepared, missing, config["model"], head, checkpoint, image_size=config["image_size"],
-                            stats=config["normalize"], num_actors=config["num_workers"], use_gpu=config["use_gpu"],
-                            cpus_per_actor=config["cpus_per_worker"]) if missing else {}
+    computed = final_logits(checkpoint, missing)
+    rest = [split for split in missing if split not in computed]
+    if rest:  # every split still missing in one pass over one actor pool: the model loads once per actor
+        computed.update(batch_logits(prepared, rest, config["model"], head, checkpoint, image_size=config["image_size"],
+                                     stats=config["normalize"], num_actors=config["num_workers"],
+                                     use_gpu=config["use_gpu"], cpus_per_actor=config["cpus_per_worker"]))
 
     def split_logits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         artifact = splits[split]

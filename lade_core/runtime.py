@@ -9,6 +9,9 @@ _VERBOSE = False
 # Loggers that print INFO lines on every run: Ray's (dataset plans, operator progress, controller state) and
 # MLflow's (store migrations, experiment creation).
 _QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow")
+# Ray Data warns once per process that its progress bars are off ("Progress bars disabled. To enable, set ..."):
+# lade turns them off on purpose (epoch lines and lade's own bars instead), so unless verbose it is not shown.
+_PROGRESS_NOTICE_LOGGER = "ray.data._internal.progress"
 
 
 def quiet_logging(verbose: bool = False) -> None:
@@ -22,6 +25,7 @@ def quiet_logging(verbose: bool = False) -> None:
     level = log_level()
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    logging.getLogger(_PROGRESS_NOTICE_LOGGER).setLevel(logging.INFO if verbose else logging.ERROR)
     # Ray Data configures its loggers in every process that runs it from this variable; a local Ray's workers
     # inherit it from this process (on a cluster, set it in the job's runtime env).
     os.environ["RAY_DATA_LOG_LEVEL"] = level
@@ -55,6 +59,7 @@ def quiet_worker_logging() -> None:
 
     level = os.environ.get("LADE_LOG_LEVEL", "INFO")
     logging.getLogger().setLevel(level)
+    logging.getLogger(_PROGRESS_NOTICE_LOGGER).setLevel(logging.INFO if level == "INFO" else logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = level == "INFO"
 
 
@@ -76,6 +81,10 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     if address:
         ray.init(address=address, **logs)
     else:
+        # A local Ray's node is never drained by an autoscaler or a spot reclaim: Ray Train's preemption watcher
+        # (an actor per run, whose start logs a core_worker error about its restartable constructor arguments)
+        # has nothing to watch. The user's setting wins; a cluster (RAY_ADDRESS) keeps Ray's default.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard serves Ray's state API, which Ray Train V2 uses to release a finished or killed run's
         # placement group; without it, each trainer run under Tune leaks its workers' CPUs until Ray stops.
         with _loopback_node():

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .artifacts import read_logits_parquet, write_logits_parquet
 from .evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
 from .config import loss_hyperparameters
 from .losses import build_loss, posthoc_rules
@@ -32,6 +33,9 @@ from .schedules import build_scheduler
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
+# In the last epoch's checkpoint: ``<split>.parquet``, the final model's logits of the test and validation splits,
+# computed by the training workers while they are warm (``runs.finalize`` stores them; no model is loaded again).
+FINAL_LOGITS_DIR = "final_logits"
 # Rows each worker's local shuffle buffer holds, in per-worker batches: enough to change every batch's make-up
 # each epoch on rows that preparation already spread uniformly over the shard files (see train_dataset).
 SHUFFLE_BUFFER_BATCHES = 4
@@ -150,6 +154,26 @@ def save_checkpoint(directory: Path, state: dict, config: dict, history: list[di
     (directory / HISTORY_FILE).write_text(json.dumps(history))
 
 
+def save_final_logits(directory: Path, logits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """{split: (logits [N, C], labels [N])} of the final model into checkpoint folder ``directory``."""
+    (directory / FINAL_LOGITS_DIR).mkdir()
+    for split, (z, y) in logits.items():
+        write_logits_parquet(directory / FINAL_LOGITS_DIR / f"{split}.parquet", z, y)
+
+
+def final_logits(checkpoint, splits) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{split: (logits, labels)} of those of ``splits`` whose logits the last epoch stored in ``checkpoint`` (a
+    ``ray.train.Checkpoint``); an earlier epoch's checkpoint, or one written by an older lade, has none."""
+    out = {}
+    for split in splits:
+        try:
+            out[split] = read_logits_parquet(f"{checkpoint.path.rstrip('/')}/{FINAL_LOGITS_DIR}/{split}.parquet",
+                                             filesystem=checkpoint.filesystem)
+        except (FileNotFoundError, OSError):
+            continue
+    return out
+
+
 def load_checkpoint(directory: str | Path) -> dict:
     """A checkpoint directory written by ``save_checkpoint``: the state plus ``config`` and ``history``.
 
@@ -224,6 +248,11 @@ def train_loop_per_worker(config: dict) -> None:
         metrics["epoch"] = epoch
         sync_buffers(unwrap(model))
         val = sharded_logits(unwrap(model), prepared, "val", device, config["image_size"], stats, rank, world)
+        final = epoch == config["epochs"] - 1
+        # The final model's test logits from these warm workers (their GPUs, if any), not from a freshly started
+        # actor pool that loads the model again: the last checkpoint carries them to runs.finalize.
+        test = (sharded_logits(unwrap(model), prepared, prepared.test_split, device, config["image_size"], stats,
+                               rank, world) if final and prepared.test_split != "val" else None)
         if rank == 0:
             metrics.update(evaluate(*val, config["loss"], source_prior, config["train_counts"]))
             history.append(metrics)
@@ -231,6 +260,8 @@ def train_loop_per_worker(config: dict) -> None:
                 save_checkpoint(Path(d), {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                                           "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": [rng_state()]},
                                 config, history)
+                if final:
+                    save_final_logits(Path(d), {"val": val, **({prepared.test_split: test} if test is not None else {})})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             if logger:  # after the checkpoint is durable: a crash in between is backfilled
                 logger.log_history(history)  # an MLflow outage warns, and what it missed is written next epoch

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lade_core.losses import BalancedSoftmaxLoss, LADELoss, LADERLoss
+from lade_core.losses import BalancedSoftmaxLoss, LADELoss, LADERLoss, lade_reference
 
 SHAPES = [(1, 1), (1, 5), (6, 1), (16, 10), (48, 37)]
 
@@ -114,6 +114,32 @@ def test_lader_gradient(rng, n, c, estimator):
     assert torch.allclose(g, g_ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("estimator", ["released", "paper"])
+@pytest.mark.parametrize("n, c", SHAPES)
+def test_fused_lade_equals_its_readable_reference(rng, n, c, estimator):
+    """The fused forward/backward (_LADEFunction) and the equations as written (lade_reference, autograd)."""
+    z, y, ps = _batch(rng, n, c)
+    weights = rng.uniform(0, 1, size=c)
+    mod = LADELoss(ps, alpha=0.5, lam=0.25, class_weights=weights, estimator=estimator)
+    yt = torch.tensor(y)
+    z1, z2 = torch.tensor(z, requires_grad=True), torch.tensor(z, requires_grad=True)
+    fused = mod(z1, yt)
+    ref = lade_reference(z2, yt, torch.tensor(np.log(ps)), mod.lader._offset(yt, z2), torch.tensor(weights), 0.25,
+                         0.5, present_only=estimator == "paper")
+    assert math.isclose(float(fused), float(ref), rel_tol=1e-12, abs_tol=1e-12)
+    (g1,), (g2,) = torch.autograd.grad(fused, z1), torch.autograd.grad(ref, z2)
+    assert torch.allclose(g1, g2, atol=1e-12)
+    # The same in float32, where the fused path keeps its own softmaxes.
+    z3, z4 = (torch.tensor(z, dtype=torch.float32, requires_grad=True) for _ in range(2))
+    mod32 = LADELoss(ps, alpha=0.5, lam=0.25, class_weights=weights, estimator=estimator)
+    f32 = mod32(z3, yt)
+    r32 = lade_reference(z4, yt, torch.tensor(np.log(ps), dtype=torch.float32), mod32.lader._offset(yt, z4),
+                         torch.tensor(weights, dtype=torch.float32), 0.25, 0.5, present_only=estimator == "paper")
+    assert math.isclose(float(f32), float(r32), rel_tol=1e-5, abs_tol=1e-5)
+    (g3,), (g4,) = torch.autograd.grad(f32, z3), torch.autograd.grad(r32, z4)
+    assert torch.allclose(g3, g4, atol=1e-6)
+
+
 def test_alpha_zero_lade_equals_balanced_softmax(rng):
     z, y, ps = _batch(rng, 20, 8)
     zt = torch.tensor(z, requires_grad=True)
@@ -132,6 +158,13 @@ def test_stable_under_huge_logits(rng):
         loss = LADELoss(ps, alpha=0.1, lam=0.1, estimator=est)(zt, torch.tensor(y))
         (g,) = torch.autograd.grad(loss, zt)
         assert torch.isfinite(loss) and torch.isfinite(g).all()
+    # A target probability below float32's range (CE ~ 500): its CE is still the exact log-sum-exp, not inf.
+    z32 = torch.tensor([[200.0, 0.0, -300.0], [0.0, 1.0, 2.0]])
+    y32, ps3 = torch.tensor([2, 0]), [0.5, 0.3, 0.2]
+    mod = LADELoss(ps3, alpha=0.1, lam=0.1)
+    mod(z32, y32)
+    expected = np.mean([ref_balanced_ce(z32.double().numpy()[i:i + 1], [int(y32[i])], ps3) for i in range(2)])
+    assert math.isclose(float(mod.last_terms["lade_ce"]), expected, rel_tol=1e-6)
 
 
 def test_half_precision_logits_computed_in_float32(rng):

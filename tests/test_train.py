@@ -8,7 +8,7 @@ import torch
 
 from lade_core.losses import classifier_head
 from lade_core.models import build_model
-from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
+from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
 
 from conftest import run_train
 
@@ -54,6 +54,10 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     # One line per epoch, printed once; no Ray INFO chatter; never "nan" for an empty shot group.
     assert all(p.stdout.count(f"epoch {e}/{epochs} ") == 1 for e in range(1, epochs + 1)) and "nan" not in p.stdout, p.stdout
     assert "Starting execution of Dataset" not in p.stdout + p.stderr
+    # Nothing a user cannot act on: Ray Data's progress-bar notice, Ray Train's preemption-watcher actor (a local
+    # Ray), NumPy's read-only-array warning.
+    for noise in ("Progress bars disabled", "PreemptionWatcher", "core_worker.cc", "not writable"):
+        assert noise not in p.stdout + p.stderr, noise
     assert " INFO " not in p.stdout + p.stderr, [line for line in p.stderr.splitlines() if " INFO " in line]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == list(range(epochs))
     # What a restart of this run would resume from, read from the snapshot Ray Train wrote (its real format).
@@ -65,6 +69,18 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     assert {LOGITS_ARTIFACT, "data/source_prior.json", "config.yaml", "checkpoint/state_dict.pt"} <= arts
     logits, labels = read_logits_parquet(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=LOGITS_ARTIFACT))
     assert logits.shape == (80, 4) and np.bincount(labels.numpy()).tolist() == [20] * 4
+    # The last epoch's workers computed the final model's test and validation logits and the last checkpoint
+    # carries them: they are what the run stored (no model loaded again for it).
+    from ray.train import Checkpoint
+
+    from lade_core.training import final_logits, latest_checkpoint
+
+    last = latest_checkpoint(str(workdir / "ray_results" / f"r-{loss}"))
+    stored = final_logits(Checkpoint(last.path), ["test", "val"])
+    assert sorted(stored) == ["test", "val"] and torch.equal(stored["test"][0], logits)
+    val_logits, _ = read_logits_parquet(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                                            artifact_path=VAL_LOGITS_ARTIFACT))
+    assert torch.equal(stored["test"][1], labels) and torch.equal(stored["val"][0], val_logits)
     # test/top1 is the uniform-prior accuracy under the rule the loss calls for: PC for softmax and focal, else
     # injection.
     prior = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=PRIOR_ARTIFACT)).read())
