@@ -3,10 +3,11 @@
 The model: a ResNet-32 pyfunc logged with ``lade_core.serving.log_classifier`` into a throwaway sqlite store (its
 weights don't matter for speed). The images: the test split of a prepared synthetic dataset (32x32 PNG in
 Parquet). Plain loop: read the Parquet bytes, decode + center crop + normalize + forward in batches of 64, one
-process with all its torch threads. predict.py's path: ``image_dataset`` -> ``predict_images`` (an actor pool that
-loads the model once per actor) -> ``finish`` (target prior, top-5), timed end to end after Ray has started, with
-1 actor and with 2. Both produce the same labels (checked).
-Run: python bench/predict_throughput.py [--smoke-test]
+process with all its torch threads. predict.py's path: ``image_dataset`` -> ``predict_images`` -> ``finish``
+(target prior, top-5), timed end to end after Ray has started and the driver has loaded the model (as predict.py
+does before Ray starts): with predict.py's default (``model_actors``: on one CPU node, the driver itself), and on
+an actor pool of 1 and of 2 actors that each load the model once. All produce the same labels (checked).
+Run: python bench/predict_throughput.py [--smoke-test]; prints ``predict/plain <ratio>`` last.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def main() -> None:
     from lade_core.data.synthetic import make_synthetic
     from lade_core.models import build_model
     from lade_core.posthoc import posthoc_offset
-    from lade_core.prediction import finish, image_dataset, predict_images
+    from lade_core.prediction import finish, image_dataset, model_actors, predict_images
     from lade_core.priors import uniform_prior
     from lade_core.runtime import init_ray
     from lade_core.serving import LadeClassifier, ModelCard, log_classifier
@@ -66,11 +67,12 @@ def main() -> None:
 
         offset = posthoc_offset("inject", card.source_prior, uniform_prior(10), 10)
         times = {}
-        for workers in (1, 2):
+        default = model_actors(None, gpus=0, nodes=1, use_gpu=False)
+        for workers in ("default", 1, 2):
             t0 = time.perf_counter()
             ds = image_dataset(Path(d) / "data", card.class_names, split="test")
-            logits = predict_images(ds, model_uri, uri, num_workers=workers, use_gpu=False, batch_size=64,
-                                    skip_bad=False)
+            logits = predict_images(ds, clf, model_uri, uri, num_actors=default if workers == "default" else workers,
+                                    use_gpu=False, batch_size=64, skip_bad=False, cpus=4)
             table = finish(logits, offset, 5, card.class_names)
             times[workers] = time.perf_counter() - t0
             order = prepared.raw_split("test", ["index"]).column("index").to_numpy()
@@ -79,7 +81,10 @@ def main() -> None:
     print(f"{n} images, ResNet-32 at 32x32, CPU ({os.cpu_count()} cores)")
     print(f"plain PyTorch loop: {n / plain_s:.0f} images/s")
     for w, s in times.items():
-        print(f"predict.py, {w} actor{'s' if w > 1 else ''}: {n / s:.0f} images/s  predict/plain {plain_s / s:.2f}")
+        what = f"default ({default} actors: the driver)" if w == "default" else f"{w} actor{'s' if w > 1 else ''}"
+        print(f"predict.py, {what}: {n / s:.0f} images/s  ({plain_s / s:.2f} of plain)")
+    print(f"predict/plain {plain_s / times['default']:.2f}")
+    print(f"predict_2actors/plain {plain_s / times[2]:.2f}")
 
 
 if __name__ == "__main__":

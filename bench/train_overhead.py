@@ -167,7 +167,9 @@ def main() -> None:
           f"unshuffled, vs lade's seeded per-rank reads: their epoch-time cost {unshuffled / one - 1:+.1%}, target <= +10%)")
     n_test = 10 * (20 if args.smoke_test else 300)
     print(f"test inference, {n_test} images: driver {driver_s:.2f} s, 2 Ray Data actors {actors_s:.2f} s "
-          f"(actors / driver {actors_s / driver_s:.2f})")
+          f"(actors / driver {actors_s / driver_s:.2f}; a run's own end uses neither: its last epoch's warm workers)")
+    print(f"train/plain {one / plain:.2f}")
+    print(f"train_2workers/train {two / one:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Batch prediction of a logged lade model over new images, on Ray Data (``pipelines/predict.py``).
 
-Two passes, because an estimated target prior needs every image's output before any prediction is final:
-  1. an actor pool (one model load per actor, a GPU each when the cluster has them) maps encoded images to the
-     network's raw logits [B, C];
-  2. the driver fixes p_t (a file, uniform, or EM on pass 1's calibrated outputs), and a stateless map turns the
-     logits into p_t(y|x) with the model's post-hoc rule (a per-class offset, ``posthoc_offset``) and keeps the
-     top-k.
+Two steps, because an estimated target prior needs every image's output before any prediction is final:
+  1. the images, read by Ray Data, map to the network's raw logits [B, C]: on an actor pool (one model load per
+     actor, a GPU each) where actors pay — a cluster with GPUs or with several nodes — else in the driver, which
+     already holds the model, with all of its node's cores (``model_actors``);
+  2. the driver fixes p_t (a file, uniform, or EM on step 1's calibrated outputs) and turns each batch of logits
+     into p_t(y|x) with the model's post-hoc rule (a per-class offset, ``posthoc_offset``), keeping the top-k.
 """
 from __future__ import annotations
 
@@ -79,33 +79,51 @@ def image_dataset(source: str | Path, class_names: list[str], *, image_root=None
     return ds.map_batches(_read_files, batch_format="numpy")
 
 
-class _PyfuncLogitsActor:
-    """Pass 1 on an actor: loads the model once, maps encoded images to raw logits [B, C] (NaN rows: not decoded)."""
+def model_actors(requested: int | None, *, gpus: float, nodes: int, use_gpu: bool) -> int:
+    """How many model actors step 1 runs on: ``requested`` if given (0: in the driver); else one per GPU when
+    ``use_gpu``, one per node on a CPU cluster of several nodes, and 0 on one CPU node. Why 0 there: an actor is a
+    new process that imports torch and loads the model again (~10 s on 2 cores) and takes cores from the driver,
+    which already holds the model (bench/predict_throughput.py)."""
+    if requested is not None:
+        return requested
+    if use_gpu:
+        return max(1, int(gpus))
+    return nodes if nodes > 1 else 0
 
-    def __init__(self, model_uri: str, tracking_uri: str, skip_bad: bool):
+
+def logits_batch(model, batch: dict, skip_bad: bool) -> dict:
+    """Step 1 of one batch: encoded images -> raw logits [B, C] (NaN rows: not decoded) and per-row errors."""
+    n = len(batch["row"])
+    x, ok, errors = model.preprocess(pd.DataFrame({"image": list(batch["image"])}), skip_bad=True)
+    if errors and not skip_bad:  # named by file, not by row number within this batch
+        bad = [batch["path"][i] for i in errors]
+        raise DataError(f"{len(bad)} images do not decode, e.g. {bad[:5]}; pass --skip-bad to predict the rest")
+    logits = np.full((n, model.card.num_classes), np.nan, dtype=np.float32)
+    logits[ok] = model.logits(x).numpy()
+    return {"row": batch["row"], "path": batch["path"], "true_label": batch["true_label"], "logits": logits,
+            "error": np.array([errors.get(i, "") for i in range(n)], dtype=object)}
+
+
+class _PyfuncLogitsActor:
+    """Step 1 on an actor: loads the model once, torch on its ``threads`` CPUs, then ``logits_batch``."""
+
+    def __init__(self, model_uri: str, tracking_uri: str, skip_bad: bool, threads: int):
         import mlflow
 
         from .serving import load_classifier
 
+        torch.set_num_threads(threads)  # the actor's CPUs, not Ray's one-thread default
         mlflow.set_tracking_uri(tracking_uri)
         self.model, self.skip_bad = load_classifier(model_uri), skip_bad
 
     def __call__(self, batch: dict) -> dict:
-        n = len(batch["row"])
-        x, ok, errors = self.model.preprocess(pd.DataFrame({"image": list(batch["image"])}), skip_bad=True)
-        if errors and not self.skip_bad:  # named by file, not by row number within this batch
-            bad = [batch["path"][i] for i in errors]
-            raise DataError(f"{len(bad)} images do not decode, e.g. {bad[:5]}; pass --skip-bad to predict the rest")
-        logits = np.full((n, self.model.card.num_classes), np.nan, dtype=np.float32)
-        logits[ok] = self.model.logits(x).numpy()
-        return {"row": batch["row"], "path": batch["path"], "true_label": batch["true_label"], "logits": logits,
-                "error": np.array([errors.get(i, "") for i in range(n)], dtype=object)}
+        return logits_batch(self.model, batch, self.skip_bad)
 
 
 def top_k_batch(batch: dict, offset: np.ndarray, k: int, class_names: list[str]) -> dict:
-    """Pass 2: raw logits [B, C] + post-hoc offset [C] -> p_t(y|x) -> label, top-k classes and probabilities."""
+    """Step 2: raw logits [B, C] + post-hoc offset [C] -> p_t(y|x) -> label, top-k classes and probabilities."""
     raw = np.array(batch["logits"], dtype=np.float64)  # a copy: Ray's arrays are read-only
-    # Decoded rows are those pass 1 filled in (NaN: not decoded), judged before the offset: a target prior with a
+    # Decoded rows are those step 1 filled in (NaN: not decoded), judged before the offset: a target prior with a
     # zero entry puts -inf in the offset, which only zeroes that class's probability (as in the pyfunc).
     ok = torch.from_numpy(np.isfinite(raw).all(1))
     z = torch.from_numpy(np.where(ok.numpy()[:, None], raw, 0.0)) + torch.tensor(offset)
@@ -113,41 +131,48 @@ def top_k_batch(batch: dict, offset: np.ndarray, k: int, class_names: list[str])
     p, idx = prob.topk(min(k, z.shape[1]), dim=1)
     label = np.where(ok.numpy(), idx[:, 0].numpy(), UNKNOWN)
     return {"row": batch["row"], "path": batch["path"], "label": label,
-           "class_name": np.array([class_names[c] if c >= 0 else None for c in label], dtype=object),
-           "probability": np.where(ok.numpy(), p[:, 0].numpy(), np.nan),
-           "top_k_labels": [r.tolist() if g else None for r, g in zip(idx.numpy(), ok.numpy())],
-           "top_k_probabilities": [r.tolist() if g else None for r, g in zip(p.numpy(), ok.numpy())],
-           "true_label": batch["true_label"], "error": batch["error"]}
+            "class_name": np.array([class_names[c] if c >= 0 else None for c in label], dtype=object),
+            "probability": np.where(ok.numpy(), p[:, 0].numpy(), np.nan),
+            "top_k_labels": [r.tolist() if g else None for r, g in zip(idx.numpy(), ok.numpy())],
+            "top_k_probabilities": [r.tolist() if g else None for r, g in zip(p.numpy(), ok.numpy())],
+            "true_label": batch["true_label"], "error": batch["error"]}
 
 
-def predict_images(ds, model_uri: str, tracking_uri: str, *, num_workers: int, use_gpu: bool, batch_size: int,
-                   skip_bad: bool):
-    """Pass 1: the materialized Ray Dataset of {"row", "path", "true_label", "logits" [C], "error"}."""
+def predict_images(ds, model, model_uri: str, tracking_uri: str, *, num_actors: int, use_gpu: bool,
+                   batch_size: int, skip_bad: bool, cpus: float):
+    """Step 1: an iterator of numpy batches {"row", "path", "true_label", "logits" [B, C], "error"}.
+
+    ``num_actors`` 0: in this process with ``model`` (the driver's, already loaded), torch on all its threads;
+    else a pool of that many actors that each load ``model_uri`` once (a GPU each with ``use_gpu``) and run torch
+    on their share of the ``cpus`` the cluster has, fed blocks of one batch so that every actor gets work."""
+    if num_actors == 0:
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            yield logits_batch(model, batch, skip_bad)
+        return
     from ray.data import ActorPoolStrategy
 
-    return ds.map_batches(_PyfuncLogitsActor, batch_format="numpy", batch_size=batch_size,
-                          compute=ActorPoolStrategy(size=num_workers), num_gpus=1 if use_gpu else 0,
-                          fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
-                                                 "skip_bad": skip_bad}).materialize()
+    # Leave a CPU per actor's worth for the reads; a prepared split's few Parquet files would otherwise arrive as
+    # a few large blocks and keep all but one actor idle (a streaming repartition: no barrier).
+    threads = max(1, int(cpus // (num_actors + 1))) if not use_gpu else 1
+    yield from ds.repartition(target_num_rows_per_block=batch_size).map_batches(
+        _PyfuncLogitsActor, batch_format="numpy", batch_size=batch_size, compute=ActorPoolStrategy(size=num_actors),
+        num_gpus=1 if use_gpu else 0, num_cpus=threads,
+        fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri, "skip_bad": skip_bad,
+                               "threads": threads}).iter_batches(batch_size=None, batch_format="numpy")
 
 
-def collect_logits(logits_ds) -> torch.Tensor:
-    """The decoded rows' raw logits [N, C] float32, for prior estimation on the driver."""
-    parts = []
-    for b in logits_ds.select_columns(["logits"]).iter_batches(batch_size=None, batch_format="numpy"):
-        parts.append(torch.from_numpy(np.array(b["logits"][np.isfinite(b["logits"]).all(1)])))
-    return torch.cat(parts)
+def collect_logits(batches: list[dict]) -> torch.Tensor:
+    """The decoded rows' raw logits [N, C] float32 of step 1's batches, for prior estimation on the driver."""
+    return torch.cat([torch.from_numpy(np.array(b["logits"][np.isfinite(b["logits"]).all(1)])) for b in batches])
 
 
-def finish(logits_ds, offset: torch.Tensor, k: int, class_names: list[str]):
-    """Pass 2 -> a pyarrow Table, one row per image, in input order."""
+def finish(batches, offset: torch.Tensor, k: int, class_names: list[str]):
+    """Step 2 over step 1's batches -> a pyarrow Table, one row per image, in input order."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import ray
 
-    out = logits_ds.map_batches(top_k_batch, batch_format="numpy",
-                                fn_kwargs={"offset": offset.numpy(), "k": k, "class_names": class_names})
-    table = pa.concat_tables(ray.get(out.to_arrow_refs()))
+    tables = [pa.table(top_k_batch(b, offset.numpy(), k, class_names)) for b in batches]
+    table = pa.concat_tables(tables)
     return table.take(pc.sort_indices(table, [("row", "ascending")]))
 
 

@@ -38,7 +38,7 @@ from .data.recipe import resolve_normalize
 from .data.transforms import ImageTransform, decode_rgb, normalize, transform_batch
 from .losses import posthoc_rules
 from .heads import check_head_state
-from .models import LINEAR, build_model, load_model_state
+from .models import LINEAR, build_model, load_model_state, memory_format
 from .posthoc import posthoc_logits
 from .priors import uniform_prior, validate_prior
 
@@ -152,7 +152,8 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
         state = torch.load(weights_path, map_location="cpu", weights_only=True)  # shared storage never runs code
         check_head_state(head[0], state)
         load_model_state(self.net, state)
-        self.net.to(self.device).eval()
+        self.layout = memory_format(self.net)
+        self.net.to(self.device, memory_format=self.layout).eval()
         self.source_prior = torch.tensor(self.card.source_prior, dtype=torch.float64)
         return self
 
@@ -179,7 +180,7 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
             chunk = chunk.to(self.device)
             if chunk.dtype == torch.uint8:
                 chunk = normalize(chunk, self.card.normalization)
-            out.append(self.net(chunk.float()).float().cpu())
+            out.append(self.net(chunk.float().contiguous(memory_format=self.layout)).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.card.num_classes)
 
     def preprocess(self, model_input, skip_bad: bool) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:

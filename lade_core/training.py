@@ -25,7 +25,7 @@ from .losses import build_loss, posthoc_rules
 from .data.recipe import augment_seed
 from .data.transforms import ImageTransform
 from .mixing import BatchMix, mixed_loss
-from .models import build_model, classifier_parameters, load_model_state
+from .models import build_model, classifier_parameters, load_model_state, memory_format
 from .inference import model_batches, sharded_logits, sync_buffers
 from .priors import uniform_prior
 from .schedules import build_scheduler
@@ -206,6 +206,8 @@ def train_loop_per_worker(config: dict) -> None:
     criterion = build_criterion(config, source_prior)
     model = build_model(config["model"], len(source_prior), config["weights_path"], head=criterion.head,
                         pretrained=config["pretrained"])
+    layout = memory_format(model)
+    model = model.to(memory_format=layout)  # before the optimizer and DDP see the parameters
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config["epochs"], config["schedule"])
     start_epoch, history = 0, []
@@ -232,6 +234,7 @@ def train_loop_per_worker(config: dict) -> None:
     stats = config["normalize"]  # {mean, std}, resolved on the driver (recipe.resolve_normalize)
     mix = BatchMix((config["mixup"] or {}).get("alpha"), (config["cutmix"] or {}).get("alpha")) if (
         config["mixup"] or config["cutmix"]) else None
+    val_cache: dict = {}  # this rank's decoded validation share, read once (inference.sharded_logits)
     for epoch in range(start_epoch, config["epochs"]):
         # Every random draw of the epoch from (seed, epoch, rank): a resumed run repeats an unkilled one's.
         torch.manual_seed(epoch_seed(config["seed"], epoch, rank))
@@ -239,7 +242,7 @@ def train_loop_per_worker(config: dict) -> None:
         batches = epoch_batches(prepared, config, epoch=epoch, rank=rank, world=world, batch_size=per_worker_batch)
         progress = _progress_bar(config, epoch, world, per_worker_batch) if rank == 0 and config["progress"] else None
         criterion.set_epoch(epoch)  # e.g. LDAM-DRW's deferred re-weighting
-        metrics = train_one_epoch(model, criterion, optimizer, model_batches(batches, device, stats),
+        metrics = train_one_epoch(model, criterion, optimizer, model_batches(batches, device, stats, layout),
                                   device, config["amp"], progress, mix, rng)
         if progress is not None:
             progress.close()
@@ -247,7 +250,8 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.step()
         metrics["epoch"] = epoch
         sync_buffers(unwrap(model))
-        val = sharded_logits(unwrap(model), prepared, "val", device, config["image_size"], stats, rank, world)
+        val = sharded_logits(unwrap(model), prepared, "val", device, config["image_size"], stats, rank, world,
+                             val_cache)
         final = epoch == config["epochs"] - 1
         # The final model's test logits from these warm workers (their GPUs, if any), not from a freshly started
         # actor pool that loads the model again: the last checkpoint carries them to runs.finalize.

@@ -23,7 +23,8 @@ from pathlib import Path
 from lade_core.data import DataError
 from lade_core.label_shift import Calibration, estimate_target_prior
 from lade_core.posthoc import posthoc_offset
-from lade_core.prediction import collect_logits, finish, image_dataset, predict_images, write_predictions
+from lade_core.prediction import (collect_logits, finish, image_dataset, model_actors, predict_images,
+                                  write_predictions)
 from lade_core.priors import read_prior_file, uniform_prior, validate_prior
 from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
 from lade_core.tracking import resolve_tracking_uri
@@ -39,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ap.add_argument("--target-prior", default="uniform", help="uniform, estimate, or a prior file")
     ap.add_argument("--top-k", type=int, default=5)
-    ap.add_argument("--num-workers", type=int, default=1, help="model actors (each loads the model once)")
+    ap.add_argument("--num-workers", type=int, help="model actors, each loading the model once (0: this process; "
+                    "default: one per GPU, one per node on a multi-node CPU cluster, else 0)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--skip-bad", action="store_true", help="predict the images that decode; report the others")
     ap.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per actor (default: if the cluster has GPUs)")
@@ -58,9 +60,11 @@ def check_args(args) -> None:
         raise ValueError(f"--output {out}: folder {out.parent} does not exist")
     if out.exists() and not args.overwrite:
         raise ValueError(f"--output {out} exists; pass --overwrite to replace it")
-    for name in ("top_k", "num_workers", "batch_size"):
+    for name in ("top_k", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0 (0: in this process), got {args.num_workers}")
     if args.target_prior not in ("uniform", "estimate") and not Path(args.target_prior).is_file():
         raise ValueError(f"--target-prior {args.target_prior!r}: not uniform, estimate, or an existing file")
 
@@ -99,15 +103,19 @@ def main(argv=None) -> int:
     import ray
 
     # A local Ray gets CPUs beyond the actors' own, or the read/decode tasks wait behind them and the job stalls.
-    init_ray(num_cpus=local_num_cpus(args.num_cpus, args.num_workers))
-    use_gpu = args.use_gpu if args.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    init_ray(num_cpus=local_num_cpus(args.num_cpus, args.num_workers or 0))
+    resources = ray.cluster_resources()
+    use_gpu = args.use_gpu if args.use_gpu is not None else resources.get("GPU", 0) > 0
+    actors = model_actors(args.num_workers, gpus=resources.get("GPU", 0), use_gpu=use_gpu,
+                          nodes=sum(1 for n in ray.nodes() if n["Alive"]))
     t0 = time.perf_counter()
     try:
         ds = image_dataset(args.input, card.class_names, image_root=args.image_root, split=args.split)
-        logits = predict_images(ds, args.model, tracking_uri, num_workers=args.num_workers, use_gpu=use_gpu,
-                                batch_size=args.batch_size, skip_bad=args.skip_bad)
+        logits = predict_images(ds, model, args.model, tracking_uri, num_actors=actors, use_gpu=use_gpu,
+                                batch_size=args.batch_size, skip_bad=args.skip_bad, cpus=resources.get("CPU", 1))
         out = Path(args.output)
         if args.target_prior == "estimate":
+            logits = list(logits)  # every image's output before any prediction (kept: step 2 reads them again)
             z = collect_logits(logits)
             calibration = Calibration.from_dict(card.calibration) if card.calibration else None
             prior, info = estimate_target_prior(z, card.source_prior, loss=card.loss, calibration=calibration)

@@ -96,12 +96,18 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
         ctx = ray.train.get_context()
         model = build_model("resnet32", 4)
         model.load_state_dict(config["state"])
-        out = sharded_logits(model, open_prepared(config["dataset"]), "val", torch.device("cpu"), None,
-                             config["stats"], ctx.get_world_rank(), ctx.get_world_size())
+        prepared, cache = open_prepared(config["dataset"]), {}
+        out = sharded_logits(model, prepared, "val", torch.device("cpu"), None, config["stats"],
+                             ctx.get_world_rank(), ctx.get_world_size(), cache)
+        # The next epoch's pass reads this rank's decoded share from the cache, with the same result.
+        assert sorted(cache) == ["val"] and sum(len(b["index"]) for b in cache["val"]) in (6, 7)
+        again = sharded_logits(model, prepared, "val", torch.device("cpu"), None, config["stats"],
+                               ctx.get_world_rank(), ctx.get_world_size(), cache)
         if ctx.get_world_rank() == 0:
+            assert torch.equal(out[0], again[0]) and torch.equal(out[1], again[1])
             torch.save(out, config["out"])
         else:
-            assert out is None
+            assert out is None and again is None
 
     out = tmp_path / "val_logits.pt"
     TorchTrainer(_sharded_loop, train_loop_config={"state": model.state_dict(), "dataset": str(tmp_path / "d"),

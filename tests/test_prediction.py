@@ -1,10 +1,10 @@
-"""Pass 2 of batch prediction (``prediction.top_k_batch``): raw logits + the post-hoc offset -> labels and top-k,
-checked against Eq. 17 / Eq. 6 written here. No Ray: the function Ray Data maps over each block."""
+"""Step 2 of batch prediction (``prediction.top_k_batch``): raw logits + the post-hoc offset -> labels and top-k,
+checked against Eq. 17 / Eq. 6 written here; and where step 1 runs (``model_actors``). No Ray."""
 import numpy as np
 import torch
 
 from lade_core.posthoc import posthoc_offset
-from lade_core.prediction import UNKNOWN, top_k_batch
+from lade_core.prediction import UNKNOWN, model_actors, top_k_batch
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -38,3 +38,13 @@ def test_a_target_prior_with_a_zero_entry_predicts_every_decoded_image():
                                            rtol=1e-12)
                 if pt[0] == 0:
                     assert out["label"][i] != 0 and out["top_k_labels"][i][-1] == 0 and out["top_k_probabilities"][i][-1] == 0
+
+
+def test_model_actors_follow_the_cluster_unless_asked():
+    """One actor per GPU, one per node on a multi-node CPU cluster, none (the driver) on one CPU node; an explicit
+    count always wins, 0 included."""
+    assert model_actors(None, gpus=4, nodes=2, use_gpu=True) == 4
+    assert model_actors(None, gpus=0, nodes=3, use_gpu=False) == 3
+    assert model_actors(None, gpus=0, nodes=1, use_gpu=False) == 0
+    assert model_actors(None, gpus=2, nodes=1, use_gpu=False) == 0  # --use-gpu off on a GPU node: CPU, the driver
+    assert model_actors(2, gpus=0, nodes=1, use_gpu=False) == 2 and model_actors(0, gpus=8, nodes=4, use_gpu=True) == 0
