@@ -2,6 +2,7 @@
 (test logits, metrics, model) into MLflow. ``pipelines/train.py`` and ``pipelines/tune.py`` both call these."""
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .models import build_model, check_input_size
 from .report import format_table
 from .runtime import init_ray
 from .serving import ModelCard, log_classifier
-from .tracking import EpochLogger, end_run, log_metrics_once, logged_model_uri, register_once
+from .tracking import EpochLogger, end_run, log_metrics_once, logged_model_uri, register_once, wait_reachable
 from .training import build_criterion, final_logits, load_checkpoint, saved_history
 
 # --smoke-test: a tiny generated dataset (class-sorted, like real data) and one epoch.
@@ -84,6 +85,10 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
     """
     import mlflow
 
+    # Training is done and checkpointed: a tracking server that is down right now (restarting, a network blip) is
+    # waited for, rather than failing the run at its last step. LADE_FINALIZE_WAIT_S: how long (default 300 s).
+    wait_reachable(config["mlflow_uri"], float(os.environ.get("LADE_FINALIZE_WAIT_S", "300")),
+                   "training is done and checkpointed: rerun the same command to finalize the run, nothing is retrained")
     client, run_id = mlflow.MlflowClient(config["mlflow_uri"]), config["mlflow_run_id"]
     # Epochs rank 0 could not log (MLflow unreachable in the last epochs), from the final checkpoint's history.
     EpochLogger(config["mlflow_uri"], run_id).backfill(saved_history(checkpoint))

@@ -57,8 +57,14 @@ def quiet_worker_logging() -> None:
     ``LoggingConfig`` does not filter) and Ray Data's progress bars only when verbose."""
     import ray.data
 
+    import warnings
+
     level = os.environ.get("LADE_LOG_LEVEL", "INFO")
     logging.getLogger().setLevel(level)
+    # Ray Data's iter_torch_batches wraps its read-only (zero-copy) arrays with torch.as_tensor, and torch warns
+    # once that writing to them would be undefined. Nothing in lade writes to a batch's tensors: the image is
+    # converted to a new float tensor (transforms.normalize), labels and indices are only read.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
     logging.getLogger(_PROGRESS_NOTICE_LOGGER).setLevel(logging.INFO if level == "INFO" else logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = level == "INFO"
 

@@ -35,6 +35,26 @@ def check_reachable(uri: str) -> None:
             raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({e}); start it or fix --mlflow-uri") from e
 
 
+def wait_reachable(uri: str, timeout_s: float, what: str) -> None:
+    """Wait up to ``timeout_s`` for the tracking server at ``uri`` to answer (sqlite and file stores: at once), saying
+    so once; a ConnectionError naming ``what`` if it does not come back."""
+    import time
+
+    deadline, said = time.monotonic() + timeout_s, False
+    while True:
+        try:
+            check_reachable(uri)
+            return
+        except ConnectionError as e:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"{e}; {what}") from e
+            if not said:
+                print(f"warning: MLflow tracking server {uri} is unreachable; waiting up to {timeout_s:.0f} s for it "
+                      f"({what})", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(2)
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
