@@ -4,7 +4,8 @@ import mlflow
 import pytest
 import torch
 
-from lade_core.tracking import (EpochLogger, end_run, find_run, logged_model_uri, register_once, start_or_resume_run)
+from lade_core.tracking import (EpochLogger, end_run, find_run, logged_model_uri, register_once, start_or_resume_run,
+                                wait_reachable)
 
 CONFIG = {"loss": "lade", "lr": 0.1, "source_prior": [0.75, 0.25], "train_counts": [3, 1]}
 
@@ -104,3 +105,41 @@ def test_a_rerun_resumes_only_the_search_it_names(uri):
     start_or_resume_run(uri, "old", "old", CONFIG)  # a search started before digests were recorded
     with pytest.raises(ValueError, match="'old' was started by an older lade"):
         check_search_digest(uri, "old", digest)
+
+
+def test_finalize_waits_for_a_tracking_server_that_comes_back(capsys):
+    """A real HTTP server answering /health 3 s late: waited for, said once; one that never answers: an error that
+    says training is kept."""
+    import http.server
+    import threading
+    import time
+
+    from conftest import free_port
+
+    port = free_port()
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    def serve_later():
+        time.sleep(3)
+        server = http.server.HTTPServer(("127.0.0.1", port), Health)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started.append(server)
+
+    started: list = []
+    threading.Thread(target=serve_later, daemon=True).start()
+    t0 = time.monotonic()
+    wait_reachable(f"http://127.0.0.1:{port}", 60, "rerun to finalize")
+    assert 2.5 < time.monotonic() - t0 < 30 and started
+    assert capsys.readouterr().err.count("is unreachable; waiting up to 60 s") == 1
+    started[0].shutdown()
+    with pytest.raises(ConnectionError, match="unreachable.*rerun to finalize"):
+        wait_reachable(f"http://127.0.0.1:{free_port()}", 1, "rerun to finalize")
+    wait_reachable("sqlite:///nowhere.db", 0, "never waits for a local store")
