@@ -173,12 +173,12 @@ class _LADEFunction(torch.autograd.Function):
             counts = z.new_zeros(num_classes).index_add_(0, targets, z.new_ones(n_samples))
             f_sums = z.new_zeros(num_classes).index_add_(0, targets, z_at_target[:, 0])
         if ce_weight:
-            probs = torch.softmax(z + log_prior, dim=1)  # [N, C]; kept: the CE gradient
+            x = z + log_prior  # [N, C]
+            probs = torch.softmax(x, dim=1)  # [N, C]; kept: the CE gradient
             p_at_target = probs.gather(1, targets[:, None])  # [N, 1]
             if z.device.type == "cpu" and bool(p_at_target.min() > 0):
                 ce = -p_at_target.log().mean()
             else:  # a target probability below float range (CE > ~87), or no cheap check on an accelerator
-                x = z + log_prior
                 ce = (torch.logsumexp(x, dim=1) - x.gather(1, targets[:, None])[:, 0]).mean()
         else:
             probs, ce = None, z.new_zeros(())
