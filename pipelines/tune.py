@@ -142,7 +142,8 @@ def build_tuner(args, config: dict, space: dict, defaults: dict, storage: str, m
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     scheduler = (EpochASHA(max_t=config["epochs"], grace_period=args.grace_period or defaults["grace_period"],
                            reduction_factor=args.reduction_factor, mlflow_uri=config["mlflow_uri"],
-                           experiment=config["experiment"], search=config["search"])
+                           experiment=config["experiment"], search=config["search"],
+                           storage=config["search_storage"])
                  if args.scheduler == "asha" else FIFOScheduler())
     samples = args.num_samples or (1 if args.search == "grid" else defaults["num_samples"])
     return tune.Tuner(

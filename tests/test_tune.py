@@ -305,3 +305,47 @@ def test_asha_stops_the_same_trials_after_a_search_is_killed_and_resumed(tmp_pat
     assert report(resumed, trials["a"], 1, 1) == "STOP"  # a's second epoch is its last (max_t), not a rung-1 result
     got.update({t: report(resumed, trials[t], 0, 1) for t in ("c", "d")})
     assert got == expected
+
+
+def test_asha_records_epochs_a_resumed_trial_skipped_at_their_own_rungs(tmp_path):
+    """A trial killed after its checkpoints but before Tune collected their results resumes and first reports its
+    last epoch. EpochASHA files the first epoch's value (from the checkpoint's
+    history) at rung 1, not the second epoch's: the decisions equal a search that was never killed."""
+    import json
+    from types import SimpleNamespace
+
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    from lade_core.training import HISTORY_FILE
+    from lade_core.tuning import EpochASHA
+
+    def scheduler():
+        # As in the smoke search: 2 epochs, reduction factor 4, so rung 1 (epoch 1) is the only rung.
+        s = EpochASHA(max_t=2, grace_period=1, reduction_factor=4, mlflow_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                      experiment="exp", search="s", storage=str(tmp_path))
+        s.set_search_properties("val/top1", "max")
+        return s
+
+    top1 = {"a": [0.9, 0.95], "x": [0.3, 0.99], "y": [0.92, 0.93]}
+    trials = {t: SimpleNamespace(trial_id=t) for t in top1}
+    never_killed = scheduler()
+    for t in trials.values():
+        never_killed.on_trial_add(None, t)
+    expected = {t: never_killed.on_trial_result(None, trials[t], {"epoch": 0, "val/top1": v[0]})
+                for t, v in top1.items()}
+    assert expected == {"a": "CONTINUE", "x": "STOP", "y": "CONTINUE"}
+
+    checkpoint = tmp_path / "trials" / "x" / "checkpoint_000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / HISTORY_FILE).write_text(json.dumps([{"epoch": e, "val/top1": v} for e, v in enumerate(top1["x"])]))
+    resumed = scheduler()
+    for t in trials.values():
+        resumed.on_trial_add(None, t)
+    got = {"a": resumed.on_trial_result(None, trials["a"], {"epoch": 0, "val/top1": 0.9})}
+    # x's first result after the kill is its last epoch, which names the checkpoint holding both; it is the last
+    # (max_t), so x stops and completes, and ASHA files that result at the highest rung x has no record at.
+    last = {"epoch": 1, "val/top1": 0.99, CHECKPOINT_PATH_KEY: str(checkpoint)}
+    got["x"] = resumed.on_trial_result(None, trials["x"], last)
+    resumed.on_trial_complete(None, trials["x"], last)
+    got["y"] = resumed.on_trial_result(None, trials["y"], {"epoch": 0, "val/top1": 0.92})
+    assert got == expected  # without the history, rung 1 held x's 0.99 and y (0.92, better than x's 0.3) stopped
