@@ -24,7 +24,7 @@ import yaml
 
 from .data.recipe import check_augment, check_normalize
 from .data.sources import MIN_IMAGE_SIZE
-from .losses import ESTIMATORS, LOSS_KEYS, LOSSES
+from .losses import BUILTIN_LOSSES, LOSS_KEYS, LOSSES
 from .models import check_model_name
 
 SCHEDULES = ("cosine", "multistep", "step", "constant")
@@ -78,24 +78,37 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The loss and its hyperparameters. A hyperparameter left None takes the loss's default (``LOSSES``, the
-    paper's); one the chosen loss does not take is an error. A name means one thing within its loss."""
+    """The loss and its hyperparameters, as the loss declares them (``lade_core.losses.LOSSES``: type, range,
+    default). A config stays flat (``loss: causal_norm``, ``tau: 16``): a hyperparameter key means that
+    hyperparameter of the config's loss, so ``tau`` is checked against Causal Norm's range (> 0) there and logit
+    adjustment's (>= 0) with ``loss: logit_adjusted``. A hyperparameter left None takes the loss's default; one the
+    chosen loss does not take is an error. ``values`` holds every built-in hyperparameter key (and a plugin loss's
+    own), None where unset."""
 
     loss: str = _opt("lade", choices=tuple(LOSSES))
-    # lade (Eq. 20): LADER weight alpha, its regularizer lambda (Eq. 16), the class weights alpha_c (None: p_s) or
-    # alpha_c ∝ p_s(c)^class_weight_power (1: p_s, the paper; 0: uniform), and the LADER estimator.
-    alpha: float | None = _opt(None, ge=0)  # also causal_norm: the TDE strength
-    lam: float | None = _opt(None, ge=0)
-    class_weights: list[float] | None = _opt(None, ge=0)
-    class_weight_power: float | None = _opt(None, ge=0, le=1)
-    estimator: str | None = _opt(None, choices=ESTIMATORS)
-    tau: float | None = _opt(None, ge=0)  # logit_adjusted: the adjustment strength; causal_norm: the logit scale
-    gamma: float | None = _opt(None, ge=0)  # focal: the focusing parameter; causal_norm: the weight-norm offset
-    heads: int | None = _opt(None, ge=1)  # causal_norm: the number of heads K
-    max_margin: float | None = _opt(None, gt=0)  # ldam_drw: the largest class margin
-    scale: float | None = _opt(None, gt=0)  # ldam_drw: the cosine logit scale s
-    drw_epoch: int | None = _opt(None, ge=0)  # ldam_drw: the epoch re-weighting starts (None: 80 % of the run)
-    beta: float | None = _opt(None, ge=0, lt=1)  # ldam_drw: the class-balanced weights' beta
+    values: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, flat: dict, where) -> LossConfig:
+        loss = _check_value("loss", flat.get("loss", "lade"), str, {"choices": tuple(LOSSES)}, where("loss"))
+        spec = LOSSES[loss]
+        given = {k: flat[k] for k in LOSS_KEYS if k in flat and flat[k] is not None}
+        bad = sorted(set(given) - set(spec.hyperparameters))
+        if bad:
+            raise ValueError(f"{', '.join(sorted({where(k) for k in bad}))}: loss {loss} takes no hyperparameters "
+                             f"{bad}; it takes {list(spec.hyperparameters) or 'none'}")
+        values = dict.fromkeys(loss_config_keys(loss))
+        for h in spec.params:
+            if h.name in given:
+                values[h.name] = _check_value(h.name, given[h.name], h.type, h.checks, where(h.name))
+        return cls(loss, values)
+
+
+def loss_config_keys(loss: str) -> tuple[str, ...]:
+    """The flat hyperparameter keys a config of ``loss`` carries: every built-in loss's (None where unset, so a
+    recipe's digest is the same with or without plugins installed) and the loss's own."""
+    builtin = (k for name in BUILTIN_LOSSES for k in LOSSES[name].hyperparameters)
+    return tuple(dict.fromkeys([*builtin, *LOSSES[loss].hyperparameters]))
 
 
 @dataclass(frozen=True)
@@ -141,8 +154,9 @@ class RuntimeConfig:
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DatasetConfig, "augment": AugmentConfig, "loss": LossConfig,
                              "optimizer": OptimizerConfig, "runtime": RuntimeConfig}
 # Flat config key -> its section; `schedule` is the one nested key (a ScheduleConfig).
-KEY_SECTION: dict[str, str] = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-KEY_SECTION["schedule"] = "schedule"
+KEY_SECTION: dict[str, str] = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+                               if cls is not LossConfig}
+KEY_SECTION.update({"loss": "loss", **dict.fromkeys(LOSS_KEYS, "loss"), "schedule": "schedule"})
 CONFIG_KEYS = tuple(KEY_SECTION)
 
 
@@ -168,6 +182,9 @@ class TrainConfig:
             raise ValueError(f"{', '.join(where)}: unknown config keys {unknown}; known keys: {sorted(KEY_SECTION)}")
         parts = {}
         for name, section in SECTIONS.items():
+            if section is LossConfig:
+                parts[name] = LossConfig.build(flat, lambda k: origins.get(k, "config"))
+                continue
             values = {f.name: flat[f.name] for f in dataclasses.fields(section) if f.name in flat}
             parts[name] = _build(section, values, lambda k: origins.get(k, "config"), "")
         schedule = flat.get("schedule", {})
@@ -195,17 +212,12 @@ class TrainConfig:
                 raise ValueError(f"{where('schedule')}: schedule.{key} has no effect with schedule {s.name}")
         if s.milestones and list(s.milestones) != sorted(set(s.milestones)):
             raise ValueError(f"{where('schedule')}: schedule.milestones must be strictly ascending, got {s.milestones}")
-        takes = LOSSES[self.loss.loss].hyperparameters
-        bad = [f.name for f in dataclasses.fields(LossConfig)
-               if f.name != "loss" and getattr(self.loss, f.name) is not None and f.name not in takes]
-        if bad:
-            raise ValueError(f"{', '.join(sorted({where(k) for k in bad}))}: loss {self.loss.loss} takes no "
-                             f"hyperparameters {bad}; it takes {list(takes) or 'none'}")
-        if self.loss.class_weight_power is not None and self.loss.class_weights is not None:
+        loss = self.loss.values
+        if loss.get("class_weight_power") is not None and loss.get("class_weights") is not None:
             raise ValueError(f"{where('class_weight_power')}: set class_weights or class_weight_power, not both: the "
                              "power derives alpha_c from the source prior")
         for key in LOSSES[self.loss.loss].epoch_keys:
-            value = getattr(self.loss, key)
+            value = loss[key]
             if value is not None and value >= self.optimizer.epochs:
                 raise ValueError(f"{where(key)}: {key} {value} is beyond the run: epochs are 0..{self.optimizer.epochs - 1}")
         hard = LOSSES[self.loss.loss].hard_targets_only
@@ -232,7 +244,8 @@ class TrainConfig:
                                  f"known: {sorted(known)}")
 
     def to_dict(self) -> dict:
-        flat = {k: v for name in SECTIONS for k, v in dataclasses.asdict(getattr(self, name)).items()}
+        flat = {k: v for name in SECTIONS if name != "loss" for k, v in dataclasses.asdict(getattr(self, name)).items()}
+        flat.update({"loss": self.loss.loss, **self.loss.values})
         flat["schedule"] = {k: v for k, v in dataclasses.asdict(self.schedule).items() if v is not None}
         return flat
 
@@ -380,6 +393,23 @@ def json_or_name(text: str):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None  # a ValueError argparse shows
+
+
+def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--<name>`` flag (dashes for underscores) per loss hyperparameter name, built-in or plugin, typed and
+    described by the losses' declarations (unset: the loss's default). The config checks the value against the
+    chosen loss's range."""
+    for key in LOSS_KEYS:
+        declared = [(name, spec.param(key)) for name, spec in LOSSES.items() if key in spec.hyperparameters]
+        types = {repr(h.type) for _, h in declared}
+        first = declared[0][1]
+        # One type for the flag: the declarations' if they agree; else YAML's reading of the text, checked later.
+        tp = {float: float, int: int, str: str}.get(first.type, json.loads if first.type == list[float] else None)
+        kwargs = {"type": tp if len(types) == 1 and tp else yaml.safe_load}
+        if len(declared) == 1 and first.choices is not None:
+            kwargs["choices"] = list(first.choices)
+        text = "; ".join(f"{name}: {h.help} ({h.range_text}; default {h.default})" for name, h in declared)
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, help=text.replace("%", "%%"), **kwargs)
 
 
 def loss_hyperparameters(config: dict) -> dict:

@@ -6,9 +6,10 @@ All modules follow ``forward(logits, targets) -> scalar``; priors are buffers, s
 After each call ``last_terms`` holds the loss's own named scalar terms (detached), for logging. ``head`` is the
 classifier head the loss trains (``lade_core.heads``) and ``set_epoch(e)`` is called before each training epoch.
 
-``LOSSES`` is the one place that says which losses exist, which hyperparameters each takes (with the paper's
-defaults) and which post-hoc rules fit its logits; config, CLI, trainer, evaluation and Tune all read it, and
-``build_loss`` builds from it.
+``LOSSES`` is the one place that says which losses exist, which hyperparameters each takes (``Hyperparameter``:
+the paper's default, type, range, help, Tune range) and which post-hoc rules fit its logits; config, CLI, trainer,
+evaluation, Tune and the README's method table all read it, and ``build_loss`` builds from it. Installed packages
+add losses through the entry point group ``lade.losses`` (``register_loss``).
 """
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import gather_batch, is_distributed
+from .posthoc import RULES
 from .priors import tempered_class_weights, validate_prior
 
 __all__ = ["SoftmaxLoss", "BalancedSoftmaxLoss", "LADERLoss", "LADELoss", "LogitAdjustedLoss", "FocalLoss",
-           "LDAMDRWLoss", "CausalNormLoss", "ESTIMATORS", "LOSSES", "LossSpec", "build_loss", "posthoc_rules",
+           "LDAMDRWLoss", "CausalNormLoss", "ESTIMATORS", "LOSSES", "Loss", "LossSpec", "Hyperparameter",
+           "register_loss", "build_loss", "posthoc_rules",
            "classifier_head", "check_targets", "lade_reference"]
 
 Estimator = Literal["released", "paper"]
@@ -99,7 +102,7 @@ def _source_prior(source_prior: PriorLike) -> torch.Tensor:
     return p
 
 
-class _Loss(nn.Module):
+class Loss(nn.Module):
     """What every registered loss has besides ``forward``: the head it trains and a per-epoch hook."""
 
     head: tuple[str, dict] = ("linear", {})
@@ -108,7 +111,7 @@ class _Loss(nn.Module):
         """Called by the training loop before epoch ``epoch`` (0-based); most losses do not change over a run."""
 
 
-class SoftmaxLoss(_Loss):
+class SoftmaxLoss(Loss):
     """Plain softmax cross-entropy (the paper's "Softmax" baseline). Its logits stay entangled with p_s, which the
     PC strategy (Eq. 4-7) removes at inference. ``source_prior`` only fixes the number of classes."""
 
@@ -124,7 +127,7 @@ class SoftmaxLoss(_Loss):
         return loss
 
 
-class BalancedSoftmaxLoss(_Loss):
+class BalancedSoftmaxLoss(Loss):
     """LADE-CE, Eq. 19 (= Balanced Softmax): cross-entropy of ``logits + log p_s``. Its one term is ``lade_ce``."""
 
     def __init__(self, source_prior: PriorLike):
@@ -231,7 +234,7 @@ def lade_reference(z: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tens
     return ce + alpha * lader
 
 
-class LADERLoss(_Loss):
+class LADERLoss(Loss):
     """LADER (Eq. 15-16), the regularized Donsker-Varadhan term pushing z_c toward log p_u(x|c)/p_u(x).
 
     estimator="released": the authors' released code (their published numbers): every class c contributes;
@@ -298,7 +301,7 @@ class LADERLoss(_Loss):
         return self._run(z, targets, None, 1.0, 0.0)[0]
 
 
-class LADELoss(_Loss):
+class LADELoss(Loss):
     """LADE, Eq. 20: LADE-CE + alpha * LADER. ``last_terms``: ``lade_ce``, ``lader`` and LADER's weighted F and S
     sums (``lader_F``, ``lader_S``) of the last call, detached.
 
@@ -340,7 +343,7 @@ class LADELoss(_Loss):
 
 # --- The peers of the paper's comparison (Tables 2-6) --------------------------------------------------------
 
-class LogitAdjustedLoss(_Loss):
+class LogitAdjustedLoss(Loss):
     """Logit-adjusted loss (Menon et al., ICLR 2021, Eq. 10): cross-entropy of z + tau * log p_s (tau = 1 is Balanced
     Softmax / LADE-CE). Its head adds (tau - 1) * log p_s at inference, so the stored logits z + (tau - 1) log p_s
     are disentangled from p_s and take p_t by injection (Eq. 17), for every tau."""
@@ -362,7 +365,7 @@ class LogitAdjustedLoss(_Loss):
         return loss
 
 
-class FocalLoss(_Loss):
+class FocalLoss(Loss):
     """Focal loss (Lin et al., ICCV 2017, Eq. 5 without alpha-balancing): mean_i -(1 - p_i)^gamma log p_i with
     p_i = softmax(z_i)[y_i]; gamma = 0 is cross-entropy. Trained on p_s, its logits take PC compensation."""
 
@@ -380,7 +383,7 @@ class FocalLoss(_Loss):
         return loss
 
 
-class LDAMDRWLoss(_Loss):
+class LDAMDRWLoss(Loss):
     """LDAM with deferred re-weighting (Cao et al., NeurIPS 2019, Eq. 12-13 and Alg. 1), on a cosine classifier.
 
     ``forward`` takes the normalized classifier's cosine logits c [N, C] (its training output). With per-class
@@ -449,59 +452,173 @@ class CausalNormLoss(SoftmaxLoss):
 # --- The registry ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Hyperparameter:
+    """One hyperparameter of one loss, declared once: config validation (type and range), the ``train.py`` flag
+    (``--<name>``, dashes for underscores), Tune's default range for a search over the loss and the README's method
+    table all read it. A name means one thing within its loss: logit adjustment's ``tau`` and Causal Norm's are two
+    declarations with their own ranges.
+
+    ``type``: ``float``, ``int``, ``str`` or ``list[float]``; ``ge``/``gt``/``le``/``lt``/``choices`` bound the value
+    (each element of a list). ``space``: Tune's range, ``("uniform" | "loguniform", low, high)`` or
+    ``("choice", [values])``, None to keep the default in a search. ``epoch_fraction``: the value is an epoch number
+    (it must fall inside the run) and a run that leaves it unset gets this fraction of its epochs."""
+
+    name: str
+    default: object
+    help: str
+    type: object = float
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple | None = None
+    space: tuple | None = None
+    epoch_fraction: float | None = None
+
+    @property
+    def checks(self) -> dict:
+        """The bounds as ``lade_core.config`` checks a value: {"ge": 0, ...}."""
+        return {k: v for k in ("ge", "gt", "le", "lt", "choices") if (v := getattr(self, k)) is not None}
+
+    @property
+    def range_text(self) -> str:
+        """The bounds in words, e.g. ``>= 0, < 1`` (for help texts and the README)."""
+        if self.choices is not None:
+            return " | ".join(map(str, self.choices))
+        words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+        return ", ".join(f"{words[k]} {v:g}" for k, v in self.checks.items()) or "any"
+
+
+@dataclass(frozen=True)
 class LossSpec:
-    """One training loss: its module, the hyperparameters ``build_loss`` passes it with the paper's defaults
-    (keyword names of the class), the post-hoc rules that fit its (inference) logits, the one the loss calls for
-    first (validation, summaries), and which hyperparameters are epoch numbers: each must fall inside the run, and
-    a run that leaves one unset gets the given fraction of its epochs (the paper's default holds for a bare
-    ``build_loss``, which knows no run length)."""
+    """One training loss, declared once: its module, its hyperparameters (``params``, with the paper's defaults:
+    keyword names of the class), the post-hoc rules that fit its (inference) logits, the one the loss calls for
+    first (validation, summaries). The classifier head it trains is the module's ``head``. A package adds one with
+    an entry point in the group ``lade.losses`` whose object is a ``LossSpec`` (``register_loss``)."""
 
     cls: type[nn.Module]
-    defaults: dict
+    params: tuple[Hyperparameter, ...]
     posthoc: tuple[str, ...]
-    epoch_keys: dict[str, float] = field(default_factory=dict)
     needs_counts: bool = False  # the loss takes the training class counts, not only their proportions
     # Why the loss cannot train on mixed (soft) targets (``mixing``: mixup / cutmix), None if it can: its
     # per-sample value must be linear in the one-hot target, sum_c t_c * l_c(z).
     hard_targets_only: str | None = None
+    summary: str = ""  # one line for the README's method table
 
     @property
     def hyperparameters(self) -> tuple[str, ...]:
-        return tuple(self.defaults)
+        return tuple(h.name for h in self.params)
+
+    @property
+    def defaults(self) -> dict:
+        return {h.name: h.default for h in self.params}
+
+    @property
+    def epoch_keys(self) -> dict[str, float]:
+        """The hyperparameters that are epoch numbers, each with the fraction of the run it defaults to."""
+        return {h.name: h.epoch_fraction for h in self.params if h.epoch_fraction is not None}
+
+    def param(self, name: str) -> Hyperparameter:
+        return next(h for h in self.params if h.name == name)
 
 
+_H = Hyperparameter
 # A plain-softmax (or focal) model's logits are entangled with p_s and need PC compensation (Eq. 4); the logits of
 # LADE / Balanced Softmax, of a logit-adjusted model (its head's inference offset), of LDAM-DRW (re-weighted towards
 # balance) and of Causal Norm (TDE; the paper's "PC Causal Norm" adds log p_t - log p_u) are disentangled and
-# take p_t by injection (Eq. 17). "raw" is the logits as they are.
+# take p_t by injection (Eq. 17). "raw" is the logits as they are. A ``space`` brackets its paper's value.
 LOSSES: dict[str, LossSpec] = {
-    "softmax": LossSpec(SoftmaxLoss, {}, ("pc", "raw")),
-    "balanced_softmax": LossSpec(BalancedSoftmaxLoss, {}, ("inject", "raw")),
-    "lade": LossSpec(LADELoss, {"alpha": 0.1, "lam": 0.1, "class_weights": None, "class_weight_power": None,
-                                "estimator": "released"}, ("inject", "raw"),
-                 hard_targets_only="LADER (Eq. 15-16) averages each class's logits over the samples of that class "
-                                   "in the batch, which a mixed image does not belong to"),
-    "logit_adjusted": LossSpec(LogitAdjustedLoss, {"tau": 1.0}, ("inject", "raw")),
-    "focal": LossSpec(FocalLoss, {"gamma": 2.0}, ("pc", "raw")),
-    "ldam_drw": LossSpec(LDAMDRWLoss, {"max_margin": 0.5, "scale": 30.0, "drw_epoch": 160, "beta": 0.9999},
-                         ("inject", "raw"), epoch_keys={"drw_epoch": 0.8}, needs_counts=True,
-                         hard_targets_only="LDAM subtracts the label's margin inside the softmax, so the loss is not "
-                                           "linear in the target"),
-    "causal_norm": LossSpec(CausalNormLoss, {"tau": 16.0, "gamma": 1 / 32, "heads": 2, "alpha": 1.5},
-                            ("inject", "raw")),
+    "softmax": LossSpec(SoftmaxLoss, (), ("pc", "raw"), summary="softmax cross-entropy; PC Softmax at inference "
+                        "(Eq. 4-7)"),
+    "balanced_softmax": LossSpec(BalancedSoftmaxLoss, (), ("inject", "raw"),
+                                 summary="LADE-CE (Eq. 19) = Balanced Softmax"),
+    "lade": LossSpec(LADELoss, (
+        _H("alpha", 0.1, "LADER weight α (Eq. 20)", ge=0),
+        _H("lam", 0.1, "LADER regularizer λ (Eq. 16)", ge=0),
+        _H("class_weights", None, "LADER class weights α_c as a list (unset: p_s)", type=list[float], ge=0),
+        _H("class_weight_power", None, "α_c ∝ p_s(c)^power (1: the paper's p_s, 0: uniform)", ge=0, le=1),
+        _H("estimator", "released", "LADER's estimator of the class-c mean of e^z", type=str, choices=ESTIMATORS),
+    ), ("inject", "raw"), summary="LADE (Eq. 20) = LADE-CE + α·LADER (Eq. 15-16)",
+        hard_targets_only="LADER (Eq. 15-16) averages each class's logits over the samples of that class in the "
+                          "batch, which a mixed image does not belong to"),
+    "logit_adjusted": LossSpec(LogitAdjustedLoss, (
+        _H("tau", 1.0, "adjustment strength τ (Menon et al.: 1)", ge=0, space=("uniform", 0.5, 2.0)),
+    ), ("inject", "raw"), summary="logit-adjusted cross-entropy (Menon et al. 2021)"),
+    "focal": LossSpec(FocalLoss, (
+        _H("gamma", 2.0, "focusing γ (Lin et al.: 2)", ge=0, space=("uniform", 0.0, 3.0)),
+    ), ("pc", "raw"), summary="Focal loss (Lin et al. 2017)"),
+    "ldam_drw": LossSpec(LDAMDRWLoss, (
+        _H("max_margin", 0.5, "largest class margin", gt=0, space=("uniform", 0.1, 1.0)),
+        _H("scale", 30.0, "cosine logit scale s", gt=0, space=("loguniform", 5.0, 50.0)),
+        _H("drw_epoch", 160, "epoch re-weighting starts (unset: 80 % of the run)", type=int, ge=0,
+           epoch_fraction=0.8),
+        _H("beta", 0.9999, "class-balanced weights' β", ge=0, lt=1),
+    ), ("inject", "raw"), needs_counts=True, summary="LDAM with deferred re-weighting (Cao et al. 2019)",
+        hard_targets_only="LDAM subtracts the label's margin inside the softmax, so the loss is not linear in the "
+                          "target"),
+    "causal_norm": LossSpec(CausalNormLoss, (
+        _H("tau", 16.0, "logit scale τ", gt=0),
+        _H("gamma", 1 / 32, "weight-norm offset γ", ge=0),
+        _H("heads", 2, "number of heads K", type=int, ge=1),
+        _H("alpha", 1.5, "TDE strength α", ge=0, space=("uniform", 0.0, 3.0)),
+    ), ("inject", "raw"), summary="Causal Norm with TDE inference (Tang et al. 2020)"),
 }
+BUILTIN_LOSSES: tuple[str, ...] = tuple(LOSSES)
+# Entry points of the group ``lade.losses`` that could not be loaded: name -> why (named by ``unknown loss``).
+PLUGIN_ERRORS: dict[str, str] = {}
+
+
+def register_loss(name: str, spec: LossSpec) -> LossSpec:
+    """Add loss ``name`` to ``LOSSES`` (what an entry point of the group ``lade.losses`` does); a malformed
+    declaration is refused with the reason."""
+    import inspect
+
+    if not name.isidentifier() or name in LOSSES:
+        raise ValueError(f"loss name {name!r} must be a Python identifier not yet registered "
+                         f"(registered: {sorted(LOSSES)})")
+    if not isinstance(spec, LossSpec):
+        raise TypeError(f"loss {name!r}: an entry point must name a lade_core.losses.LossSpec, got {type(spec).__name__}")
+    if not spec.posthoc or any(r not in RULES for r in spec.posthoc):
+        raise ValueError(f"loss {name!r}: posthoc must name rules among {RULES}, got {spec.posthoc!r}")
+    takes = set(inspect.signature(spec.cls).parameters)
+    missing = [h.name for h in spec.params if h.name not in takes]
+    if "source_prior" not in takes or missing:
+        raise ValueError(f"loss {name!r}: {spec.cls.__name__}(source_prior, ...) must take its hyperparameters as "
+                         f"keywords; missing {missing or ['source_prior']}")
+    LOSSES[name] = spec
+    return spec
+
+
+def _load_plugins() -> None:
+    """Register the losses that installed packages declare (entry point group ``lade.losses``). One that fails to
+    load is left out with its reason in ``PLUGIN_ERRORS`` (named when the loss is asked for), not fatal to lade."""
+    import warnings
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="lade.losses"):
+        if ep.name in LOSSES:
+            continue  # already registered (a re-import); a clash with a built-in is refused below
+        try:
+            register_loss(ep.name, ep.load())
+        except Exception as e:  # noqa: BLE001 - any failure of a third-party package: reported, not raised
+            PLUGIN_ERRORS[ep.name] = f"entry point {ep.value!r} failed: {type(e).__name__}: {e}"
+            warnings.warn(f"lade: loss plugin {ep.name!r} not loaded: {PLUGIN_ERRORS[ep.name]}", stacklevel=2)
+
+
+_load_plugins()
 # Every hyperparameter name any loss takes (config keys): a name means one thing within its loss.
 LOSS_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for spec in LOSSES.values() for k in spec.hyperparameters))
 
 
 def _spec(name: str) -> LossSpec:
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+        why = f" (plugin: {PLUGIN_ERRORS[name]})" if name in PLUGIN_ERRORS else ""
+        raise ValueError(f"unknown loss {name!r}{why}; choose one of {sorted(LOSSES)}")
     return LOSSES[name]
 
 
 def build_loss(name: str, source_prior: PriorLike, *, train_counts: Sequence[int] | None = None,
-               **hyperparameters) -> _Loss:
+               **hyperparameters) -> Loss:
     """The registered loss ``name`` for ``source_prior`` [C]; unknown names and hyperparameters are refused, and a
     hyperparameter not given takes the paper's default. ``train_counts`` [C] only for losses that need them."""
     spec = _spec(name)

@@ -12,7 +12,10 @@ import torch
 
 from .priors import validate_prior
 
-__all__ = ["compensate", "pc_softmax", "inject_prior", "logit_adjust", "posthoc_logits", "posthoc_offset"]
+__all__ = ["RULES", "compensate", "pc_softmax", "inject_prior", "logit_adjust", "posthoc_logits", "posthoc_offset"]
+
+# The rules ``posthoc_logits`` applies by name (a loss declares which fit its logits: lade_core.losses.LOSSES).
+RULES: tuple[str, ...] = ("raw", "pc", "inject")
 
 
 def _log_prior(prior, logits: torch.Tensor, name: str) -> torch.Tensor:
@@ -51,7 +54,7 @@ def posthoc_logits(logits: torch.Tensor, mode: str, source_prior, target_prior) 
         return compensate(logits, source_prior, target_prior)
     if mode == "inject":
         return inject_prior(logits, target_prior)
-    raise ValueError(f"unknown post-hoc mode {mode!r}; choose raw, pc or inject")
+    raise ValueError(f"unknown post-hoc mode {mode!r}; choose one of {list(RULES)}")
 
 
 def posthoc_offset(mode: str, source_prior, target_prior, num_classes: int) -> torch.Tensor | None:

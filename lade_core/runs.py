@@ -142,7 +142,7 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
                          config["loss"], prepared.family,
                          prepared.crop_size(config["image_size"]),
                          calibration and calibration.to_dict(), head=list(head), lade_version=__version__,
-                         normalize=config["normalize"])
+                         normalize=config["normalize"], rules=list(posthoc_rules(config["loss"])))
         mlflow.set_tracking_uri(config["mlflow_uri"])
         with mlflow.start_run(run_id=run_id):
             model_uri = log_classifier(card, state["model"], MODEL_NAME).model_uri

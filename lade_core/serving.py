@@ -78,14 +78,21 @@ class ModelCard:
     lade_version: str | None = None
     # {mean, std} the model's inputs were normalized with (recipe.resolve_normalize); None: the family's.
     normalize: dict | None = None
+    # The post-hoc rules that fit the model's logits, its loss's first (losses.posthoc_rules when logged): a model
+    # of a plugin loss serves where the plugin is not installed. None: a card of an older lade (the registry's).
+    rules: list[str] | None = None
 
     @property
     def normalization(self) -> dict:
         return resolve_normalize(self.normalize, self.transform, None)
 
     @property
+    def posthoc_rules(self) -> tuple[str, ...]:
+        return tuple(self.rules) if self.rules else posthoc_rules(self.loss)
+
+    @property
     def posthoc(self) -> str:
-        return posthoc_rules(self.loss)[0]
+        return self.posthoc_rules[0]
 
     @classmethod
     def read(cls, path: str | Path) -> "ModelCard":
@@ -164,7 +171,7 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
         if unknown:
             raise ValueError(f"unknown params {unknown}; this model takes {list(defaults)}")
         p = {**defaults, **(params or {})}
-        rules = posthoc_rules(self.card.loss)
+        rules = self.card.posthoc_rules
         if p["posthoc"] not in rules:
             raise ValueError(f"posthoc {p['posthoc']!r} does not fit a {self.card.loss} model; choose one of {list(rules)}")
         if p["output"] not in OUTPUTS:

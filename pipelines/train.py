@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from lade_core.artifacts import MODEL_NAME
-from lade_core.config import json_or_name, resolve_config, validate_config
+from lade_core.config import add_loss_arguments, json_or_name, resolve_config, validate_config
 from lade_core.data import DataError
 from lade_core.locks import LockHeld, lock_for, maybe_exclusive
 from lade_core.losses import LOSSES
@@ -51,20 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--normalize", type=json_or_name, help="dataset, a family name, or JSON {\"mean\": [..], \"std\": [..]}")
     ap.add_argument("--mixup", type=lambda a: {"alpha": float(a)}, metavar="ALPHA", help="mixup, Beta(α, α)")
     ap.add_argument("--cutmix", type=lambda a: {"alpha": float(a)}, metavar="ALPHA", help="CutMix, Beta(α, α)")
-    # Loss hyperparameters (unset: the loss's default, lade_core.losses.LOSSES); each loss takes its own.
-    ap.add_argument("--alpha", type=float, help="lade: LADER weight α; causal_norm: TDE strength α")
-    ap.add_argument("--lam", type=float, help="lade: LADER regularizer λ")
-    ap.add_argument("--class-weights", dest="class_weights", type=json.loads, help="lade: α_c as a JSON list")
-    ap.add_argument("--class-weight-power", dest="class_weight_power", type=float,
-                    help="lade: α_c ∝ p_s(c)^power (1: the paper's p_s, 0: uniform)")
-    ap.add_argument("--estimator", choices=["released", "paper"], help="lade: LADER estimator")
-    ap.add_argument("--tau", type=float, help="logit_adjusted: adjustment τ; causal_norm: logit scale τ")
-    ap.add_argument("--gamma", type=float, help="focal: focusing γ; causal_norm: weight-norm offset γ")
-    ap.add_argument("--heads", type=int, help="causal_norm: number of heads K")
-    ap.add_argument("--max-margin", dest="max_margin", type=float, help="ldam_drw: largest class margin")
-    ap.add_argument("--scale", type=float, help="ldam_drw: cosine logit scale s")
-    ap.add_argument("--drw-epoch", dest="drw_epoch", type=int, help="ldam_drw: epoch re-weighting starts")
-    ap.add_argument("--beta", type=float, help="ldam_drw: class-balanced weights' β")
+    add_loss_arguments(ap)  # --alpha, --tau, ...: each loss's own, from its declaration (lade_core.losses)
     ap.add_argument("--image-size", dest="image_size", type=int,
                     help="crop size for training and evaluation (default: the prepared dataset's)")
     ap.add_argument("--epochs", type=int)

@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "with --smoke-test)")
     ap.add_argument("--config", help="base training config (default: the space's)")
     ap.add_argument("--methods", nargs="+", metavar="LOSS", help="search over these losses too, each with its own "
-                    "hyperparameters (LADE: the space's ranges; others: tune_spaces.METHOD_SPACES)")
+                    "hyperparameters (LADE: the space's ranges; others: their declared ranges, tune_spaces.method_space)")
     ap.add_argument("--dataset", help="prepared dataset directory (default: the config's)")
     ap.add_argument("--epochs", type=int, help="epochs per trial = ASHA's max_t (default: the space's)")
     ap.add_argument("--augment", type=json_or_name, help="every trial's training augmentation: a preset or a JSON list "

@@ -9,7 +9,7 @@ alpha_c ∝ p_s(c)^power. ``to_param_space`` turns a validated SPACE into Ray Tu
 
 A search over the loss itself: ``with_methods(space, names)`` replaces the family's LADE keys by
   "loss": ("methods", {name: {its own hyperparameter: spec, ...}, ...})
-(LADE keeps the family's ranges, every other method takes ``METHOD_SPACES``). Each trial draws a method, then that
+(LADE keeps the family's ranges, every other method takes its declared ranges, ``method_space``). Each trial draws a method, then that
 method's own values; ``lade_core.tuning.select_method`` turns the draw into a plain training config.
 """
 from __future__ import annotations
@@ -19,32 +19,45 @@ import math
 
 FAMILIES = ("smoke", "synthetic", "cifar100_lt", "imagenet_lt", "places_lt", "inat18")
 KINDS = ("loguniform", "uniform", "choice")
-# Keys with a bounded range: a spec outside it is an error, not a silent clip.
-BOUNDS = {"class_weight_power": (0.0, 1.0), "alpha": (0.0, math.inf), "lam": (0.0, math.inf), "lr": (0.0, math.inf),
-          "backbone_lr": (0.0, math.inf), "weight_decay": (0.0, math.inf), "tau": (0.0, math.inf),
-          "gamma": (0.0, math.inf), "max_margin": (0.0, math.inf), "scale": (0.0, math.inf), "beta": (0.0, 1.0)}
-# Each method's own ranges for a search over the loss, bracketing its paper's value.
-METHOD_SPACES: dict[str, dict] = {
-    "softmax": {},
-    "balanced_softmax": {},
-    "logit_adjusted": {"tau": ("uniform", 0.5, 2.0)},  # Menon et al.: 1
-    "focal": {"gamma": ("uniform", 0.0, 3.0)},  # Lin et al.: 2; Cao et al.'s comparison: 1
-    "ldam_drw": {"max_margin": ("uniform", 0.1, 1.0), "scale": ("loguniform", 5.0, 50.0)},  # 0.5, 30
-    "causal_norm": {"alpha": ("uniform", 0.0, 3.0)},  # 1.5 (TDE strength; tau 16, gamma 1/32, 2 heads fixed)
-}
+# Non-loss keys with a bounded range: a spec outside it is an error, not a silent clip. A loss hyperparameter's
+# range is its loss's declaration (lade_core.losses.LOSSES): the family's LADE keys are LADE's.
+BOUNDS = {"lr": (0.0, math.inf), "backbone_lr": (0.0, math.inf), "weight_decay": (0.0, math.inf)}
+
+
+def method_space(name: str) -> dict:
+    """Loss ``name``'s own ranges for a search over the loss: each hyperparameter's declared ``space`` (bracketing
+    its paper's value); the others keep their defaults."""
+    from lade_core.losses import LOSSES
+
+    return {h.name: h.space for h in LOSSES[name].params if h.space is not None}
+
+
+def _bounds(key: str, loss: str) -> tuple[float, float]:
+    """(low, high) a range for ``key`` must lie in: the declared bounds of loss ``loss``'s hyperparameter ``key``
+    (open or closed alike: a range's end may touch them), else ``BOUNDS``."""
+    from lade_core.losses import LOSSES
+
+    if key in LOSSES[loss].hyperparameters:
+        h = LOSSES[loss].param(key)
+        low = h.ge if h.ge is not None else h.gt
+        high = h.le if h.le is not None else h.lt
+        return (-math.inf if low is None else float(low), math.inf if high is None else float(high))
+    return BOUNDS.get(key, (-math.inf, math.inf))
+
+
 METHODS = "methods"
 
 
 def with_methods(space: dict, names: list[str]) -> dict:
     """``space`` searching over the losses ``names`` too: LADE with the family's LADE ranges, the others with
-    ``METHOD_SPACES``; the family's other keys (learning rate, ...) are shared by all."""
+    ``method_space``; the family's other keys (learning rate, ...) are shared by all."""
     from lade_core.losses import LOSSES
 
     unknown = [n for n in names if n not in LOSSES]
     if unknown or not names:
         raise ValueError(f"unknown methods {unknown}; choose among {sorted(LOSSES)}" if unknown else "no methods given")
     lade_keys = set(LOSSES["lade"].hyperparameters)
-    methods = {n: {k: v for k, v in space.items() if k in lade_keys} if n == "lade" else dict(METHOD_SPACES[n])
+    methods = {n: {k: v for k, v in space.items() if k in lade_keys} if n == "lade" else method_space(n)
                for n in names}
     return {**{k: v for k, v in space.items() if k not in lade_keys}, "loss": (METHODS, methods)}
 
@@ -59,8 +72,9 @@ def load_family(name: str) -> tuple[dict, dict]:
     return space, dict(module.DEFAULTS)
 
 
-def validate_space(space: dict, name: str = "space") -> None:
-    """Empty spaces, unknown kinds, lower > upper, non-positive log bounds and out-of-range keys are errors."""
+def validate_space(space: dict, name: str = "space", loss: str = "lade") -> None:
+    """Empty spaces, unknown kinds, lower > upper, non-positive log bounds and out-of-range keys are errors; loss
+    hyperparameters are those of ``loss`` (a family's space is LADE's)."""
     from lade_core.config import CONFIG_KEYS
 
     if not space:
@@ -75,7 +89,7 @@ def validate_space(space: dict, name: str = "space") -> None:
             continue  # a constant
         if not spec or spec[0] not in KINDS:
             raise ValueError(f"search space {name!r}: {key} has unknown kind {spec[:1]}; choose one of {KINDS}")
-        lo_ok, hi_ok = BOUNDS.get(key, (-math.inf, math.inf))
+        lo_ok, hi_ok = _bounds(key, loss)
         if spec[0] == "choice":
             values = spec[1] if len(spec) == 2 else []
             if not values:
@@ -109,7 +123,7 @@ def _validate_methods(spec: tuple, name: str) -> None:
             raise ValueError(f"search space {name!r}: loss {method} takes no hyperparameters {bad}; it takes "
                              f"{list(LOSSES[method].hyperparameters)}")
         if sub:
-            validate_space(sub, f"{name}/{method}")
+            validate_space(sub, f"{name}/{method}", method)
 
 
 def grid_points(spec: tuple, points: int) -> list:
