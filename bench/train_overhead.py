@@ -128,7 +128,7 @@ def test_inference(root: str) -> tuple[float, float]:
     driver = time.perf_counter() - t0
     from ray.train import Checkpoint
 
-    from lade_core.training import save_checkpoint
+    from lade_core.checkpoint import save_checkpoint
 
     ckpt = Path(root).parent / "ckpt"
     ckpt.mkdir(exist_ok=True)

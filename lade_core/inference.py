@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import load_checkpoint
 from .data.transforms import normalize
 from .models import build_model, load_model_state, memory_format
 
@@ -105,8 +106,6 @@ class _LogitsActor:
     """A Ray Data actor: loads the model from the run's checkpoint once, then maps uint8 image batches to logits."""
 
     def __init__(self, model_name: str, num_classes: int, head, checkpoint, stats: dict, use_gpu: bool):
-        from .training import load_checkpoint
-
         with checkpoint.as_directory() as d:  # shared storage (or a copy of it): the same files rank 0 wrote
             state = load_checkpoint(d)["model"]
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")

@@ -14,7 +14,7 @@ add losses through the entry point group ``lade.losses`` (``register_loss``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np

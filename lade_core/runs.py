@@ -25,7 +25,8 @@ from .report import format_table
 from .runtime import init_ray
 from .serving import ModelCard, log_classifier
 from .tracking import EpochLogger, end_run, log_metrics_once, logged_model_uri, register_once, wait_reachable
-from .training import build_criterion, final_logits, load_checkpoint, saved_history
+from .training import build_criterion
+from .checkpoint import final_logits, load_checkpoint, saved_history
 
 # --smoke-test: a tiny generated dataset (class-sorted, like real data) and one epoch.
 SMOKE = {"dataset": "data/synthetic_smoke", "epochs": 1, "batch_size": 32, "num_workers": 2,

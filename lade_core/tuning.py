@@ -124,10 +124,11 @@ class EpochASHA(ASHAScheduler):
         if bracket is None or self._metric not in result or not any(
                 milestone < done and trial.trial_id not in recorded for milestone, recorded in bracket._rungs):
             return False
-        from .training import checkpoint_history
+        from .checkpoint import checkpoint_history
 
         path = result.get(CHECKPOINT_PATH_KEY)
-        history = checkpoint_history(self._storage or "", path) if path and self._storage else None
+        storage = getattr(self, "_storage", None)  # None in a scheduler pickled by an older lade (a resumed search)
+        history = checkpoint_history(storage, path) if path and storage else None
         stop = False
         for m in sorted(history or [], key=lambda m: m["epoch"]):
             if m["epoch"] + 1 < done and m.get(self._metric) is not None:
@@ -199,7 +200,7 @@ class TrialEpochLogger(Callback):
         checkpoint's history fills in epochs whose results were never logged. Also called by the search driver for
         every trial at the end of a search (``pipelines/tune.py``), so a trial finished before a kill, whose last
         result reached Tune's saved state but not MLflow, is complete too."""
-        from .training import checkpoint_history
+        from .checkpoint import checkpoint_history
 
         if "epoch" not in result:
             return
@@ -232,7 +233,8 @@ def trial_driver(config: dict) -> None:
     from .runtime import quiet_worker_logging
     from .config import validate_config
     from .tracking import end_run, start_or_resume_run
-    from .training import build_trainer, join_path, latest_checkpoint
+    from .training import build_trainer
+    from .checkpoint import join_path, latest_checkpoint
 
     quiet_worker_logging()
     config = select_method(config)

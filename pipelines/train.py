@@ -24,7 +24,8 @@ from lade_core.runs import SMOKE, check_against_dataset, finalize, load_dataset,
 from lade_core.runtime import check_job_locations, init_ray, local_num_cpus, quiet_logging
 from lade_core.tracking import (CONFIG_DIGEST_TAG, PARENT_RUN_TAG, SEED_GROUP_TAG, RunRecord, check_reachable, end_run,
                                logged_model_uri, mark_running, open_run, register_once, resolve_tracking_uri, run_key)
-from lade_core.training import build_trainer, join_path, latest_checkpoint
+from lade_core.training import build_trainer
+from lade_core.checkpoint import join_path, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "synthetic" / "lade.yaml"

@@ -32,7 +32,7 @@ from lade_core.runs import SMOKE, check_against_dataset, dataset_class_names, fi
 from lade_core.serving import check_alias_classes
 from lade_core.runtime import check_job_locations, init_ray, local_num_cpus, quiet_logging
 from lade_core.tracking import end_run, log_table_once, resolve_tracking_uri, start_or_resume_run
-from lade_core.training import join_path
+from lade_core.checkpoint import join_path
 from lade_core.tuning import (OBJECTIVES, SEARCH_DIGEST_TAG, EpochASHA, TrialEpochLogger, check_search_digest,
                               search_digest, select_method, summary_rows, trial_driver, trial_run, trial_run_name)
 

@@ -490,7 +490,7 @@ def test_training_epochs_mix_classes_differ_and_split_disjointly(tmp_path, ray_l
 
 
 def test_resume_epoch_reads_the_latest_registered_checkpoint(tmp_path):
-    from lade_core.training import resume_epoch
+    from lade_core.checkpoint import resume_epoch
 
     assert resume_epoch(str(tmp_path / "new_run")) == 0 and resume_epoch(None) == 0
     (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 from lade_core.tracking import find_run
-from lade_core.training import latest_checkpoint
+from lade_core.checkpoint import latest_checkpoint
 
 from conftest import REPO, start_mlflow_server, stop_mlflow_server, train_worker_pids, wait_for
 

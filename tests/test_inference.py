@@ -62,7 +62,7 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
     from lade_core.data.synthetic import make_synthetic
     from lade_core.inference import batch_logits, model_batches, predict_logits
     from lade_core.models import build_model
-    from lade_core.training import save_checkpoint
+    from lade_core.checkpoint import save_checkpoint
 
     (tmp_path / "ckpt").mkdir()
     # 4 classes: val 4 x 5 = 20 rows and test 4 x 7 = 28 rows, neither divisible by 3 workers.

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lade_core.artifacts import LOGITS_ARTIFACT, read_logits_parquet
-from lade_core.training import latest_checkpoint
+from lade_core.checkpoint import latest_checkpoint
 
 from conftest import REPO, run_prepare, train_worker_pids, wait_for, write_arrow_dataset
 

@@ -61,7 +61,7 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     assert " INFO " not in p.stdout + p.stderr, [line for line in p.stderr.splitlines() if " INFO " in line]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == list(range(epochs))
     # What a restart of this run would resume from, read from the snapshot Ray Train wrote (its real format).
-    from lade_core.training import resume_epoch
+    from lade_core.checkpoint import resume_epoch
 
     assert resume_epoch(str(workdir / "ray_results" / f"r-{loss}")) == epochs
     arts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
@@ -73,7 +73,7 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     # carries them: they are what the run stored (no model loaded again for it).
     from ray.train import Checkpoint
 
-    from lade_core.training import final_logits, latest_checkpoint
+    from lade_core.checkpoint import final_logits, latest_checkpoint
 
     last = latest_checkpoint(str(workdir / "ray_results" / f"r-{loss}"))
     stored = final_logits(Checkpoint(last.path), ["test", "val"])

@@ -316,7 +316,7 @@ def test_asha_records_epochs_a_resumed_trial_skipped_at_their_own_rungs(tmp_path
 
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-    from lade_core.training import HISTORY_FILE
+    from lade_core.checkpoint import HISTORY_FILE
     from lade_core.tuning import EpochASHA
 
     def scheduler():

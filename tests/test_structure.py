@@ -1,0 +1,72 @@
+"""The shape of the code a newcomer relies on: lade_core's import graph has no cycle (lazy imports included), and
+the paper's math imports nothing but torch, numpy and the standard library."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+from conftest import REPO
+
+PACKAGE = REPO / "lade_core"
+
+
+def _modules() -> dict[str, object]:
+    out = {}
+    for f in PACKAGE.rglob("*.py"):
+        parts = list(f.relative_to(REPO).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = f
+    return out
+
+
+def _imports(name: str, path, modules: dict) -> set[str]:
+    """The lade_core modules ``name`` imports anywhere in its body (top level or inside a function)."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = ".".join(package[:len(package) - node.level + 1] + [node.module] if node.level else
+                            [node.module or ""]) if node.module else ".".join(package[:len(package) - node.level + 1])
+            found |= {m for m in (base, *(f"{base}.{a.name}" for a in node.names)) if m in modules}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in modules}
+    # A package importing its own submodules is not a cycle with them.
+    return {m for m in found if m != name and not m.startswith(name + ".")}
+
+
+def test_lade_core_has_no_import_cycle():
+    modules = _modules()
+    graph = {m: _imports(m, f, modules) for m, f in modules.items()}
+    assert graph["lade_core.training"] >= {"lade_core.checkpoint", "lade_core.inference"}  # the graph is read
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        for dep in sorted(graph[node]):
+            if dep in path:
+                cycles.append(" -> ".join(path[path.index(dep):] + [dep]))
+            else:
+                visit(dep, path + [dep])
+
+    for m in sorted(graph):
+        visit(m, [m])
+    assert not cycles, sorted(set(cycles))[:10]
+
+
+def test_the_math_modules_import_only_torch_and_numpy():
+    """The paper's math in a fresh interpreter: nothing beyond torch, numpy and the standard library comes in."""
+    code = """
+import sys
+import numpy, torch
+before = set(sys.modules)
+import lade_core.priors, lade_core.losses, lade_core.heads, lade_core.posthoc, lade_core.metrics
+import lade_core.evaluation, lade_core.label_shift, lade_core.mixing, lade_core.schedules
+new = {m.split('.')[0] for m in set(sys.modules) - before}
+print(sorted(new - set(sys.stdlib_module_names) - {'lade_core'}))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "[]", p.stdout
+
+
