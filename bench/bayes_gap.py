@@ -81,7 +81,8 @@ def main() -> None:
         # True class-conditional log-likelihood up to a constant shared by all classes: -||x - mu_c||^2 / 2.
         loglik = -0.5 * torch.cdist(x_te, means) ** 2
     fc = models["softmax"]
-    tau = select_tau(val_logits["softmax"], y_val, lambda z, t: tau_normalize(z, fc.weight.detach(), fc.bias.detach(), t))
+    tau = select_tau(val_logits["softmax"], y_val, lambda z,
+                     t: tau_normalize(z, fc.weight.detach(), fc.bias.detach(), t))
     tau_norm = tau_normalize(logits["softmax"], fc.weight.detach(), fc.bias.detach(), tau)
 
     methods = {"softmax raw": lambda pt, idx: logits["softmax"][idx],

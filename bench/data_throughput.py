@@ -24,8 +24,8 @@ from PIL import Image, ImageDraw
 
 from lade_core.data.prepare import prepare_dataset
 from lade_core.data.prepared import open_prepared
-from lade_core.data.sources import RawDataset, RawSplit, load_image_folder
 from lade_core.data.recipe import resolve_augment, resolve_normalize
+from lade_core.data.sources import RawDataset, RawSplit, load_image_folder
 from lade_core.data.transforms import ImageTransform, decode_augment, normalize
 from lade_core.runtime import init_ray
 

@@ -41,7 +41,8 @@ def main() -> None:
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads={torch.get_num_threads()}"
     print(f"N={args.batch}, torch {torch.__version__}, {device.type} ({where})")
-    print(f"{'C':>6} {'CE ms':>8} {'LADE ms':>8} {'masked ms':>9} {'readable ms':>11} {'LADE/CE':>8} {'masked/LADE':>11}")
+    print(f"{'C':>6} {'CE ms':>8} {'LADE ms':>8} {'masked ms':>9} {'readable ms':>11} {'LADE/CE':>8} "
+          f"{'masked/LADE':>11}")
     ratios = {}
     for c in sizes:
         g = torch.Generator().manual_seed(0)
@@ -74,7 +75,8 @@ def main() -> None:
             repeats=repeats,
         )
         print(
-            f"{c:>6} {t['ce'] * 1e3:>8.3f} {t['lade'] * 1e3:>8.3f} {t['masked'] * 1e3:>9.3f} {t['readable'] * 1e3:>11.3f} "
+            f"{c:>6} {t['ce'] * 1e3:>8.3f} {t['lade'] * 1e3:>8.3f} {t['masked'] * 1e3:>9.3f} "
+            f"{t['readable'] * 1e3:>11.3f} "
             f"{t['lade'] / t['ce']:>8.2f} {t['masked'] / t['lade']:>11.2f}"
         )
         ratios.update({f"{name}/ce@{c}": t[name] / t["ce"] for name in ("lade", *losses)})

@@ -1,8 +1,9 @@
 """Training images/s: the Ray Train loop (1 worker) vs a plain PyTorch loop on the same model and data, and
 Ray Train with 2 workers vs 1. Target: Ray Train (1 worker) >= 0.9 of the plain loop. And the per-epoch cost of
 the training input (each rank's seeded rows of the epoch + seeded local shuffle buffer, what train.py runs) against
-Ray Train's own ingest of the same split (Ray Data's streaming split, unshuffled), 1 worker. Target: <= 10 % of an epoch. And the end-of-run test inference: Ray Data
-batch inference on 2 actors (what ``finalize`` runs) against the same model run on the driver.
+Ray Train's own ingest of the same split (Ray Data's streaming split, unshuffled), 1 worker. Target: <= 10 % of an
+epoch. And the end-of-run test inference: Ray Data batch inference on 2 actors (what ``finalize`` runs) against the
+same model run on the driver.
 
 Same model (ResNet-32, LADE loss, SGD), same prepared synthetic dataset (32x32 PNG in Parquet), same decode +
 augment, same total torch threads (2). Plain loop: a torch DataLoader over the Parquet bytes, train_one_epoch.
@@ -24,13 +25,13 @@ from data_throughput import _Encoded  # noqa: E402
 
 from lade_core.data.prepare import prepare_dataset  # noqa: E402
 from lade_core.data.prepared import open_prepared  # noqa: E402
+from lade_core.data.recipe import resolve_augment, resolve_normalize  # noqa: E402
 from lade_core.data.synthetic import make_synthetic  # noqa: E402
+from lade_core.data.transforms import ImageTransform  # noqa: E402
 from lade_core.inference import batch_logits, model_batches, predict_logits  # noqa: E402
 from lade_core.losses import LADELoss  # noqa: E402
 from lade_core.models import build_model  # noqa: E402
 from lade_core.runtime import init_ray  # noqa: E402
-from lade_core.data.recipe import resolve_augment, resolve_normalize  # noqa: E402
-from lade_core.data.transforms import ImageTransform  # noqa: E402
 from lade_core.training import build_optimizer, epoch_batches, train_one_epoch  # noqa: E402
 
 OPTIM = {"lr": 0.1, "backbone_lr": None, "momentum": 0.9, "weight_decay": 5e-4}
@@ -95,7 +96,8 @@ def _ray_worker(config: dict) -> None:
         Path(config["out"]).write_text(str(best * world))  # shards are equal: global = per-worker x world
 
 
-def ray_train_loop(root: str, epochs: int, batch_size: int, num_workers: int, storage: str, shuffle: bool = True) -> float:
+def ray_train_loop(root: str, epochs: int, batch_size: int, num_workers: int, storage: str,
+                   shuffle: bool = True) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -164,7 +166,8 @@ def main() -> None:
     print(f"{'Ray Train, 1 worker':>22} {one:>8.0f} {one / plain:>7.2f}   (vs plain; target >= 0.9)")
     print(f"{'Ray Train, 2 workers':>22} {two:>8.0f} {two / one:>7.2f}   (vs 1 worker)")
     print(f"{'1 worker, Ray ingest':>22} {unshuffled:>8.0f} {unshuffled / one:>7.2f}   (Ray Train's streaming split, "
-          f"unshuffled, vs lade's seeded per-rank reads: their epoch-time cost {unshuffled / one - 1:+.1%}, target <= +10%)")
+          f"unshuffled, vs lade's seeded per-rank reads: their epoch-time cost {unshuffled / one - 1:+.1%}, target <= "
+          f"+10%)")
     n_test = 10 * (20 if args.smoke_test else 300)
     print(f"test inference, {n_test} images: driver {driver_s:.2f} s, 2 Ray Data actors {actors_s:.2f} s "
           f"(actors / driver {actors_s / driver_s:.2f}; a run's own end uses neither: its last epoch's warm workers)")

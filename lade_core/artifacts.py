@@ -92,7 +92,8 @@ class RunLogits:
         n, c = self.logits.shape
         bad = (~torch.isfinite(self.logits)).any(dim=1).nonzero().flatten()
         if bad.numel():
-            raise ValueError(f"{self.run_name}: logits are NaN or infinite in {bad.numel()} rows, e.g. {bad[:10].tolist()}")
+            raise ValueError(f"{self.run_name}: logits are NaN or infinite in {bad.numel()} rows, e.g. "
+                             f"{bad[:10].tolist()}")
         if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= c):
             raise ValueError(f"{self.run_name}: labels must lie in [0, {c}), got [{int(self.labels.min())}, "
                              f"{int(self.labels.max())}]")
@@ -116,7 +117,8 @@ def run_for_model(client, model_uri: str) -> str:
             name, number = ref.split("/", 1)
             version = client.get_model_version(name, number)
         else:
-            raise ValueError(f"{model_uri!r} names no alias or version: use models:/{ref}@ALIAS or models:/{ref}/VERSION")
+            raise ValueError(f"{model_uri!r} names no alias or version: use models:/{ref}@ALIAS or "
+                             f"models:/{ref}/VERSION")
     except MlflowException as e:
         raise ValueError(f"unknown model {model_uri!r}: {e.message}") from e
     if not version.run_id:
@@ -157,7 +159,8 @@ def _linear_classifier(client, run_id: str) -> tuple[torch.Tensor, torch.Tensor 
     """(weight [C, D], bias [C]) of the run's stored model if its classifier is a plain linear layer, else None."""
     import mlflow
 
-    if STATE_DICT_ARTIFACT not in {a.path for a in client.list_artifacts(run_id, str(Path(STATE_DICT_ARTIFACT).parent))}:
+    stored = {a.path for a in client.list_artifacts(run_id, str(Path(STATE_DICT_ARTIFACT).parent))}
+    if STATE_DICT_ARTIFACT not in stored:
         return None
     state = torch.load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=STATE_DICT_ARTIFACT,
                                                            tracking_uri=client.tracking_uri),

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import dataclasses
 import inspect
+import json
 import math
 import types
 import typing
@@ -207,7 +207,8 @@ class TrainConfig:
             raise ValueError(f"{where('schedule')}: schedule multistep needs milestones, e.g. [120, 160]")
         if s.name == "step" and s.step_size is None:
             raise ValueError(f"{where('schedule')}: schedule step needs step_size")
-        for key, used_by in (("milestones", ("multistep",)), ("step_size", ("step",)), ("gamma", ("multistep", "step"))):
+        for key, used_by in (("milestones", ("multistep",)), ("step_size", ("step",)),
+                             ("gamma", ("multistep", "step"))):
             if getattr(s, key) is not None and s.name not in used_by:
                 raise ValueError(f"{where('schedule')}: schedule.{key} has no effect with schedule {s.name}")
         if s.milestones and list(s.milestones) != sorted(set(s.milestones)):
@@ -219,15 +220,16 @@ class TrainConfig:
         for key in LOSSES[self.loss.loss].epoch_keys:
             value = loss[key]
             if value is not None and value >= self.optimizer.epochs:
-                raise ValueError(f"{where(key)}: {key} {value} is beyond the run: epochs are 0..{self.optimizer.epochs - 1}")
+                raise ValueError(f"{where(key)}: {key} {value} is beyond the run: epochs are "
+                                 f"0..{self.optimizer.epochs - 1}")
         hard = LOSSES[self.loss.loss].hard_targets_only
         for key in ("mixup", "cutmix"):
             if getattr(self.augment, key) is not None and hard:
                 raise ValueError(f"{where(key)}: {key} trains on mixed (soft) targets, which loss {self.loss.loss} "
                                  f"cannot take: {hard}")
         if self.optimizer.batch_size < self.runtime.num_workers:
-            raise ValueError(f"{where('batch_size')}: batch_size {self.optimizer.batch_size} is smaller than num_workers "
-                             f"{self.runtime.num_workers}")
+            raise ValueError(f"{where('batch_size')}: batch_size {self.optimizer.batch_size} is smaller than "
+                             f"num_workers {self.runtime.num_workers}")
         extra = self.runtime.worker_resources or {}
         bad = {k: v for k, v in extra.items() if not isinstance(k, str) or k in ("CPU", "GPU") or isinstance(v, bool)
                or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}

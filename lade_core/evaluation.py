@@ -72,7 +72,8 @@ def target_from_values(name: str, values, labels, num_classes: int) -> Target:
         raise ValueError(f"target prior {name!r} is NaN or infinite at class indices "
                          f"{torch.nonzero(~torch.isfinite(v)).flatten()[:20].tolist()}")
     if (v < 0).any():
-        raise ValueError(f"target prior {name!r} is negative at class indices {torch.nonzero(v < 0).flatten()[:20].tolist()}")
+        raise ValueError(f"target prior {name!r} is negative at class indices "
+                         f"{torch.nonzero(v < 0).flatten()[:20].tolist()}")
     y = _labels_np(labels)
     available = np.bincount(y, minlength=num_classes).astype(np.float64)
     is_counts = bool((v == v.round()).all()) and abs(float(v.sum()) - 1.0) > 1e-6

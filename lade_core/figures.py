@@ -56,7 +56,8 @@ def predicted_prior_figure(mean_prob_by_mode: dict[str, torch.Tensor], source_pr
     ax.plot(x, np.asarray(target_prior, dtype=np.float64)[order], "k--", lw=2, label="target prior p_t")
     for mode, p in mean_prob_by_mode.items():
         ax.plot(x, p.numpy()[order], marker=".", lw=1, label=f"mean predicted ({mode})")
-    ax.set(xlabel="class (sorted by training frequency)", ylabel="probability", title=title or "predicted label distribution")
+    ax.set(xlabel="class (sorted by training frequency)", ylabel="probability",
+           title=title or "predicted label distribution")
     ax.legend()
     return _save(fig, path)
 

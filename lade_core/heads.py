@@ -110,8 +110,8 @@ def check_head_state(kind: str, state: dict) -> None:
         d = state.get("fc.feature_direction")
         if d is None or not torch.isfinite(d).all() or float(d.norm()) == 0:
             raise ValueError("this Causal Norm model has no saved feature direction (fc.feature_direction is "
-                             f"{'missing' if d is None else 'zero or not finite'}): it was not trained as a Causal Norm "
-                             "model, so its TDE logits cannot be computed")
+                             f"{'missing' if d is None else 'zero or not finite'}): it was not trained as a Causal "
+                             f"Norm model, so its TDE logits cannot be computed")
 
 
 def tau_normalize(logits: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tau: float) -> torch.Tensor:

@@ -143,7 +143,8 @@ def batch_logits(prepared, splits: Sequence[str], model_name: str, head, checkpo
     out = ds.map_batches(_LogitsActor, batch_format="numpy", batch_size=batch_size,
                          compute=ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0,
                          num_cpus=cpus_per_actor,
-                         fn_constructor_kwargs={"model_name": model_name, "num_classes": prepared.num_classes, "head": head,
+                         fn_constructor_kwargs={"model_name": model_name, "num_classes": prepared.num_classes,
+                                                "head": head,
                                                 "checkpoint": checkpoint, "stats": stats,
                                                 "use_gpu": use_gpu})
     parts: dict[int, list] = {i: [] for i in range(len(splits))}

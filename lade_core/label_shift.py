@@ -48,7 +48,8 @@ def fit_bcts(val_logits: torch.Tensor, val_labels: torch.Tensor, shift: torch.Te
     z = val_logits.double()
     y = torch.as_tensor(val_labels, dtype=torch.int64)
     if z.ndim != 2 or len(y) != len(z) or len(y) == 0:
-        raise ValueError(f"fit_bcts needs validation logits [N, C] and N labels, N > 0; got {tuple(z.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"fit_bcts needs validation logits [N, C] and N labels, N > 0; got {tuple(z.shape)} and "
+                         f"{tuple(y.shape)}")
     shift = torch.zeros(z.shape[1], dtype=torch.float64) if shift is None else shift.double()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     b = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
@@ -165,7 +166,8 @@ def bbse_prior(posteriors: torch.Tensor, val_posteriors: torch.Tensor, val_label
     p_val = torch.bincount(yv, minlength=c).double() / len(yv)
     pt = w.clamp_min(0) * p_val
     if float(pt.sum()) <= 0:
-        raise ValueError("BBSE found no positive class weight: too few validation or target samples for this many classes")
+        raise ValueError("BBSE found no positive class weight: too few validation or target samples for this many "
+                         "classes")
     return pt / pt.sum(), {"clipped": int((w < 0).sum())}
 
 

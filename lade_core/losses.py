@@ -157,12 +157,13 @@ class _LADEFunction(torch.autograd.Function):
     dLADER/dz_ic = w_c (1 + 2 lam S_c) softmax_i(z_ic + o_ic) - w_c [y_i = c] / n_c.
     LADE-CE = mean_i CE(z_i + log p_s, y_i), dCE/dz_ic = (softmax_c(z_i + log p_s)_c - [y_i = c]) / N.
     ``ce_weight = 0`` skips the CE term (LADER alone, e.g. on an all-gathered batch).
-    Returns (total, ce, lader, F [C], S [C], sum_c w_c F_c, sum_c w_c S_c); only ``total`` is differentiable. ``lade_reference`` is the same
-    loss written as the equations read, for autograd; the tests hold the two together.
+    Returns (total, ce, lader, F [C], S [C], sum_c w_c F_c, sum_c w_c S_c); only ``total`` is differentiable.
+    ``lade_reference`` is the same loss written as the equations read, for autograd; the tests hold the two together.
 
     Why it is shaped this way (bench/loss_speed.py): at large C the cost is the passes over [N, C] (exp most of
-    all), so both softmaxes are computed once in the forward and kept, and the backward is two fused multiply-adds; at small C it is the number of ops, so the class sums
-    are one ``bincount`` each and the three weighted sums of LADER one matrix-vector product.
+    all), so both softmaxes are computed once in the forward and kept, and the backward is two fused multiply-adds;
+    at small C it is the number of ops, so the class sums are one ``bincount`` each and the three weighted sums of
+    LADER one matrix-vector product.
     """
 
     @staticmethod
@@ -267,9 +268,11 @@ class LADERLoss(Loss):
             if w.dim() != 1 or w.numel() != self.num_classes:
                 raise ValueError(f"class_weights has wrong length: {w.numel()} entries for {self.num_classes} classes")
             if not torch.isfinite(w).all():
-                raise ValueError(f"class_weights are NaN or infinite at class indices {torch.nonzero(~torch.isfinite(w)).flatten().tolist()[:20]}")
+                raise ValueError(f"class_weights are NaN or infinite at class indices "
+                                 f"{torch.nonzero(~torch.isfinite(w)).flatten().tolist()[:20]}")
             if (w < 0).any():
-                raise ValueError(f"class_weights are negative at class indices {torch.nonzero(w < 0).flatten().tolist()[:20]}")
+                raise ValueError(f"class_weights are negative at class indices "
+                                 f"{torch.nonzero(w < 0).flatten().tolist()[:20]}")
         self.register_buffer("log_source_prior", p.log())  # [C]
         self.register_buffer("class_weights", w)  # [C], alpha_c
         self.register_buffer("released_offset", -math.log(self.num_classes) - p.log())  # [C], log((1/C) / p_s(c))
@@ -577,7 +580,8 @@ def register_loss(name: str, spec: LossSpec) -> LossSpec:
         raise ValueError(f"loss name {name!r} must be a Python identifier not yet registered "
                          f"(registered: {sorted(LOSSES)})")
     if not isinstance(spec, LossSpec):
-        raise TypeError(f"loss {name!r}: an entry point must name a lade_core.losses.LossSpec, got {type(spec).__name__}")
+        raise TypeError(f"loss {name!r}: an entry point must name a lade_core.losses.LossSpec, got "
+                        f"{type(spec).__name__}")
     if not spec.posthoc or any(r not in RULES for r in spec.posthoc):
         raise ValueError(f"loss {name!r}: posthoc must name rules among {RULES}, got {spec.posthoc!r}")
     takes = set(inspect.signature(spec.cls).parameters)

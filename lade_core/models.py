@@ -279,9 +279,11 @@ def check_input_size(name: str, num_classes: int, image_size: int, batch_size: i
     run there is checked on the CPU with a batch of 2)."""
     try:
         with torch.device("meta"):
-            model, x = _architecture(name, num_classes, head).train(), torch.empty(batch_size, 3, image_size, image_size)
+            model = _architecture(name, num_classes, head).train()
+            x = torch.empty(batch_size, 3, image_size, image_size)
     except NotImplementedError:  # e.g. RegNet's init copies data
-        model, x = _architecture(name, num_classes, head).train(), torch.zeros(min(batch_size, 2), 3, image_size, image_size)
+        model = _architecture(name, num_classes, head).train()
+        x = torch.zeros(min(batch_size, 2), 3, image_size, image_size)
     try:
         with torch.no_grad():
             out = model(x)

@@ -42,7 +42,8 @@ def inject_prior(logits: torch.Tensor, target_prior) -> torch.Tensor:
 def logit_adjust(logits: torch.Tensor, source_prior, target_prior, tau: float) -> torch.Tensor:
     """logits - tau * log p_s + log p_t, [N, C] -> [N, C]: Menon et al.'s post-hoc adjustment of a softmax model,
     whose tau (1 in theory, tuned on held-out data in practice) scales how much of p_s is taken out."""
-    return logits - tau * _log_prior(source_prior, logits, "source_prior") + _log_prior(target_prior, logits, "target_prior")
+    log_ps = _log_prior(source_prior, logits, "source_prior")
+    return logits - tau * log_ps + _log_prior(target_prior, logits, "target_prior")
 
 
 def posthoc_logits(logits: torch.Tensor, mode: str, source_prior, target_prior) -> torch.Tensor:

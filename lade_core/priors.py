@@ -92,7 +92,8 @@ def uniform_prior(num_classes: int) -> torch.Tensor:
     return torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
 
 
-def validate_prior(p: Sequence[float] | np.ndarray | torch.Tensor, num_classes: int, name: str = "prior") -> torch.Tensor:
+def validate_prior(p: Sequence[float] | np.ndarray | torch.Tensor, num_classes: int,
+                   name: str = "prior") -> torch.Tensor:
     """Check that ``p`` is a probability vector over ``num_classes`` classes; return it as float64 [C]."""
     t = _as_float64_vector(p, name)
     if t.numel() != num_classes:
@@ -170,7 +171,8 @@ def shifted_subset(
 
 
 def subset_with_counts(
-    test_labels: Sequence[int] | np.ndarray | torch.Tensor, wanted: Sequence[int] | np.ndarray, what: str = "target prior"
+    test_labels: Sequence[int] | np.ndarray | torch.Tensor, wanted: Sequence[int] | np.ndarray,
+                       what: str = "target prior"
 ) -> np.ndarray:
     """Sorted int64 indices of the first ``wanted[c]`` test samples of each class c, in dataset order."""
     labels = np.asarray(test_labels.cpu() if isinstance(test_labels, torch.Tensor) else test_labels, dtype=np.int64)

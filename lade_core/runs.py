@@ -9,8 +9,15 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .artifacts import (LOGITS_ARTIFACT, MODEL_NAME, STATE_DICT_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet,
-                        write_logits_parquet)
+from .artifacts import (
+    LOGITS_ARTIFACT,
+    MODEL_NAME,
+    STATE_DICT_ARTIFACT,
+    VAL_LOGITS_ARTIFACT,
+    read_logits_parquet,
+    write_logits_parquet,
+)
+from .checkpoint import final_logits, load_checkpoint, saved_history
 from .config import validate_config
 from .data import open_prepared
 from .data.prepare import prepare_dataset, summary_line
@@ -26,7 +33,6 @@ from .runtime import init_ray
 from .serving import ModelCard, log_classifier
 from .tracking import EpochLogger, end_run, log_metrics_once, logged_model_uri, register_once, wait_reachable
 from .training import build_criterion
-from .checkpoint import final_logits, load_checkpoint, saved_history
 
 # --smoke-test: a tiny generated dataset (class-sorted, like real data) and one epoch.
 SMOKE = {"dataset": "data/synthetic_smoke", "epochs": 1, "batch_size": 32, "num_workers": 2,
@@ -89,7 +95,8 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
     # Training is done and checkpointed: a tracking server that is down right now (restarting, a network blip) is
     # waited for, rather than failing the run at its last step. LADE_FINALIZE_WAIT_S: how long (default 300 s).
     wait_reachable(config["mlflow_uri"], float(os.environ.get("LADE_FINALIZE_WAIT_S", "300")),
-                   "training is done and checkpointed: rerun the same command to finalize the run, nothing is retrained")
+                   "training is done and checkpointed: rerun the same command to finalize the run, nothing is "
+                   "retrained")
     client, run_id = mlflow.MlflowClient(config["mlflow_uri"]), config["mlflow_run_id"]
     # Epochs rank 0 could not log (MLflow unreachable in the last epochs), from the final checkpoint's history.
     EpochLogger(config["mlflow_uri"], run_id).backfill(saved_history(checkpoint))
@@ -125,7 +132,8 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
     u = table["uniform"]
     log_metrics_once(client, run_id, {"test/top1": u["top1"], "test/many": u["many"], "test/medium": u["medium"],
                                       "test/few": u["few"], "test/nll": u["nll"], "test/ece": u["ece"],
-                                      **{f"test/{name}/top1": table[name]["top1"] for name in ("forward_10", "backward_10")}})
+                                      **{f"test/{name}/top1": table[name]["top1"]
+                                         for name in ("forward_10", "backward_10")}})
     model_uri = logged_model_uri(client, run_id, MODEL_NAME)
     if STATE_DICT_ARTIFACT not in have or model_uri is None:  # a finished run's rerun reads no checkpoint
         with checkpoint.as_directory() as d:  # ``checkpoint``: the run's final ``ray.train.Checkpoint``
@@ -133,11 +141,13 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
     if STATE_DICT_ARTIFACT not in have:
         with tempfile.TemporaryDirectory() as d:
             torch.save(state["model"], Path(d) / Path(STATE_DICT_ARTIFACT).name)
-            client.log_artifact(run_id, str(Path(d) / Path(STATE_DICT_ARTIFACT).name), str(Path(STATE_DICT_ARTIFACT).parent))
+            client.log_artifact(run_id, str(Path(d) / Path(STATE_DICT_ARTIFACT).name),
+                                str(Path(STATE_DICT_ARTIFACT).parent))
     if model_uri is None:
         # BCTS on the validation split, where it has enough images: the calibration prior estimation uses.
         val_logits, val_labels = split_logits("val")
-        calibration = auto_calibration(source_logits(val_logits, source_prior, config["loss"]), val_labels, source_prior)
+        calibration = auto_calibration(source_logits(val_logits, source_prior, config["loss"]), val_labels,
+                                       source_prior)
         card = ModelCard(config["model"], prepared.num_classes, dataset_class_names(prepared),
                          [float(x) for x in source_prior],
                          config["loss"], prepared.family,

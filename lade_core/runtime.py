@@ -55,9 +55,9 @@ def quiet_worker_logging() -> None:
     """In a Ray worker that runs lade code (a training worker, a Tune trial's driver): the root logger at the
     driver's level (Ray Train sends worker logs through it at INFO, some of its own records too, which its
     ``LoggingConfig`` does not filter) and Ray Data's progress bars only when verbose."""
-    import ray.data
-
     import warnings
+
+    import ray.data
 
     level = os.environ.get("LADE_LOG_LEVEL", "INFO")
     logging.getLogger().setLevel(level)

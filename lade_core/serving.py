@@ -27,17 +27,17 @@ from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from . import __version__
 from .data.recipe import resolve_normalize
 from .data.transforms import ImageTransform, decode_rgb, normalize, transform_batch
-from .losses import posthoc_rules
 from .heads import check_head_state
+from .losses import posthoc_rules
 from .models import LINEAR, build_model, load_model_state, memory_format
 from .posthoc import posthoc_logits
 from .priors import uniform_prior, validate_prior
@@ -173,7 +173,8 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
         p = {**defaults, **(params or {})}
         rules = self.card.posthoc_rules
         if p["posthoc"] not in rules:
-            raise ValueError(f"posthoc {p['posthoc']!r} does not fit a {self.card.loss} model; choose one of {list(rules)}")
+            raise ValueError(f"posthoc {p['posthoc']!r} does not fit a {self.card.loss} model; choose one of "
+                             f"{list(rules)}")
         if p["output"] not in OUTPUTS:
             raise ValueError(f"output {p['output']!r}: choose one of {list(OUTPUTS)}")
         p["target_prior"] = validate_prior(p["target_prior"], self.card.num_classes, "target_prior")

@@ -15,7 +15,6 @@ from pathlib import Path
 from .artifacts import PRIOR_ARTIFACT, write_source_info
 
 
-
 def resolve_tracking_uri(uri: str | None, workdir: str | Path = ".") -> str:
     """Default: a sqlite store under the working dir, as an absolute URI (Ray workers run in another cwd)."""
     if uri is None:
@@ -32,7 +31,8 @@ def check_reachable(uri: str) -> None:
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
         except (urllib.error.URLError, OSError) as e:
-            raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({e}); start it or fix --mlflow-uri") from e
+            raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({e}); start it or fix "
+                                  "--mlflow-uri") from e
 
 
 def wait_reachable(uri: str, timeout_s: float, what: str) -> None:
@@ -276,7 +276,8 @@ def log_metrics_once(client, run_id: str, metrics: dict[str, float]) -> int:
 
     current = client.get_run(run_id).data.metrics
     fresh = [mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()
-             if math.isfinite(v) and not (k in current and math.isclose(current[k], float(v), rel_tol=0, abs_tol=1e-12))]
+             if math.isfinite(v) and not (k in current
+                                          and math.isclose(current[k], float(v), rel_tol=0, abs_tol=1e-12))]
     for i in range(0, len(fresh), 1000):  # MLflow caps a batch at 1000 metrics
         client.log_batch(run_id, metrics=fresh[i:i + 1000])
     return len(fresh)  # NaN (an empty Many/Medium/Few group) is never logged

@@ -16,16 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
+from .checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint, save_final_logits
 from .config import loss_hyperparameters
-from .losses import build_loss, posthoc_rules
 from .data.recipe import augment_seed
 from .data.transforms import ImageTransform
+from .evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
+from .inference import model_batches, sharded_logits, sync_buffers
+from .losses import build_loss, posthoc_rules
 from .mixing import BatchMix, mixed_loss
 from .models import build_model, classifier_parameters, load_model_state, memory_format
-from .checkpoint import (load_checkpoint, restore_rng_state, rng_state,
-                         save_checkpoint, save_final_logits)
-from .inference import model_batches, sharded_logits, sync_buffers
 from .priors import uniform_prior
 from .schedules import build_scheduler
 
@@ -202,7 +201,8 @@ def train_loop_per_worker(config: dict) -> None:
                                           "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": [rng_state()]},
                                 config, history)
                 if final:
-                    save_final_logits(Path(d), {"val": val, **({prepared.test_split: test} if test is not None else {})})
+                    save_final_logits(Path(d),
+                                      {"val": val, **({prepared.test_split: test} if test is not None else {})})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             if logger:  # after the checkpoint is durable: a crash in between is backfilled
                 logger.log_history(history)  # an MLflow outage warns, and what it missed is written next epoch

@@ -229,12 +229,12 @@ def trial_driver(config: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .checkpoint import join_path, latest_checkpoint
+    from .config import validate_config
     from .data import open_prepared
     from .runtime import quiet_worker_logging
-    from .config import validate_config
     from .tracking import end_run, start_or_resume_run
     from .training import build_trainer
-    from .checkpoint import join_path, latest_checkpoint
 
     quiet_worker_logging()
     config = select_method(config)
@@ -244,7 +244,8 @@ def trial_driver(config: dict) -> None:
     config["storage_path"] = join_path(config["search_storage"], "trials")
     config = {**config, **validate_config(config)}  # the sampled values, type- and range-checked like a file's
     run_id, _ = start_or_resume_run(config["mlflow_uri"], config["experiment"], config["run_name"], config,
-                                    tags={"mlflow.parentRunId": config["parent_run_id"], "lade.search": config["search"],
+                                    tags={"mlflow.parentRunId": config["parent_run_id"],
+                                          "lade.search": config["search"],
                                           "lade.trial_id": trial_id}, storage=config["storage_path"])
     config["mlflow_run_id"] = run_id
     latest = latest_checkpoint(join_path(config["storage_path"], config["run_name"]))

@@ -25,16 +25,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from lade_core.artifacts import LOGITS_ARTIFACT, RunLogits, load_run_logits
 from lade_core.evaluation import estimated_prior_rows, evaluate_targets, protocol_targets, select_tau
 from lade_core.figures import shift_curve
 from lade_core.heads import tau_normalize
-from lade_core.posthoc import logit_adjust
 from lade_core.label_shift import METHODS
 from lade_core.losses import posthoc_rules
+from lade_core.posthoc import logit_adjust
 from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name, uniform_prior
 from lade_core.report import FORMATS, MeanStd, format_table, group_rows
 from lade_core.runtime import quiet_logging
-from lade_core.artifacts import LOGITS_ARTIFACT, RunLogits, load_run_logits
 from lade_core.tracking import resolve_tracking_uri
 
 PRIORS = [shift_protocol_name(d, r) for d, r in SHIFT_PROTOCOL]
@@ -73,7 +73,8 @@ def select_runs(client, args) -> list[str]:
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000)
     # Search parents and other runs without logits are not comparable; they are left out, not an error.
     folder = str(Path(LOGITS_ARTIFACT).parent)
-    ids = [r.info.run_id for r in runs if LOGITS_ARTIFACT in {a.path for a in client.list_artifacts(r.info.run_id, folder)}]
+    ids = [r.info.run_id for r in runs
+           if LOGITS_ARTIFACT in {a.path for a in client.list_artifacts(r.info.run_id, folder)}]
     if not ids:
         raise ValueError(f"experiment {args.experiment!r} has no run with test logits ({LOGITS_ARTIFACT})")
     return ids

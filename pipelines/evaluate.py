@@ -13,23 +13,32 @@ Many/Medium/Few, NLL, ECE. With a run, results go back into it: metrics shift/<t
 from __future__ import annotations
 
 import argparse
-import re
 import math
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from lade_core.evaluation import (ESTIMATE_COLUMNS, METRICS, Target, calibration_by_mode, estimated_prior_rows,
-                                  evaluate_targets, logit_statistics, mean_predicted_prior, protocol_targets,
-                                  target_from_values)
+from lade_core.artifacts import RunLogits, load_run_logits, read_logits_parquet, read_source_info, run_for_model
+from lade_core.evaluation import (
+    ESTIMATE_COLUMNS,
+    METRICS,
+    Target,
+    calibration_by_mode,
+    estimated_prior_rows,
+    evaluate_targets,
+    logit_statistics,
+    mean_predicted_prior,
+    protocol_targets,
+    target_from_values,
+)
 from lade_core.label_shift import BCTS_MIN_PER_CLASS, METHODS
 from lade_core.losses import LOSSES, posthoc_rules
 from lade_core.priors import read_prior_file
 from lade_core.report import format_table
 from lade_core.runtime import quiet_logging
-from lade_core.artifacts import RunLogits, load_run_logits, read_logits_parquet, read_source_info, run_for_model
 from lade_core.tracking import log_metrics_once, log_table_once, resolve_tracking_uri
 
 TABLE_ARTIFACT = "eval/shift_table.json"
@@ -47,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--source-info", help="with --logits: the run's data/source_prior.json")
     ap.add_argument("--loss", choices=sorted(LOSSES), help="with --logits: the loss the model was trained with")
     ap.add_argument("--output", help="with --logits: folder for the table and figures (default: beside the file)")
-    ap.add_argument("--target-prior", action="append", default=[], metavar="FILE", help="per-class probabilities or counts")
+    ap.add_argument("--target-prior", action="append", default=[], metavar="FILE",
+                    help="per-class probabilities or counts")
     ap.add_argument("--per-class", type=int, help="head-class test count of the shifted protocol (default: the "
                     "smallest class count of the test split)")
     ap.add_argument("--estimate-prior", choices=METHODS, help="also score each target with p_t estimated from its "
@@ -77,7 +87,8 @@ def build_targets(run: RunLogits, prior_files: list[str], per_class: int | None)
 
 
 def evaluate_run(run: RunLogits, targets: list[Target]) -> list[dict]:
-    return evaluate_targets(run.logits, run.labels, run.source_prior, run.train_counts, posthoc_rules(run.loss), targets)
+    return evaluate_targets(run.logits, run.labels, run.source_prior, run.train_counts, posthoc_rules(run.loss),
+                            targets)
 
 
 def write_figures(run: RunLogits, targets: list[Target], rows: list[dict], out: Path) -> list[Path]:
@@ -90,10 +101,12 @@ def write_figures(run: RunLogits, targets: list[Target], rows: list[dict], out: 
     return [
         figures.reliability_diagram(calibration_by_mode(run.logits, run.labels, run.source_prior, uniform, modes),
                                     out / "reliability.png", f"{title}, uniform target"),
-        figures.predicted_prior_figure({m: mean_predicted_prior(run.logits, run.source_prior, uniform, m) for m in modes},
+        figures.predicted_prior_figure({m: mean_predicted_prior(run.logits, run.source_prior, uniform, m)
+                                        for m in modes},
                                        run.source_prior, uniform.prior, out / "predicted_prior.png", title),
         figures.logit_figure(logit_statistics(run.logits, run.labels), run.source_prior, out / "logits.png", title),
-        figures.shift_curve([r for r in rows if r["target"] in protocol], protocol, out / "accuracy_vs_shift.png", title),
+        figures.shift_curve([r for r in rows if r["target"] in protocol], protocol, out / "accuracy_vs_shift.png",
+                            title),
     ]
 
 
@@ -147,7 +160,8 @@ def main(argv=None) -> int:
         # is logged once.
         estimate_tag = f"{args.estimate_prior}-{'bcts' if estimates[0]['calibrated'] else 'raw'}"
     if client is None:
-        out = Path(args.output) if args.output else Path(args.logits).with_suffix("").parent / f"{Path(args.logits).stem}_eval"
+        logits_file = Path(args.logits)
+        out = Path(args.output) if args.output else logits_file.with_suffix("").parent / f"{logits_file.stem}_eval"
         out.mkdir(parents=True, exist_ok=True)
         (out / "shift_table.csv").write_text(format_table(rows, COLUMNS, "csv"))
         if estimates:

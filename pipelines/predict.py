@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,7 @@ from pathlib import Path
 from lade_core.data import DataError
 from lade_core.label_shift import Calibration, estimate_target_prior
 from lade_core.posthoc import posthoc_offset
-from lade_core.prediction import (collect_logits, finish, image_dataset, model_actors, predict_images,
-                                  write_predictions)
+from lade_core.prediction import collect_logits, finish, image_dataset, model_actors, predict_images, write_predictions
 from lade_core.priors import read_prior_file, uniform_prior, validate_prior
 from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
 from lade_core.tracking import resolve_tracking_uri
@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "default: one per GPU, one per node on a multi-node CPU cluster, else 0)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--skip-bad", action="store_true", help="predict the images that decode; report the others")
-    ap.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per actor (default: if the cluster has GPUs)")
+    ap.add_argument("--use-gpu", action="store_true", default=None,
+                    help="one GPU per actor (default: if the cluster has GPUs)")
     ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
     ap.add_argument("--num-cpus", type=int, help="logical CPUs for a local Ray")
     ap.add_argument("--verbose", action="store_true")
@@ -140,7 +141,8 @@ def main(argv=None) -> int:
     table = table.select(["label", "true_label", "error"]).to_pandas()
     bad = int((table["error"] != "").sum())
     known = table[(table["true_label"] >= 0) & (table["label"] >= 0)]
-    acc = f", top-1 {float((known['label'] == known['true_label']).mean()):.4f} on {len(known)} labeled" if len(known) else ""
+    top1 = float((known["label"] == known["true_label"]).mean()) if len(known) else math.nan
+    acc = f", top-1 {top1:.4f} on {len(known)} labeled" if len(known) else ""
     print(f"{len(table)} images in {elapsed:.1f} s ({len(table) / elapsed:.1f} images/s){acc}"
           f"{f', {bad} not decoded' if bad else ''} -> {out}")
     return 0

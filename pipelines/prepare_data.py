@@ -4,7 +4,8 @@
   python pipelines/prepare_data.py cifar100_lt --root ~/datasets --imbalance-ratio 100 --out data/cifar100_lt_r100
   python pipelines/prepare_data.py lists --name places_lt --image-root ~/places365 \
       --train Places_LT_train.txt --val Places_LT_val.txt --test Places_LT_test.txt --out data/places_lt
-  python pipelines/prepare_data.py inat2018 --image-root ~/inat2018 --train train2018.json --val val2018.json --out data/inat18
+  python pipelines/prepare_data.py inat2018 --image-root ~/inat2018 --train train2018.json --val val2018.json \\
+      --out data/inat18
   python pipelines/prepare_data.py imagefolder --root ~/my_images --transform cifar --image-size 32 --out data/mine
 
 Every prepared dataset has a validation split disjoint from test: the dataset's own (--val), CIFAR-100-LT's from
@@ -16,10 +17,18 @@ import argparse
 import sys
 
 from lade_core.data.prepare import prepare_dataset, summary_line
-from lade_core.data.sources import (MIN_TRAIN_PER_CLASS, VAL_PER_CLASS, DataError, load_cifar100_lt, load_image_folder,
-                                    load_inat2018_json, load_split_lists, with_validation)
-from lade_core.data.synthetic import make_synthetic
 from lade_core.data.recipe import FAMILIES
+from lade_core.data.sources import (
+    MIN_TRAIN_PER_CLASS,
+    VAL_PER_CLASS,
+    DataError,
+    load_cifar100_lt,
+    load_image_folder,
+    load_inat2018_json,
+    load_split_lists,
+    with_validation,
+)
+from lade_core.data.synthetic import make_synthetic
 from lade_core.locks import LockHeld
 from lade_core.runtime import quiet_logging
 
@@ -87,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for p in (syn, cif, lst, fold, inat):
         p.add_argument("--out", required=True, help="prepared dataset directory to create")
         p.add_argument("--overwrite", action="store_true", help="replace an existing, different prepared dataset")
-        p.add_argument("--skip-bad", action="store_true", help="skip (and count) missing/corrupt images instead of failing")
+        p.add_argument("--skip-bad", action="store_true",
+                       help="skip (and count) missing/corrupt images instead of failing")
         p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for a local Ray")
         p.add_argument("--verbose", action="store_true", help="show Ray's INFO logs")
     return ap.parse_args(argv)
@@ -98,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logging(args.verbose)
     try:
         raw = build_raw(args)
-        manifest = prepare_dataset(raw, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, num_cpus=args.num_cpus)
+        manifest = prepare_dataset(raw, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad,
+                                   num_cpus=args.num_cpus)
     except (DataError, ValueError, LockHeld) as e:  # bad data, a bad option value, another preparation of --out
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,16 +16,28 @@ import sys
 from pathlib import Path
 
 from lade_core.artifacts import MODEL_NAME
+from lade_core.checkpoint import join_path, latest_checkpoint
 from lade_core.config import add_loss_arguments, json_or_name, resolve_config, validate_config
 from lade_core.data import DataError
 from lade_core.locks import LockHeld, lock_for, maybe_exclusive
 from lade_core.losses import LOSSES
 from lade_core.runs import SMOKE, check_against_dataset, finalize, load_dataset, storage_uri
 from lade_core.runtime import check_job_locations, init_ray, local_num_cpus, quiet_logging
-from lade_core.tracking import (CONFIG_DIGEST_TAG, PARENT_RUN_TAG, SEED_GROUP_TAG, RunRecord, check_reachable, end_run,
-                               logged_model_uri, mark_running, open_run, register_once, resolve_tracking_uri, run_key)
+from lade_core.tracking import (
+    CONFIG_DIGEST_TAG,
+    PARENT_RUN_TAG,
+    SEED_GROUP_TAG,
+    RunRecord,
+    check_reachable,
+    end_run,
+    logged_model_uri,
+    mark_running,
+    open_run,
+    register_once,
+    resolve_tracking_uri,
+    run_key,
+)
 from lade_core.training import build_trainer
-from lade_core.checkpoint import join_path, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "synthetic" / "lade.yaml"
@@ -49,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--augment", type=json_or_name, help="training augmentation: a preset (cifar, imagenet) or a "
                     "JSON list of torchvision.transforms.v2 entries, e.g. '[{\"RandomCrop\": {\"size\": 32, "
                     "\"padding\": 4}}]'")
-    ap.add_argument("--normalize", type=json_or_name, help="dataset, a family name, or JSON {\"mean\": [..], \"std\": [..]}")
+    ap.add_argument("--normalize", type=json_or_name,
+                    help="dataset, a family name, or JSON {\"mean\": [..], \"std\": [..]}")
     ap.add_argument("--mixup", type=lambda a: {"alpha": float(a)}, metavar="ALPHA", help="mixup, Beta(α, α)")
     ap.add_argument("--cutmix", type=lambda a: {"alpha": float(a)}, metavar="ALPHA", help="CutMix, Beta(α, α)")
     add_loss_arguments(ap)  # --alpha, --tau, ...: each loss's own, from its declaration (lade_core.losses)
@@ -68,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mlflow-uri", dest="mlflow_uri", help="default: sqlite store ./mlflow.db")
     ap.add_argument("--register", help="register the final model under this name")
     ap.add_argument("--storage-path", dest="storage_path",
-                    help="Ray Train checkpoints: a path or a URI such as s3://bucket/runs (default ./outputs/ray_results)")
+                    help="Ray Train checkpoints: a path or a URI such as s3://bucket/runs (default "
+                         "./outputs/ray_results)")
     ap.add_argument("--max-failures", dest="max_failures", type=int)
     ap.add_argument("--num-cpus", dest="num_cpus", type=int, help="logical CPUs for a local Ray")
     ap.add_argument("--smoke-test", dest="smoke_test", action="store_true", help="tiny data, 1 epoch")
@@ -89,13 +103,15 @@ def check_cluster_fits(config: dict) -> None:
     res = ray.cluster_resources()
     need_cpu = config["num_workers"] * config["cpus_per_worker"]
     if res.get("CPU", 0) < need_cpu:
-        raise RuntimeError(f"num_workers={config['num_workers']} needs {need_cpu:g} CPUs; the cluster has {res.get('CPU', 0):g}")
+        raise RuntimeError(f"num_workers={config['num_workers']} needs {need_cpu:g} CPUs; the cluster has "
+                           f"{res.get('CPU', 0):g}")
     if config["use_gpu"] and res.get("GPU", 0) < config["num_workers"]:
-        raise RuntimeError(f"num_workers={config['num_workers']} with --use-gpu needs that many GPUs; the cluster has {res.get('GPU', 0):g}")
+        raise RuntimeError(f"num_workers={config['num_workers']} with --use-gpu needs that many GPUs; the cluster has "
+                           f"{res.get('GPU', 0):g}")
     for name, amount in (config["worker_resources"] or {}).items():
         if res.get(name, 0) < amount * config["num_workers"]:
-            raise RuntimeError(f"num_workers={config['num_workers']} needs {amount * config['num_workers']:g} of resource "
-                               f"{name!r} (worker_resources); the cluster has {res.get(name, 0):g}")
+            raise RuntimeError(f"num_workers={config['num_workers']} needs {amount * config['num_workers']:g} of "
+                               f"resource {name!r} (worker_resources); the cluster has {res.get(name, 0):g}")
 
 
 def check_same_run(config: dict, run: RunRecord, digest: str) -> None:

@@ -23,18 +23,29 @@ from pathlib import Path
 import pandas as pd
 
 import tune_spaces
+from lade_core.checkpoint import join_path
 from lade_core.config import json_or_name, resolve_config, validate_config
 from lade_core.data import DataError
 from lade_core.locks import lock_for, maybe_exclusive
 from lade_core.losses import LOSSES
 from lade_core.report import format_table
 from lade_core.runs import SMOKE, check_against_dataset, dataset_class_names, finalize, load_dataset, storage_uri
-from lade_core.serving import check_alias_classes
 from lade_core.runtime import check_job_locations, init_ray, local_num_cpus, quiet_logging
+from lade_core.serving import check_alias_classes
 from lade_core.tracking import end_run, log_table_once, resolve_tracking_uri, start_or_resume_run
-from lade_core.checkpoint import join_path
-from lade_core.tuning import (OBJECTIVES, SEARCH_DIGEST_TAG, EpochASHA, TrialEpochLogger, check_search_digest,
-                              search_digest, select_method, summary_rows, trial_driver, trial_run, trial_run_name)
+from lade_core.tuning import (
+    OBJECTIVES,
+    SEARCH_DIGEST_TAG,
+    EpochASHA,
+    TrialEpochLogger,
+    check_search_digest,
+    search_digest,
+    select_method,
+    summary_rows,
+    trial_driver,
+    trial_run,
+    trial_run_name,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
@@ -48,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "with --smoke-test)")
     ap.add_argument("--config", help="base training config (default: the space's)")
     ap.add_argument("--methods", nargs="+", metavar="LOSS", help="search over these losses too, each with its own "
-                    "hyperparameters (LADE: the space's ranges; others: their declared ranges, tune_spaces.method_space)")
+                    "hyperparameters (LADE: the space's ranges; others: their declared ranges, "
+                    "tune_spaces.method_space)")
     ap.add_argument("--dataset", help="prepared dataset directory (default: the config's)")
     ap.add_argument("--epochs", type=int, help="epochs per trial = ASHA's max_t (default: the space's)")
     ap.add_argument("--augment", type=json_or_name, help="every trial's training augmentation: a preset or a JSON list "
@@ -119,12 +131,15 @@ def concurrency(args, config: dict) -> int:
     if config["use_gpu"]:
         fit = min(fit, int(res.get("GPU", 0) // config["num_workers"]))
     if fit < 1:
-        raise RuntimeError(f"one trial needs {per_trial:g} CPUs{' and ' + str(config['num_workers']) + ' GPUs' if config['use_gpu'] else ''} "
-                           f"plus 1 CPU for Ray Data; the cluster has {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs")
+        raise RuntimeError(f"one trial needs {per_trial:g} "
+                           f"CPUs{' and ' + str(config['num_workers']) + ' GPUs' if config['use_gpu'] else ''} "
+                           f"plus 1 CPU for Ray Data; the cluster has {res.get('CPU', 0):g} CPUs, "
+                           f"{res.get('GPU', 0):g} GPUs")
     if args.max_concurrent_trials is None:
         return fit
     if args.max_concurrent_trials < 1 or args.max_concurrent_trials > fit:
-        raise RuntimeError(f"--max-concurrent-trials {args.max_concurrent_trials} cannot fit the cluster: each trial needs "
+        raise RuntimeError(f"--max-concurrent-trials {args.max_concurrent_trials} cannot fit the cluster: each trial "
+                           f"needs "
                            f"{per_trial:g} CPUs and Ray Data 1 more; {res.get('CPU', 0):g} CPUs fit at most {fit}")
     return args.max_concurrent_trials
 
@@ -151,7 +166,8 @@ def build_tuner(args, config: dict, space: dict, defaults: dict, storage: str, m
         param_space={**config, **tune_spaces.to_param_space(space, args.search, args.grid_points)},
         # The generator itself caps concurrency: TuneConfig(max_concurrent_trials=) is ignored with a generator.
         tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, num_samples=samples,
-                                    search_alg=BasicVariantGenerator(random_state=args.seed, max_concurrent=max_concurrent)),
+                                    search_alg=BasicVariantGenerator(random_state=args.seed,
+                                                                     max_concurrent=max_concurrent)),
         run_config=tune.RunConfig(name=args.experiment, storage_path=storage, callbacks=[TrialEpochLogger(
             mlflow_uri=config["mlflow_uri"], experiment=config["experiment"], search=config["search"],
             storage=config["search_storage"])]),
@@ -243,7 +259,8 @@ def search(args, held: contextlib.ExitStack) -> int:
                   search=args.experiment, search_storage=join_path(storage, args.experiment),
                   search_base_loss=config["loss"], epoch_logging="driver")  # tuning.TrialEpochLogger
     parent_id, _ = start_or_resume_run(config["mlflow_uri"], args.experiment, args.experiment,
-                                       {**config, "space": family, "objective": args.objective, "search_alg": args.search,
+                                       {**config, "space": family, "objective": args.objective,
+                                        "search_alg": args.search,
                                         "scheduler": args.scheduler},
                                        tags={"lade.kind": "search", SEARCH_DIGEST_TAG: digest})
     config["parent_run_id"] = parent_id
@@ -272,8 +289,8 @@ def search(args, held: contextlib.ExitStack) -> int:
     chosen = select_method(best.config)
     print(f"best trial: {trial_run_name(best.config['search'], best.metrics['trial_id'])}  {metric} "
           f"{best.metrics[metric]:.4f}  loss={chosen['loss']}  " + "  ".join(
-              f"{k}={v:.4g}" for k, v in chosen.items() if isinstance(v, float) and (k in space or "/" in str(k)
-                                                                                   or k in LOSSES[chosen['loss']].hyperparameters)))
+              f"{k}={v:.4g}" for k, v in chosen.items()
+              if isinstance(v, float) and (k in space or "/" in str(k) or k in LOSSES[chosen['loss']].hyperparameters)))
     if args.register:
         print(register_champion(client, best, prepared, args.register))
     end_run(config["mlflow_uri"], parent_id)

@@ -166,7 +166,8 @@ def smoke_run(train_workdir):
 
     def get(loss: str) -> subprocess.CompletedProcess:
         if loss not in done:
-            done[loss] = run_train(train_workdir, "--loss", loss, "--run-name", f"r-{loss}", "--register", f"model-{loss}",
+            done[loss] = run_train(train_workdir, "--loss", loss, "--run-name", f"r-{loss}", "--register",
+                                   f"model-{loss}",
                                    *SMOKE_FLAGS.get(loss, []))
             assert done[loss].returncode == 0, done[loss].stdout[-3000:] + done[loss].stderr[-3000:]
         return done[loss]

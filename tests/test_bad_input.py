@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 
-from lade_core.artifacts import write_logits_parquet, write_source_info
-
 from conftest import REPO
+from lade_core.artifacts import write_logits_parquet, write_source_info
 
 pytestmark = pytest.mark.slow  # a dozen script start-ups (torch, Ray and MLflow imports): over a minute
 

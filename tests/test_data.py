@@ -225,7 +225,8 @@ def test_prepare_is_idempotent_and_never_overwrites_silently(places_subset, tmp_
     with pytest.raises(DataError, match="not a prepared dataset"):
         prepare_dataset(other, notes, progress=False)
     # --overwrite replaces only a prepared dataset: a folder of the user's own files is never deleted.
-    with pytest.raises(DataError, match=r"not a prepared dataset; lade never replaces those \(not even with --overwrite\)"):
+    with pytest.raises(DataError,
+                       match=r"not a prepared dataset; lade never replaces those \(not even with --overwrite\)"):
         prepare_dataset(other, notes, overwrite=True, progress=False)
     assert (notes / "mine.txt").read_text() == "user file"
     # What a killed preparation left beside its output is cleaned on the next run; look-alike user folders stay.
@@ -260,7 +261,7 @@ def test_bad_input_errors_before_anything_is_written(places_subset, tmp_path, mu
         train[2] = "no_label_here.jpg"
         lists["train"].write_text("\n".join(train))
     elif mutate == "empty_class":
-        lists["train"].write_text("\n".join(l for l in train if not l.endswith(" 2")))
+        lists["train"].write_text("\n".join(line for line in train if not line.endswith(" 2")))
     elif mutate == "mismatch":
         lists["val"].write_text(lists["val"].read_text() + f"{train[0].split()[0]} 5\n")
     out = tmp_path / "out"
@@ -274,7 +275,8 @@ def test_skip_bad_counts_in_manifest(places_subset, tmp_path, ray_local):
     root, lists = places_subset
     bad = lists["train"].read_text().splitlines()[1].split()[0]
     (root / bad).write_bytes(b"garbage")
-    manifest = prepare_dataset(load_split_lists("places_lt", root, lists), tmp_path / "out", skip_bad=True, progress=False)
+    manifest = prepare_dataset(load_split_lists("places_lt", root, lists), tmp_path / "out", skip_bad=True,
+                               progress=False)
     assert manifest["splits"]["train"]["skipped"]["count"] == 1
     assert manifest["splits"]["train"]["skipped"]["examples"][0]["path"] == bad
     assert manifest["splits"]["train"]["num_samples"] == 19
@@ -288,13 +290,14 @@ def test_inat2018_json_roundtrip(tmp_path, ray_local):
     for split, per in (("train", [5, 3, 1]), ("val", [1, 1, 1])):
         images, anns = [], []
         for c, n in enumerate(per):
-            for k in range(n):
+            for _ in range(n):
                 iid = len(images) + (1000 if split == "val" else 0)
                 fname = f"{split}_val_images/Plantae/{c}/{iid}.jpg"
                 _write_jpeg(root / fname, iid)
                 images.append({"id": iid, "file_name": fname, "width": 20, "height": 24})
                 anns.append({"id": iid, "image_id": iid, "category_id": c})
-        (tmp_path / f"{split}2018.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+        (tmp_path / f"{split}2018.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                                "categories": cats}))
     raw = load_inat2018_json(root, {"train": tmp_path / "train2018.json", "val": tmp_path / "val2018.json"})
     manifest = prepare_dataset(raw, tmp_path / "out", progress=False)
     assert manifest["splits"]["train"]["class_counts"] == [5, 3, 1]
@@ -340,7 +343,8 @@ def test_synthetic_is_deterministic_and_long_tailed(tmp_path, ray_local):
 def test_open_prepared_rejects_missing_or_inconsistent_manifest(tmp_path, ray_local):
     with pytest.raises(DataError, match="dataset.json is missing"):
         open_prepared(tmp_path)
-    prepare_dataset(make_synthetic(num_classes=3, max_count=6, imbalance_ratio=2, val_per_class=1, test_per_class=2), tmp_path / "s", progress=False)
+    prepare_dataset(make_synthetic(num_classes=3, max_count=6, imbalance_ratio=2, val_per_class=1, test_per_class=2),
+                    tmp_path / "s", progress=False)
     m = json.loads((tmp_path / "s" / "dataset.json").read_text())
     m["num_classes"] = 4
     (tmp_path / "s" / "dataset.json").write_text(json.dumps(m))
@@ -366,7 +370,8 @@ def test_sorted_list_without_val_gets_a_balanced_holdout_and_its_transform(tmp_p
     assert ds.class_counts("train") == [n - k for n in counts]
     assert ds.manifest["validation"] == {"source": "held out of train (seeded, class-balanced)", "per_class": k,
                                          "min_train_per_class": 2, "seed": 0}
-    train_paths, val_paths = set(ds.raw_split("train")["path"].to_pylist()), set(ds.raw_split("val")["path"].to_pylist())
+    train_paths = set(ds.raw_split("train")["path"].to_pylist())
+    val_paths = set(ds.raw_split("val")["path"].to_pylist())
     assert not train_paths & val_paths and len(train_paths | val_paths) == sum(counts)
     assert ds.manifest["transform"] == "cifar" and ds.image_size == 16
     batch = ds.ray_dataset("val").take_batch(4)
@@ -458,7 +463,8 @@ def test_training_epochs_mix_classes_differ_and_split_disjointly(tmp_path, ray_l
     raw = load_split_lists("sorted", tmp_path / "images", lists, transform="cifar")
     from lade_core.data.sources import with_validation
 
-    prepare_dataset(with_validation(raw, val_per_class=2, min_train_per_class=2, seed=0), tmp_path / "out", progress=False)
+    prepare_dataset(with_validation(raw, val_per_class=2, min_train_per_class=2, seed=0), tmp_path / "out",
+                    progress=False)
     prepared = open_prepared(tmp_path / "out")
     n_train = sum(prepared.class_counts("train"))
     orders = []

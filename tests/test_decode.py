@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lade_core.data.transforms import ImageDecodeError, decode_rgb
-
 from conftest import png16
+from lade_core.data.transforms import ImageDecodeError, decode_rgb
 
 
 def _encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -34,7 +33,8 @@ def _to_8bit(v: np.ndarray) -> np.ndarray:
 
 
 def test_16bit_images_are_scaled_to_8_bits_not_clipped(rng):
-    gray = np.concatenate([np.array([0, 128, 129, 257, 65535]), rng.integers(0, 65536, 67)]).reshape(8, 9).astype(np.uint16)
+    gray = np.concatenate([np.array([0, 128, 129, 257, 65535]), rng.integers(0, 65536, 67)])
+    gray = gray.reshape(8, 9).astype(np.uint16)
     x = decode_rgb(png16(gray)).numpy()
     assert x.dtype == np.uint8
     for c in range(3):
@@ -48,7 +48,8 @@ def test_16bit_images_are_scaled_to_8_bits_not_clipped(rng):
 
 def test_grayscale_palette_and_alpha_images_become_rgb(rng):
     rgb = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)
-    for im in (Image.fromarray(rgb).convert("L"), Image.fromarray(rgb).convert("P"), Image.fromarray(rgb).convert("RGBA")):
+    for im in (Image.fromarray(rgb).convert("L"), Image.fromarray(rgb).convert("P"),
+               Image.fromarray(rgb).convert("RGBA")):
         x = decode_rgb(_encode(im))
         np.testing.assert_array_equal(x.permute(1, 2, 0).numpy(), np.asarray(im.convert("RGB")))
 
@@ -56,7 +57,8 @@ def test_grayscale_palette_and_alpha_images_become_rgb(rng):
 def test_an_animation_gives_its_first_frame():
     frames = [Image.fromarray(np.full((10, 12, 3), c, np.uint8)) for c in (30, 200, 90)]
     for fmt in ("GIF", "WEBP", "PNG"):
-        data = _encode(frames[0], fmt, save_all=True, append_images=frames[1:], **({"lossless": True} if fmt == "WEBP" else {}))
+        data = _encode(frames[0], fmt, save_all=True, append_images=frames[1:],
+                       **({"lossless": True} if fmt == "WEBP" else {}))
         x = decode_rgb(data)
         assert tuple(x.shape) == (3, 10, 12) and abs(int(x.float().mean()) - 30) <= 2, fmt
 

@@ -4,6 +4,8 @@ import csv
 import io
 import json
 
+import compare  # noqa: E402  (pipelines/ is put on sys.path below)
+import evaluate  # noqa: E402
 import mlflow
 import numpy as np
 import pandas as pd
@@ -11,13 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
 from lade_core.evaluation import protocol_targets
 from lade_core.metrics import expected_calibration_error, nll, shot_accuracies
 from lade_core.posthoc import posthoc_logits
-from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
-
-import compare  # noqa: E402  (pipelines/ is put on sys.path below)
-import evaluate  # noqa: E402
 
 FIGURES = ("reliability", "predicted_prior", "logits", "accuracy_vs_shift")
 
@@ -117,10 +116,13 @@ def test_model_uri_and_user_priors(store, tmp_path, capsys):
     (lambda d, ids: ["--run-id", "0" * 32], "unknown run id"),
     (lambda d, ids: ["--model", "models:/model-lade@nope"], "unknown model 'models:/model-lade@nope'"),
     (lambda d, ids: ["--run-id", ids["bare"]], "has no eval/test_logits.parquet artifact"),
-    (lambda d, ids: ["--run-id", ids["r-lade"], "--target-prior", str(d / "short.json")], "wrong length: 3 entries for 4 classes"),
-    (lambda d, ids: ["--run-id", ids["r-lade"], "--target-prior", str(d / "neg.json")], "negative at class indices [1]"),
+    (lambda d, ids: ["--run-id", ids["r-lade"], "--target-prior", str(d / "short.json")],
+     "wrong length: 3 entries for 4 classes"),
+    (lambda d, ids: ["--run-id", ids["r-lade"], "--target-prior", str(d / "neg.json")],
+     "negative at class indices [1]"),
     (lambda d, ids: ["--run-id", ids["r-lade"], "--target-prior", str(d / "nan.csv")], "NaN"),
-    (lambda d, ids: ["--run-id", ids["r-lade"], "--target-prior", str(d / "big.json")], "asks for more test samples than exist"),
+    (lambda d, ids: ["--run-id", ids["r-lade"], "--target-prior", str(d / "big.json")],
+     "asks for more test samples than exist"),
 ])
 def test_bad_input_is_one_clear_error(store, tmp_path, capsys, make_args, message):
     uri, client, ids = store

@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from lade_core.evaluation import (calibration_by_mode, evaluate_targets, logit_statistics, mean_predicted_prior,
-                                  protocol_targets, target_from_values)
+from lade_core.evaluation import (
+    calibration_by_mode,
+    evaluate_targets,
+    logit_statistics,
+    mean_predicted_prior,
+    protocol_targets,
+    target_from_values,
+)
 from lade_core.metrics import expected_calibration_error, nll, reliability_bins, shot_accuracies
 from lade_core.posthoc import posthoc_logits
 from lade_core.priors import SHIFT_PROTOCOL, long_tailed_counts, prior_from_counts, shifted_counts
@@ -143,6 +149,7 @@ def test_evaluate_refuses_bad_logits_priors_and_files(tmp_path, capsys, case, me
     import json
 
     import evaluate  # pipelines/ is on sys.path (conftest)
+
     from lade_core.artifacts import write_logits_parquet
 
     logits, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])

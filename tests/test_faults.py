@@ -12,10 +12,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from lade_core.tracking import find_run
-from lade_core.checkpoint import latest_checkpoint
-
 from conftest import REPO, start_mlflow_server, stop_mlflow_server, train_worker_pids, wait_for
+from lade_core.checkpoint import latest_checkpoint
+from lade_core.tracking import find_run
 
 pytestmark = pytest.mark.slow
 SERIES = ("val/top1", "val/ece", "train/loss", "lr")

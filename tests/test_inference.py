@@ -13,7 +13,6 @@ from lade_core.data.recipe import PRESETS, resolve_normalize
 from lade_core.data.transforms import ImageTransform, center_crop_batch, crop_flip_batch, decode_augment, normalize
 from lade_core.inference import merge_shards
 
-
 STATS = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.25]}  # not a family's: the one passed must be the one used
 
 
@@ -32,7 +31,8 @@ def test_uint8_batches_normalized_on_the_worker_equal_the_float_pipeline(rng, ki
     # The reference: torchvision's float conversion and Normalize on the same decoded, cropped pixels.
     mean, std = PRESETS[kind]["mean"], PRESETS[kind]["std"]
     ref = v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(torch.from_numpy(out["image"])))
-    assert torch.allclose(normalize(torch.from_numpy(out["image"]), resolve_normalize(None, kind, None)), ref, atol=1e-5)
+    assert torch.allclose(normalize(torch.from_numpy(out["image"]), resolve_normalize(None, kind, None)), ref,
+                          atol=1e-5)
 
 
 def test_decode_shard_keeps_a_disjoint_share_by_index(rng):
@@ -57,12 +57,12 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
     from ray.train import Checkpoint, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from lade_core.checkpoint import save_checkpoint
     from lade_core.data import open_prepared
     from lade_core.data.prepare import prepare_dataset
     from lade_core.data.synthetic import make_synthetic
     from lade_core.inference import batch_logits, model_batches, predict_logits
     from lade_core.models import build_model
-    from lade_core.checkpoint import save_checkpoint
 
     (tmp_path / "ckpt").mkdir()
     # 4 classes: val 4 x 5 = 20 rows and test 4 x 7 = 28 rows, neither divisible by 3 workers.
@@ -139,8 +139,8 @@ def test_cifar_batch_transform_is_a_crop_of_the_padded_image_or_its_mirror():
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     offsets, flips = set(), 0
     for i in range(64):
-        found = [(t, l, f) for t in range(9) for l in range(9) for f in (False, True)
-                 if torch.equal(out[i], (lambda c: c.flip(-1) if f else c)(padded[i, :, t:t + 32, l:l + 32]))]
+        found = [(t, left, f) for t in range(9) for left in range(9) for f in (False, True)
+                 if torch.equal(out[i], (lambda c: c.flip(-1) if f else c)(padded[i, :, t:t + 32, left:left + 32]))]
         assert found, i
         offsets.add(found[0][:2])
         flips += found[0][2]

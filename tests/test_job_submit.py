@@ -48,7 +48,8 @@ def head():
                 break
             except Exception:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("ray head did not come up:\n" + (Path(temp_dir) / "head.log").read_text()[-3000:])
+                    log = (Path(temp_dir) / "head.log").read_text()[-3000:]
+                    raise RuntimeError("ray head did not come up:\n" + log) from None
                 time.sleep(1)
         yield address
     finally:

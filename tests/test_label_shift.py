@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from lade_core.label_shift import (BCTS_MIN_PER_CLASS, auto_calibration, bbse_prior, calibrate, em_prior,
-                                  estimate_target_prior, fit_bcts, fit_calibration, source_logits)
+from lade_core.label_shift import (
+    BCTS_MIN_PER_CLASS,
+    auto_calibration,
+    bbse_prior,
+    calibrate,
+    em_prior,
+    estimate_target_prior,
+    fit_bcts,
+    fit_calibration,
+    source_logits,
+)
 from lade_core.priors import long_tailed_counts, prior_from_counts
 
 C, D = 10, 4

@@ -8,10 +8,9 @@ import time
 
 import pytest
 
+from conftest import run_prepare, run_train
 from lade_core.locks import LockHeld, exclusive, lock_for
 from lade_core.tracking import run_key
-
-from conftest import run_prepare, run_train
 
 HOLD = ("import sys, time\nfrom lade_core.locks import exclusive\n"
         "with exclusive(sys.argv[1], 'thing'):\n    print('held', flush=True)\n    time.sleep(600)\n")

@@ -82,22 +82,26 @@ def test_a_hyperparameter_name_means_one_thing_within_its_loss():
 
 
 def test_train_py_flags_come_from_the_declarations():
-    from lade_core.config import add_loss_arguments
     import argparse
+
+    from lade_core.config import add_loss_arguments
 
     ap = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
     add_loss_arguments(ap)
     flags = {a.dest: a for a in ap._actions if a.dest != "help"}
     assert set(flags) == {h.name for spec in LOSSES.values() for h in spec.params}
-    assert flags["drw_epoch"].type is int and flags["tau"].type is float and flags["estimator"].choices == ["released", "paper"]
-    assert "logit_adjusted: adjustment strength" in flags["tau"].help and "causal_norm: logit scale" in flags["tau"].help
+    assert flags["drw_epoch"].type is int and flags["tau"].type is float
+    assert flags["estimator"].choices == ["released", "paper"]
+    assert "logit_adjusted: adjustment strength" in flags["tau"].help
+    assert "causal_norm: logit scale" in flags["tau"].help
     assert ap.parse_args(["--class-weights", "[0.5, 0.5]", "--max-margin", "0.3"]).class_weights == [0.5, 0.5]
 
 
 def test_tune_ranges_of_a_method_are_its_declared_spaces():
     import tune_spaces
 
-    assert tune_spaces.method_space("ldam_drw") == {"max_margin": ("uniform", 0.1, 1.0), "scale": ("loguniform", 5.0, 50.0)}
+    assert tune_spaces.method_space("ldam_drw") == {"max_margin": ("uniform", 0.1, 1.0),
+                                                    "scale": ("loguniform", 5.0, 50.0)}
     assert tune_spaces.method_space("softmax") == {}
     # A method's sub-space is bounded by that method's declaration: Causal Norm's tau must stay > 0.
     with pytest.raises(ValueError, match=r"beta range \[0.5, 1.5\] outside \[0.0, 1.0\]"):
@@ -116,7 +120,8 @@ def test_the_readme_method_table_lists_each_loss_with_its_declared_hyperparamete
         for h in LOSSES[name].params:  # a default the table states is the declared one
             m = re.search(rf"`{h.name}` ([\d./]+)", rows[name])
             if m and isinstance(h.default, (int, float)):
-                assert math.isclose(eval(m.group(1), {}), h.default), (name, h.name, m.group(1))  # noqa: S307 - digits only
+                stated = eval(m.group(1), {})  # noqa: S307 - digits, dots and slashes only (the regex)
+                assert math.isclose(stated, h.default), (name, h.name, m.group(1))
 
 
 def test_a_malformed_declaration_is_refused_with_its_reason():

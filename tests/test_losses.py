@@ -230,7 +230,8 @@ def test_registry_builds_every_loss_with_its_own_terms(rng):
     assert {"softmax", "balanced_softmax", "lade"} <= set(LOSSES)  # the peers: tests/test_peers.py
     soft = build_loss("softmax", ps)
     assert soft(zt, yt).item() == pytest.approx(ref_softmax_ce(z, y), abs=1e-10)
-    assert set(soft.last_terms) == {"ce"} and soft.last_terms["ce"].item() == pytest.approx(ref_softmax_ce(z, y), abs=1e-10)
+    assert set(soft.last_terms) == {"ce"}
+    assert soft.last_terms["ce"].item() == pytest.approx(ref_softmax_ce(z, y), abs=1e-10)
     bal = build_loss("balanced_softmax", ps)
     assert bal(zt, yt).item() == pytest.approx(ref_balanced_ce(z, y, ps), abs=1e-10)
     assert set(bal.last_terms) == {"lade_ce"}  # its whole loss is LADE-CE; no LADER term to report
@@ -255,5 +256,6 @@ def test_registry_refuses_unknown_losses_and_hyperparameters():
 
     with pytest.raises(ValueError, match=r"unknown loss 'fancy'; choose one of \['balanced_softmax', 'causal_norm', "):
         build_loss("fancy", [0.5, 0.5])
-    with pytest.raises(ValueError, match=r"loss 'balanced_softmax' takes no hyperparameters \['alpha'\]; it takes \[\]"):
+    with pytest.raises(ValueError,
+                       match=r"loss 'balanced_softmax' takes no hyperparameters \['alpha'\]; it takes \[\]"):
         build_loss("balanced_softmax", [0.5, 0.5], alpha=0.1)

@@ -44,7 +44,8 @@ def test_a_tampered_entry_file_never_runs_in_lades_loader(logged, tmp_path):
     images = pd.DataFrame({"image": [_png(10), _png(200)]})
     before = load_classifier(model_uri).predict(None, images)
     marker = tmp_path / "marker"
-    (model_dir / "pyfunc_entry.py").write_text(PAYLOAD.format(marker=str(marker)) + (model_dir / "pyfunc_entry.py").read_text())
+    entry = model_dir / "pyfunc_entry.py"
+    entry.write_text(PAYLOAD.format(marker=str(marker)) + entry.read_text())
 
     model = load_classifier(model_uri)
     assert isinstance(model, LadeClassifier) and not marker.exists()
@@ -74,7 +75,8 @@ def test_a_foreign_pickled_model_is_refused_without_unpickling(tmp_path):
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="model", python_model=_Foreign(str(marker)), pip_requirements=[])
     assert not marker.exists()
-    with pytest.raises(ValueError, match="is not a lade model: it was logged by another tool \\(a pickled python model\\)"):
+    with pytest.raises(ValueError,
+                       match="is not a lade model: it was logged by another tool \\(a pickled python model\\)"):
         load_classifier(info.model_uri)
     assert not marker.exists()
 

@@ -13,7 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, STATE_DICT_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
+from lade_core.artifacts import (
+    LOGITS_ARTIFACT,
+    PRIOR_ARTIFACT,
+    STATE_DICT_ARTIFACT,
+    VAL_LOGITS_ARTIFACT,
+    read_logits_parquet,
+)
 from lade_core.evaluation import TAU_GRID, protocol_targets
 from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name
 

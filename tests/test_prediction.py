@@ -25,19 +25,22 @@ def test_a_target_prior_with_a_zero_entry_predicts_every_decoded_image():
     logits[0] = [5.0, 0.0, 0.0, 0.0]  # its raw argmax is the class the target prior knocks out
     ps = torch.tensor([0.5, 0.25, 0.15, 0.1], dtype=torch.float64)
     for rule in ("inject", "pc"):
-        for pt in (torch.tensor([0.0, 0.5, 0.3, 0.2], dtype=torch.float64), torch.full((4,), 0.25, dtype=torch.float64)):
+        for pt in (torch.tensor([0.0, 0.5, 0.3, 0.2], dtype=torch.float64),
+                   torch.full((4,), 0.25, dtype=torch.float64)):
             out = top_k_batch(_batch(logits), posthoc_offset(rule, ps, pt, 4).numpy(), 4, NAMES)
             z = torch.from_numpy(logits.astype(np.float64)) + torch.log(pt) - (torch.log(ps) if rule == "pc" else 0)
             expected = torch.softmax(z, 1)
             for i in range(6):
                 if i == 3:
-                    assert out["label"][i] == UNKNOWN and out["top_k_labels"][i] is None and np.isnan(out["probability"][i])
+                    assert out["label"][i] == UNKNOWN and out["top_k_labels"][i] is None
+                    assert np.isnan(out["probability"][i])
                     continue
                 assert out["label"][i] == int(expected[i].argmax()) and out["class_name"][i] == NAMES[out["label"][i]]
                 np.testing.assert_allclose(out["top_k_probabilities"][i], expected[i][out["top_k_labels"][i]].numpy(),
                                            rtol=1e-12)
                 if pt[0] == 0:
-                    assert out["label"][i] != 0 and out["top_k_labels"][i][-1] == 0 and out["top_k_probabilities"][i][-1] == 0
+                    assert out["label"][i] != 0 and out["top_k_labels"][i][-1] == 0
+                    assert out["top_k_probabilities"][i][-1] == 0
 
 
 def test_model_actors_follow_the_cluster_unless_asked():

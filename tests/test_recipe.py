@@ -8,8 +8,15 @@ import torch
 from torchvision.transforms import v2
 
 from lade_core.config import resolve_config
-from lade_core.data.recipe import (ChannelStats, RecipeError, augment_seed, build_augment, resolve_augment,
-                                   resolve_normalize, sample_seeds)
+from lade_core.data.recipe import (
+    ChannelStats,
+    RecipeError,
+    augment_seed,
+    build_augment,
+    resolve_augment,
+    resolve_normalize,
+    sample_seeds,
+)
 from lade_core.data.transforms import ImageTransform, transform_batch
 from lade_core.losses import LOSSES, build_loss
 from lade_core.mixing import BatchMix, mixed_loss
@@ -50,14 +57,15 @@ def test_augment_list_is_the_torchvision_pipeline_it_names():
 def test_presets_resolve_to_their_lists_and_the_crop_flip_fast_path_matches_its_distribution():
     assert resolve_augment(None, "cifar", 32, [(32, 32)]) == [{"RandomCrop": {"size": 32, "padding": 4}},
                                                              {"RandomHorizontalFlip": {}}]
-    assert resolve_augment("imagenet", "cifar", 24, [(32, 32)])[0] == {"RandomResizedCrop": {"size": 24, "antialias": True}}
+    resolved = resolve_augment("imagenet", "cifar", 24, [(32, 32)])
+    assert resolved[0] == {"RandomResizedCrop": {"size": 24, "antialias": True}}
     images = _images(400, 12, 12)
     for specs, flips in (([{"RandomCrop": {"size": 12, "padding": 2}}], False),
                          ([{"RandomCrop": {"size": 12, "padding": 2}}, {"RandomHorizontalFlip": {"p": 0.5}}], True)):
         out = transform_batch(images, ImageTransform("cifar", 12, specs, 7), np.arange(400))
         padded = [torch.nn.functional.pad(im, (2, 2, 2, 2)) for im in images]
-        found = [[(t, l, f) for t in range(5) for l in range(5) for f in (False, True)
-                  if torch.equal(out[i], (lambda c: c.flip(-1) if f else c)(padded[i][:, t:t + 12, l:l + 12]))][0]
+        found = [[(t, left, f) for t in range(5) for left in range(5) for f in (False, True)
+                  if torch.equal(out[i], (lambda c: c.flip(-1) if f else c)(padded[i][:, t:t + 12, left:left + 12]))][0]
                  for i in range(400)]
         assert len({f[:2] for f in found}) == 25  # every offset of RandomCrop(12, padding=2)
         n_flipped = sum(f[2] for f in found)
@@ -65,9 +73,11 @@ def test_presets_resolve_to_their_lists_and_the_crop_flip_fast_path_matches_its_
 
 
 @pytest.mark.parametrize("augment, message", [
-    ([{"RandomCrp": {"size": 16}}], "unknown transform 'RandomCrp' (torchvision.transforms.v2); did you mean ['RandomCrop'"),
+    ([{"RandomCrp": {"size": 16}}],
+     "unknown transform 'RandomCrp' (torchvision.transforms.v2); did you mean ['RandomCrop'"),
     ([{"RandomCrop": {"size": 16, "paddin": 4}}], "augment[0]: RandomCrop(size=16, paddin=4)"),
-    ([{"RandomCrop": {"size": 16}}, {"MixUp": {}}], "augment[1]: MixUp is not an augment entry: use the config key `mixup"),
+    ([{"RandomCrop": {"size": 16}}, {"MixUp": {}}],
+     "augment[1]: MixUp is not an augment entry: use the config key `mixup"),
     ([{"RandomCrop": {"size": 16}}, {"Normalize": {"mean": [0], "std": [1]}}], "normalization is the config key"),
     ([{"RandomCrop": {"size": 16}, "RandomHorizontalFlip": {}}], "an augment entry is one {TransformName"),
     ("cutout", "augment preset 'cutout' is unknown"),
@@ -145,7 +155,8 @@ def test_mixup_and_cutmix_images_and_the_losses_that_refuse_them():
     from_other = (cut == x.flip(0)).all(1)[0]  # [H, W] pixels of image 0 taken from image 1
     assert 0 < lam < 1 and from_other.double().mean() == pytest.approx(1 - lam)
     for loss in ("lade", "ldam_drw"):
-        with pytest.raises(ValueError, match=f"mixup trains on mixed \\(soft\\) targets, which loss {loss} cannot take"):
+        with pytest.raises(ValueError,
+                           match=f"mixup trains on mixed \\(soft\\) targets, which loss {loss} cannot take"):
             resolve_config(None, {"loss": loss, "mixup": {"alpha": 0.2}})
     assert {k for k, s in LOSSES.items() if s.hard_targets_only} == {"lade", "ldam_drw"}
     assert resolve_config(None, {"loss": "softmax", "cutmix": {"alpha": 1}})["cutmix"] == {"alpha": 1.0}
@@ -175,7 +186,8 @@ def test_train_one_epoch_trains_on_the_mixed_batch():
 
 # --- backbones -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, head", [("mobilenet_v3_small", ("linear", {})), ("vit_b_16", ("cosine", {"scale": 30.0})),
+@pytest.mark.parametrize("name, head", [("mobilenet_v3_small", ("linear", {})),
+                                        ("vit_b_16", ("cosine", {"scale": 30.0})),
                                         ("timm:test_resnet", ("causal_norm", {"heads": 2}))])
 def test_any_torchvision_or_timm_model_gets_the_losses_head(name, head):
     model = build_model(name, 5, head=head)
@@ -192,7 +204,9 @@ def test_bad_model_and_pretrained_are_refused_by_name():
         resolve_config(None, {"model": "timm:resnet_18"})
     with pytest.raises(ValueError, match="model resnet32 has no pretrained weights"):
         build_model("resnet32", 5, pretrained="DEFAULT")
-    with pytest.raises(ValueError, match=r"torchvision model resnet18 has no weights 'IMAGENET22K'; choose DEFAULT or one of \['IMAGENET1K_V1'\]"):
+    with pytest.raises(ValueError,
+                       match=r"torchvision model resnet18 has no weights 'IMAGENET22K'; choose DEFAULT or one of "
+                             r"\['IMAGENET1K_V1'\]"):
         build_model("resnet18", 5, pretrained="IMAGENET22K")
     with pytest.raises(ValueError, match="timm model test_resnet has no pretrained weights 'in22k'"):
         build_model("timm:test_resnet", 5, pretrained="in22k")
@@ -216,8 +230,9 @@ def test_pretrained_weights_come_from_the_torchvision_cache(tmp_path, monkeypatc
     assert own["fc.weight"].shape == (7, 1024)
 
 
-@pytest.mark.parametrize("name, make", [("resnet18", lambda: __import__("torchvision").models.resnet18(num_classes=1000)),
-                                        ("timm:test_resnet", lambda: __import__("timm").create_model("test_resnet", num_classes=1000))])
+@pytest.mark.parametrize("name, make", [
+    ("resnet18", lambda: __import__("torchvision").models.resnet18(num_classes=1000)),
+    ("timm:test_resnet", lambda: __import__("timm").create_model("test_resnet", num_classes=1000))])
 def test_a_checkpoint_with_another_class_count_loads_without_its_classifier(tmp_path, name, make):
     source = make()
     torch.save(source.state_dict(), tmp_path / "w.pt")

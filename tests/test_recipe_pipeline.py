@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO, run_prepare, train_worker_pids, wait_for, write_arrow_dataset
 from lade_core.artifacts import LOGITS_ARTIFACT, read_logits_parquet
 from lade_core.checkpoint import latest_checkpoint
-
-from conftest import REPO, run_prepare, train_worker_pids, wait_for, write_arrow_dataset
 
 pytestmark = pytest.mark.slow
 NO_FLIP = '[{"RandomCrop": {"size": 16, "padding": 2}}]'
@@ -39,7 +38,8 @@ def _env():
 
 
 def _train(workdir, *args):
-    p = subprocess.run(_train_args(workdir, *args), cwd=workdir, env=_env(), capture_output=True, text=True, timeout=900)
+    p = subprocess.run(_train_args(workdir, *args), cwd=workdir, env=_env(), capture_output=True, text=True,
+                       timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 

@@ -19,10 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import REPO, free_port
 from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
 from lade_core.label_shift import Calibration, estimate_target_prior, fit_calibration, source_logits
-
-from conftest import REPO, free_port
 
 LOSSES = ("lade", "softmax")
 
@@ -34,7 +33,8 @@ def store(train_workdir, smoke_run):
     uri = f"sqlite:///{train_workdir / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([client.get_experiment_by_name("lade").experiment_id])}
+    experiment = client.get_experiment_by_name("lade").experiment_id
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([experiment])}
     return uri, client, runs, train_workdir / "data" / "synthetic_smoke"
 
 
@@ -45,7 +45,8 @@ def _download(client, run_id, path):
 def _stored(client, run_id):
     """The run's test logits [N, C] (split order), labels, and source prior, as training stored them."""
     logits, labels = read_logits_parquet(_download(client, run_id, LOGITS_ARTIFACT))
-    ps = torch.tensor(json.loads(open(_download(client, run_id, PRIOR_ARTIFACT)).read())["source_prior"], dtype=torch.float64)
+    ps = torch.tensor(json.loads(open(_download(client, run_id, PRIOR_ARTIFACT)).read())["source_prior"],
+                      dtype=torch.float64)
     return logits.double(), labels, ps
 
 
@@ -89,8 +90,9 @@ def test_pyfunc_answers_under_any_target_prior(store, loss):
     # Default params: uniform target, the loss's own rule; output=label has no probability column.
     uniform = model.predict(pd.DataFrame({"image": images[:8]}), params={"output": "label"})
     assert list(uniform.columns) == ["label", "class_name"]
-    np.testing.assert_array_equal(uniform["label"], _expected_probabilities(loss, logits[index[:8]], ps,
-                                                                              torch.full((4,), 0.25, dtype=torch.float64)).argmax(1))
+    flat = torch.full((4,), 0.25, dtype=torch.float64)
+    expected = _expected_probabilities(loss, logits[index[:8]], ps, flat).argmax(1)
+    np.testing.assert_array_equal(uniform["label"], expected)
     assert uniform["class_name"].tolist() == [f"class_{k}" for k in uniform["label"]]
     # The model card carries the source prior and the BCTS fitted on the validation split (20 images per class).
     card = model.unwrap_python_model().card
@@ -124,7 +126,8 @@ def test_pyfunc_refuses_bad_input_by_name(store):
     with pytest.raises(ValueError, match="cannot load models:/no-such-model/1"):
         load_classifier("models:/no-such-model/1")
     with mlflow.start_run(experiment_id=mlflow.set_experiment("other-tool").experiment_id):
-        other = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="m", input_example=np.zeros((1, 2), np.float32)).model_uri
+        other = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="m",
+                                         input_example=np.zeros((1, 2), np.float32)).model_uri
     with pytest.raises(ValueError, match="not a lade model"):
         load_classifier(other)
 
@@ -256,7 +259,8 @@ def test_predict_pipeline_on_an_image_folder_reports_bad_images(store, tmp_path)
     (folder / "unsorted").mkdir()
     (folder / "unsorted" / "b.png").write_bytes(_png(30))
     (folder / "unsorted" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder), "--output", str(tmp_path / "x.parquet"))
+    p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder), "--output",
+                 str(tmp_path / "x.parquet"))
     assert p.returncode == 2 and "broken.jpg" in p.stderr and "--skip-bad" in p.stderr, p.stderr[-3000:]
     assert not (tmp_path / "x.parquet").exists()
     p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder), "--output",
@@ -267,7 +271,8 @@ def test_predict_pipeline_on_an_image_folder_reports_bad_images(store, tmp_path)
     assert out.loc[str(folder / "unsorted" / "broken.jpg"), "label"] == -1
     assert "does not decode" in out.loc[str(folder / "unsorted" / "broken.jpg"), "error"]
     assert out.loc[str(folder / "class_1" / "a.png"), "true_label"] == 1  # the folder names the class
-    assert out.loc[str(folder / "unsorted" / "b.png"), "true_label"] == -1 and out.loc[str(folder / "unsorted" / "b.png"), "label"] >= 0
+    unsorted = str(folder / "unsorted" / "b.png")
+    assert out.loc[unsorted, "true_label"] == -1 and out.loc[unsorted, "label"] >= 0
     # An estimate over fewer images than classes is refused by name.
     p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder / "unsorted"), "--output",
                  str(tmp_path / "y.parquet"), "--skip-bad", "--target-prior", "estimate")

@@ -4,8 +4,15 @@ import mlflow
 import pytest
 import torch
 
-from lade_core.tracking import (EpochLogger, end_run, find_run, logged_model_uri, register_once, start_or_resume_run,
-                                wait_reachable)
+from lade_core.tracking import (
+    EpochLogger,
+    end_run,
+    find_run,
+    logged_model_uri,
+    register_once,
+    start_or_resume_run,
+    wait_reachable,
+)
 
 CONFIG = {"loss": "lade", "lr": 0.1, "source_prior": [0.75, 0.25], "train_counts": [3, 1]}
 
@@ -98,7 +105,8 @@ def test_a_rerun_resumes_only_the_search_it_names(uri):
     check_search_digest(uri, "search", digest)  # nothing started yet
     start_or_resume_run(uri, "search", "search", CONFIG, tags={SEARCH_DIGEST_TAG: digest})
     check_search_digest(uri, "search", digest)  # the same search: resumes
-    other = search_digest({"dataset": "/data/a", "objective": "shift_mean", "space": {"alpha": ("loguniform", 0.01, 1)}})
+    other = search_digest({"dataset": "/data/a", "objective": "shift_mean",
+                           "space": {"alpha": ("loguniform", 0.01, 1)}})
     assert other != digest
     with pytest.raises(ValueError, match="'search' was started with another dataset, objective, space or schedule"):
         check_search_digest(uri, "search", other)

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_train
+from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
 from lade_core.losses import classifier_head
 from lade_core.models import build_model
-from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
-
-from conftest import run_train
 
 pytestmark = pytest.mark.slow
 
@@ -47,12 +46,14 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
         assert key in run.data.metrics
     # Each loss logs its own terms, and only those: no 0.0 placeholders for terms a loss does not have.
     terms = {k for k in run.data.metrics if k.startswith("train/")} - {"train/loss", "train/classes_per_batch"}
-    assert terms == {"softmax": {"train/ce"}, "lade": {"train/lade_ce", "train/lader", "train/lader_F", "train/lader_S"},
+    assert terms == {"softmax": {"train/ce"},
+                     "lade": {"train/lade_ce", "train/lader", "train/lader_F", "train/lader_S"},
                      "logit_adjusted": {"train/adjusted_ce"}, "focal": {"train/focal"},
                      "ldam_drw": {"train/ldam", "train/drw"}, "causal_norm": {"train/ce"}}[loss]
     assert all(run.data.metrics[k] != 0.0 for k in terms - {"train/drw"})
     # One line per epoch, printed once; no Ray INFO chatter; never "nan" for an empty shot group.
-    assert all(p.stdout.count(f"epoch {e}/{epochs} ") == 1 for e in range(1, epochs + 1)) and "nan" not in p.stdout, p.stdout
+    assert all(p.stdout.count(f"epoch {e}/{epochs} ") == 1 for e in range(1, epochs + 1)), p.stdout
+    assert "nan" not in p.stdout, p.stdout
     assert "Starting execution of Dataset" not in p.stdout + p.stderr
     # Nothing a user cannot act on: Ray Data's progress-bar notice, Ray Train's preemption-watcher actor (a local
     # Ray), NumPy's read-only-array warning.
@@ -67,7 +68,8 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     arts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for d in ("eval", "data", "checkpoint") for a in client.list_artifacts(run.info.run_id, d)}
     assert {LOGITS_ARTIFACT, "data/source_prior.json", "config.yaml", "checkpoint/state_dict.pt"} <= arts
-    logits, labels = read_logits_parquet(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=LOGITS_ARTIFACT))
+    logits, labels = read_logits_parquet(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                                             artifact_path=LOGITS_ARTIFACT))
     assert logits.shape == (80, 4) and np.bincount(labels.numpy()).tolist() == [20] * 4
     # The last epoch's workers computed the final model's test and validation logits and the last checkpoint
     # carries them: they are what the run stored (no model loaded again for it).
@@ -83,12 +85,14 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     assert torch.equal(stored["test"][1], labels) and torch.equal(stored["val"][0], val_logits)
     # test/top1 is the uniform-prior accuracy under the rule the loss calls for: PC for softmax and focal, else
     # injection.
-    prior = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=PRIOR_ARTIFACT)).read())
+    prior = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                                artifact_path=PRIOR_ARTIFACT)).read())
     ps = torch.tensor(prior["source_prior"], dtype=torch.float64)
     z = logits.double() - (ps.log() if loss in ("softmax", "focal") else 0)  # + log(1/C): no-op
     assert run.data.metrics["test/top1"] == pytest.approx(float((z.argmax(1) == labels).double().mean()))
     # The registered model reproduces the checkpoint's logits, with the head the loss trained and its state.
-    state = torch.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint/state_dict.pt"))
+    state = torch.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                           artifact_path="checkpoint/state_dict.pt"))
     if loss == "logit_adjusted":  # the inference offset (tau - 1) log p_s at the run's tau = 0.5
         torch.testing.assert_close(state["fc.eval_offset"].double(), -0.5 * ps.log(), atol=1e-6, rtol=0)
     if loss == "causal_norm":  # the moving-average feature direction TDE needs, accumulated and saved

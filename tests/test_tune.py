@@ -170,7 +170,8 @@ def test_every_family_space_is_valid_and_the_class_weight_power_is_in_range():
         assert {"alpha", "lam", "class_weight_power"} <= set(space) and defaults["epochs"] >= 1
         assert space["class_weight_power"] == ("uniform", 0.0, 1.0)
     assert tune_spaces.grid_points(("loguniform", 0.01, 1.0), 3) == pytest.approx([0.01, 0.1, 1.0])
-    grid = tune_spaces.to_param_space({"alpha": ("loguniform", 0.01, 1.0), "class_weight_power": ("choice", [0.0, 1.0])},
+    grid = tune_spaces.to_param_space({"alpha": ("loguniform", 0.01, 1.0),
+                                       "class_weight_power": ("choice", [0.0, 1.0])},
                                       "grid", 2)
     assert grid == {"alpha": {"grid_search": pytest.approx([0.01, 1.0])},
                     "class_weight_power": {"grid_search": [0.0, 1.0]}}
@@ -182,7 +183,8 @@ def test_every_family_space_is_valid_and_the_class_weight_power_is_in_range():
     ({"class_weight_power": ("uniform", 0.0, 1.5)}, "class_weight_power range [0.0, 1.5] outside [0.0, 1.0]"),
     ({"class_weight_power": ("choice", [0.5, 2.0])}, "class_weight_power values [2.0] outside"),
     ({"loss": ("methods", {"fancy": {}})}, "unknown method 'fancy'"),
-    ({"loss": ("methods", {"focal": {"alpha": ("uniform", 0.0, 1.0)}})}, "loss focal takes no hyperparameters ['alpha']"),
+    ({"loss": ("methods", {"focal": {"alpha": ("uniform", 0.0, 1.0)}})},
+     "loss focal takes no hyperparameters ['alpha']"),
     ({"loss": ("methods", {"focal": {"gamma": ("uniform", -1.0, 1.0)}})}, "gamma range [-1.0, 1.0] outside"),
     ({"lam": ("loguniform", 0.0, 1.0)}, "loguniform needs low > 0"),
     ({"alpha": ("normal", 0.0, 1.0)}, "unknown kind"),
@@ -207,7 +209,8 @@ def test_a_search_over_the_loss_draws_each_method_with_its_own_hyperparameters()
                                         if k in ("alpha", "lam", "class_weight_power")}
     assert "alpha" not in space and space["lr"] == ("loguniform", 0.001, 0.5)  # shared keys stay shared
     random = tune_spaces.to_param_space(space)
-    assert isinstance(random["loss"], Categorical) and random["loss"].categories == ["lade", "focal", "causal_norm", "softmax"]
+    assert isinstance(random["loss"], Categorical)
+    assert random["loss"].categories == ["lade", "focal", "causal_norm", "softmax"]
     assert isinstance(random["focal/gamma"], Float) and isinstance(random["causal_norm/alpha"], Float)
     # A LADE base config (its defaults filled in, as the driver's check does), then one trial per method.
     base = {**DEFAULTS, "dataset": "d", "alpha": 0.1, "lam": 0.01, "estimator": "released", "search_base_loss": "lade",

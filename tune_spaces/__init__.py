@@ -9,8 +9,8 @@ alpha_c ∝ p_s(c)^power. ``to_param_space`` turns a validated SPACE into Ray Tu
 
 A search over the loss itself: ``with_methods(space, names)`` replaces the family's LADE keys by
   "loss": ("methods", {name: {its own hyperparameter: spec, ...}, ...})
-(LADE keeps the family's ranges, every other method takes its declared ranges, ``method_space``). Each trial draws a method, then that
-method's own values; ``lade_core.tuning.select_method`` turns the draw into a plain training config.
+(LADE keeps the family's ranges, every other method takes its declared ranges, ``method_space``). Each trial draws a
+method, then that method's own values; ``lade_core.tuning.select_method`` turns the draw into a plain training config.
 """
 from __future__ import annotations
 
@@ -114,7 +114,8 @@ def _validate_methods(spec: tuple, name: str) -> None:
 
     methods = spec[1] if len(spec) == 2 and isinstance(spec[1], dict) else None
     if not methods:
-        raise ValueError(f"search space {name!r}: loss methods need {{method: {{hyperparameter: spec}}}}, got {spec[1:]}")
+        raise ValueError(f"search space {name!r}: loss methods need {{method: {{hyperparameter: spec}}}}, got "
+                         f"{spec[1:]}")
     for method, sub in methods.items():
         if method not in LOSSES:
             raise ValueError(f"search space {name!r}: unknown method {method!r}; choose among {sorted(LOSSES)}")

@@ -119,7 +119,8 @@ def _class_counts(split: RawSplit, num_classes: int) -> list[int]:
     return np.bincount(split.labels, minlength=num_classes).tolist()
 
 
-def _write_split(rs: RawSplit, out: Path, image_root: Path | None, rows_per_shard: int, progress: bool, name: str) -> None:
+def _write_split(rs: RawSplit, out: Path, image_root: Path | None, rows_per_shard: int, progress: bool,
+                 name: str) -> None:
     import ray.data  # imported here: the math modules and readers must not need Ray
 
     if rs.images is not None:
@@ -136,7 +137,8 @@ def _write_split(rs: RawSplit, out: Path, image_root: Path | None, rows_per_shar
             batch["image"] = np.array([Path(root, p).read_bytes() for p in batch["path"]], dtype=object)
             return batch
 
-        ds = ray.data.from_arrow(_blocks(items, rows_per_shard)).map_batches(read_bytes, batch_format="numpy", batch_size=None)
+        ds = ray.data.from_arrow(_blocks(items, rows_per_shard)).map_batches(read_bytes, batch_format="numpy",
+                                                                             batch_size=None)
     ds.write_parquet(str(out), min_rows_per_file=rows_per_shard)
 
 
@@ -207,7 +209,8 @@ def _prepare(raw: RawDataset, out_dir: Path, overwrite: bool, skip_bad: bool, ro
             raise DataError(f"the images under {raw.image_root} changed since {out_dir} was prepared from them; pass "
                             "--overwrite to prepare it again, or choose another directory")
         if not overwrite:
-            raise DataError(f"{out_dir} already exists and holds a different prepared dataset ({existing.get('name')}); "
+            raise DataError(f"{out_dir} already exists and holds a different prepared dataset "
+                            f"({existing.get('name')}); "
                             "choose another directory or pass --overwrite")
 
     splits, skipped = raw.splits, {s: {"count": 0, "examples": []} for s in raw.splits}
@@ -264,7 +267,8 @@ def _prepare(raw: RawDataset, out_dir: Path, overwrite: bool, skip_bad: bool, ro
             "validation": raw.validation,
             "row_order": {"shuffled": True, "seed": order_seed},
             "layout_version": LAYOUT_VERSION,
-            "splits": {s: {"num_samples": int(sum(c)), "class_counts": c, "skipped": skipped[s]} for s, c in counts.items()},
+            "splits": {s: {"num_samples": int(sum(c)), "class_counts": c, "skipped": skipped[s]}
+                       for s, c in counts.items()},
             "imbalance_ratio": max(train) / min(train),
             "source": raw.source,
             "options": raw.options,
@@ -299,5 +303,6 @@ def summary_line(manifest: dict) -> str:
         f"per class (imbalance {manifest['imbalance_ratio']:.1f}); val: {val.get('source', '?')}"
         + (f", {val['per_class']} per class" if "per_class" in val else "")
         + (f"; transform {manifest['transform']} at {manifest['image_size'] or 'default size'}")
-        + (f"; skipped {skipped} bad images" if skipped else "") + (f"; ignored {ignored} non-image files" if ignored else "")
+        + (f"; skipped {skipped} bad images" if skipped else "")
+        + (f"; ignored {ignored} non-image files" if ignored else "")
     )

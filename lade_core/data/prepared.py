@@ -107,7 +107,8 @@ class PreparedDataset:
         n = len(index) // world
         mine = index[rank * n:(rank + 1) * n]
         ends = np.cumsum([len(files[i][1]) for i in order])
-        first, last = np.searchsorted(ends, rank * n, side="right"), np.searchsorted(ends, (rank + 1) * n - 1, side="right")
+        first = np.searchsorted(ends, rank * n, side="right")
+        last = np.searchsorted(ends, (rank + 1) * n - 1, side="right")
         return [files[i][0] for i in order[first:last + 1]] if n else [], np.sort(mine)
 
     def rank_dataset(self, tf: ImageTransform, *, seed: int, epoch: int, rank: int, world: int):
@@ -197,10 +198,12 @@ def open_prepared(path: str | Path) -> PreparedDataset:
         counts = info.get("class_counts", [])
         if len(counts) != manifest["num_classes"]:
             raise DataError(
-                f"{manifest_path}: split {split!r} has class counts for {len(counts)} classes, manifest says {manifest['num_classes']}"
+                f"{manifest_path}: split {split!r} has class counts for {len(counts)} classes, manifest says "
+                f"{manifest['num_classes']}"
             )
         if sum(counts) != info.get("num_samples"):
-            raise DataError(f"{manifest_path}: split {split!r} counts sum to {sum(counts)}, num_samples is {info.get('num_samples')}")
+            raise DataError(f"{manifest_path}: split {split!r} counts sum to {sum(counts)}, num_samples is "
+                            f"{info.get('num_samples')}")
         if not (root / split).is_dir() or not any((root / split).glob("*.parquet")):
             raise DataError(f"{root / split}: no Parquet shards for split {split!r}")
     return PreparedDataset(root, manifest)

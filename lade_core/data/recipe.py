@@ -147,7 +147,8 @@ def resolve_augment(augment, family: str, size: int, input_sizes: list[tuple[int
             if tuple(x.shape[1:]) != (size, size):
                 raise RecipeError(f"augment gives {x.shape[1]}x{x.shape[2]} images from {h}x{w} inputs, not the crop "
                                   f"size {size}x{size}: end it with a crop or resize to {size} (e.g. "
-                                  f"{{RandomCrop: {{size: {size}, padding: 4}}}} or {{RandomResizedCrop: {{size: {size}}}}})")
+                                  f"{{RandomCrop: {{size: {size}, padding: 4}}}} or {{RandomResizedCrop: {{size: "
+                                  f"{size}}}}})")
     return specs
 
 
@@ -274,4 +275,5 @@ class ChannelStats:
     def result(self) -> dict:
         mean = self.s / max(self.n, 1)
         var = np.maximum(self.ss / max(self.n, 1) - mean ** 2, 0)
-        return {"mean": [round(float(m) / 255, 6) for m in mean], "std": [round(float(math.sqrt(v)) / 255, 6) for v in var]}
+        return {"mean": [round(float(m) / 255, 6) for m in mean],
+                "std": [round(float(math.sqrt(v)) / 255, 6) for v in var]}

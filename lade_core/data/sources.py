@@ -130,8 +130,8 @@ def holdout_validation(train: RawSplit, num_classes: int, *, val_per_class: int 
     if short:
         shown = ", ".join(f"{name(c)}: {counts[c]} images" for c in short[:10])
         raise DataError(f"--val-per-class {val_per_class} would leave {len(short)} classes below --min-train-per-class "
-                        f"{min_train_per_class} ({shown}{' ...' if len(short) > 10 else ''}); the smallest class allows "
-                        f"at most {max(int(counts.min()) - min_train_per_class, 0)}")
+                        f"{min_train_per_class} ({shown}{' ...' if len(short) > 10 else ''}); the smallest class "
+                        f"allows at most {max(int(counts.min()) - min_train_per_class, 0)}")
     rng = np.random.default_rng(seed)
     held = np.zeros(train.labels.size, dtype=bool)
     for c in range(num_classes):
@@ -310,7 +310,8 @@ def load_split_lists(
         num_classes=num_classes,
         splits=splits,
         transform=transform,
-        source={"kind": "split_lists", "layout": "<relative path> <label> lists", "lists": {s: str(p) for s, p in lists.items()}},
+        source={"kind": "split_lists", "layout": "<relative path> <label> lists",
+                "lists": {s: str(p) for s, p in lists.items()}},
         image_root=str(image_root),
         input_hash=hash_files(files),
         image_size=image_size,
@@ -400,7 +401,8 @@ def load_inat2018_json(image_root: str | Path, annotations: dict[str, str | Path
         num_classes=num_classes,
         splits=splits,
         transform="imagenet",
-        source={"kind": "inat2018", "layout": "iNaturalist 2018 json", "annotations": {s: str(p) for s, p in annotations.items()}},
+        source={"kind": "inat2018", "layout": "iNaturalist 2018 json",
+                "annotations": {s: str(p) for s, p in annotations.items()}},
         class_names=class_names,
         image_root=str(image_root),
         input_hash=hash_files(files),

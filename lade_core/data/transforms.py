@@ -63,7 +63,8 @@ def decode_rgb(data: bytes, max_pixels: int | None = None) -> torch.Tensor:
 
 def _check_pixels(w: int, h: int, limit: int) -> None:
     if w * h > limit:
-        raise ImageDecodeError(f"{w} x {h} pixels is over the {limit / 1e6:g}-megapixel limit (LADE_MAX_IMAGE_MEGAPIXELS)")
+        raise ImageDecodeError(f"{w} x {h} pixels is over the {limit / 1e6:g}-megapixel limit "
+                               f"(LADE_MAX_IMAGE_MEGAPIXELS)")
 
 
 def _header_size(data: bytes) -> tuple[str | None, tuple[int, int] | None]:
