@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compat import assert_async, tensor_version
 from .distributed import gather_batch, is_distributed
 from .posthoc import RULES
 from .priors import tempered_class_weights, validate_prior
@@ -45,7 +46,7 @@ def check_targets(targets: torch.Tensor, num_classes: int) -> None:
     if targets.device.type != "cpu":
         # On an accelerator a host-side check costs a sync every step; the device-side assert stops the step
         # with this message instead (the training input is checked at preparation, so it never fires there).
-        torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
+        assert_async(((targets >= 0) & (targets < num_classes)).all(),
                             f"targets out of range: labels must lie in [0, {num_classes})")
         return
     lo, hi = (int(v) for v in torch.aminmax(targets))
@@ -73,7 +74,7 @@ class _CastCache:
         self._entries: dict[tuple, torch.Tensor] = {}
 
     def get(self, name: str, buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        key = (name, like.dtype, like.device, buf.data_ptr(), buf._version)
+        key = (name, like.dtype, like.device, buf.data_ptr(), tensor_version(buf))
         out = self._entries.get(key)
         if out is None:
             self._entries = {k: v for k, v in self._entries.items() if k[0] != name}

@@ -1,9 +1,10 @@
 """Process-level setup shared by the pipelines: Ray connection and how much Ray says on the console."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+
+from .compat import RAY_DATA_PROGRESS_LOGGER, loopback_node
 
 _VERBOSE = False
 # Loggers that print INFO lines on every run: Ray's (dataset plans, operator progress, controller state) and
@@ -11,7 +12,7 @@ _VERBOSE = False
 _QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow")
 # Ray Data warns once per process that its progress bars are off ("Progress bars disabled. To enable, set ..."):
 # lade turns them off on purpose (epoch lines and lade's own bars instead), so unless verbose it is not shown.
-_PROGRESS_NOTICE_LOGGER = "ray.data._internal.progress"
+_PROGRESS_NOTICE_LOGGER = RAY_DATA_PROGRESS_LOGGER
 
 
 def quiet_logging(verbose: bool = False) -> None:
@@ -96,33 +97,13 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         # The dashboard serves Ray's state API, which Ray Train V2 uses to release a finished or killed run's
         # placement group; without it, each trainer run under Tune leaks its workers' CPUs until Ray stops.
-        with _loopback_node():
+        with loopback_node():  # every server of the local node on 127.0.0.1 (lade_core.compat)
             ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                      _system_config={"num_workers_soft_limit": worker_soft_limit(num_cpus)}, **logs)
     import ray.data
 
     # Ray Data's per-operator bars: useful while preparing, noise between the epoch lines of a training run.
     ray.data.DataContext.get_current().enable_progress_bars = _VERBOSE
-
-
-@contextlib.contextmanager
-def _loopback_node():
-    """A local Ray on this machine alone: its node IP is 127.0.0.1, so that every server of the node (GCS, raylet,
-    workers, dashboard agent, runtime-env agent) listens on loopback only, never on the network.
-
-    Why this way (Ray 2.60): each of a node's servers binds its node IP, which Ray takes on Linux from the outward
-    interface, and ``ray.init(_node_ip_address="127.0.0.1")`` is rewritten to that same address
-    (``services.resolve_ip_for_localhost``). Ray's own single-machine mode (macOS, Windows; the switch is
-    ``ray_constants.ENABLE_RAY_CLUSTER``) uses loopback instead: it is set for this start only. A driver that joins
-    a cluster (RAY_ADDRESS, ``ray job submit``) is never affected."""
-    from ray._private import ray_constants
-
-    before = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def worker_soft_limit(num_cpus: int | None) -> int:

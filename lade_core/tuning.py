@@ -15,6 +15,8 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.schedulers import ASHAScheduler
 
+from .compat import asha_bracket, asha_count_stop, asha_metric_sign, asha_rungs
+
 # Tune objectives -> the validation metric each reports (see lade_core.training.evaluate).
 OBJECTIVES = {"uniform": "val/top1", "shift_mean": "val/shift_mean_top1"}
 
@@ -113,16 +115,16 @@ class EpochASHA(ASHAScheduler):
         stop_earlier = self._fill_skipped_rungs(trial, result)
         action = super().on_trial_result(tune_controller, trial, self._with_epochs(result))
         if stop_earlier and action != self.STOP:
-            self._num_stopped += 1
+            asha_count_stop(self)
         return self.STOP if stop_earlier else action
 
     def _fill_skipped_rungs(self, trial, result: dict) -> bool:
         """Record, in order, the epochs before ``result``'s at rungs the trial has no record at, from the history of
         the checkpoint the result names. True if ASHA would have stopped the trial at one of them."""
         done = epochs_completed(result)
-        bracket = self._trial_info.get(trial.trial_id)
+        bracket = asha_bracket(self, trial.trial_id)
         if bracket is None or self._metric not in result or not any(
-                milestone < done and trial.trial_id not in recorded for milestone, recorded in bracket._rungs):
+                milestone < done and trial.trial_id not in recorded for milestone, recorded in asha_rungs(bracket)):
             return False
         from .checkpoint import checkpoint_history
 
@@ -132,7 +134,7 @@ class EpochASHA(ASHAScheduler):
         stop = False
         for m in sorted(history or [], key=lambda m: m["epoch"]):
             if m["epoch"] + 1 < done and m.get(self._metric) is not None:
-                stop |= bracket.on_result(trial, m["epoch"] + 1, self._metric_op * m[self._metric]) == self.STOP
+                stop |= bracket.on_result(trial, m["epoch"] + 1, asha_metric_sign(self) * m[self._metric]) == self.STOP
         return stop
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
@@ -143,9 +145,9 @@ class EpochASHA(ASHAScheduler):
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
         history = self._logged_history(trial.trial_id)
-        bracket = self._trial_info[trial.trial_id]
+        bracket = asha_bracket(self, trial.trial_id)
         for m in history:  # epoch by epoch, as the trial reported them: each rung records its own epoch's value
-            bracket.on_result(trial, m.step + 1, self._metric_op * m.value)
+            bracket.on_result(trial, m.step + 1, asha_metric_sign(self) * m.value)
         if history:
             print(f"ASHA: trial {trial.trial_id} resumes with {len(history)} epochs of {self._metric} from MLflow")
 

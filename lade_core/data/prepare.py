@@ -19,6 +19,7 @@ import shutil
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..locks import exclusive
-from .sources import DataError, RawDataset, RawSplit, check_no_empty_class
 from .recipe import ChannelStats
+from .sources import DataError, RawDataset, RawSplit, check_no_empty_class
 from .transforms import decode_rgb
 
 MANIFEST = "dataset.json"
@@ -96,7 +97,7 @@ def _validate_files(raw: RawDataset, skip_bad: bool, progress: bool
         bad = []
         of_split = stats if split == "train" else None
         with ThreadPoolExecutor(max_workers=8) as pool:
-            checked = pool.map(lambda p: _check_image_file(root / p, of_split), rs.paths)
+            checked = pool.map(partial(_check_image_file, stats=of_split), (root / p for p in rs.paths))
             for i, (data, why, shape, sums) in enumerate(tqdm(checked, total=len(rs.paths), desc=f"checking {split}",
                                                               unit="img", disable=not progress, file=sys.stderr)):
                 if why:

@@ -1,6 +1,7 @@
 """Open a prepared dataset directory: manifest checks, the source prior, Ray Datasets per split."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -10,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..compat import datasource_v1
 from ..priors import prior_from_counts
 from .prepare import MANIFEST
-from .sources import DataError
 from .recipe import default_image_size
+from .sources import DataError
 from .transforms import ImageTransform, decode_augment_chunks
 
 _REQUIRED = ("name", "num_classes", "transform", "splits")
@@ -148,18 +150,13 @@ class PreparedDataset:
         import ray.data
 
         self._check_split(split)
-        ctx = ray.data.DataContext.get_current()
-        v2 = ctx.use_datasource_v2
-        if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
-            # Ray 2.60's default V2 Parquet path (ListFiles -> ReadFiles) costs ~4 s per execution on a 2-core
-            # machine whatever the size, and a training loop re-executes the read every epoch; V1 takes ~0.2 s
-            # (bench/README.md, train_overhead). The user's RAY_DATA_USE_DATASOURCE_V2 wins if set.
-            ctx.use_datasource_v2 = False
-        try:
+        # Ray 2.60's default V2 Parquet path (ListFiles -> ReadFiles) costs ~4 s per execution on a 2-core machine
+        # whatever the size, and a training loop re-executes the read every epoch; V1 takes ~0.2 s (bench/README.md,
+        # train_overhead). The user's RAY_DATA_USE_DATASOURCE_V2 wins if set.
+        users = "RAY_DATA_USE_DATASOURCE_V2" in os.environ
+        with contextlib.nullcontext() if users else datasource_v1(ray.data.DataContext.get_current()):
             return ray.data.read_parquet(files if files is not None else str(self.root / split),
                                          columns=["image", "label", "index"])
-        finally:
-            ctx.use_datasource_v2 = v2
 
     def raw_split(self, split: str, columns: list[str] | None = None):
         """The split's Parquet rows as a pyarrow Table (encoded bytes), read without Ray."""

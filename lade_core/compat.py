@@ -1,0 +1,90 @@
+"""Every place lade relies on a library's private API, gathered so that an upgrade is checked here.
+
+Written against (and tested with) torch 2.14, Ray 2.60 (Train V2, Tune, Data), MLflow 3.17, pyarrow 25. Each entry
+says what it touches, why no public API does it, and what breaks if it changes. Module level imports torch alone,
+so the math modules may use it; Ray is imported inside the functions that need it.
+
+- torch: ``Tensor._version`` (in-place edit counter) keys the losses' cast cache; ``torch._assert_async``
+  checks labels on an accelerator without a host sync.
+- Ray core: ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``, switched off while a local Ray starts so that its
+  servers bind loopback only (``loopback_node``).
+- Ray Data: the logger ``ray.data._internal.progress`` (its "progress bars disabled" notice), and
+  ``DataContext.use_datasource_v2``, a global switch read when a read is planned (``datasource_v1``).
+- Ray Tune: ``ASHAScheduler``'s ``_trial_info`` (trial -> bracket), ``_Bracket._rungs`` ([(milestone, {trial:
+  value})]), ``_metric_op`` (+1 max / -1 min) and ``_num_stopped``: a resumed search refills the rungs Tune does
+  not save (``lade_core.tuning.EpochASHA``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+# --- torch -----------------------------------------------------------------------------------------------------
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The tensor's in-place modification counter (``Tensor._version``): bumped by every in-place op."""
+    return t._version
+
+
+def assert_async(condition: torch.Tensor, message: str) -> None:
+    """A device-side assert (``torch._assert_async``): stops the step with ``message`` if ``condition`` is false,
+    without the host sync a Python ``if`` on a GPU tensor costs."""
+    torch._assert_async(condition, message)
+
+
+# --- Ray core and Ray Data -------------------------------------------------------------------------------------
+
+# Ray Data's logger of the once-per-process "Progress bars disabled. To enable, set ..." notice.
+RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+
+
+@contextlib.contextmanager
+def loopback_node() -> Iterator[None]:
+    """A local Ray started inside binds every server of its node to 127.0.0.1, never the network: Ray's own
+    single-machine mode (macOS, Windows; ``ray_constants.ENABLE_RAY_CLUSTER`` False), for this start only."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+@contextlib.contextmanager
+def datasource_v1(context) -> Iterator[None]:
+    """Ray Data's V1 Parquet datasource for the reads planned inside (``DataContext.use_datasource_v2`` False),
+    restored after."""
+    before = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        context.use_datasource_v2 = before
+
+
+# --- Ray Tune's ASHA -------------------------------------------------------------------------------------------
+
+def asha_bracket(scheduler, trial_id: str):
+    """The ASHA bracket a trial was assigned to (``_trial_info``), or None before ``on_trial_add`` / after
+    completion."""
+    return scheduler._trial_info.get(trial_id)
+
+
+def asha_rungs(bracket) -> list[tuple[float, dict]]:
+    """[(milestone, {trial_id: recorded value})] of a bracket, highest milestone first (``_Bracket._rungs``)."""
+    return bracket._rungs
+
+
+def asha_metric_sign(scheduler) -> float:
+    """+1 when the scheduler maximizes its metric, -1 when it minimizes (``_metric_op``)."""
+    return scheduler._metric_op
+
+
+def asha_count_stop(scheduler) -> None:
+    """Count one stopped trial in the scheduler's statistics (``_num_stopped``)."""
+    scheduler._num_stopped += 1
