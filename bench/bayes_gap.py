@@ -24,7 +24,7 @@ import torch
 
 from lade_core.evaluation import Target, estimated_prior_rows, select_tau
 from lade_core.heads import build_head, tau_normalize
-from lade_core.losses import LOSSES, build_loss, posthoc_rules
+from lade_core.losses import LOSSES, build_loss, default_rule
 from lade_core.posthoc import inject_prior, posthoc_logits
 from lade_core.priors import SHIFT_PROTOCOL, long_tailed_counts, prior_from_counts, shift_protocol_name, shifted_subset
 
@@ -88,8 +88,8 @@ def main() -> None:
     methods = {"softmax raw": lambda pt, idx: logits["softmax"][idx],
                f"softmax τ-norm {tau:g}": lambda pt, idx: inject_prior(tau_norm[idx], pt)}
     for k in LOSSES:  # each loss with its own post-hoc rule (softmax / focal: PC; the others: injection)
-        methods[f"{k} {posthoc_rules(k)[0]}"] = (lambda k: lambda pt, idx: posthoc_logits(
-            logits[k][idx], posthoc_rules(k)[0], p_s, pt))(k)
+        methods[f"{k} {default_rule(k)}"] = (lambda k: lambda pt, idx: posthoc_logits(
+            logits[k][idx], default_rule(k), p_s, pt))(k)
     print(f"C={C} d={D} train={len(y_tr)} (imbalance 100) test pool={len(y_te)}; accuracy / Bayes accuracy")
     print(f"{'target prior':>13} {'n':>6} {'Bayes':>6} " + " ".join(f"{m:>22}" for m in methods))
     rows, targets = [], []

@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .losses import posthoc_rules
+from .losses import tuned_rules
+from .posthoc import RULES
 
 LOGITS_ARTIFACT = "eval/test_logits.parquet"
 VAL_LOGITS_ARTIFACT = "eval/val_logits.parquet"
@@ -150,9 +151,11 @@ def load_run_logits(client, run_id: str, classifier: bool = False) -> RunLogits:
         run_id=run_id, artifact_path=VAL_LOGITS_ARTIFACT, tracking_uri=client.tracking_uri))
         if VAL_LOGITS_ARTIFACT in have else (None, None))
     loss = run.data.params.get("loss", "lade")
+    # The linear classifier only where a rule tuned on validation needs it (τ-norm of an entangled model).
+    wanted = classifier and any(RULES[r].needs_classifier for r in tuned_rules(loss, has_classifier=True))
     return RunLogits(run_id, run.info.run_name, loss, logits, labels, source_prior, train_counts, *val,
-                     classifier=_linear_classifier(client, run_id) if classifier and posthoc_rules(loss)[0] == "pc"
-                     else None, seed_group=run.data.tags.get("lade.seed_group"))
+                     classifier=_linear_classifier(client, run_id) if wanted else None,
+                     seed_group=run.data.tags.get("lade.seed_group"))
 
 
 def _linear_classifier(client, run_id: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from .metrics import calibration_bins, ece_from_bins, shot_accuracies
-from .posthoc import posthoc_offset
+from .posthoc import RULES, TAU_GRID, posthoc_offset
 from .priors import SHIFT_PROTOCOL, shift_protocol_name, shifted_counts, subset_with_counts, validate_prior
 
 __all__ = ["Target", "protocol_targets", "target_from_values", "evaluate_targets", "METRICS", "logit_statistics",
-           "mean_predicted_prior", "calibration_by_mode", "protocol_mean_top1", "ESTIMATE_COLUMNS",
-           "estimated_prior_rows", "TAU_GRID", "select_tau"]
+           "mean_predicted_prior", "calibration_by_rule", "protocol_mean_top1", "ESTIMATE_COLUMNS",
+           "estimated_prior_rows", "TAU_GRID", "select_tau", "tuned_rule_logits", "rule_rows", "PROTOCOL_NAMES"]
 
 METRICS: tuple[str, ...] = ("top1", "many", "medium", "few", "nll", "ece")
 
@@ -117,11 +117,11 @@ def evaluate_targets(
     labels,
     source_prior,
     train_counts,
-    modes: tuple[str, ...] | list[str],
+    rules: tuple[str, ...] | list[str],
     targets: list[Target],
     n_bins: int = 20,
 ) -> list[dict]:
-    """One row per (target, post-hoc mode): {"target", "mode", "n", top1, many, medium, few, nll, ece}.
+    """One row per (target, post-hoc rule): {"target", "mode", "n", top1, many, medium, few, nll, ece}.
 
     logits [N, C] (any float dtype; reductions are accumulated in float64), labels [N].
     """
@@ -139,34 +139,31 @@ def evaluate_targets(
     for target in targets:
         idx = torch.as_tensor(target.indices)
         yt = y[idx]
-        for mode in modes:
-            offset = posthoc_offset(mode, source_prior, target.prior, num_classes)
+        for rule in rules:
+            offset = posthoc_offset(rule, source_prior, target.prior, num_classes)
             if offset is None:  # raw: the same per-row statistics for every target, reduced once
                 if raw is None:
                     raw = _row_stats(z, y, None)
                 stats = tuple(s[idx] for s in raw)
             else:
                 stats = _row_stats(z[idx], yt, offset)
-            rows.append({"target": target.name, "mode": mode, "n": int(idx.numel()),
+            rows.append({"target": target.name, "mode": rule, "n": int(idx.numel()),
                          **_metrics(*stats, yt, train_counts, n_bins)})
     return rows
 
 
-def protocol_mean_top1(logits, labels, source_prior, train_counts, mode: str) -> float:
+def protocol_mean_top1(logits, labels, source_prior, train_counts, rule: str) -> float:
     """Mean top-1 over the 11 shifted target priors (a label-shift-robust model selection objective).
 
     NaN when the split lacks a class (the protocol needs every class).
     """
     if (np.bincount(_labels_np(labels), minlength=len(train_counts)) == 0).any():
         return float("nan")
-    rows = evaluate_targets(logits, labels, source_prior, train_counts, (mode,), protocol_targets(labels, train_counts))
+    rows = evaluate_targets(logits, labels, source_prior, train_counts, (rule,), protocol_targets(labels, train_counts))
     return float(np.mean([r["top1"] for r in rows]))
 
 
 # --- Post-hoc rules with a tau chosen on validation: Decouple's τ-norm, Menon's logit adjustment ---------------
-
-TAU_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))  # 0 .. 2, as Decouple searches τ
-
 
 def select_tau(val_logits, val_labels, logits_at, grid: tuple[float, ...] = TAU_GRID) -> float:
     """The tau of ``grid`` whose validation logits ``logits_at(z_val, tau)`` have the best top-1 on the (class-
@@ -176,6 +173,50 @@ def select_tau(val_logits, val_labels, logits_at, grid: tuple[float, ...] = TAU_
     z, y = torch.as_tensor(val_logits).double(), torch.as_tensor(_labels_np(val_labels))
     scores = [float((logits_at(z, t).argmax(1) == y).double().mean()) for t in grid]
     return grid[int(np.argmax(scores))]
+
+
+def tuned_rule_logits(rule: str, logits, val_logits, val_labels, source_prior, classifier=None):
+    """(τ, transformed test logits [N, C] float64) of the tuned rule ``RULES[rule]``: τ chosen on the validation
+    logits over the rule's grid; the result then takes the rule's offset (``inject``) for any p_t."""
+    r = RULES[rule]
+    at = lambda z, t: r.transform(z, t, source_prior, classifier)  # noqa: E731
+    # On the class-balanced validation split p_t is uniform: the offset is one constant, which no argmax sees.
+    tau = select_tau(val_logits, val_labels, at, r.grid)
+    return tau, at(torch.as_tensor(logits).double(), tau)
+
+
+# Table 6's columns: top-1 under each of the 11 shifted target priors (forward 50 .. backward 50).
+PROTOCOL_NAMES: tuple[str, ...] = tuple(shift_protocol_name(d, r) for d, r in SHIFT_PROTOCOL)
+
+
+def rule_rows(run, estimate: str | None = None) -> list[dict]:
+    """The rows of Table 6 for one run (``artifacts.RunLogits``), one per post-hoc rule that fits its loss: its own
+    first, then the rules tuned on validation (``losses.tuned_rules``: post-hoc logit adjustment, and τ-norm where
+    the linear classifier is stored), each labelled with its τ. With ``estimate`` (a ``label_shift`` method), the
+    top-1 with p_t estimated from each target's own logits over the top-1 with the true p_t, on the run's own rule:
+    mean and min over the 11 targets."""
+    from .losses import posthoc_rules, tuned_rules
+
+    targets = protocol_targets(run.labels, run.train_counts)
+    rules = [(rule, rule, run.logits) for rule in posthoc_rules(run.loss)]
+    if run.val_logits is not None:
+        for name in tuned_rules(run.loss, run.classifier is not None):
+            tau, logits = tuned_rule_logits(name, run.logits, run.val_logits.double(), run.val_labels,
+                                            run.source_prior, run.classifier)
+            rules.append((f"{name} (τ={tau:g})", "inject", logits))
+    out = []
+    for label, rule, logits in rules:
+        rows = {r["target"]: r for r in evaluate_targets(logits, run.labels, run.source_prior, run.train_counts,
+                                                           (rule,), targets)}
+        u = rows["uniform"]
+        out.append({"run": f"{run.run_name} ({run.run_id[:8]})", "loss": run.loss, "posthoc": label,
+                    **{p: rows[p]["top1"] for p in PROTOCOL_NAMES}, "many": u["many"], "medium": u["medium"],
+                    "few": u["few"], "ece": u["ece"]})
+    if estimate:
+        ratios = [r["ratio"] for r in estimated_prior_rows(run.logits, run.labels, run.source_prior, run.loss, targets,
+                                                            estimate, run.val_logits, run.val_labels)]
+        out[0].update({f"{estimate}/true mean": float(sum(ratios) / len(ratios)), f"{estimate}/true min": min(ratios)})
+    return out
 
 
 # --- What not knowing p_t costs ------------------------------------------------------------------------------
@@ -189,16 +230,16 @@ def estimated_prior_rows(logits, labels, source_prior, loss: str, targets: list[
     the uniform prior, with the loss's post-hoc rule; ``ratio`` = estimated / true top-1; the estimation error as
     total variation and KL(true || estimate). ``calibration``: as for ``estimate_target_prior``, fitted once."""
     from .label_shift import estimate_target_prior, resolve_calibration, source_logits
-    from .losses import posthoc_rules
+    from .losses import default_rule
 
     z = torch.as_tensor(logits).double()
     y = torch.as_tensor(_labels_np(labels))
-    num_classes, mode = z.shape[1], posthoc_rules(loss)[0]
+    num_classes, rule = z.shape[1], default_rule(loss)
     z_val = source_logits(val_logits, source_prior, loss) if val_logits is not None else None
     calibration = resolve_calibration(calibration, z_val, val_labels, source_prior)  # fitted once, for every target
 
     def top1(zt, yt, prior) -> float:
-        return float(((zt + posthoc_offset(mode, source_prior, prior, num_classes)).argmax(1) == yt).double().mean())
+        return float(((zt + posthoc_offset(rule, source_prior, prior, num_classes)).argmax(1) == yt).double().mean())
 
     rows = []
     for t in targets:
@@ -219,21 +260,21 @@ def estimated_prior_rows(logits, labels, source_prior, loss: str, targets: list[
 
 # --- Quantities behind the paper's figures -------------------------------------------------------------------
 
-def calibration_by_mode(logits, labels, source_prior, target: Target, modes, n_bins: int = 20) -> dict[str, dict]:
-    """Reliability bins (paper Fig. 4) of each post-hoc mode on one target."""
+def calibration_by_rule(logits, labels, source_prior, target: Target, rules, n_bins: int = 20) -> dict[str, dict]:
+    """Reliability bins (paper Fig. 4) of each post-hoc rule on one target."""
     z, y = torch.as_tensor(logits), torch.as_tensor(_labels_np(labels))
     idx = torch.as_tensor(target.indices)
     out = {}
-    for mode in modes:
-        pred, conf, _ = _row_stats(z[idx], y[idx], posthoc_offset(mode, source_prior, target.prior, z.shape[1]))
-        out[mode] = calibration_bins(conf, pred == y[idx], n_bins)
+    for rule in rules:
+        pred, conf, _ = _row_stats(z[idx], y[idx], posthoc_offset(rule, source_prior, target.prior, z.shape[1]))
+        out[rule] = calibration_bins(conf, pred == y[idx], n_bins)
     return out
 
 
-def mean_predicted_prior(logits, source_prior, target: Target, mode: str) -> torch.Tensor:
+def mean_predicted_prior(logits, source_prior, target: Target, rule: str) -> torch.Tensor:
     """Average predicted probability of each class over the target's rows, float64 [C] (paper Fig. 2)."""
     z = torch.as_tensor(logits)[torch.as_tensor(target.indices)].double()
-    offset = posthoc_offset(mode, source_prior, target.prior, z.shape[1])
+    offset = posthoc_offset(rule, source_prior, target.prior, z.shape[1])
     return torch.softmax(z if offset is None else z + offset, dim=1).mean(dim=0)
 
 

@@ -26,10 +26,10 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def reliability_diagram(bins_by_mode: dict[str, dict], path: str | Path, title: str = "") -> Path:
-    """Paper Fig. 4: per-bin accuracy against confidence, one panel per post-hoc mode, with the ECE."""
-    fig, axes = plt.subplots(1, len(bins_by_mode), figsize=(4.2 * len(bins_by_mode), 4), squeeze=False)
-    for ax, (mode, b) in zip(axes[0], bins_by_mode.items()):
+def reliability_diagram(bins_by_rule: dict[str, dict], path: str | Path, title: str = "") -> Path:
+    """Paper Fig. 4: per-bin accuracy against confidence, one panel per post-hoc rule, with the ECE."""
+    fig, axes = plt.subplots(1, len(bins_by_rule), figsize=(4.2 * len(bins_by_rule), 4), squeeze=False)
+    for ax, (rule, b) in zip(axes[0], bins_by_rule.items()):
         lower, width = b["lower"].numpy(), float(b["upper"][0] - b["lower"][0])
         filled = b["count"].numpy() > 0
         acc, conf = b["accuracy"].numpy(), b["confidence"].numpy()
@@ -38,14 +38,14 @@ def reliability_diagram(bins_by_mode: dict[str, dict], path: str | Path, title: 
                color="tab:red", alpha=0.35, label="gap")
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-               title=f"{mode}  ECE {ece_from_bins(b):.3f}")
+               title=f"{rule}  ECE {ece_from_bins(b):.3f}")
         ax.legend(loc="upper left")
     if title:
         fig.suptitle(title)
     return _save(fig, path)
 
 
-def predicted_prior_figure(mean_prob_by_mode: dict[str, torch.Tensor], source_prior, target_prior,
+def predicted_prior_figure(mean_prob_by_rule: dict[str, torch.Tensor], source_prior, target_prior,
                            path: str | Path, title: str = "") -> Path:
     """Paper Fig. 2: average predicted probability per class against p_s and p_t, classes by training frequency."""
     ps = np.asarray(source_prior, dtype=np.float64)
@@ -54,8 +54,8 @@ def predicted_prior_figure(mean_prob_by_mode: dict[str, torch.Tensor], source_pr
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(x, ps[order], "k-", lw=2, label="source prior p_s")
     ax.plot(x, np.asarray(target_prior, dtype=np.float64)[order], "k--", lw=2, label="target prior p_t")
-    for mode, p in mean_prob_by_mode.items():
-        ax.plot(x, p.numpy()[order], marker=".", lw=1, label=f"mean predicted ({mode})")
+    for rule, p in mean_prob_by_rule.items():
+        ax.plot(x, p.numpy()[order], marker=".", lw=1, label=f"mean predicted ({rule})")
     ax.set(xlabel="class (sorted by training frequency)", ylabel="probability",
            title=title or "predicted label distribution")
     ax.legend()
@@ -79,13 +79,13 @@ def logit_figure(stats: dict[str, torch.Tensor], source_prior, path: str | Path,
 
 
 def shift_curve(rows: list[dict], target_names: list[str], path: str | Path, title: str = "") -> Path:
-    """Top-1 accuracy across the shifted protocol (forward 50 .. backward 50), one line per post-hoc mode, with a
+    """Top-1 accuracy across the shifted protocol (forward 50 .. backward 50), one line per post-hoc rule, with a
     band of ± its ``std`` where rows have one (a mean over seeds)."""
     fig, ax = plt.subplots(figsize=(8, 4))
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        by_target = {r["target"]: r for r in rows if r["mode"] == mode}
+    for rule in dict.fromkeys(r["mode"] for r in rows):
+        by_target = {r["target"]: r for r in rows if r["mode"] == rule}
         mean = np.array([by_target[t]["top1"] if t in by_target else np.nan for t in target_names])
-        (line,) = ax.plot(range(len(target_names)), mean, marker="o", label=mode)
+        (line,) = ax.plot(range(len(target_names)), mean, marker="o", label=rule)
         std = np.array([by_target[t].get("std", 0.0) if t in by_target else 0.0 for t in target_names])
         if std.any():  # a group of seeds: its mean ± std band
             ax.fill_between(range(len(target_names)), mean - std, mean + std, color=line.get_color(), alpha=0.2)

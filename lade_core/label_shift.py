@@ -33,11 +33,11 @@ CALIBRATIONS = (None, "bcts", "auto")
 def source_logits(logits: torch.Tensor, source_prior, loss: str) -> torch.Tensor:
     """Logits [N, C] -> float64 logits whose softmax is the model's source posterior p_s(y|x): the loss's post-hoc
     rule with p_t = p_s."""
-    from .losses import posthoc_rules  # the registry: losses.py imports no estimator
+    from .losses import default_rule  # the registry: losses.py imports no estimator
 
-    mode = posthoc_rules(loss)[0]
+    rule = default_rule(loss)
     z = logits.double()
-    return z if mode == "raw" else posthoc_logits(z, mode, source_prior, source_prior)
+    return z if rule == "raw" else posthoc_logits(z, rule, source_prior, source_prior)
 
 
 def fit_bcts(val_logits: torch.Tensor, val_labels: torch.Tensor, shift: torch.Tensor | None = None,

@@ -24,12 +24,12 @@ from torch import nn
 
 from .compat import assert_async, tensor_version
 from .distributed import gather_batch, is_distributed
-from .posthoc import RULES
+from .posthoc import FIXED_RULES, RULES
 from .priors import tempered_class_weights, validate_prior
 
 __all__ = ["SoftmaxLoss", "BalancedSoftmaxLoss", "LADERLoss", "LADELoss", "LogitAdjustedLoss", "FocalLoss",
            "LDAMDRWLoss", "CausalNormLoss", "ESTIMATORS", "LOSSES", "Loss", "LossSpec", "Hyperparameter",
-           "register_loss", "build_loss", "posthoc_rules",
+           "register_loss", "build_loss", "posthoc_rules", "default_rule", "logits_entangled", "tuned_rules",
            "classifier_head", "check_targets", "lade_reference"]
 
 Estimator = Literal["released", "paper"]
@@ -583,8 +583,8 @@ def register_loss(name: str, spec: LossSpec) -> LossSpec:
     if not isinstance(spec, LossSpec):
         raise TypeError(f"loss {name!r}: an entry point must name a lade_core.losses.LossSpec, got "
                         f"{type(spec).__name__}")
-    if not spec.posthoc or any(r not in RULES for r in spec.posthoc):
-        raise ValueError(f"loss {name!r}: posthoc must name rules among {RULES}, got {spec.posthoc!r}")
+    if not spec.posthoc or any(r not in FIXED_RULES for r in spec.posthoc):
+        raise ValueError(f"loss {name!r}: posthoc must name rules among {FIXED_RULES}, got {spec.posthoc!r}")
     takes = set(inspect.signature(spec.cls).parameters)
     missing = [h.name for h in spec.params if h.name not in takes]
     if "source_prior" not in takes or missing:
@@ -637,6 +637,24 @@ def build_loss(name: str, source_prior: PriorLike, *, train_counts: Sequence[int
 def posthoc_rules(name: str) -> tuple[str, ...]:
     """The post-hoc rules that fit loss ``name``'s logits, the one the loss calls for first."""
     return _spec(name).posthoc
+
+
+def default_rule(name: str) -> str:
+    """The post-hoc rule loss ``name`` calls for (validation, summaries, the served model's default)."""
+    return _spec(name).posthoc[0]
+
+
+def logits_entangled(name: str) -> bool:
+    """Whether loss ``name``'s logits are entangled with p_s (its own rule removes log p_s, as PC does)."""
+    return RULES[default_rule(name)].removes_source_prior
+
+
+def tuned_rules(name: str, has_classifier: bool) -> tuple[str, ...]:
+    """The rules tuned on validation that fit loss ``name``'s logits (post-hoc logit adjustment, τ-norm, for logits
+    entangled with p_s), those needing the linear classifier only when it is at hand."""
+    if not logits_entangled(name):
+        return ()
+    return tuple(r.name for r in RULES.values() if r.tuned and (has_classifier or not r.needs_classifier))
 
 
 def classifier_head(name: str, source_prior: PriorLike, *, train_counts: Sequence[int] | None = None,

@@ -26,7 +26,7 @@ from .data.synthetic import make_synthetic
 from .evaluation import evaluate_targets, protocol_targets
 from .inference import batch_logits
 from .label_shift import auto_calibration, source_logits
-from .losses import posthoc_rules
+from .losses import default_rule, posthoc_rules
 from .models import build_model, check_input_size
 from .report import format_table
 from .runtime import init_ray
@@ -124,9 +124,9 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
 
     logits, labels = split_logits(prepared.test_split)
     source_prior, counts = prepared.source_prior, prepared.class_counts("train")
-    mode = posthoc_rules(config["loss"])[0]
+    rule = default_rule(config["loss"])
     targets = {t.name: t for t in protocol_targets(labels, counts)}
-    rows = evaluate_targets(logits, labels, source_prior, counts, (mode,),
+    rows = evaluate_targets(logits, labels, source_prior, counts, (rule,),
                             [targets[name] for name in ("uniform", "forward_10", "backward_10")])
     table = {r["target"]: r for r in rows}
     u = table["uniform"]
@@ -160,6 +160,6 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
     if config["register"]:
         register_once(client, run_id, config["register"], model_uri)
     end_run(config["mlflow_uri"], run_id)
-    print(f"\nrun {config['run_name']} ({config['loss']}, post-hoc: {mode}) — MLflow run {run_id}")
+    print(f"\nrun {config['run_name']} ({config['loss']}, post-hoc: {rule}) — MLflow run {run_id}")
     print(format_table(rows, ["target", "n", "top1", "many", "medium", "few", "nll", "ece"]), end="")
     return table

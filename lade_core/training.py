@@ -22,7 +22,7 @@ from .data.recipe import augment_seed
 from .data.transforms import ImageTransform
 from .evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
 from .inference import model_batches, sharded_logits, sync_buffers
-from .losses import build_loss, posthoc_rules
+from .losses import build_loss, default_rule
 from .mixing import BatchMix, mixed_loss
 from .models import build_model, classifier_parameters, load_model_state, memory_format
 from .priors import uniform_prior
@@ -113,12 +113,12 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor, loss: str, source_prior
     """Top-1, Many/Medium/Few, NLL and ECE under the uniform target prior, and the mean top-1 over the shifted
     protocol, with the post-hoc rule the loss calls for (softmax -> PC compensation; LADE / Balanced Softmax ->
     prior injection)."""
-    mode = posthoc_rules(loss)[0]
+    rule = default_rule(loss)
     uniform = Target("uniform", np.arange(len(labels)), uniform_prior(logits.shape[1]))
-    (row,) = evaluate_targets(logits, labels, source_prior, train_counts, (mode,), [uniform])
+    (row,) = evaluate_targets(logits, labels, source_prior, train_counts, (rule,), [uniform])
     out = {f"{prefix}/{k}": row[k] for k in METRICS}
     # Mean top-1 over the 11 shifted priors: the Tune objective for users whose target distribution is unknown.
-    out[f"{prefix}/shift_mean_top1"] = protocol_mean_top1(logits, labels, source_prior, train_counts, mode)
+    out[f"{prefix}/shift_mean_top1"] = protocol_mean_top1(logits, labels, source_prior, train_counts, rule)
     return out
 
 

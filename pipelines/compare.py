@@ -25,19 +25,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from lade_core.artifacts import LOGITS_ARTIFACT, RunLogits, load_run_logits
-from lade_core.evaluation import estimated_prior_rows, evaluate_targets, protocol_targets, select_tau
+from lade_core.artifacts import LOGITS_ARTIFACT, load_run_logits
+from lade_core.evaluation import PROTOCOL_NAMES, rule_rows
 from lade_core.figures import shift_curve
-from lade_core.heads import tau_normalize
 from lade_core.label_shift import METHODS
-from lade_core.losses import posthoc_rules
-from lade_core.posthoc import logit_adjust
-from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name, uniform_prior
 from lade_core.report import FORMATS, MeanStd, format_table, group_rows
 from lade_core.runtime import quiet_logging
 from lade_core.tracking import resolve_tracking_uri
 
-PRIORS = [shift_protocol_name(d, r) for d, r in SHIFT_PROTOCOL]
+PRIORS = list(PROTOCOL_NAMES)
 COLUMNS = ["run", "loss", "posthoc", *PRIORS, "many", "medium", "few", "ece"]
 
 
@@ -80,35 +76,6 @@ def select_runs(client, args) -> list[str]:
     return ids
 
 
-def table_rows(run: RunLogits, estimate: str | None = None) -> list[dict]:
-    """The rows of Table 6 for one run, one per post-hoc rule (and the tuned rules where they apply); with
-    ``estimate``, the estimated-prior columns of the run's own rule too."""
-    targets = protocol_targets(run.labels, run.train_counts)
-    rules = [(rule, rule, run.logits) for rule in posthoc_rules(run.loss)]
-    z, zv = run.logits.double(), None if run.val_logits is None else run.val_logits.double()
-    if posthoc_rules(run.loss)[0] == "pc" and zv is not None:
-        uniform = uniform_prior(len(run.source_prior))
-        tau = select_tau(zv, run.val_labels, lambda v, t: logit_adjust(v, run.source_prior, uniform, t))
-        # z - τ log p_s + log p_t as "inject" on z - τ log p_s
-        rules.append((f"adjusted (τ={tau:g})", "inject", logit_adjust(z, run.source_prior, uniform, tau)))
-    if run.classifier is not None and zv is not None:
-        tau = select_tau(zv, run.val_labels, lambda v, t: tau_normalize(v, *run.classifier, t))
-        rules.append((f"tau_norm (τ={tau:g})", "inject", tau_normalize(z, *run.classifier, tau)))
-    out = []
-    for label, rule, logits in rules:
-        rows = {r["target"]: r for r in evaluate_targets(logits, run.labels, run.source_prior, run.train_counts,
-                                                           (rule,), targets)}
-        u = rows["uniform"]
-        out.append({"run": f"{run.run_name} ({run.run_id[:8]})", "loss": run.loss, "posthoc": label,
-                    **{p: rows[p]["top1"] for p in PRIORS}, "many": u["many"], "medium": u["medium"],
-                    "few": u["few"], "ece": u["ece"]})
-    if estimate:
-        ratios = [r["ratio"] for r in estimated_prior_rows(run.logits, run.labels, run.source_prior, run.loss, targets,
-                                                            estimate, run.val_logits, run.val_labels)]
-        out[0].update({f"{estimate}/true mean": float(sum(ratios) / len(ratios)), f"{estimate}/true min": min(ratios)})
-    return out
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_logging(args.verbose)
@@ -124,7 +91,7 @@ def main(argv=None) -> int:
     if args.estimate_prior == "bbse" and any(r.val_logits is None for r in runs):
         print("error: --estimate-prior bbse needs validation logits, which some of these runs lack", file=sys.stderr)
         return 2
-    per_run = [(r, row) for r in runs for row in table_rows(r, args.estimate_prior)]
+    per_run = [(r, row) for r in runs for row in rule_rows(r, args.estimate_prior)]
     extra = [f"{args.estimate_prior}/true mean", f"{args.estimate_prior}/true min"] if args.estimate_prior else []
     rows = [row for _, row in per_run]
     columns = COLUMNS + extra

@@ -6,8 +6,8 @@
 
 Targets: the 11 priors of the shifted protocol (forward 50 .. uniform .. backward 50, paper Table 6) plus any
 --target-prior file (JSON list / {"prior": [...]} / {"counts": [...]}, or CSV: one value per line or
-`class,value` rows). Per target and post-hoc mode (softmax: raw, pc; balanced_softmax/lade: inject, raw): top-1,
-Many/Medium/Few, NLL, ECE. With a run, results go back into it: metrics shift/<target>/<mode>/<metric>, the table
+`class,value` rows). Per target and post-hoc rule (softmax: raw, pc; balanced_softmax/lade: inject, raw): top-1,
+Many/Medium/Few, NLL, ECE. With a run, results go back into it: metrics shift/<target>/<rule>/<metric>, the table
 (eval/shift_table.json) and figures (eval/figures/*.png); rerunning writes nothing new.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from lade_core.evaluation import (
     ESTIMATE_COLUMNS,
     METRICS,
     Target,
-    calibration_by_mode,
+    calibration_by_rule,
     estimated_prior_rows,
     evaluate_targets,
     logit_statistics,
@@ -94,15 +94,15 @@ def evaluate_run(run: RunLogits, targets: list[Target]) -> list[dict]:
 def write_figures(run: RunLogits, targets: list[Target], rows: list[dict], out: Path) -> list[Path]:
     from lade_core import figures
 
-    modes = posthoc_rules(run.loss)
+    rules = posthoc_rules(run.loss)
     uniform = next(t for t in targets if t.name == "uniform")
     title = f"{run.run_name} ({run.loss})"
     protocol = [t.name for t in targets[:11]]
     return [
-        figures.reliability_diagram(calibration_by_mode(run.logits, run.labels, run.source_prior, uniform, modes),
+        figures.reliability_diagram(calibration_by_rule(run.logits, run.labels, run.source_prior, uniform, rules),
                                     out / "reliability.png", f"{title}, uniform target"),
         figures.predicted_prior_figure({m: mean_predicted_prior(run.logits, run.source_prior, uniform, m)
-                                        for m in modes},
+                                        for m in rules},
                                        run.source_prior, uniform.prior, out / "predicted_prior.png", title),
         figures.logit_figure(logit_statistics(run.logits, run.labels), run.source_prior, out / "logits.png", title),
         figures.shift_curve([r for r in rows if r["target"] in protocol], protocol, out / "accuracy_vs_shift.png",

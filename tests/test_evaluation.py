@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lade_core.evaluation import (
-    calibration_by_mode,
+    calibration_by_rule,
     evaluate_targets,
     logit_statistics,
     mean_predicted_prior,
@@ -129,7 +129,7 @@ def test_figure_quantities_match_loops(data):
         assert stats["neg_std"][c] == pytest.approx(float(neg.std(unbiased=False)), abs=1e-7)
     ps = prior_from_counts(TRAIN)
     uniform = protocol_targets(labels, TRAIN)[5]
-    bins = calibration_by_mode(logits, labels, ps, uniform, ("pc",))["pc"]
+    bins = calibration_by_rule(logits, labels, ps, uniform, ("pc",))["pc"]
     ref = reliability_bins(torch.softmax(posthoc_logits(logits, "pc", ps, uniform.prior), 1), labels)
     for k in ref:
         assert torch.allclose(bins[k], ref[k], atol=1e-12)

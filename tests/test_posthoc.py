@@ -29,7 +29,7 @@ def test_posthoc_rejects_bad_priors():
         inject_prior(z, [0.5, 0.5])
     with pytest.raises(ValueError, match="source_prior is negative"):
         compensate(z, [1.2, -0.2, 0.0], [1 / 3] * 3)
-    with pytest.raises(ValueError, match="unknown post-hoc mode"):
+    with pytest.raises(ValueError, match="unknown post-hoc rule"):
         posthoc_logits(z, "bogus", [1 / 3] * 3, [1 / 3] * 3)
 
 
