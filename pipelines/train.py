@@ -5,45 +5,23 @@
   ray job submit --working-dir . -- python pipelines/train.py --smoke-test
 
 Config file -> CLI overrides (only flags you pass override). Rerunning with the same --run-name resumes.
+The run itself (checks, resume or finalize, seed groups) is lade_core.driver.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import sys
 from pathlib import Path
 
-from lade_core.artifacts import MODEL_NAME
-from lade_core.checkpoint import join_path, latest_checkpoint
-from lade_core.config import add_loss_arguments, json_or_name, resolve_config, validate_config
-from lade_core.data import DataError
-from lade_core.locks import LockHeld, lock_for, maybe_exclusive
+from lade_core.config import add_loss_arguments, json_or_name
+from lade_core.driver import train_run, train_seeds
 from lade_core.losses import LOSSES
-from lade_core.runs import SMOKE, check_against_dataset, finalize, load_dataset, storage_uri
-from lade_core.runtime import check_job_locations, init_ray, local_num_cpus, quiet_logging
-from lade_core.tracking import (
-    CONFIG_DIGEST_TAG,
-    PARENT_RUN_TAG,
-    SEED_GROUP_TAG,
-    RunRecord,
-    check_reachable,
-    end_run,
-    logged_model_uri,
-    mark_running,
-    open_run,
-    register_once,
-    resolve_tracking_uri,
-    run_key,
-)
-from lade_core.training import build_trainer
+from lade_core.runs import SMOKE
+from lade_core.runtime import quiet_logging
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "synthetic" / "lade.yaml"
-# Keys that may change between a run and its resumption without making it a different experiment.
-RUNTIME_KEYS = {"progress", "run_name", "register", "max_failures", "mlflow_uri", "storage_path", "num_workers",
-                "use_gpu", "cpus_per_worker", "worker_resources", "mlflow_run_id", "experiment"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,42 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def config_digest(config: dict) -> str:
-    core = {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
-    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def check_cluster_fits(config: dict) -> None:
-    import ray
-
-    res = ray.cluster_resources()
-    need_cpu = config["num_workers"] * config["cpus_per_worker"]
-    if res.get("CPU", 0) < need_cpu:
-        raise RuntimeError(f"num_workers={config['num_workers']} needs {need_cpu:g} CPUs; the cluster has "
-                           f"{res.get('CPU', 0):g}")
-    if config["use_gpu"] and res.get("GPU", 0) < config["num_workers"]:
-        raise RuntimeError(f"num_workers={config['num_workers']} with --use-gpu needs that many GPUs; the cluster has "
-                           f"{res.get('GPU', 0):g}")
-    for name, amount in (config["worker_resources"] or {}).items():
-        if res.get(name, 0) < amount * config["num_workers"]:
-            raise RuntimeError(f"num_workers={config['num_workers']} needs {amount * config['num_workers']:g} of "
-                               f"resource {name!r} (worker_resources); the cluster has {res.get(name, 0):g}")
-
-
-def check_same_run(config: dict, run: RunRecord, digest: str) -> None:
-    """A found run is resumed only with the config it was started with (its digest, a tag set at creation; a param
-    for runs of older lade); a run with none was not started by train.py and is never taken over silently."""
-    from mlflow import MlflowClient
-
-    logged = run.tags.get(CONFIG_DIGEST_TAG) or MlflowClient(config["mlflow_uri"]).get_run(
-        run.run_id).data.params.get("config_digest")
-    if logged is None:
-        raise ValueError(f"run name {config['run_name']!r} exists in experiment {config['experiment']!r} without a "
-                         "config digest (not started by train.py); pass another --run-name")
-    if logged != digest:
-        raise ValueError(f"run name {config['run_name']!r} exists with a different config; pass another --run-name")
-
-
 def main(argv=None) -> int:
     args = vars(parse_args(argv))
     config_path, num_cpus, smoke = args.pop("config"), args.pop("num_cpus", None), args.pop("smoke_test", False)
@@ -144,103 +86,7 @@ def main(argv=None) -> int:
             return 2
         return train_seeds(config_path, overrides, num_cpus, seeds)
     with contextlib.ExitStack() as held:  # the run's lock, taken once its name is known, until this driver ends
-        return train(config_path, overrides, num_cpus, held)
-
-
-def train_seeds(config_path: str, overrides: dict, num_cpus: int | None, seeds: list[int]) -> int:
-    """One run per seed, in turn, each under a parent run named after the group (MLflow's parentRunId tag); a rerun
-    resumes or skips each as ``train`` does. The parent is FINISHED when every seed's run is."""
-    if len(set(seeds)) != len(seeds):
-        print(f"error: --seeds repeats a seed: {seeds}", file=sys.stderr)
-        return 2
-    parent = {}
-    for seed in seeds:
-        with contextlib.ExitStack() as held:
-            rc = train(config_path, {**overrides, "seed": seed}, num_cpus, held, parent)
-        if rc:
-            return rc
-    end_run(parent["mlflow_uri"], parent["run_id"])
-    print(f"seeds {seeds}: parent run {parent['name']} (MLflow run {parent['run_id']}); "
-          f"python pipelines/compare.py --experiment {parent['experiment']} reports mean ± std over them")
-    return 0
-
-
-def train(config_path: str, overrides: dict, num_cpus: int | None, held: contextlib.ExitStack,
-          parent: dict | None = None) -> int:
-    """The run of one resolved command line, under the run's lock (held by ``held``) once its name is known.
-    ``parent`` (from ``train_seeds``): the seed group's parent run, opened by its first seed's call and filled in
-    here."""
-    try:
-        config = resolve_config(config_path, overrides)
-        check_job_locations(mlflow_uri=config["mlflow_uri"], storage_path=config["storage_path"])
-        config["mlflow_uri"] = resolve_tracking_uri(config["mlflow_uri"])
-        check_reachable(config["mlflow_uri"])
-        num_cpus = local_num_cpus(num_cpus, config["num_workers"] * config["cpus_per_worker"])
-        validate_config(config)
-        prepared = load_dataset(config, num_cpus)
-        config = check_against_dataset(config, prepared)
-        config["source_prior"] = prepared.source_prior.tolist()
-        config["train_counts"] = prepared.class_counts("train")
-        config["storage_path"] = storage_uri(config["storage_path"], "outputs/ray_results")
-        digest = config_digest(config)
-        group = config_digest({**config, "seed": None})  # the runs that differ from this one only in seed
-        tags = {CONFIG_DIGEST_TAG: digest, SEED_GROUP_TAG: group}
-        if parent is not None:
-            base = config["run_name"] or f"{prepared.name}-{config['loss']}-{group}"
-            if not parent:
-                record = open_run(config["mlflow_uri"], config["experiment"], base, {**config, "seed": None},
-                                  tags={SEED_GROUP_TAG: group}, storage=config["storage_path"])
-                parent.update(run_id=record.run_id, name=base, mlflow_uri=config["mlflow_uri"],
-                              experiment=config["experiment"])
-            config["run_name"] = f"{base}-seed{config['seed']}"
-            tags[PARENT_RUN_TAG] = parent["run_id"]
-        config["run_name"] = config["run_name"] or f"{prepared.name}-{config['loss']}-{digest}"
-        held.enter_context(maybe_exclusive(lock_for(config["storage_path"], f"run-{run_key(config['run_name'])}"),
-                                           f"run {config['run_name']!r}"))  # one driver per run (lade_core.locks)
-        run = open_run(config["mlflow_uri"], config["experiment"], config["run_name"], config, tags=tags,
-                       storage=config["storage_path"])
-        if run.resumed:
-            check_same_run(config, run, digest)  # before anything touches the run: a refusal leaves its state
-    except (ValueError, FileNotFoundError, ConnectionError, DataError, LockHeld) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    import ray.train
-    from mlflow import MlflowClient
-
-    run_id = config["mlflow_run_id"] = run.run_id
-    client = MlflowClient(config["mlflow_uri"])
-    if run.status == "FINISHED":
-        # Finalized before: nothing to train or log, no Ray to start. A --register added now is done from MLflow.
-        if config["register"]:
-            register_once(client, run_id, config["register"], logged_model_uri(client, run_id, MODEL_NAME))
-        print(f"run {config['run_name']} is finished (MLflow run {run_id}); nothing to do")
-        return 0
-    if not run.resumed:
-        client.log_param(run_id, "config_digest", digest)  # also as a param, to compare runs by it in the UI
-    else:
-        print(f"resuming run {config['run_name']} (MLflow run {run_id})")
-    try:
-        init_ray(num_cpus=num_cpus)
-        check_cluster_fits(config)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if not run.resumed:  # a run of this invocation's own; a found run keeps the state it had
-            end_run(config["mlflow_uri"], run_id, failed=True)
-        return 2
-    mark_running(config["mlflow_uri"], run)
-    try:
-        latest = latest_checkpoint(join_path(config["storage_path"], config["run_name"]))
-        if latest and latest.epoch + 1 >= config["epochs"]:
-            # Trained to the end before (the driver may have died before finalizing): finalize, never retrain.
-            print(f"run {config['run_name']}: all {config['epochs']} epochs are checkpointed; finalizing")
-            checkpoint = ray.train.Checkpoint(latest.path)
-        else:
-            checkpoint = build_trainer(config, prepared).fit().checkpoint
-        finalize(config, prepared, checkpoint)
-    except BaseException:
-        end_run(config["mlflow_uri"], run_id, failed=True)  # a crashed run shows FAILED, not FINISHED
-        raise
-    return 0
+        return train_run(config_path, overrides, num_cpus, held)
 
 
 if __name__ == "__main__":

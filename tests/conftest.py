@@ -16,8 +16,24 @@ from PIL import Image
 # Ray >= 2.59 may turn on token auth; the tests run a local cluster without it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-# The pipelines are scripts, not a package: tests import their functions (main, parse_args) from here.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Script:
+    """A ``pipelines/`` script driven as a user runs it, in its own process (the tests import only lade_core):
+    ``main(argv)`` -> its exit status, its stdout and stderr written to this process's, where capsys reads them."""
+
+    def __init__(self, name: str):
+        self.path = REPO / "pipelines" / f"{name}.py"
+
+    def main(self, argv: list[str]) -> int:
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)
+        p = subprocess.run([sys.executable, str(self.path), *argv], env=env, capture_output=True, text=True,
+                           timeout=600)
+        sys.stdout.write(p.stdout)
+        sys.stderr.write(p.stderr)
+        return p.returncode
 
 SHARED_DATA = Path(os.environ.get("LADE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 # The published split lists the tests read, committed xz-compressed (their real lines, in their real class-grouped
@@ -73,7 +89,6 @@ def ray_local():
     ray.shutdown()
 
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:

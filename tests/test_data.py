@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import class_png, png16, shared_file, split_counts, write_sorted_list_dataset
+from conftest import png16, shared_file, split_counts, write_sorted_list_dataset
 from lade_core.data import DataError, open_prepared
 from lade_core.data.prepare import prepare_dataset
 from lade_core.data.sources import load_cifar100_lt, load_inat2018_json, load_split_lists, with_validation
@@ -350,98 +350,6 @@ def test_open_prepared_rejects_missing_or_inconsistent_manifest(tmp_path, ray_lo
     (tmp_path / "s" / "dataset.json").write_text(json.dumps(m))
     with pytest.raises(DataError, match="class counts for 3 classes, manifest says 4"):
         open_prepared(tmp_path / "s")
-
-
-# ---------- a user's own data: class-sorted lists without val, ImageFolder, transform and size ----------
-
-def test_sorted_list_without_val_gets_a_balanced_holdout_and_its_transform(tmp_path, ray_local):
-    import prepare_data
-
-    counts = long_tailed_counts(10, 60, 10)  # 60 .. 6 images per class
-    lists = write_sorted_list_dataset(tmp_path, counts)
-    out = tmp_path / "prepared"
-    rc = prepare_data.main(["lists", "--name", "mine", "--image-root", str(tmp_path / "images"), "--train",
-                            str(lists["train"]), "--test", str(lists["test"]), "--transform", "cifar",
-                            "--image-size", "16", "--out", str(out)])
-    assert rc == 0
-    ds = open_prepared(out)
-    k = min(counts) - 2  # default: as many per class as the smallest class gives while keeping 2 for training
-    assert ds.class_counts("val") == [k] * 10
-    assert ds.class_counts("train") == [n - k for n in counts]
-    assert ds.manifest["validation"] == {"source": "held out of train (seeded, class-balanced)", "per_class": k,
-                                         "min_train_per_class": 2, "seed": 0}
-    train_paths = set(ds.raw_split("train")["path"].to_pylist())
-    val_paths = set(ds.raw_split("val")["path"].to_pylist())
-    assert not train_paths & val_paths and len(train_paths | val_paths) == sum(counts)
-    assert ds.manifest["transform"] == "cifar" and ds.image_size == 16
-    batch = ds.ray_dataset("val").take_batch(4)
-    assert batch["image"].shape == (4, 3, 16, 16)  # the stored size reaches every later use of the dataset
-    assert ds.ray_dataset("val", ds.eval_transform(8)).take_batch(2)["image"].shape == (2, 3, 8, 8)
-
-
-def test_image_folder_classes_sorted_by_name(tmp_path, ray_local):
-    import prepare_data
-
-    rng = np.random.default_rng(1)
-    names, counts = ["zebra", "ant", "moth"], [9, 6, 3]  # ImageFolder order: ant, moth, zebra
-    for name, n in zip(names, counts):
-        for k in range(n):
-            class_png(tmp_path / "root" / "train" / name / f"{k}.png", names.index(name), 12, rng)
-        class_png(tmp_path / "root" / "test" / name / "t.png", names.index(name), 12, rng)
-    (tmp_path / "root" / "train" / "ant" / "notes.txt").write_text("not an image")
-    rc = prepare_data.main(["imagefolder", "--root", str(tmp_path / "root"), "--val-per-class", "1",
-                            "--transform", "cifar", "--out", str(tmp_path / "out")])
-    assert rc == 0
-    ds = open_prepared(tmp_path / "out")
-    assert ds.manifest["class_names"] == ["ant", "moth", "zebra"]
-    assert ds.class_counts("train") == [5, 2, 8] and ds.class_counts("val") == [1, 1, 1]
-    assert ds.manifest["source"]["ignored_files"] == {"train": 1, "test": 0}
-    t = ds.raw_split("train").to_pydict()
-    assert all(p.split("/")[1] == ds.manifest["class_names"][y] for p, y in zip(t["path"], t["label"]))
-
-
-@pytest.mark.parametrize(
-    "case, match",
-    [
-        ("transform", r"unknown transform 'fancy'; choose one of \['cifar', 'imagenet'\]"),
-        ("size", r"image size must be an integer >= 8, got 4"),
-        ("val_per_class", r"--val-per-class 7 would leave 3 classes below --min-train-per-class 2 \(7: 8 images, "
-                          r"8: 7 images, 9: 6 images\); the smallest class allows at most 4"),
-        ("min_train", r"holding out even 1 image per class would leave classes below --min-train-per-class 6: 9: 6"),
-        ("outside", r"image path '\.\./outside/x\.png' \(entry 1\) leaves the image root"),
-        ("empty_folder", r"zero training images: class indices \[2\] \(\['empty'\]\)"),
-        ("unknown_class", r"class folders \['ghost'\] are not among the train split's classes"),
-    ],
-)
-def test_user_dataset_bad_input_is_one_clear_error_before_anything_is_written(tmp_path, capsys, case, match):
-    import prepare_data
-
-    out = tmp_path / "out"
-    if case in ("empty_folder", "unknown_class"):
-        rng = np.random.default_rng(0)
-        for name in ("cat", "dog"):
-            for k in range(4):
-                class_png(tmp_path / "root" / "train" / name / f"{k}.png", 0, 12, rng)
-        if case == "empty_folder":
-            for f in (tmp_path / "root" / "train" / "dog").iterdir():
-                f.unlink()
-            (tmp_path / "root" / "train" / "empty").mkdir()
-            class_png(tmp_path / "root" / "train" / "dog" / "0.png", 0, 12, rng)
-        else:
-            class_png(tmp_path / "root" / "test" / "ghost" / "0.png", 0, 12, rng)
-        argv = ["imagefolder", "--root", str(tmp_path / "root"), "--out", str(out)]
-    else:
-        lists = write_sorted_list_dataset(tmp_path, long_tailed_counts(10, 30, 5), test_per_class=1, size=10)
-        if case == "outside":
-            lists["train"].write_text("../outside/x.png 0\n" + lists["train"].read_text())
-        argv = ["lists", "--name", "mine", "--image-root", str(tmp_path / "images"), "--train", str(lists["train"]),
-                "--out", str(out)]
-        argv += {"transform": ["--transform", "fancy"], "size": ["--image-size", "4"], "outside": [],
-                 "val_per_class": ["--val-per-class", "7"], "min_train": ["--min-train-per-class", "6"]}[case]
-    assert prepare_data.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("error:") == 1 and __import__("re").search(match, err), err
-    assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
 # ---------- shuffled training epochs on class-sorted data ----------

@@ -4,8 +4,6 @@ import csv
 import io
 import json
 
-import compare  # noqa: E402  (pipelines/ is put on sys.path below)
-import evaluate  # noqa: E402
 import mlflow
 import numpy as np
 import pandas as pd
@@ -13,12 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import Script
 from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
 from lade_core.evaluation import protocol_targets
 from lade_core.metrics import expected_calibration_error, nll, shot_accuracies
 from lade_core.posthoc import posthoc_logits
 
 FIGURES = ("reliability", "predicted_prior", "logits", "accuracy_vs_shift")
+compare, evaluate = Script("compare"), Script("evaluate")
 
 
 @pytest.fixture(scope="module")

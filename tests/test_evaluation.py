@@ -144,12 +144,14 @@ def test_figure_quantities_match_loops(data):
     ("label_out_of_range", "labels must lie in [0, 3), got [0, 3]"),
     ("counts_wrong_length", "train_counts has 2 entries for 3 classes"),
 ])
+@pytest.mark.slow  # runs pipelines/evaluate.py, as a user does
 def test_evaluate_refuses_bad_logits_priors_and_files(tmp_path, capsys, case, message):
     """pipelines/evaluate.py on local files: every bad input is one `error:` line and exit 2, no table."""
     import json
 
-    import evaluate  # pipelines/ is on sys.path (conftest)
+    from conftest import Script
 
+    evaluate = Script("evaluate")
     from lade_core.artifacts import write_logits_parquet
 
     logits, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])

@@ -61,7 +61,9 @@ def test_registered_model_serves_the_logits_its_run_stored(peers, loss, model):
 
 
 def _compare_csv(uri: str, run_ids: list[str]) -> pd.DataFrame:
-    import compare
+    from conftest import Script
+
+    compare = Script("compare")
 
     buf = io.StringIO()
     with redirect_stdout(buf):
