@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .checks import check_labels
 from .losses import tuned_rules
 from .posthoc import RULES
 
@@ -95,9 +96,7 @@ class RunLogits:
         if bad.numel():
             raise ValueError(f"{self.run_name}: logits are NaN or infinite in {bad.numel()} rows, e.g. "
                              f"{bad[:10].tolist()}")
-        if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= c):
-            raise ValueError(f"{self.run_name}: labels must lie in [0, {c}), got [{int(self.labels.min())}, "
-                             f"{int(self.labels.max())}]")
+        check_labels(self.labels, c, f"{self.run_name}: labels")
         validate_prior(self.source_prior, c, "source prior")
         if len(self.train_counts) != c:
             raise ValueError(f"{self.run_name}: train_counts has {len(self.train_counts)} entries for {c} classes")

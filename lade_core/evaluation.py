@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import bad_indices
 from .metrics import calibration_bins, ece_from_bins, shot_accuracies
 from .posthoc import RULES, TAU_GRID, posthoc_offset
 from .priors import SHIFT_PROTOCOL, shift_protocol_name, shifted_counts, subset_with_counts, validate_prior
@@ -47,7 +48,7 @@ def protocol_targets(labels, train_counts, per_class: int | None = None) -> list
     available = np.bincount(y, minlength=num_classes)
     if per_class is None:
         if (available == 0).any():
-            raise ValueError(f"the test split has no samples of classes {np.nonzero(available == 0)[0][:20].tolist()}; "
+            raise ValueError(f"the test split has no samples of classes {bad_indices(available == 0)}; "
                              "the shifted protocol needs every class")
         per_class = int(available.min())
     out = []
@@ -70,10 +71,10 @@ def target_from_values(name: str, values, labels, num_classes: int) -> Target:
         raise ValueError(f"target prior {name!r} has wrong length: {v.numel()} entries for {num_classes} classes")
     if torch.isnan(v).any() or torch.isinf(v).any():
         raise ValueError(f"target prior {name!r} is NaN or infinite at class indices "
-                         f"{torch.nonzero(~torch.isfinite(v)).flatten()[:20].tolist()}")
+                         f"{bad_indices(~torch.isfinite(v))}")
     if (v < 0).any():
         raise ValueError(f"target prior {name!r} is negative at class indices "
-                         f"{torch.nonzero(v < 0).flatten()[:20].tolist()}")
+                         f"{bad_indices(v < 0)}")
     y = _labels_np(labels)
     available = np.bincount(y, minlength=num_classes).astype(np.float64)
     is_counts = bool((v == v.round()).all()) and abs(float(v.sum()) - 1.0) > 1e-6

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import bad_indices, check_labels, check_range
 from .compat import assert_async, tensor_version
 from .distributed import gather_batch, is_distributed
 from .posthoc import FIXED_RULES, RULES
@@ -49,9 +50,7 @@ def check_targets(targets: torch.Tensor, num_classes: int) -> None:
         assert_async(((targets >= 0) & (targets < num_classes)).all(),
                             f"targets out of range: labels must lie in [0, {num_classes})")
         return
-    lo, hi = (int(v) for v in torch.aminmax(targets))
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"targets out of range: labels must lie in [0, {num_classes}), got [{lo}, {hi}]")
+    check_labels(targets, num_classes, "targets out of range: labels")
 
 
 def _check_logits(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -82,24 +81,12 @@ class _CastCache:
         return out
 
 
-def _finite(value, name: str, *, low: float = -math.inf, low_open: bool = False, high: float = math.inf,
-            high_open: bool = False) -> float:
-    """``value`` as a float within the given bounds, or one error naming the hyperparameter and its range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        lo = "" if low == -math.inf else f"{'>' if low_open else '>='} {low:g}"
-        hi = "" if high == math.inf else f"{'<' if high_open else '<='} {high:g}"
-        raise ValueError(f"{name} must be a finite number {' and '.join(b for b in (lo, hi) if b)}, got {value!r}")
-    return float(value)
-
-
 def _source_prior(source_prior: PriorLike) -> torch.Tensor:
     p = torch.as_tensor(np.asarray(source_prior, dtype=np.float64))
     p = validate_prior(p, p.numel(), "source_prior")
     if (p == 0).any():
         # log p_s(c) = -inf would make the loss infinite for every sample of class c.
-        raise ValueError(f"source_prior is zero at class indices {torch.nonzero(p == 0).flatten().tolist()[:20]}")
+        raise ValueError(f"source_prior is zero at class indices {bad_indices(p == 0)}")
     return p
 
 
@@ -259,7 +246,7 @@ class LADERLoss(Loss):
         p = _source_prior(source_prior)
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
-        self.lam = _finite(lam, "lam (λ)", low=0)
+        self.lam = check_range(lam, "lam (λ)", low=0)
         self.estimator = estimator
         self.num_classes = p.numel()
         if class_weights is None:
@@ -270,10 +257,10 @@ class LADERLoss(Loss):
                 raise ValueError(f"class_weights has wrong length: {w.numel()} entries for {self.num_classes} classes")
             if not torch.isfinite(w).all():
                 raise ValueError(f"class_weights are NaN or infinite at class indices "
-                                 f"{torch.nonzero(~torch.isfinite(w)).flatten().tolist()[:20]}")
+                                 f"{bad_indices(~torch.isfinite(w))}")
             if (w < 0).any():
                 raise ValueError(f"class_weights are negative at class indices "
-                                 f"{torch.nonzero(w < 0).flatten().tolist()[:20]}")
+                                 f"{bad_indices(w < 0)}")
         self.register_buffer("log_source_prior", p.log())  # [C]
         self.register_buffer("class_weights", w)  # [C], alpha_c
         self.register_buffer("released_offset", -math.log(self.num_classes) - p.log())  # [C], log((1/C) / p_s(c))
@@ -322,7 +309,7 @@ class LADELoss(Loss):
         estimator: Estimator = "released",
     ):
         super().__init__()
-        self.alpha = _finite(alpha, "alpha (α)", low=0)
+        self.alpha = check_range(alpha, "alpha (α)", low=0)
         if class_weight_power is not None:
             if class_weights is not None:
                 raise ValueError("set class_weights or class_weight_power, not both: the power derives alpha_c from "
@@ -355,7 +342,7 @@ class LogitAdjustedLoss(Loss):
     def __init__(self, source_prior: PriorLike, tau: float = 1.0):
         super().__init__()
         p = _source_prior(source_prior)
-        self.tau = _finite(tau, "logit_adjusted tau (τ)", low=0)
+        self.tau = check_range(tau, "logit_adjusted tau (τ)", low=0)
         self.num_classes = p.numel()
         self.register_buffer("log_source_prior", p.log())  # [C], float64
         self.head = ("adjusted_linear", {"eval_offset": ((self.tau - 1) * p.log()).tolist()})  # JSON: the model card
@@ -376,7 +363,7 @@ class FocalLoss(Loss):
     def __init__(self, source_prior: PriorLike, gamma: float = 2.0):
         super().__init__()
         self.num_classes = _source_prior(source_prior).numel()
-        self.gamma = _finite(gamma, "focal gamma (γ)", low=0)
+        self.gamma = check_range(gamma, "focal gamma (γ)", low=0)
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -403,9 +390,9 @@ class LDAMDRWLoss(Loss):
         super().__init__()
         p = _source_prior(source_prior)
         self.num_classes = p.numel()
-        self.max_margin = _finite(max_margin, "ldam_drw max_margin", low=0, low_open=True)
-        self.scale = _finite(scale, "ldam_drw scale (s)", low=0, low_open=True)
-        self.beta = _finite(beta, "ldam_drw beta (β)", low=0, high=1, high_open=True)
+        self.max_margin = check_range(max_margin, "ldam_drw max_margin", low=0, low_open=True)
+        self.scale = check_range(scale, "ldam_drw scale (s)", low=0, low_open=True)
+        self.beta = check_range(beta, "ldam_drw beta (β)", low=0, high=1, high_open=True)
         if isinstance(drw_epoch, bool) or not isinstance(drw_epoch, int) or drw_epoch < 0:
             raise ValueError(f"ldam_drw drw_epoch must be an integer >= 0, got {drw_epoch!r}")
         self.drw_epoch = drw_epoch
@@ -445,9 +432,9 @@ class CausalNormLoss(SoftmaxLoss):
     def __init__(self, source_prior: PriorLike, tau: float = 16.0, gamma: float = 1 / 32, heads: int = 2,
                  alpha: float = 1.5):
         super().__init__(source_prior)
-        tau = _finite(tau, "causal_norm tau (τ)", low=0, low_open=True)
-        gamma = _finite(gamma, "causal_norm gamma (γ)", low=0)
-        alpha = _finite(alpha, "causal_norm alpha (α)", low=0)
+        tau = check_range(tau, "causal_norm tau (τ)", low=0, low_open=True)
+        gamma = check_range(gamma, "causal_norm gamma (γ)", low=0)
+        alpha = check_range(alpha, "causal_norm alpha (α)", low=0)
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
             raise ValueError(f"causal_norm heads must be an integer >= 1, got {heads!r}")
         self.head = ("causal_norm", {"tau": tau, "gamma": gamma, "heads": heads, "alpha": alpha})

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .checks import check_labels
+
 __all__ = ["shot_accuracies", "expected_calibration_error", "reliability_bins", "calibration_bins", "ece_from_bins",
            "nll", "brier", "shot_groups"]
 
@@ -30,8 +32,7 @@ def shot_accuracies(predictions, labels, train_counts, many: int = 100, few: int
         raise ValueError("no samples to evaluate")
     groups = shot_groups(train_counts, many, few)
     num_classes = groups["many"].numel()
-    if int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+    check_labels(y, num_classes)
     total = torch.bincount(y, minlength=num_classes).double()  # [C]
     correct = torch.bincount(y[pred == y], minlength=num_classes).double()  # [C]
     present = total > 0

@@ -14,6 +14,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from .checks import bad_indices, check_labels
+
 __all__ = [
     "prior_from_counts",
     "uniform_prior",
@@ -178,10 +180,9 @@ def subset_with_counts(
     labels = np.asarray(test_labels.cpu() if isinstance(test_labels, torch.Tensor) else test_labels, dtype=np.int64)
     wanted = np.asarray(wanted, dtype=np.int64)
     num_classes = wanted.size
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"test labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
+    check_labels(labels, num_classes, "test labels")
     if (wanted < 0).any():
-        raise ValueError(f"{what}: negative counts at class indices {np.nonzero(wanted < 0)[0][:20].tolist()}")
+        raise ValueError(f"{what}: negative counts at class indices {bad_indices(wanted < 0)}")
     available = np.bincount(labels, minlength=num_classes)
     short = np.nonzero(available < wanted)[0]
     if short.size:
