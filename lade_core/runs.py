@@ -80,86 +80,137 @@ def storage_uri(path: str | None, default: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+class Finalizing:
+    """What the steps of ``finalize`` share: the run's config, its dataset, its final ``ray.train.Checkpoint``, the
+    MLflow client and what the run already holds (``have``). Each step does only what the run is missing, so any
+    step can be rerun alone after a driver died halfway."""
+
+    def __init__(self, config: dict, prepared, checkpoint):
+        import mlflow
+
+        self.config, self.prepared, self.checkpoint = config, prepared, checkpoint
+        self.client, self.run_id = mlflow.MlflowClient(config["mlflow_uri"]), config["mlflow_run_id"]
+        self.have = {a.path for d in ("eval", "checkpoint") for a in self.client.list_artifacts(self.run_id, d)}
+        self.head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
+        self.splits = {prepared.test_split: LOGITS_ARTIFACT, "val": VAL_LOGITS_ARTIFACT}  # split -> artifact
+        self.computed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # logits this driver computed
+        self._state = None
+
+    def state(self) -> dict:
+        """The final checkpoint's state (model weights ...), read once and only by a step that needs it."""
+        if self._state is None:
+            with self.checkpoint.as_directory() as d:
+                self._state = load_checkpoint(d)
+        return self._state
+
+    def split_logits(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [N, C], labels [N]) of ``split``: as computed by ``store_logits``, else read back from MLflow."""
+        import mlflow
+
+        if split in self.computed:
+            return self.computed[split]
+        return read_logits_parquet(mlflow.artifacts.download_artifacts(
+            run_id=self.run_id, artifact_path=self.splits[split], tracking_uri=self.config["mlflow_uri"]))
+
+
+def backfill_epochs(f: Finalizing) -> None:
+    """Step 1: the epochs rank 0 could not log (MLflow unreachable in the last epochs), from the final checkpoint's
+    history; each (metric, epoch) once."""
+    EpochLogger(f.config["mlflow_uri"], f.run_id).backfill(saved_history(f.checkpoint))
+
+
+def store_logits(f: Finalizing) -> None:
+    """Step 2: the test and validation logits the run lacks, into MLflow (Parquet). The ones the training workers
+    computed in the last epoch (in its checkpoint); for a checkpoint without them, Ray Data batch inference on
+    actors with the run's resources, every missing split in one pass over one pool (the model loads once per
+    actor)."""
+    config = f.config
+    missing = [split for split, artifact in f.splits.items() if artifact not in f.have]
+    f.computed = final_logits(f.checkpoint, missing)
+    rest = [split for split in missing if split not in f.computed]
+    if rest:
+        f.computed.update(batch_logits(f.prepared, rest, config["model"], f.head, f.checkpoint,
+                                       image_size=config["image_size"], stats=config["normalize"],
+                                       num_actors=config["num_workers"], use_gpu=config["use_gpu"],
+                                       cpus_per_actor=config["cpus_per_worker"]))
+    for split, (z, y) in f.computed.items():
+        artifact = f.splits[split]
+        with tempfile.TemporaryDirectory() as d:
+            write_logits_parquet(Path(d) / Path(artifact).name, z, y)
+            f.client.log_artifact(f.run_id, str(Path(d) / Path(artifact).name), str(Path(artifact).parent))
+
+
+def log_test_metrics(f: Finalizing) -> list[dict]:
+    """Step 3: test top-1 / Many / Medium / Few / NLL / ECE under the uniform prior and top-1 under forward and
+    backward 10, with the loss's own rule, logged once. Returns their rows."""
+    logits, labels = f.split_logits(f.prepared.test_split)
+    counts = f.prepared.class_counts("train")
+    targets = {t.name: t for t in protocol_targets(labels, counts)}
+    rows = evaluate_targets(logits, labels, f.prepared.source_prior, counts, (default_rule(f.config["loss"]),),
+                            [targets[name] for name in ("uniform", "forward_10", "backward_10")])
+    table = {r["target"]: r for r in rows}
+    u = table["uniform"]
+    log_metrics_once(f.client, f.run_id, {"test/top1": u["top1"], "test/many": u["many"], "test/medium": u["medium"],
+                                          "test/few": u["few"], "test/nll": u["nll"], "test/ece": u["ece"],
+                                          **{f"test/{name}/top1": table[name]["top1"]
+                                             for name in ("forward_10", "backward_10")}})
+    return rows
+
+
+def store_weights(f: Finalizing) -> None:
+    """Step 4: the final model's state dict as an artifact (what τ-norm and ``evaluate.py`` read), once."""
+    if STATE_DICT_ARTIFACT in f.have:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(f.state()["model"], Path(d) / Path(STATE_DICT_ARTIFACT).name)
+        f.client.log_artifact(f.run_id, str(Path(d) / Path(STATE_DICT_ARTIFACT).name),
+                              str(Path(STATE_DICT_ARTIFACT).parent))
+
+
+def log_model(f: Finalizing) -> str:
+    """Step 5: the model as a pyfunc that takes a target prior (``lade_core.serving``), with BCTS calibration fitted
+    on the validation split for prior estimation; once (a rerun finds it). Returns its ``models:/`` URI."""
+    import mlflow
+
+    config, prepared = f.config, f.prepared
+    model_uri = logged_model_uri(f.client, f.run_id, MODEL_NAME)
+    if model_uri is not None:
+        return model_uri
+    source_prior = prepared.source_prior
+    val_logits, val_labels = f.split_logits("val")
+    calibration = auto_calibration(source_logits(val_logits, source_prior, config["loss"]), val_labels, source_prior)
+    card = ModelCard(config["model"], prepared.num_classes, dataset_class_names(prepared),
+                     [float(x) for x in source_prior], config["loss"], prepared.family,
+                     prepared.crop_size(config["image_size"]), calibration and calibration.to_dict(),
+                     head=list(f.head), lade_version=__version__, normalize=config["normalize"],
+                     rules=list(posthoc_rules(config["loss"])))
+    mlflow.set_tracking_uri(config["mlflow_uri"])
+    with mlflow.start_run(run_id=f.run_id):
+        return log_classifier(card, f.state()["model"], MODEL_NAME).model_uri
+
+
 def finalize(config: dict, prepared, checkpoint) -> dict:
     """Test logits -> MLflow (Parquet artifact + metrics), the model as a pyfunc that takes a target prior
-    (``lade_core.serving``; optionally registered), a summary table, and the run marked FINISHED. The test (and
-    validation) logits are the ones the training workers computed in the last epoch, stored in its checkpoint;
-    for a checkpoint without them (an earlier epoch's, e.g. a Tune champion's best, or an older lade's), Ray Data
-    batch inference on actors with the run's resources (its GPUs in a ``use_gpu`` run), never the driver's CPU.
+    (optionally registered), a summary table, and the run marked FINISHED: the named steps above, in order.
 
     Idempotent, step by step: a rerun after a driver died halfway does only what is missing (stored test logits
     are read back, not recomputed), and a rerun of a finished run logs and registers nothing new.
     """
-    import mlflow
-
     # Training is done and checkpointed: a tracking server that is down right now (restarting, a network blip) is
     # waited for, rather than failing the run at its last step. LADE_FINALIZE_WAIT_S: how long (default 300 s).
     wait_reachable(config["mlflow_uri"], float(os.environ.get("LADE_FINALIZE_WAIT_S", "300")),
                    "training is done and checkpointed: rerun the same command to finalize the run, nothing is "
                    "retrained")
-    client, run_id = mlflow.MlflowClient(config["mlflow_uri"]), config["mlflow_run_id"]
-    # Epochs rank 0 could not log (MLflow unreachable in the last epochs), from the final checkpoint's history.
-    EpochLogger(config["mlflow_uri"], run_id).backfill(saved_history(checkpoint))
-    have = {a.path for d in ("eval", "checkpoint") for a in client.list_artifacts(run_id, d)}
-    head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
-
-    splits = {prepared.test_split: LOGITS_ARTIFACT, "val": VAL_LOGITS_ARTIFACT}
-    missing = [split for split, artifact in splits.items() if artifact not in have]
-    computed = final_logits(checkpoint, missing)
-    rest = [split for split in missing if split not in computed]
-    if rest:  # every split still missing in one pass over one actor pool: the model loads once per actor
-        computed.update(batch_logits(prepared, rest, config["model"], head, checkpoint, image_size=config["image_size"],
-                                     stats=config["normalize"], num_actors=config["num_workers"],
-                                     use_gpu=config["use_gpu"], cpus_per_actor=config["cpus_per_worker"]))
-
-    def split_logits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        artifact = splits[split]
-        if split not in computed:
-            return read_logits_parquet(mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=artifact, tracking_uri=config["mlflow_uri"]))
-        with tempfile.TemporaryDirectory() as d:
-            write_logits_parquet(Path(d) / Path(artifact).name, *computed[split])
-            client.log_artifact(run_id, str(Path(d) / Path(artifact).name), str(Path(artifact).parent))
-        return computed[split]
-
-    logits, labels = split_logits(prepared.test_split)
-    source_prior, counts = prepared.source_prior, prepared.class_counts("train")
-    rule = default_rule(config["loss"])
-    targets = {t.name: t for t in protocol_targets(labels, counts)}
-    rows = evaluate_targets(logits, labels, source_prior, counts, (rule,),
-                            [targets[name] for name in ("uniform", "forward_10", "backward_10")])
-    table = {r["target"]: r for r in rows}
-    u = table["uniform"]
-    log_metrics_once(client, run_id, {"test/top1": u["top1"], "test/many": u["many"], "test/medium": u["medium"],
-                                      "test/few": u["few"], "test/nll": u["nll"], "test/ece": u["ece"],
-                                      **{f"test/{name}/top1": table[name]["top1"]
-                                         for name in ("forward_10", "backward_10")}})
-    model_uri = logged_model_uri(client, run_id, MODEL_NAME)
-    if STATE_DICT_ARTIFACT not in have or model_uri is None:  # a finished run's rerun reads no checkpoint
-        with checkpoint.as_directory() as d:  # ``checkpoint``: the run's final ``ray.train.Checkpoint``
-            state = load_checkpoint(d)
-    if STATE_DICT_ARTIFACT not in have:
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state["model"], Path(d) / Path(STATE_DICT_ARTIFACT).name)
-            client.log_artifact(run_id, str(Path(d) / Path(STATE_DICT_ARTIFACT).name),
-                                str(Path(STATE_DICT_ARTIFACT).parent))
-    if model_uri is None:
-        # BCTS on the validation split, where it has enough images: the calibration prior estimation uses.
-        val_logits, val_labels = split_logits("val")
-        calibration = auto_calibration(source_logits(val_logits, source_prior, config["loss"]), val_labels,
-                                       source_prior)
-        card = ModelCard(config["model"], prepared.num_classes, dataset_class_names(prepared),
-                         [float(x) for x in source_prior],
-                         config["loss"], prepared.family,
-                         prepared.crop_size(config["image_size"]),
-                         calibration and calibration.to_dict(), head=list(head), lade_version=__version__,
-                         normalize=config["normalize"], rules=list(posthoc_rules(config["loss"])))
-        mlflow.set_tracking_uri(config["mlflow_uri"])
-        with mlflow.start_run(run_id=run_id):
-            model_uri = log_classifier(card, state["model"], MODEL_NAME).model_uri
+    f = Finalizing(config, prepared, checkpoint)
+    backfill_epochs(f)
+    store_logits(f)
+    rows = log_test_metrics(f)
+    store_weights(f)
+    model_uri = log_model(f)
     if config["register"]:
-        register_once(client, run_id, config["register"], model_uri)
-    end_run(config["mlflow_uri"], run_id)
-    print(f"\nrun {config['run_name']} ({config['loss']}, post-hoc: {rule}) — MLflow run {run_id}")
+        register_once(f.client, f.run_id, config["register"], model_uri)
+    end_run(config["mlflow_uri"], f.run_id)
+    print(f"\nrun {config['run_name']} ({config['loss']}, post-hoc: {default_rule(config['loss'])}) — MLflow run "
+          f"{f.run_id}")
     print(format_table(rows, ["target", "n", "top1", "many", "medium", "few", "nll", "ece"]), end="")
-    return table
+    return {r["target"]: r for r in rows}
