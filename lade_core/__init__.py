@@ -1,5 +1,6 @@
-"""lade_core: the LADE paper's math (priors, losses, post-hoc compensation, metrics) plus data and training glue.
+"""lade_core: the LADE paper's math (lade_core.math: priors, losses, heads, post-hoc rules, metrics, evaluation,
+label shift) plus data, models, Ray Train / Tune and MLflow glue, and the drivers.
 
-The math modules (priors, losses, posthoc, metrics, distributed) import only torch and numpy.
+The math modules import only torch and numpy; their old paths (lade_core.losses, ...) are the same modules.
 """
 __version__ = "0.1.0"

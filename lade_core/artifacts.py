@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .checks import check_labels
-from .losses import tuned_rules
-from .posthoc import RULES
+from .math.checks import check_labels
+from .math.losses import tuned_rules
+from .math.posthoc import RULES
 
 LOGITS_ARTIFACT = "eval/test_logits.parquet"
 VAL_LOGITS_ARTIFACT = "eval/val_logits.parquet"
@@ -86,7 +86,7 @@ class RunLogits:
 
     def __post_init__(self):
         """Whatever the logits came from (an MLflow run, a local file), they are checked before any metric."""
-        from .priors import validate_prior
+        from .math.priors import validate_prior
 
         if self.logits.ndim != 2 or self.logits.shape[0] != self.labels.shape[0]:
             raise ValueError(f"{self.run_name}: logits must be [N, C] with one label per row; got logits "

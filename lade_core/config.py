@@ -24,7 +24,7 @@ import yaml
 
 from .data.recipe import check_augment, check_normalize
 from .data.sources import MIN_IMAGE_SIZE
-from .losses import BUILTIN_LOSSES, LOSS_KEYS, LOSSES
+from .math.losses import BUILTIN_LOSSES, LOSS_KEYS, LOSSES
 from .models import check_model_name
 
 SCHEDULES = ("cosine", "multistep", "step", "constant")

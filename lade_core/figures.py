@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .metrics import ece_from_bins  # noqa: E402
+from .math.metrics import ece_from_bins  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:

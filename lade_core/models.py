@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import build_head
+from .math.heads import build_head
 
 Head = tuple[str, dict]  # (kind in heads.HEADS, its keyword arguments)
 LINEAR: Head = ("linear", {})

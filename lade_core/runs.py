@@ -23,10 +23,10 @@ from .data import open_prepared
 from .data.prepare import prepare_dataset, summary_line
 from .data.recipe import resolve_augment, resolve_normalize
 from .data.synthetic import make_synthetic
-from .evaluation import evaluate_targets, protocol_targets
 from .inference import batch_logits
-from .label_shift import auto_calibration, source_logits
-from .losses import default_rule, posthoc_rules
+from .math.evaluation import evaluate_targets, protocol_targets
+from .math.label_shift import auto_calibration, source_logits
+from .math.losses import default_rule, posthoc_rules
 from .models import build_model, check_input_size
 from .report import format_table
 from .runtime import init_ray

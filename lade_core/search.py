@@ -17,7 +17,7 @@ from .checkpoint import join_path
 from .config import resolve_config, validate_config
 from .data import DataError
 from .locks import lock_for, maybe_exclusive
-from .losses import LOSSES
+from .math.losses import LOSSES
 from .report import format_table
 from .runs import SMOKE, check_against_dataset, dataset_class_names, finalize, load_dataset, storage_uri
 from .runtime import check_job_locations, init_ray, local_num_cpus

@@ -36,11 +36,11 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from . import __version__
 from .data.recipe import resolve_normalize
 from .data.transforms import ImageTransform, decode_rgb, normalize, transform_batch
-from .heads import check_head_state
-from .losses import posthoc_rules
+from .math.heads import check_head_state
+from .math.losses import posthoc_rules
+from .math.posthoc import posthoc_logits
+from .math.priors import uniform_prior, validate_prior
 from .models import LINEAR, build_model, load_model_state, memory_format
-from .posthoc import posthoc_logits
-from .priors import uniform_prior, validate_prior
 
 OUTPUTS = ("probabilities", "logits", "label")
 # Rows one predict call (one REST request) may carry, and rows decoded at a time: what bounds a request's memory,

@@ -138,7 +138,7 @@ def test_a_malformed_declaration_is_refused_with_its_reason():
 
 def _dist(root: Path, name: str, entry: str) -> None:
     """A minimal installed distribution (what pip leaves in site-packages) declaring one ``lade.losses`` entry."""
-    info = root / f"{name}-0.1.dist-info"
+    info = root / f"{name.replace('-', '_')}-0.1.dist-info"  # as pip names it: the name, a dash, the version
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[lade.losses]\n{entry}\n")
@@ -158,6 +158,19 @@ def test_a_plugin_that_fails_to_load_is_named_where_its_loss_is_asked_for(tmp_pa
     assert "loss plugin 'broken' not loaded" in p.stderr  # the warning at import
     assert re.search(r"unknown loss 'broken' \(plugin: entry point 'no_such_module:declaration' failed: "
                      r"ModuleNotFoundError", p.stderr), p.stderr[-2000:]
+
+
+def test_a_plugin_loads_whichever_path_lade_is_imported_by_first(tmp_path):
+    """The plugin imports ``lade_core.losses`` while lade's registry is loading it: that works when a program starts
+    at the old path, at the math tier's, or at the config."""
+    import shutil
+
+    shutil.copytree(PLUGIN / "lade_label_smoothing", tmp_path / "lade_label_smoothing")
+    _dist(tmp_path, "lade-label-smoothing", "label_smoothing = lade_label_smoothing:declaration")
+    for first in ("import lade_core.losses", "import lade_core.math.losses", "import lade_core.config"):
+        p = _python(f"{first}\nimport lade_core.losses as a, lade_core.math.losses as b\n"
+                    "print(a is b, 'label_smoothing' in a.LOSSES, a.PLUGIN_ERRORS)", tmp_path)
+        assert p.returncode == 0 and p.stdout.split() == ["True", "True", "{}"], (first, p.stdout, p.stderr[-2000:])
 
 
 def test_the_example_plugin_loss_is_label_smoothed_cross_entropy_in_value_and_gradient():

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..compat import datasource_v1
-from ..priors import prior_from_counts
+from ..math.priors import prior_from_counts
 from .prepare import MANIFEST
 from .recipe import default_image_size
 from .sources import DataError

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..priors import long_tailed_counts
+from ..math.priors import long_tailed_counts
 from .recipe import FAMILIES
 
 # Validation images per class when a dataset brings none (ImageNet-LT and Places-LT publish 20 per class), and the

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 
-from ..priors import long_tailed_counts
+from ..math.priors import long_tailed_counts
 from .sources import RawDataset, RawSplit
 
 

@@ -1,0 +1,303 @@
+"""Evaluate stored test logits under any target prior p_t: the shifted protocol (paper Table 6) and user priors.
+
+Pure functions over tensors (torch and numpy only). A target is a subset of the test split (its rows) together
+with the prior p_t it realises. Every post-hoc rule is a per-class shift of the logits (``posthoc_offset``), so one
+target costs one pass over its rows: shift, max, logsumexp. ``raw`` logits do not depend on the target and are
+reduced once for the whole split. No Python loop over samples anywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .checks import bad_indices
+from .metrics import calibration_bins, ece_from_bins, shot_accuracies
+from .posthoc import RULES, TAU_GRID, posthoc_offset
+from .priors import SHIFT_PROTOCOL, shift_protocol_name, shifted_counts, subset_with_counts, validate_prior
+
+__all__ = ["Target", "protocol_targets", "target_from_values", "evaluate_targets", "METRICS", "logit_statistics",
+           "mean_predicted_prior", "calibration_by_rule", "protocol_mean_top1", "ESTIMATE_COLUMNS",
+           "estimated_prior_rows", "TAU_GRID", "select_tau", "tuned_rule_logits", "rule_rows", "PROTOCOL_NAMES"]
+
+METRICS: tuple[str, ...] = ("top1", "many", "medium", "few", "nll", "ece")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target distribution: rows of the test split [n] and the prior they realise, float64 [C]."""
+
+    name: str
+    indices: np.ndarray
+    prior: torch.Tensor
+
+
+def _labels_np(labels) -> np.ndarray:
+    return np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+
+
+def protocol_targets(labels, train_counts, per_class: int | None = None) -> list[Target]:
+    """The 11 shifted target distributions (forward 50 .. uniform .. backward 50) built with ``shifted_subset``.
+
+    ``per_class`` (the head class's count) defaults to the smallest class count of the test split, as in the
+    paper's protocol (ImageNet-LT: 50).
+    """
+    y = _labels_np(labels)
+    num_classes = len(train_counts)
+    available = np.bincount(y, minlength=num_classes)
+    if per_class is None:
+        if (available == 0).any():
+            raise ValueError(f"the test split has no samples of classes {bad_indices(available == 0)}; "
+                             "the shifted protocol needs every class")
+        per_class = int(available.min())
+    out = []
+    for direction, ratio in SHIFT_PROTOCOL:
+        counts = np.asarray(shifted_counts(train_counts, per_class, ratio, direction), dtype=np.int64)
+        name = shift_protocol_name(direction, ratio)
+        out.append(Target(name, subset_with_counts(y, counts, f"target prior {name}"),
+                          torch.as_tensor(counts / counts.sum(), dtype=torch.float64)))
+    return out
+
+
+def target_from_values(name: str, values, labels, num_classes: int) -> Target:
+    """A user target from per-class counts (non-negative integers) or probabilities (summing to 1).
+
+    Counts select the first n_c test samples of each class. Probabilities select the largest subset whose class
+    proportions match them (n_c = floor(p_c * s), s as large as the test split allows).
+    """
+    v = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    if v.dim() != 1 or v.numel() != num_classes:
+        raise ValueError(f"target prior {name!r} has wrong length: {v.numel()} entries for {num_classes} classes")
+    if torch.isnan(v).any() or torch.isinf(v).any():
+        raise ValueError(f"target prior {name!r} is NaN or infinite at class indices "
+                         f"{bad_indices(~torch.isfinite(v))}")
+    if (v < 0).any():
+        raise ValueError(f"target prior {name!r} is negative at class indices "
+                         f"{bad_indices(v < 0)}")
+    y = _labels_np(labels)
+    available = np.bincount(y, minlength=num_classes).astype(np.float64)
+    is_counts = bool((v == v.round()).all()) and abs(float(v.sum()) - 1.0) > 1e-6
+    if is_counts:
+        counts = v.numpy().astype(np.int64)
+        if counts.sum() == 0:
+            raise ValueError(f"target prior {name!r}: all counts are zero")
+        prior = torch.as_tensor(counts / counts.sum(), dtype=torch.float64)
+    else:
+        prior = validate_prior(v, num_classes, f"target prior {name!r}")
+        p = prior.numpy()
+        pos = p > 0
+        if (available[pos] == 0).any():
+            c = int(np.nonzero(pos & (available == 0))[0][0])
+            raise ValueError(f"target prior {name!r} asks for more test samples than exist: class {c} has probability "
+                             f"{p[c]:.3g} but the test split has no sample of it")
+        scale = float(np.min(available[pos] / p[pos]))
+        counts = np.floor(p * scale + 1e-9).astype(np.int64)
+    return Target(name, subset_with_counts(y, counts, f"target prior {name!r}"), prior)
+
+
+def _row_stats(z: torch.Tensor, y: torch.Tensor, offset: torch.Tensor | None):
+    """Per-row prediction, confidence (max softmax) and NLL of shift(z) = z + offset; z [n, C] -> three [n]."""
+    w = z + offset.to(z.dtype) if offset is not None else z.clone()  # [n, C], the only full-size temporary
+    zy = w.gather(1, y[:, None])[:, 0]
+    zmax, pred = w.max(dim=1)
+    sumexp = w.sub_(zmax[:, None]).exp_().sum(dim=1)  # in place: exp(w - max) in (0, 1]
+    lse = zmax + sumexp.log()
+    return pred, sumexp.reciprocal(), (lse - zy)
+
+
+def _metrics(pred, conf, nll_rows, y, train_counts, n_bins: int) -> dict[str, float]:
+    acc = shot_accuracies(pred, y, train_counts)
+    correct = pred == y
+    return {"top1": acc["all"], "many": acc["many"], "medium": acc["medium"], "few": acc["few"],
+            "nll": float(nll_rows.double().mean()), "ece": ece_from_bins(calibration_bins(conf, correct, n_bins))}
+
+
+def evaluate_targets(
+    logits: torch.Tensor,
+    labels,
+    source_prior,
+    train_counts,
+    rules: tuple[str, ...] | list[str],
+    targets: list[Target],
+    n_bins: int = 20,
+) -> list[dict]:
+    """One row per (target, post-hoc rule): {"target", "mode", "n", top1, many, medium, few, nll, ece}.
+
+    logits [N, C] (any float dtype; reductions are accumulated in float64), labels [N].
+    """
+    z = torch.as_tensor(logits)
+    if not z.is_floating_point() or z.dim() != 2:
+        raise ValueError(f"logits must be a float tensor [N, C], got {z.dtype} {tuple(z.shape)}")
+    y = torch.as_tensor(_labels_np(labels))
+    num_classes = z.shape[1]
+    if y.shape != (z.shape[0],):
+        raise ValueError(f"{z.shape[0]} logits rows but {y.numel()} labels")
+    validate_prior(source_prior, num_classes, "source_prior")
+    if len(train_counts) != num_classes:
+        raise ValueError(f"train_counts has wrong length: {len(train_counts)} entries for {num_classes} classes")
+    rows, raw = [], None
+    for target in targets:
+        idx = torch.as_tensor(target.indices)
+        yt = y[idx]
+        for rule in rules:
+            offset = posthoc_offset(rule, source_prior, target.prior, num_classes)
+            if offset is None:  # raw: the same per-row statistics for every target, reduced once
+                if raw is None:
+                    raw = _row_stats(z, y, None)
+                stats = tuple(s[idx] for s in raw)
+            else:
+                stats = _row_stats(z[idx], yt, offset)
+            rows.append({"target": target.name, "mode": rule, "n": int(idx.numel()),
+                         **_metrics(*stats, yt, train_counts, n_bins)})
+    return rows
+
+
+def protocol_mean_top1(logits, labels, source_prior, train_counts, rule: str) -> float:
+    """Mean top-1 over the 11 shifted target priors (a label-shift-robust model selection objective).
+
+    NaN when the split lacks a class (the protocol needs every class).
+    """
+    if (np.bincount(_labels_np(labels), minlength=len(train_counts)) == 0).any():
+        return float("nan")
+    rows = evaluate_targets(logits, labels, source_prior, train_counts, (rule,), protocol_targets(labels, train_counts))
+    return float(np.mean([r["top1"] for r in rows]))
+
+
+# --- Post-hoc rules with a tau chosen on validation: Decouple's τ-norm, Menon's logit adjustment ---------------
+
+def select_tau(val_logits, val_labels, logits_at, grid: tuple[float, ...] = TAU_GRID) -> float:
+    """The tau of ``grid`` whose validation logits ``logits_at(z_val, tau)`` have the best top-1 on the (class-
+    balanced) validation split, the smallest such tau on ties. Never chosen on the test split. E.g.
+    ``logits_at = lambda z, t: heads.tau_normalize(z, w, b, t)`` (τ-norm) or
+    ``lambda z, t: posthoc.logit_adjust(z, p_s, uniform, t)`` (post-hoc logit adjustment)."""
+    z, y = torch.as_tensor(val_logits).double(), torch.as_tensor(_labels_np(val_labels))
+    scores = [float((logits_at(z, t).argmax(1) == y).double().mean()) for t in grid]
+    return grid[int(np.argmax(scores))]
+
+
+def tuned_rule_logits(rule: str, logits, val_logits, val_labels, source_prior, classifier=None):
+    """(τ, transformed test logits [N, C] float64) of the tuned rule ``RULES[rule]``: τ chosen on the validation
+    logits over the rule's grid; the result then takes the rule's offset (``inject``) for any p_t."""
+    r = RULES[rule]
+    at = lambda z, t: r.transform(z, t, source_prior, classifier)  # noqa: E731
+    # On the class-balanced validation split p_t is uniform: the offset is one constant, which no argmax sees.
+    tau = select_tau(val_logits, val_labels, at, r.grid)
+    return tau, at(torch.as_tensor(logits).double(), tau)
+
+
+# Table 6's columns: top-1 under each of the 11 shifted target priors (forward 50 .. backward 50).
+PROTOCOL_NAMES: tuple[str, ...] = tuple(shift_protocol_name(d, r) for d, r in SHIFT_PROTOCOL)
+
+
+def rule_rows(run, estimate: str | None = None) -> list[dict]:
+    """The rows of Table 6 for one run (``artifacts.RunLogits``), one per post-hoc rule that fits its loss: its own
+    first, then the rules tuned on validation (``losses.tuned_rules``: post-hoc logit adjustment, and τ-norm where
+    the linear classifier is stored), each labelled with its τ. With ``estimate`` (a ``label_shift`` method), the
+    top-1 with p_t estimated from each target's own logits over the top-1 with the true p_t, on the run's own rule:
+    mean and min over the 11 targets."""
+    from .losses import posthoc_rules, tuned_rules
+
+    targets = protocol_targets(run.labels, run.train_counts)
+    rules = [(rule, rule, run.logits) for rule in posthoc_rules(run.loss)]
+    if run.val_logits is not None:
+        for name in tuned_rules(run.loss, run.classifier is not None):
+            tau, logits = tuned_rule_logits(name, run.logits, run.val_logits.double(), run.val_labels,
+                                            run.source_prior, run.classifier)
+            rules.append((f"{name} (τ={tau:g})", "inject", logits))
+    out = []
+    for label, rule, logits in rules:
+        rows = {r["target"]: r for r in evaluate_targets(logits, run.labels, run.source_prior, run.train_counts,
+                                                           (rule,), targets)}
+        u = rows["uniform"]
+        out.append({"run": f"{run.run_name} ({run.run_id[:8]})", "loss": run.loss, "posthoc": label,
+                    **{p: rows[p]["top1"] for p in PROTOCOL_NAMES}, "many": u["many"], "medium": u["medium"],
+                    "few": u["few"], "ece": u["ece"]})
+    if estimate:
+        ratios = [r["ratio"] for r in estimated_prior_rows(run.logits, run.labels, run.source_prior, run.loss, targets,
+                                                            estimate, run.val_logits, run.val_labels)]
+        out[0].update({f"{estimate}/true mean": float(sum(ratios) / len(ratios)), f"{estimate}/true min": min(ratios)})
+    return out
+
+
+# --- What not knowing p_t costs ------------------------------------------------------------------------------
+
+ESTIMATE_COLUMNS: tuple[str, ...] = ("top1_true", "top1_estimated", "top1_uniform", "ratio", "tv", "kl")
+
+
+def estimated_prior_rows(logits, labels, source_prior, loss: str, targets: list[Target], method: str = "em",
+                         val_logits=None, val_labels=None, calibration: str | None = "auto") -> list[dict]:
+    """Per target: top-1 under its true prior, under the prior estimated from its own (unlabeled) logits, and under
+    the uniform prior, with the loss's post-hoc rule; ``ratio`` = estimated / true top-1; the estimation error as
+    total variation and KL(true || estimate). ``calibration``: as for ``estimate_target_prior``, fitted once."""
+    from .label_shift import estimate_target_prior, resolve_calibration, source_logits
+    from .losses import default_rule
+
+    z = torch.as_tensor(logits).double()
+    y = torch.as_tensor(_labels_np(labels))
+    num_classes, rule = z.shape[1], default_rule(loss)
+    z_val = source_logits(val_logits, source_prior, loss) if val_logits is not None else None
+    calibration = resolve_calibration(calibration, z_val, val_labels, source_prior)  # fitted once, for every target
+
+    def top1(zt, yt, prior) -> float:
+        return float(((zt + posthoc_offset(rule, source_prior, prior, num_classes)).argmax(1) == yt).double().mean())
+
+    rows = []
+    for t in targets:
+        idx = torch.as_tensor(t.indices)
+        zt, yt = z[idx], y[idx]
+        est, _ = estimate_target_prior(zt, source_prior, loss=loss, method=method, calibration=calibration,
+                                       val_logits=val_logits, val_labels=val_labels)
+        true, with_est = top1(zt, yt, t.prior), top1(zt, yt, est)
+        pos = t.prior > 0
+        rows.append({"target": t.name, "n": int(idx.numel()), "calibrated": calibration is not None,
+                     "top1_true": true, "top1_estimated": with_est,
+                     "top1_uniform": top1(zt, yt, torch.full((num_classes,), 1 / num_classes, dtype=torch.float64)),
+                     "ratio": with_est / true if true > 0 else float("nan"),
+                     "tv": 0.5 * float((est - t.prior).abs().sum()),
+                     "kl": float((t.prior[pos] * (t.prior[pos] / est[pos].clamp_min(1e-300)).log()).sum())})
+    return rows
+
+
+# --- Quantities behind the paper's figures -------------------------------------------------------------------
+
+def calibration_by_rule(logits, labels, source_prior, target: Target, rules, n_bins: int = 20) -> dict[str, dict]:
+    """Reliability bins (paper Fig. 4) of each post-hoc rule on one target."""
+    z, y = torch.as_tensor(logits), torch.as_tensor(_labels_np(labels))
+    idx = torch.as_tensor(target.indices)
+    out = {}
+    for rule in rules:
+        pred, conf, _ = _row_stats(z[idx], y[idx], posthoc_offset(rule, source_prior, target.prior, z.shape[1]))
+        out[rule] = calibration_bins(conf, pred == y[idx], n_bins)
+    return out
+
+
+def mean_predicted_prior(logits, source_prior, target: Target, rule: str) -> torch.Tensor:
+    """Average predicted probability of each class over the target's rows, float64 [C] (paper Fig. 2)."""
+    z = torch.as_tensor(logits)[torch.as_tensor(target.indices)].double()
+    offset = posthoc_offset(rule, source_prior, target.prior, z.shape[1])
+    return torch.softmax(z if offset is None else z + offset, dim=1).mean(dim=0)
+
+
+def logit_statistics(logits, labels) -> dict[str, torch.Tensor]:
+    """Per class c: mean and std of the logit z_c over positive samples (y = c) and negatives (y != c) (Fig. 3).
+
+    Returns float64 [C] tensors pos_mean, pos_std, neg_mean, neg_std (NaN where a class has no positives).
+    """
+    z = torch.as_tensor(logits).double()  # [N, C]
+    y = torch.as_tensor(_labels_np(labels))
+    n, num_classes = z.shape
+    zy = z.gather(1, y[:, None])[:, 0]  # [N] positive logit of each sample's own class
+    n_pos = torch.bincount(y, minlength=num_classes).double()
+    pos_sum = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, y, zy)
+    pos_sq = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, y, zy * zy)
+    n_neg = n - n_pos
+    neg_sum, neg_sq = z.sum(0) - pos_sum, (z * z).sum(0) - pos_sq
+
+    def mean_std(s, sq, k):
+        mean = s / k
+        return mean, (sq / k - mean * mean).clamp(min=0).sqrt()
+
+    pos_mean, pos_std = mean_std(pos_sum, pos_sq, n_pos)
+    neg_mean, neg_std = mean_std(neg_sum, neg_sq, n_neg)
+    return {"pos_mean": pos_mean, "pos_std": pos_std, "neg_mean": neg_mean, "neg_std": neg_std}

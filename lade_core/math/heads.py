@@ -1,0 +1,126 @@
+"""Classifier heads other than the plain linear layer, for the losses that train one (torch only).
+
+A head maps pooled features x [B, D] to logits [B, C]. In ``train()`` mode it returns what its loss takes; in
+``eval()`` mode it returns the model's *inference* logits, the ones stored, evaluated and served (softmax of them
+is the model's posterior, before any post-hoc rule):
+- ``CosineClassifier`` (LDAM, Cao et al. 2019): training output cos(w_c, x) [B, C] (the LDAM loss subtracts the
+  margin and scales by s); inference output s * cos(w_c, x), the logits the loss trained softmax on.
+- ``CausalNormClassifier`` (Tang et al. 2020): training output the multi-head normalized logits (Eq. 3 there);
+  inference output the TDE logits, which subtract alpha times the effect of the moving-average feature direction.
+- ``AdjustedLinear`` (logit adjustment, Menon et al. 2021): a linear layer whose inference output adds
+  (tau - 1) * log p_s, so the stored logits are disentangled from p_s like a Balanced Softmax model's.
+``HEADS`` names them; ``lade_core.losses`` says which loss trains which head.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CosineClassifier", "CausalNormClassifier", "AdjustedLinear", "HEADS", "build_head", "tau_normalize"]
+
+
+class CosineClassifier(nn.Module):
+    """Normalized linear classifier without bias: cos(w_c, x) = w_c.x / (|w_c| |x|)."""
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 30.0):
+        super().__init__()
+        self.scale = float(scale)  # range-checked by the loss that trains the head (losses.LDAMDRWLoss)
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))  # [C, D]
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] -> [B, C]
+        cosine = F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+        return cosine if self.training else self.scale * cosine
+
+
+class CausalNormClassifier(nn.Module):
+    """The multi-head normalized classifier of Causal Norm with its TDE inference (Tang et al. 2020, Eq. 3 and 7).
+
+    The D feature dimensions are split into K heads of D/K. Per head k, with w^k the class weights and x^k the
+    feature slice:
+      training logits   z_c = (tau / K) sum_k  w_c^k . x^k / ((|w_c^k| + gamma) |x^k|)
+      TDE logits        z_c = (tau / K) sum_k  w_c^k . (x^k/|x^k| - alpha cos(x^k, d^k) d^k/|d^k|) / (|w_c^k| + gamma)
+    where d is the moving-average feature direction, d <- mu d + mean_batch(x) in every training forward (mu = 0.9,
+    as the authors' code), kept as the buffer ``feature_direction`` so it is saved with the model.
+    """
+
+    MOMENTUM = 0.9
+
+    def __init__(self, in_features: int, num_classes: int, tau: float = 16.0, gamma: float = 1 / 32, heads: int = 2,
+                 alpha: float = 1.5):
+        super().__init__()
+        # tau, gamma and alpha are range-checked by the loss that trains the head (losses.CausalNormLoss); only the
+        # head knows the feature dimension its heads must divide.
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or in_features % heads:
+            raise ValueError(f"causal_norm heads must be a positive integer dividing the feature dimension "
+                             f"{in_features}, got {heads!r}")
+        self.tau, self.gamma, self.heads, self.alpha = float(tau), float(gamma), heads, float(alpha)
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))  # [C, D]
+        bound = 1 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        self.register_buffer("feature_direction", torch.zeros(in_features))  # [D], d (unnormalized)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., K, D/K]
+        return t.reshape(*t.shape[:-1], self.heads, t.shape[-1] // self.heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] -> [B, C]
+        xk = F.normalize(self._split(x), dim=-1)  # [B, K, D/K], x^k / |x^k|
+        wk = self._split(self.weight)  # [C, K, D/K]
+        wk = wk / (wk.norm(dim=-1, keepdim=True) + self.gamma)
+        if self.training:
+            with torch.no_grad():
+                self.feature_direction.mul_(self.MOMENTUM).add_(x.detach().to(self.feature_direction.dtype).mean(0))
+        else:
+            # TDE: remove the projection of each head's feature on the head's moving-average direction.
+            dk = F.normalize(self._split(self.feature_direction.to(x.dtype)), dim=-1)  # [K, D/K]
+            xk = xk - self.alpha * (xk * dk).sum(-1, keepdim=True) * dk
+        return (self.tau / self.heads) * torch.einsum("bkd,ckd->bc", xk, wk)
+
+
+class AdjustedLinear(nn.Linear):
+    """A linear layer whose inference output is shifted by a fixed per-class ``eval_offset`` [C] (a buffer)."""
+
+    def __init__(self, in_features: int, num_classes: int, eval_offset: torch.Tensor | None = None):
+        super().__init__(in_features, num_classes)
+        offset = torch.zeros(num_classes) if eval_offset is None else torch.as_tensor(eval_offset, dtype=torch.float32)
+        self.register_buffer("eval_offset", offset.reshape(num_classes).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = super().forward(x)
+        return z if self.training else z + self.eval_offset.to(z.dtype)
+
+
+HEADS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "cosine": CosineClassifier,
+                                     "causal_norm": CausalNormClassifier, "adjusted_linear": AdjustedLinear}
+
+
+def build_head(kind: str, in_features: int, num_classes: int, **kwargs) -> nn.Module:
+    if kind not in HEADS:
+        raise ValueError(f"unknown classifier head {kind!r}; choose one of {sorted(HEADS)}")
+    return HEADS[kind](in_features, num_classes, **kwargs)
+
+
+def check_head_state(kind: str, state: dict) -> None:
+    """A stored model must carry what its head needs at inference: a Causal Norm model without its moving-average
+    feature direction cannot compute TDE logits (it would silently fall back to the biased ones)."""
+    if kind == "causal_norm":
+        d = state.get("fc.feature_direction")
+        if d is None or not torch.isfinite(d).all() or float(d.norm()) == 0:
+            raise ValueError("this Causal Norm model has no saved feature direction (fc.feature_direction is "
+                             f"{'missing' if d is None else 'zero or not finite'}): it was not trained as a Causal "
+                             f"Norm model, so its TDE logits cannot be computed")
+
+
+def tau_normalize(logits: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tau: float) -> torch.Tensor:
+    """Decouple's τ-normalized classifier (Kang et al. 2020) from a linear model's stored logits, no features needed.
+
+    The τ-normalized logits are (w_c / |w_c|^tau) . f; since z_c = w_c . f + b_c, they equal (z_c - b_c) / |w_c|^tau:
+    a per-class affine map of the stored logits. logits [N, C], weight [C, D], bias [C] or None -> [N, C].
+    """
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
+        raise ValueError(f"tau-normalization needs a finite tau >= 0, got {tau!r}")
+    z = logits if bias is None else logits - bias.to(logits)
+    return z / weight.to(logits).norm(dim=1).pow(tau)

@@ -1,0 +1,654 @@
+"""The training losses and their one registry: softmax CE, LADE-CE (Balanced Softmax), LADER and LADE (Eq. 15-20),
+and the peers the paper compares with: logit adjustment, Focal loss, LDAM-DRW and Causal Norm.
+
+Notation: logits z [N, C], targets y [N], source prior p_s [C], class weights alpha_c [C] (default p_s).
+All modules follow ``forward(logits, targets) -> scalar``; priors are buffers, so ``.to(device)`` moves them.
+After each call ``last_terms`` holds the loss's own named scalar terms (detached), for logging. ``head`` is the
+classifier head the loss trains (``lade_core.heads``) and ``set_epoch(e)`` is called before each training epoch.
+
+``LOSSES`` is the one place that says which losses exist, which hyperparameters each takes (``Hyperparameter``:
+the paper's default, type, range, help, Tune range) and which post-hoc rules fit its logits; config, CLI, trainer,
+evaluation, Tune and the README's method table all read it, and ``build_loss`` builds from it. Installed packages
+add losses through the entry point group ``lade.losses`` (``register_loss``).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compat import assert_async, tensor_version
+from .checks import bad_indices, check_labels, check_range
+from .distributed import gather_batch, is_distributed
+from .posthoc import FIXED_RULES, RULES
+from .priors import tempered_class_weights, validate_prior
+
+__all__ = ["SoftmaxLoss", "BalancedSoftmaxLoss", "LADERLoss", "LADELoss", "LogitAdjustedLoss", "FocalLoss",
+           "LDAMDRWLoss", "CausalNormLoss", "ESTIMATORS", "LOSSES", "Loss", "LossSpec", "Hyperparameter",
+           "register_loss", "build_loss", "posthoc_rules", "default_rule", "logits_entangled", "tuned_rules",
+           "classifier_head", "check_targets", "lade_reference"]
+
+Estimator = Literal["released", "paper"]
+ESTIMATORS: tuple[str, ...] = ("released", "paper")
+PriorLike = Sequence[float] | np.ndarray | torch.Tensor
+
+
+def check_targets(targets: torch.Tensor, num_classes: int) -> None:
+    """One clear error for labels outside [0, C) instead of a device-side assert deep inside a kernel."""
+    if targets.dim() != 1:
+        raise ValueError(f"targets must have shape [N], got {tuple(targets.shape)}")
+    if not targets.numel():
+        return
+    if targets.device.type != "cpu":
+        # On an accelerator a host-side check costs a sync every step; the device-side assert stops the step
+        # with this message instead (the training input is checked at preparation, so it never fires there).
+        assert_async(((targets >= 0) & (targets < num_classes)).all(),
+                            f"targets out of range: labels must lie in [0, {num_classes})")
+        return
+    check_labels(targets, num_classes, "targets out of range: labels")
+
+
+def _check_logits(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if logits.dim() != 2 or logits.shape[1] != num_classes:
+        raise ValueError(f"logits must have shape [N, {num_classes}], got {tuple(logits.shape)}")
+    if logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"logits have {logits.shape[0]} rows but targets have {targets.shape[0]}")
+    check_targets(targets, num_classes)
+    # Reductions over the batch in fp16/bf16 lose the tail classes; autocast output is promoted to fp32.
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+class _CastCache:
+    """The float64 buffers cast to the logits' dtype/device once, not on every step.
+
+    Keyed on the buffer's storage and version, so ``.to(device)`` or an in-place edit invalidates the entry.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        key = (name, like.dtype, like.device, buf.data_ptr(), tensor_version(buf))
+        out = self._entries.get(key)
+        if out is None:
+            self._entries = {k: v for k, v in self._entries.items() if k[0] != name}
+            out = self._entries[key] = buf.to(device=like.device, dtype=like.dtype)
+        return out
+
+
+def _source_prior(source_prior: PriorLike) -> torch.Tensor:
+    p = torch.as_tensor(np.asarray(source_prior, dtype=np.float64))
+    p = validate_prior(p, p.numel(), "source_prior")
+    if (p == 0).any():
+        # log p_s(c) = -inf would make the loss infinite for every sample of class c.
+        raise ValueError(f"source_prior is zero at class indices {bad_indices(p == 0)}")
+    return p
+
+
+class Loss(nn.Module):
+    """What every registered loss has besides ``forward``: the head it trains and a per-epoch hook."""
+
+    head: tuple[str, dict] = ("linear", {})
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the training loop before epoch ``epoch`` (0-based); most losses do not change over a run."""
+
+
+class SoftmaxLoss(Loss):
+    """Plain softmax cross-entropy (the paper's "Softmax" baseline). Its logits stay entangled with p_s, which the
+    PC strategy (Eq. 4-7) removes at inference. ``source_prior`` only fixes the number of classes."""
+
+    def __init__(self, source_prior: PriorLike):
+        super().__init__()
+        self.num_classes = _source_prior(source_prior).numel()
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = _check_logits(logits, targets, self.num_classes)
+        loss = F.cross_entropy(z, targets)
+        self.last_terms = {"ce": loss.detach()}
+        return loss
+
+
+class BalancedSoftmaxLoss(Loss):
+    """LADE-CE, Eq. 19 (= Balanced Softmax): cross-entropy of ``logits + log p_s``. Its one term is ``lade_ce``."""
+
+    def __init__(self, source_prior: PriorLike):
+        super().__init__()
+        p = _source_prior(source_prior)
+        self.num_classes = p.numel()
+        self.register_buffer("log_source_prior", p.log())  # [C], float64
+        self._cast = _CastCache()
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def log_prior_like(self, z: torch.Tensor) -> torch.Tensor:
+        return self._cast.get("log_source_prior", self.log_source_prior, z)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = _check_logits(logits, targets, self.num_classes)
+        loss = F.cross_entropy(z + self.log_prior_like(z), targets)
+        self.last_terms = {"lade_ce": loss.detach()}
+        return loss
+
+
+class _LADEFunction(torch.autograd.Function):
+    """Fused LADE-CE + alpha * LADER: forward and analytic backward in O(N*C), one [N, C] gradient written.
+
+    LADER = -sum_c w_c (F_c - S_c - lam * S_c^2), with
+      F_c = mean_{i: y_i = c} z_ic (0 if class c is absent),
+      S_c = logsumexp_i(z_ic + o_ic) - log N, where the offset o is [1, C] ("released") or [N, 1] ("paper").
+    dLADER/dz_ic = w_c (1 + 2 lam S_c) softmax_i(z_ic + o_ic) - w_c [y_i = c] / n_c.
+    LADE-CE = mean_i CE(z_i + log p_s, y_i), dCE/dz_ic = (softmax_c(z_i + log p_s)_c - [y_i = c]) / N.
+    ``ce_weight = 0`` skips the CE term (LADER alone, e.g. on an all-gathered batch).
+    Returns (total, ce, lader, F [C], S [C], sum_c w_c F_c, sum_c w_c S_c); only ``total`` is differentiable.
+    ``lade_reference`` is the same loss written as the equations read, for autograd; the tests hold the two together.
+
+    Why it is shaped this way (bench/loss_speed.py): at large C the cost is the passes over [N, C] (exp most of
+    all), so both softmaxes are computed once in the forward and kept, and the backward is two fused multiply-adds;
+    at small C it is the number of ops, so the class sums are one ``bincount`` each and the three weighted sums of
+    LADER one matrix-vector product.
+    """
+
+    @staticmethod
+    def forward(ctx, z, targets, log_prior, offset, weights, lam, alpha, ce_weight, present_only):  # z [N, C]
+        n_samples, num_classes = z.shape
+        z_at_target = z.gather(1, targets[:, None])  # [N, 1]
+        if z.device.type == "cpu":
+            counts = torch.bincount(targets, minlength=num_classes).to(z.dtype)  # n_c [C]
+            f_sums = torch.bincount(targets, weights=z_at_target[:, 0], minlength=num_classes).to(z.dtype)
+        else:  # bincount's output size needs a host sync on an accelerator; index_add_ does not
+            counts = z.new_zeros(num_classes).index_add_(0, targets, z.new_ones(n_samples))
+            f_sums = z.new_zeros(num_classes).index_add_(0, targets, z_at_target[:, 0])
+        if ce_weight:
+            x = z + log_prior  # [N, C]
+            probs = torch.softmax(x, dim=1)  # [N, C]; kept: the CE gradient
+            p_at_target = probs.gather(1, targets[:, None])  # [N, 1]
+            if z.device.type == "cpu" and bool(p_at_target.min() > 0):
+                ce = -p_at_target.log().mean()
+            else:  # a target probability below float range (CE > ~87), or no cheap check on an accelerator
+                ce = (torch.logsumexp(x, dim=1) - x.gather(1, targets[:, None])[:, 0]).mean()
+        else:
+            probs, ce = None, z.new_zeros(())
+        shifted = z if offset.shape[0] == 1 else z + offset  # a per-class offset cancels in the column softmax
+        col_max = shifted.amax(dim=0)  # [C]
+        col_exp = (shifted - col_max).exp_()  # [N, C], e^{z_ic + o_ic - max_i}: <= 1, no overflow
+        col_sum = col_exp.sum(dim=0)  # [C], >= 1
+        s = col_max + col_sum.log() - math.log(n_samples)  # [C]
+        if offset.shape[0] == 1:
+            s = s + offset[0]
+        f = f_sums / counts.clamp(min=1)  # [C]
+        w = weights * (counts > 0) if present_only else weights  # [C]
+        wf, ws, wss = torch.stack([f, s, s * s]) @ w  # sum_c w_c F_c, sum_c w_c S_c, sum_c w_c S_c^2
+        lader = ws + lam * wss - wf
+        ctx.save_for_backward(targets, probs, col_exp, col_sum, s, counts, w)
+        ctx.lam, ctx.alpha, ctx.ce_weight = lam, alpha, ce_weight
+        ctx.mark_non_differentiable(ce, lader, f, s, wf, ws)
+        return ce_weight * ce + alpha * lader, ce, lader, f, s, wf, ws
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, *_):
+        targets, probs, col_exp, col_sum, s, counts, w = ctx.saved_tensors
+        n_samples = col_exp.shape[0]
+        gw = (g * ctx.alpha) * w  # [C]
+        # softmax_i(z_ic + o_ic) * w_c (1 + 2 lam S_c); not in place: a retained graph may run backward again.
+        grad = col_exp * (gw * (1 + 2 * ctx.lam * s) / col_sum)  # [N, C]
+        at_target = (gw / counts.clamp(min=1))[targets]  # [N]
+        if ctx.ce_weight:
+            ce_scale = g * (ctx.ce_weight / n_samples)  # 0-dim tensor: no host sync
+            grad.addcmul_(probs, ce_scale)
+            at_target = at_target + ce_scale
+        grad.scatter_add_(1, targets[:, None], -at_target[:, None])
+        return grad, None, None, None, None, None, None, None, None
+
+
+def lade_reference(z: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor | None, offset: torch.Tensor,
+                   weights: torch.Tensor, lam: float, alpha: float, present_only: bool = False) -> torch.Tensor:
+    """LADE (Eq. 20) = LADE-CE (Eq. 19) + alpha * LADER (Eq. 15-16), written as the equations read and
+    differentiated by autograd: the readable path beside ``_LADEFunction``. ``log_prior`` None: LADER alone.
+    ``offset``: [1, C] (released estimator) or [N, 1] (paper), as ``LADERLoss._offset`` gives it."""
+    n, c = z.shape
+    onehot = F.one_hot(targets, c).to(z.dtype)  # [N, C]
+    counts = onehot.sum(0)  # n_c
+    f = (onehot * z).sum(0) / counts.clamp(min=1)  # F_c: the mean logit of class c's samples
+    s = torch.logsumexp(z + offset, dim=0) - math.log(n)  # S_c: log of the importance-weighted mean of e^{z_c}
+    w = weights * (counts > 0) if present_only else weights
+    lader = -(w * (f - s - lam * s * s)).sum()
+    ce = F.cross_entropy(z + log_prior, targets) if log_prior is not None else z.new_zeros(())
+    return ce + alpha * lader
+
+
+class LADERLoss(Loss):
+    """LADER (Eq. 15-16), the regularized Donsker-Varadhan term pushing z_c toward log p_u(x|c)/p_u(x).
+
+    estimator="released": the authors' released code (their published numbers): every class c contributes;
+      S_c = logsumexp_i(z_ic + log(1/C) - log p_s(c)) - log N.
+    estimator="paper": Eq. 13-16 as printed: importance weight by each sample's label,
+      S_c = log((1/N) sum_i [(1/C) / p_s(y_i)] e^{z_ic}), summed only over classes present in the batch.
+
+    Under torch.distributed with world size > 1 the batch statistics use the global batch (autograd-aware
+    all-gather), so W workers x B samples under DDP give the single-process gradient on W*B samples.
+    """
+
+    def __init__(
+        self,
+        source_prior: PriorLike,
+        lam: float = 0.1,
+        class_weights: PriorLike | None = None,
+        estimator: Estimator = "released",
+    ):
+        super().__init__()
+        p = _source_prior(source_prior)
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+        self.lam = check_range(lam, "lam (λ)", low=0)
+        self.estimator = estimator
+        self.num_classes = p.numel()
+        if class_weights is None:
+            w = p.clone()
+        else:
+            w = torch.as_tensor(np.asarray(class_weights, dtype=np.float64))
+            if w.dim() != 1 or w.numel() != self.num_classes:
+                raise ValueError(f"class_weights has wrong length: {w.numel()} entries for {self.num_classes} classes")
+            if not torch.isfinite(w).all():
+                raise ValueError(f"class_weights are NaN or infinite at class indices "
+                                 f"{bad_indices(~torch.isfinite(w))}")
+            if (w < 0).any():
+                raise ValueError(f"class_weights are negative at class indices "
+                                 f"{bad_indices(w < 0)}")
+        self.register_buffer("log_source_prior", p.log())  # [C]
+        self.register_buffer("class_weights", w)  # [C], alpha_c
+        self.register_buffer("released_offset", -math.log(self.num_classes) - p.log())  # [C], log((1/C) / p_s(c))
+        self._cast = _CastCache()
+        self.last_terms: dict[str, torch.Tensor] = {}
+        self.last_class_terms: dict[str, torch.Tensor] = {}
+
+    def _offset(self, targets: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        offset = self._cast.get("released_offset", self.released_offset, z)  # log((1/C) / p_s(c)), [C]
+        if self.estimator == "released":
+            return offset[None, :]  # [1, C]: importance weight by class c
+        return offset[targets][:, None]  # [N, 1]: by each sample's label
+
+    def _run(self, z, targets, log_prior, alpha: float, ce_weight: float):
+        total, ce, lader, f, s, wf, ws = _LADEFunction.apply(
+            z, targets, log_prior, self._offset(targets, z), self._cast.get("class_weights", self.class_weights, z),
+            self.lam, alpha, ce_weight, self.estimator == "paper",
+        )
+        # Eq. 15-16 per class: F_c (mean logit of class-c samples) and S_c (log of the importance-weighted mean of
+        # e^{z_c}); the per-class DV bound is F_c - S_c. Scalars for logging: LADER itself and the alpha_c-weighted
+        # sums of F and S (LADER = -(F - S - lam * sum_c alpha_c S_c^2) with these sums).
+        self.last_class_terms = {"F": f, "S": s}
+        self.last_terms = {"lader": lader, "lader_F": wf, "lader_S": ws}
+        return total, ce, lader
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = _check_logits(logits, targets, self.num_classes)
+        z, targets = gather_batch(z, targets)
+        return self._run(z, targets, None, 1.0, 0.0)[0]
+
+
+class LADELoss(Loss):
+    """LADE, Eq. 20: LADE-CE + alpha * LADER. ``last_terms``: ``lade_ce``, ``lader`` and LADER's weighted F and S
+    sums (``lader_F``, ``lader_S``) of the last call, detached.
+
+    ``class_weight_power`` t (this project's, not the paper's) sets alpha_c = p_s(c)^t / sum_k p_s(k)^t instead of
+    giving ``class_weights``: t = 1 is the paper's alpha_c = p_s(c), t = 0 weighs every class equally."""
+
+    def __init__(
+        self,
+        source_prior: PriorLike,
+        alpha: float = 0.1,
+        lam: float = 0.1,
+        class_weights: PriorLike | None = None,
+        class_weight_power: float | None = None,
+        estimator: Estimator = "released",
+    ):
+        super().__init__()
+        self.alpha = check_range(alpha, "alpha (α)", low=0)
+        if class_weight_power is not None:
+            if class_weights is not None:
+                raise ValueError("set class_weights or class_weight_power, not both: the power derives alpha_c from "
+                                 "the source prior")
+            class_weights = tempered_class_weights(_source_prior(source_prior), class_weight_power)
+        self.lade_ce = BalancedSoftmaxLoss(source_prior)
+        self.lader = LADERLoss(source_prior, lam=lam, class_weights=class_weights, estimator=estimator)
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if is_distributed():
+            # LADER's batch statistics span the global batch; the CE term stays a local mean (DDP averages it).
+            ce, reg = self.lade_ce(logits, targets), self.lader(logits, targets)
+            total = ce + self.alpha * reg
+            ce, reg = ce.detach(), reg.detach()
+        else:
+            z = _check_logits(logits, targets, self.lader.num_classes)
+            total, ce, reg = self.lader._run(z, targets, self.lade_ce.log_prior_like(z), self.alpha, 1.0)
+        self.last_terms = {"lade_ce": ce, **self.lader.last_terms, "lader": reg}
+        return total
+
+
+# --- The peers of the paper's comparison (Tables 2-6) --------------------------------------------------------
+
+class LogitAdjustedLoss(Loss):
+    """Logit-adjusted loss (Menon et al., ICLR 2021, Eq. 10): cross-entropy of z + tau * log p_s (tau = 1 is Balanced
+    Softmax / LADE-CE). Its head adds (tau - 1) * log p_s at inference, so the stored logits z + (tau - 1) log p_s
+    are disentangled from p_s and take p_t by injection (Eq. 17), for every tau."""
+
+    def __init__(self, source_prior: PriorLike, tau: float = 1.0):
+        super().__init__()
+        p = _source_prior(source_prior)
+        self.tau = check_range(tau, "logit_adjusted tau (τ)", low=0)
+        self.num_classes = p.numel()
+        self.register_buffer("log_source_prior", p.log())  # [C], float64
+        self.head = ("adjusted_linear", {"eval_offset": ((self.tau - 1) * p.log()).tolist()})  # JSON: the model card
+        self._cast = _CastCache()
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = _check_logits(logits, targets, self.num_classes)
+        loss = F.cross_entropy(z + self.tau * self._cast.get("log_source_prior", self.log_source_prior, z), targets)
+        self.last_terms = {"adjusted_ce": loss.detach()}
+        return loss
+
+
+class FocalLoss(Loss):
+    """Focal loss (Lin et al., ICCV 2017, Eq. 5 without alpha-balancing): mean_i -(1 - p_i)^gamma log p_i with
+    p_i = softmax(z_i)[y_i]; gamma = 0 is cross-entropy. Trained on p_s, its logits take PC compensation."""
+
+    def __init__(self, source_prior: PriorLike, gamma: float = 2.0):
+        super().__init__()
+        self.num_classes = _source_prior(source_prior).numel()
+        self.gamma = check_range(gamma, "focal gamma (γ)", low=0)
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = _check_logits(logits, targets, self.num_classes)
+        log_p = torch.log_softmax(z, dim=1).gather(1, targets[:, None])[:, 0]  # [N], log p_i
+        loss = (-(1 - log_p.exp()).pow(self.gamma) * log_p).mean()
+        self.last_terms = {"focal": loss.detach()}
+        return loss
+
+
+class LDAMDRWLoss(Loss):
+    """LDAM with deferred re-weighting (Cao et al., NeurIPS 2019, Eq. 12-13 and Alg. 1), on a cosine classifier.
+
+    ``forward`` takes the normalized classifier's cosine logits c [N, C] (its training output). With per-class
+    margins m_c = max_margin * (n_c / min_k n_k)^(-1/4) (largest margin on the rarest class) and scale s:
+      loss = sum_i w_{y_i} CE(s * (c_i - m_{y_i} e_{y_i}), y_i) / sum_i w_{y_i},
+    w = 1 before epoch ``drw_epoch`` and the class-balanced weights of Cui et al. 2019 from it on:
+      w_c = (1 - beta) / (1 - beta^{n_c}), normalized to sum to C.
+    At inference the head returns s * c, which the DRW stage trained towards a balanced posterior: p_t is injected.
+    """
+
+    def __init__(self, source_prior: PriorLike, max_margin: float = 0.5, scale: float = 30.0, drw_epoch: int = 160,
+                 beta: float = 0.9999, train_counts: Sequence[int] | None = None):
+        super().__init__()
+        p = _source_prior(source_prior)
+        self.num_classes = p.numel()
+        self.max_margin = check_range(max_margin, "ldam_drw max_margin", low=0, low_open=True)
+        self.scale = check_range(scale, "ldam_drw scale (s)", low=0, low_open=True)
+        self.beta = check_range(beta, "ldam_drw beta (β)", low=0, high=1, high_open=True)
+        if isinstance(drw_epoch, bool) or not isinstance(drw_epoch, int) or drw_epoch < 0:
+            raise ValueError(f"ldam_drw drw_epoch must be an integer >= 0, got {drw_epoch!r}")
+        self.drw_epoch = drw_epoch
+        if train_counts is None:
+            raise ValueError("ldam_drw needs the training class counts (train_counts) for its class-balanced weights")
+        n = torch.as_tensor(np.asarray(train_counts, dtype=np.float64))
+        if n.shape != (self.num_classes,) or (n <= 0).any():
+            raise ValueError(f"ldam_drw train_counts must be {self.num_classes} positive counts, got {n.tolist()[:20]}")
+        margins = n.pow(-0.25)
+        self.register_buffer("margins", margins * (self.max_margin / margins.max()))  # [C], float64
+        weights = (1 - self.beta) / (1 - torch.pow(self.beta, n))  # [C]
+        self.register_buffer("drw_weights", weights / weights.sum() * self.num_classes)
+        self.head = ("cosine", {"scale": self.scale})
+        self.reweighting = False
+        self._cast = _CastCache()
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.reweighting = epoch >= self.drw_epoch
+
+    def forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        c = _check_logits(cosine, targets, self.num_classes)
+        m = self._cast.get("margins", self.margins, c)
+        output = self.scale * (c - F.one_hot(targets, self.num_classes).to(c.dtype) * m)  # [N, C]
+        weight = self._cast.get("drw_weights", self.drw_weights, c) if self.reweighting else None
+        loss = F.cross_entropy(output, targets, weight=weight)
+        # ``drw``: 1 once re-weighting is on, so the epoch it starts shows in the logged history.
+        self.last_terms = {"ldam": loss.detach(), "drw": loss.new_tensor(float(self.reweighting)).detach()}
+        return loss
+
+
+class CausalNormLoss(SoftmaxLoss):
+    """Causal Norm (Tang et al., NeurIPS 2020): cross-entropy on the multi-head normalized classifier
+    (``heads.CausalNormClassifier``: tau, gamma, K = ``heads``), whose inference logits are the TDE logits with
+    strength ``alpha``. The loss itself is plain cross-entropy (term ``ce``); its hyperparameters configure the head."""
+
+    def __init__(self, source_prior: PriorLike, tau: float = 16.0, gamma: float = 1 / 32, heads: int = 2,
+                 alpha: float = 1.5):
+        super().__init__(source_prior)
+        tau = check_range(tau, "causal_norm tau (τ)", low=0, low_open=True)
+        gamma = check_range(gamma, "causal_norm gamma (γ)", low=0)
+        alpha = check_range(alpha, "causal_norm alpha (α)", low=0)
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"causal_norm heads must be an integer >= 1, got {heads!r}")
+        self.head = ("causal_norm", {"tau": tau, "gamma": gamma, "heads": heads, "alpha": alpha})
+
+
+# --- The registry ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One hyperparameter of one loss, declared once: config validation (type and range), the ``train.py`` flag
+    (``--<name>``, dashes for underscores), Tune's default range for a search over the loss and the README's method
+    table all read it. A name means one thing within its loss: logit adjustment's ``tau`` and Causal Norm's are two
+    declarations with their own ranges.
+
+    ``type``: ``float``, ``int``, ``str`` or ``list[float]``; ``ge``/``gt``/``le``/``lt``/``choices`` bound the value
+    (each element of a list). ``space``: Tune's range, ``("uniform" | "loguniform", low, high)`` or
+    ``("choice", [values])``, None to keep the default in a search. ``epoch_fraction``: the value is an epoch number
+    (it must fall inside the run) and a run that leaves it unset gets this fraction of its epochs."""
+
+    name: str
+    default: object
+    help: str
+    type: object = float
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple | None = None
+    space: tuple | None = None
+    epoch_fraction: float | None = None
+
+    @property
+    def checks(self) -> dict:
+        """The bounds as ``lade_core.config`` checks a value: {"ge": 0, ...}."""
+        return {k: v for k in ("ge", "gt", "le", "lt", "choices") if (v := getattr(self, k)) is not None}
+
+    @property
+    def range_text(self) -> str:
+        """The bounds in words, e.g. ``>= 0, < 1`` (for help texts and the README)."""
+        if self.choices is not None:
+            return " | ".join(map(str, self.choices))
+        words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+        return ", ".join(f"{words[k]} {v:g}" for k, v in self.checks.items()) or "any"
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One training loss, declared once: its module, its hyperparameters (``params``, with the paper's defaults:
+    keyword names of the class), the post-hoc rules that fit its (inference) logits, the one the loss calls for
+    first (validation, summaries). The classifier head it trains is the module's ``head``. A package adds one with
+    an entry point in the group ``lade.losses`` whose object is a ``LossSpec`` (``register_loss``)."""
+
+    cls: type[nn.Module]
+    params: tuple[Hyperparameter, ...]
+    posthoc: tuple[str, ...]
+    needs_counts: bool = False  # the loss takes the training class counts, not only their proportions
+    # Why the loss cannot train on mixed (soft) targets (``mixing``: mixup / cutmix), None if it can: its
+    # per-sample value must be linear in the one-hot target, sum_c t_c * l_c(z).
+    hard_targets_only: str | None = None
+    summary: str = ""  # one line for the README's method table
+
+    @property
+    def hyperparameters(self) -> tuple[str, ...]:
+        return tuple(h.name for h in self.params)
+
+    @property
+    def defaults(self) -> dict:
+        return {h.name: h.default for h in self.params}
+
+    @property
+    def epoch_keys(self) -> dict[str, float]:
+        """The hyperparameters that are epoch numbers, each with the fraction of the run it defaults to."""
+        return {h.name: h.epoch_fraction for h in self.params if h.epoch_fraction is not None}
+
+    def param(self, name: str) -> Hyperparameter:
+        return next(h for h in self.params if h.name == name)
+
+
+_H = Hyperparameter
+# A plain-softmax (or focal) model's logits are entangled with p_s and need PC compensation (Eq. 4); the logits of
+# LADE / Balanced Softmax, of a logit-adjusted model (its head's inference offset), of LDAM-DRW (re-weighted towards
+# balance) and of Causal Norm (TDE; the paper's "PC Causal Norm" adds log p_t - log p_u) are disentangled and
+# take p_t by injection (Eq. 17). "raw" is the logits as they are. A ``space`` brackets its paper's value.
+LOSSES: dict[str, LossSpec] = {
+    "softmax": LossSpec(SoftmaxLoss, (), ("pc", "raw"), summary="softmax cross-entropy; PC Softmax at inference "
+                        "(Eq. 4-7)"),
+    "balanced_softmax": LossSpec(BalancedSoftmaxLoss, (), ("inject", "raw"),
+                                 summary="LADE-CE (Eq. 19) = Balanced Softmax"),
+    "lade": LossSpec(LADELoss, (
+        _H("alpha", 0.1, "LADER weight α (Eq. 20)", ge=0),
+        _H("lam", 0.1, "LADER regularizer λ (Eq. 16)", ge=0),
+        _H("class_weights", None, "LADER class weights α_c as a list (unset: p_s)", type=list[float], ge=0),
+        _H("class_weight_power", None, "α_c ∝ p_s(c)^power (1: the paper's p_s, 0: uniform)", ge=0, le=1),
+        _H("estimator", "released", "LADER's estimator of the class-c mean of e^z", type=str, choices=ESTIMATORS),
+    ), ("inject", "raw"), summary="LADE (Eq. 20) = LADE-CE + α·LADER (Eq. 15-16)",
+        hard_targets_only="LADER (Eq. 15-16) averages each class's logits over the samples of that class in the "
+                          "batch, which a mixed image does not belong to"),
+    "logit_adjusted": LossSpec(LogitAdjustedLoss, (
+        _H("tau", 1.0, "adjustment strength τ (Menon et al.: 1)", ge=0, space=("uniform", 0.5, 2.0)),
+    ), ("inject", "raw"), summary="logit-adjusted cross-entropy (Menon et al. 2021)"),
+    "focal": LossSpec(FocalLoss, (
+        _H("gamma", 2.0, "focusing γ (Lin et al.: 2)", ge=0, space=("uniform", 0.0, 3.0)),
+    ), ("pc", "raw"), summary="Focal loss (Lin et al. 2017)"),
+    "ldam_drw": LossSpec(LDAMDRWLoss, (
+        _H("max_margin", 0.5, "largest class margin", gt=0, space=("uniform", 0.1, 1.0)),
+        _H("scale", 30.0, "cosine logit scale s", gt=0, space=("loguniform", 5.0, 50.0)),
+        _H("drw_epoch", 160, "epoch re-weighting starts (unset: 80 % of the run)", type=int, ge=0,
+           epoch_fraction=0.8),
+        _H("beta", 0.9999, "class-balanced weights' β", ge=0, lt=1),
+    ), ("inject", "raw"), needs_counts=True, summary="LDAM with deferred re-weighting (Cao et al. 2019)",
+        hard_targets_only="LDAM subtracts the label's margin inside the softmax, so the loss is not linear in the "
+                          "target"),
+    "causal_norm": LossSpec(CausalNormLoss, (
+        _H("tau", 16.0, "logit scale τ", gt=0),
+        _H("gamma", 1 / 32, "weight-norm offset γ", ge=0),
+        _H("heads", 2, "number of heads K", type=int, ge=1),
+        _H("alpha", 1.5, "TDE strength α", ge=0, space=("uniform", 0.0, 3.0)),
+    ), ("inject", "raw"), summary="Causal Norm with TDE inference (Tang et al. 2020)"),
+}
+BUILTIN_LOSSES: tuple[str, ...] = tuple(LOSSES)
+# Entry points of the group ``lade.losses`` that could not be loaded: name -> why (named by ``unknown loss``).
+PLUGIN_ERRORS: dict[str, str] = {}
+
+
+def register_loss(name: str, spec: LossSpec) -> LossSpec:
+    """Add loss ``name`` to ``LOSSES`` (what an entry point of the group ``lade.losses`` does); a malformed
+    declaration is refused with the reason."""
+    import inspect
+
+    if not name.isidentifier() or name in LOSSES:
+        raise ValueError(f"loss name {name!r} must be a Python identifier not yet registered "
+                         f"(registered: {sorted(LOSSES)})")
+    if not isinstance(spec, LossSpec):
+        raise TypeError(f"loss {name!r}: an entry point must name a lade_core.losses.LossSpec, got "
+                        f"{type(spec).__name__}")
+    if not spec.posthoc or any(r not in FIXED_RULES for r in spec.posthoc):
+        raise ValueError(f"loss {name!r}: posthoc must name rules among {FIXED_RULES}, got {spec.posthoc!r}")
+    takes = set(inspect.signature(spec.cls).parameters)
+    missing = [h.name for h in spec.params if h.name not in takes]
+    if "source_prior" not in takes or missing:
+        raise ValueError(f"loss {name!r}: {spec.cls.__name__}(source_prior, ...) must take its hyperparameters as "
+                         f"keywords; missing {missing or ['source_prior']}")
+    LOSSES[name] = spec
+    return spec
+
+
+def _load_plugins() -> None:
+    """Register the losses that installed packages declare (entry point group ``lade.losses``). One that fails to
+    load is left out with its reason in ``PLUGIN_ERRORS`` (named when the loss is asked for), not fatal to lade."""
+    import warnings
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="lade.losses"):
+        if ep.name in LOSSES:
+            continue  # already registered (a re-import); a clash with a built-in is refused below
+        try:
+            register_loss(ep.name, ep.load())
+        except Exception as e:  # noqa: BLE001 - any failure of a third-party package: reported, not raised
+            PLUGIN_ERRORS[ep.name] = f"entry point {ep.value!r} failed: {type(e).__name__}: {e}"
+            warnings.warn(f"lade: loss plugin {ep.name!r} not loaded: {PLUGIN_ERRORS[ep.name]}", stacklevel=2)
+
+
+# A plugin imports what it needs from ``lade_core.losses`` (the documented path) while this module is still loading:
+# that name must already be this module, even when the import began at the old path's alias module.
+sys.modules[__name__.replace(".math.", ".")] = sys.modules[__name__]
+_load_plugins()
+# Every hyperparameter name any loss takes (config keys): a name means one thing within its loss.
+LOSS_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for spec in LOSSES.values() for k in spec.hyperparameters))
+
+
+def _spec(name: str) -> LossSpec:
+    if name not in LOSSES:
+        why = f" (plugin: {PLUGIN_ERRORS[name]})" if name in PLUGIN_ERRORS else ""
+        raise ValueError(f"unknown loss {name!r}{why}; choose one of {sorted(LOSSES)}")
+    return LOSSES[name]
+
+
+def build_loss(name: str, source_prior: PriorLike, *, train_counts: Sequence[int] | None = None,
+               **hyperparameters) -> Loss:
+    """The registered loss ``name`` for ``source_prior`` [C]; unknown names and hyperparameters are refused, and a
+    hyperparameter not given takes the paper's default. ``train_counts`` [C] only for losses that need them."""
+    spec = _spec(name)
+    unknown = sorted(set(hyperparameters) - set(spec.hyperparameters))
+    if unknown:
+        raise ValueError(f"loss {name!r} takes no hyperparameters {unknown}; it takes {list(spec.hyperparameters)}")
+    extra = {"train_counts": train_counts} if spec.needs_counts else {}
+    return spec.cls(source_prior, **{**spec.defaults, **hyperparameters}, **extra)
+
+
+def posthoc_rules(name: str) -> tuple[str, ...]:
+    """The post-hoc rules that fit loss ``name``'s logits, the one the loss calls for first."""
+    return _spec(name).posthoc
+
+
+def default_rule(name: str) -> str:
+    """The post-hoc rule loss ``name`` calls for (validation, summaries, the served model's default)."""
+    return _spec(name).posthoc[0]
+
+
+def logits_entangled(name: str) -> bool:
+    """Whether loss ``name``'s logits are entangled with p_s (its own rule removes log p_s, as PC does)."""
+    return RULES[default_rule(name)].removes_source_prior
+
+
+def tuned_rules(name: str, has_classifier: bool) -> tuple[str, ...]:
+    """The rules tuned on validation that fit loss ``name``'s logits (post-hoc logit adjustment, τ-norm, for logits
+    entangled with p_s), those needing the linear classifier only when it is at hand."""
+    if not logits_entangled(name):
+        return ()
+    return tuple(r.name for r in RULES.values() if r.tuned and (has_classifier or not r.needs_classifier))
+
+
+def classifier_head(name: str, source_prior: PriorLike, *, train_counts: Sequence[int] | None = None,
+                    **hyperparameters) -> tuple[str, dict]:
+    """(kind, keyword arguments) of the classifier head loss ``name`` trains: ``models.build_model(..., head=)``."""
+    return build_loss(name, source_prior, train_counts=train_counts, **hyperparameters).head
