@@ -74,3 +74,26 @@ print(sorted(new - set(sys.stdlib_module_names) - {'lade_core'}))
     assert p.stdout.strip() == "[]", p.stdout
 
 
+
+
+def test_the_old_module_paths_are_the_math_tiers_modules():
+    """``lade_core.losses`` and ``lade_core.math.losses`` (and every other math module) are one module object,
+    whichever is imported first and however (attribute, ``from`` import, plain import)."""
+    code = """
+import importlib, sys
+import lade_core
+names = lade_core._MATH
+for i, name in enumerate(names):
+    first, second = (f"lade_core.math.{name}", f"lade_core.{name}")[::(1 if i % 2 else -1)]
+    importlib.import_module(first)
+    importlib.import_module(second)
+    home = sys.modules[f"lade_core.math.{name}"]
+    assert sys.modules[f"lade_core.{name}"] is home, name
+    assert getattr(lade_core, name) is home, name
+    exec(f"from lade_core import {name} as m", globals())
+    assert m is home, name
+print(len(names))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert int(p.stdout) == len(list((PACKAGE / "math").glob("[!_]*.py")))
