@@ -84,9 +84,27 @@ def ray_local():
 
     from lade_core.runtime import init_ray
 
+    global _RAY_LOCAL_UP
     init_ray(num_cpus=4)
+    _RAY_LOCAL_UP = True
     yield ray
     ray.shutdown()
+    _RAY_LOCAL_UP = False
+
+
+_RAY_LOCAL_UP = False
+
+
+@pytest.fixture(autouse=True)
+def no_stray_ray():
+    """A test that starts a Ray in the test process outside ``ray_local`` (e.g. a Ray Data call, which starts one
+    on its own) fails here: that Ray would outlive the test beside the pipelines' own local Rays, and Ray Train
+    cannot tell two local clusters apart (a later Tune test then hung)."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and not _RAY_LOCAL_UP and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("this test started a Ray in the test process without the ray_local fixture")
 
 
 

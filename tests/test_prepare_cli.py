@@ -6,6 +6,7 @@ import pytest
 
 from conftest import Script, class_png, write_sorted_list_dataset
 from lade_core.data import open_prepared
+from lade_core.data.transforms import decode_rgb, transform_batch
 from lade_core.priors import long_tailed_counts
 
 prepare_data = Script("prepare_data")
@@ -31,9 +32,11 @@ def test_sorted_list_without_val_gets_a_balanced_holdout_and_its_transform(tmp_p
     val_paths = set(ds.raw_split("val")["path"].to_pylist())
     assert not train_paths & val_paths and len(train_paths | val_paths) == sum(counts)
     assert ds.manifest["transform"] == "cifar" and ds.image_size == 16
-    batch = ds.ray_dataset("val").take_batch(4)
-    assert batch["image"].shape == (4, 3, 16, 16)  # the stored size reaches every later use of the dataset
-    assert ds.ray_dataset("val", ds.eval_transform(8)).take_batch(2)["image"].shape == (2, 3, 8, 8)
+    # The stored size reaches every later use of the dataset: its evaluation transform (read here without Ray:
+    # this test process starts none).
+    images = [decode_rgb(b) for b in ds.raw_split("val", ["image"]).slice(0, 4)["image"].to_pylist()]
+    assert transform_batch(images, ds.eval_transform()).shape == (4, 3, 16, 16)
+    assert transform_batch(images[:2], ds.eval_transform(8)).shape == (2, 3, 8, 8)
 
 
 def test_image_folder_classes_sorted_by_name(tmp_path):
