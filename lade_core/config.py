@@ -85,12 +85,12 @@ class LossConfig:
     chosen loss does not take is an error. ``values`` holds every built-in hyperparameter key (and a plugin loss's
     own), None where unset."""
 
-    loss: str = _opt("lade", choices=tuple(LOSSES))
+    loss: str = "lade"
     values: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, flat: dict, where) -> LossConfig:
-        loss = _check_value("loss", flat.get("loss", "lade"), str, {"choices": tuple(LOSSES)}, where("loss"))
+        loss = _check_value("loss", flat.get("loss", cls.loss), str, {"choices": tuple(LOSSES)}, where("loss"))
         spec = LOSSES[loss]
         given = {k: flat[k] for k in LOSS_KEYS if k in flat and flat[k] is not None}
         bad = sorted(set(given) - set(spec.hyperparameters))
@@ -401,13 +401,13 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--<name>`` flag (dashes for underscores) per loss hyperparameter name, built-in or plugin, typed and
     described by the losses' declarations (unset: the loss's default). The config checks the value against the
     chosen loss's range."""
+    parsers = {float: float, int: int, str: str, list[float]: json.loads}  # a declaration's type -> the flag's
     for key in LOSS_KEYS:
         declared = [(name, spec.param(key)) for name, spec in LOSSES.items() if key in spec.hyperparameters]
-        types = {repr(h.type) for _, h in declared}
+        types = {h.type for _, h in declared}
         first = declared[0][1]
         # One type for the flag: the declarations' if they agree; else YAML's reading of the text, checked later.
-        tp = {float: float, int: int, str: str}.get(first.type, json.loads if first.type == list[float] else None)
-        kwargs = {"type": tp if len(types) == 1 and tp else yaml.safe_load}
+        kwargs = {"type": parsers.get(first.type, yaml.safe_load) if len(types) == 1 else yaml.safe_load}
         if len(declared) == 1 and first.choices is not None:
             kwargs["choices"] = list(first.choices)
         text = "; ".join(f"{name}: {h.help} ({h.range_text}; default {h.default})" for name, h in declared)

@@ -173,6 +173,16 @@ def test_a_plugin_loads_whichever_path_lade_is_imported_by_first(tmp_path):
         assert p.returncode == 0 and p.stdout.split() == ["True", "True", "{}"], (first, p.stdout, p.stderr[-2000:])
 
 
+def test_a_plugin_named_like_a_built_in_loss_is_refused_with_a_warning(tmp_path):
+    import shutil
+
+    shutil.copytree(PLUGIN / "lade_label_smoothing", tmp_path / "lade_label_smoothing")
+    _dist(tmp_path, "shadowing-plugin", "lade = lade_label_smoothing:declaration")
+    p = _python("import lade_core.losses as l\nprint(l.LOSSES['lade'].cls.__name__)", tmp_path)
+    assert p.returncode == 0 and p.stdout.split() == ["LADELoss"], p.stderr[-2000:]
+    assert "loss plugin 'lade' not loaded" in p.stderr and "not yet registered" in p.stderr
+
+
 def test_the_example_plugin_loss_is_label_smoothed_cross_entropy_in_value_and_gradient():
     sys.path.insert(0, str(PLUGIN))
     try:

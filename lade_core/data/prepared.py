@@ -153,8 +153,8 @@ class PreparedDataset:
         # Ray 2.60's default V2 Parquet path (ListFiles -> ReadFiles) costs ~4 s per execution on a 2-core machine
         # whatever the size, and a training loop re-executes the read every epoch; V1 takes ~0.2 s (bench/README.md,
         # train_overhead). The user's RAY_DATA_USE_DATASOURCE_V2 wins if set.
-        users = "RAY_DATA_USE_DATASOURCE_V2" in os.environ
-        with contextlib.nullcontext() if users else datasource_v1(ray.data.DataContext.get_current()):
+        user_set = "RAY_DATA_USE_DATASOURCE_V2" in os.environ
+        with contextlib.nullcontext() if user_set else datasource_v1(ray.data.DataContext.get_current()):
             return ray.data.read_parquet(files if files is not None else str(self.root / split),
                                          columns=["image", "label", "index"])
 

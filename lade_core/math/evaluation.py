@@ -73,8 +73,7 @@ def target_from_values(name: str, values, labels, num_classes: int) -> Target:
         raise ValueError(f"target prior {name!r} is NaN or infinite at class indices "
                          f"{bad_indices(~torch.isfinite(v))}")
     if (v < 0).any():
-        raise ValueError(f"target prior {name!r} is negative at class indices "
-                         f"{bad_indices(v < 0)}")
+        raise ValueError(f"target prior {name!r} is negative at class indices {bad_indices(v < 0)}")
     y = _labels_np(labels)
     available = np.bincount(y, minlength=num_classes).astype(np.float64)
     is_counts = bool((v == v.round()).all()) and abs(float(v.sum()) - 1.0) > 1e-6
@@ -204,7 +203,7 @@ def rule_rows(run, estimate: str | None = None) -> list[dict]:
         for name in tuned_rules(run.loss, run.classifier is not None):
             tau, logits = tuned_rule_logits(name, run.logits, run.val_logits.double(), run.val_labels,
                                             run.source_prior, run.classifier)
-            rules.append((f"{name} (τ={tau:g})", "inject", logits))
+            rules.append((f"{name} (τ={tau:g})", name, logits))
     out = []
     for label, rule, logits in rules:
         rows = {r["target"]: r for r in evaluate_targets(logits, run.labels, run.source_prior, run.train_counts,

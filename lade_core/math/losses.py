@@ -49,7 +49,7 @@ def check_targets(targets: torch.Tensor, num_classes: int) -> None:
         # On an accelerator a host-side check costs a sync every step; the device-side assert stops the step
         # with this message instead (the training input is checked at preparation, so it never fires there).
         assert_async(((targets >= 0) & (targets < num_classes)).all(),
-                            f"targets out of range: labels must lie in [0, {num_classes})")
+                     f"targets out of range: labels must lie in [0, {num_classes})")
         return
     check_labels(targets, num_classes, "targets out of range: labels")
 
@@ -260,8 +260,7 @@ class LADERLoss(Loss):
                 raise ValueError(f"class_weights are NaN or infinite at class indices "
                                  f"{bad_indices(~torch.isfinite(w))}")
             if (w < 0).any():
-                raise ValueError(f"class_weights are negative at class indices "
-                                 f"{bad_indices(w < 0)}")
+                raise ValueError(f"class_weights are negative at class indices {bad_indices(w < 0)}")
         self.register_buffer("log_source_prior", p.log())  # [C]
         self.register_buffer("class_weights", w)  # [C], alpha_c
         self.register_buffer("released_offset", -math.log(self.num_classes) - p.log())  # [C], log((1/C) / p_s(c))
@@ -495,7 +494,6 @@ class LossSpec:
     # Why the loss cannot train on mixed (soft) targets (``mixing``: mixup / cutmix), None if it can: its
     # per-sample value must be linear in the one-hot target, sum_c t_c * l_c(z).
     hard_targets_only: str | None = None
-    summary: str = ""  # one line for the README's method table
 
     @property
     def hyperparameters(self) -> tuple[str, ...]:
@@ -520,32 +518,30 @@ _H = Hyperparameter
 # balance) and of Causal Norm (TDE; the paper's "PC Causal Norm" adds log p_t - log p_u) are disentangled and
 # take p_t by injection (Eq. 17). "raw" is the logits as they are. A ``space`` brackets its paper's value.
 LOSSES: dict[str, LossSpec] = {
-    "softmax": LossSpec(SoftmaxLoss, (), ("pc", "raw"), summary="softmax cross-entropy; PC Softmax at inference "
-                        "(Eq. 4-7)"),
-    "balanced_softmax": LossSpec(BalancedSoftmaxLoss, (), ("inject", "raw"),
-                                 summary="LADE-CE (Eq. 19) = Balanced Softmax"),
+    "softmax": LossSpec(SoftmaxLoss, (), ("pc", "raw")),
+    "balanced_softmax": LossSpec(BalancedSoftmaxLoss, (), ("inject", "raw")),
     "lade": LossSpec(LADELoss, (
         _H("alpha", 0.1, "LADER weight α (Eq. 20)", ge=0),
         _H("lam", 0.1, "LADER regularizer λ (Eq. 16)", ge=0),
         _H("class_weights", None, "LADER class weights α_c as a list (unset: p_s)", type=list[float], ge=0),
         _H("class_weight_power", None, "α_c ∝ p_s(c)^power (1: the paper's p_s, 0: uniform)", ge=0, le=1),
         _H("estimator", "released", "LADER's estimator of the class-c mean of e^z", type=str, choices=ESTIMATORS),
-    ), ("inject", "raw"), summary="LADE (Eq. 20) = LADE-CE + α·LADER (Eq. 15-16)",
+    ), ("inject", "raw"),
         hard_targets_only="LADER (Eq. 15-16) averages each class's logits over the samples of that class in the "
                           "batch, which a mixed image does not belong to"),
     "logit_adjusted": LossSpec(LogitAdjustedLoss, (
         _H("tau", 1.0, "adjustment strength τ (Menon et al.: 1)", ge=0, space=("uniform", 0.5, 2.0)),
-    ), ("inject", "raw"), summary="logit-adjusted cross-entropy (Menon et al. 2021)"),
+    ), ("inject", "raw")),
     "focal": LossSpec(FocalLoss, (
         _H("gamma", 2.0, "focusing γ (Lin et al.: 2)", ge=0, space=("uniform", 0.0, 3.0)),
-    ), ("pc", "raw"), summary="Focal loss (Lin et al. 2017)"),
+    ), ("pc", "raw")),
     "ldam_drw": LossSpec(LDAMDRWLoss, (
         _H("max_margin", 0.5, "largest class margin", gt=0, space=("uniform", 0.1, 1.0)),
         _H("scale", 30.0, "cosine logit scale s", gt=0, space=("loguniform", 5.0, 50.0)),
         _H("drw_epoch", 160, "epoch re-weighting starts (unset: 80 % of the run)", type=int, ge=0,
            epoch_fraction=0.8),
         _H("beta", 0.9999, "class-balanced weights' β", ge=0, lt=1),
-    ), ("inject", "raw"), needs_counts=True, summary="LDAM with deferred re-weighting (Cao et al. 2019)",
+    ), ("inject", "raw"), needs_counts=True,
         hard_targets_only="LDAM subtracts the label's margin inside the softmax, so the loss is not linear in the "
                           "target"),
     "causal_norm": LossSpec(CausalNormLoss, (
@@ -553,7 +549,7 @@ LOSSES: dict[str, LossSpec] = {
         _H("gamma", 1 / 32, "weight-norm offset γ", ge=0),
         _H("heads", 2, "number of heads K", type=int, ge=1),
         _H("alpha", 1.5, "TDE strength α", ge=0, space=("uniform", 0.0, 3.0)),
-    ), ("inject", "raw"), summary="Causal Norm with TDE inference (Tang et al. 2020)"),
+    ), ("inject", "raw")),
 }
 BUILTIN_LOSSES: tuple[str, ...] = tuple(LOSSES)
 # Entry points of the group ``lade.losses`` that could not be loaded: name -> why (named by ``unknown loss``).
@@ -589,9 +585,7 @@ def _load_plugins() -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="lade.losses"):
-        if ep.name in LOSSES:
-            continue  # already registered (a re-import); a clash with a built-in is refused below
-        try:
+        try:  # a name already registered (a built-in's) is refused by register_loss, with the reason
             register_loss(ep.name, ep.load())
         except Exception as e:  # noqa: BLE001 - any failure of a third-party package: reported, not raised
             PLUGIN_ERRORS[ep.name] = f"entry point {ep.value!r} failed: {type(e).__name__}: {e}"

@@ -86,7 +86,6 @@ class Rule:
     ``removes_source_prior``: the logits it takes are entangled with p_s (they were trained without it)."""
 
     name: str
-    summary: str
     offset: Callable
     removes_source_prior: bool = False
     tuned: bool = False
@@ -96,30 +95,30 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {
-    "raw": Rule("raw", "the logits as they are", _raw_offset),
-    "pc": Rule("pc", "PC (Eq. 4): z - log p_s + log p_t", _pc_offset, removes_source_prior=True),
-    "inject": Rule("inject", "Eq. 17: z + log p_t", _inject_offset),
-    "adjusted": Rule("adjusted", "post-hoc logit adjustment (Menon et al., Eq. 9): z - τ log p_s + log p_t, τ on "
-                     "validation", _inject_offset, removes_source_prior=True, tuned=True, grid=TAU_GRID,
+    "raw": Rule("raw", _raw_offset),  # the logits as they are
+    "pc": Rule("pc", _pc_offset, removes_source_prior=True),  # PC (Eq. 4): z - log p_s + log p_t
+    "inject": Rule("inject", _inject_offset),  # Eq. 17: z + log p_t
+    # Post-hoc logit adjustment (Menon et al., Eq. 9): z - τ log p_s + log p_t, τ on validation.
+    "adjusted": Rule("adjusted", _inject_offset, removes_source_prior=True, tuned=True, grid=TAU_GRID,
                      transform=_adjusted),
-    "tau_norm": Rule("tau_norm", "τ-normalized classifier (Kang et al. 2020): (z - b) / |w|^τ + log p_t, τ on "
-                     "validation", _inject_offset, removes_source_prior=True, tuned=True, grid=TAU_GRID,
+    # τ-normalized classifier (Kang et al. 2020): (z - b) / |w|^τ + log p_t, τ on validation.
+    "tau_norm": Rule("tau_norm", _inject_offset, removes_source_prior=True, tuned=True, grid=TAU_GRID,
                      transform=_tau_norm, needs_classifier=True),
 }
 # The rules a loss may declare for its logits (``LossSpec.posthoc``), applied by name with no parameter to tune.
 FIXED_RULES: tuple[str, ...] = tuple(name for name, r in RULES.items() if not r.tuned)
 
 
-def _fixed(rule: str) -> Rule:
-    if rule not in FIXED_RULES:
-        raise ValueError(f"unknown post-hoc rule {rule!r}; choose one of {list(FIXED_RULES)}")
+def _rule(rule: str, among) -> Rule:
+    if rule not in among:
+        raise ValueError(f"unknown post-hoc rule {rule!r}; choose one of {list(among)}")
     return RULES[rule]
 
 
 def posthoc_logits(logits: torch.Tensor, rule: str, source_prior, target_prior) -> torch.Tensor:
     """Apply one fixed post-hoc rule by name: ``raw``, ``pc`` (compensate) or ``inject``. Which rules fit a model is
     its loss's business: ``lade_core.losses.posthoc_rules``."""
-    if _fixed(rule).name == "raw":
+    if _rule(rule, FIXED_RULES).name == "raw":
         return logits
     if rule == "pc":
         return compensate(logits, source_prior, target_prior)
@@ -127,8 +126,9 @@ def posthoc_logits(logits: torch.Tensor, rule: str, source_prior, target_prior) 
 
 
 def posthoc_offset(rule: str, source_prior, target_prior, num_classes: int) -> torch.Tensor | None:
-    """The per-class offset b [C] (float64) with posthoc_logits(z) = z + b, or None for ``raw``.
+    """The per-class offset b [C] (float64) with posthoc_logits(z) = z + b, or None for ``raw``; for a tuned rule,
+    the shift its transformed logits take (``Rule.transform``).
 
     Every rule is a per-class shift of the logits, so evaluating many target priors needs only this vector.
     """
-    return _fixed(rule).offset(source_prior, target_prior, num_classes)
+    return _rule(rule, RULES).offset(source_prior, target_prior, num_classes)

@@ -33,5 +33,4 @@ declaration = LossSpec(
     LabelSmoothingLoss,
     (Hyperparameter("smoothing", 0.1, "label smoothing ε", ge=0, lt=1, space=("uniform", 0.0, 0.3)),),
     posthoc=("pc", "raw"),
-    summary="label-smoothed cross-entropy (Szegedy et al. 2016)",
 )
