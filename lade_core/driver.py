@@ -24,6 +24,7 @@ from .tracking import (
     end_run,
     logged_model_uri,
     mark_running,
+    mlflow_client,
     open_run,
     register_once,
     resolve_tracking_uri,
@@ -62,9 +63,7 @@ def check_cluster_fits(config: dict) -> None:
 def check_same_run(config: dict, run: RunRecord, digest: str) -> None:
     """A found run is resumed only with the config it was started with (its digest, a tag set at creation; a param
     for runs of older lade); a run with none was not started by train.py and is never taken over silently."""
-    from mlflow import MlflowClient
-
-    logged = run.tags.get(CONFIG_DIGEST_TAG) or MlflowClient(config["mlflow_uri"]).get_run(
+    logged = run.tags.get(CONFIG_DIGEST_TAG) or mlflow_client(config["mlflow_uri"]).get_run(
         run.run_id).data.params.get("config_digest")
     if logged is None:
         raise ValueError(f"run name {config['run_name']!r} exists in experiment {config['experiment']!r} without a "
@@ -134,10 +133,9 @@ def train_run(config_path: str | None, overrides: dict, num_cpus: int | None, he
         print(f"error: {e}", file=sys.stderr)
         return 2
     import ray.train
-    from mlflow import MlflowClient
 
     run_id = config["mlflow_run_id"] = run.run_id
-    client = MlflowClient(config["mlflow_uri"])
+    client = mlflow_client(config["mlflow_uri"])
     if run.status == "FINISHED":
         # Finalized before: nothing to train or log, no Ray to start. A --register added now is done from MLflow.
         if config["register"]:

@@ -108,13 +108,10 @@ class _PyfuncLogitsActor:
     """Step 1 on an actor: loads the model once, torch on its ``threads`` CPUs, then ``logits_batch``."""
 
     def __init__(self, model_uri: str, tracking_uri: str, skip_bad: bool, threads: int):
-        import mlflow
-
         from .serving import load_classifier
 
         torch.set_num_threads(threads)  # the actor's CPUs, not Ray's one-thread default
-        mlflow.set_tracking_uri(tracking_uri)
-        self.model, self.skip_bad = load_classifier(model_uri), skip_bad
+        self.model, self.skip_bad = load_classifier(model_uri, tracking_uri), skip_bad
 
     def __call__(self, batch: dict) -> dict:
         return logits_batch(self.model, batch, self.skip_bad)

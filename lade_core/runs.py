@@ -31,7 +31,17 @@ from .models import build_model, check_input_size
 from .report import format_table
 from .runtime import init_ray
 from .serving import ModelCard, log_classifier
-from .tracking import EpochLogger, end_run, log_metrics_once, logged_model_uri, register_once, wait_reachable
+from .tracking import (
+    EpochLogger,
+    active_run,
+    download_artifact,
+    end_run,
+    log_metrics_once,
+    logged_model_uri,
+    mlflow_client,
+    register_once,
+    wait_reachable,
+)
 from .training import build_criterion
 
 # --smoke-test: a tiny generated dataset (class-sorted, like real data) and one epoch.
@@ -86,10 +96,8 @@ class Finalizing:
     step can be rerun alone after a driver died halfway."""
 
     def __init__(self, config: dict, prepared, checkpoint):
-        import mlflow
-
         self.config, self.prepared, self.checkpoint = config, prepared, checkpoint
-        self.client, self.run_id = mlflow.MlflowClient(config["mlflow_uri"]), config["mlflow_run_id"]
+        self.client, self.run_id = mlflow_client(config["mlflow_uri"]), config["mlflow_run_id"]
         self.have = {a.path for d in ("eval", "checkpoint") for a in self.client.list_artifacts(self.run_id, d)}
         self.head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
         self.splits = {prepared.test_split: LOGITS_ARTIFACT, "val": VAL_LOGITS_ARTIFACT}  # split -> artifact
@@ -105,12 +113,9 @@ class Finalizing:
 
     def split_logits(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [N, C], labels [N]) of ``split``: as computed by ``store_logits``, else read back from MLflow."""
-        import mlflow
-
         if split in self.computed:
             return self.computed[split]
-        return read_logits_parquet(mlflow.artifacts.download_artifacts(
-            run_id=self.run_id, artifact_path=self.splits[split], tracking_uri=self.config["mlflow_uri"]))
+        return read_logits_parquet(download_artifact(self.config["mlflow_uri"], self.run_id, self.splits[split]))
 
 
 def backfill_epochs(f: Finalizing) -> None:
@@ -170,8 +175,6 @@ def store_weights(f: Finalizing) -> None:
 def log_model(f: Finalizing) -> str:
     """Step 5: the model as a pyfunc that takes a target prior (``lade_core.serving``), with BCTS calibration fitted
     on the validation split for prior estimation; once (a rerun finds it). Returns its ``models:/`` URI."""
-    import mlflow
-
     config, prepared = f.config, f.prepared
     model_uri = logged_model_uri(f.client, f.run_id, MODEL_NAME)
     if model_uri is not None:
@@ -184,8 +187,7 @@ def log_model(f: Finalizing) -> str:
                      prepared.crop_size(config["image_size"]), calibration and calibration.to_dict(),
                      head=list(f.head), lade_version=__version__, normalize=config["normalize"],
                      rules=list(posthoc_rules(config["loss"])))
-    mlflow.set_tracking_uri(config["mlflow_uri"])
-    with mlflow.start_run(run_id=f.run_id):
+    with active_run(config["mlflow_uri"], f.run_id):
         return log_classifier(card, f.state()["model"], MODEL_NAME).model_uri
 
 

@@ -7,12 +7,10 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-from pathlib import Path
 
 import pandas as pd
 
-import tune_spaces
-
+from . import tune_spaces
 from .checkpoint import join_path
 from .config import resolve_config, validate_config
 from .data import DataError
@@ -22,7 +20,7 @@ from .report import format_table
 from .runs import SMOKE, check_against_dataset, dataset_class_names, finalize, load_dataset, storage_uri
 from .runtime import check_job_locations, init_ray, local_num_cpus
 from .serving import check_alias_classes
-from .tracking import end_run, log_table_once, resolve_tracking_uri, start_or_resume_run
+from .tracking import end_run, log_table_once, mlflow_client, resolve_tracking_uri, start_or_resume_run
 from .tuning import (
     OBJECTIVES,
     SEARCH_DIGEST_TAG,
@@ -37,8 +35,6 @@ from .tuning import (
     trial_run_name,
 )
 
-# A space's default config names a file of the checkout's configs/ (tune_spaces.<family>.DEFAULTS).
-REPO = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
 # A trial's driver only waits on its TorchTrainer, which reserves the real CPUs; Tune refuses an empty request.
 DRIVER_CPUS = 0.01
@@ -73,7 +69,7 @@ def base_config(args, defaults: dict) -> dict:
     if args.dataset:
         overrides.update(dataset=args.dataset, synthetic=None)  # a named dataset is opened, never generated
     overrides.update({k: getattr(args, k) for k in ("augment", "normalize") if getattr(args, k) is not None})
-    return resolve_config(args.config or REPO / defaults["config"], overrides)
+    return resolve_config(args.config or defaults["config"], overrides)
 
 
 def concurrency(args, config: dict) -> int:
@@ -201,8 +197,6 @@ def search(args, held: contextlib.ExitStack) -> int:
     except (ValueError, FileNotFoundError, DataError, RuntimeError) as e:  # LockHeld is a RuntimeError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import mlflow
-
     config.update(source_prior=prepared.source_prior.tolist(), train_counts=prepared.class_counts("train"),
                   search=args.experiment, search_storage=join_path(storage, args.experiment),
                   search_base_loss=config["loss"], epoch_logging="driver")  # tuning.TrialEpochLogger
@@ -221,7 +215,7 @@ def search(args, held: contextlib.ExitStack) -> int:
         raise
     metric = OBJECTIVES[args.objective]
     rows = summary_rows(results, list(space), metric, config["epochs"])
-    client = mlflow.MlflowClient(config["mlflow_uri"])
+    client = mlflow_client(config["mlflow_uri"])
     close_trial_runs(client, results, TrialEpochLogger(mlflow_uri=config["mlflow_uri"], experiment=config["experiment"],
                                                        search=config["search"], storage=config["search_storage"]))
     log_table_once(client, parent_id, pd.DataFrame(rows), "search/summary.json")

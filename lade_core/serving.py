@@ -320,9 +320,10 @@ def check_alias_classes(tracking_uri: str, name: str, alias: str, class_names: l
                          f"(e.g. {class_names[:3]}): register under another name")
 
 
-def load_classifier(model_uri: str) -> LadeClassifier:
-    """The ``LadeClassifier`` behind a logged model (``models:/NAME@ALIAS``, ``runs:/...``), built by the installed
-    lade from the model's card and weights alone.
+def load_classifier(model_uri: str, tracking_uri: str | None = None) -> LadeClassifier:
+    """The ``LadeClassifier`` behind a logged model (``models:/NAME@ALIAS``, ``runs:/...``) of the store at
+    ``tracking_uri`` (default: MLflow's current one), built by the installed lade from the model's card and weights
+    alone.
 
     The registry and the artifact store are a trust boundary: whoever can write to them could replace the stored
     code. So this never calls ``mlflow.pyfunc.load_model`` (which runs the stored ``pyfunc_entry.py``, or unpickles a
@@ -331,6 +332,8 @@ def load_classifier(model_uri: str) -> LadeClassifier:
     run the stored entry, which a user who serves that way has chosen."""
     import yaml
 
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)
     try:
         mlmodel = yaml.safe_load(Path(_model_file(model_uri, "MLmodel")).read_text())
         check_model_layout(model_uri, mlmodel)

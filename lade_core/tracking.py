@@ -1,7 +1,10 @@
 """MLflow glue: absolute tracking URIs, one run per training run name (RUNNING / FINISHED / FAILED), exactly-once
-epoch metrics, registration once. What a run stores, and how it is read back, is ``lade_core.artifacts``."""
+epoch metrics, registration once. What a run stores, and how it is read back, is ``lade_core.artifacts``; the
+logged model is ``lade_core.serving``. Those three modules (and the pyfunc's entry file) are the only ones that
+import ``mlflow`` (tested): the rest of lade reaches MLflow through them."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -24,6 +27,50 @@ def resolve_tracking_uri(uri: str | None, workdir: str | Path = ".") -> str:
     if "://" not in uri:  # a plain directory path
         return Path(uri).resolve().as_uri()
     return uri
+
+
+def mlflow_client(uri: str):
+    """The ``MlflowClient`` of the store at ``uri`` (an absolute URI, ``resolve_tracking_uri``)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def download_artifact(uri: str, run_id: str, path: str) -> str:
+    """One artifact of a run, downloaded to a local path."""
+    import mlflow.artifacts
+
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def active_run(uri: str, run_id: str):
+    """Run ``run_id`` as MLflow's active run, for the APIs that log into the active run (``pyfunc.log_model``)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+def log_result_run(uri: str, experiment: str, run_name: str | None = None, *, params: dict | None = None,
+                   metrics: dict | None = None, tags: dict | None = None, files: tuple = (),
+                   tables: dict | None = None) -> str:
+    """A new, finished run holding one result (a comparison, a prior estimate): its params, metrics, tags, the
+    ``files`` as artifacts and ``tables`` ({artifact file: DataFrame}) as MLflow tables. Returns its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params(params or {})
+        mlflow.log_metrics(metrics or {})
+        mlflow.set_tags(tags or {})
+        for f in files:
+            mlflow.log_artifact(str(f))
+        for name, table in (tables or {}).items():
+            mlflow.log_table(table, name)
+    return run.info.run_id
 
 
 def check_reachable(uri: str) -> None:
@@ -152,17 +199,13 @@ def _record_inputs(client, run_id: str, config: dict) -> None:
 
 def mark_running(uri: str, run: RunRecord) -> None:
     """A found run moves on to RUNNING, unless it is FINISHED: a state only moves forward."""
-    from mlflow import MlflowClient
-
     if run.resumed and run.status != "FINISHED":
-        MlflowClient(uri).update_run(run.run_id, status="RUNNING")
+        mlflow_client(uri).update_run(run.run_id, status="RUNNING")
 
 
 def named_run(uri: str, experiment: str, run_name: str):
     """The run named ``run_name`` in ``experiment`` of the store at ``uri``, or None (no such experiment or run)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     return find_run(client, exp.experiment_id, run_name) if exp else None
 
@@ -179,9 +222,7 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, config: dict, 
 def end_run(uri: str, run_id: str, failed: bool = False) -> None:
     """Mark the run FINISHED, or FAILED (a run that raised); a run whose driver was killed stays RUNNING until a
     rerun resumes and ends it."""
-    from mlflow import MlflowClient
-
-    MlflowClient(uri).set_terminated(run_id, "FAILED" if failed else "FINISHED")
+    mlflow_client(uri).set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
 class EpochLogger:

@@ -152,12 +152,12 @@ class EpochASHA(ASHAScheduler):
             print(f"ASHA: trial {trial.trial_id} resumes with {len(history)} epochs of {self._metric} from MLflow")
 
     def _logged_history(self, trial_id: str) -> list:
-        from mlflow import MlflowClient
+        from .tracking import mlflow_client
 
         run = trial_run(*self._runs, trial_id)
         if run is None:
             return []
-        return sorted(MlflowClient(self._runs[0]).get_metric_history(run.info.run_id, self._metric),
+        return sorted(mlflow_client(self._runs[0]).get_metric_history(run.info.run_id, self._metric),
                       key=lambda m: m.step)
 
 

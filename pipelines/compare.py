@@ -31,7 +31,7 @@ from lade_core.figures import shift_curve
 from lade_core.label_shift import METHODS
 from lade_core.report import FORMATS, MeanStd, format_table, group_rows
 from lade_core.runtime import quiet_logging
-from lade_core.tracking import resolve_tracking_uri
+from lade_core.tracking import log_result_run, mlflow_client, resolve_tracking_uri
 
 PRIORS = list(PROTOCOL_NAMES)
 COLUMNS = ["run", "loss", "posthoc", *PRIORS, "many", "medium", "few", "ece"]
@@ -79,10 +79,8 @@ def select_runs(client, args) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_logging(args.verbose)
-    import mlflow
-
     uri = resolve_tracking_uri(args.mlflow_uri)
-    client = mlflow.MlflowClient(uri)
+    client = mlflow_client(uri)
     try:
         runs = [load_run_logits(client, rid, classifier=True) for rid in select_runs(client, args)]
     except ValueError as e:
@@ -109,19 +107,20 @@ def main(argv=None) -> int:
     print(format_table(rows, columns, args.format), end="")
     if args.no_log:
         return 0
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(args.log_experiment)
-    with mlflow.start_run(run_name=f"compare-{len(rows)}-runs") as logged, tempfile.TemporaryDirectory() as d:
-        mlflow.set_tag("lade.compared_runs", ",".join(r.run_id for r in runs))
+    with tempfile.TemporaryDirectory() as d:
+        files = []
         for fmt, name in (("markdown", "compare.md"), ("csv", "compare.csv")):
             (Path(d) / name).write_text(format_table(rows, columns, fmt))
-            mlflow.log_artifact(str(Path(d) / name))
+            files.append(Path(d) / name)
         curves = [{"mode": f"{r['run']} {r['posthoc']}", "target": p, "top1": float(r[p]),
                    "std": getattr(r[p], "std", 0.0)} for r in rows for p in PRIORS]
-        mlflow.log_artifact(str(shift_curve(curves, PRIORS, Path(d) / "compare.png", "top-1 under label shift")))
-        mlflow.log_table(pd.DataFrame([{k: v.text(6) if isinstance(v, MeanStd) else v for k, v in r.items()}
-                                       for r in rows], columns=columns), "compare.json")
-    print(f"logged to MLflow run {logged.info.run_id} (experiment {args.log_experiment})", file=sys.stderr)
+        files.append(shift_curve(curves, PRIORS, Path(d) / "compare.png", "top-1 under label shift"))
+        table = pd.DataFrame([{k: v.text(6) if isinstance(v, MeanStd) else v for k, v in r.items()} for r in rows],
+                             columns=columns)
+        logged = log_result_run(uri, args.log_experiment, f"compare-{len(rows)}-runs", files=tuple(files),
+                                tags={"lade.compared_runs": ",".join(r.run_id for r in runs)},
+                                tables={"compare.json": table})
+    print(f"logged to MLflow run {logged} (experiment {args.log_experiment})", file=sys.stderr)
     return 0
 
 

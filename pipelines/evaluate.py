@@ -39,7 +39,7 @@ from lade_core.losses import LOSSES, posthoc_rules
 from lade_core.priors import read_prior_file
 from lade_core.report import format_table
 from lade_core.runtime import quiet_logging
-from lade_core.tracking import log_metrics_once, log_table_once, resolve_tracking_uri
+from lade_core.tracking import log_metrics_once, log_table_once, mlflow_client, resolve_tracking_uri
 
 TABLE_ARTIFACT = "eval/shift_table.json"
 FIGURES_DIR = "eval/figures"
@@ -132,9 +132,7 @@ def main(argv=None) -> int:
         if args.logits:
             run = load_local(args)
         else:
-            import mlflow
-
-            client = mlflow.MlflowClient(resolve_tracking_uri(args.mlflow_uri))
+            client = mlflow_client(resolve_tracking_uri(args.mlflow_uri))
             run_id = args.run_id or run_for_model(client, args.model)
             run = load_run_logits(client, run_id)
         targets = build_targets(run, args.target_prior, args.per_class)

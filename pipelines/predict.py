@@ -27,7 +27,7 @@ from lade_core.posthoc import posthoc_offset
 from lade_core.prediction import collect_logits, finish, image_dataset, model_actors, predict_images, write_predictions
 from lade_core.priors import read_prior_file, uniform_prior, validate_prior
 from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
-from lade_core.tracking import resolve_tracking_uri
+from lade_core.tracking import log_result_run, resolve_tracking_uri
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,16 +71,10 @@ def check_args(args) -> None:
 
 
 def log_estimate(tracking_uri: str, args, info: dict, n: int, path: Path) -> str:
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("lade-predict")
-    with mlflow.start_run() as run:
-        mlflow.log_params({"model": args.model, "input": str(args.input), "method": info["method"],
-                           "calibrated": info["calibration"] is not None})
-        mlflow.log_metrics({"images": n, "em_iterations": info.get("iterations", 0)})
-        mlflow.log_artifact(str(path))
-    return run.info.run_id
+    return log_result_run(tracking_uri, "lade-predict",
+                          params={"model": args.model, "input": str(args.input), "method": info["method"],
+                                  "calibrated": info["calibration"] is not None},
+                          metrics={"images": n, "em_iterations": info.get("iterations", 0)}, files=(path,))
 
 
 def main(argv=None) -> int:
@@ -89,12 +83,10 @@ def main(argv=None) -> int:
     tracking_uri = resolve_tracking_uri(args.mlflow_uri)
     try:
         check_args(args)
-        import mlflow
-
         from lade_core.serving import load_classifier
 
-        mlflow.set_tracking_uri(tracking_uri)
-        model = load_classifier(args.model)  # also on the driver: the card, and a bad URI fails before Ray starts
+        # Also on the driver: the card, and a bad URI fails before Ray starts.
+        model = load_classifier(args.model, tracking_uri)
         card = model.card
         prior = None if args.target_prior in ("uniform", "estimate") else \
             validate_prior(read_prior_file(args.target_prior), card.num_classes, "target_prior")

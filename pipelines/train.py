@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from pathlib import Path
 
 from lade_core.config import add_loss_arguments, json_or_name
 from lade_core.driver import train_run, train_seeds
@@ -20,14 +19,14 @@ from lade_core.losses import LOSSES
 from lade_core.runs import SMOKE
 from lade_core.runtime import quiet_logging
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "synthetic" / "lade.yaml"
+DEFAULT_CONFIG = "synthetic/lade"  # one of lade's recipes (lade_core/recipes), found wherever lade is installed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  argument_default=argparse.SUPPRESS)
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the synthetic LADE recipe)")
+    ap.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file, or a recipe of lade's by name "
+                    "(dataset/method, e.g. cifar100_lt/causal_norm; default: synthetic/lade)")
     ap.add_argument("--dataset", help="prepared dataset directory")
     ap.add_argument("--loss", choices=sorted(LOSSES))
     ap.add_argument("--model", help="resnet32 (lade's), any torchvision classification model (e.g. resnet50, "

@@ -18,7 +18,7 @@ import contextlib
 import os
 import sys
 
-import tune_spaces
+from lade_core import tune_spaces
 from lade_core.config import json_or_name
 from lade_core.runtime import quiet_logging
 from lade_core.search import search

@@ -74,6 +74,22 @@ print(sorted(new - set(sys.stdlib_module_names) - {'lade_core'}))
     assert p.stdout.strip() == "[]", p.stdout
 
 
+# The MLflow glue: what a run stores (artifacts), runs and metrics (tracking), the logged model (serving) and the
+# file MLflow runs to serve it. Every other module and script reaches MLflow through them.
+MLFLOW_GLUE = {"lade_core.tracking", "lade_core.artifacts", "lade_core.serving", "lade_core.pyfunc_entry"}
+
+
+def test_only_the_mlflow_glue_imports_mlflow():
+    files = {**_modules(), **{f"pipelines.{f.stem}": f for f in (REPO / "pipelines").glob("*.py")}}
+    importers = set()
+    for name, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+                importers.add(name)
+    assert "pipelines.train" in files and "lade_core.driver" in files  # the scan sees the scripts and the library
+    assert importers == MLFLOW_GLUE, sorted(importers ^ MLFLOW_GLUE)
 
 
 def test_the_old_module_paths_are_the_math_tiers_modules():
