@@ -7,7 +7,9 @@ A run trained by ``pipelines/train.py`` (or the champion of ``pipelines/tune.py`
   - ``checkpoint/state_dict.pt``: the final model's state dict (loads with ``weights_only=True``);
   - the logged model ``model`` (an MLflow pyfunc, ``lade_core.serving``), optionally registered;
   - params (the resolved config) and metrics (``train/*``, ``val/*``, ``lr`` per epoch; ``test/*`` once).
-Evaluation (``pipelines/evaluate.py``, ``compare.py``) reads only these, through ``load_run_logits``.
+Evaluation (``pipelines/evaluate.py``, ``compare.py``) reads only these, through ``load_run_logits``; ``evaluate.py``
+writes back ``shift/<target>/<rule>/<metric>`` (``shift_metrics``), ``eval/shift_table.json`` and
+``eval/figures/*.png``, and with an estimate ``estimate/<method>-<posteriors>/<target>/<metric>`` and its table.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ VAL_LOGITS_ARTIFACT = "eval/val_logits.parquet"
 PRIOR_ARTIFACT = "data/source_prior.json"
 STATE_DICT_ARTIFACT = "checkpoint/state_dict.pt"
 MODEL_NAME = "model"  # the run's logged model (pyfunc: lade_core.serving.LadeClassifier)
+SHIFT_TABLE_ARTIFACT = "eval/shift_table.json"
+FIGURES_DIR = "eval/figures"
+ESTIMATE_METRICS = ("top1_estimated", "ratio", "tv", "kl")
 
 
 def write_source_info(path: str | Path, source_prior, train_counts) -> None:
@@ -170,3 +175,51 @@ def _linear_classifier(client, run_id: str) -> tuple[torch.Tensor, torch.Tensor 
     if set(k for k in state if k.startswith("fc.")) - {"fc.weight", "fc.bias"}:
         return None
     return state["fc.weight"].double(), state["fc.bias"].double() if "fc.bias" in state else None
+
+
+def shift_metrics(rows: list[dict], metrics: tuple[str, ...]) -> dict[str, float]:
+    """``evaluate_targets``' rows as the run's metrics ``shift/<target>/<rule>/<metric>``."""
+    return {f"shift/{r['target']}/{r['mode']}/{m}": r[m] for r in rows for m in metrics}
+
+
+def estimate_name(method: str, calibrated: bool) -> str:
+    """The name a prior estimate is stored under: estimates with and without BCTS are different quantities, and a
+    name is logged once."""
+    return f"{method}-{'bcts' if calibrated else 'raw'}"
+
+
+def estimate_metrics(rows: list[dict], name: str) -> dict[str, float]:
+    """``estimated_prior_rows`` as the run's metrics ``estimate/<name>/<target>/<metric>``."""
+    return {f"estimate/{name}/{r['target']}/{m}": r[m] for r in rows for m in ESTIMATE_METRICS}
+
+
+def read_local_run(logits_file: str | Path, source_info: str | Path, loss: str) -> RunLogits:
+    """A run's logits from local files (a downloaded ``eval/test_logits.parquet`` and ``data/source_prior.json``)."""
+    path = Path(logits_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"logits file {path} does not exist")
+    logits, labels = read_logits_parquet(path)
+    return RunLogits("", path.stem, loss, logits, labels, *read_source_info(source_info))
+
+
+def runs_with_logits(client, run_ids: list[str] | None = None, experiment: str | None = None,
+                     model: str | None = None) -> list[str]:
+    """The runs to compare: ``run_ids`` as given, every version's run of registered ``model`` (in version order),
+    or every run of ``experiment`` that stored test logits (search parents and the like are left out)."""
+    if run_ids:
+        return list(run_ids)
+    if model:
+        versions = client.search_model_versions(f"name = '{model}'")
+        if not versions:
+            raise ValueError(f"no registered model named {model!r}")
+        return list(dict.fromkeys(v.run_id for v in sorted(versions, key=lambda v: int(v.version)) if v.run_id))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no experiment named {experiment!r}")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000)
+    folder = str(Path(LOGITS_ARTIFACT).parent)
+    ids = [r.info.run_id for r in runs
+           if LOGITS_ARTIFACT in {a.path for a in client.list_artifacts(r.info.run_id, folder)}]
+    if not ids:
+        raise ValueError(f"experiment {experiment!r} has no run with test logits ({LOGITS_ARTIFACT})")
+    return ids

@@ -94,3 +94,24 @@ def shift_curve(rows: list[dict], target_names: list[str], path: str | Path, tit
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+def run_figures(run, targets: list, rows: list[dict], out: Path) -> list[Path]:
+    """A run's evaluation figures (``lade_core.artifacts.RunLogits``, its ``evaluation_targets`` and their rows):
+    reliability and predicted prior under the uniform target per post-hoc rule, logit statistics, top-1 across the
+    shifted protocol."""
+    from .math.evaluation import PROTOCOL_NAMES, calibration_by_rule, logit_statistics, mean_predicted_prior
+    from .math.losses import posthoc_rules
+
+    rules = posthoc_rules(run.loss)
+    uniform = next(t for t in targets if t.name == "uniform")
+    title = f"{run.run_name} ({run.loss})"
+    protocol = list(PROTOCOL_NAMES)
+    return [
+        reliability_diagram(calibration_by_rule(run.logits, run.labels, run.source_prior, uniform, rules),
+                            out / "reliability.png", f"{title}, uniform target"),
+        predicted_prior_figure({m: mean_predicted_prior(run.logits, run.source_prior, uniform, m) for m in rules},
+                               run.source_prior, uniform.prior, out / "predicted_prior.png", title),
+        logit_figure(logit_statistics(run.logits, run.labels), run.source_prior, out / "logits.png", title),
+        shift_curve([r for r in rows if r["target"] in protocol], protocol, out / "accuracy_vs_shift.png", title),
+    ]

@@ -1,9 +1,14 @@
 """The registered model: an MLflow pyfunc that answers under any target prior p_t (Eq. 6 / Eq. 17).
 
 A trained run logs ``LadeClassifier`` (models-from-code: the stored model holds ``pyfunc_entry.py``, two lines that
-import this installed module, plus the weights and a JSON card; no pickle). The card, ``ModelCard``, carries
-what a caller would otherwise need to know: the network, the source prior, the loss and its post-hoc rule, class
-names, the preprocessing (transform family, image size) and the BCTS calibration fitted on the validation split.
+import this module, plus the weights and a JSON card; no pickle). It is self-contained for MLflow's own serving
+(``mlflow models serve``, ``build-docker``, stacks that build the environment from the model): lade_core's source
+that logged it is bundled (``code_paths``: ``code/lade_core``, first on ``sys.path`` where MLflow loads it into a
+fresh process) and ``requirements.txt`` pins the distributions the serving path imports to the versions that
+trained it (``serving_requirements``). lade's own loader never runs that code (``load_classifier``).
+The card, ``ModelCard``, carries what a caller would otherwise need to know: the network, the source prior, the
+loss and its post-hoc rule, class names, the preprocessing (transform family, image size), the BCTS calibration
+fitted on the validation split and the lade version that logged it.
 
     model = mlflow.pyfunc.load_model("models:/NAME@champion")
     model.predict(pd.DataFrame({"image": [png_bytes, ...]}), params={"target_prior": [...]})
@@ -58,6 +63,19 @@ class BadInput(MlflowException, ValueError):
 CARD_FILE = "lade_model.json"
 WEIGHTS_FILE = "weights.pt"
 _ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+# The distributions the serving path (this module, the models, the transforms) imports, timm's for timm:NAME models:
+# what a fresh environment needs to load the bundled lade_core (a test holds it to what the imports are).
+SERVING_DISTRIBUTIONS = ("mlflow", "torch", "torchvision", "torchcodec", "pillow", "numpy", "pandas", "pyarrow",
+                         "pyyaml", "tqdm")
+
+
+def serving_requirements(model: str) -> list[str]:
+    """``SERVING_DISTRIBUTIONS`` (and timm for a timm model) pinned to the installed versions: what trained it.
+    A local version suffix (torch's ``+cpu``) is dropped, so the serving machine takes its own build of it."""
+    from importlib.metadata import version
+
+    names = [*SERVING_DISTRIBUTIONS, *(("timm",) if model.startswith("timm:") else ())]
+    return [f"{n}=={version(n).split('+')[0]}" for n in names]
 
 
 @dataclass(frozen=True)
@@ -248,11 +266,14 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
 
 
 def log_classifier(card: ModelCard, state_dict: dict, name: str):
-    """Log the pyfunc under the active MLflow run; returns its ``ModelInfo``."""
+    """Log the pyfunc under the active MLflow run, with lade_core's source bundled; returns its ``ModelInfo``."""
+    import shutil
     import tempfile
     import warnings
 
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        code = Path(d) / "lade_core"
+        shutil.copytree(Path(__file__).resolve().parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         # No input example on purpose: the input is either image bytes or a float array, and the signature
         # declares the params only; MLflow's reminder would be noise in every run's console.
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
@@ -261,9 +282,9 @@ def log_classifier(card: ModelCard, state_dict: dict, name: str):
         return mlflow.pyfunc.log_model(
             name=name, python_model=str(_ENTRY), signature=signature(card),
             artifacts={"card": str(Path(d) / CARD_FILE), "weights": str(Path(d) / WEIGHTS_FILE)},
-            # Explicit: inferring them would load the model in a subprocess. lade itself must be installed where
-            # the model is served (as on every Ray worker): the stored code only imports it.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision", "pandas", "numpy"])
+            code_paths=[str(code)],
+            # Explicit: inferring them would load the model in a subprocess.
+            pip_requirements=serving_requirements(card.model))
 
 
 # What ``log_classifier`` stores, as its MLmodel file says it (models-from-code): the entry file and two artifacts.

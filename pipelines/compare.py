@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lade_core.artifacts import LOGITS_ARTIFACT, load_run_logits
+from lade_core.artifacts import load_run_logits, runs_with_logits
 from lade_core.evaluation import PROTOCOL_NAMES, rule_rows
 from lade_core.figures import shift_curve
 from lade_core.label_shift import METHODS
@@ -55,34 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def select_runs(client, args) -> list[str]:
-    if args.run_ids:
-        return args.run_ids
-    if args.model:
-        versions = client.search_model_versions(f"name = '{args.model}'")
-        if not versions:
-            raise ValueError(f"no registered model named {args.model!r}")
-        return list(dict.fromkeys(v.run_id for v in sorted(versions, key=lambda v: int(v.version)) if v.run_id))
-    exp = client.get_experiment_by_name(args.experiment)
-    if exp is None:
-        raise ValueError(f"no experiment named {args.experiment!r}")
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000)
-    # Search parents and other runs without logits are not comparable; they are left out, not an error.
-    folder = str(Path(LOGITS_ARTIFACT).parent)
-    ids = [r.info.run_id for r in runs
-           if LOGITS_ARTIFACT in {a.path for a in client.list_artifacts(r.info.run_id, folder)}]
-    if not ids:
-        raise ValueError(f"experiment {args.experiment!r} has no run with test logits ({LOGITS_ARTIFACT})")
-    return ids
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_logging(args.verbose)
     uri = resolve_tracking_uri(args.mlflow_uri)
     client = mlflow_client(uri)
     try:
-        runs = [load_run_logits(client, rid, classifier=True) for rid in select_runs(client, args)]
+        run_ids = runs_with_logits(client, args.run_ids, args.experiment, args.model)
+        runs = [load_run_logits(client, rid, classifier=True) for rid in run_ids]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,35 +14,30 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from lade_core.artifacts import RunLogits, load_run_logits, read_logits_parquet, read_source_info, run_for_model
-from lade_core.evaluation import (
-    ESTIMATE_COLUMNS,
-    METRICS,
-    Target,
-    calibration_by_rule,
-    estimated_prior_rows,
-    evaluate_targets,
-    logit_statistics,
-    mean_predicted_prior,
-    protocol_targets,
-    target_from_values,
+from lade_core.artifacts import (
+    FIGURES_DIR,
+    SHIFT_TABLE_ARTIFACT,
+    estimate_metrics,
+    estimate_name,
+    load_run_logits,
+    read_local_run,
+    run_for_model,
+    shift_metrics,
 )
+from lade_core.evaluation import ESTIMATE_COLUMNS, METRICS, estimated_prior_rows, evaluate_targets, evaluation_targets
+from lade_core.figures import run_figures
 from lade_core.label_shift import BCTS_MIN_PER_CLASS, METHODS
 from lade_core.losses import LOSSES, posthoc_rules
-from lade_core.priors import read_prior_file
 from lade_core.report import format_table
 from lade_core.runtime import quiet_logging
 from lade_core.tracking import log_metrics_once, log_table_once, mlflow_client, resolve_tracking_uri
 
-TABLE_ARTIFACT = "eval/shift_table.json"
-FIGURES_DIR = "eval/figures"
 COLUMNS = ["target", "mode", "n", *METRICS]
 ESTIMATE_COLUMNS_SHOWN = ["target", "n", *ESTIMATE_COLUMNS]
 
@@ -71,78 +66,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def build_targets(run: RunLogits, prior_files: list[str], per_class: int | None) -> list[Target]:
-    targets = protocol_targets(run.labels, run.train_counts, per_class)
-    for f in prior_files:
-        name = Path(f).stem
-        # The name goes into MLflow metric keys (shift/<target>/...), which allow only these characters.
-        if not re.fullmatch(r"[\w.\- ]+", name):
-            raise ValueError(f"--target-prior {f}: its file name {name!r} names the target in the metric keys, "
-                             "which allow only letters, digits, '_', '-', '.' and spaces; rename the file")
-        targets.append(target_from_values(name, read_prior_file(f), run.labels, len(run.train_counts)))
-    names = [t.name for t in targets]
-    if len(set(names)) != len(names):
-        raise ValueError(f"target names must be unique; got {names} (rename a --target-prior file)")
-    return targets
-
-
-def evaluate_run(run: RunLogits, targets: list[Target]) -> list[dict]:
-    return evaluate_targets(run.logits, run.labels, run.source_prior, run.train_counts, posthoc_rules(run.loss),
-                            targets)
-
-
-def write_figures(run: RunLogits, targets: list[Target], rows: list[dict], out: Path) -> list[Path]:
-    from lade_core import figures
-
-    rules = posthoc_rules(run.loss)
-    uniform = next(t for t in targets if t.name == "uniform")
-    title = f"{run.run_name} ({run.loss})"
-    protocol = [t.name for t in targets[:11]]
-    return [
-        figures.reliability_diagram(calibration_by_rule(run.logits, run.labels, run.source_prior, uniform, rules),
-                                    out / "reliability.png", f"{title}, uniform target"),
-        figures.predicted_prior_figure({m: mean_predicted_prior(run.logits, run.source_prior, uniform, m)
-                                        for m in rules},
-                                       run.source_prior, uniform.prior, out / "predicted_prior.png", title),
-        figures.logit_figure(logit_statistics(run.logits, run.labels), run.source_prior, out / "logits.png", title),
-        figures.shift_curve([r for r in rows if r["target"] in protocol], protocol, out / "accuracy_vs_shift.png",
-                            title),
-    ]
-
-
-def shift_metrics(rows: list[dict]) -> dict[str, float]:
-    return {f"shift/{r['target']}/{r['mode']}/{m}": r[m] for r in rows for m in METRICS}
-
-
-def load_local(args) -> RunLogits:
-    if not (args.source_info and args.loss):
-        raise ValueError("--logits needs --source-info (the run's data/source_prior.json) and --loss")
-    path = Path(args.logits)
-    if not path.is_file():
-        raise FileNotFoundError(f"logits file {path} does not exist")
-    logits, labels = read_logits_parquet(path)
-    return RunLogits("", path.stem, args.loss, logits, labels, *read_source_info(args.source_info))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_logging(args.verbose)
     client = None
     try:
         if args.logits:
-            run = load_local(args)
+            if not (args.source_info and args.loss):
+                raise ValueError("--logits needs --source-info (the run's data/source_prior.json) and --loss")
+            run = read_local_run(args.logits, args.source_info, args.loss)
         else:
             client = mlflow_client(resolve_tracking_uri(args.mlflow_uri))
             run_id = args.run_id or run_for_model(client, args.model)
             run = load_run_logits(client, run_id)
-        targets = build_targets(run, args.target_prior, args.per_class)
+        targets = evaluation_targets(run.labels, run.train_counts, args.target_prior, args.per_class)
         if (args.estimate_prior == "bbse" or args.calibration == "bcts") and run.val_logits is None:
             raise ValueError("BBSE and BCTS need the run's validation logits (eval/val_logits.parquet), which runs "
                              "trained before lade stored them lack; use --estimate-prior em --calibration none")
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = evaluate_run(run, targets)
+    rows = evaluate_targets(run.logits, run.labels, run.source_prior, run.train_counts,
+                            posthoc_rules(run.loss), targets)
     print(f"{run.run_name} ({run.loss}){' — MLflow run ' + run.run_id if run.run_id else ''}")
     print(format_table(rows, COLUMNS))
     table = pd.DataFrame(rows, columns=COLUMNS)
@@ -154,9 +99,7 @@ def main(argv=None) -> int:
         print(f"\ntarget prior estimated from each target's unlabeled logits ({args.estimate_prior}, "
               f"{'BCTS-calibrated on validation' if estimates[0]['calibrated'] else 'uncalibrated posteriors'}):")
         print(format_table(estimates, ESTIMATE_COLUMNS_SHOWN))
-        # Named by method and posteriors: estimates with and without BCTS are different quantities, and a name
-        # is logged once.
-        estimate_tag = f"{args.estimate_prior}-{'bcts' if estimates[0]['calibrated'] else 'raw'}"
+        estimate_tag = estimate_name(args.estimate_prior, estimates[0]["calibrated"])
     if client is None:
         logits_file = Path(args.logits)
         out = Path(args.output) if args.output else logits_file.with_suffix("").parent / f"{logits_file.stem}_eval"
@@ -164,25 +107,24 @@ def main(argv=None) -> int:
         (out / "shift_table.csv").write_text(format_table(rows, COLUMNS, "csv"))
         if estimates:
             (out / f"estimate_{estimate_tag}.csv").write_text(format_table(estimates, ESTIMATE_COLUMNS_SHOWN, "csv"))
-        written = [] if args.no_figures else write_figures(run, targets, rows, out)
+        written = [] if args.no_figures else run_figures(run, targets, rows, out)
         print(f"wrote {out / 'shift_table.csv'}" + "".join(f", {p.name}" for p in written))
         return 0
-    metrics = shift_metrics(rows)
+    metrics = shift_metrics(rows, METRICS)
     if estimates:
-        metrics.update({f"estimate/{estimate_tag}/{r['target']}/{m}": r[m]
-                        for r in estimates for m in ("top1_estimated", "ratio", "tv", "kl")})
+        metrics.update(estimate_metrics(estimates, estimate_tag))
         log_table_once(client, run.run_id, pd.DataFrame(estimates, columns=ESTIMATE_COLUMNS_SHOWN),
                        f"eval/estimate_{estimate_tag}.json")
     n_new = log_metrics_once(client, run.run_id, metrics)
-    table_written = log_table_once(client, run.run_id, table, TABLE_ARTIFACT)
+    table_written = log_table_once(client, run.run_id, table, SHIFT_TABLE_ARTIFACT)
     if not args.no_figures:
         with tempfile.TemporaryDirectory() as d:
-            for p in write_figures(run, targets, rows, Path(d)):
+            for p in run_figures(run, targets, rows, Path(d)):
                 client.log_artifact(run.run_id, str(p), FIGURES_DIR)
     n_finite = sum(math.isfinite(v) for v in metrics.values())
     print(f"MLflow run {run.run_id}: {n_new} metrics written, {n_finite - n_new} unchanged, "
           f"{len(metrics) - n_finite} not logged (NaN: an empty shot group); "
-          f"table {TABLE_ARTIFACT} {'written' if table_written else 'unchanged'}"
+          f"table {SHIFT_TABLE_ARTIFACT} {'written' if table_written else 'unchanged'}"
           f"{'' if args.no_figures else f', figures in {FIGURES_DIR}/'}")
     return 0
 

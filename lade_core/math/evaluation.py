@@ -7,7 +7,9 @@ reduced once for the whole split. No Python loop over samples anywhere.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,9 +17,17 @@ import torch
 from .checks import bad_indices
 from .metrics import calibration_bins, ece_from_bins, shot_accuracies
 from .posthoc import RULES, TAU_GRID, posthoc_offset
-from .priors import SHIFT_PROTOCOL, shift_protocol_name, shifted_counts, subset_with_counts, validate_prior
+from .priors import (
+    SHIFT_PROTOCOL,
+    read_prior_file,
+    shift_protocol_name,
+    shifted_counts,
+    subset_with_counts,
+    validate_prior,
+)
 
-__all__ = ["Target", "protocol_targets", "target_from_values", "evaluate_targets", "METRICS", "logit_statistics",
+__all__ = ["Target", "protocol_targets", "evaluation_targets", "target_from_values", "evaluate_targets", "METRICS",
+           "logit_statistics",
            "mean_predicted_prior", "calibration_by_rule", "protocol_mean_top1", "ESTIMATE_COLUMNS",
            "estimated_prior_rows", "TAU_GRID", "select_tau", "tuned_rule_logits", "rule_rows", "PROTOCOL_NAMES"]
 
@@ -93,6 +103,23 @@ def target_from_values(name: str, values, labels, num_classes: int) -> Target:
         scale = float(np.min(available[pos] / p[pos]))
         counts = np.floor(p * scale + 1e-9).astype(np.int64)
     return Target(name, subset_with_counts(y, counts, f"target prior {name!r}"), prior)
+
+
+def evaluation_targets(labels, train_counts, prior_files: list[str] = (), per_class: int | None = None,
+                       flag: str = "--target-prior") -> list[Target]:
+    """The 11 targets of the shifted protocol, then one per target-prior file (named by its file's stem, which
+    names the target in the stored metric keys ``shift/<target>/...``: MLflow allows only these characters there)."""
+    targets = protocol_targets(labels, train_counts, per_class)
+    for f in prior_files:
+        name = Path(f).stem
+        if not re.fullmatch(r"[\w.\- ]+", name):
+            raise ValueError(f"{flag} {f}: its file name {name!r} names the target in the metric keys, "
+                             "which allow only letters, digits, '_', '-', '.' and spaces; rename the file")
+        targets.append(target_from_values(name, read_prior_file(f), labels, len(train_counts)))
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"target names must be unique; got {names} (rename a {flag} file)")
+    return targets
 
 
 def _row_stats(z: torch.Tensor, y: torch.Tensor, offset: torch.Tensor | None):
