@@ -12,6 +12,9 @@ produced the logits, through its post-hoc rule evaluated at p_t = p_s (``source_
       w = p_t / p_s;  q_i(y) = p_s(y|x_i) w(y) / sum_k p_s(k|x_i) w(k);  p_t(y) = mean_i q_i(y).
 - **BBSE** (Lipton et al., 2018): with the validation joint confusion matrix C[i, j] = P(yhat = i, y = j) and the
   target's predicted-label distribution mu[i] = P(yhat = i), solve C w = mu; p_t = clip(w, 0) * p_val, normalized.
+- **Online** (``OnlinePrior``; online label-shift adaptation, Wu et al. 2021): EM over a sliding window of the
+  stream's posteriors, warm-started from the last estimate after each batch: the maximum-likelihood mix of the
+  recent traffic.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from .priors import validate_prior
 
 __all__ = ["CALIBRATIONS", "METHODS", "Calibration", "source_logits", "fit_bcts", "fit_calibration", "auto_calibration",
            "resolve_calibration", "calibrate", "em_prior", "bbse_prior",
-           "estimate_target_prior"]
+           "estimate_target_prior", "OnlinePrior"]
 
 METHODS = ("em", "bbse")
 CALIBRATIONS = (None, "bcts", "auto")
@@ -135,13 +138,13 @@ def calibrate(z_source: torch.Tensor, calibration: Calibration | None) -> torch.
     return torch.softmax(z_source.double(), 1) if calibration is None else calibration.posteriors(z_source)
 
 
-def em_prior(posteriors: torch.Tensor, source_prior, tol: float = 1e-8, max_iter: int = 10_000
-             ) -> tuple[torch.Tensor, dict]:
-    """MLLS / EM (Saerens et al. 2002) on source posteriors [N, C]: the target prior [C] float64 and
-    {"iterations", "converged"}."""
+def em_prior(posteriors: torch.Tensor, source_prior, tol: float = 1e-8, max_iter: int = 10_000,
+             start: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """MLLS / EM (Saerens et al. 2002) on source posteriors [N, C] from ``start`` (default p_s): the target prior
+    [C] float64 and {"iterations", "converged"}."""
     p = posteriors.double()
     ps = validate_prior(source_prior, p.shape[1], "source_prior")
-    pt = ps.clone()
+    pt = ps.clone() if start is None else torch.as_tensor(start, dtype=torch.float64).clone()
     for it in range(1, max_iter + 1):
         q = p * (pt / ps)  # E-step: posteriors re-weighted to the current target prior, [N, C]
         q = q / q.sum(1, keepdim=True)
@@ -203,3 +206,73 @@ def estimate_target_prior(logits: torch.Tensor, source_prior, *, loss: str, meth
     else:
         prior, diag = bbse_prior(post, calibrate(z_val, calibration), val_labels)
     return prior, {**info, **diag}
+
+
+class OnlinePrior:
+    """A running estimate of p_t from a stream of unlabeled batches: EM (``em_prior``) over the last ``window``
+    images, warm-started from the previous estimate after every batch.
+
+    The calibrated source posteriors of the last ``window`` images are kept (a ring buffer [window, C]); each
+    ``update`` adds a batch and runs EM steps on the buffer from the current estimate until it moves less than
+    ``tol`` (at most ``em_steps``): the estimate is the maximum-likelihood mix of the recent stream, and after a
+    change of mix it has left the old mix once the window has. Until ``warmup`` images are in the buffer the estimate
+    is not ``trusted`` (a caller then uses uniform). ``std`` is the binomial standard error sqrt(q (1 - q) / n) per
+    class over the n buffered images: the sampling noise of a mix that size, not the model's error. Starts from
+    q = p_s (EM's start). Cost per update: window x C x (EM steps taken).
+    """
+
+    def __init__(self, source_prior, window: int = 500, warmup: int = 200, em_steps: int = 50, tol: float = 1e-7):
+        for name, value, low in (("window", window, 1), ("warmup", warmup, 0), ("em_steps", em_steps, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        ps = torch.as_tensor(source_prior, dtype=torch.float64)
+        self.source_prior = validate_prior(ps, ps.numel(), "source_prior")
+        if bool((self.source_prior <= 0).any()):
+            raise ValueError(f"source_prior is 0 at class indices "
+                             f"{torch.nonzero(self.source_prior <= 0).flatten().tolist()}: every class needs p_s > 0")
+        self.window, self.warmup, self.em_steps, self.tol = window, warmup, em_steps, tol
+        self.reset()
+
+    def reset(self) -> None:
+        self.buffer = torch.zeros(self.window, len(self.source_prior), dtype=torch.float64)  # [window, C]
+        self.filled = 0  # rows of the buffer in use
+        self.next = 0  # the row the next image goes to
+        self.seen = 0  # images ever given to update
+        self.steps = 0  # EM steps the last update took
+        self._prior = self.source_prior.clone()
+
+    @property
+    def prior(self) -> torch.Tensor:
+        """The current estimate q [C] (p_s before any image)."""
+        return self._prior.clone()
+
+    @property
+    def trusted(self) -> bool:
+        return self.filled >= max(self.warmup, 1)
+
+    def update(self, posteriors: torch.Tensor) -> torch.Tensor:
+        """Add a batch of calibrated source posteriors [B, C]; returns the new estimate."""
+        p = torch.as_tensor(posteriors).double()
+        c = len(self.source_prior)
+        if p.ndim != 2 or p.shape[1] != c:
+            raise ValueError(f"posteriors must be [B, {c}]; got shape {tuple(p.shape)}")
+        if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or bool((p.sum(1) <= 0).any()):
+            raise ValueError("posteriors must be finite, non-negative, and not all zero in a row")
+        self.seen += len(p)
+        p = p[-self.window:]  # a batch longer than the window: its last images
+        rows = (self.next + torch.arange(len(p))) % self.window
+        self.buffer[rows] = p / p.sum(1, keepdim=True)
+        self.next = int(rows[-1] + 1) % self.window if len(p) else self.next
+        self.filled = min(self.window, self.filled + len(p))
+        if len(p):
+            self._prior, diag = em_prior(self.buffer[:self.filled], self.source_prior, self.tol, self.em_steps,
+                                         start=self._prior)
+            self.steps = diag["iterations"]
+        return self.prior
+
+    def state(self) -> dict:
+        """What ``GET /prior`` answers: the estimate, its standard error, the images it rests on."""
+        q, n = self.prior, self.filled
+        std = (q * (1 - q) / n).sqrt() if n > 0 else torch.full_like(q, float("nan"))
+        return {"prior": q.tolist(), "std": std.tolist(), "n": n, "seen": self.seen, "trusted": self.trusted,
+                "window": self.window, "warmup": self.warmup}
