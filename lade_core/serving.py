@@ -225,8 +225,11 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
             raise ValueError(f"{len(errors)} of {len(images)} images do not decode ({shown}); pass skip_bad=True to "
                              "predict the rest")
         ok = np.array([i for i, im in enumerate(images) if im is not None], dtype=np.int64)
-        x = transform_batch([images[i] for i in ok], ImageTransform(self.card.transform, self.card.image_size))
-        return x, ok, errors
+        return self.preprocess_images([images[i] for i in ok]), ok, errors
+
+    def preprocess_images(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Decoded uint8 images [3, H, W] -> the model input [B, 3, S, S] (the card's transform and size)."""
+        return transform_batch(images, ImageTransform(self.card.transform, self.card.image_size))
 
     # ``pd.DataFrame``: one of the hints for which MLflow neither infers a schema nor converts the input, so a float
     # array still arrives as it is (an unhinted predict makes MLflow warn on every load).

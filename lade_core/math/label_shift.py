@@ -208,6 +208,9 @@ def estimate_target_prior(logits: torch.Tensor, source_prior, *, loss: str, meth
     return prior, {**info, **diag}
 
 
+START_FLOOR = 1e-3  # OnlinePrior's warm start: this share of p_s mixed into the last estimate
+
+
 class OnlinePrior:
     """A running estimate of p_t from a stream of unlabeled batches: EM (``em_prior``) over the last ``window``
     images, warm-started from the previous estimate after every batch.
@@ -265,14 +268,17 @@ class OnlinePrior:
         self.next = int(rows[-1] + 1) % self.window if len(p) else self.next
         self.filled = min(self.window, self.filled + len(p))
         if len(p):
+            # Warm start, kept off zero: EM's update is multiplicative, so a class estimated absent would stay
+            # absent when it comes back.
+            start = (1 - START_FLOOR) * self._prior + START_FLOOR * self.source_prior
             self._prior, diag = em_prior(self.buffer[:self.filled], self.source_prior, self.tol, self.em_steps,
-                                         start=self._prior)
+                                         start=start)
             self.steps = diag["iterations"]
         return self.prior
 
     def state(self) -> dict:
         """What ``GET /prior`` answers: the estimate, its standard error, the images it rests on."""
         q, n = self.prior, self.filled
-        std = (q * (1 - q) / n).sqrt() if n > 0 else torch.full_like(q, float("nan"))
-        return {"prior": q.tolist(), "std": std.tolist(), "n": n, "seen": self.seen, "trusted": self.trusted,
+        std = (q * (1 - q) / n).sqrt().tolist() if n > 0 else None  # None before any image (JSON has no NaN)
+        return {"prior": q.tolist(), "std": std, "n": n, "seen": self.seen, "trusted": self.trusted,
                 "window": self.window, "warmup": self.warmup}
