@@ -17,6 +17,8 @@ from lade_core import __version__
 from lade_core.models import build_model
 from lade_core.serving import SERVING_DISTRIBUTIONS, ModelCard, load_classifier, log_classifier
 
+pytestmark = pytest.mark.slow  # fresh interpreters importing torch and MLflow: ~30 s
+
 
 @pytest.fixture
 def logged(tmp_path):
@@ -47,25 +49,11 @@ import mlflow, numpy as np
 mlflow.set_tracking_uri({uri!r})
 model = mlflow.pyfunc.load_model({model_uri!r})
 x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
-out = model.predict(x, params={{"output": "logits", "target_prior": [0.2, 0.3, 0.5]}})
+out = model.predict(x, params={{"output": "probabilities", "target_prior": [0.2, 0.3, 0.5]}})
 import lade_core
-print(json.dumps({{"lade_core": lade_core.__file__, "logits": [list(map(float, r)) for r in out["logits"]]}}))
+print(json.dumps({{"lade_core": lade_core.__file__,
+                  "probabilities": [list(map(float, r)) for r in out["probabilities"]]}}))
 """
-
-
-def test_the_model_loads_and_answers_where_lade_is_not_installed(logged, tmp_path):
-    uri, model_uri, model_dir = logged
-    paths = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    work = tmp_path / "elsewhere"
-    work.mkdir()
-    p = subprocess.run([sys.executable, "-S", "-c", PROBE.format(paths=paths, uri=uri, model_uri=model_uri)],
-                       cwd=work, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    got = json.loads(p.stdout.strip().splitlines()[-1])
-    assert Path(got["lade_core"]).resolve().is_relative_to(model_dir.resolve() / "code")  # the bundled copy
-    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
-    expected = load_classifier(model_uri).predict(None, x, {"output": "logits", "target_prior": [0.2, 0.3, 0.5]})
-    np.testing.assert_allclose(np.array(got["logits"]), np.stack(expected["logits"]), rtol=1e-5, atol=1e-5)
 
 
 def test_requirements_pin_the_distributions_that_trained_it(logged):
@@ -100,19 +88,28 @@ def _installed_by(requirements: list[str]) -> set[str]:
     return seen
 
 
-def test_what_the_served_model_imports_is_installed_by_its_requirements(logged, tmp_path):
-    """Every third-party module that loading and answering with the model brought into the fresh interpreter, beyond
-    what MLflow's store and download had already imported, comes from a distribution its requirements.txt
-    installs."""
+def test_the_model_loads_and_answers_where_lade_is_not_installed(logged, tmp_path):
+    """In the fresh interpreter the model loads its bundled lade_core and gives lade's loader's probabilities; every
+    third-party module that loading and answering brought in, beyond what MLflow's store and download had already
+    imported, comes from a distribution its requirements.txt installs."""
     uri, model_uri, model_dir = logged
     paths = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
     seen = "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
     probe = PROBE.format(paths=paths, uri=uri, model_uri=model_uri).replace(
         "model = mlflow.pyfunc.load_model(", f"mlflow.artifacts.download_artifacts(artifact_uri={model_uri!r})\n"
         f"{seen}model = mlflow.pyfunc.load_model(") + seen
-    p = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    p = subprocess.run([sys.executable, "-S", "-c", probe], cwd=work, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
+    got = json.loads(lines[-2])
+    assert Path(got["lade_core"]).resolve().is_relative_to(model_dir.resolve() / "code")  # the bundled copy
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    expected = load_classifier(model_uri).predict(None, x, {"output": "probabilities",
+                                                            "target_prior": [0.2, 0.3, 0.5]})
+    np.testing.assert_allclose(np.array(got["probabilities"]), np.stack(expected["probabilities"]), rtol=1e-5,
+                               atol=1e-6)
     before, after = json.loads(lines[-3]), json.loads(lines[-1])
     added = sorted(set(after) - set(before) - {"lade_core"})
     assert {"torchvision", "torch"} <= set(added)  # the probe saw the serving path

@@ -59,6 +59,7 @@ def test_an_unknown_recipe_name_lists_lades_recipes(tmp_path):
         resolve_config("cifar100_lt/no_such_method", {})
 
 
+@pytest.mark.slow  # builds the wheel
 def test_recipes_and_search_spaces_work_from_the_installed_package_outside_a_checkout(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "wheel"), str(REPO)], check=True, capture_output=True, timeout=300)
