@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--phase", type=int, default=8000, help="images per phase")
     ap.add_argument("--report", type=int, default=500, help="images per reported window")
     ap.add_argument("--scale", type=float, default=0.5, help="class-mean spread (sets the task's difficulty)")
+    ap.add_argument("--seed", type=int, default=1, help="the stream's seed")
     ap.add_argument("--plot", help="write the accuracy-per-window figure here")
     ap.add_argument("--smoke-test", action="store_true")
     args = ap.parse_args()
@@ -47,9 +48,9 @@ def main() -> None:
     ps = prior_from_counts(counts)
     backward = prior_from_counts(shifted_counts(counts, 1000, 50, "backward"))
     phases = [("source", ps), ("backward_50", backward), ("source", ps)]
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(args.seed)
     online = OnlinePrior(ps, window=args.window, warmup=args.warmup)
-    rows, seen = [], 0
+    rows, seen, detected, phase_rows = [], 0, [], []
     for name, prior in phases:
         y, post = stream(prior, args.phase, ps, g, args.scale)
         hits = {"true": [], "online": [], "uniform": []}
@@ -57,8 +58,14 @@ def main() -> None:
             q = online.prior if online.trusted else torch.full((C,), 1 / C, dtype=torch.float64)
             for key, target in (("true", prior), ("online", q), ("uniform", torch.full((C,), 1 / C))):
                 hits[key].append((pb * (target / ps)).argmax(1) == yb)
+            before = online.changes
             online.update(pb)
+            if online.changes > before:
+                detected.append(online.seen)
         flat = {k: torch.cat(v) for k, v in hits.items()}
+        rest = {k: float(v[args.report:].double().mean()) for k, v in flat.items()}
+        first = {k: float(v[:args.report].double().mean()) for k, v in flat.items()}
+        phase_rows.append((name, rest["online"] / rest["true"], first["online"] - first["uniform"]))
         for start in range(0, args.phase, args.report):
             acc = {k: float(v[start:start + args.report].double().mean()) for k, v in flat.items()}
             rows.append({"phase": name, "images": f"{seen + start}-{seen + start + args.report}", **acc,
@@ -74,6 +81,10 @@ def main() -> None:
     settled = [r["online/true"] for i, r in enumerate(rows) if i not in first]
     print(f"online / true after each phase's first window: min {min(settled):.3f}, "
           f"mean {sum(settled) / len(settled):.3f}")
+    for name, ratio, gap in phase_rows:
+        print(f"phase {name}: online / true over the phase after its first window {ratio:.3f}; "
+              f"online - uniform in its first window {gap:+.4f}")
+    print(f"changes of mix detected after image {detected} (the mix changed at {[args.phase, 2 * args.phase]})")
     if args.plot:
         import matplotlib
 

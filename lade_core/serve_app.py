@@ -40,8 +40,8 @@ REQUEST_KEYS = ("images", "target_prior", "output", "top_k", "skip_bad")
 class PriorActor:
     """The one online estimate of an application, shared by its replicas (``OnlinePrior``)."""
 
-    def __init__(self, source_prior: list[float], window: int, warmup: int):
-        self.online = OnlinePrior(source_prior, window=window, warmup=warmup)
+    def __init__(self, source_prior: list[float], window: int, warmup: int, change_test: float | None):
+        self.online = OnlinePrior(source_prior, window=window, warmup=warmup, change_test=change_test)
 
     def current(self) -> tuple[list[float] | None, dict]:
         """(the estimate to answer with, or None while it is not trusted; its state)."""
@@ -105,13 +105,14 @@ def parse_request(body: bytes, num_classes: int) -> dict:
 
 @serve.deployment(name="lade", max_ongoing_requests=64)
 class LadeServer:
-    def __init__(self, model_uri: str, tracking_uri: str | None, prior_name: str, window: int, warmup: int):
+    def __init__(self, model_uri: str, tracking_uri: str | None, prior_name: str, window: int, warmup: int,
+                 change_test: float | None):
         self.model = load_classifier(model_uri, tracking_uri)  # once per replica
         card = self.model.card
         self.calibration = Calibration.from_dict(card.calibration) if card.calibration else None
         # Ray-specific: the application's one estimate, created by whichever replica comes first.
         self.prior = PriorActor.options(name=prior_name, namespace=PRIOR_NAMESPACE, get_if_exists=True,
-                                        lifetime="detached").remote(card.source_prior, window, warmup)
+                                        lifetime="detached").remote(card.source_prior, window, warmup, change_test)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def batched_logits(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -185,14 +186,15 @@ class LadeServer:
 
 
 def build_app(model: str, tracking_uri: str | None = None, num_replicas: int = 1, use_gpu: bool = False,
-              window: int = 500, warmup: int = 200, name: str = "lade"):
+              window: int = 500, warmup: int = 200, change_test: float | None = 5.0, name: str = "lade"):
     """The application: ``num_replicas`` replicas of ``model`` (one GPU each with ``use_gpu``) sharing the online
-    estimate named after ``name``."""
-    OnlinePrior([0.5, 0.5], window=window, warmup=warmup)  # the window and warm-up checked before Ray builds anything
+    estimate named after ``name`` (``OnlinePrior``'s ``window``, ``warmup`` and ``change_test``)."""
+    # The estimate's settings checked before Ray builds anything.
+    OnlinePrior([0.5, 0.5], window=window, warmup=warmup, change_test=change_test)
     if not isinstance(num_replicas, int) or num_replicas < 1:
         raise ValueError(f"num_replicas must be an integer >= 1, got {num_replicas!r}")
     return LadeServer.options(num_replicas=num_replicas, ray_actor_options={"num_gpus": 1 if use_gpu else 0}).bind(
-        model, tracking_uri, f"{name}-prior", window, warmup)
+        model, tracking_uri, f"{name}-prior", window, warmup, change_test)
 
 
 def app_builder(args: dict):
@@ -202,6 +204,8 @@ def app_builder(args: dict):
     for key in ("num_replicas", "window", "warmup"):
         if key in kw:
             kw[key] = int(kw[key])
+    if "change_test" in kw:
+        kw["change_test"] = None if str(kw["change_test"]).lower() in ("none", "off") else float(kw["change_test"])
     if "use_gpu" in kw:
         kw["use_gpu"] = str(kw["use_gpu"]).lower() in ("1", "true", "yes")
     return build_app(**kw)

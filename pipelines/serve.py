@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="one GPU per replica (default: if the cluster has GPUs)")
     ap.add_argument("--window", type=int, default=500, help="images the online prior estimate rests on")
     ap.add_argument("--warmup", type=int, default=200, help="images before 'online' leaves uniform")
+    ap.add_argument("--change-test", default="5", help="standard deviations of the test for a change of mix that "
+                    "cuts the online estimate's window to its newest --warmup images (off: never)")
     ap.add_argument("--name", default="lade", help="the Serve application's name (and its online estimate's)")
     ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
     ap.add_argument("--num-cpus", type=int, help="logical CPUs for a local Ray")
@@ -35,15 +37,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--change-test must be a number of standard deviations or off, got {text!r}") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_logging(args.verbose)
     tracking_uri = resolve_tracking_uri(args.mlflow_uri)
     try:
+        change_test = None if args.change_test.lower() in ("off", "none") else _number(args.change_test)
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {args.port}")
         load_classifier(args.model, tracking_uri)  # a bad URI or a foreign model fails here, before Ray starts
-        build_app(args.model, tracking_uri, args.num_replicas, False, args.window, args.warmup, args.name)
+        build_app(args.model, tracking_uri, args.num_replicas, False, args.window, args.warmup, change_test,
+                  args.name)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -52,7 +63,8 @@ def main(argv=None) -> int:
 
     init_ray(num_cpus=args.num_cpus)
     use_gpu = args.use_gpu if args.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    app = build_app(args.model, tracking_uri, args.num_replicas, use_gpu, args.window, args.warmup, args.name)
+    app = build_app(args.model, tracking_uri, args.num_replicas, use_gpu, args.window, args.warmup, change_test,
+                    args.name)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name=args.name, route_prefix="/")
     print(f"serving {args.model} on http://{args.host}:{args.port} ({args.num_replicas} replicas"

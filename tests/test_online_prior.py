@@ -44,7 +44,7 @@ def _em_oracle(posteriors: torch.Tensor, source_prior: torch.Tensor, iterations:
 def test_the_estimate_is_em_over_the_last_window_of_images():
     ps = _source()
     _, post = _stream(torch.flip(ps, [0]), 130, ps, seed=1)
-    online = OnlinePrior(ps, window=50, warmup=10, em_steps=100000, tol=1e-13)
+    online = OnlinePrior(ps, window=50, warmup=10, em_steps=100000, tol=1e-13, change_test=None)
     for b in (post[:5], post[5:6], post[6:90], post[90:130]):  # uneven batches, one longer than the window
         online.update(b)
     assert online.prior.tolist() == pytest.approx(_em_oracle(post[-50:], ps), abs=1e-9)
@@ -88,11 +88,33 @@ def test_it_tracks_a_change_of_mix_and_reset_forgets():
     assert online.seen == 0 and not online.trusted and online.prior.tolist() == ps.tolist()
 
 
+def test_an_abrupt_change_is_detected_soon_and_a_steady_mix_never_is():
+    ps = _source()
+    online = OnlinePrior(ps)  # window 500, the newest 200 images tested each batch
+    _, steady = _stream(ps, 4000, ps, seed=5)
+    for b in steady.split(32):
+        online.update(b)
+    assert online.changes == 0 and online.state()["n"] == 500  # no false alarm over 4000 images
+    _, shifted = _stream(torch.flip(ps, [0]), 400, ps, seed=6)
+    cut_at = None
+    for i, b in enumerate(shifted.split(32)):
+        online.update(b)
+        if online.changes and cut_at is None:
+            cut_at, n_after = 32 * (i + 1), online.state()["n"]
+    assert cut_at is not None and cut_at <= 200 and n_after == 200  # the buffer keeps only the newest 200
+    assert float((online.prior - torch.flip(ps, [0])).abs().sum()) / 2 < 0.15  # already near the new mix
+    off = OnlinePrior(ps, change_test=None)
+    for b in (*steady[-500:].split(32), *shifted.split(32)):
+        off.update(b)
+    assert off.changes == 0 and off.state()["n"] == 500  # without the test: the window only
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: OnlinePrior([0.5, 0.5, 0.0]), "source_prior is 0 at class indices \\[2\\]"),
     (lambda: OnlinePrior([0.5, 0.6]), "source_prior"),
     (lambda: OnlinePrior([0.5, 0.5], window=0), "window must be an integer >= 1, got 0"),
     (lambda: OnlinePrior([0.5, 0.5], warmup=2.5), "warmup must be an integer >= 0, got 2.5"),
+    (lambda: OnlinePrior([0.5, 0.5], change_test=0), "change_test must be a number of standard deviations > 0"),
     (lambda: OnlinePrior([0.5, 0.5]).update(torch.ones(3, 3)), "posteriors must be \\[B, 2\\]"),
     (lambda: OnlinePrior([0.5, 0.5]).update(torch.tensor([[0.5, float("nan")]])), "finite, non-negative"),
 ])

@@ -67,7 +67,7 @@ def served(tmp_path_factory):
     log = open(tmp / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--model", "models:/served/1",
                              "--mlflow-uri", uri, "--port", str(port), "--num-replicas", "2", "--window", "40",
-                             "--warmup", "20", "--num-cpus", "4"], cwd=tmp, env=env, stdout=log,
+                             "--warmup", "20", "--change-test", "off", "--num-cpus", "4"], cwd=tmp, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240

@@ -18,6 +18,7 @@ produced the logits, through its post-hoc rule evaluated at p_t = p_s (``source_
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -217,17 +218,29 @@ class OnlinePrior:
 
     The calibrated source posteriors of the last ``window`` images are kept (a ring buffer [window, C]); each
     ``update`` adds a batch and runs EM steps on the buffer from the current estimate until it moves less than
-    ``tol`` (at most ``em_steps``): the estimate is the maximum-likelihood mix of the recent stream, and after a
-    change of mix it has left the old mix once the window has. Until ``warmup`` images are in the buffer the estimate
-    is not ``trusted`` (a caller then uses uniform). ``std`` is the binomial standard error sqrt(q (1 - q) / n) per
-    class over the n buffered images: the sampling noise of a mix that size, not the model's error. Starts from
-    q = p_s (EM's start). Cost per update: window x C x (EM steps taken).
+    ``tol`` (at most ``em_steps``): the estimate is the maximum-likelihood mix of the recent stream.
+
+    A change of mix is tested for after every batch, so that the estimate need not wait for the window to leave the
+    old mix: the newest ``warmup`` images' own EM estimate q_r against the window's q, by the likelihood ratio of
+    those images, 2 [l(q_r) - l(q)] with l(q) = sum_i log sum_y p_i(y) q(y) / p_s(y). Without a change it is about
+    chi-square with C - 1 degrees of freedom; above its mean by ``change_test`` standard deviations
+    ((C - 1) + change_test * sqrt(2 (C - 1))) the buffer keeps only those newest images and q = q_r (``changes``
+    counts them; ``change_test=None`` turns the test off).
+
+    Until ``warmup`` images are in the buffer the estimate is not ``trusted`` (a caller then uses uniform). ``std``
+    is the binomial standard error sqrt(q (1 - q) / n) per class over the n buffered images: the sampling noise of a
+    mix that size, not the model's error. Starts from q = p_s (EM's start). Cost per update: window x C x (EM steps
+    taken), twice with the change test.
     """
 
-    def __init__(self, source_prior, window: int = 500, warmup: int = 200, em_steps: int = 50, tol: float = 1e-7):
+    def __init__(self, source_prior, window: int = 500, warmup: int = 200, em_steps: int = 50, tol: float = 1e-7,
+                 change_test: float | None = 5.0):
         for name, value, low in (("window", window, 1), ("warmup", warmup, 0), ("em_steps", em_steps, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if change_test is not None and not (isinstance(change_test, (int, float)) and change_test > 0):
+            raise ValueError(f"change_test must be a number of standard deviations > 0 or None, got {change_test!r}")
+        self.change_test = change_test
         ps = torch.as_tensor(source_prior, dtype=torch.float64)
         self.source_prior = validate_prior(ps, ps.numel(), "source_prior")
         if bool((self.source_prior <= 0).any()):
@@ -242,6 +255,7 @@ class OnlinePrior:
         self.next = 0  # the row the next image goes to
         self.seen = 0  # images ever given to update
         self.steps = 0  # EM steps the last update took
+        self.changes = 0  # changes of mix detected (the buffer cut to its newest images)
         self._prior = self.source_prior.clone()
 
     @property
@@ -274,11 +288,33 @@ class OnlinePrior:
             self._prior, diag = em_prior(self.buffer[:self.filled], self.source_prior, self.tol, self.em_steps,
                                          start=start)
             self.steps = diag["iterations"]
+            self._test_for_change()
         return self.prior
+
+    def _newest(self, m: int) -> torch.Tensor:
+        """The newest ``m`` buffered posteriors [m, C], oldest first."""
+        return self.buffer[(self.next - m + torch.arange(m)) % self.window]
+
+    def _loglik(self, p: torch.Tensor, q: torch.Tensor) -> float:
+        return float(torch.log((p * (q / self.source_prior)).sum(1)).sum())
+
+    def _test_for_change(self) -> None:
+        m = max(self.warmup, 1)
+        if self.change_test is None or self.filled < m + 1 or self.filled < 2 * m:
+            return
+        recent = self._newest(m)
+        q_recent, _ = em_prior(recent, self.source_prior, self.tol, self.em_steps,
+                               start=(1 - START_FLOOR) * self._prior + START_FLOOR * self.source_prior)
+        dof = len(self.source_prior) - 1
+        stat = 2 * (self._loglik(recent, q_recent) - self._loglik(recent, self._prior))
+        if stat > dof + self.change_test * math.sqrt(2 * dof):
+            self.buffer[:m] = recent.clone()
+            self.filled, self.next = m, m % self.window
+            self._prior, self.changes = q_recent, self.changes + 1
 
     def state(self) -> dict:
         """What ``GET /prior`` answers: the estimate, its standard error, the images it rests on."""
         q, n = self.prior, self.filled
         std = (q * (1 - q) / n).sqrt().tolist() if n > 0 else None  # None before any image (JSON has no NaN)
         return {"prior": q.tolist(), "std": std, "n": n, "seen": self.seen, "trusted": self.trusted,
-                "window": self.window, "warmup": self.warmup}
+                "window": self.window, "warmup": self.warmup, "changes": self.changes}
