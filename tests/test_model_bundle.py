@@ -20,8 +20,9 @@ from lade_core.serving import SERVING_DISTRIBUTIONS, ModelCard, load_classifier,
 pytestmark = pytest.mark.slow  # fresh interpreters importing torch and MLflow: ~30 s
 
 
-@pytest.fixture
-def logged(tmp_path):
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("bundle")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("bundle")
@@ -124,6 +125,10 @@ def test_lades_loader_never_runs_the_bundled_code(logged, tmp_path):
     _, model_uri, model_dir = logged
     marker = tmp_path / "marker"
     bundled = model_dir / "code" / "lade_core" / "serving.py"
-    bundled.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n" + bundled.read_text())
-    load_classifier(model_uri)
-    assert not marker.exists()
+    original = bundled.read_text()
+    bundled.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n" + original)
+    try:
+        load_classifier(model_uri)
+        assert not marker.exists()
+    finally:
+        bundled.write_text(original)  # the module's other tests share this model
