@@ -109,6 +109,24 @@ def no_stray_ray():
 
 
 
+def log_small_model(store: Path, experiment: str, **card_fields):
+    """A 3-class resnet32 with seeded random weights logged by today's ``log_classifier`` into a fresh sqlite store
+    under ``store``: (tracking URI, its ModelInfo). ``card_fields`` add to the card (``rules``, ``lade_version``)."""
+    import mlflow
+    import torch
+
+    from lade_core.models import build_model
+    from lade_core.serving import ModelCard, log_classifier
+
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    torch.manual_seed(0)
+    card = ModelCard("resnet32", 3, ["a", "b", "c"], [0.6, 0.3, 0.1], "lade", "cifar", 16, **card_fields)
+    with mlflow.start_run():
+        return uri, log_classifier(card, build_model("resnet32", 3).state_dict(), "model")
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface (for servers the tests start)."""
     with socket.socket() as s:

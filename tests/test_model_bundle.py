@@ -11,26 +11,18 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import torch
 
+from conftest import log_small_model
 from lade_core import __version__
-from lade_core.models import build_model
-from lade_core.serving import SERVING_DISTRIBUTIONS, ModelCard, load_classifier, log_classifier
+from lade_core.serving import SERVING_DISTRIBUTIONS, load_classifier
 
 pytestmark = pytest.mark.slow  # fresh interpreters importing torch and MLflow: ~30 s
 
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("bundle")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("bundle")
-    torch.manual_seed(0)
-    card = ModelCard("resnet32", 3, ["a", "b", "c"], [0.6, 0.3, 0.1], "lade", "cifar", 16, lade_version=__version__,
-                     rules=["inject", "raw"])
-    with mlflow.start_run():
-        info = log_classifier(card, build_model("resnet32", 3).state_dict(), "model")
+    uri, info = log_small_model(tmp_path_factory.mktemp("bundle"), "bundle", lade_version=__version__,
+                                rules=["inject", "raw"])
     client = mlflow.MlflowClient(uri)
     return uri, info.model_uri, Path(client.get_logged_model(info.model_id).artifact_location)
 

@@ -17,12 +17,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
-from conftest import REPO, free_port
-from lade_core.models import build_model
-from lade_core.serving import ModelCard, load_classifier, log_classifier
+from conftest import REPO, free_port, log_small_model
+from lade_core.serving import load_classifier
 
 pytestmark = pytest.mark.slow  # a Ray and a Serve application in a subprocess: about a minute
 
@@ -52,13 +50,7 @@ def _call(base: str, path: str, payload: dict | None = None) -> tuple[int, dict]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("serve")
-    torch.manual_seed(0)
-    card = ModelCard("resnet32", 3, ["a", "b", "c"], [0.6, 0.3, 0.1], "lade", "cifar", 16, rules=["inject", "raw"])
-    with mlflow.start_run():
-        info = log_classifier(card, build_model("resnet32", 3).state_dict(), "model")
+    uri, info = log_small_model(tmp, "serve", rules=["inject", "raw"])
     mlflow.register_model(info.model_uri, "served")
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "LADE_MAX_ROWS_PER_REQUEST": "8",
