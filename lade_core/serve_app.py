@@ -27,7 +27,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .math.label_shift import Calibration, OnlinePrior, calibrate
+from .math.label_shift import Calibration, OnlinePrior, calibrate, source_logits
 from .math.posthoc import posthoc_logits
 from .math.priors import uniform_prior
 from .serving import MAX_ROWS, OUTPUTS, decode_images, load_classifier
@@ -47,9 +47,8 @@ class PriorActor:
         """(the estimate to answer with, or None while it is not trusted; its state)."""
         return (self.online.prior.tolist() if self.online.trusted else None), self.online.state()
 
-    def update(self, posteriors: list[list[float]]) -> None:
-        if posteriors:
-            self.online.update(torch.tensor(posteriors, dtype=torch.float64))
+    def update(self, posteriors) -> None:
+        self.online.update(torch.as_tensor(posteriors))
 
     def state(self) -> dict:
         return self.online.state()
@@ -143,27 +142,26 @@ class LadeServer:
             raise BadRequest(f"{len(errors)} of {len(images)} images do not decode ({shown}); pass skip_bad to answer "
                              "the rest")
         ok = [i for i, im in enumerate(images) if im is not None]
-        if req["target_prior"] not in ("uniform", "online"):
+        mode, given = req["target_prior"], None
+        if mode not in ("uniform", "online"):
             try:
-                self.model.check_params({"target_prior": req["target_prior"]})
+                given = self.model.check_params({"target_prior": mode})["target_prior"]  # float64 [C], checked
             except ValueError as e:
                 raise BadRequest(str(e)) from None
         online, state = await self.prior.current.remote()
         z = await self.batched_logits(self.model.preprocess_images([images[i] for i in ok])) if ok else \
             torch.zeros(0, card.num_classes)
-        # The source posterior p_s(y|x): the card's rule at p_t = p_s (label_shift.source_logits, without the registry).
         ps = self.model.source_prior
-        posteriors = calibrate(posthoc_logits(z.double(), card.posthoc, ps, ps), self.calibration)
-        self.prior.update.remote(posteriors.tolist())  # the traffic informs the estimate; not awaited
-        mode = req["target_prior"]
-        if mode == "online":  # uniform until the estimate is trusted (its warm-up)
-            prior, used = online, "online" if online is not None else "uniform (online estimate warming up)"
-        elif mode == "uniform":
-            prior, used = None, "uniform"
-        else:
-            prior, used = mode, "given"
-        target = uniform_prior(card.num_classes) if prior is None else torch.tensor(prior, dtype=torch.float64)
-        zt = posthoc_logits(z.double(), card.posthoc, self.model.source_prior, target)
+        posteriors = calibrate(source_logits(z, ps, rule=card.posthoc), self.calibration)  # p_s(y|x), the card's BCTS
+        self.prior.update.remote(posteriors.numpy())  # the traffic informs the estimate; not awaited
+        if given is not None:
+            target, used = given, "given"
+        elif mode == "online" and online is not None:
+            target, used = torch.tensor(online, dtype=torch.float64), "online"
+        else:  # uniform, or online while the estimate warms up
+            target, used = uniform_prior(card.num_classes), "uniform" if mode == "uniform" else \
+                "uniform (online estimate warming up)"
+        zt = posthoc_logits(z.double(), card.posthoc, ps, target)
         return {"predictions": self.rows(zt, ok, errors, len(images), req), "prior": {"used": used, "online": state}}
 
     def rows(self, zt: torch.Tensor, ok: list[int], errors: dict[int, str], n: int, req: dict) -> list[dict]:

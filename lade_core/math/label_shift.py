@@ -34,12 +34,14 @@ METHODS = ("em", "bbse")
 CALIBRATIONS = (None, "bcts", "auto")
 
 
-def source_logits(logits: torch.Tensor, source_prior, loss: str) -> torch.Tensor:
-    """Logits [N, C] -> float64 logits whose softmax is the model's source posterior p_s(y|x): the loss's post-hoc
-    rule with p_t = p_s."""
-    from .losses import default_rule  # the registry: losses.py imports no estimator
+def source_logits(logits: torch.Tensor, source_prior, loss: str | None = None, *, rule: str | None = None
+                  ) -> torch.Tensor:
+    """Logits [N, C] -> float64 logits whose softmax is the model's source posterior p_s(y|x): the post-hoc rule
+    with p_t = p_s — ``rule`` where the caller has it (a model card's), else the loss's own."""
+    if rule is None:
+        from .losses import default_rule  # the registry: losses.py imports no estimator
 
-    rule = default_rule(loss)
+        rule = default_rule(loss)
     z = logits.double()
     return z if rule == "raw" else posthoc_logits(z, rule, source_prior, source_prior)
 
@@ -275,21 +277,24 @@ class OnlinePrior:
             raise ValueError(f"posteriors must be [B, {c}]; got shape {tuple(p.shape)}")
         if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or bool((p.sum(1) <= 0).any()):
             raise ValueError("posteriors must be finite, non-negative, and not all zero in a row")
+        if len(p) == 0:
+            return self.prior
         self.seen += len(p)
         p = p[-self.window:]  # a batch longer than the window: its last images
         rows = (self.next + torch.arange(len(p))) % self.window
         self.buffer[rows] = p / p.sum(1, keepdim=True)
-        self.next = int(rows[-1] + 1) % self.window if len(p) else self.next
+        self.next = int(rows[-1] + 1) % self.window
         self.filled = min(self.window, self.filled + len(p))
-        if len(p):
-            # Warm start, kept off zero: EM's update is multiplicative, so a class estimated absent would stay
-            # absent when it comes back.
-            start = (1 - START_FLOOR) * self._prior + START_FLOOR * self.source_prior
-            self._prior, diag = em_prior(self.buffer[:self.filled], self.source_prior, self.tol, self.em_steps,
-                                         start=start)
-            self.steps = diag["iterations"]
-            self._test_for_change()
+        self._prior, diag = self._em(self.buffer[:self.filled])
+        self.steps = diag["iterations"]
+        self._test_for_change()
         return self.prior
+
+    def _em(self, posteriors: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        # Warm start, kept off zero: EM's update is multiplicative, so a class estimated absent would stay absent
+        # when it comes back.
+        start = (1 - START_FLOOR) * self._prior + START_FLOOR * self.source_prior
+        return em_prior(posteriors, self.source_prior, self.tol, self.em_steps, start=start)
 
     def _newest(self, m: int) -> torch.Tensor:
         """The newest ``m`` buffered posteriors [m, C], oldest first."""
@@ -300,15 +305,14 @@ class OnlinePrior:
 
     def _test_for_change(self) -> None:
         m = max(self.warmup, 1)
-        if self.change_test is None or self.filled < m + 1 or self.filled < 2 * m:
+        if self.change_test is None or self.filled < 2 * m:
             return
         recent = self._newest(m)
-        q_recent, _ = em_prior(recent, self.source_prior, self.tol, self.em_steps,
-                               start=(1 - START_FLOOR) * self._prior + START_FLOOR * self.source_prior)
+        q_recent, _ = self._em(recent)
         dof = len(self.source_prior) - 1
         stat = 2 * (self._loglik(recent, q_recent) - self._loglik(recent, self._prior))
         if stat > dof + self.change_test * math.sqrt(2 * dof):
-            self.buffer[:m] = recent.clone()
+            self.buffer[:m] = recent  # a copy already (indexed by a tensor)
             self.filled, self.next = m, m % self.window
             self._prior, self.changes = q_recent, self.changes + 1
 
