@@ -62,7 +62,9 @@ def log_result_run(uri: str, experiment: str, run_name: str | None = None, *, pa
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name) as run:
+    # On a tracking server MLflow writes "View run … at: URL" to stdout when the run ends: to stderr here, so that
+    # a script's stdout stays its result (compare.py --format csv > table.csv).
+    with contextlib.redirect_stdout(sys.stderr), mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params(params or {})
         mlflow.log_metrics(metrics or {})
         mlflow.set_tags(tags or {})

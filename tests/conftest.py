@@ -109,16 +109,17 @@ def no_stray_ray():
 
 
 
-def log_small_model(store: Path, experiment: str, **card_fields):
-    """A 3-class resnet32 with seeded random weights logged by today's ``log_classifier`` into a fresh sqlite store
-    under ``store``: (tracking URI, its ModelInfo). ``card_fields`` add to the card (``rules``, ``lade_version``)."""
+def log_small_model(store: Path, experiment: str, tracking_uri: str | None = None, **card_fields):
+    """A 3-class resnet32 with seeded random weights logged by today's ``log_classifier`` to ``tracking_uri``
+    (default a fresh sqlite store under ``store``): (tracking URI, its ModelInfo). ``card_fields`` add to the card
+    (``rules``, ``lade_version``)."""
     import mlflow
     import torch
 
     from lade_core.models import build_model
     from lade_core.serving import ModelCard, log_classifier
 
-    uri = f"sqlite:///{store / 'mlflow.db'}"
+    uri = tracking_uri or f"sqlite:///{store / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment)
     torch.manual_seed(0)
@@ -132,19 +133,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-def start_mlflow_server(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """A real ``mlflow server`` on a loopback port (a free one by default), sqlite backend and proxied artifacts in
-    ``workdir`` (a second start on the same port and folder is the same server restarted); returns it once healthy,
-    with its URI. Its log: ``workdir/mlflow_server.log`` (appended)."""
+def start_mlflow_server(workdir: Path, port: int | None = None, backend_uri: str | None = None,
+                        env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """A real ``mlflow server`` on a loopback port (a free one by default), ``backend_uri`` (default a sqlite file)
+    and proxied artifacts in ``workdir`` (a second start on the same port and folder is the same server restarted);
+    returns it once healthy, with its URI. Its log: ``workdir/mlflow_server.log`` (appended); ``env`` adds to its
+    environment."""
     import time
     import urllib.request
 
     port = port or free_port()
     log = open(workdir / "mlflow_server.log", "a")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
+                               "--backend-store-uri", backend_uri or f"sqlite:///{workdir / 'server.db'}",
                                "--artifacts-destination", str(workdir / "server_artifacts"), "--workers", "2"],
-                              cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                              cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, **(env or {})})
     log.close()  # the server holds its own copy
     uri = f"http://127.0.0.1:{port}"
     for _ in range(240):
@@ -165,14 +169,55 @@ def stop_mlflow_server(server: subprocess.Popen) -> None:
         server.wait(timeout=30)
 
 
+class TeamTracking:
+    """What a team runs: PostgreSQL on 127.0.0.1 (password auth) and an ``mlflow server`` on it with proxied
+    artifacts in ``workdir``. ``uri`` is what every Ray node and script is given."""
+
+    def __init__(self, workdir: Path):
+        from postgres import PostgresServer
+
+        self.workdir = workdir
+        self.postgres = PostgresServer(free_port())
+        self.postgres.start()
+        self.postgres.create_database("mlflow")
+        self.port = free_port()
+        self.start_server()
+        self.log = workdir / "mlflow_server.log"
+
+    def start_server(self) -> None:
+        """The tracking server (again, on its port). As the README's team setup: no password in the backend URI,
+        libpq reads it from the server's PGPASSFILE."""
+        passfile = self.postgres.passfile(self.workdir / "pgpass")
+        store = self.postgres.uri("mlflow", password=False)
+        self.server, self.uri = start_mlflow_server(self.workdir, self.port, store, env={"PGPASSFILE": str(passfile)})
+
+    def stop_server(self) -> None:
+        stop_mlflow_server(self.server)
+
+    def close(self) -> None:
+        self.stop_server()
+        self.postgres.close()
+
+
+@pytest.fixture(scope="session")
+def team_tracking(tmp_path_factory):
+    """One PostgreSQL-backed tracking server for the session (each test its own experiment and model names)."""
+    team = TeamTracking(tmp_path_factory.mktemp("team"))
+    yield team
+    team.close()
+
+
 # Tests that use these start a Ray cluster or a pipeline end to end: marked slow (`pytest -m "not slow"` skips them).
-SLOW_FIXTURES = {"ray_local", "smoke_run", "store", "head", "mlflow_server"}
+SLOW_FIXTURES = {"ray_local", "smoke_run", "store", "head", "mlflow_server", "team_tracking"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & names:
             item.add_marker(pytest.mark.slow)
+        if "team_tracking" in names:
+            item.add_marker(pytest.mark.postgres)
 
 
 def run_train(workdir: Path, *args: str, timeout: int = 600, num_cpus: str | None = "4") -> subprocess.CompletedProcess:

@@ -149,6 +149,12 @@ def test_cluster_configs_are_locked_down():
     for node in launcher["available_node_types"].values():
         assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
     assert any("--app-name basic-auth" in c for c in launcher["head_setup_commands"])
+    # The tracking servers' store is PostgreSQL, reached with a password that is in no URI or command line.
+    (mlflow_cmd,) = [c for c in launcher["head_setup_commands"] if "mlflow server" in c]
+    assert re.search(r'--backend-store-uri "postgresql\+psycopg://lade@[^:/]+:5432/mlflow\?sslmode=verify-full"',
+                     mlflow_cmd), mlflow_cmd
+    assert "/home/ubuntu/.pgpass" in launcher["file_mounts"] and "chmod 600 /home/ubuntu/.pgpass" in \
+        launcher["head_setup_commands"]
     assert "/home/ubuntu/.mlflow/credentials" in launcher["file_mounts"]
     pins = [line for line in (REPO / "cluster" / "constraints.txt").read_text().splitlines()
             if line and not line.startswith("#")]
@@ -165,7 +171,12 @@ def test_cluster_configs_are_locked_down():
     for pod in pods:
         for container in pod["spec"]["containers"]:
             assert re.fullmatch(r"\S+@sha256:[0-9a-f]{64}", container["image"]), container["image"]
-    assert "basic-auth" in docs["Deployment/lade-mlflow"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    (server,) = docs["Deployment/lade-mlflow"]["spec"]["template"]["spec"]["containers"]
+    assert "basic-auth" in server["command"]
+    store = server["command"][server["command"].index("--backend-store-uri") + 1]
+    assert re.fullmatch(r"postgresql\+psycopg://lade@[^:/]+:5432/mlflow\?sslmode=require", store), store
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in server["env"]}
+    assert secrets == {"PGPASSWORD": "lade-mlflow-db"}
     ray_pods = {"ray.io/originated-from-cr-name": "lade-train-imagenet-lt"}
     for name, guarded in (("lade-train-imagenet-lt-ray", ray_pods), ("lade-mlflow", {"app": "lade-mlflow"})):
         policy = docs[f"NetworkPolicy/{name}"]["spec"]

@@ -1,6 +1,7 @@
 """pipelines/serve.py as a user runs it: a real Ray Serve application on 127.0.0.1 with two replicas, real HTTP from
 several client threads, the same answers as lade's own model, bad payloads answered 400 with one line, and one
-online prior estimate shared by the replicas."""
+online prior estimate shared by the replicas; the model registered on the team's tracking server (MLflow on
+PostgreSQL, conftest.team_tracking)."""
 import base64
 import io
 import json
@@ -48,9 +49,10 @@ def _call(base: str, path: str, payload: dict | None = None) -> tuple[int, dict]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, team_tracking):
+    """serve.py on a model registered on the team's tracking server (PostgreSQL-backed, proxied artifacts)."""
     tmp = tmp_path_factory.mktemp("serve")
-    uri, info = log_small_model(tmp, "serve", rules=["inject", "raw"])
+    uri, info = log_small_model(tmp, "serve", team_tracking.uri, rules=["inject", "raw"])
     mlflow.register_model(info.model_uri, "served")
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "LADE_MAX_ROWS_PER_REQUEST": "8",
