@@ -8,9 +8,10 @@
 --input: an image folder (a parent folder named like a class gives the true label), a `<path> <label>` split list
 (with --image-root), or a prepared dataset (with --split). One row per image: path, label, class_name,
 probability, top_k_labels, top_k_probabilities, true_label (-1: unknown), error (with --skip-bad).
---target-prior: uniform (default), a file (JSON / CSV as for evaluate.py), or `estimate`: EM on the images' own
-BCTS-calibrated outputs (lade_core.label_shift); the estimate is written beside the predictions and logged to a
-run of the MLflow experiment `lade-predict`.
+--target-prior: uniform (default), a file (JSON / CSV as for evaluate.py), or `estimate`: EM (or MAPLS,
+--estimate-method) on the images' own BCTS-calibrated outputs (lade_core.label_shift); the estimate, its per-class
+bootstrap intervals (--interval, default 0.9; 0: none) and the expected top-1 gain over the uniform prior with its
+interval are written beside the predictions and logged to a run of the MLflow experiment `lade-predict`.
 """
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--output", required=True, help="predictions file: .parquet or .csv")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ap.add_argument("--target-prior", default="uniform", help="uniform, estimate, or a prior file")
+    ap.add_argument("--estimate-method", choices=("em", "mapls"), default="em",
+                    help="with --target-prior estimate: EM (maximum likelihood) or MAPLS (shrunk toward uniform; "
+                    "steadier with many classes and few images)")
+    ap.add_argument("--interval", type=float, default=0.9,
+                    help="with --target-prior estimate: bootstrap interval level (0: no intervals)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--num-workers", type=int, help="model actors, each loading the model once (0: this process; "
                     "default: one per GPU, one per node on a multi-node CPU cluster, else 0)")
@@ -66,6 +72,8 @@ def check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_workers is not None and args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0 (0: in this process), got {args.num_workers}")
+    if not 0 <= args.interval < 1:
+        raise ValueError(f"--interval must be a level in (0, 1) such as 0.9, or 0 for none; got {args.interval}")
     if args.target_prior not in ("uniform", "estimate") and not Path(args.target_prior).is_file():
         raise ValueError(f"--target-prior {args.target_prior!r}: not uniform, estimate, or an existing file")
 
@@ -74,7 +82,9 @@ def log_estimate(tracking_uri: str, args, info: dict, n: int, path: Path) -> str
     return log_result_run(tracking_uri, "lade-predict",
                           params={"model": args.model, "input": str(args.input), "method": info["method"],
                                   "calibrated": info["calibration"] is not None},
-                          metrics={"images": n, "em_iterations": info.get("iterations", 0)}, files=(path,))
+                          metrics={"images": n, "em_iterations": info.get("iterations", 0),
+                                   **{f"gain/{k}": v for k, v in info.get("interval", {}).get("gain", {}).items()}},
+                          files=(path,))
 
 
 def main(argv=None) -> int:
@@ -111,13 +121,17 @@ def main(argv=None) -> int:
             logits = list(logits)  # every image's output before any prediction (kept: step 2 reads them again)
             z = collect_logits(logits)
             calibration = Calibration.from_dict(card.calibration) if card.calibration else None
-            prior, info = estimate_target_prior(z, card.source_prior, loss=card.loss, calibration=calibration)
+            prior, info = estimate_target_prior(z, card.source_prior, loss=card.loss, method=args.estimate_method,
+                                                calibration=calibration, interval=args.interval or None)
             est_path = out.with_name(out.stem + ".target_prior.json")
             est_path.write_text(json.dumps({"prior": [float(x) for x in prior], "class_names": card.class_names,
                                             "images": len(z), **info}, indent=1))
             run_id = log_estimate(tracking_uri, args, info, len(z), est_path)
-            print(f"estimated target prior ({info['method']}, {info.get('iterations')} EM iterations) -> {est_path}; "
-                  f"MLflow run {run_id} (experiment lade-predict)")
+            gain = info.get("interval", {}).get("gain")
+            gain = (f"; expected top-1 gain over uniform {gain['estimate']:+.4f} ({info['interval']['level']:.0%} "
+                    f"interval {gain['lower']:+.4f} .. {gain['upper']:+.4f})") if gain else ""
+            print(f"estimated target prior ({info['method']}, {info.get('iterations')} iterations){gain} -> "
+                  f"{est_path}; MLflow run {run_id} (experiment lade-predict)")
         prior = uniform_prior(card.num_classes) if prior is None else prior
         table = finish(logits, posthoc_offset(card.posthoc, card.source_prior, prior, card.num_classes),
                        args.top_k, card.class_names)

@@ -42,6 +42,8 @@ BAD_FLAGS = [
     ("tune.py", ["--grace-period", "0"], "--grace-period must be >= 1, got 0"),
     ("predict.py", ["--model", "models:/m/1", "--input", ".", "--output", "nodir/x.parquet"],
      "--output nodir/x.parquet: folder nodir does not exist"),
+    ("predict.py", ["--model", "models:/m/1", "--input", ".", "--output", "x.parquet", "--target-prior", "estimate",
+                    "--interval", "1.5"], "--interval must be a level in (0, 1) such as 0.9, or 0 for none; got 1.5"),
     ("prepare_data.py", ["synthetic", "--imbalance-ratio", "0.5", "--out", "d"], "imbalance_ratio must be >= 1"),
 ]
 

@@ -11,8 +11,11 @@ from lade_core.label_shift import (
     calibrate,
     em_prior,
     estimate_target_prior,
+    expected_gain,
     fit_bcts,
     fit_calibration,
+    mapls_lambda,
+    mapls_prior,
     source_logits,
 )
 from lade_core.priors import long_tailed_counts, prior_from_counts
@@ -154,9 +157,157 @@ def test_bcts_calibrated_em_fixes_an_overconfident_model(world):
     (dict(calibration="bcts"), "needs validation logits"),
     (dict(calibration="platt"), "unknown calibration"),
     (dict(source_prior=[0.5, 0.5]), "source_prior"),
+    (dict(interval=1.5), "interval must be a level in \\(0, 1\\)"),
+    (dict(interval=0.0), "interval must be a level"),
+    (dict(interval="90%"), "interval must be a level"),
+    (dict(interval=0.9, n_boot=3), "n_boot must be an integer >= 10"),
 ])
 def test_bad_input_is_refused_with_a_named_error(world, kwargs, message):
     args = dict(logits=torch.zeros(50, C), source_prior=world.ps, loss="lade")
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         estimate_target_prior(args.pop("logits"), args.pop("source_prior"), **args)
+
+
+def _kl_numpy(p, q):
+    q = q + 1e-8
+    return float(np.sum(np.where(p != 0, p * np.log(np.where(p > 0, p, 1) / q), 0)))
+
+
+def _mapls_numpy(probs, pz, max_iter=100):
+    """MAPLS written out from the official code (ChangkunYe/MAPLS, label_shift/mapls.py: ``get_lamda`` and
+    ``mapls_EM`` with q_prior uniform, init 'identical', qy_mode 'soft'), in float64 numpy."""
+    k = len(pz)
+    u = np.ones(k) / k
+
+    def em(lam, q_prior):
+        qz = pz.copy()
+        w = qz / pz
+        for _ in range(max_iter):
+            m = probs * w
+            m = m / m.sum(-1, keepdims=True)
+            qz = lam * m.mean(0) + (1 - lam) * q_prior
+            qz /= qz.sum()
+            w = qz / pz
+        return qz
+
+    lam_inv = lambda dpq, lam: (1 / (1 - lam) - 1) / dpq  # noqa: E731
+    lam_forward = lambda dpq, gamma: gamma * dpq / (1 + gamma * dpq)  # noqa: E731
+    mlls = em(1, 0)
+    su = 1 - lam_forward(_kl_numpy(pz, u), lam_inv(0.5, 0.2))
+    tu = lam_forward(_kl_numpy(mlls, u), lam_inv(0.5, su))
+    ts = lam_forward(_kl_numpy(mlls, pz), lam_inv(0.5, su))
+    lam = 0.9 * tu + 0.1 * (1 - ts)
+    return em(lam, u), lam
+
+
+def test_mapls_equals_the_official_code_written_out(world):
+    for target in (world.ps.flip(0), torch.full((C,), 1 / C, dtype=torch.float64), world.ps):
+        x, _ = world.sample(target, 400)
+        post = torch.softmax(world.loglik(x) + world.ps.log(), 1)
+        ref, ref_lam = _mapls_numpy(post.numpy(), world.ps.numpy())
+        assert mapls_lambda(post, world.ps) == pytest.approx(ref_lam, rel=1e-10)
+        est, info = mapls_prior(post, world.ps)
+        assert info["lambda"] == pytest.approx(ref_lam, rel=1e-10) and 0 < info["lambda"] < 1
+        np.testing.assert_allclose(est.numpy(), ref, rtol=1e-9, atol=1e-12)
+    # lam = 1 is plain EM after the same number of steps; lam = 0 is the uniform prior.
+    np.testing.assert_allclose(mapls_prior(post, world.ps, lam=1.0)[0], em_prior(post, world.ps, tol=0.0,
+                                                                                   max_iter=100)[0], atol=1e-12)
+    assert torch.allclose(mapls_prior(post, world.ps, lam=0.0)[0], torch.full((C,), 1 / C, dtype=torch.float64))
+    with pytest.raises(ValueError, match="lambda must be in"):
+        mapls_prior(post, world.ps, lam=1.5)
+
+
+def test_mapls_is_closer_than_em_with_many_classes_and_few_images():
+    """C = 1000 classes, 2000 target images (2 per class on average), exact posteriors of a moderately accurate
+    model, a long-tailed source and a target drawn from a Dirichlet around uniform: MAPLS's total variation to the
+    true prior is below EM's."""
+    g = torch.Generator().manual_seed(3)
+    c, n, snr = 1000, 2000, 4.0
+    ps = prior_from_counts(long_tailed_counts(c, 500, 5))
+    p_true = torch.distributions.Dirichlet(torch.full((c,), 5.0, dtype=torch.float64)).sample()
+    y = torch.multinomial(p_true, n, replacement=True, generator=g)
+    s = snr * torch.nn.functional.one_hot(y, c).double() + torch.randn(n, c, generator=g, dtype=torch.float64)
+    post = torch.softmax(ps.log() + snr * s, 1)  # p_s(y|s) ∝ p_s(y) exp(snr * s_y): the exact posterior
+    tv = {}
+    for method, (est, _) in (("em", em_prior(post, ps)), ("mapls", mapls_prior(post, ps))):
+        tv[method] = 0.5 * float((est - p_true).abs().sum())
+    assert tv["mapls"] < tv["em"], tv
+
+
+def test_mapls_stays_shrunk_toward_uniform_with_many_images(world):
+    """Its lambda depends on divergences, not on the number of images: with 100 000 exact posteriors EM is the
+    closer estimate (MAPLS trades that consistency for its smaller variance on few images, the test above)."""
+    p_true = world.ps.flip(0)
+    x, _ = world.sample(p_true, 100_000)
+    logits = world.loglik(x)
+    tv = {m: 0.5 * float((estimate_target_prior(logits, world.ps, loss="lade", method=m)[0] - p_true).abs().sum())
+          for m in ("em", "mapls")}
+    assert tv["em"] < 0.02 < tv["mapls"], tv
+
+
+def _one_hot_world(g, c, n, snr, prior):
+    """A target of ``n`` images: a signal ``snr`` on the true class's coordinate in N(0, I) noise; a LADE model's
+    exact logits are the log-likelihood ratios snr * s (p_s(y|x) = softmax(logits + log p_s)). -> (logits, labels)."""
+    y = torch.multinomial(prior, n, replacement=True, generator=g)
+    s = snr * torch.nn.functional.one_hot(y, c).double() + torch.randn(n, c, generator=g, dtype=torch.float64)
+    return snr * s, y
+
+
+@pytest.mark.parametrize("method", ["em", "mapls"])
+def test_classes_absent_from_the_target_are_estimated_near_zero(method):
+    """Half the classes have no target image; then the same logits x 200, so confident that softmax entries are
+    exactly 0 in float64 and re-weighted rows can underflow."""
+    g = torch.Generator().manual_seed(1)
+    ps = prior_from_counts(long_tailed_counts(C, 500, 20))
+    present = torch.tensor([1.0 if k % 2 else 0.0 for k in range(C)], dtype=torch.float64)
+    logits, _ = _one_hot_world(g, C, 3000, 3.0, present / present.sum())
+    # MAPLS keeps a (1 - lambda) / C share on every class; x 200 is an overconfident model, whose few errors are
+    # hard labels of absent classes.
+    for scale, limit in ((1.0, 0.01 if method == "em" else 0.03), (200.0, 0.05)):
+        est, _ = estimate_target_prior(scale * logits, ps, loss="lade", method=method)
+        assert torch.isfinite(est).all() and est.sum().item() == pytest.approx(1.0)
+        assert float(est[present == 0].max()) < limit, (scale, est)
+
+
+def test_bootstrap_intervals_cover_the_true_prior():
+    """Exact posteriors (one-hot signal in Gaussian noise), 20 repetitions of a 1 500-image target: the 90 %
+    intervals cover each class's true p_t in at least 85 % of (repetition, class) cases, and the expected accuracy
+    gain over uniform is on average the gain measured with the labels, within its interval in most repetitions."""
+    g = torch.Generator().manual_seed(0)
+    c, n, snr = 8, 1500, 2.0
+    ps = prior_from_counts(long_tailed_counts(c, 500, 10))
+    p_true = ps.flip(0)
+    covered, gain_ok, gains = [], [], []
+    for rep in range(20):
+        logits, y = _one_hot_world(g, c, n, snr, p_true)
+        est, info = estimate_target_prior(logits, ps, loss="lade", method="em", interval=0.9, n_boot=100, seed=rep)
+        iv = info["interval"]
+        assert iv["level"] == 0.9 and iv["n_boot"] == 100
+        lo, hi = torch.tensor(iv["lower"]), torch.tensor(iv["upper"])
+        assert bool(((lo <= est + 1e-12) & (est <= hi + 1e-12)).all())
+        covered += ((lo <= p_true) & (p_true <= hi)).tolist()
+        # The gain measured with the labels: predictions under the estimate vs under uniform.
+        acc = lambda prior: float(((logits + prior.log()).argmax(1) == y).double().mean())  # noqa: E731
+        measured = acc(est) - acc(torch.full((c,), 1 / c, dtype=torch.float64))
+        gain = iv["gain"]
+        assert gain["lower"] <= gain["estimate"] <= gain["upper"]
+        gain_ok.append(gain["lower"] - 0.01 <= measured <= gain["upper"] + 0.01)
+        gains.append((gain["estimate"], measured))
+    assert np.mean(covered) >= 0.85, np.mean(covered)
+    # The measured gain has its own label noise (about 0.01 at 1 500 images), which the interval does not hold.
+    assert np.mean(gain_ok) >= 0.7, np.mean(gain_ok)
+    assert abs(np.mean([e for e, _ in gains]) - np.mean([m for _, m in gains])) < 0.01, gains
+
+
+def test_expected_gain_is_the_label_free_accuracy_difference(world):
+    """Exact posteriors under a reversed target: the label-free gain of injecting the true prior over uniform is
+    close to the gain measured with the labels, and 0 for the uniform prior itself."""
+    p_true = world.ps.flip(0)
+    x, y = world.sample(p_true, 50_000)
+    post = torch.softmax(world.loglik(x) + world.ps.log(), 1)
+    z = world.loglik(x)
+    measured = float(((z + p_true.log()).argmax(1) == y).double().mean() - (z.argmax(1) == y).double().mean())
+    assert measured > 0.02
+    assert expected_gain(post, world.ps, p_true) == pytest.approx(measured, abs=0.01)
+    assert expected_gain(post, world.ps, torch.full((C,), 1 / C, dtype=torch.float64)) == pytest.approx(0, abs=1e-12)

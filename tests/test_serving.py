@@ -243,8 +243,15 @@ def test_predict_pipeline_on_a_prepared_split_with_a_given_and_an_estimated_prio
     calibration = Calibration.from_dict(card.calibration) if card.calibration else None
     ref, _ = estimate_target_prior(logits.float(), ps, loss="lade", calibration=calibration)
     np.testing.assert_allclose(est["prior"], ref.numpy(), atol=1e-3)
+    # Beside it: its 90 % bootstrap intervals per class and the expected top-1 gain over uniform with its interval.
+    iv = est["interval"]
+    assert iv["level"] == 0.9 and iv["n_boot"] >= 100 and len(iv["lower"]) == len(iv["upper"]) == 4
+    assert all(lo - 1e-9 <= x <= hi + 1e-9 for lo, x, hi in zip(iv["lower"], est["prior"], iv["upper"]))
+    assert iv["gain"]["lower"] <= iv["gain"]["estimate"] <= iv["gain"]["upper"]
+    assert "expected top-1 gain over uniform" in p.stdout
     logged = client.search_runs([client.get_experiment_by_name("lade-predict").experiment_id])
     assert len(logged) == 1 and logged[0].data.params["method"] == "em"
+    assert logged[0].data.metrics["gain/estimate"] == pytest.approx(iv["gain"]["estimate"])
     csv = pd.read_csv(tmp_path / "est.csv")
     expected = _expected_probabilities("lade", logits, ps, torch.tensor(est["prior"], dtype=torch.float64))
     np.testing.assert_allclose(csv["probability"], expected.max(1).values.numpy(), atol=2e-4)

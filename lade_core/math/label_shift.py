@@ -10,8 +10,22 @@ produced the logits, through its post-hoc rule evaluated at p_t = p_s (``source_
   fitted by NLL on labeled validation data from the source distribution (``fit_bcts``).
 - **EM / MLLS** (Saerens et al., 2002): the maximum-likelihood p_t as the fixed point of
       w = p_t / p_s;  q_i(y) = p_s(y|x_i) w(y) / sum_k p_s(k|x_i) w(k);  p_t(y) = mean_i q_i(y).
+- **MAPLS** (Ye et al., WACV 2024; ``ChangkunYe/MAPLS``, ``label_shift/mapls.py``): EM whose M-step is shrunk
+  toward the uniform prior u with a weight lambda set from the data, which steadies EM with many classes and few
+  target images:
+      p_t <- lambda * mean_i q_i + (1 - lambda) * u,
+      lambda = 0.9 * TU + 0.1 * (1 - TS), TU = f(KL(p_mlls || u), g), TS = f(KL(p_mlls || p_s), g),
+      f(d, g) = g d / (1 + g d),  g = (1 / (1 - SU) - 1) / 0.5,  SU = 1 - f(KL(p_s || u), (1 / 0.8 - 1) / 0.5),
+  where p_mlls is plain EM after the same number of iterations (``mapls_lambda``). lambda depends on divergences,
+  not on the number of images, so MAPLS stays shrunk toward uniform however many images it sees: below EM's error
+  with many classes and few images, above it with many images (both tested).
 - **BBSE** (Lipton et al., 2018): with the validation joint confusion matrix C[i, j] = P(yhat = i, y = j) and the
   target's predicted-label distribution mu[i] = P(yhat = i), solve C w = mu; p_t = clip(w, 0) * p_val, normalized.
+- **Intervals** (``estimate_target_prior(..., interval=0.9)``): percentile bootstrap over the target images (the
+  estimator rerun on resamples with replacement, the calibration held fixed), per class, and for the label-free
+  expected accuracy gain of injecting the estimate over the uniform prior (``expected_gain``).
+- A class absent from the target gets an estimate near 0 (EM and MAPLS divide only by p_s and by row sums that
+  stay positive).
 - **Online** (``OnlinePrior``; online label-shift adaptation, Wu et al. 2021): EM over a sliding window of the
   stream's posteriors, warm-started from the last estimate after each batch: the maximum-likelihood mix of the
   recent traffic.
@@ -27,10 +41,10 @@ from .posthoc import posthoc_logits
 from .priors import validate_prior
 
 __all__ = ["CALIBRATIONS", "METHODS", "Calibration", "source_logits", "fit_bcts", "fit_calibration", "auto_calibration",
-           "resolve_calibration", "calibrate", "em_prior", "bbse_prior",
-           "estimate_target_prior", "OnlinePrior"]
+           "resolve_calibration", "calibrate", "em_prior", "mapls_lambda", "mapls_prior", "bbse_prior",
+           "expected_gain", "estimate_target_prior", "OnlinePrior"]
 
-METHODS = ("em", "bbse")
+METHODS = ("em", "mapls", "bbse")
 CALIBRATIONS = (None, "bcts", "auto")
 
 
@@ -149,14 +163,77 @@ def em_prior(posteriors: torch.Tensor, source_prior, tol: float = 1e-8, max_iter
     ps = validate_prior(source_prior, p.shape[1], "source_prior")
     pt = ps.clone() if start is None else torch.as_tensor(start, dtype=torch.float64).clone()
     for it in range(1, max_iter + 1):
-        q = p * (pt / ps)  # E-step: posteriors re-weighted to the current target prior, [N, C]
-        q = q / q.sum(1, keepdim=True)
+        q = _reweighted(p, pt / ps)  # E-step: posteriors re-weighted to the current target prior, [N, C]
         new = q.mean(0)  # M-step
         done = float((new - pt).abs().max()) < tol
         pt = new
         if done:
             return pt, {"iterations": it, "converged": True}
     return pt, {"iterations": max_iter, "converged": False}
+
+
+def _reweighted(posteriors: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """q_i(y) = p_s(y|x_i) w(y) / sum_k p_s(k|x_i) w(k), [N, C]. A row whose every re-weighted entry underflows
+    (its classes' estimates all ~0) keeps its posteriors instead of becoming 0/0."""
+    q = posteriors * w
+    total = q.sum(1, keepdim=True)
+    return torch.where(total > 0, q / total.clamp_min(torch.finfo(q.dtype).tiny), posteriors)
+
+
+def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    """KL(p || q) with 0 log 0 = 0 and q + 1e-8, as MAPLS's ``kl_div``."""
+    q = q + 1e-8
+    return float(torch.where(p > 0, p * torch.log(p.clamp_min(1e-300) / q), torch.zeros_like(p)).sum())
+
+
+def mapls_lambda(posteriors: torch.Tensor, source_prior, max_iter: int = 100) -> float:
+    """MAPLS's shrinkage weight lambda in [0, 1] (the module docstring's formula; ``get_lamda`` of the official
+    code): near 1 where plain EM moves far from uniform, smaller where the source prior is far from uniform but EM
+    stays near it."""
+    p = posteriors.double()
+    ps = validate_prior(source_prior, p.shape[1], "source_prior")
+    u = torch.full_like(ps, 1 / len(ps))
+    mlls, _ = em_prior(p, ps, tol=0.0, max_iter=max_iter)  # tol 0: exactly max_iter steps, as the reference
+
+    def f(d: float, g: float) -> float:
+        return g * d / (1 + g * d)
+
+    def g_of(lam: float, d: float = 0.5) -> float:
+        return (1 / (1 - lam) - 1) / d
+
+    su = 1 - f(_kl(ps, u), g_of(0.2))
+    tu, ts = f(_kl(mlls, u), g_of(su)), f(_kl(mlls, ps), g_of(su))
+    return 0.9 * tu + 0.1 * (1 - ts)
+
+
+def mapls_prior(posteriors: torch.Tensor, source_prior, lam: float | None = None, max_iter: int = 100
+                ) -> tuple[torch.Tensor, dict]:
+    """MAPLS (Ye et al., WACV 2024) on source posteriors [N, C]: ``max_iter`` EM steps from p_s with the M-step
+    shrunk toward uniform, p_t <- lam * mean_i q_i + (1 - lam) / C (``lam`` default ``mapls_lambda``). Returns the
+    target prior [C] float64 and {"lambda", "iterations"}."""
+    p = posteriors.double()
+    ps = validate_prior(source_prior, p.shape[1], "source_prior")
+    if lam is None:
+        lam = mapls_lambda(p, ps, max_iter)
+    elif not 0 <= lam <= 1:
+        raise ValueError(f"MAPLS lambda must be in [0, 1], got {lam}")
+    pt = ps.clone()
+    for _ in range(max_iter):
+        pt = lam * _reweighted(p, pt / ps).mean(0) + (1 - lam) / len(ps)
+        pt = pt / pt.sum()
+    return pt, {"lambda": float(lam), "iterations": max_iter}
+
+
+def expected_gain(posteriors: torch.Tensor, source_prior, prior: torch.Tensor) -> float:
+    """Label-free estimate of the top-1 gained by predicting under ``prior`` instead of the uniform prior, taking the
+    calibrated target posteriors q(y|x) ∝ p_s(y|x) prior(y) / p_s(y) as the truth: mean_i q_i(yhat_prior(x_i)) -
+    mean_i q_i(yhat_uniform(x_i)) (Eq. 17's argmax under each prior)."""
+    p = posteriors.double()
+    ps = validate_prior(source_prior, p.shape[1], "source_prior")
+    q = _reweighted(p, prior / ps)
+    balanced = p / ps  # argmax under the uniform prior
+    rows = torch.arange(len(p))
+    return float(q[rows, q.argmax(1)].mean() - q[rows, balanced.argmax(1)].mean())
 
 
 def bbse_prior(posteriors: torch.Tensor, val_posteriors: torch.Tensor, val_labels: torch.Tensor
@@ -177,20 +254,31 @@ def bbse_prior(posteriors: torch.Tensor, val_posteriors: torch.Tensor, val_label
     return pt / pt.sum(), {"clipped": int((w < 0).sum())}
 
 
+START_FLOOR = 1e-3  # a warm start (OnlinePrior's, the bootstrap's): this share of p_s mixed into the last estimate
+
+
 def estimate_target_prior(logits: torch.Tensor, source_prior, *, loss: str, method: str = "em",
                           calibration: str | Calibration | None = None,
-                          val_logits: torch.Tensor | None = None, val_labels: torch.Tensor | None = None
+                          val_logits: torch.Tensor | None = None, val_labels: torch.Tensor | None = None,
+                          interval: float | None = None, n_boot: int = 200, seed: int = 0
                           ) -> tuple[torch.Tensor, dict]:
     """Estimate p_t [C] (float64) from unlabeled target logits [N, C] of a model trained with ``loss``.
 
-    ``calibration``: None (posteriors as they are), ``"bcts"`` (fitted here on ``val_logits`` / ``val_labels``),
-    ``"auto"`` (BCTS only with enough validation images, ``auto_calibration``), or a fitted ``Calibration`` (a
-    model card's).
+    ``method``: ``em``, ``mapls`` or ``bbse`` (the module docstring). ``calibration``: None (posteriors as they
+    are), ``"bcts"`` (fitted here on ``val_logits`` / ``val_labels``), ``"auto"`` (BCTS only with enough validation
+    images, ``auto_calibration``), or a fitted ``Calibration`` (a model card's).
     ``bbse`` needs ``val_logits`` and ``val_labels``.
+    ``interval`` (a level in (0, 1)): percentile bootstrap intervals from ``n_boot`` resamples of the target images
+    (generator seeded with ``seed``), in info["interval"]: {"level", "n_boot", "lower", "upper"} per class and
+    "gain": the expected top-1 gain over the uniform prior (``expected_gain``) with its own interval.
     Returns (prior, info) with info: method, calibration, and the estimator's own diagnostics.
     """
     if method not in METHODS:
         raise ValueError(f"unknown prior estimation method {method!r}; choose one of {METHODS}")
+    if interval is not None and not (isinstance(interval, float) and 0 < interval < 1):
+        raise ValueError(f"interval must be a level in (0, 1) such as 0.9, got {interval!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 10:
+        raise ValueError(f"n_boot must be an integer >= 10, got {n_boot!r}")
     if logits.ndim != 2:
         raise ValueError(f"logits must be [N, C]; got shape {tuple(logits.shape)}")
     n, c = logits.shape
@@ -204,14 +292,47 @@ def estimate_target_prior(logits: torch.Tensor, source_prior, *, loss: str, meth
     calibration = resolve_calibration(calibration, z_val, val_labels, ps)
     post = calibrate(source_logits(logits, ps, loss), calibration)
     info: dict = {"method": method, "calibration": None if calibration is None else calibration.to_dict()}
-    if method == "em":
-        prior, diag = em_prior(post, ps)
-    else:
-        prior, diag = bbse_prior(post, calibrate(z_val, calibration), val_labels)
-    return prior, {**info, **diag}
+    val_post = calibrate(z_val, calibration) if method == "bbse" else None
+
+    def estimate(rows: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        if method == "em":  # the likelihood is concave: a warm start changes the iterations, not the maximum
+            return em_prior(rows, ps, start=start)
+        if method == "mapls":  # a fixed number of steps from p_s, as the reference: no warm start
+            return mapls_prior(rows, ps)
+        return bbse_prior(rows, val_post, val_labels)
+
+    prior, diag = estimate(post)
+    info = {**info, **diag}
+    if interval is not None:
+        info["interval"] = _bootstrap(post, ps, prior, estimate, interval, n_boot, seed)
+    return prior, info
 
 
-START_FLOOR = 1e-3  # OnlinePrior's warm start: this share of p_s mixed into the last estimate
+def _bootstrap(post: torch.Tensor, ps: torch.Tensor, prior: torch.Tensor, estimate, level: float, n_boot: int,
+               seed: int) -> dict:
+    """Percentile intervals of ``estimate`` over ``n_boot`` resamples of the rows of ``post`` [N, C]."""
+    gen = torch.Generator().manual_seed(seed)
+    start = (1 - START_FLOOR) * prior + START_FLOOR * ps  # near the full estimate, no class at exactly 0
+    priors, gains = [], []
+    for _ in range(n_boot):
+        rows = post[torch.randint(len(post), (len(post),), generator=gen)]
+        try:
+            boot, _ = estimate(rows, start)
+        except ValueError:  # BBSE on a resample with no positive weight: that resample counts for nothing
+            continue
+        priors.append(boot)
+        gains.append(expected_gain(rows, ps, boot))
+    if len(priors) < n_boot // 2:
+        raise ValueError(f"the bootstrap failed on {n_boot - len(priors)} of {n_boot} resamples: too few target "
+                         "images for an interval")
+    lo, hi = (1 - level) / 2, (1 + level) / 2
+    stack, g = torch.stack(priors), torch.tensor(gains, dtype=torch.float64)
+    return {"level": level, "n_boot": len(priors),
+            "lower": [float(x) for x in torch.quantile(stack, lo, dim=0)],
+            "upper": [float(x) for x in torch.quantile(stack, hi, dim=0)],
+            "gain": {"estimate": expected_gain(post, ps, prior), "lower": float(torch.quantile(g, lo)),
+                     "upper": float(torch.quantile(g, hi))}}
+
 
 
 class OnlinePrior:
