@@ -1,5 +1,6 @@
-"""Compare runs side by side in the form of the paper's Table 6: top-1 under the 11 shifted target priors, plus
-uniform Many/Medium/Few and ECE. Each run gets one row per post-hoc rule that fits its loss: its own first
+"""Compare runs side by side in the form of the paper's Table 6: top-1 under the 11 shifted target priors, then
+under the 6 knock-outs (25 % / 50 % of the head, tail or random classes without a test image) and the mean over
+all 17, plus uniform Many/Medium/Few and ECE. Each run gets one row per post-hoc rule that fits its loss: its own first
 (softmax, focal: PC compensation; balanced_softmax, lade, logit_adjusted, ldam_drw, causal_norm: prior injection),
 then ``raw``; a run whose logits take PC (softmax, focal) also gets an ``adjusted`` row, Menon et al.'s post-hoc logit
 adjustment z - τ log p_s + log p_t, and, with a plain linear classifier, a ``tau_norm`` row, Decouple's
@@ -26,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from lade_core.artifacts import load_run_logits, runs_with_logits
-from lade_core.evaluation import PROTOCOL_NAMES, rule_rows
+from lade_core.evaluation import KNOCKOUT_NAMES, PROTOCOL_NAMES, rule_rows
 from lade_core.figures import shift_curve
 from lade_core.label_shift import METHODS
 from lade_core.report import FORMATS, MeanStd, format_table, group_rows
@@ -34,7 +35,8 @@ from lade_core.runtime import quiet_logging
 from lade_core.tracking import log_result_run, mlflow_client, resolve_tracking_uri
 
 PRIORS = list(PROTOCOL_NAMES)
-COLUMNS = ["run", "loss", "posthoc", *PRIORS, "many", "medium", "few", "ece"]
+TARGETS = [*PRIORS, *KNOCKOUT_NAMES, "mean"]
+COLUMNS = ["run", "loss", "posthoc", *TARGETS, "many", "medium", "few", "ece"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--experiment", help="every run of this experiment that stored test logits")
     src.add_argument("--model", help="every version of this registered model")
     ap.add_argument("--estimate-prior", choices=METHODS, help="add the top-1 with p_t estimated from each target's own "
-                    "logits as a fraction of the top-1 with the true p_t: mean and min over the 11 targets")
+                    "logits as a fraction of the top-1 with the true p_t: mean and min over the 17 targets")
     ap.add_argument("--format", choices=FORMATS, default="markdown")
     ap.add_argument("--per-run", action="store_true", help="one row per run, not one mean ± std row per group of runs "
                     "that differ only in seed")
@@ -78,8 +80,8 @@ def main(argv=None) -> int:
         # own τ per run, so rows group by the rule's name.
         for _, row in per_run:
             row["rule"] = row["posthoc"].split(" (")[0]
-        grouped = group_rows(rows, [r.seed_group for r, _ in per_run], ["loss", "rule"], [*PRIORS, "many", "medium",
-                                                                                           "few", "ece", *extra])
+        grouped = group_rows(rows, [r.seed_group for r, _ in per_run], ["loss", "rule"],
+                             [*TARGETS, "many", "medium", "few", "ece", *extra])
         for row in grouped:
             if row["n"] > 1:
                 row["run"], row["posthoc"] = f"{row['run'].rsplit('-seed', 1)[0]} (seeds)", row["rule"]

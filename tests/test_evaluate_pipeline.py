@@ -46,7 +46,7 @@ def _direct_rows(client, run_id, modes):
     info = json.loads(open(_download(client, run_id, PRIOR_ARTIFACT)).read())
     ps, counts = torch.tensor(info["source_prior"], dtype=torch.float64), info["train_counts"]
     out = {}
-    for t in protocol_targets(labels, counts):
+    for t in protocol_targets(labels, counts, knockouts=True):
         idx = torch.as_tensor(t.indices)
         for mode in modes:
             z, y = posthoc_logits(logits[idx].double(), mode, ps, t.prior), labels[idx]
@@ -64,19 +64,19 @@ def test_evaluate_logs_the_direct_computation_and_is_idempotent(store, capsys):
     assert "backward_50" in printed and "inject" in printed
     metrics = client.get_run(rid).data.metrics
     direct = _direct_rows(client, rid, ("inject", "raw"))
-    assert len(direct) == 22
+    assert len(direct) == 34  # 11 shifted priors and 6 knock-outs, 2 rules
     for (target, mode), want in direct.items():
         for k, v in want.items():
             if not np.isnan(v):
                 assert metrics[f"shift/{target}/{mode}/{k}"] == pytest.approx(v, rel=1e-5, abs=1e-5), (target, mode, k)
     table = _table(client, rid, "eval/shift_table.json")
-    assert len(table) == 22 and set(table["mode"]) == {"inject", "raw"}
+    assert len(table) == 34 and set(table["mode"]) == {"inject", "raw"}
     # Rerun: the same values, no metric history added, the table not appended to.
     assert evaluate.main(["--run-id", rid, "--mlflow-uri", uri]) == 0
     assert "0 metrics written" in capsys.readouterr().out
     for key in ("shift/backward_10/inject/top1", "shift/uniform/raw/nll", "shift/forward_50/inject/ece"):
         assert len(client.get_metric_history(rid, key)) == 1
-    assert len(_table(client, rid, "eval/shift_table.json")) == 22
+    assert len(_table(client, rid, "eval/shift_table.json")) == 34
     assert client.get_run(rid).data.metrics == metrics
 
 
@@ -152,8 +152,10 @@ def test_compare_lists_both_runs(store, capsys):
     assert list(rows[0])[3:14] == ["forward_50", "forward_25", "forward_10", "forward_5", "forward_2", "uniform",
                                    "backward_2", "backward_5", "backward_10", "backward_25", "backward_50"]
     direct = _direct_rows(client, ids["r-lade"], ("inject",))
-    for name in ("uniform", "backward_50", "forward_10"):
+    for name in ("uniform", "backward_50", "forward_10", "knockout_head_50", "knockout_random_25"):
         assert float(rows[4][name]) == pytest.approx(direct[(name, "inject")]["top1"])
+    # The mean over the 11 shifted priors and the 6 knock-outs.
+    assert float(rows[4]["mean"]) == pytest.approx(np.mean([v["top1"] for v in direct.values()]))
     assert float(rows[4]["ece"]) == pytest.approx(direct[("uniform", "inject")]["ece"])
     # Logged as a table in the comparison experiment.
     exp = client.get_experiment_by_name("lade-compare")
@@ -173,7 +175,7 @@ def test_local_logits_file(store, tmp_path, capsys):
     assert evaluate.main(["--logits", logits_file, "--source-info", info, "--loss", "lade", "--output", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "shift_table.csv")))
     metrics = client.get_run(ids["r-lade"]).data.metrics
-    assert len(rows) == 22 and all((out / f"{n}.png").is_file() for n in FIGURES)
+    assert len(rows) == 34 and all((out / f"{n}.png").is_file() for n in FIGURES)
     back = next(r for r in rows if r["target"] == "backward_10" and r["mode"] == "inject")
     assert float(back["top1"]) == pytest.approx(metrics["shift/backward_10/inject/top1"])
 

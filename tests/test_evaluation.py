@@ -15,7 +15,14 @@ from lade_core.evaluation import (
 )
 from lade_core.metrics import expected_calibration_error, nll, reliability_bins, shot_accuracies
 from lade_core.posthoc import posthoc_logits
-from lade_core.priors import SHIFT_PROTOCOL, long_tailed_counts, prior_from_counts, shifted_counts
+from lade_core.priors import (
+    KNOCKOUT_PROTOCOL,
+    SHIFT_PROTOCOL,
+    knockout_counts,
+    long_tailed_counts,
+    prior_from_counts,
+    shifted_counts,
+)
 
 C, PER_CLASS = 12, 30
 TRAIN = long_tailed_counts(C, 300, 30)  # 300 .. 10: Many, Medium and Few classes all present
@@ -41,7 +48,7 @@ def _direct(logits, labels, source_prior, target, mode):
 def test_protocol_table_equals_direct_computation(data, modes):
     logits, labels = data
     ps = prior_from_counts(TRAIN)
-    targets = protocol_targets(labels, TRAIN)
+    targets = protocol_targets(labels, TRAIN, knockouts=True)  # knock-outs: priors with zeros, offsets of -inf
     rows = evaluate_targets(logits, labels, ps, TRAIN, modes, targets)
     assert [(r["target"], r["mode"]) for r in rows] == [(t.name, m) for t in targets for m in modes]
     for row, (t, mode) in zip(rows, [(t, m) for t in targets for m in modes]):
@@ -78,6 +85,37 @@ def test_protocol_targets_follow_shifted_counts(data):
         assert got.tolist() == want
         assert torch.allclose(t.prior, torch.tensor(want, dtype=torch.float64) / sum(want))
     assert targets[5].name == "uniform" and len(targets[5].indices) == C * PER_CLASS
+
+
+def test_knockout_targets_drop_exactly_the_named_classes(data):
+    """Head: the most frequent training classes go, tail: the least (TRAIN is sorted, so the first / last k
+    indices), random: the same k classes every time; the rest keep the first PER_CLASS test images each."""
+    _, labels = data
+    targets = protocol_targets(labels, TRAIN, knockouts=True)
+    assert [t.name for t in targets[11:]] == [f"knockout_{k}_{p}" for k, p in KNOCKOUT_PROTOCOL]
+    assert protocol_targets(labels, TRAIN)[-1].name == "backward_50"  # the 11 alone by default
+    rank = sorted(range(C), key=lambda c: -TRAIN[c])
+    for t, (kind, percent) in zip(targets[11:], KNOCKOUT_PROTOCOL):
+        k = round(percent / 100 * C)
+        got = np.bincount(labels[torch.as_tensor(t.indices)].numpy(), minlength=C)
+        gone = set(np.nonzero(got == 0)[0].tolist())
+        assert len(gone) == k and set(got[got > 0].tolist()) == {PER_CLASS}, (t.name, got)
+        if kind == "head":
+            assert gone == set(rank[:k])
+        elif kind == "tail":
+            assert gone == set(rank[-k:])
+        else:
+            assert gone == {c for c, n in enumerate(knockout_counts(TRAIN, PER_CLASS, "random", percent)) if n == 0}
+            assert gone not in (set(rank[:k]), set(rank[-k:]))
+        assert torch.allclose(t.prior, torch.as_tensor(got / got.sum(), dtype=torch.float64))
+        # The first PER_CLASS test images of each kept class, in dataset order.
+        for c in set(range(C)) - gone:
+            first = np.nonzero(labels.numpy() == c)[0][:PER_CLASS]
+            assert set(first.tolist()) <= set(t.indices.tolist())
+    for kwargs, message in ((dict(kind="middle", percent=25), "knock-out kind must be"),
+                            (dict(kind="head", percent=100), "knock-out percent must be in")):
+        with pytest.raises(ValueError, match=message):
+            knockout_counts(TRAIN, PER_CLASS, **kwargs)
 
 
 def test_user_target_from_counts_and_probabilities(data):

@@ -18,7 +18,10 @@ from .checks import bad_indices
 from .metrics import calibration_bins, ece_from_bins, shot_accuracies
 from .posthoc import RULES, TAU_GRID, posthoc_offset
 from .priors import (
+    KNOCKOUT_PROTOCOL,
     SHIFT_PROTOCOL,
+    knockout_counts,
+    knockout_name,
     read_prior_file,
     shift_protocol_name,
     shifted_counts,
@@ -29,7 +32,8 @@ from .priors import (
 __all__ = ["Target", "protocol_targets", "evaluation_targets", "target_from_values", "evaluate_targets", "METRICS",
            "logit_statistics",
            "mean_predicted_prior", "calibration_by_rule", "protocol_mean_top1", "ESTIMATE_COLUMNS",
-           "estimated_prior_rows", "TAU_GRID", "select_tau", "tuned_rule_logits", "rule_rows", "PROTOCOL_NAMES"]
+           "estimated_prior_rows", "TAU_GRID", "select_tau", "tuned_rule_logits", "rule_rows", "PROTOCOL_NAMES",
+           "KNOCKOUT_NAMES"]
 
 METRICS: tuple[str, ...] = ("top1", "many", "medium", "few", "nll", "ece")
 
@@ -47,8 +51,10 @@ def _labels_np(labels) -> np.ndarray:
     return np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
 
 
-def protocol_targets(labels, train_counts, per_class: int | None = None) -> list[Target]:
-    """The 11 shifted target distributions (forward 50 .. uniform .. backward 50) built with ``shifted_subset``.
+def protocol_targets(labels, train_counts, per_class: int | None = None, knockouts: bool = False) -> list[Target]:
+    """The 11 shifted target distributions (forward 50 .. uniform .. backward 50) built with ``shifted_subset``;
+    with ``knockouts``, then the 6 of ``KNOCKOUT_PROTOCOL`` (head / tail / random 25 % and 50 % of the classes
+    without a test image, the others ``per_class`` each).
 
     ``per_class`` (the head class's count) defaults to the smallest class count of the test split, as in the
     paper's protocol (ImageNet-LT: 50).
@@ -65,6 +71,11 @@ def protocol_targets(labels, train_counts, per_class: int | None = None) -> list
     for direction, ratio in SHIFT_PROTOCOL:
         counts = np.asarray(shifted_counts(train_counts, per_class, ratio, direction), dtype=np.int64)
         name = shift_protocol_name(direction, ratio)
+        out.append(Target(name, subset_with_counts(y, counts, f"target prior {name}"),
+                          torch.as_tensor(counts / counts.sum(), dtype=torch.float64)))
+    for kind, percent in KNOCKOUT_PROTOCOL if knockouts else ():
+        counts = np.asarray(knockout_counts(train_counts, per_class, kind, percent), dtype=np.int64)
+        name = knockout_name(kind, percent)
         out.append(Target(name, subset_with_counts(y, counts, f"target prior {name}"),
                           torch.as_tensor(counts / counts.sum(), dtype=torch.float64)))
     return out
@@ -107,9 +118,10 @@ def target_from_values(name: str, values, labels, num_classes: int) -> Target:
 
 def evaluation_targets(labels, train_counts, prior_files: list[str] = (), per_class: int | None = None,
                        flag: str = "--target-prior") -> list[Target]:
-    """The 11 targets of the shifted protocol, then one per target-prior file (named by its file's stem, which
-    names the target in the stored metric keys ``shift/<target>/...``: MLflow allows only these characters there)."""
-    targets = protocol_targets(labels, train_counts, per_class)
+    """The 11 targets of the shifted protocol and the 6 knock-outs, then one per target-prior file (named by its
+    file's stem, which names the target in the stored metric keys ``shift/<target>/...``: MLflow allows only these
+    characters there)."""
+    targets = protocol_targets(labels, train_counts, per_class, knockouts=True)
     for f in prior_files:
         name = Path(f).stem
         if not re.fullmatch(r"[\w.\- ]+", name):
@@ -212,8 +224,10 @@ def tuned_rule_logits(rule: str, logits, val_logits, val_labels, source_prior, c
     return tau, at(torch.as_tensor(logits).double(), tau)
 
 
-# Table 6's columns: top-1 under each of the 11 shifted target priors (forward 50 .. backward 50).
+# Table 6's columns: top-1 under each of the 11 shifted target priors (forward 50 .. backward 50); then the
+# knock-outs and the mean over all of them.
 PROTOCOL_NAMES: tuple[str, ...] = tuple(shift_protocol_name(d, r) for d, r in SHIFT_PROTOCOL)
+KNOCKOUT_NAMES: tuple[str, ...] = tuple(knockout_name(k, p) for k, p in KNOCKOUT_PROTOCOL)
 
 
 def rule_rows(run, estimate: str | None = None) -> list[dict]:
@@ -221,10 +235,10 @@ def rule_rows(run, estimate: str | None = None) -> list[dict]:
     first, then the rules tuned on validation (``losses.tuned_rules``: post-hoc logit adjustment, and τ-norm where
     the linear classifier is stored), each labelled with its τ. With ``estimate`` (a ``label_shift`` method), the
     top-1 with p_t estimated from each target's own logits over the top-1 with the true p_t, on the run's own rule:
-    mean and min over the 11 targets."""
+    mean and min over the 17 targets (the knock-outs included)."""
     from .losses import posthoc_rules, tuned_rules
 
-    targets = protocol_targets(run.labels, run.train_counts)
+    targets = protocol_targets(run.labels, run.train_counts, knockouts=True)
     rules = [(rule, rule, run.logits) for rule in posthoc_rules(run.loss)]
     if run.val_logits is not None:
         for name in tuned_rules(run.loss, run.classifier is not None):
@@ -237,8 +251,9 @@ def rule_rows(run, estimate: str | None = None) -> list[dict]:
                                                            (rule,), targets)}
         u = rows["uniform"]
         out.append({"run": f"{run.run_name} ({run.run_id[:8]})", "loss": run.loss, "posthoc": label,
-                    **{p: rows[p]["top1"] for p in PROTOCOL_NAMES}, "many": u["many"], "medium": u["medium"],
-                    "few": u["few"], "ece": u["ece"]})
+                    **{p: rows[p]["top1"] for p in PROTOCOL_NAMES + KNOCKOUT_NAMES},
+                    "mean": float(np.mean([rows[p]["top1"] for p in PROTOCOL_NAMES + KNOCKOUT_NAMES])),
+                    "many": u["many"], "medium": u["medium"], "few": u["few"], "ece": u["ece"]})
     if estimate:
         ratios = [r["ratio"] for r in estimated_prior_rows(run.logits, run.labels, run.source_prior, run.loss, targets,
                                                             estimate, run.val_logits, run.val_labels)]

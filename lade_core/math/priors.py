@@ -27,6 +27,9 @@ __all__ = [
     "tempered_class_weights",
     "SHIFT_PROTOCOL",
     "shift_protocol_name",
+    "KNOCKOUT_PROTOCOL",
+    "knockout_name",
+    "knockout_counts",
     "read_prior_file",
 ]
 
@@ -43,6 +46,41 @@ SHIFT_PROTOCOL: tuple[tuple[str, int], ...] = (
 def shift_protocol_name(direction: str, imbalance_ratio: float) -> str:
     """Stable metric-friendly name of one protocol entry, e.g. ``forward_50`` or ``uniform``."""
     return "uniform" if direction == "uniform" or imbalance_ratio == 1 else f"{direction}_{imbalance_ratio:g}"
+
+
+# Knock-out targets: a share of the classes has no test image at all (a region without some species, a season
+# without some products), the rest uniform: (which classes go, percent of the classes). MAPLS's
+# batch_imb_knockout configs; beside the 11 smooth shifts above.
+KNOCKOUT_PROTOCOL: tuple[tuple[str, int], ...] = (
+    ("head", 25), ("head", 50), ("tail", 25), ("tail", 50), ("random", 25), ("random", 50),
+)
+KNOCKOUT_SEED = 0  # the random knock-outs: the same classes in every run, so that runs compare
+
+
+def knockout_name(kind: str, percent: int) -> str:
+    """Metric-friendly name of one knock-out target, e.g. ``knockout_tail_50``."""
+    return f"knockout_{kind}_{percent}"
+
+
+def knockout_counts(train_counts: Sequence[int] | np.ndarray | torch.Tensor, per_class: int, kind: str,
+                    percent: int) -> list[int]:
+    """Per-class test counts of one knock-out target: ``round(percent / 100 * C)`` classes get 0 (``head``: the most
+    frequent in training, ``tail``: the least, ties by class index; ``random``: drawn with ``KNOCKOUT_SEED``), every
+    other class ``per_class``."""
+    n = _as_float64_vector(train_counts, "train_counts")
+    if kind not in ("head", "tail", "random"):
+        raise ValueError(f"knock-out kind must be 'head', 'tail' or 'random', got {kind!r}")
+    if not 0 < percent < 100:
+        raise ValueError(f"knock-out percent must be in (0, 100), got {percent}")
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    num_classes = n.numel()
+    k = int(round(percent / 100 * num_classes))
+    ranked = sorted(range(num_classes), key=lambda c: (-float(n[c]), c))  # most frequent first
+    if kind == "random":
+        ranked = np.random.default_rng(KNOCKOUT_SEED).permutation(num_classes).tolist()
+    dropped = set(ranked[:k] if kind in ("head", "random") else ranked[num_classes - k:])
+    return [0 if c in dropped else int(per_class) for c in range(num_classes)]
 
 
 def _as_float64_vector(x: Sequence[float] | np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
