@@ -180,10 +180,12 @@ def test_local_logits_file(store, tmp_path, capsys):
     assert float(back["top1"]) == pytest.approx(metrics["shift/backward_10/inject/top1"])
 
 
-@pytest.mark.parametrize("method", ["em", "bbse"])
+# EM's path is the compare test's below (--estimate-prior em): the same code with another method name.
+@pytest.mark.parametrize("method", ["mapls", "bbse"])
 def test_estimated_prior_columns_against_a_direct_estimate(store, capsys, method):
     """evaluate.py --estimate-prior: per target, top-1 under the prior estimated from the target's own logits,
-    recomputed here from the stored test and validation logits with lade_core.label_shift and Eq. 17."""
+    recomputed here from the stored test and validation logits with lade_core.label_shift and Eq. 17; the knock-outs
+    included."""
     from lade_core.artifacts import VAL_LOGITS_ARTIFACT
     from lade_core.label_shift import estimate_target_prior
 
@@ -198,7 +200,7 @@ def test_estimated_prior_columns_against_a_direct_estimate(store, capsys, method
     ps, counts = torch.tensor(info["source_prior"], dtype=torch.float64), info["train_counts"]
     metrics = client.get_run(rid).data.metrics
     table = _table(client, rid, f"eval/estimate_{method}-raw.json").set_index("target")
-    for t in protocol_targets(labels, counts):
+    for t in protocol_targets(labels, counts, knockouts=True):
         idx = torch.as_tensor(t.indices)
         est, _ = estimate_target_prior(logits[idx], ps, loss="lade", method=method, val_logits=val_logits,
                                        val_labels=val_labels)

@@ -18,7 +18,7 @@ from lade_core.checkpoint import latest_checkpoint
 from lade_core.tracking import find_run
 
 SERIES = ("val/top1", "val/ece", "train/loss", "lr")
-EPOCHS = 20
+EPOCHS = 10
 compare, evaluate = Script("compare"), Script("evaluate")
 
 
