@@ -270,6 +270,7 @@ def test_classes_absent_from_the_target_are_estimated_near_zero(method):
         assert float(est[present == 0].max()) < limit, (scale, est)
 
 
+@pytest.mark.slow  # 20 x 100 bootstrap re-estimations: about 10 s
 def test_bootstrap_intervals_cover_the_true_prior():
     """Exact posteriors (one-hot signal in Gaussian noise), 20 repetitions of a 1 500-image target: the 90 %
     intervals cover each class's true p_t in at least 85 % of (repetition, class) cases, and the expected accuracy
