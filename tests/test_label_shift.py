@@ -218,6 +218,7 @@ def test_mapls_equals_the_official_code_written_out(world):
         mapls_prior(post, world.ps, lam=1.5)
 
 
+@pytest.mark.slow  # EM to convergence on 2 000 x 1 000 posteriors: about 30 s
 def test_mapls_is_closer_than_em_with_many_classes_and_few_images():
     """C = 1000 classes, 2000 target images (2 per class on average), exact posteriors of a moderately accurate
     model, a long-tailed source and a target drawn from a Dirichlet around uniform: MAPLS's total variation to the

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -205,6 +206,16 @@ def test_the_example_plugin_loss_is_label_smoothed_cross_entropy_in_value_and_gr
     assert declaration.hyperparameters == ("smoothing",) and declaration.posthoc[0] == "pc"
 
 
+SERVE_BARE = """
+import json, sys
+import pandas as pd, pyarrow.parquet as pq
+from lade_core.serving import load_classifier
+test = pq.read_table(sys.argv[2]).to_pandas().sort_values("index")
+table = load_classifier("models:/ls-model/1", sys.argv[1]).predict(None, pd.DataFrame({"image": list(test["image"])}))
+print(json.dumps(["lade_label_smoothing" in sys.modules, table["label"].tolist()]))
+"""
+
+
 @pytest.mark.slow
 def test_an_installed_loss_plugin_trains_searches_and_serves(tmp_path):
     """pip install examples/label_smoothing_plugin, then: train.py --loss label_smoothing --smoothing 0.2 trains it
@@ -242,24 +253,23 @@ def test_an_installed_loss_plugin_trains_searches_and_serves(tmp_path):
     assert len(trials) == 2 and {t.data.params["loss"] for t in trials} == {"label_smoothing"}
     assert all(0.0 <= s <= 0.3 for s in drawn) and len(set(drawn)) == 2  # its declared space, drawn per trial
 
-    # Served where the plugin is not installed (this process never had it on its path): lade's own loader reads
-    # the card and the weights, and answers the prepared test images, in split order.
-    import pandas as pd
-    import pyarrow.parquet as pq
-
+    # Served where the plugin is not installed: a fresh interpreter without it on its path (no Ray, no predict.py
+    # job), lade's own loader reading the card and the weights, answering the prepared test images in split order.
     from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
-    from lade_core.serving import load_classifier
 
-    assert "lade_label_smoothing" not in sys.modules
-    test = pq.read_table(tmp_path / "data" / "synthetic_smoke" / "test").to_pandas().sort_values("index")
-    model = load_classifier("models:/ls-model/1", uri)
-    table = model.predict(None, pd.DataFrame({"image": list(test["image"])}))
+    bare = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    split = tmp_path / "data" / "synthetic_smoke" / "test"
+    serve = subprocess.run([sys.executable, "-c", SERVE_BARE, uri, str(split)], cwd=tmp_path, env=bare,
+                           capture_output=True, text=True, timeout=300)
+    assert serve.returncode == 0, serve.stderr[-3000:]
+    plugin_loaded, labels = json.loads(serve.stdout.strip().splitlines()[-1])
+    assert plugin_loaded is False
     logits, _ = read_logits_parquet(client.download_artifacts(run.info.run_id, LOGITS_ARTIFACT, str(tmp_path)))
     ps = json.loads(Path(client.download_artifacts(run.info.run_id, PRIOR_ARTIFACT, str(tmp_path))).read_text())
     # PC (Eq. 4) under the uniform prior, written here: argmax of z - log p_s.
     expected = (logits.double() - torch.tensor(ps["source_prior"], dtype=torch.float64).log()).argmax(1)
-    assert len(table) == len(logits) == 80
-    assert (table["label"].to_numpy() == expected.numpy()).mean() >= 0.99  # float32 ties aside
+    assert len(labels) == len(logits) == 80
+    assert (np.asarray(labels) == expected.numpy()).mean() >= 0.99  # float32 ties aside
 
 
 def test_the_classes_and_heads_defaults_are_the_declared_ones():
