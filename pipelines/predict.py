@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from lade_core.data import DataError
-from lade_core.label_shift import Calibration, estimate_target_prior
+from lade_core.label_shift import METHODS, Calibration, estimate_target_prior
 from lade_core.posthoc import posthoc_offset
 from lade_core.prediction import collect_logits, finish, image_dataset, model_actors, predict_images, write_predictions
 from lade_core.priors import read_prior_file, uniform_prior, validate_prior
@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--output", required=True, help="predictions file: .parquet or .csv")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ap.add_argument("--target-prior", default="uniform", help="uniform, estimate, or a prior file")
-    ap.add_argument("--estimate-method", choices=("em", "mapls"), default="em",
+    # BBSE needs a labeled validation split, which a prediction job does not have.
+    ap.add_argument("--estimate-method", choices=[m for m in METHODS if m != "bbse"], default="em",
                     help="with --target-prior estimate: EM (maximum likelihood) or MAPLS (shrunk toward uniform; "
                     "steadier with many classes and few images)")
     ap.add_argument("--interval", type=float, default=0.9,
@@ -128,9 +129,9 @@ def main(argv=None) -> int:
                                             "images": len(z), **info}, indent=1))
             run_id = log_estimate(tracking_uri, args, info, len(z), est_path)
             gain = info.get("interval", {}).get("gain")
-            gain = (f"; expected top-1 gain over uniform {gain['estimate']:+.4f} ({info['interval']['level']:.0%} "
+            said = (f"; expected top-1 gain over uniform {gain['estimate']:+.4f} ({info['interval']['level']:.0%} "
                     f"interval {gain['lower']:+.4f} .. {gain['upper']:+.4f})") if gain else ""
-            print(f"estimated target prior ({info['method']}, {info.get('iterations')} iterations){gain} -> "
+            print(f"estimated target prior ({info['method']}, {info.get('iterations')} iterations){said} -> "
                   f"{est_path}; MLflow run {run_id} (experiment lade-predict)")
         prior = uniform_prior(card.num_classes) if prior is None else prior
         table = finish(logits, posthoc_offset(card.posthoc, card.source_prior, prior, card.num_classes),

@@ -67,15 +67,12 @@ def protocol_targets(labels, train_counts, per_class: int | None = None, knockou
             raise ValueError(f"the test split has no samples of classes {bad_indices(available == 0)}; "
                              "the shifted protocol needs every class")
         per_class = int(available.min())
+    wanted = [(shift_protocol_name(d, r), shifted_counts(train_counts, per_class, r, d)) for d, r in SHIFT_PROTOCOL]
+    if knockouts:
+        wanted += [(knockout_name(k, p), knockout_counts(train_counts, per_class, k, p)) for k, p in KNOCKOUT_PROTOCOL]
     out = []
-    for direction, ratio in SHIFT_PROTOCOL:
-        counts = np.asarray(shifted_counts(train_counts, per_class, ratio, direction), dtype=np.int64)
-        name = shift_protocol_name(direction, ratio)
-        out.append(Target(name, subset_with_counts(y, counts, f"target prior {name}"),
-                          torch.as_tensor(counts / counts.sum(), dtype=torch.float64)))
-    for kind, percent in KNOCKOUT_PROTOCOL if knockouts else ():
-        counts = np.asarray(knockout_counts(train_counts, per_class, kind, percent), dtype=np.int64)
-        name = knockout_name(kind, percent)
+    for name, counts in wanted:
+        counts = np.asarray(counts, dtype=np.int64)
         out.append(Target(name, subset_with_counts(y, counts, f"target prior {name}"),
                           torch.as_tensor(counts / counts.sum(), dtype=torch.float64)))
     return out
@@ -249,11 +246,10 @@ def rule_rows(run, estimate: str | None = None) -> list[dict]:
     for label, rule, logits in rules:
         rows = {r["target"]: r for r in evaluate_targets(logits, run.labels, run.source_prior, run.train_counts,
                                                            (rule,), targets)}
-        u = rows["uniform"]
-        out.append({"run": f"{run.run_name} ({run.run_id[:8]})", "loss": run.loss, "posthoc": label,
-                    **{p: rows[p]["top1"] for p in PROTOCOL_NAMES + KNOCKOUT_NAMES},
-                    "mean": float(np.mean([rows[p]["top1"] for p in PROTOCOL_NAMES + KNOCKOUT_NAMES])),
-                    "many": u["many"], "medium": u["medium"], "few": u["few"], "ece": u["ece"]})
+        u, top1 = rows["uniform"], {p: rows[p]["top1"] for p in PROTOCOL_NAMES + KNOCKOUT_NAMES}
+        out.append({"run": f"{run.run_name} ({run.run_id[:8]})", "loss": run.loss, "posthoc": label, **top1,
+                    "mean": float(np.mean(list(top1.values()))), "many": u["many"], "medium": u["medium"],
+                    "few": u["few"], "ece": u["ece"]})
     if estimate:
         ratios = [r["ratio"] for r in estimated_prior_rows(run.logits, run.labels, run.source_prior, run.loss, targets,
                                                             estimate, run.val_logits, run.val_labels)]

@@ -334,7 +334,6 @@ def _bootstrap(post: torch.Tensor, ps: torch.Tensor, prior: torch.Tensor, estima
                      "upper": float(torch.quantile(g, hi))}}
 
 
-
 class OnlinePrior:
     """A running estimate of p_t from a stream of unlabeled batches: EM (``em_prior``) over the last ``window``
     images, warm-started from the previous estimate after every batch.

@@ -76,11 +76,15 @@ def knockout_counts(train_counts: Sequence[int] | np.ndarray | torch.Tensor, per
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     num_classes = n.numel()
     k = int(round(percent / 100 * num_classes))
-    ranked = sorted(range(num_classes), key=lambda c: (-float(n[c]), c))  # most frequent first
-    if kind == "random":
-        ranked = np.random.default_rng(KNOCKOUT_SEED).permutation(num_classes).tolist()
-    dropped = set(ranked[:k] if kind in ("head", "random") else ranked[num_classes - k:])
+    order = (np.random.default_rng(KNOCKOUT_SEED).permutation(num_classes).tolist() if kind == "random"
+             else _ranked_by_train_count(n))
+    dropped = set(order[num_classes - k:] if kind == "tail" else order[:k])
     return [0 if c in dropped else int(per_class) for c in range(num_classes)]
+
+
+def _ranked_by_train_count(n: torch.Tensor) -> list[int]:
+    """Class indices, most frequent in training first; a stable sort on -count keeps class-index order among ties."""
+    return sorted(range(n.numel()), key=lambda c: (-float(n[c]), c))
 
 
 def _as_float64_vector(x: Sequence[float] | np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
@@ -186,8 +190,7 @@ def shifted_counts(
     if direction == "uniform" or imbalance_ratio == 1:
         return [int(per_class)] * num_classes
     profile = long_tailed_counts(num_classes, per_class, imbalance_ratio)  # by rank
-    # Stable sort on -count keeps class-index order among ties.
-    ranked = sorted(range(num_classes), key=lambda c: (-float(n[c]), c))
+    ranked = _ranked_by_train_count(n)
     out = [0] * num_classes
     for rank, c in enumerate(ranked):
         out[c] = profile[rank] if direction == "forward" else profile[num_classes - 1 - rank]
