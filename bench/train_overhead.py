@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_throughput import _Encoded  # noqa: E402
 
+from lade_core.config import OptimizerConfig  # noqa: E402
 from lade_core.data.prepare import prepare_dataset  # noqa: E402
 from lade_core.data.prepared import open_prepared  # noqa: E402
 from lade_core.data.recipe import resolve_augment, resolve_normalize  # noqa: E402
@@ -34,7 +35,7 @@ from lade_core.models import build_model  # noqa: E402
 from lade_core.runtime import init_ray  # noqa: E402
 from lade_core.training import build_optimizer, epoch_batches, train_one_epoch  # noqa: E402
 
-OPTIM = {"lr": 0.1, "backbone_lr": None, "momentum": 0.9, "weight_decay": 5e-4}
+OPTIM = OptimizerConfig(lr=0.1, momentum=0.9, weight_decay=5e-4)
 THREADS = 2
 
 
@@ -82,8 +83,8 @@ def _ray_worker(config: dict) -> None:
     best = 0.0
     for epoch in range(config["epochs"]):
         if config["shuffle"]:  # what train.py runs: this rank's rows of the epoch, seeded
-            batches = epoch_batches(prepared, {"seed": 0, "image_size": None, "augment": _train_tf(prepared).augment},
-                                    epoch=epoch, rank=ray.train.get_context().get_world_rank(), world=world,
+            batches = epoch_batches(prepared, _train_tf(prepared).augment, None, 0, epoch=epoch,
+                                    rank=ray.train.get_context().get_world_rank(), world=world,
                                     batch_size=config["batch_size"] // world)
         else:  # Ray Train's own ingest: Ray Data's streaming split, blocks to whichever worker asks first
             batches = ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=config["batch_size"] // world)

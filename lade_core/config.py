@@ -132,6 +132,10 @@ class ScheduleConfig:
     step_size: int | None = _opt(None, ge=1)  # step: lr *= gamma every step_size epochs
     gamma: float | None = _opt(None, gt=0, le=1)  # multistep / step decay factor (default 0.1)
 
+    def to_dict(self) -> dict:
+        """The set fields: the config's ``schedule`` mapping, as ``lade_core.schedules`` reads it."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:
@@ -248,8 +252,97 @@ class TrainConfig:
     def to_dict(self) -> dict:
         flat = {k: v for name in SECTIONS if name != "loss" for k, v in dataclasses.asdict(getattr(self, name)).items()}
         flat.update({"loss": self.loss.loss, **self.loss.values})
-        flat["schedule"] = {k: v for k, v in dataclasses.asdict(self.schedule).items() if v is not None}
+        flat["schedule"] = self.schedule.to_dict()
         return flat
+
+    def replace(self, **flat) -> TrainConfig:
+        """This config with some flat keys set to what the run resolved (an absolute dataset path, the tracking
+        URI, the resolved augment list, a trial's run name, the loss's defaults filled in). Not checked again:
+        the values come from this checked config or from lade itself."""
+        sections: dict[str, dict] = {}
+        for key, value in flat.items():
+            section = KEY_SECTION.get(key)
+            if section is None or section == "schedule":
+                raise KeyError(f"TrainConfig.replace: {key!r} is not a flat config key it can set")
+            sections.setdefault(section, {})[key] = value
+        parts = {}
+        for name, values in sections.items():
+            old = getattr(self, name)
+            if name == "loss":
+                loss = values.pop("loss", old.loss)
+                parts[name] = LossConfig(loss, {**old.values, **values})
+            else:
+                parts[name] = dataclasses.replace(old, **values)
+        return dataclasses.replace(self, **parts)
+
+    def with_loss_defaults(self) -> TrainConfig:
+        """The loss's hyperparameters that were left unset given their defaults (``loss_hyperparameters``): what a
+        run records (MLflow params, the checkpoint's config, the digest) is the values its loss uses."""
+        return self.replace(**loss_hyperparameters(self))
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """The Tune search a trial belongs to (``lade_core.search``). Flat, at the Ray and MLflow boundaries, as the
+    keys ``search``, ``search_storage``, ``search_base_loss`` and ``parent_run_id``."""
+
+    name: str  # the search (its --experiment): its parent run, its trials' run names
+    storage: str  # the search's folder in --storage-path; its trials' checkpoints under ``trials/``
+    base_loss: str  # the base config's loss: only its trials keep the base config's loss hyperparameters
+    parent_run_id: str | None = None  # the search's MLflow parent run
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run derives at run time beside its ``TrainConfig``, never written in a recipe: its dataset's source
+    prior and training class counts, its MLflow run, and the search it is a trial of. Under a search the driver
+    logs the epochs Tune acted on (``tuning.TrialEpochLogger``) and the workers log none; else rank 0 logs them.
+    """
+
+    source_prior: list[float]  # p_s(y), [C]
+    train_counts: list[int]  # training images per class, [C]
+    mlflow_run_id: str | None = None
+    search: SearchContext | None = None
+
+    @property
+    def workers_log_epochs(self) -> bool:
+        return self.search is None
+
+
+# The flat keys of a RunContext (beside a TrainConfig's) in the dict Ray and MLflow get.
+SEARCH_KEYS = {"search": "name", "search_storage": "storage", "search_base_loss": "base_loss",
+               "parent_run_id": "parent_run_id"}
+RUN_KEYS = ("source_prior", "train_counts", "mlflow_run_id", "epoch_logging", *SEARCH_KEYS)
+
+
+def flat_config(config: TrainConfig, run: RunContext | None = None) -> dict:
+    """The one flat dict of a run at the Ray and MLflow boundaries: Ray Train's ``train_loop_config``, Tune's param
+    space, the checkpoint's ``config.json``, MLflow params and ``config.yaml``, the config digest. Keys unset in
+    ``run`` are left out (a run's params and digest never held them)."""
+    flat = config.to_dict()
+    if run is None:
+        return flat
+    flat.update(source_prior=list(run.source_prior), train_counts=list(run.train_counts))
+    if run.mlflow_run_id is not None:
+        flat["mlflow_run_id"] = run.mlflow_run_id
+    if run.search is not None:
+        flat.update({key: getattr(run.search, field) for key, field in SEARCH_KEYS.items()
+                     if getattr(run.search, field) is not None})
+        flat["epoch_logging"] = "driver"
+    return flat
+
+
+def split_flat_config(flat: dict) -> tuple[TrainConfig, RunContext]:
+    """``flat_config``'s inverse, where a flat dict comes back from Ray (a worker's ``train_loop_config``, a Tune
+    trial's sampled config, a restored search's saved param space): the config checked again (a trial's sampled
+    values are checked here like a file's) and the run's context."""
+    unknown = sorted(set(flat) - set(KEY_SECTION) - set(RUN_KEYS))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(KEY_SECTION)}")
+    config = TrainConfig.from_dict({k: v for k, v in flat.items() if k in KEY_SECTION})
+    search = (SearchContext(**{field: flat.get(key) for key, field in SEARCH_KEYS.items()})
+              if flat.get("search") is not None else None)
+    return config, RunContext(flat["source_prior"], flat["train_counts"], flat.get("mlflow_run_id"), search)
 
 
 def _build(cls: type, values: dict, where, prefix: str):
@@ -435,9 +528,14 @@ def _read_yaml(path: Path) -> dict:
 
 
 def resolve_config(path: str | Path | None, overrides: dict) -> dict:
+    """``resolve_train_config``'s flat form (the recipe's values as a dict)."""
+    return resolve_train_config(path, overrides).to_dict()
+
+
+def resolve_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     """DEFAULTS <- config file (and its bases) <- overrides (only the flags the user actually passed), checked.
 
-    Returns the flat config dict; raises ValueError / FileNotFoundError naming the file or command line and key.
+    Raises ValueError / FileNotFoundError naming the file or command line and key.
     """
     origins: dict[str, str] = {}
     cfg = _merge(DEFAULTS, load_config_file(path, origins) if path else {})
@@ -447,7 +545,7 @@ def resolve_config(path: str | Path | None, overrides: dict) -> dict:
         # A file's loss hyperparameters belong to the file's loss: `--loss focal` on a LADE recipe drops its alpha
         # and lam rather than failing on them (or, worse, reading LADE's alpha as Causal Norm's).
         cfg.update({k: None for k in LOSS_KEYS if origins.get(k) not in (None, CLI)})
-    return TrainConfig.from_dict(cfg, origins).to_dict()
+    return TrainConfig.from_dict(cfg, origins)
 
 
 def json_or_name(text: str):
@@ -478,23 +576,28 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{key.replace('_', '-')}", dest=key, help=text.replace("%", "%%"), **kwargs)
 
 
-def loss_hyperparameters(config: dict) -> dict:
+def loss_hyperparameters(config: TrainConfig) -> dict:
     """The config's loss hyperparameters with the loss's defaults filled in (what ``build_loss`` gets): the paper's,
     and for an epoch number (``LossSpec.epoch_keys``) its fraction of this run, e.g. ldam_drw's re-weighting from
     80 % of the run as in its recipe (160 of 200)."""
-    spec = LOSSES[config["loss"]]
-    defaults = {**spec.defaults, **{k: int(f * config["epochs"]) for k, f in spec.epoch_keys.items()}}
-    return {k: v if (v := config.get(k)) is not None else defaults[k] for k in spec.hyperparameters}
+    spec = LOSSES[config.loss.loss]
+    defaults = {**spec.defaults, **{k: int(f * config.optimizer.epochs) for k, f in spec.epoch_keys.items()}}
+    return {k: v if (v := config.loss.values.get(k)) is not None else defaults[k] for k in spec.hyperparameters}
+
+
+def check_runnable(config: TrainConfig, num_classes: int | None = None) -> None:
+    """What a config needs to train beyond its own checks: a dataset, and (given the dataset's ``num_classes``)
+    class weights of its length."""
+    w = config.loss.values.get("class_weights")
+    if w is not None and num_classes is not None and len(w) != num_classes:
+        raise ValueError(f"class_weights has wrong length: {len(w)} entries for {num_classes} classes")
+    if not config.data.dataset:
+        raise ValueError("no dataset: set `dataset` (a prepared dataset directory) in the config or with --dataset")
 
 
 def validate_config(cfg: dict, num_classes: int | None = None) -> dict:
-    """The flat config checked again (after edits such as a Tune trial's sampled values) plus the checks that need
-    the dataset: returns the normalized dict. Everything that would otherwise surface inside a worker."""
-    config = TrainConfig.from_dict({k: v for k, v in cfg.items() if k in KEY_SECTION}).to_dict()
-    w = config["class_weights"]
-    if w is not None and num_classes is not None and len(w) != num_classes:
-        raise ValueError(f"class_weights has wrong length: {len(w)} entries for {num_classes} classes")
-    if not config["dataset"]:
-        raise ValueError("no dataset: set `dataset` (a prepared dataset directory) in the config or with --dataset")
-    # The run records the values its loss uses, defaults included (MLflow params, the checkpoint's config).
-    return {**cfg, **config, **loss_hyperparameters(config)}
+    """A flat config (with derived keys beside it, passed through) checked as a run checks it, plus the checks
+    that need the dataset: returns the normalized dict with the loss's defaults filled in."""
+    config = TrainConfig.from_dict({k: v for k, v in cfg.items() if k in KEY_SECTION})
+    check_runnable(config, num_classes)
+    return {**cfg, **config.with_loss_defaults().to_dict()}

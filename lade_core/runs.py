@@ -18,8 +18,8 @@ from .artifacts import (
     write_logits_parquet,
 )
 from .checkpoint import final_logits, load_checkpoint, saved_history
-from .config import validate_config
-from .data import open_prepared
+from .config import RunContext, TrainConfig, check_runnable
+from .data import PreparedDataset, open_prepared
 from .data.prepare import prepare_dataset, summary_line
 from .data.recipe import resolve_augment, resolve_normalize
 from .data.synthetic import make_synthetic
@@ -48,34 +48,38 @@ from .training import build_criterion
 SMOKE = {"dataset": "data/synthetic_smoke", "epochs": 1, "batch_size": 32, "num_workers": 2,
          "synthetic": {"num_classes": 4, "image_size": 16, "max_count": 40, "imbalance_ratio": 4,
                        "test_per_class": 20, "seed": 0}}
-def load_dataset(config: dict, num_cpus: int | None):
-    path = Path(config["dataset"])
+def load_dataset(config: TrainConfig, num_cpus: int | None) -> tuple[TrainConfig, PreparedDataset]:
+    """The config's prepared dataset, generated first from its ``synthetic`` options if it is absent; returns the
+    config with the dataset's absolute path (what the workers open and the run records) and the dataset."""
+    path = Path(config.data.dataset)
     path = path if path.is_absolute() else (Path.cwd() / path)
-    if not (path / "dataset.json").exists() and config.get("synthetic"):
+    if not (path / "dataset.json").exists() and config.data.synthetic:
         init_ray(num_cpus=num_cpus)
-        print(summary_line(prepare_dataset(make_synthetic(**config["synthetic"]), path, num_cpus=num_cpus)))
-    config["dataset"] = str(path.resolve())
-    return open_prepared(path)
+        print(summary_line(prepare_dataset(make_synthetic(**config.data.synthetic), path, num_cpus=num_cpus)))
+    return config.replace(dataset=str(path.resolve())), open_prepared(path)
 
 
-def check_against_dataset(config: dict, prepared) -> dict:
+def check_against_dataset(config: TrainConfig, prepared: PreparedDataset) -> TrainConfig:
     """The checks that need the opened dataset, before Ray starts any worker: the config against its classes, a
     validation split to select on (never test), and the model against the input size it will get. Returns the
-    checked config."""
-    config = validate_config(config, prepared.num_classes)
+    config as the run records it: the loss's defaults filled in, the image recipe resolved."""
+    check_runnable(config, prepared.num_classes)
+    config = config.with_loss_defaults()
     prepared.check_validation_split()
     # The loss and its head built here, so a bad hyperparameter fails now, not in every worker.
     head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
-    crop = prepared.crop_size(config["image_size"])
-    check_input_size(config["model"], prepared.num_classes, crop, config["batch_size"] // config["num_workers"], head)
+    crop = prepared.crop_size(config.data.image_size)
+    model = config.model
+    check_input_size(model.model, prepared.num_classes, crop, config.optimizer.batch_size // config.runtime.num_workers,
+                     head)
     # The image recipe the run records (checkpoint, MLflow params, config digest): the resolved lists, not presets.
-    config["augment"] = resolve_augment(config["augment"], prepared.family, crop, prepared.input_sizes(crop))
-    config["normalize"] = resolve_normalize(config["normalize"], prepared.family, prepared.channel_stats)
-    if config["weights_path"] or config["pretrained"]:
+    config = config.replace(
+        augment=resolve_augment(config.augment.augment, prepared.family, crop, prepared.input_sizes(crop)),
+        normalize=resolve_normalize(config.augment.normalize, prepared.family, prepared.channel_stats))
+    if model.weights_path or model.pretrained:
         # The file (or the library's weights: fetched into its cache once, here) against the model, before Ray
         # starts any worker.
-        build_model(config["model"], prepared.num_classes, config["weights_path"], head=head,
-                    pretrained=config["pretrained"])
+        build_model(model.model, prepared.num_classes, model.weights_path, head=head, pretrained=model.pretrained)
     return config
 
 
@@ -91,13 +95,14 @@ def storage_uri(path: str | None, default: str) -> str:
 
 
 class Finalizing:
-    """What the steps of ``finalize`` share: the run's config, its dataset, its final ``ray.train.Checkpoint``, the
-    MLflow client and what the run already holds (``have``). Each step does only what the run is missing, so any
-    step can be rerun alone after a driver died halfway."""
+    """What the steps of ``finalize`` share: the run's config and context, its dataset, its final
+    ``ray.train.Checkpoint``, the MLflow client and what the run already holds (``have``). Each step does only what
+    the run is missing, so any step can be rerun alone after a driver died halfway."""
 
-    def __init__(self, config: dict, prepared, checkpoint):
+    def __init__(self, config: TrainConfig, run: RunContext, prepared: PreparedDataset, checkpoint):
         self.config, self.prepared, self.checkpoint = config, prepared, checkpoint
-        self.client, self.run_id = mlflow_client(config["mlflow_uri"]), config["mlflow_run_id"]
+        self.uri = config.runtime.mlflow_uri
+        self.client, self.run_id = mlflow_client(self.uri), run.mlflow_run_id
         self.have = {a.path for d in ("eval", "checkpoint") for a in self.client.list_artifacts(self.run_id, d)}
         self.head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
         self.splits = {prepared.test_split: LOGITS_ARTIFACT, "val": VAL_LOGITS_ARTIFACT}  # split -> artifact
@@ -115,13 +120,13 @@ class Finalizing:
         """(logits [N, C], labels [N]) of ``split``: as computed by ``store_logits``, else read back from MLflow."""
         if split in self.computed:
             return self.computed[split]
-        return read_logits_parquet(download_artifact(self.config["mlflow_uri"], self.run_id, self.splits[split]))
+        return read_logits_parquet(download_artifact(self.uri, self.run_id, self.splits[split]))
 
 
 def backfill_epochs(f: Finalizing) -> None:
     """Step 1: the epochs rank 0 could not log (MLflow unreachable in the last epochs), from the final checkpoint's
     history; each (metric, epoch) once."""
-    EpochLogger(f.config["mlflow_uri"], f.run_id).backfill(saved_history(f.checkpoint))
+    EpochLogger(f.uri, f.run_id).backfill(saved_history(f.checkpoint))
 
 
 def store_logits(f: Finalizing) -> None:
@@ -129,15 +134,15 @@ def store_logits(f: Finalizing) -> None:
     computed in the last epoch (in its checkpoint); for a checkpoint without them, Ray Data batch inference on
     actors with the run's resources, every missing split in one pass over one pool (the model loads once per
     actor)."""
-    config = f.config
+    config, rt = f.config, f.config.runtime
     missing = [split for split, artifact in f.splits.items() if artifact not in f.have]
     f.computed = final_logits(f.checkpoint, missing)
     rest = [split for split in missing if split not in f.computed]
     if rest:
-        f.computed.update(batch_logits(f.prepared, rest, config["model"], f.head, f.checkpoint,
-                                       image_size=config["image_size"], stats=config["normalize"],
-                                       num_actors=config["num_workers"], use_gpu=config["use_gpu"],
-                                       cpus_per_actor=config["cpus_per_worker"]))
+        f.computed.update(batch_logits(f.prepared, rest, config.model.model, f.head, f.checkpoint,
+                                       image_size=config.data.image_size, stats=config.augment.normalize,
+                                       num_actors=rt.num_workers, use_gpu=rt.use_gpu,
+                                       cpus_per_actor=rt.cpus_per_worker))
     for split, (z, y) in f.computed.items():
         artifact = f.splits[split]
         with tempfile.TemporaryDirectory() as d:
@@ -151,7 +156,7 @@ def log_test_metrics(f: Finalizing) -> list[dict]:
     logits, labels = f.split_logits(f.prepared.test_split)
     counts = f.prepared.class_counts("train")
     targets = {t.name: t for t in protocol_targets(labels, counts)}
-    rows = evaluate_targets(logits, labels, f.prepared.source_prior, counts, (default_rule(f.config["loss"]),),
+    rows = evaluate_targets(logits, labels, f.prepared.source_prior, counts, (default_rule(f.config.loss.loss),),
                             [targets[name] for name in ("uniform", "forward_10", "backward_10")])
     table = {r["target"]: r for r in rows}
     u = table["uniform"]
@@ -181,17 +186,18 @@ def log_model(f: Finalizing) -> str:
         return model_uri
     source_prior = prepared.source_prior
     val_logits, val_labels = f.split_logits("val")
-    calibration = auto_calibration(source_logits(val_logits, source_prior, config["loss"]), val_labels, source_prior)
-    card = ModelCard(config["model"], prepared.num_classes, dataset_class_names(prepared),
-                     [float(x) for x in source_prior], config["loss"], prepared.family,
-                     prepared.crop_size(config["image_size"]), calibration and calibration.to_dict(),
-                     head=list(f.head), lade_version=__version__, normalize=config["normalize"],
-                     rules=list(posthoc_rules(config["loss"])))
-    with active_run(config["mlflow_uri"], f.run_id):
+    loss = config.loss.loss
+    calibration = auto_calibration(source_logits(val_logits, source_prior, loss), val_labels, source_prior)
+    card = ModelCard(config.model.model, prepared.num_classes, dataset_class_names(prepared),
+                     [float(x) for x in source_prior], loss, prepared.family,
+                     prepared.crop_size(config.data.image_size), calibration and calibration.to_dict(),
+                     head=list(f.head), lade_version=__version__, normalize=config.augment.normalize,
+                     rules=list(posthoc_rules(loss)))
+    with active_run(f.uri, f.run_id):
         return log_classifier(card, f.state()["model"], MODEL_NAME).model_uri
 
 
-def finalize(config: dict, prepared, checkpoint) -> dict:
+def finalize(config: TrainConfig, run: RunContext, prepared: PreparedDataset, checkpoint) -> dict:
     """Test logits -> MLflow (Parquet artifact + metrics), the model as a pyfunc that takes a target prior
     (optionally registered), a summary table, and the run marked FINISHED: the named steps above, in order.
 
@@ -200,19 +206,20 @@ def finalize(config: dict, prepared, checkpoint) -> dict:
     """
     # Training is done and checkpointed: a tracking server that is down right now (restarting, a network blip) is
     # waited for, rather than failing the run at its last step. LADE_FINALIZE_WAIT_S: how long (default 300 s).
-    wait_reachable(config["mlflow_uri"], float(os.environ.get("LADE_FINALIZE_WAIT_S", "300")),
+    rt = config.runtime
+    wait_reachable(rt.mlflow_uri, float(os.environ.get("LADE_FINALIZE_WAIT_S", "300")),
                    "training is done and checkpointed: rerun the same command to finalize the run, nothing is "
                    "retrained")
-    f = Finalizing(config, prepared, checkpoint)
+    f = Finalizing(config, run, prepared, checkpoint)
     backfill_epochs(f)
     store_logits(f)
     rows = log_test_metrics(f)
     store_weights(f)
     model_uri = log_model(f)
-    if config["register"]:
-        register_once(f.client, f.run_id, config["register"], model_uri)
-    end_run(config["mlflow_uri"], f.run_id)
-    print(f"\nrun {config['run_name']} ({config['loss']}, post-hoc: {default_rule(config['loss'])}) — MLflow run "
+    if rt.register:
+        register_once(f.client, f.run_id, rt.register, model_uri)
+    end_run(rt.mlflow_uri, f.run_id)
+    print(f"\nrun {rt.run_name} ({config.loss.loss}, post-hoc: {default_rule(config.loss.loss)}) — MLflow run "
           f"{f.run_id}")
     print(format_table(rows, ["target", "n", "top1", "many", "medium", "few", "nll", "ece"]), end="")
     return {r["target"]: r for r in rows}

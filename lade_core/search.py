@@ -5,6 +5,7 @@ the parent run and the champion's registration. ``args`` is the command line's n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import sys
 
@@ -12,7 +13,16 @@ import pandas as pd
 
 from . import tune_spaces
 from .checkpoint import join_path
-from .config import resolve_config, validate_config
+from .config import (
+    RunContext,
+    RuntimeConfig,
+    SearchContext,
+    TrainConfig,
+    check_runnable,
+    flat_config,
+    resolve_train_config,
+    split_flat_config,
+)
 from .data import DataError
 from .locks import lock_for, maybe_exclusive
 from .math.losses import LOSSES
@@ -59,7 +69,7 @@ TUNE_SMOKE = {**SMOKE, "dataset": "data/synthetic_tune_smoke",
               "synthetic": {**SMOKE["synthetic"], "max_count": 200, "val_per_class": 40}}
 
 
-def base_config(args, defaults: dict) -> dict:
+def base_config(args, defaults: dict) -> TrainConfig:
     """The training config every trial starts from: the space's config file <- the flags given here."""
     overrides = {"num_workers": args.num_workers, "use_gpu": args.use_gpu, "experiment": args.experiment,
                  "mlflow_uri": resolve_tracking_uri(args.mlflow_uri), "epochs": args.epochs or defaults["epochs"],
@@ -69,22 +79,22 @@ def base_config(args, defaults: dict) -> dict:
     if args.dataset:
         overrides.update(dataset=args.dataset, synthetic=None)  # a named dataset is opened, never generated
     overrides.update({k: getattr(args, k) for k in ("augment", "normalize") if getattr(args, k) is not None})
-    return resolve_config(args.config or defaults["config"], overrides)
+    return resolve_train_config(args.config or defaults["config"], overrides)
 
 
-def concurrency(args, config: dict) -> int:
+def concurrency(args, runtime: RuntimeConfig) -> int:
     """Trials that fit at once, keeping one CPU for Ray Data's read/decode tasks (else they starve and hang)."""
     import ray
 
     res = ray.cluster_resources()
-    per_trial = config["num_workers"] * config["cpus_per_worker"] + DRIVER_CPUS
+    per_trial = runtime.num_workers * runtime.cpus_per_worker + DRIVER_CPUS
     # A whole CPU must stay free for Ray Data: 3 trials of 1 + 0.01 on 4 CPUs leave 0.97, and every read waits.
     fit = int((res.get("CPU", 0) - 1) // per_trial)
-    if config["use_gpu"]:
-        fit = min(fit, int(res.get("GPU", 0) // config["num_workers"]))
+    if runtime.use_gpu:
+        fit = min(fit, int(res.get("GPU", 0) // runtime.num_workers))
     if fit < 1:
         raise RuntimeError(f"one trial needs {per_trial:g} "
-                           f"CPUs{' and ' + str(config['num_workers']) + ' GPUs' if config['use_gpu'] else ''} "
+                           f"CPUs{' and ' + str(runtime.num_workers) + ' GPUs' if runtime.use_gpu else ''} "
                            f"plus 1 CPU for Ray Data; the cluster has {res.get('CPU', 0):g} CPUs, "
                            f"{res.get('GPU', 0):g} GPUs")
     if args.max_concurrent_trials is None:
@@ -96,7 +106,8 @@ def concurrency(args, config: dict) -> int:
     return args.max_concurrent_trials
 
 
-def build_tuner(args, config: dict, space: dict, defaults: dict, storage: str, max_concurrent: int):
+def build_tuner(args, config: TrainConfig, run: RunContext, space: dict, defaults: dict, storage: str,
+                max_concurrent: int):
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -107,22 +118,20 @@ def build_tuner(args, config: dict, space: dict, defaults: dict, storage: str, m
     if tune.Tuner.can_restore(path):
         print(f"resuming search {args.experiment} from {path} (its space and settings are the saved ones)")
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    scheduler = (EpochASHA(max_t=config["epochs"], grace_period=args.grace_period or defaults["grace_period"],
-                           reduction_factor=args.reduction_factor, mlflow_uri=config["mlflow_uri"],
-                           experiment=config["experiment"], search=config["search"],
-                           storage=config["search_storage"])
+    runs = {"mlflow_uri": config.runtime.mlflow_uri, "experiment": config.runtime.experiment,
+            "search": run.search.name, "storage": run.search.storage}  # where the trials' runs and checkpoints are
+    scheduler = (EpochASHA(max_t=config.optimizer.epochs, grace_period=args.grace_period or defaults["grace_period"],
+                           reduction_factor=args.reduction_factor, **runs)
                  if args.scheduler == "asha" else FIFOScheduler())
     samples = args.num_samples or (1 if args.search == "grid" else defaults["num_samples"])
     return tune.Tuner(
         trainable,
-        param_space={**config, **tune_spaces.to_param_space(space, args.search, args.grid_points)},
+        param_space={**flat_config(config, run), **tune_spaces.to_param_space(space, args.search, args.grid_points)},
         # The generator itself caps concurrency: TuneConfig(max_concurrent_trials=) is ignored with a generator.
         tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, num_samples=samples,
                                     search_alg=BasicVariantGenerator(random_state=args.seed,
                                                                      max_concurrent=max_concurrent)),
-        run_config=tune.RunConfig(name=args.experiment, storage_path=storage, callbacks=[TrialEpochLogger(
-            mlflow_uri=config["mlflow_uri"], experiment=config["experiment"], search=config["search"],
-            storage=config["search_storage"])]),
+        run_config=tune.RunConfig(name=args.experiment, storage_path=storage, callbacks=[TrialEpochLogger(**runs)]),
     )
 
 
@@ -131,11 +140,13 @@ def register_champion(client, best, prepared, name: str) -> str:
     ``champion`` at it."""
     from ray.train import Checkpoint
 
-    run_name = trial_run_name(best.config["search"], best.metrics["trial_id"])
-    run = trial_run(client.tracking_uri, best.config["experiment"], best.config["search"], best.metrics["trial_id"])
-    config = {**select_method(best.config), "run_name": run_name, "mlflow_run_id": run.info.run_id, "register": name}
-    check_alias_classes(config["mlflow_uri"], name, CHAMPION, dataset_class_names(prepared))
-    finalize(config, prepared, Checkpoint(best.metrics["checkpoint_path"]))  # idempotent: reruns add nothing
+    config, context = split_flat_config(select_method(best.config))  # Tune's flat dict -> typed
+    run_name = trial_run_name(context.search.name, best.metrics["trial_id"])
+    run = trial_run(client.tracking_uri, config.runtime.experiment, context.search.name, best.metrics["trial_id"])
+    config = config.with_loss_defaults().replace(run_name=run_name, register=name)
+    check_alias_classes(config.runtime.mlflow_uri, name, CHAMPION, dataset_class_names(prepared))
+    finalize(config, dataclasses.replace(context, mlflow_run_id=run.info.run_id), prepared,
+             Checkpoint(best.metrics["checkpoint_path"]))  # idempotent: reruns add nothing
     (version,) = [v for v in client.search_model_versions(f"run_id = '{run.info.run_id}'") if v.name == name]
     client.set_registered_model_alias(name, CHAMPION, version.version)  # moves the alias if it exists
     return f"models:/{name}@{CHAMPION} -> version {version.version} (run {run_name})"
@@ -171,59 +182,61 @@ def search(args, held: contextlib.ExitStack) -> int:
         if args.smoke_test and args.num_samples is None:
             args.num_samples = defaults["num_samples"]
         config = base_config(args, defaults)
-        validate_config(config)
+        check_runnable(config)
+        epochs = config.optimizer.epochs
         grace = args.grace_period or defaults["grace_period"]
-        if args.scheduler == "asha" and grace > config["epochs"]:
+        if args.scheduler == "asha" and grace > epochs:
             given = "--grace-period" if args.grace_period else f"the {family} space's default"
-            raise ValueError(f"ASHA's grace period {grace} ({given}) exceeds the {config['epochs']} epochs per "
-                             f"trial; pass --grace-period <= {config['epochs']}")
-        num_cpus = local_num_cpus(args.num_cpus, config["num_workers"] * config["cpus_per_worker"])
-        prepared = load_dataset(config, num_cpus)
+            raise ValueError(f"ASHA's grace period {grace} ({given}) exceeds the {epochs} epochs per "
+                             f"trial; pass --grace-period <= {epochs}")
+        num_cpus = local_num_cpus(args.num_cpus, config.runtime.num_workers * config.runtime.cpus_per_worker)
+        config, prepared = load_dataset(config, num_cpus)
         config = check_against_dataset(config, prepared)  # trials are selected on val, never on test
         if args.objective == "shift_mean" and 0 in prepared.class_counts("val"):
             raise ValueError("objective shift_mean needs every class in the val split; use --objective uniform")
+        uri = config.runtime.mlflow_uri
         # The search's identity: its data, objective, space and schedule (not where it runs or how many at once).
-        digest = search_digest({"dataset": config["dataset"], "objective": args.objective, "family": family,
+        digest = search_digest({"dataset": config.data.dataset, "objective": args.objective, "family": family,
                                 "space": space, "methods": args.methods, "search": args.search,
                                 "grid_points": args.grid_points, "scheduler": args.scheduler,
                                 "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
-                                "epochs": config["epochs"], "num_samples": args.num_samples, "seed": args.seed,
-                                "loss": config["loss"], "augment": config["augment"], "normalize": config["normalize"]})
-        check_search_digest(config["mlflow_uri"], args.experiment, digest)
+                                "epochs": epochs, "num_samples": args.num_samples, "seed": args.seed,
+                                "loss": config.loss.loss, "augment": config.augment.augment,
+                                "normalize": config.augment.normalize})
+        check_search_digest(uri, args.experiment, digest)
         if args.register:
-            check_alias_classes(config["mlflow_uri"], args.register, CHAMPION, dataset_class_names(prepared))
+            check_alias_classes(uri, args.register, CHAMPION, dataset_class_names(prepared))
         init_ray(num_cpus=num_cpus)
-        max_concurrent = concurrency(args, config)
+        max_concurrent = concurrency(args, config.runtime)
     except (ValueError, FileNotFoundError, DataError, RuntimeError) as e:  # LockHeld is a RuntimeError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config.update(source_prior=prepared.source_prior.tolist(), train_counts=prepared.class_counts("train"),
-                  search=args.experiment, search_storage=join_path(storage, args.experiment),
-                  search_base_loss=config["loss"], epoch_logging="driver")  # tuning.TrialEpochLogger
-    parent_id, _ = start_or_resume_run(config["mlflow_uri"], args.experiment, args.experiment,
-                                       {**config, "space": family, "objective": args.objective,
-                                        "search_alg": args.search,
-                                        "scheduler": args.scheduler},
+    # Trials are epoch-logged by this driver (tuning.TrialEpochLogger), never by their workers.
+    run = RunContext(prepared.source_prior.tolist(), prepared.class_counts("train"),
+                     search=SearchContext(args.experiment, join_path(storage, args.experiment), config.loss.loss))
+    parent_id, _ = start_or_resume_run(uri, args.experiment, args.experiment,
+                                       {**flat_config(config, run), "space": family, "objective": args.objective,
+                                        "search_alg": args.search, "scheduler": args.scheduler},
                                        tags={"lade.kind": "search", SEARCH_DIGEST_TAG: digest})
-    config["parent_run_id"] = parent_id
+    run = dataclasses.replace(run, search=dataclasses.replace(run.search, parent_run_id=parent_id))
     print(f"search {args.experiment}: space {family}, objective {OBJECTIVES[args.objective]}, {args.scheduler}, "
           f"up to {max_concurrent} trials at once; MLflow parent run {parent_id}")
     try:
-        results = build_tuner(args, config, space, defaults, storage, max_concurrent).fit()
+        results = build_tuner(args, config, run, space, defaults, storage, max_concurrent).fit()
     except BaseException:
-        end_run(config["mlflow_uri"], parent_id, failed=True)
+        end_run(uri, parent_id, failed=True)
         raise
     metric = OBJECTIVES[args.objective]
-    rows = summary_rows(results, list(space), metric, config["epochs"])
-    client = mlflow_client(config["mlflow_uri"])
-    close_trial_runs(client, results, TrialEpochLogger(mlflow_uri=config["mlflow_uri"], experiment=config["experiment"],
-                                                       search=config["search"], storage=config["search_storage"]))
+    rows = summary_rows(results, list(space), metric, config.optimizer.epochs)
+    client = mlflow_client(uri)
+    close_trial_runs(client, results, TrialEpochLogger(mlflow_uri=uri, experiment=config.runtime.experiment,
+                                                       search=run.search.name, storage=run.search.storage))
     log_table_once(client, parent_id, pd.DataFrame(rows), "search/summary.json")
     print(format_table(rows, list(rows[0]) if rows else []), end="")
     ok = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
     if not ok:
         print("error: no trial reported the objective", file=sys.stderr)
-        end_run(config["mlflow_uri"], parent_id, failed=True)
+        end_run(uri, parent_id, failed=True)
         return 1
     best = results.get_best_result(metric=metric, mode="max", scope="last", filter_nan_and_inf=True)
     client.log_metric(parent_id, f"best/{metric}", float(best.metrics[metric]))
@@ -235,5 +248,5 @@ def search(args, held: contextlib.ExitStack) -> int:
               if isinstance(v, float) and (k in space or "/" in str(k) or k in LOSSES[chosen['loss']].hyperparameters)))
     if args.register:
         print(register_champion(client, best, prepared, args.register))
-    end_run(config["mlflow_uri"], parent_id)
+    end_run(uri, parent_id)
     return 0

@@ -1,7 +1,8 @@
-"""The Ray Train worker loop: ``train_loop_per_worker(config)``, with ``train_one_epoch`` and ``evaluate``.
+"""The Ray Train worker loop: ``train_loop_per_worker(loop_config)``, with ``train_one_epoch`` and ``evaluate``.
 
-One ``config`` dict (see lade_core.config) drives everything; the driver adds the dataset's ``source_prior``,
-``train_counts`` and ``mlflow_run_id`` and resolves ``augment`` and ``normalize`` (``runs.check_against_dataset``).
+One ``TrainConfig`` (lade_core.config) drives everything, with the run's ``RunContext`` (the dataset's source prior
+and training counts, the MLflow run, the search of a trial) beside it; the driver resolves ``augment`` and
+``normalize`` (``runs.check_against_dataset``). Ray carries both as one flat dict (``config.flat_config``).
 Rank 0 checkpoints through ``ray.train.report`` and logs to MLflow.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint, save_final_logits
-from .config import loss_hyperparameters
+from .config import OptimizerConfig, RunContext, TrainConfig, flat_config, loss_hyperparameters, split_flat_config
 from .data.recipe import augment_seed
 from .data.transforms import ImageTransform
 from .inference import model_batches, sharded_logits, sync_buffers
@@ -33,11 +34,10 @@ from .schedules import build_scheduler
 SHUFFLE_BUFFER_BATCHES = 4
 
 
-def build_criterion(config: dict, source_prior: torch.Tensor, train_counts: list[int] | None = None) -> nn.Module:
+def build_criterion(config: TrainConfig, source_prior: torch.Tensor, train_counts: list[int]) -> nn.Module:
     """The config's loss from the registry, with the hyperparameters the registry says it takes (defaults filled);
-    ``criterion.head`` is the classifier head it trains. ``train_counts`` default to the config's."""
-    counts = train_counts if train_counts is not None else config["train_counts"]
-    return build_loss(config["loss"], source_prior, train_counts=counts, **loss_hyperparameters(config))
+    ``criterion.head`` is the classifier head it trains."""
+    return build_loss(config.loss.loss, source_prior, train_counts=train_counts, **loss_hyperparameters(config))
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -46,25 +46,26 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def epoch_batches(prepared, config: dict, *, epoch: int, rank: int, world: int, batch_size: int):
+def epoch_batches(prepared, augment: list, image_size: int | None, seed: int, *, epoch: int, rank: int, world: int,
+                  batch_size: int):
     """One epoch of training batches of worker ``rank`` of ``world``: its rows of the epoch
-    (``PreparedDataset.rank_dataset``), augmented by the run's ``augment`` seeded per (seed, epoch, sample) and
-    locally shuffled with a buffer of SHUFFLE_BUFFER_BATCHES batches seeded by (seed, epoch, rank). The same
-    batches for the same (seed, epoch, rank, world), on a rerun and after a restore from a checkpoint."""
-    seed = config["seed"]
-    tf = ImageTransform(prepared.family, prepared.crop_size(config["image_size"]), config["augment"],
-                        augment_seed(seed, epoch))
+    (``PreparedDataset.rank_dataset``), augmented by the run's resolved ``augment`` list at crop ``image_size``
+    seeded per (seed, epoch, sample) and locally shuffled with a buffer of SHUFFLE_BUFFER_BATCHES batches seeded by
+    (seed, epoch, rank). The same batches for the same (seed, epoch, rank, world), on a rerun and after a restore
+    from a checkpoint."""
+    tf = ImageTransform(prepared.family, prepared.crop_size(image_size), augment, augment_seed(seed, epoch))
     ds = prepared.rank_dataset(tf, seed=seed, epoch=epoch, rank=rank, world=world)
     return ds.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
                                  local_shuffle_seed=epoch_seed(seed, epoch, rank))
 
 
-def build_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, opt: OptimizerConfig) -> torch.optim.Optimizer:
+    """SGD with the classifier at ``lr`` and the backbone at ``backbone_lr`` (0: frozen, classifier retraining)."""
     head = {id(p) for p in classifier_parameters(model)}
     backbone = [p for p in model.parameters() if id(p) not in head]
-    groups = [{"params": classifier_parameters(model), "lr": config["lr"]},
-              {"params": backbone, "lr": config["backbone_lr"] if config["backbone_lr"] is not None else config["lr"]}]
-    return torch.optim.SGD(groups, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"])
+    groups = [{"params": classifier_parameters(model), "lr": opt.lr},
+              {"params": backbone, "lr": opt.backbone_lr if opt.backbone_lr is not None else opt.lr}]
+    return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -122,7 +123,7 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor, loss: str, source_prior
     return out
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
@@ -131,21 +132,23 @@ def train_loop_per_worker(config: dict) -> None:
     from .tracking import EpochLogger
 
     quiet_worker_logging()
+    config, run = split_flat_config(loop_config)  # Ray's flat dict -> the typed config and the run's context
+    opt, rt, seed = config.optimizer, config.runtime, config.runtime.seed
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config["seed"] + rank)
-    np.random.seed(config["seed"] + rank)
-    random.seed(config["seed"] + rank)
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
     device = ray.train.torch.get_device()
-    source_prior = torch.tensor(config["source_prior"], dtype=torch.float64)
+    source_prior = torch.tensor(run.source_prior, dtype=torch.float64)
 
-    criterion = build_criterion(config, source_prior)
-    model = build_model(config["model"], len(source_prior), config["weights_path"], head=criterion.head,
-                        pretrained=config["pretrained"])
+    criterion = build_criterion(config, source_prior, run.train_counts)
+    model = build_model(config.model.model, len(source_prior), config.model.weights_path, head=criterion.head,
+                        pretrained=config.model.pretrained)
     layout = memory_format(model)
     model = model.to(memory_format=layout)  # before the optimizer and DDP see the parameters
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config["epochs"], config["schedule"])
+    optimizer = build_optimizer(model, opt)
+    scheduler = build_scheduler(optimizer, opt.epochs, config.schedule.to_dict())
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -160,46 +163,47 @@ def train_loop_per_worker(config: dict) -> None:
     criterion = criterion.to(device)
     # Under Tune the search driver logs the epochs (tuning.TrialEpochLogger), exactly those Tune acted on: a worker
     # runs up to an epoch ahead of what Tune has seen, and would log epochs of a trial the scheduler already stopped.
-    logs_epochs = rank == 0 and config.get("epoch_logging", "worker") == "worker"
-    logger = EpochLogger(config["mlflow_uri"], config["mlflow_run_id"]) if logs_epochs else None
+    logger = EpochLogger(rt.mlflow_uri, run.mlflow_run_id) if rank == 0 and run.workers_log_epochs else None
     if logger:
         logger.backfill(history)  # epochs checkpointed before a crash but not yet in MLflow
 
-    per_worker_batch = config["batch_size"] // world
-    prepared = open_prepared(config["dataset"])  # every worker reads its own rows of train and its share of val
-    stats = config["normalize"]  # {mean, std}, resolved on the driver (recipe.resolve_normalize)
-    mix = BatchMix((config["mixup"] or {}).get("alpha"), (config["cutmix"] or {}).get("alpha")) if (
-        config["mixup"] or config["cutmix"]) else None
+    per_worker_batch = opt.batch_size // world
+    prepared = open_prepared(config.data.dataset)  # every worker reads its own rows of train and its share of val
+    image_size = config.data.image_size
+    stats = config.augment.normalize  # {mean, std}, resolved on the driver (recipe.resolve_normalize)
+    mixup, cutmix = config.augment.mixup, config.augment.cutmix
+    mix = BatchMix((mixup or {}).get("alpha"), (cutmix or {}).get("alpha")) if (mixup or cutmix) else None
     val_cache: dict = {}  # this rank's decoded validation share, read once (inference.sharded_logits)
-    for epoch in range(start_epoch, config["epochs"]):
+    for epoch in range(start_epoch, opt.epochs):
         # Every random draw of the epoch from (seed, epoch, rank): a resumed run repeats an unkilled one's.
-        torch.manual_seed(epoch_seed(config["seed"], epoch, rank))
-        rng = np.random.default_rng([config["seed"], epoch, rank, 0x31C])
-        batches = epoch_batches(prepared, config, epoch=epoch, rank=rank, world=world, batch_size=per_worker_batch)
-        progress = _progress_bar(config, epoch, world, per_worker_batch) if rank == 0 and config["progress"] else None
+        torch.manual_seed(epoch_seed(seed, epoch, rank))
+        rng = np.random.default_rng([seed, epoch, rank, 0x31C])
+        batches = epoch_batches(prepared, config.augment.augment, image_size, seed, epoch=epoch, rank=rank,
+                                world=world, batch_size=per_worker_batch)
+        progress = (_progress_bar(run.train_counts, epoch, opt.epochs, world, per_worker_batch)
+                    if rank == 0 and rt.progress else None)
         criterion.set_epoch(epoch)  # e.g. LDAM-DRW's deferred re-weighting
         metrics = train_one_epoch(model, criterion, optimizer, model_batches(batches, device, stats, layout),
-                                  device, config["amp"], progress, mix, rng)
+                                  device, opt.amp, progress, mix, rng)
         if progress is not None:
             progress.close()
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics["epoch"] = epoch
         sync_buffers(unwrap(model))
-        val = sharded_logits(unwrap(model), prepared, "val", device, config["image_size"], stats, rank, world,
-                             val_cache)
-        final = epoch == config["epochs"] - 1
+        val = sharded_logits(unwrap(model), prepared, "val", device, image_size, stats, rank, world, val_cache)
+        final = epoch == opt.epochs - 1
         # The final model's test logits from these warm workers (their GPUs, if any), not from a freshly started
         # actor pool that loads the model again: the last checkpoint carries them to runs.finalize.
-        test = (sharded_logits(unwrap(model), prepared, prepared.test_split, device, config["image_size"], stats,
-                               rank, world) if final and prepared.test_split != "val" else None)
+        test = (sharded_logits(unwrap(model), prepared, prepared.test_split, device, image_size, stats, rank, world)
+                if final and prepared.test_split != "val" else None)
         if rank == 0:
-            metrics.update(evaluate(*val, config["loss"], source_prior, config["train_counts"]))
+            metrics.update(evaluate(*val, config.loss.loss, source_prior, run.train_counts))
             history.append(metrics)
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(Path(d), {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                                           "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": [rng_state()]},
-                                config, history)
+                                loop_config, history)
                 if final:
                     save_final_logits(Path(d),
                                       {"val": val, **({prepared.test_split: test} if test is not None else {})})
@@ -208,7 +212,7 @@ def train_loop_per_worker(config: dict) -> None:
                 logger.log_history(history)  # an MLflow outage warns, and what it missed is written next epoch
             # Straight to the worker's stdout, which Ray forwards to the driver once. A plain print() is patched
             # by Ray Train into a log record *and* echoed to the wrapped stdout: every line would appear twice.
-            print(epoch_line(metrics, config["epochs"], world), file=sys.__stdout__, flush=True)
+            print(epoch_line(metrics, opt.epochs, world), file=sys.__stdout__, flush=True)
         else:
             ray.train.report(metrics)
 
@@ -227,35 +231,35 @@ def epoch_line(metrics: dict, epochs: int, world: int) -> str:
             f"{metrics['images_per_s'] * world:.0f} img/s")
 
 
-def _progress_bar(config: dict, epoch: int, world: int, per_worker_batch: int):
+def _progress_bar(train_counts: list[int], epoch: int, epochs: int, world: int, per_worker_batch: int):
     """Rank 0's bar over its share of the epoch, drawn on the driver's console by Ray (``tqdm_ray``), not as
     hundreds of forwarded log lines."""
     from ray.experimental import tqdm_ray
 
-    total = -(-(sum(config["train_counts"]) // world) // per_worker_batch)  # ceil: the last batch may be short
-    return tqdm_ray.tqdm(total=total, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="batch")
+    total = -(-(sum(train_counts) // world) // per_worker_batch)  # ceil: the last batch may be short
+    return tqdm_ray.tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
 
 
-def build_trainer(config: dict, prepared, callbacks: list | None = None):
+def build_trainer(config: TrainConfig, run: RunContext, prepared, callbacks: list | None = None):
     """The Ray Train V2 ``TorchTrainer`` for one training run: DDP workers fed by Ray Data shards.
 
-    ``config["run_name"]`` and ``config["storage_path"]`` name the run's checkpoint folder, so fitting a trainer
-    built from the same config again resumes from its last checkpoint.
+    The config's ``run_name`` and ``storage_path`` name the run's checkpoint folder, so fitting a trainer built
+    from the same config again resumes from its last checkpoint.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .runtime import train_logging_config, worker_env
 
+    rt = config.runtime
     prepared.check_validation_split()  # validation never runs on the test split
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=config["num_workers"], use_gpu=config["use_gpu"],
-                                     resources_per_worker={"CPU": config["cpus_per_worker"],
-                                                           **(config["worker_resources"] or {})}),
-        run_config=RunConfig(name=config["run_name"], storage_path=config["storage_path"],
-                             failure_config=FailureConfig(max_failures=config["max_failures"]),
+        train_loop_config=flat_config(config, run),  # Ray's boundary: one flat, JSON-able dict
+        scaling_config=ScalingConfig(num_workers=rt.num_workers, use_gpu=rt.use_gpu,
+                                     resources_per_worker={"CPU": rt.cpus_per_worker, **(rt.worker_resources or {})}),
+        run_config=RunConfig(name=rt.run_name, storage_path=rt.storage_path,
+                             failure_config=FailureConfig(max_failures=rt.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks,
                              logging_config=train_logging_config(), worker_runtime_env=worker_env()),
         # No Ray Train dataset ingest: each worker reads its own rows of each epoch (epoch_batches), so which rows

@@ -170,7 +170,7 @@ def trial_run(mlflow_uri: str, experiment: str, search: str, trial_id: str):
 
 class TrialEpochLogger(Callback):
     """Each trial's per-epoch metrics into its MLflow run, from the search driver, for exactly the results Tune acted
-    on (``config["epoch_logging"] = "driver"``: the training workers then log none).
+    on (a trial's ``RunContext.search`` is set: the training workers then log none).
 
     Why not rank 0, as in a plain training run: Ray Train's controller collects a worker's report only every couple
     of seconds (its health-check poll; the worker's result queue holds one), so a worker trains and reports up to an
@@ -226,40 +226,42 @@ class TrialEpochLogger(Callback):
         return self._loggers[trial_id]
 
 
-def trial_driver(config: dict) -> None:
-    """One Tune trial. ``config`` is a training config plus ``search``, ``search_storage``, ``parent_run_id``."""
+def trial_driver(loop_config: dict) -> None:
+    """One Tune trial. ``loop_config`` is the search's flat config (``config.flat_config``: a training config, the
+    search's ``RunContext``) with this trial's sampled values."""
+    import dataclasses
+
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .checkpoint import join_path, latest_checkpoint
-    from .config import validate_config
+    from .config import flat_config, split_flat_config
     from .data import open_prepared
     from .runtime import quiet_worker_logging
     from .tracking import end_run, start_or_resume_run
     from .training import build_trainer
 
     quiet_worker_logging()
-    config = select_method(config)
-    trial_id = tune.get_context().get_trial_id()
-    config["run_name"] = trial_run_name(config["search"], trial_id)
+    config, run = split_flat_config(select_method(loop_config))  # the sampled values, checked like a file's
+    search, trial_id = run.search, tune.get_context().get_trial_id()
     # A restored trial refits a trainer with the same name and storage: Ray Train resumes from its checkpoint.
-    config["storage_path"] = join_path(config["search_storage"], "trials")
-    config = {**config, **validate_config(config)}  # the sampled values, type- and range-checked like a file's
-    run_id, _ = start_or_resume_run(config["mlflow_uri"], config["experiment"], config["run_name"], config,
-                                    tags={"mlflow.parentRunId": config["parent_run_id"],
-                                          "lade.search": config["search"],
-                                          "lade.trial_id": trial_id}, storage=config["storage_path"])
-    config["mlflow_run_id"] = run_id
-    latest = latest_checkpoint(join_path(config["storage_path"], config["run_name"]))
-    if latest and latest.epoch + 1 >= config["epochs"]:
+    config = config.with_loss_defaults().replace(run_name=trial_run_name(search.name, trial_id),
+                                                 storage_path=join_path(search.storage, "trials"))
+    rt = config.runtime
+    run_id, _ = start_or_resume_run(rt.mlflow_uri, rt.experiment, rt.run_name, flat_config(config, run),
+                                    tags={"mlflow.parentRunId": search.parent_run_id, "lade.search": search.name,
+                                          "lade.trial_id": trial_id}, storage=rt.storage_path)
+    run = dataclasses.replace(run, mlflow_run_id=run_id)
+    latest = latest_checkpoint(join_path(rt.storage_path, rt.run_name))
+    if latest and latest.epoch + 1 >= config.optimizer.epochs:
         # Trained to the end before the search was killed, but Tune may not have seen the last epochs: a refit
         # would train nothing and report nothing, and the trial would end on a stale result. Report the last.
         tune.report({**latest.metrics, CHECKPOINT_PATH_KEY: latest.path})
         return
     try:
-        build_trainer(config, open_prepared(config["dataset"]), callbacks=[TuneReportCallback()]).fit()
+        build_trainer(config, run, open_prepared(config.data.dataset), callbacks=[TuneReportCallback()]).fit()
     except Exception:
-        end_run(config["mlflow_uri"], run_id, failed=True)
+        end_run(rt.mlflow_uri, run_id, failed=True)
         raise
 
 

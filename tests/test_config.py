@@ -1,7 +1,20 @@
 """The typed training config: every bad value is refused with the file (or command line) and the key, before Ray."""
 import pytest
 
-from lade_core.config import CLI, CONFIG_KEYS, DEFAULTS, TrainConfig, resolve_config, validate_config
+from lade_core.config import (
+    CLI,
+    CONFIG_KEYS,
+    DEFAULTS,
+    RunContext,
+    SearchContext,
+    TrainConfig,
+    flat_config,
+    resolve_config,
+    resolve_train_config,
+    split_flat_config,
+    validate_config,
+)
+from lade_core.losses import LOSSES
 from lade_core.schedules import lr_factor
 
 
@@ -126,6 +139,30 @@ def test_validate_config_checks_sampled_values_and_dataset_dependent_rules():
         validate_config({**cfg, "class_weights": [1, 1, 1]}, 2)
     with pytest.raises(ValueError, match="no dataset"):
         validate_config({**cfg, "dataset": None})
+
+
+def test_the_typed_config_and_run_context_cross_the_ray_boundary_as_one_flat_dict():
+    """What a worker, a Tune trial and a restored search get back (``split_flat_config``) is the driver's typed
+    config and run context; the flat dict holds exactly the keys runs always held (their params and digests)."""
+    config = resolve_train_config(None, {"dataset": "d", "loss": "causal_norm"}).with_loss_defaults()
+    assert config.loss.values["tau"] == LOSSES["causal_norm"].defaults["tau"]
+    trial = RunContext([0.75, 0.25], [3, 1], "run-id", SearchContext("s", "/st/s", "lade", "parent-id"))
+    flat = flat_config(config, trial)
+    assert {k: flat[k] for k in ("search", "search_storage", "search_base_loss", "parent_run_id", "epoch_logging",
+                                 "mlflow_run_id")} == {"search": "s", "search_storage": "/st/s",
+                                                       "search_base_loss": "lade", "parent_run_id": "parent-id",
+                                                       "epoch_logging": "driver", "mlflow_run_id": "run-id"}
+    assert split_flat_config(flat) == (config, trial) and not trial.workers_log_epochs
+    plain = RunContext([0.75, 0.25], [3, 1])  # a train.py run before its MLflow run exists
+    assert set(flat_config(config, plain)) == {*CONFIG_KEYS, "source_prior", "train_counts"}
+    assert split_flat_config(flat_config(config, plain)) == (config, plain) and plain.workers_log_epochs
+    with pytest.raises(ValueError, match=r"unknown config keys \['stray'\]"):
+        split_flat_config({**flat, "stray": 1})
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        split_flat_config({**flat, "tau": -1.0})  # a trial's sampled value is checked like a file's
+    assert config.replace(run_name="r", lr=0.5).runtime.run_name == "r" and config.optimizer.lr == 0.1
+    with pytest.raises(KeyError, match="schedule"):
+        config.replace(schedule={"name": "constant"})
 
 
 def test_an_image_size_the_model_cannot_train_on_is_refused_without_compute():

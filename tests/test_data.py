@@ -359,9 +359,10 @@ def _epoch_streams(prepared, epoch: int, seed: int = 0, per_worker_batch: int = 
     from lade_core.data.recipe import resolve_augment
     from lade_core.training import epoch_batches
 
-    config = {"seed": seed, "image_size": None, "augment": resolve_augment(None, "cifar", 8, [(8, 8)])}
+    augment = resolve_augment(None, "cifar", 8, [(8, 8)])
     return {rank: [{k: b[k].numpy() for k in ("label", "index", "image")} for b in
-                   epoch_batches(prepared, config, epoch=epoch, rank=rank, world=2, batch_size=per_worker_batch)]
+                   epoch_batches(prepared, augment, None, seed, epoch=epoch, rank=rank, world=2,
+                                 batch_size=per_worker_batch)]
             for rank in (0, 1)}
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from lade_core.config import OptimizerConfig
 from lade_core.inference import predict_logits
 from lade_core.losses import LADELoss
 from lade_core.models import build_model
@@ -59,8 +60,7 @@ def test_train_one_epoch_nccl_ddp_with_amp(tmp_path):
         torch.manual_seed(0)
         model = build_model("resnet32", C).to(device)
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0])
-        config = {"lr": 0.05, "backbone_lr": None, "momentum": 0.9, "weight_decay": 5e-4}
-        optimizer = build_optimizer(ddp.module, config)
+        optimizer = build_optimizer(ddp.module, OptimizerConfig(lr=0.05, momentum=0.9, weight_decay=5e-4))
         criterion = LADELoss(_prior(), alpha=0.1, lam=0.01).to(device)
         g = torch.Generator().manual_seed(0)
         labels = torch.randint(0, C, (256,), generator=g)

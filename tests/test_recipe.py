@@ -167,11 +167,12 @@ def test_mixup_and_cutmix_images_and_the_losses_that_refuse_them():
 def test_train_one_epoch_trains_on_the_mixed_batch():
     """The worker loop's wiring: with ``mix`` every batch is mixed with draws from ``rng``, and the loss reported is
     ``mixed_loss`` on it (lr 0 keeps the model, so the epoch's loss can be recomputed)."""
+    from lade_core.config import OptimizerConfig
     from lade_core.training import build_optimizer, train_one_epoch
 
     torch.manual_seed(0)
     model = build_model("resnet32", 3)
-    optimizer = build_optimizer(model, {"lr": 1e-12, "backbone_lr": 0.0, "momentum": 0.0, "weight_decay": 0.0})
+    optimizer = build_optimizer(model, OptimizerConfig(lr=1e-12, backbone_lr=0.0, momentum=0.0, weight_decay=0.0))
     prior = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     criterion = build_loss("balanced_softmax", prior)
     x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 0])
