@@ -24,7 +24,7 @@ import yaml
 
 from .data.recipe import check_augment, check_normalize
 from .data.sources import MIN_IMAGE_SIZE
-from .math.losses import BUILTIN_LOSSES, LOSS_KEYS, LOSSES
+from .math.losses import CORE_LOSSES, LOSS_KEYS, LOSSES
 from .models import check_model_name
 
 SCHEDULES = ("cosine", "multistep", "step", "constant")
@@ -105,10 +105,10 @@ class LossConfig:
 
 
 def loss_config_keys(loss: str) -> tuple[str, ...]:
-    """The flat hyperparameter keys a config of ``loss`` carries: every built-in loss's (None where unset, so a
-    recipe's digest is the same with or without plugins installed) and the loss's own."""
-    builtin = (k for name in BUILTIN_LOSSES for k in LOSSES[name].hyperparameters)
-    return tuple(dict.fromkeys([*builtin, *LOSSES[loss].hyperparameters]))
+    """The flat hyperparameter keys a config of ``loss`` carries: every core loss's (``CORE_LOSSES``; None where
+    unset, so a recipe's digest is the same with or without plugins and later losses) and the loss's own."""
+    core = (k for name in CORE_LOSSES for k in LOSSES[name].hyperparameters)
+    return tuple(dict.fromkeys([*core, *LOSSES[loss].hyperparameters]))
 
 
 @dataclass(frozen=True)

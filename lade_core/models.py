@@ -290,9 +290,11 @@ def check_input_size(name: str, num_classes: int, image_size: int, batch_size: i
     except (RuntimeError, ValueError, AssertionError) as e:
         raise ValueError(f"model {name} cannot train on {image_size}x{image_size} images in batches of {batch_size} "
                          f"per worker ({e}); use a larger image_size or batch_size") from None
-    if tuple(out.shape) != (len(x), num_classes):
+    experts = getattr(model.fc, "num_experts", None)  # a multi-expert head trains on every expert's logits
+    want = (len(x), num_classes) if experts is None else (len(x), experts, num_classes)
+    if tuple(out.shape) != want:
         raise ValueError(f"model {name} maps {image_size}x{image_size} images to {tuple(out.shape)}, not "
-                         f"[{len(x)}, {num_classes}] logits")
+                         f"{list(want)} logits")
 
 
 def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -251,7 +251,10 @@ def train_workdir(tmp_path_factory) -> Path:
 # classic ResNets under Causal Norm's head, a timm model under LDAM's cosine head (trained, registered, served).
 SMOKE_FLAGS = {"logit_adjusted": ["--tau", "0.5"], "focal": ["--gamma", "1"],
                "ldam_drw": ["--epochs", "2", "--drw-epoch", "1", "--model", "timm:test_resnet"],
-               "causal_norm": ["--model", "shufflenet_v2_x0_5"]}
+               "causal_norm": ["--model", "shufflenet_v2_x0_5"],
+               # SADE's inverse expert at another strength; BalPoE with mixup (its recipes') and taus whose mean is
+               # not 1, so the served model must apply the head's (mean tau - 1) log p_s as training's did.
+               "sade": ["--tau", "1.5"], "balpoe": ["--taus", "[0.5, 1, 2]", "--mixup", "0.4"]}
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name
 
 # Every head and post-hoc rule (focal loss trains softmax's head with softmax's rule: tests/test_peers.py).
 METHODS = ("softmax", "lade", "logit_adjusted", "ldam_drw", "causal_norm")
+EXPERTS = ("sade", "balpoe")  # the multi-expert methods: trained, registered and served like the rest
 PRIORS = [shift_protocol_name(d, r) for d, r in SHIFT_PROTOCOL]
 
 
@@ -34,15 +35,16 @@ def _download(client, run_id, path):
 
 @pytest.fixture(scope="module")
 def peers(train_workdir, smoke_run):
-    for loss in METHODS:
+    for loss in (*METHODS, *EXPERTS):
         smoke_run(loss)
     uri = f"sqlite:///{train_workdir / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("lade").experiment_id])}
-    return uri, client, {loss: runs[f"r-{loss}"] for loss in METHODS}, train_workdir
+    return uri, client, {loss: runs[f"r-{loss}"] for loss in (*METHODS, *EXPERTS)}, train_workdir
 
 
-@pytest.mark.parametrize("loss, model", [("causal_norm", "shufflenet_v2_x0_5"), ("ldam_drw", "timm:test_resnet")])
+@pytest.mark.parametrize("loss, model", [("causal_norm", "shufflenet_v2_x0_5"), ("ldam_drw", "timm:test_resnet"),
+                                         ("sade", "resnet32"), ("balpoe", "resnet32")])
 def test_registered_model_serves_the_logits_its_run_stored(peers, loss, model):
     """The card's architecture and head rebuild the network training had (a torchvision model outside the classic
     ResNets under Causal Norm's head, a timm model under LDAM's cosine head): the pyfunc's raw logits on the test

@@ -38,5 +38,5 @@ def test_primary_posthoc_mode_per_loss():
 
     assert {loss: posthoc_rules(loss)[0] for loss in LOSSES} == {
         "softmax": "pc", "balanced_softmax": "inject", "lade": "inject", "logit_adjusted": "inject", "focal": "pc",
-        "ldam_drw": "inject", "causal_norm": "inject"}
+        "ldam_drw": "inject", "causal_norm": "inject", "sade": "inject", "balpoe": "inject"}
     assert all("raw" in posthoc_rules(loss) for loss in LOSSES)

@@ -33,7 +33,7 @@ def _run(client, name):
 
 # Balanced Softmax is logit adjustment at tau = 1 (its end-to-end run is logit_adjusted's, at tau = 0.5). Focal loss
 # takes softmax's path (linear head, PC) with another loss function, tested in test_peers.py: left out for CI time.
-@pytest.mark.parametrize("loss", ["softmax", "lade", "logit_adjusted", "ldam_drw", "causal_norm"])
+@pytest.mark.parametrize("loss", ["softmax", "lade", "logit_adjusted", "ldam_drw", "causal_norm", "sade", "balpoe"])
 def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     p = smoke_run(loss)
     epochs = 2 if loss == "ldam_drw" else 1
@@ -49,7 +49,8 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     assert terms == {"softmax": {"train/ce"},
                      "lade": {"train/lade_ce", "train/lader", "train/lader_F", "train/lader_S"},
                      "logit_adjusted": {"train/adjusted_ce"}, "focal": {"train/focal"},
-                     "ldam_drw": {"train/ldam", "train/drw"}, "causal_norm": {"train/ce"}}[loss]
+                     "ldam_drw": {"train/ldam", "train/drw"}, "causal_norm": {"train/ce"},
+                     **dict.fromkeys(("sade", "balpoe"), {"train/expert1", "train/expert2", "train/expert3"})}[loss]
     assert all(run.data.metrics[k] != 0.0 for k in terms - {"train/drw"})
     # One line per epoch, printed once; no Ray INFO chatter; never "nan" for an empty shot group.
     assert all(p.stdout.count(f"epoch {e}/{epochs} ") == 1 for e in range(1, epochs + 1)), p.stdout

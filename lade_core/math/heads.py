@@ -9,6 +9,9 @@ is the model's posterior, before any post-hoc rule):
   inference output the TDE logits, which subtract alpha times the effect of the moving-average feature direction.
 - ``AdjustedLinear`` (logit adjustment, Menon et al. 2021): a linear layer whose inference output adds
   (tau - 1) * log p_s, so the stored logits are disentangled from p_s like a Balanced Softmax model's.
+- ``ExpertHeads`` (multi-expert models: SADE, Zhang et al. 2022; BalPoE, Sanchez Aimar et al. 2023): E linear
+  classifiers on the shared features; training output every expert's logits [B, E, C], inference output their
+  weighted sum (``expert_weights``, default 1/E each) plus a fixed per-class ``eval_offset``.
 ``HEADS`` names them; ``lade_core.losses`` says which loss trains which head.
 """
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CosineClassifier", "CausalNormClassifier", "AdjustedLinear", "HEADS", "build_head", "tau_normalize"]
+__all__ = ["CosineClassifier", "CausalNormClassifier", "AdjustedLinear", "ExpertHeads", "HEADS", "build_head",
+           "tau_normalize"]
 
 
 class CosineClassifier(nn.Module):
@@ -93,8 +97,58 @@ class AdjustedLinear(nn.Linear):
         return z if self.training else z + self.eval_offset.to(z.dtype)
 
 
+class ExpertHeads(nn.Module):
+    """E experts' linear classifiers on one shared feature (lade's multi-expert models).
+
+    SADE and BalPoE give each expert its own last backbone stage (RIDE-style); lade's experts share the whole
+    backbone, whatever it is (lade's ResNet-32, torchvision's, timm's), and differ in their classifiers: the
+    experts' losses (``losses.SADELoss``, ``losses.BalPoELoss``) still make them skilled at different label
+    distributions, at a fraction of the compute. Training output: z [B, E, C], z_e = W_e x + b_e. Inference
+    output: sum_e w_e z_e + eval_offset [B, C], with ``expert_weights`` w [E] (default 1/E each: BalPoE's average,
+    SADE's fixed aggregation; test-time aggregation sets learned ones) and ``eval_offset`` [C] (BalPoE:
+    (mean tau - 1) log p_s, so the inference logits are balanced like a Balanced Softmax model's). Both are
+    buffers, saved with the model and served with it."""
+
+    def __init__(self, in_features: int, num_classes: int, num_experts: int = 3,
+                 expert_weights: list[float] | None = None, eval_offset: list[float] | None = None):
+        super().__init__()
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"a multi-expert head needs num_experts >= 1 (an integer), got {num_experts!r}")
+        self.num_experts = num_experts
+        self.weight = nn.Parameter(torch.empty(num_experts, num_classes, in_features))  # [E, C, D]
+        self.bias = nn.Parameter(torch.empty(num_experts, num_classes))  # [E, C]
+        bound = 1 / math.sqrt(in_features)
+        for e in range(num_experts):  # each expert initialized as nn.Linear initializes itself
+            nn.init.kaiming_uniform_(self.weight[e], a=math.sqrt(5))
+        nn.init.uniform_(self.bias, -bound, bound)
+        w = [1 / num_experts] * num_experts if expert_weights is None else check_expert_weights(expert_weights,
+                                                                                                 num_experts)
+        self.register_buffer("expert_weights", torch.tensor(w, dtype=torch.float32))
+        offset = torch.zeros(num_classes) if eval_offset is None else torch.as_tensor(eval_offset, dtype=torch.float32)
+        self.register_buffer("eval_offset", offset.reshape(num_classes).clone())
+
+    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] -> [B, E, C]
+        return torch.einsum("bd,ecd->bec", x, self.weight) + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] -> [B, E, C] (train) or [B, C] (eval)
+        z = self.expert_logits(x)
+        if self.training:
+            return z
+        return torch.einsum("bec,e->bc", z, self.expert_weights.to(z.dtype)) + self.eval_offset.to(z.dtype)
+
+
+def check_expert_weights(weights, num_experts: int) -> list[float]:
+    """Aggregation weights of ``num_experts`` experts: finite, >= 0, not all 0, one per expert (plain floats: the
+    check runs before any tensor exists, also where a model is built on the meta device)."""
+    w = [float(v) for v in weights] if isinstance(weights, (list, tuple)) else None
+    if w is None or len(w) != num_experts or not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
+        raise ValueError(f"expert weights must be {num_experts} finite numbers >= 0, not all 0; got {weights!r}")
+    return w
+
+
 HEADS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "cosine": CosineClassifier,
-                                     "causal_norm": CausalNormClassifier, "adjusted_linear": AdjustedLinear}
+                                     "causal_norm": CausalNormClassifier, "adjusted_linear": AdjustedLinear,
+                                     "experts": ExpertHeads}
 
 
 def build_head(kind: str, in_features: int, num_classes: int, **kwargs) -> nn.Module:

@@ -1,5 +1,6 @@
 """The training losses and their one registry: softmax CE, LADE-CE (Balanced Softmax), LADER and LADE (Eq. 15-20),
-and the peers the paper compares with: logit adjustment, Focal loss, LDAM-DRW and Causal Norm.
+the peers the paper compares with (logit adjustment, Focal loss, LDAM-DRW, Causal Norm) and the multi-expert methods
+after it (SADE, BalPoE: logits [N, E, C], one row per expert).
 
 Notation: logits z [N, C], targets y [N], source prior p_s [C], class weights alpha_c [C] (default p_s).
 All modules follow ``forward(logits, targets) -> scalar``; priors are buffers, so ``.to(device)`` moves them.
@@ -30,7 +31,8 @@ from .posthoc import FIXED_RULES, RULES
 from .priors import tempered_class_weights, validate_prior
 
 __all__ = ["SoftmaxLoss", "BalancedSoftmaxLoss", "LADERLoss", "LADELoss", "LogitAdjustedLoss", "FocalLoss",
-           "LDAMDRWLoss", "CausalNormLoss", "ESTIMATORS", "LOSSES", "Loss", "LossSpec", "Hyperparameter",
+           "LDAMDRWLoss", "CausalNormLoss", "SADELoss", "BalPoELoss", "inverse_prior", "ESTIMATORS", "LOSSES", "Loss",
+           "LossSpec", "Hyperparameter",
            "register_loss", "build_loss", "posthoc_rules", "default_rule", "logits_entangled", "tuned_rules",
            "classifier_head", "check_targets", "lade_reference"]
 
@@ -442,6 +444,95 @@ class CausalNormLoss(SoftmaxLoss):
 
 # --- The registry ---------------------------------------------------------------------------------------------
 
+# The experts' losses add log(p + 1e-9) as SADE's and BalPoE's released code does (model/loss.py of both).
+EXPERT_EPS = 1e-9
+
+
+def inverse_prior(prior: torch.Tensor) -> torch.Tensor:
+    """SADE's inverse prior p-bar (``inverse_prior`` in SADE's model/loss.py): p's values reassigned in reverse rank
+    order, so the most frequent class gets the rarest class's probability and vice versa. Tied classes keep their
+    index order within the tie (a stable sort; SADE's unstable ``torch.sort`` leaves that order unspecified).
+    prior [C] -> [C], the same values permuted."""
+    values, order = torch.sort(prior, stable=True)  # values ascending; order[r] = class of rank r
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(prior), device=prior.device)  # rank[c] = rank of class c
+    return values[len(prior) - 1 - rank]
+
+
+class _ExpertLoss(Loss):
+    """Cross-entropy of each expert's logits shifted by the expert's fixed per-class offset o_e [C]:
+    l_e = CE(z_e + o_e, y), over logits [N, E, C] (``heads.ExpertHeads``' training output). ``last_terms``: each
+    expert's ``expert<e>`` (1-based)."""
+
+    def __init__(self, source_prior: PriorLike, offsets: torch.Tensor, eval_offset: torch.Tensor | None = None):
+        super().__init__()
+        self.num_classes = _source_prior(source_prior).numel()
+        self.num_experts = offsets.shape[0]
+        self.register_buffer("expert_offsets", offsets)  # [E, C], float64
+        self._cast = _CastCache()
+        self.head = ("experts", {"num_experts": self.num_experts,
+                                 **({"eval_offset": eval_offset.tolist()} if eval_offset is not None else {})})
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def expert_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[E]: each expert's mean cross-entropy over the batch."""
+        E, C = self.num_experts, self.num_classes
+        if logits.dim() != 3 or logits.shape[1:] != (E, C):
+            raise ValueError(f"a {E}-expert loss needs logits of shape [N, {E}, {C}] (a model with the experts' "
+                             f"head), got {tuple(logits.shape)}")
+        if logits.shape[0] != targets.shape[0]:
+            raise ValueError(f"logits have {logits.shape[0]} rows but targets have {targets.shape[0]}")
+        check_targets(targets, C)
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        z = z + self._cast.get("expert_offsets", self.expert_offsets, z)  # [N, E, C]
+        # Cross-entropy over C for every (sample, expert) at once: input [N, C, E], target [N, E].
+        per = F.cross_entropy(z.transpose(1, 2), targets[:, None].expand(-1, E), reduction="none")  # [N, E]
+        return per.mean(0)
+
+    def _terms(self, per: torch.Tensor) -> None:
+        self.last_terms = {f"expert{e + 1}": per[e].detach() for e in range(self.num_experts)}
+
+
+class SADELoss(_ExpertLoss):
+    """SADE's training loss (Zhang et al., NeurIPS 2022, ``DiverseExpertLoss``): three experts on one backbone,
+    summed: CE(z_1, y) (softmax: the head-skilled expert), CE(z_2 + log p_s, y) (Balanced Softmax: the balanced one)
+    and CE(z_3 + log p_s - tau log p-bar_s, y) (the inverse-skilled one, p-bar_s = ``inverse_prior``). Each log has
+    SADE's + 1e-9 inside. Inference: the experts' logits aggregated (``ExpertHeads``, 1/3 each by default)."""
+
+    def __init__(self, source_prior: PriorLike, tau: float = 2.0):
+        p = _source_prior(source_prior)
+        self.tau = check_range(tau, "sade tau", low=0)
+        log_p = (p + EXPERT_EPS).log()
+        offsets = torch.stack([torch.zeros_like(p), log_p, log_p - self.tau * (inverse_prior(p) + EXPERT_EPS).log()])
+        super().__init__(p, offsets)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per = self.expert_losses(logits, targets)
+        self._terms(per)
+        return per.sum()
+
+
+class BalPoELoss(_ExpertLoss):
+    """BalPoE's training loss (Sanchez Aimar et al., CVPR 2023, ``BSExpertLoss``): expert k trained with logit
+    adjustment of strength tau_k, CE(z_k + tau_k log p_s, y), averaged over the experts (default taus (0, 1, 2)).
+    Inference: the experts' average plus (mean tau - 1) log p_s, balanced for any taus (the average is balanced
+    as it is when mean tau = 1, BalPoE's default)."""
+
+    def __init__(self, source_prior: PriorLike, taus: Sequence[float] = [0.0, 1.0, 2.0]):  # noqa: B006 - only read
+        p = _source_prior(source_prior)
+        if isinstance(taus, (str, bytes)) or not isinstance(taus, Sequence) or len(taus) < 1:
+            raise ValueError(f"balpoe taus must be a list of one number per expert (at least 1), got {taus!r}")
+        self.taus = [check_range(t, f"balpoe taus[{i}]") for i, t in enumerate(taus)]
+        log_p = (p + EXPERT_EPS).log()
+        offsets = torch.stack([t * log_p for t in self.taus])
+        super().__init__(p, offsets, eval_offset=(sum(self.taus) / len(self.taus) - 1) * log_p)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per = self.expert_losses(logits, targets)
+        self._terms(per)
+        return per.mean()
+
+
 @dataclass(frozen=True)
 class Hyperparameter:
     """One hyperparameter of one loss, declared once: config validation (type and range), the ``train.py`` flag
@@ -550,8 +641,20 @@ LOSSES: dict[str, LossSpec] = {
         _H("heads", 2, "number of heads K", type=int, ge=1),
         _H("alpha", 1.5, "TDE strength α", ge=0, space=("uniform", 0.0, 3.0)),
     ), ("inject", "raw")),
+    "sade": LossSpec(SADELoss, (
+        _H("tau", 2.0, "inverse expert's strength τ (Zhang et al.: 2)", ge=0, space=("uniform", 1.0, 3.0)),
+    ), ("inject", "raw")),
+    "balpoe": LossSpec(BalPoELoss, (
+        _H("taus", [0.0, 1.0, 2.0], "one logit-adjustment strength τ_k per expert (Sanchez Aimar et al.: 0, 1, 2)",
+           type=list[float]),
+    ), ("inject", "raw")),
 }
 BUILTIN_LOSSES: tuple[str, ...] = tuple(LOSSES)
+# The losses whose hyperparameter names every config carries (None where unset): those of lade's first runs. A loss
+# added since, built in or a plugin, adds its new names only to its own configs, so the config, the digest and the
+# recipe of every other loss stay what they were (a run started before still resumes).
+CORE_LOSSES: tuple[str, ...] = ("softmax", "balanced_softmax", "lade", "logit_adjusted", "focal", "ldam_drw",
+                                "causal_norm")
 # Entry points of the group ``lade.losses`` that could not be loaded: name -> why (named by ``unknown loss``).
 PLUGIN_ERRORS: dict[str, str] = {}
 
