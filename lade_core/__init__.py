@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 # The math tier's modules under their old names (lade_core.losses, ...), as attributes too: ``lade_core.losses`` may
 # already be in sys.modules (the loss registry puts it there for plugins) before its alias file ever ran.
 _MATH = ("priors", "losses", "heads", "posthoc", "metrics", "evaluation", "label_shift", "checks", "distributed",
-         "mixing")
+         "mixing", "aggregation")
 
 
 def __getattr__(name: str):

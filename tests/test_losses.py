@@ -254,7 +254,8 @@ def test_registry_builds_every_loss_with_its_own_terms(rng):
 def test_registry_refuses_unknown_losses_and_hyperparameters():
     from lade_core.losses import build_loss
 
-    with pytest.raises(ValueError, match=r"unknown loss 'fancy'; choose one of \['balanced_softmax', 'causal_norm', "):
+    with pytest.raises(ValueError,
+                       match=r"unknown loss 'fancy'; choose one of \['balanced_softmax', 'balpoe', 'causal_norm', "):
         build_loss("fancy", [0.5, 0.5])
     with pytest.raises(ValueError,
                        match=r"loss 'balanced_softmax' takes no hyperparameters \['alpha'\]; it takes \[\]"):
