@@ -11,6 +11,7 @@ import torch
 
 from lade_core.artifacts import LOGITS_ARTIFACT, MODEL_NAME, VAL_LOGITS_ARTIFACT, read_logits_parquet
 from lade_core.checkpoint import CONFIG_FILE, latest_checkpoint
+from lade_core.config import split_flat_config
 from lade_core.data import open_prepared
 from lade_core.runs import Finalizing, backfill_epochs, log_model, log_test_metrics, store_logits, store_weights
 from lade_core.tracking import find_run, logged_model_uri
@@ -24,16 +25,18 @@ def test_each_finalize_step_alone_does_only_what_the_run_lacks(train_workdir, sm
     client = mlflow.MlflowClient(uri)
     run = find_run(client, client.get_experiment_by_name("lade").experiment_id, "r-lade")
     last = latest_checkpoint(str(train_workdir / "ray_results" / "r-lade"))
-    config = {**json.loads((Path(last.path) / CONFIG_FILE).read_text()), "mlflow_uri": uri,
-              "mlflow_run_id": run.info.run_id}
-    prepared = open_prepared(config["dataset"])
+    # The run's config and context as the checkpoint holds them (the flat dict the workers got).
+    config, context = split_flat_config({**json.loads((Path(last.path) / CONFIG_FILE).read_text()),
+                                         "mlflow_run_id": run.info.run_id})
+    config = config.replace(mlflow_uri=uri)
+    prepared = open_prepared(config.data.dataset)
     val_file = Path(urlparse(run.info.artifact_uri).path) / VAL_LOGITS_ARTIFACT
     stored_val = read_logits_parquet(val_file)
     val_file.unlink()  # as if the driver died after storing the test logits
     history = {k: len(client.get_metric_history(run.info.run_id, k)) for k in ("test/top1", "val/top1", "train/loss")}
     model = logged_model_uri(client, run.info.run_id, MODEL_NAME)
 
-    f = Finalizing(config, prepared, Checkpoint(last.path))
+    f = Finalizing(config, context, prepared, Checkpoint(last.path))
     assert VAL_LOGITS_ARTIFACT not in f.have and LOGITS_ARTIFACT in f.have
     store_logits(f)
     assert sorted(f.computed) == ["val"]  # only the missing split, from the last epoch's checkpoint
