@@ -143,7 +143,7 @@ def register_champion(client, best, prepared, name: str) -> str:
     config, context = split_flat_config(select_method(best.config))  # Tune's flat dict -> typed
     run_name = trial_run_name(context.search.name, best.metrics["trial_id"])
     run = trial_run(client.tracking_uri, config.runtime.experiment, context.search.name, best.metrics["trial_id"])
-    config = config.with_loss_defaults().replace(run_name=run_name, register=name)
+    config = config.replace(run_name=run_name, register=name)
     check_alias_classes(config.runtime.mlflow_uri, name, CHAMPION, dataset_class_names(prepared))
     finalize(config, dataclasses.replace(context, mlflow_run_id=run.info.run_id), prepared,
              Checkpoint(best.metrics["checkpoint_path"]))  # idempotent: reruns add nothing

@@ -464,10 +464,9 @@ class _ExpertLoss(Loss):
     l_e = CE(z_e + o_e, y), over logits [N, E, C] (``heads.ExpertHeads``' training output). ``last_terms``: each
     expert's ``expert<e>`` (1-based)."""
 
-    def __init__(self, source_prior: PriorLike, offsets: torch.Tensor, eval_offset: torch.Tensor | None = None):
+    def __init__(self, offsets: torch.Tensor, eval_offset: torch.Tensor | None = None):
         super().__init__()
-        self.num_classes = _source_prior(source_prior).numel()
-        self.num_experts = offsets.shape[0]
+        self.num_experts, self.num_classes = offsets.shape  # [E, C], from the source prior the subclass checked
         self.register_buffer("expert_offsets", offsets)  # [E, C], float64
         self._cast = _CastCache()
         self.head = ("experts", {"num_experts": self.num_experts,
@@ -504,7 +503,7 @@ class SADELoss(_ExpertLoss):
         self.tau = check_range(tau, "sade tau", low=0)
         log_p = (p + EXPERT_EPS).log()
         offsets = torch.stack([torch.zeros_like(p), log_p, log_p - self.tau * (inverse_prior(p) + EXPERT_EPS).log()])
-        super().__init__(p, offsets)
+        super().__init__(offsets)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         per = self.expert_losses(logits, targets)
@@ -525,7 +524,7 @@ class BalPoELoss(_ExpertLoss):
         self.taus = [check_range(t, f"balpoe taus[{i}]") for i, t in enumerate(taus)]
         log_p = (p + EXPERT_EPS).log()
         offsets = torch.stack([t * log_p for t in self.taus])
-        super().__init__(p, offsets, eval_offset=(sum(self.taus) / len(self.taus) - 1) * log_p)
+        super().__init__(offsets, eval_offset=(sum(self.taus) / len(self.taus) - 1) * log_p)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         per = self.expert_losses(logits, targets)
