@@ -4,6 +4,10 @@ A run trained by ``pipelines/train.py`` (or the champion of ``pipelines/tune.py`
   - ``data/source_prior.json``: {"source_prior": p_s [C], "train_counts": [C]} (written when the run starts);
   - ``eval/test_logits.parquet``: the test split's logits [N, C] float32 and labels [N], in test-split order;
   - ``eval/val_logits.parquet``: the same for the validation split (calibration, BBSE's confusion matrix);
+  - for a multi-expert model (``heads.ExpertHeads``), ``eval/test_expert_views.parquet`` and
+    ``eval/val_expert_views.parquet``: each expert's logits [N, 3, E, C] on the evaluation transform and on two
+    augmented views of every image (``inference.EXPERT_VIEWS``), with the head's ``eval_offset`` [C]: what
+    test-time aggregation learns its weights from (``aggregation.learn_expert_weights``);
   - ``checkpoint/state_dict.pt``: the final model's state dict (loads with ``weights_only=True``);
   - the logged model ``model`` (an MLflow pyfunc, ``lade_core.serving``), optionally registered;
   - params (the resolved config) and metrics (``train/*``, ``val/*``, ``lr`` per epoch; ``test/*`` once).
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -29,9 +34,12 @@ from .math.posthoc import RULES
 LOGITS_ARTIFACT = "eval/test_logits.parquet"
 VAL_LOGITS_ARTIFACT = "eval/val_logits.parquet"
 PRIOR_ARTIFACT = "data/source_prior.json"
+VIEWS_ARTIFACT = "eval/test_expert_views.parquet"
+VAL_VIEWS_ARTIFACT = "eval/val_expert_views.parquet"
 STATE_DICT_ARTIFACT = "checkpoint/state_dict.pt"
 MODEL_NAME = "model"  # the run's logged model (pyfunc: lade_core.serving.LadeClassifier)
 SHIFT_TABLE_ARTIFACT = "eval/shift_table.json"
+AGGREGATE_WEIGHTS_ARTIFACT = "eval/aggregate_weights.json"  # evaluate.py --aggregate: the weights per target
 FIGURES_DIR = "eval/figures"
 ESTIMATE_METRICS = ("top1_estimated", "ratio", "tv", "kl")
 
@@ -66,6 +74,41 @@ def read_logits_parquet(path: str | Path, filesystem=None) -> tuple[torch.Tensor
     return logits, torch.from_numpy(table.column("label").to_numpy().copy())
 
 
+class ExpertViews(NamedTuple):
+    """A multi-expert model's outputs on one split: expert logits [N, V, E, C] (V = ``inference.EXPERT_VIEWS``:
+    clean, view a, view b), labels [N] and the head's ``eval_offset`` [C] (its inference logits are
+    sum_e w_e z_e + eval_offset)."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    eval_offset: torch.Tensor
+
+
+def write_expert_views_parquet(path: str | Path, views: ExpertViews) -> None:
+    """``views`` as ``write_logits_parquet`` writes logits (one fixed-size list of V·E·C float32 per image), its
+    shape and ``eval_offset`` in the schema's metadata (JSON, never code)."""
+    n, v, e, c = views.logits.shape
+    flat = pa.array(views.logits.float().numpy().reshape(-1), pa.float32())
+    table = pa.table({"label": pa.array(views.labels.numpy().astype(np.int64)),
+                      "logits": pa.FixedSizeListArray.from_arrays(flat, v * e * c)})
+    meta = {"lade.views_shape": json.dumps([v, e, c]),
+            "lade.eval_offset": json.dumps([float(x) for x in views.eval_offset])}
+    pq.write_table(table.replace_schema_metadata(meta), str(path))
+
+
+def read_expert_views_parquet(path: str | Path, filesystem=None) -> ExpertViews:
+    """What ``write_expert_views_parquet`` wrote; a file without its metadata is refused by name."""
+    table = pq.read_table(str(path), filesystem=filesystem)
+    meta = table.schema.metadata or {}
+    if b"lade.views_shape" not in meta or b"lade.eval_offset" not in meta:
+        raise ValueError(f"{path} is not an expert-views file: its schema has no lade.views_shape / lade.eval_offset")
+    v, e, c = json.loads(meta[b"lade.views_shape"])
+    col = table.column("logits").combine_chunks()
+    logits = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(-1, v, e, c).copy())
+    offset = torch.tensor(json.loads(meta[b"lade.eval_offset"]), dtype=torch.float32)
+    return ExpertViews(logits, torch.from_numpy(table.column("label").to_numpy().copy()), offset)
+
+
 # --- Reading a finished run back (evaluation, comparison, tuning) ----------------------------------------------
 
 @dataclass(frozen=True)
@@ -88,6 +131,9 @@ class RunLogits:
     # The digest of the run's config without its seed (tracking.SEED_GROUP_TAG): runs sharing it differ only in
     # seed, and compare.py reports them as one mean ± std row. None: a run of an older lade (its own group).
     seed_group: str | None = None
+    # A multi-expert run's test-split expert logits on the clean image and two augmented views, loaded on request
+    # (``load_run_logits(expert_views=True)``) for test-time aggregation; else None.
+    expert_views: ExpertViews | None = None
 
     def __post_init__(self):
         """Whatever the logits came from (an MLflow run, a local file), they are checked before any metric."""
@@ -105,6 +151,11 @@ class RunLogits:
         validate_prior(self.source_prior, c, "source prior")
         if len(self.train_counts) != c:
             raise ValueError(f"{self.run_name}: train_counts has {len(self.train_counts)} entries for {c} classes")
+        ev = self.expert_views
+        if ev is not None and (ev.logits.dim() != 4 or ev.logits.shape[0] != n or ev.logits.shape[3] != c
+                               or not torch.equal(ev.labels, self.labels)):
+            raise ValueError(f"{self.run_name}: the expert views {tuple(ev.logits.shape)} do not match the test "
+                             f"logits {(n, c)} and their labels")
 
 
 def run_for_model(client, model_uri: str) -> str:
@@ -131,9 +182,16 @@ def run_for_model(client, model_uri: str) -> str:
     return version.run_id
 
 
-def load_run_logits(client, run_id: str, classifier: bool = False) -> RunLogits:
+def missing_views_message(run: RunLogits) -> str:
+    """The error of test-time aggregation asked of a run that stored no expert views."""
+    return (f"run {run.run_id} ({run.run_name}, loss {run.loss}) has no {VIEWS_ARTIFACT}: test-time aggregation "
+            "needs a multi-expert model (--loss sade or balpoe) trained by this lade")
+
+
+def load_run_logits(client, run_id: str, classifier: bool = False, expert_views: bool = False) -> RunLogits:
     """Download the run's test logits and source prior; errors name what is missing. ``classifier``: also its
-    linear classifier's weights (a state-dict download) where its loss takes PC, for τ-norm."""
+    linear classifier's weights (a state-dict download) where its loss takes PC, for τ-norm. ``expert_views``: also
+    the test split's expert views (``VIEWS_ARTIFACT``) where the run stored them (a multi-expert model), else None."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -155,11 +213,14 @@ def load_run_logits(client, run_id: str, classifier: bool = False) -> RunLogits:
         run_id=run_id, artifact_path=VAL_LOGITS_ARTIFACT, tracking_uri=client.tracking_uri))
         if VAL_LOGITS_ARTIFACT in have else (None, None))
     loss = run.data.params.get("loss", "lade")
+    views = (read_expert_views_parquet(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=VIEWS_ARTIFACT, tracking_uri=client.tracking_uri))
+        if expert_views and VIEWS_ARTIFACT in have else None)
     # The linear classifier only where a rule tuned on validation needs it (τ-norm of an entangled model).
     wanted = classifier and any(RULES[r].needs_classifier for r in tuned_rules(loss, has_classifier=True))
     return RunLogits(run_id, run.info.run_name, loss, logits, labels, source_prior, train_counts, *val,
                      classifier=_linear_classifier(client, run_id) if wanted else None,
-                     seed_group=run.data.tags.get("lade.seed_group"))
+                     seed_group=run.data.tags.get("lade.seed_group"), expert_views=views)
 
 
 def _linear_classifier(client, run_id: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:

@@ -14,14 +14,22 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .artifacts import read_logits_parquet, write_logits_parquet
+from .artifacts import (
+    ExpertViews,
+    read_expert_views_parquet,
+    read_logits_parquet,
+    write_expert_views_parquet,
+    write_logits_parquet,
+)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 # In the last epoch's checkpoint: ``<split>.parquet``, the final model's logits of the test and validation splits,
-# computed by the training workers while they are warm (``runs.finalize`` stores them; no model is loaded again).
+# computed by the training workers while they are warm (``runs.finalize`` stores them; no model is loaded again),
+# and for a multi-expert model ``<split>_expert_views.parquet`` (``artifacts.ExpertViews``).
 FINAL_LOGITS_DIR = "final_logits"
+_VIEWS_SUFFIX = "_expert_views"
 
 
 def rng_state() -> dict:
@@ -48,11 +56,15 @@ def save_checkpoint(directory: Path, state: dict, config: dict, history: list[di
     (directory / HISTORY_FILE).write_text(json.dumps(history))
 
 
-def save_final_logits(directory: Path, logits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """{split: (logits [N, C], labels [N])} of the final model into checkpoint folder ``directory``."""
+def save_final_logits(directory: Path, logits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                      views: dict[str, ExpertViews] | None = None) -> None:
+    """{split: (logits [N, C], labels [N])} of the final model, and a multi-expert model's {split: expert views},
+    into checkpoint folder ``directory``."""
     (directory / FINAL_LOGITS_DIR).mkdir()
     for split, (z, y) in logits.items():
         write_logits_parquet(directory / FINAL_LOGITS_DIR / f"{split}.parquet", z, y)
+    for split, v in (views or {}).items():
+        write_expert_views_parquet(directory / FINAL_LOGITS_DIR / f"{split}{_VIEWS_SUFFIX}.parquet", v)
 
 
 def final_logits(checkpoint, splits) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -63,6 +75,19 @@ def final_logits(checkpoint, splits) -> dict[str, tuple[torch.Tensor, torch.Tens
         try:
             out[split] = read_logits_parquet(f"{checkpoint.path.rstrip('/')}/{FINAL_LOGITS_DIR}/{split}.parquet",
                                              filesystem=checkpoint.filesystem)
+        except (FileNotFoundError, OSError):
+            continue
+    return out
+
+
+def final_expert_views(checkpoint, splits) -> dict[str, ExpertViews]:
+    """``final_logits`` for a multi-expert model's expert views: {split: views} of those the last epoch stored."""
+    out = {}
+    for split in splits:
+        try:
+            out[split] = read_expert_views_parquet(
+                f"{checkpoint.path.rstrip('/')}/{FINAL_LOGITS_DIR}/{split}{_VIEWS_SUFFIX}.parquet",
+                filesystem=checkpoint.filesystem)
         except (FileNotFoundError, OSError):
             continue
     return out

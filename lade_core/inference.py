@@ -8,6 +8,7 @@ Both return logits in split order (by the ``index`` column), with every sample e
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 from typing import Sequence
 
@@ -15,8 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .artifacts import ExpertViews
 from .checkpoint import load_checkpoint
-from .data.transforms import normalize
+from .data.recipe import augment_seed, view_augment
+from .data.transforms import ImageTransform, normalize
 from .models import build_model, load_model_state, memory_format
 
 
@@ -81,6 +84,13 @@ def sharded_logits(model: nn.Module, prepared, split: str, device: torch.device,
         share = -(-prepared.manifest["splits"][split]["num_samples"] // world)
         if cache is not None and share * 3 * crop * crop <= EVAL_CACHE_BYTES:
             batches = cache[split] = list(batches)
+    return _gathered_logits(model, batches, prepared.manifest["splits"][split]["num_samples"], device, stats, rank,
+                            world)
+
+
+def _gathered_logits(model: nn.Module, batches, num_samples: int, device: torch.device, stats: dict, rank: int,
+                     world: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """This rank's ``predict_logits`` over its ``batches``, gathered on rank 0 in split order (a collective)."""
     part = predict_logits(model, model_batches(batches, device, stats, memory_format(model)))
     parts = [part]
     if world > 1:
@@ -88,7 +98,60 @@ def sharded_logits(model: nn.Module, prepared, split: str, device: torch.device,
 
         parts = [None] * world if rank == 0 else None
         dist.gather_object(part, parts, dst=0)
-    return merge_shards(parts, prepared.manifest["splits"][split]["num_samples"]) if rank == 0 else None
+    return merge_shards(parts, num_samples) if rank == 0 else None
+
+
+# --- A multi-expert model's outputs for test-time aggregation (lade_core.aggregation) ---------------------------
+
+# What is stored per image of a split, in this order: the experts' logits on the evaluation transform (what
+# aggregated weights are applied to) and on two augmented views (what the weights are learned from).
+EXPERT_VIEWS = ("clean", "view_a", "view_b")
+VIEW_EPOCH = 1 << 40
+
+
+def has_experts(model: nn.Module) -> bool:
+    """Whether ``model``'s classifier is a multi-expert head (``heads.ExpertHeads``)."""
+    return hasattr(getattr(model, "fc", None), "emit_experts")
+
+
+@contextmanager
+def expert_outputs(model: nn.Module):
+    """Within it, ``model`` in eval mode returns its experts' own logits [B, E, C] instead of their aggregate."""
+    head = model.fc
+    head.emit_experts = True
+    try:
+        yield model
+    finally:
+        head.emit_experts = False
+
+
+def view_transforms(prepared, image_size: int | None, seed: int) -> list[ImageTransform]:
+    """The transforms of ``EXPERT_VIEWS`` for ``prepared``: its evaluation transform, then SADE's two augmented
+    views (``recipe.VIEW_PRESETS``) seeded per (run seed, view, sample), so a rerun stores the same views."""
+    crop = prepared.crop_size(image_size)
+    views = view_augment(prepared.family, crop, prepared.input_sizes(crop))
+    # Seeds of "epochs" no run reaches: the views never repeat a training crop by construction.
+    return [prepared.eval_transform(image_size),
+            *(ImageTransform(prepared.family, crop, views, augment_seed(seed, VIEW_EPOCH + v)) for v in range(2))]
+
+
+def sharded_expert_views(model: nn.Module, prepared, split: str, device: torch.device, image_size: int | None,
+                         stats: dict, rank: int, world: int, seed: int, cache: dict | None = None
+                         ) -> ExpertViews | None:
+    """``sharded_logits`` of a multi-expert ``model`` for each of ``EXPERT_VIEWS``: the experts' logits
+    [N, 3, E, C] in split order with labels and the head's eval_offset on rank 0, None on the others (a collective,
+    like ``sharded_logits``; ``cache``: its cache of the evaluation transform's batches)."""
+    clean, *views = view_transforms(prepared, image_size, seed)
+    num_samples = prepared.manifest["splits"][split]["num_samples"]
+    shard = (rank, world) if world > 1 else None
+    with expert_outputs(model):
+        out = [sharded_logits(model, prepared, split, device, image_size, stats, rank, world, cache)]
+        for tf in views:
+            batches = prepared.ray_dataset(split, tf, shard=shard).iter_torch_batches(batch_size=256)
+            out.append(_gathered_logits(model, batches, num_samples, device, stats, rank, world))
+    if rank != 0:
+        return None
+    return ExpertViews(torch.stack([z for z, _ in out], dim=1), out[0][1], model.fc.eval_offset.detach().float().cpu())
 
 
 def sync_buffers(model: nn.Module) -> None:

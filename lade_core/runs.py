@@ -14,20 +14,23 @@ from .artifacts import (
     MODEL_NAME,
     STATE_DICT_ARTIFACT,
     VAL_LOGITS_ARTIFACT,
+    VAL_VIEWS_ARTIFACT,
+    VIEWS_ARTIFACT,
     read_logits_parquet,
+    write_expert_views_parquet,
     write_logits_parquet,
 )
-from .checkpoint import final_logits, load_checkpoint, saved_history
+from .checkpoint import final_expert_views, final_logits, load_checkpoint, saved_history
 from .config import RunContext, TrainConfig, check_runnable
 from .data import PreparedDataset, open_prepared
 from .data.prepare import prepare_dataset, summary_line
 from .data.recipe import resolve_augment, resolve_normalize
 from .data.synthetic import make_synthetic
-from .inference import batch_logits
+from .inference import batch_logits, sharded_expert_views
 from .math.evaluation import evaluate_targets, protocol_targets
 from .math.label_shift import auto_calibration, source_logits
 from .math.losses import default_rule, posthoc_rules
-from .models import build_model, check_input_size
+from .models import build_model, check_input_size, load_model_state
 from .report import format_table
 from .runtime import init_ray
 from .serving import ModelCard, log_classifier
@@ -150,6 +153,30 @@ def store_logits(f: Finalizing) -> None:
             f.client.log_artifact(f.run_id, str(Path(d) / Path(artifact).name), str(Path(artifact).parent))
 
 
+def store_expert_views(f: Finalizing) -> None:
+    """Step 2b, multi-expert models only: each expert's logits on the clean image and two augmented views of every
+    test and validation image (what ``--aggregate self-supervised`` learns its weights from), from the last epoch's
+    checkpoint; for a checkpoint without them, on the driver from its weights."""
+    if f.head[0] != "experts":
+        return
+    config, prepared = f.config, f.prepared
+    artifacts = {prepared.test_split: VIEWS_ARTIFACT, "val": VAL_VIEWS_ARTIFACT}
+    missing = [split for split, artifact in artifacts.items() if artifact not in f.have]
+    views = final_expert_views(f.checkpoint, missing)
+    rest = [split for split in missing if split not in views]
+    if rest:  # e.g. a champion whose trial a scheduler stopped before its last epoch
+        model = build_model(config.model.model, prepared.num_classes, head=f.head)
+        load_model_state(model, f.state()["model"])
+        for split in rest:
+            views[split] = sharded_expert_views(model, prepared, split, torch.device("cpu"), config.data.image_size,
+                                                config.augment.normalize, 0, 1, config.runtime.seed)
+    for split, v in views.items():
+        name = Path(artifacts[split]).name
+        with tempfile.TemporaryDirectory() as d:
+            write_expert_views_parquet(Path(d) / name, v)
+            f.client.log_artifact(f.run_id, str(Path(d) / name), str(Path(artifacts[split]).parent))
+
+
 def log_test_metrics(f: Finalizing) -> list[dict]:
     """Step 3: test top-1 / Many / Medium / Few / NLL / ECE under the uniform prior and top-1 under forward and
     backward 10, with the loss's own rule, logged once. Returns their rows."""
@@ -213,6 +240,7 @@ def finalize(config: TrainConfig, run: RunContext, prepared: PreparedDataset, ch
     f = Finalizing(config, run, prepared, checkpoint)
     backfill_epochs(f)
     store_logits(f)
+    store_expert_views(f)
     rows = log_test_metrics(f)
     store_weights(f)
     model_uri = log_model(f)

@@ -21,7 +21,7 @@ from .checkpoint import load_checkpoint, restore_rng_state, rng_state, save_chec
 from .config import OptimizerConfig, RunContext, TrainConfig, flat_config, loss_hyperparameters, split_flat_config
 from .data.recipe import augment_seed
 from .data.transforms import ImageTransform
-from .inference import model_batches, sharded_logits, sync_buffers
+from .inference import has_experts, model_batches, sharded_expert_views, sharded_logits, sync_buffers
 from .math.evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
 from .math.losses import build_loss, default_rule
 from .math.mixing import BatchMix, mixed_loss
@@ -197,6 +197,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # actor pool that loads the model again: the last checkpoint carries them to runs.finalize.
         test = (sharded_logits(unwrap(model), prepared, prepared.test_split, device, image_size, stats, rank, world)
                 if final and prepared.test_split != "val" else None)
+        # A multi-expert model's experts on clean and augmented views of both splits: test-time aggregation's input.
+        views = ({split: sharded_expert_views(unwrap(model), prepared, split, device, image_size, stats, rank, world,
+                                              seed, val_cache) for split in dict.fromkeys(("val", prepared.test_split))}
+                 if final and has_experts(unwrap(model)) else {})
         if rank == 0:
             metrics.update(evaluate(*val, config.loss.loss, source_prior, run.train_counts))
             history.append(metrics)
@@ -206,7 +210,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                 loop_config, history)
                 if final:
                     save_final_logits(Path(d),
-                                      {"val": val, **({prepared.test_split: test} if test is not None else {})})
+                                      {"val": val, **({prepared.test_split: test} if test is not None else {})},
+                                      views)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             if logger:  # after the checkpoint is durable: a crash in between is backfilled
                 logger.log_history(history)  # an MLflow outage warns, and what it missed is written next epoch

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lade_core.artifacts import load_run_logits, runs_with_logits
+from lade_core.artifacts import load_run_logits, missing_views_message, runs_with_logits
 from lade_core.evaluation import KNOCKOUT_NAMES, PROTOCOL_NAMES, rule_rows
 from lade_core.figures import shift_curve
 from lade_core.label_shift import METHODS
@@ -45,8 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--run-ids", nargs="+", help="MLflow run ids")
     src.add_argument("--experiment", help="every run of this experiment that stored test logits")
     src.add_argument("--model", help="every version of this registered model")
-    ap.add_argument("--estimate-prior", choices=METHODS, help="add the top-1 with p_t estimated from each target's own "
-                    "logits as a fraction of the top-1 with the true p_t: mean and min over the 17 targets")
+    ap.add_argument("--estimate-prior", nargs="+", choices=METHODS, default=[], metavar="METHOD",
+                    help=f"one or more of {', '.join(METHODS)}: a row per method with the top-1 under p_t estimated "
+                    "from each target's own logits, and its fraction of the top-1 with the true p_t (mean and min "
+                    "over the 17 targets) on the run's own row")
+    ap.add_argument("--aggregate", choices=["self-supervised"], help="for each multi-expert run (sade, balpoe): a "
+                    "row of SADE's test-time aggregation, weights learned on each target's own unlabeled images")
     ap.add_argument("--format", choices=FORMATS, default="markdown")
     ap.add_argument("--per-run", action="store_true", help="one row per run, not one mean ± std row per group of runs "
                     "that differ only in seed")
@@ -64,15 +68,19 @@ def main(argv=None) -> int:
     client = mlflow_client(uri)
     try:
         run_ids = runs_with_logits(client, args.run_ids, args.experiment, args.model)
-        runs = [load_run_logits(client, rid, classifier=True) for rid in run_ids]
+        runs = [load_run_logits(client, rid, classifier=True, expert_views=bool(args.aggregate)) for rid in run_ids]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.estimate_prior == "bbse" and any(r.val_logits is None for r in runs):
+    if args.aggregate and all(r.expert_views is None for r in runs):
+        print(f"error: --aggregate: {missing_views_message(runs[0])}", file=sys.stderr)
+        return 2
+    if "bbse" in args.estimate_prior and any(r.val_logits is None for r in runs):
         print("error: --estimate-prior bbse needs validation logits, which some of these runs lack", file=sys.stderr)
         return 2
-    per_run = [(r, row) for r in runs for row in rule_rows(r, args.estimate_prior)]
-    extra = [f"{args.estimate_prior}/true mean", f"{args.estimate_prior}/true min"] if args.estimate_prior else []
+    per_run = [(r, row) for r in runs for row in rule_rows(r, args.estimate_prior,
+                                                                   r.expert_views is not None)]
+    extra = [f"{m}/true {s}" for m in args.estimate_prior for s in ("mean", "min")]
     rows = [row for _, row in per_run]
     columns = COLUMNS + extra
     if not args.per_run:

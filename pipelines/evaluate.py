@@ -8,7 +8,9 @@ Targets: the 11 priors of the shifted protocol (forward 50 .. uniform .. backwar
 --target-prior file (JSON list / {"prior": [...]} / {"counts": [...]}, or CSV: one value per line or
 `class,value` rows). Per target and post-hoc rule (softmax: raw, pc; balanced_softmax/lade: inject, raw): top-1,
 Many/Medium/Few, NLL, ECE. With a run, results go back into it: metrics shift/<target>/<rule>/<metric>, the table
-(eval/shift_table.json) and figures (eval/figures/*.png); rerunning writes nothing new.
+(eval/shift_table.json) and figures (eval/figures/*.png); rerunning writes nothing new. --aggregate self-supervised
+(multi-expert runs): SADE's test-time aggregation per target, rows of rule `aggregate` and the learned weights
+(eval/aggregate_weights.json).
 """
 from __future__ import annotations
 
@@ -21,16 +23,26 @@ from pathlib import Path
 import pandas as pd
 
 from lade_core.artifacts import (
+    AGGREGATE_WEIGHTS_ARTIFACT,
     FIGURES_DIR,
     SHIFT_TABLE_ARTIFACT,
+    VIEWS_ARTIFACT,
     estimate_metrics,
     estimate_name,
     load_run_logits,
+    missing_views_message,
     read_local_run,
     run_for_model,
     shift_metrics,
 )
-from lade_core.evaluation import ESTIMATE_COLUMNS, METRICS, estimated_prior_rows, evaluate_targets, evaluation_targets
+from lade_core.evaluation import (
+    ESTIMATE_COLUMNS,
+    METRICS,
+    aggregated_rows,
+    estimated_prior_rows,
+    evaluate_targets,
+    evaluation_targets,
+)
 from lade_core.figures import run_figures
 from lade_core.label_shift import BCTS_MIN_PER_CLASS, METHODS
 from lade_core.losses import LOSSES, posthoc_rules
@@ -60,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--calibration", choices=["auto", "bcts", "none"], default="auto",
                     help="posteriors for the estimate: BCTS fitted on the run's validation logits (auto: only with "
                     f">= {BCTS_MIN_PER_CLASS} validation images per class), or none")
+    ap.add_argument("--aggregate", choices=["self-supervised"], help="multi-expert runs (sade, balpoe): also score "
+                    "SADE's test-time aggregation per target, its expert weights learned on the target's own "
+                    "unlabeled images (two augmented views stored by the run); rows of rule 'aggregate'")
     ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="show MLflow's INFO logs and download bars")
@@ -74,11 +89,16 @@ def main(argv=None) -> int:
         if args.logits:
             if not (args.source_info and args.loss):
                 raise ValueError("--logits needs --source-info (the run's data/source_prior.json) and --loss")
+            if args.aggregate:
+                raise ValueError("--aggregate needs a run (--run-id or --model): it reads the run's stored expert "
+                                 f"views ({VIEWS_ARTIFACT}), which a logits file does not hold")
             run = read_local_run(args.logits, args.source_info, args.loss)
         else:
             client = mlflow_client(resolve_tracking_uri(args.mlflow_uri))
             run_id = args.run_id or run_for_model(client, args.model)
-            run = load_run_logits(client, run_id)
+            run = load_run_logits(client, run_id, expert_views=bool(args.aggregate))
+            if args.aggregate and run.expert_views is None:
+                raise ValueError(f"--aggregate: {missing_views_message(run)}")
         targets = evaluation_targets(run.labels, run.train_counts, args.target_prior, args.per_class)
         if (args.estimate_prior == "bbse" or args.calibration == "bcts") and run.val_logits is None:
             raise ValueError("BBSE and BCTS need the run's validation logits (eval/val_logits.parquet), which runs "
@@ -88,9 +108,20 @@ def main(argv=None) -> int:
         return 2
     rows = evaluate_targets(run.logits, run.labels, run.source_prior, run.train_counts,
                             posthoc_rules(run.loss), targets)
+    weights = []
+    if args.aggregate:
+        ev = run.expert_views
+        aggregated = aggregated_rows(ev.logits, ev.eval_offset, run.labels, run.source_prior, run.train_counts,
+                                     targets)
+        rows += aggregated
+        weights = [{"target": r["target"], "n": r["n"], "top1": r["top1"], "stopped_early": r["stopped_early"],
+                    **{f"w{e}": w for e, w in enumerate(r["weights"])}} for r in aggregated]
     print(f"{run.run_name} ({run.loss}){' — MLflow run ' + run.run_id if run.run_id else ''}")
     print(format_table(rows, COLUMNS))
     table = pd.DataFrame(rows, columns=COLUMNS)
+    if weights:
+        print("\ntest-time aggregation (SADE): expert weights learned on each target's unlabeled views")
+        print(format_table(weights, list(weights[0])))
     estimates = []
     if args.estimate_prior:
         estimates = estimated_prior_rows(run.logits, run.labels, run.source_prior, run.loss, targets,
@@ -115,6 +146,8 @@ def main(argv=None) -> int:
         metrics.update(estimate_metrics(estimates, estimate_tag))
         log_table_once(client, run.run_id, pd.DataFrame(estimates, columns=ESTIMATE_COLUMNS_SHOWN),
                        f"eval/estimate_{estimate_tag}.json")
+    if weights:
+        log_table_once(client, run.run_id, pd.DataFrame(weights), AGGREGATE_WEIGHTS_ARTIFACT)
     n_new = log_metrics_once(client, run.run_id, metrics)
     table_written = log_table_once(client, run.run_id, table, SHIFT_TABLE_ARTIFACT)
     if not args.no_figures:

@@ -214,3 +214,75 @@ def test_aggregation_without_images_or_with_mismatched_views_is_one_clear_error(
         learn_expert_weights(torch.zeros(5, 3, 4), torch.zeros(4, 3, 4))
     with pytest.raises(ValueError, match="not all finite"):
         learn_expert_weights(torch.full((2, 3, 4), float("nan")), torch.zeros(2, 3, 4))
+
+
+def _skilled_views(n_per_class: int = 200, C: int = 4, seed: int = 0):
+    """Expert views [N, 3, 2, C] where expert 0 is right, on every view, on classes 0..1 and names a random class on
+    2..3, and expert 1 the other way round; labels grouped by class, as real splits are."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(C).repeat_interleave(n_per_class)
+    n = len(y)
+    views = torch.randn(n, 3, 2, C, generator=g) * 0.3
+    for e, classes in ((0, (0, 1)), (1, (2, 3))):
+        skilled = torch.isin(y, torch.tensor(classes))
+        for v in range(3):
+            cls = torch.where(skilled, y, torch.randint(0, C, (n,), generator=g))
+            views[torch.arange(n), v, e, cls] += 4.0
+    return views, y
+
+
+def test_aggregated_rows_learn_each_targets_weights_from_its_own_views():
+    """A head-only target gives the weight to the head expert and a tail-only one to the tail expert; each row is
+    the top-1 of sum_e w_e z_e + eval_offset on the target's clean logits, w learned on its rows' views alone."""
+    from lade_core.math.aggregation import aggregate, learn_expert_weights
+    from lade_core.math.evaluation import Target, aggregated_rows
+
+    views, y = _skilled_views()
+    offset = torch.tensor([0.0, 0.1, -0.1, 0.2])
+    counts = [300, 150, 40, 10]
+    ps = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    head = Target("head", np.flatnonzero(y.numpy() < 2), torch.tensor([0.5, 0.5, 0, 0], dtype=torch.float64))
+    tail = Target("tail", np.flatnonzero(y.numpy() >= 2), torch.tensor([0, 0, 0.5, 0.5], dtype=torch.float64))
+    rows = aggregated_rows(views, offset, y, ps, counts, [head, tail])
+    assert [r["mode"] for r in rows] == ["aggregate", "aggregate"]
+    assert rows[0]["weights"][0] > 0.6 and rows[1]["weights"][1] > 0.6, rows
+    for t, row in zip((head, tail), rows):
+        idx = torch.as_tensor(t.indices)
+        w, _ = learn_expert_weights(views[idx, 1].double(), views[idx, 2].double())
+        z = aggregate(views[idx, 0].double(), w) + offset.double()
+        assert row["weights"] == pytest.approx(w.tolist())
+        assert row["top1"] == pytest.approx(float((z.argmax(1) == y[idx]).double().mean()))
+        assert row["n"] == len(idx) and row["top1"] > 0.95  # the right expert on each target
+    fixed = float((aggregate(views[:, 0], torch.full((2,), 0.5)).argmax(1) == y).float().mean())
+    assert fixed < 0.9  # the 1/E average alone is not that good: the learned weights are what helps
+
+
+def test_expert_views_round_trip_and_a_plain_logits_file_is_refused(tmp_path):
+    from lade_core.artifacts import (
+        ExpertViews,
+        read_expert_views_parquet,
+        write_expert_views_parquet,
+        write_logits_parquet,
+    )
+
+    views, y = _skilled_views(n_per_class=3)
+    v = ExpertViews(views, y, torch.tensor([0.0, 0.5, -1.0, 2.0]))
+    write_expert_views_parquet(tmp_path / "v.parquet", v)
+    back = read_expert_views_parquet(tmp_path / "v.parquet")
+    assert torch.equal(back.logits, views) and torch.equal(back.labels, y)
+    assert torch.equal(back.eval_offset, v.eval_offset)
+    write_logits_parquet(tmp_path / "plain.parquet", views[:, 0, 0], y)
+    with pytest.raises(ValueError, match="plain.parquet is not an expert-views file"):
+        read_expert_views_parquet(tmp_path / "plain.parquet")
+
+
+def test_aggregation_rows_of_a_run_without_expert_views_is_one_clear_error():
+    from lade_core.artifacts import RunLogits
+    from lade_core.math.evaluation import rule_rows
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(5)
+    run = RunLogits("abcdef123", "r-lade", "lade", torch.randn(20, 4, generator=g), y,
+                    torch.full((4,), 0.25, dtype=torch.float64), [5, 5, 5, 5])
+    with pytest.raises(ValueError, match="r-lade.*test-time aggregation needs the run's expert views.*loss lade"):
+        rule_rows(run, aggregate_experts=True)

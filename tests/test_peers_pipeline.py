@@ -18,6 +18,9 @@ from lade_core.artifacts import (
     PRIOR_ARTIFACT,
     STATE_DICT_ARTIFACT,
     VAL_LOGITS_ARTIFACT,
+    VAL_VIEWS_ARTIFACT,
+    VIEWS_ARTIFACT,
+    read_expert_views_parquet,
     read_logits_parquet,
 )
 from lade_core.evaluation import TAU_GRID, protocol_targets
@@ -116,3 +119,52 @@ def test_compare_prints_table_6_for_every_method_from_one_command(peers):
                                 order_by=["attributes.start_time DESC"])[0]
     assert {"compare.md", "compare.csv", "compare.png"} <= {a.path for a in client.list_artifacts(logged.info.run_id)}
     assert not math.isnan(table.loc[0, "uniform"])
+
+
+def test_expert_runs_store_their_views_and_evaluate_and_compare_aggregate_from_them(peers, capsys):
+    """A multi-expert run stores each expert's logits on the clean test and validation images (whose 1/E average
+    plus the head's offset is exactly the stored test logits) and on two augmented views; ``evaluate.py --aggregate
+    self-supervised`` learns SADE's weights per target from those views alone, logs its rows and weights, and
+    ``compare.py --aggregate`` adds the row; a run without expert views is refused by name."""
+    from conftest import Script
+    from lade_core.aggregation import aggregate, learn_expert_weights
+
+    uri, client, runs, _ = peers
+    rid = runs["sade"].info.run_id
+    z, y = read_logits_parquet(_download(client, rid, LOGITS_ARTIFACT))
+    views = read_expert_views_parquet(_download(client, rid, VIEWS_ARTIFACT))
+    assert views.logits.shape == (len(y), 3, 3, z.shape[1]) and torch.equal(views.labels, y)
+    clean, view_a, view_b = views.logits.unbind(1)
+    torch.testing.assert_close(clean.mean(1) + views.eval_offset, z, atol=1e-4, rtol=1e-5)
+    assert (view_a - clean).abs().max() > 1e-2 and (view_a - view_b).abs().max() > 1e-2  # augmented, not clean
+    _, yv = read_logits_parquet(_download(client, rid, VAL_LOGITS_ARTIFACT))
+    assert torch.equal(read_expert_views_parquet(_download(client, rid, VAL_VIEWS_ARTIFACT)).labels, yv)
+
+    evaluate = Script("evaluate")
+    assert evaluate.main(["--run-id", rid, "--mlflow-uri", uri, "--no-figures", "--aggregate", "self-supervised"]) == 0
+    assert "expert weights learned on each target's unlabeled views" in capsys.readouterr().out
+    metrics = client.get_run(rid).data.metrics
+    info = json.loads(open(_download(client, rid, PRIOR_ARTIFACT)).read())
+    targets = protocol_targets(y, info["train_counts"], knockouts=True)  # the 11 priors and the 6 knock-outs
+    for t in targets:
+        idx = torch.as_tensor(t.indices)
+        w, _ = learn_expert_weights(view_a[idx].double(), view_b[idx].double())
+        top1 = float(((aggregate(clean[idx].double(), w) + views.eval_offset.double()).argmax(1) == y[idx])
+                     .double().mean())
+        assert metrics[f"shift/{t.name}/aggregate/top1"] == pytest.approx(top1, abs=1e-9), t.name
+    weights = pd.read_json(_download(client, rid, "eval/aggregate_weights.json"), orient="split")
+    assert len(weights) == len(targets) and np.allclose(weights[["w0", "w1", "w2"]].sum(axis=1), 1)
+
+    table = _compare_csv(uri, [runs[m].info.run_id for m in EXPERTS] + ["--aggregate", "self-supervised"])
+    agg = table[table["posthoc"] == "aggregate (self-supervised)"]
+    assert list(agg["loss"]) == ["sade", "balpoe"]
+    assert float(agg.iloc[0]["uniform"]) == pytest.approx(metrics["shift/uniform/aggregate/top1"], abs=1e-6)
+
+    # Beside other methods, only the multi-expert runs get the row; asked of runs without views, one clear error.
+    table = _compare_csv(uri, [runs["lade"].info.run_id, rid, "--aggregate", "self-supervised"])
+    assert list(table[table["posthoc"] == "aggregate (self-supervised)"]["loss"]) == ["sade"]
+    lade = runs["lade"].info.run_id
+    for script, argv in (("compare", ["--run-ids", lade, "--no-log"]), ("evaluate", ["--run-id", lade])):
+        assert Script(script).main([*argv, "--mlflow-uri", uri, "--aggregate", "self-supervised"]) == 2
+        err = capsys.readouterr().err
+        assert f"r-lade, loss lade) has no {VIEWS_ARTIFACT}: test-time aggregation needs a multi-expert model" in err

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .aggregation import aggregate, learn_expert_weights
 from .checks import bad_indices
 from .metrics import calibration_bins, ece_from_bins, shot_accuracies
 from .posthoc import RULES, TAU_GRID, posthoc_offset
@@ -30,7 +31,7 @@ from .priors import (
 )
 
 __all__ = ["Target", "protocol_targets", "evaluation_targets", "target_from_values", "evaluate_targets", "METRICS",
-           "logit_statistics",
+           "logit_statistics", "aggregated_rows", "AGGREGATE_MODE",
            "mean_predicted_prior", "calibration_by_rule", "protocol_mean_top1", "ESTIMATE_COLUMNS",
            "estimated_prior_rows", "TAU_GRID", "select_tau", "tuned_rule_logits", "rule_rows", "PROTOCOL_NAMES",
            "KNOCKOUT_NAMES"]
@@ -188,6 +189,36 @@ def evaluate_targets(
     return rows
 
 
+# --- Test-time aggregation of a multi-expert model (SADE) ------------------------------------------------------
+
+AGGREGATE_MODE = "aggregate"  # the rule name of its rows: shift/<target>/aggregate/<metric>
+
+
+def aggregated_rows(expert_views, eval_offset, labels, source_prior, train_counts, targets: list[Target],
+                    seed: int = 0, n_bins: int = 20) -> list[dict]:
+    """One row per target, as ``evaluate_targets`` with mode ``aggregate``: SADE's test-time self-supervised
+    aggregation (``aggregation.learn_expert_weights``) learns the expert weights w [E] from the two augmented views
+    of the target's own (unlabeled) images, and scores sum_e w_e z_e + eval_offset on their clean expert logits; no
+    prior is injected (SADE's rule). Each row also holds ``weights`` (w as a list) and ``stopped_early``.
+
+    expert_views [N, 3, E, C]: the experts' logits on the clean image, view a and view b (``inference.EXPERT_VIEWS``);
+    eval_offset [C]: the head's fixed inference offset (BalPoE's; zero for SADE)."""
+    v = torch.as_tensor(expert_views).double()
+    if v.dim() != 4 or v.shape[1] != 3:
+        raise ValueError(f"expert views must be [N, 3, E, C] (clean, view a, view b), got {tuple(v.shape)}")
+    offset = torch.as_tensor(eval_offset).double().reshape(v.shape[3])
+    rows = []
+    for target in targets:
+        idx = torch.as_tensor(target.indices)
+        w, info = learn_expert_weights(v[idx, 1], v[idx, 2], seed=seed)
+        # The target's weights on the whole split's clean logits: evaluate_targets then keeps the target's rows.
+        row = evaluate_targets(aggregate(v[:, 0], w) + offset, labels, source_prior, train_counts, ("raw",),
+                               [target], n_bins)[0]
+        rows.append({**row, "mode": AGGREGATE_MODE, "weights": info["weights"],
+                     "stopped_early": info["stopped_early"]})
+    return rows
+
+
 def protocol_mean_top1(logits, labels, source_prior, train_counts, rule: str) -> float:
     """Mean top-1 over the 11 shifted target priors (a label-shift-robust model selection objective).
 
@@ -227,12 +258,14 @@ PROTOCOL_NAMES: tuple[str, ...] = tuple(shift_protocol_name(d, r) for d, r in SH
 KNOCKOUT_NAMES: tuple[str, ...] = tuple(knockout_name(k, p) for k, p in KNOCKOUT_PROTOCOL)
 
 
-def rule_rows(run, estimate: str | None = None) -> list[dict]:
+def rule_rows(run, estimate: str | list[str] | None = None, aggregate_experts: bool = False) -> list[dict]:
     """The rows of Table 6 for one run (``artifacts.RunLogits``), one per post-hoc rule that fits its loss: its own
     first, then the rules tuned on validation (``losses.tuned_rules``: post-hoc logit adjustment, and τ-norm where
-    the linear classifier is stored), each labelled with its τ. With ``estimate`` (a ``label_shift`` method), the
-    top-1 with p_t estimated from each target's own logits over the top-1 with the true p_t, on the run's own rule:
-    mean and min over the 17 targets (the knock-outs included)."""
+    the linear classifier is stored), each labelled with its τ. With ``estimate`` (``label_shift`` methods), per
+    method the top-1 with p_t estimated from each target's own logits over the top-1 with the true p_t, on the run's
+    own rule: mean and min over the 17 targets (the knock-outs included), and a row of that estimated-prior top-1
+    per target.
+    ``aggregate_experts``: a row of SADE's test-time aggregation (``aggregated_rows``; the run's ``expert_views``)."""
     from .losses import posthoc_rules, tuned_rules
 
     targets = protocol_targets(run.labels, run.train_counts, knockouts=True)
@@ -242,18 +275,31 @@ def rule_rows(run, estimate: str | None = None) -> list[dict]:
             tau, logits = tuned_rule_logits(name, run.logits, run.val_logits.double(), run.val_labels,
                                             run.source_prior, run.classifier)
             rules.append((f"{name} (τ={tau:g})", name, logits))
-    out = []
-    for label, rule, logits in rules:
-        rows = {r["target"]: r for r in evaluate_targets(logits, run.labels, run.source_prior, run.train_counts,
-                                                           (rule,), targets)}
-        u, top1 = rows["uniform"], {p: rows[p]["top1"] for p in PROTOCOL_NAMES + KNOCKOUT_NAMES}
-        out.append({"run": f"{run.run_name} ({run.run_id[:8]})", "loss": run.loss, "posthoc": label, **top1,
-                    "mean": float(np.mean(list(top1.values()))), "many": u["many"], "medium": u["medium"],
-                    "few": u["few"], "ece": u["ece"]})
-    if estimate:
-        ratios = [r["ratio"] for r in estimated_prior_rows(run.logits, run.labels, run.source_prior, run.loss, targets,
-                                                            estimate, run.val_logits, run.val_labels)]
-        out[0].update({f"{estimate}/true mean": float(sum(ratios) / len(ratios)), f"{estimate}/true min": min(ratios)})
+    name = f"{run.run_name} ({run.run_id[:8]})"
+
+    def table_row(label: str, rows: list[dict]) -> dict:
+        by_target = {r["target"]: r for r in rows}
+        u, top1 = by_target.get("uniform", {}), {p: by_target[p]["top1"] for p in PROTOCOL_NAMES + KNOCKOUT_NAMES}
+        return {"run": name, "loss": run.loss, "posthoc": label, **top1, "mean": float(np.mean(list(top1.values()))),
+                **{k: u.get(k, float("nan")) for k in ("many", "medium", "few", "ece")}}
+
+    out = [table_row(label, evaluate_targets(logits, run.labels, run.source_prior, run.train_counts, (rule,),
+                                             targets))
+           for label, rule, logits in rules]
+    for method in [estimate] if isinstance(estimate, str) else list(estimate or ()):
+        est = estimated_prior_rows(run.logits, run.labels, run.source_prior, run.loss, targets, method,
+                                   run.val_logits, run.val_labels)
+        ratios = [r["ratio"] for r in est]
+        out[0].update({f"{method}/true mean": float(sum(ratios) / len(ratios)), f"{method}/true min": min(ratios)})
+        out.append(table_row(f"{rules[0][0]} ({method} estimate)",
+                             [{"target": r["target"], "top1": r["top1_estimated"]} for r in est]))
+    if aggregate_experts:
+        if run.expert_views is None:
+            raise ValueError(f"{name}: test-time aggregation needs the run's expert views (a multi-expert model: "
+                             f"--loss sade or balpoe); loss {run.loss} stored none")
+        ev = run.expert_views
+        out.append(table_row("aggregate (self-supervised)", aggregated_rows(
+            ev.logits, ev.eval_offset, run.labels, run.source_prior, run.train_counts, targets)))
     return out
 
 

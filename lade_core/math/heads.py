@@ -127,14 +127,20 @@ class ExpertHeads(nn.Module):
         offset = torch.zeros(num_classes) if eval_offset is None else torch.as_tensor(eval_offset, dtype=torch.float32)
         self.register_buffer("eval_offset", offset.reshape(num_classes).clone())
 
+    # Inference that returns the experts' own logits [B, E, C] (``inference.expert_outputs``): what test-time
+    # aggregation learns its weights from. A plain attribute, not state: it is never saved with the model.
+    emit_experts: bool = False
+
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] -> [B, E, C]
         return torch.einsum("bd,ecd->bec", x, self.weight) + self.bias
 
+    def combine(self, z: torch.Tensor) -> torch.Tensor:  # z [B, E, C] -> [B, C]
+        """The inference logits of expert logits z: sum_e w_e z_e + eval_offset."""
+        return torch.einsum("bec,e->bc", z, self.expert_weights.to(z.dtype)) + self.eval_offset.to(z.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] -> [B, E, C] (train) or [B, C] (eval)
         z = self.expert_logits(x)
-        if self.training:
-            return z
-        return torch.einsum("bec,e->bc", z, self.expert_weights.to(z.dtype)) + self.eval_offset.to(z.dtype)
+        return z if self.training or self.emit_experts else self.combine(z)
 
 
 def check_expert_weights(weights, num_experts: int) -> list[float]:
