@@ -40,12 +40,13 @@ def main() -> None:
     ap.add_argument("--dataset", default="synthetic", help="the recipes' dataset folder (lade_core/recipes)")
     ap.add_argument("--methods", nargs="+", default=["lade", "softmax", "sade", "balpoe"])
     ap.add_argument("--workdir", help="default: a fresh temporary folder")
+    ap.add_argument("--no-train", action="store_true", help="compare the runs already trained in --workdir")
     ap.add_argument("--train-args", default="", help="extra train.py flags for every method, e.g. '--epochs 4'")
     args = ap.parse_args()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rank-"))
     work.mkdir(parents=True, exist_ok=True)
     experiment = f"rank-{args.dataset}"
-    for method in args.methods:
+    for method in [] if args.no_train else args.methods:
         t0 = time.perf_counter()
         run([str(REPO / "pipelines" / "train.py"), "--config", f"{args.dataset}/{method}", "--experiment", experiment,
              "--run-name", f"{args.dataset}-{method}", *args.train_args.split()], work)

@@ -5,7 +5,9 @@ all 17, plus uniform Many/Medium/Few and ECE. Each run gets one row per post-hoc
 then ``raw``; a run whose logits take PC (softmax, focal) also gets an ``adjusted`` row, Menon et al.'s post-hoc logit
 adjustment z - τ log p_s + log p_t, and, with a plain linear classifier, a ``tau_norm`` row, Decouple's
 τ-normalized classifier evaluated from the stored logits and weights; both with τ chosen on the validation split.
-Computed from each run's stored test logits.
+Computed from each run's stored test logits. --estimate-prior em mapls: per method a row with p_t estimated from
+each target's own unlabeled logits; --aggregate self-supervised: for each multi-expert run (sade, balpoe) a row of
+SADE's test-time aggregation, its weights learned on each target's stored augmented views.
 
   python pipelines/compare.py --run-ids ID1 ID2
   python pipelines/compare.py --experiment lade --format csv
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
         # Runs that differ only in seed: one row, mean ± std (n runs) in every cell. A tuned rule's label carries its
         # own τ per run, so rows group by the rule's name.
         for _, row in per_run:
-            row["rule"] = row["posthoc"].split(" (")[0]
+            row["rule"] = row["posthoc"].split(" (τ=")[0]  # "inject (em estimate)" stays its own rule
         grouped = group_rows(rows, [r.seed_group for r, _ in per_run], ["loss", "rule"],
                              [*TARGETS, "many", "medium", "few", "ece", *extra])
         for row in grouped:

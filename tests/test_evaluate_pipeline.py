@@ -220,6 +220,12 @@ def test_compare_shows_the_estimated_prior_columns(store, capsys):
     ratios = _table(client, rid, "eval/estimate_em-bcts.json")["ratio"]  # auto: BCTS from 20 val images/class
     assert compare.main(["--run-ids", rid, "--mlflow-uri", uri, "--estimate-prior", "em", "--no-log",
                          "--format", "csv"]) == 0
-    row = next(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    row = rows[0]
     assert float(row["em/true mean"]) == pytest.approx(ratios.mean(), abs=1e-4)
     assert float(row["em/true min"]) == pytest.approx(ratios.min(), abs=1e-4)
+    # The estimated prior's own row: top-1 per target with p_t estimated from the target's logits, as evaluate.py.
+    estimated = {r["posthoc"]: r for r in rows}[f"{row['posthoc']} (em estimate)"]
+    table = _table(client, rid, "eval/estimate_em-bcts.json").set_index("target")
+    for target, top1 in table["top1_estimated"].items():
+        assert float(estimated[target]) == pytest.approx(top1, abs=1e-6), target
