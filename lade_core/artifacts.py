@@ -55,23 +55,30 @@ def read_source_info(path: str | Path) -> tuple[torch.Tensor, list[int]]:
     return torch.tensor(info["source_prior"], dtype=torch.float64), list(info["train_counts"])
 
 
-def write_logits_parquet(path: str | Path, logits: torch.Tensor, labels: torch.Tensor) -> None:
-    """Test logits [N, C] float32 as a fixed-size-list column plus int64 labels."""
+def write_logits_parquet(path: str | Path, logits: torch.Tensor, labels: torch.Tensor,
+                         metadata: dict[str, str] | None = None) -> None:
+    """Test logits [N, C] float32 as a fixed-size-list column plus int64 labels; ``metadata``: the schema's
+    key-value metadata (strings: JSON, never code)."""
     n, c = logits.shape
     flat = pa.array(logits.float().numpy().reshape(-1), pa.float32())
     table = pa.table({"label": pa.array(labels.numpy().astype(np.int64)),
                       "logits": pa.FixedSizeListArray.from_arrays(flat, c)})
-    pq.write_table(table, str(path))
+    pq.write_table(table.replace_schema_metadata(metadata) if metadata else table, str(path))
+
+
+def _read_logits_table(path: str | Path, filesystem=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(logits [N, C] float32, labels [N], schema metadata) of a file ``write_logits_parquet`` wrote."""
+    table = pq.read_table(str(path), filesystem=filesystem)
+    col = table.column("logits").combine_chunks()
+    c = col.type.list_size
+    logits = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(-1, c).copy())
+    return logits, torch.from_numpy(table.column("label").to_numpy().copy()), table.schema.metadata or {}
 
 
 def read_logits_parquet(path: str | Path, filesystem=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [N, C] float32, labels [N]) of a file ``write_logits_parquet`` wrote; ``filesystem``: a pyarrow
     filesystem ``path`` lies in (a checkpoint's on remote storage), else a local path."""
-    table = pq.read_table(str(path), filesystem=filesystem)
-    col = table.column("logits").combine_chunks()
-    c = col.type.list_size
-    logits = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(-1, c).copy())
-    return logits, torch.from_numpy(table.column("label").to_numpy().copy())
+    return _read_logits_table(path, filesystem)[:2]
 
 
 class ExpertViews(NamedTuple):
@@ -86,27 +93,21 @@ class ExpertViews(NamedTuple):
 
 def write_expert_views_parquet(path: str | Path, views: ExpertViews) -> None:
     """``views`` as ``write_logits_parquet`` writes logits (one fixed-size list of V·E·C float32 per image), its
-    shape and ``eval_offset`` in the schema's metadata (JSON, never code)."""
+    shape and ``eval_offset`` in the schema's metadata."""
     n, v, e, c = views.logits.shape
-    flat = pa.array(views.logits.float().numpy().reshape(-1), pa.float32())
-    table = pa.table({"label": pa.array(views.labels.numpy().astype(np.int64)),
-                      "logits": pa.FixedSizeListArray.from_arrays(flat, v * e * c)})
-    meta = {"lade.views_shape": json.dumps([v, e, c]),
-            "lade.eval_offset": json.dumps([float(x) for x in views.eval_offset])}
-    pq.write_table(table.replace_schema_metadata(meta), str(path))
+    write_logits_parquet(path, views.logits.reshape(n, v * e * c), views.labels,
+                         {"lade.views_shape": json.dumps([v, e, c]),
+                          "lade.eval_offset": json.dumps([float(x) for x in views.eval_offset])})
 
 
 def read_expert_views_parquet(path: str | Path, filesystem=None) -> ExpertViews:
     """What ``write_expert_views_parquet`` wrote; a file without its metadata is refused by name."""
-    table = pq.read_table(str(path), filesystem=filesystem)
-    meta = table.schema.metadata or {}
+    logits, labels, meta = _read_logits_table(path, filesystem)
     if b"lade.views_shape" not in meta or b"lade.eval_offset" not in meta:
         raise ValueError(f"{path} is not an expert-views file: its schema has no lade.views_shape / lade.eval_offset")
-    v, e, c = json.loads(meta[b"lade.views_shape"])
-    col = table.column("logits").combine_chunks()
-    logits = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(-1, v, e, c).copy())
+    shape = json.loads(meta[b"lade.views_shape"])
     offset = torch.tensor(json.loads(meta[b"lade.eval_offset"]), dtype=torch.float32)
-    return ExpertViews(logits, torch.from_numpy(table.column("label").to_numpy().copy()), offset)
+    return ExpertViews(logits.reshape(-1, *shape), labels, offset)
 
 
 # --- Reading a finished run back (evaluation, comparison, tuning) ----------------------------------------------

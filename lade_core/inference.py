@@ -127,7 +127,7 @@ def expert_outputs(model: nn.Module):
 
 def view_transforms(prepared, image_size: int | None, seed: int) -> list[ImageTransform]:
     """The transforms of ``EXPERT_VIEWS`` for ``prepared``: its evaluation transform, then SADE's two augmented
-    views (``recipe.VIEW_PRESETS``) seeded per (run seed, view, sample), so a rerun stores the same views."""
+    views (``recipe.view_augment``) seeded per (run seed, view, sample), so a rerun stores the same views."""
     crop = prepared.crop_size(image_size)
     views = view_augment(prepared.family, crop, prepared.input_sizes(crop))
     # Seeds of "epochs" no run reaches: the views never repeat a training crop by construction.

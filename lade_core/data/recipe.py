@@ -39,20 +39,6 @@ def _blur_kernel(size: int) -> int:
     return max(3, int(round(0.1 * size)) // 2 * 2 + 1)
 
 
-# The two augmented views of each target image that test-time aggregation compares (SADE's test-time training
-# views, ``test_training_{cifar,imagenet}.py`` of its release: MoCo v2's recipe), at crop size s. The same for
-# every run of a family, so two runs' stored views are drawn alike.
-VIEW_PRESETS: dict[str, object] = {
-    family: (lambda s, crop=crop, blur_p=blur_p: [
-        crop(s), {"RandomApply": {"transforms": [{"ColorJitter": {"brightness": 0.4, "contrast": 0.4,
-                                                                  "saturation": 0.4, "hue": 0.1}}], "p": 0.8}},
-        {"RandomGrayscale": {"p": 0.2}},
-        {"RandomApply": {"transforms": [{"GaussianBlur": {"kernel_size": _blur_kernel(s), "sigma": [0.1, 2.0]}}],
-                         "p": blur_p}},
-        {"RandomHorizontalFlip": {}}])
-    for family, crop, blur_p in (("cifar", lambda s: {"RandomCrop": {"size": s, "padding": 4}}, 0.2),
-                                 ("imagenet", lambda s: {"RandomResizedCrop": {"size": s, "scale": [0.2, 1.0],
-                                                                               "antialias": True}}, 0.5))}
 # Transforms that are not per-image augmentations of a uint8 image: batch mixing needs the labels (the config's
 # ``mixup`` / ``cutmix`` keys do it on the worker), and dtype / normalization steps belong to ``normalize``.
 _REFUSED = {"MixUp": "use the config key `mixup: {alpha: ...}`", "CutMix": "use the config key `cutmix: {alpha: ...}`",
@@ -174,9 +160,20 @@ def resolve_augment(augment, family: str, size: int, input_sizes: list[tuple[int
 
 
 def view_augment(family: str, size: int, input_sizes: list[tuple[int, int]]) -> list[dict]:
-    """The resolved ``augment`` list of test-time aggregation's views (``VIEW_PRESETS``) at crop ``size``, checked
-    on the dataset's input sizes like a training recipe (``resolve_augment``)."""
-    return resolve_augment(VIEW_PRESETS[family](size), family, size, input_sizes)
+    """The resolved ``augment`` list of the two augmented views of each target image that test-time aggregation
+    compares, at crop ``size``: SADE's test-time training views (``test_training_{cifar,imagenet}.py`` of its
+    release, MoCo v2's recipe), the same for every run of a family so two runs' stored views are drawn alike;
+    checked on the dataset's input sizes like a training recipe (``resolve_augment``)."""
+    crop = ({"RandomCrop": {"size": size, "padding": 4}} if family == "cifar" else
+            {"RandomResizedCrop": {"size": size, "scale": [0.2, 1.0], "antialias": True}})
+    blur = {"GaussianBlur": {"kernel_size": _blur_kernel(size), "sigma": [0.1, 2.0]}}
+    views = [crop,
+             {"RandomApply": {"transforms": [{"ColorJitter": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4,
+                                                              "hue": 0.1}}], "p": 0.8}},
+             {"RandomGrayscale": {"p": 0.2}},
+             {"RandomApply": {"transforms": [blur], "p": 0.2 if family == "cifar" else 0.5}},
+             {"RandomHorizontalFlip": {}}]
+    return resolve_augment(views, family, size, input_sizes)
 
 
 @lru_cache(maxsize=64)

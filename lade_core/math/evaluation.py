@@ -207,13 +207,14 @@ def aggregated_rows(expert_views, eval_offset, labels, source_prior, train_count
     if v.dim() != 4 or v.shape[1] != 3:
         raise ValueError(f"expert views must be [N, 3, E, C] (clean, view a, view b), got {tuple(v.shape)}")
     offset = torch.as_tensor(eval_offset).double().reshape(v.shape[3])
+    y = torch.as_tensor(_labels_np(labels))
     rows = []
     for target in targets:
         idx = torch.as_tensor(target.indices)
         w, info = learn_expert_weights(v[idx, 1], v[idx, 2], seed=seed)
-        # The target's weights on the whole split's clean logits: evaluate_targets then keeps the target's rows.
-        row = evaluate_targets(aggregate(v[:, 0], w) + offset, labels, source_prior, train_counts, ("raw",),
-                               [target], n_bins)[0]
+        own = Target(target.name, np.arange(len(idx)), target.prior)  # the target's rows, renumbered
+        row = evaluate_targets(aggregate(v[idx, 0], w) + offset, y[idx], source_prior, train_counts, ("raw",),
+                               [own], n_bins)[0]
         rows.append({**row, "mode": AGGREGATE_MODE, "weights": info["weights"],
                      "stopped_early": info["stopped_early"]})
     return rows
@@ -258,7 +259,7 @@ PROTOCOL_NAMES: tuple[str, ...] = tuple(shift_protocol_name(d, r) for d, r in SH
 KNOCKOUT_NAMES: tuple[str, ...] = tuple(knockout_name(k, p) for k, p in KNOCKOUT_PROTOCOL)
 
 
-def rule_rows(run, estimate: str | list[str] | None = None, aggregate_experts: bool = False) -> list[dict]:
+def rule_rows(run, estimate: tuple[str, ...] | list[str] = (), aggregate_experts: bool = False) -> list[dict]:
     """The rows of Table 6 for one run (``artifacts.RunLogits``), one per post-hoc rule that fits its loss: its own
     first, then the rules tuned on validation (``losses.tuned_rules``: post-hoc logit adjustment, and τ-norm where
     the linear classifier is stored), each labelled with its τ. With ``estimate`` (``label_shift`` methods), per
@@ -286,7 +287,7 @@ def rule_rows(run, estimate: str | list[str] | None = None, aggregate_experts: b
     out = [table_row(label, evaluate_targets(logits, run.labels, run.source_prior, run.train_counts, (rule,),
                                              targets))
            for label, rule, logits in rules]
-    for method in [estimate] if isinstance(estimate, str) else list(estimate or ()):
+    for method in estimate:
         est = estimated_prior_rows(run.logits, run.labels, run.source_prior, run.loss, targets, method,
                                    run.val_logits, run.val_labels)
         ratios = [r["ratio"] for r in est]
