@@ -2,7 +2,9 @@
 formulation and vs its readable reference (``losses.lade_reference``, autograd).
 
 Run: python bench/loss_speed.py [--smoke-test] [--device cuda]. Prints ratios measured in one run (best of k,
-interleaved), last as ``<loss>/ce@<C> <ratio>`` lines (target: lade/ce <= 2).
+interleaved), last as ``<loss>/ce@<C> <ratio>`` lines (target: lade/ce <= 2). A multi-expert loss (``sade``,
+``balpoe``) takes logits [N, E, C] and is timed against cross-entropy on its N*E rows. ``--before <git rev>`` also
+times the LADELoss of that revision, in the same run (``lade_before/ce@<C>``).
 """
 from __future__ import annotations
 
@@ -30,12 +32,31 @@ def masked_lade(z, y, log_ps, alpha, lam, weights):
     return ce - alpha * (weights * (first - second - lam * second**2)).sum()
 
 
+def _lade_at(rev: str):
+    """LADELoss as it was at git revision ``rev``: its lade_core tree exported to a temporary directory and
+    imported under another package name, so both versions run interleaved in one process."""
+    import importlib
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    tmp = Path(tempfile.mkdtemp(prefix="lade_before_"))
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "lade_core"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    (tmp / "lade_core").rename(tmp / "lade_core_before")
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("lade_core_before.math.losses").LADELoss
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--smoke-test", action="store_true", help="tiny sizes, few repeats")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--before", default=None, help="a git revision whose LADELoss is timed beside this one")
     args = ap.parse_args()
+    before_cls = _lade_at(args.before) if args.before else None
     sizes = [100] if args.smoke_test else [100, 1000, 8142]
     repeats = 3 if args.smoke_test else 30
     device = torch.device(args.device)
@@ -55,10 +76,12 @@ def main() -> None:
         offset = lade.lader.released_offset.float().to(device)[None, :]
         losses = {name: build_loss(name, prior, train_counts=counts.long().tolist()).to(device) for name in LOSSES
                   if name not in ("lade", "causal_norm")}  # causal_norm trains softmax CE on its head's logits
+        experts = {name: fn.num_experts for name, fn in losses.items() if hasattr(fn, "num_experts")}
+        ze = {e: torch.randn(args.batch, e, c, generator=g).to(device).requires_grad_() for e in set(experts.values())}
 
-        def step(loss_fn):
+        def step(loss_fn, x=z):
             def run():
-                z.grad = None
+                x.grad = None
                 loss_fn().backward()
                 if device.type == "cuda":
                     torch.cuda.synchronize()  # time the kernels, not their launch
@@ -70,7 +93,12 @@ def main() -> None:
                 "lade": step(lambda: lade(z, y)),
                 "masked": step(lambda: masked_lade(z, y, log_ps, 0.1, 0.1, weights)),
                 "readable": step(lambda: lade_reference(z, y, log_ps, offset, weights, 0.1, 0.1)),
-                **{name: step(lambda fn=fn: fn(z, y)) for name, fn in losses.items()},
+                **({"lade_before": step(lambda m=before_cls(prior, alpha=0.1, lam=0.1).to(device): m(z, y))}
+                   if before_cls else {}),
+                **{name: step(lambda fn=fn: fn(z, y)) for name, fn in losses.items() if name not in experts},
+                **{f"ce x{e}": step(lambda x=x: F.cross_entropy(x.flatten(0, 1), y.repeat_interleave(x.shape[1])), x)
+                   for e, x in ze.items()},
+                **{name: step(lambda fn=losses[name], x=ze[e]: fn(x, y), ze[e]) for name, e in experts.items()},
             },
             repeats=repeats,
         )
@@ -79,7 +107,8 @@ def main() -> None:
             f"{t['readable'] * 1e3:>11.3f} "
             f"{t['lade'] / t['ce']:>8.2f} {t['masked'] / t['lade']:>11.2f}"
         )
-        ratios.update({f"{name}/ce@{c}": t[name] / t["ce"] for name in ("lade", *losses)})
+        ratios.update({f"{name}/ce@{c}": t[name] / t[f"ce x{experts[name]}" if name in experts else "ce"]
+                       for name in ("lade", *(("lade_before",) if before_cls else ()), *losses)})
     for name, r in ratios.items():
         print(f"{name} {r:.2f}")
 

@@ -151,44 +151,65 @@ class _LADEFunction(torch.autograd.Function):
     Returns (total, ce, lader, F [C], S [C], sum_c w_c F_c, sum_c w_c S_c); only ``total`` is differentiable.
     ``lade_reference`` is the same loss written as the equations read, for autograd; the tests hold the two together.
 
-    Why it is shaped this way (bench/loss_speed.py): at large C the cost is the passes over [N, C] (exp most of
-    all), so both softmaxes are computed once in the forward and kept, and the backward is two fused multiply-adds;
-    at small C it is the number of ops, so the class sums are one ``bincount`` each and the three weighted sums of
-    LADER one matrix-vector product.
+    Why it is shaped this way (bench/loss_speed.py): at large C the cost is the passes over [N, C] — memory traffic
+    and ``exp`` — so one fused row softmax P = softmax_c(z) (each row stays in cache) serves both softmaxes:
+      e^{z_ic + log p_c} = P_ic p_c e^{lse_i}            (rows: the CE on z + log p_s, normalized by P @ p_s)
+      e^{z_ic + o_ic - M} = P_ic r_i, r_i = e^{lse_i + o_i - M}   (columns: normalized by r @ P, M = max_i(lse_i + o_i))
+    with lse_i = logsumexp_c z_ic; the column sums are a matrix-vector product, and the backward is one rank-2 outer
+    product times P. A column whose every entry lies far below M (> ~44 nats in float32) would lose its sum to
+    underflow; then, and on accelerators (where checking costs a host sync), the exact path runs: a column max and
+    a second exp pass. At small C the cost is the number of ops, so the class sums are one ``bincount`` each and
+    the three weighted sums of LADER one matrix-vector product.
     """
 
     @staticmethod
     def forward(ctx, z, targets, log_prior, offset, weights, lam, alpha, ce_weight, present_only):  # z [N, C]
         n_samples, num_classes = z.shape
-        z_at_target = z.gather(1, targets[:, None])  # [N, 1]
+        z_at_target = z.gather(1, targets[:, None])[:, 0]  # [N]
         if z.device.type == "cpu":
             counts = torch.bincount(targets, minlength=num_classes).to(z.dtype)  # n_c [C]
-            f_sums = torch.bincount(targets, weights=z_at_target[:, 0], minlength=num_classes).to(z.dtype)
+            f_sums = torch.bincount(targets, weights=z_at_target, minlength=num_classes).to(z.dtype)
         else:  # bincount's output size needs a host sync on an accelerator; index_add_ does not
             counts = z.new_zeros(num_classes).index_add_(0, targets, z.new_ones(n_samples))
-            f_sums = z.new_zeros(num_classes).index_add_(0, targets, z_at_target[:, 0])
+            f_sums = z.new_zeros(num_classes).index_add_(0, targets, z_at_target)
+        probs = torch.softmax(z, dim=1)  # P [N, C]: the one exp pass
+        lse = z.amax(dim=1) - probs.amax(dim=1).log()  # lse_i = max_c z_ic - log max_c P_ic [N]; max P >= 1/C
+        row_shift = lse if offset.shape[0] == 1 else lse + offset[:, 0]  # lse_i + o_i [N]
+        peak = row_shift.max()  # M
+        r = (row_shift - peak).exp_()  # [N], <= 1
+        col_sum = r @ probs  # [C]: sum_i e^{z_ic + o_i - M}
+        prior = row_sum = None
         if ce_weight:
-            x = z + log_prior  # [N, C]
-            probs = torch.softmax(x, dim=1)  # [N, C]; kept: the CE gradient
-            p_at_target = probs.gather(1, targets[:, None])  # [N, 1]
-            if z.device.type == "cpu" and bool(p_at_target.min() > 0):
-                ce = -p_at_target.log().mean()
-            else:  # a target probability below float range (CE > ~87), or no cheap check on an accelerator
+            prior = log_prior.exp()  # p_s [C]
+            row_sum = probs @ prior  # [N]: sum_c P_ic p_c
+        # Underflow guard: every sum at least sqrt(tiny), so what underflowed in it is below N * sqrt(tiny) relative.
+        floor = math.sqrt(torch.finfo(z.dtype).tiny)
+        fused = z.device.type == "cpu" and bool(col_sum.min() > floor) and (row_sum is None
+                                                                             or bool(row_sum.min() > floor))
+        if fused:
+            s = peak + col_sum.log() - math.log(n_samples)  # [C]
+            col_exp = None
+            if ce_weight:
+                ce = (lse + row_sum.log() - z_at_target - log_prior[targets]).mean()
+        else:  # the exact path: each column stabilized by its own max, the CE by the row softmax of z + log p_s
+            shifted = z if offset.shape[0] == 1 else z + offset  # a per-class offset cancels in the column softmax
+            col_max = shifted.amax(dim=0)  # [C]
+            col_exp = (shifted - col_max).exp_()  # [N, C], e^{z_ic + o_ic - max_i}: <= 1, no overflow
+            col_sum = col_exp.sum(dim=0)  # [C], >= 1
+            s = col_max + col_sum.log() - math.log(n_samples)  # [C]
+            if ce_weight:
+                x = z + log_prior  # [N, C]
+                probs = torch.softmax(x, dim=1)  # [N, C]; kept: the CE gradient
                 ce = (torch.logsumexp(x, dim=1) - x.gather(1, targets[:, None])[:, 0]).mean()
-        else:
-            probs, ce = None, z.new_zeros(())
-        shifted = z if offset.shape[0] == 1 else z + offset  # a per-class offset cancels in the column softmax
-        col_max = shifted.amax(dim=0)  # [C]
-        col_exp = (shifted - col_max).exp_()  # [N, C], e^{z_ic + o_ic - max_i}: <= 1, no overflow
-        col_sum = col_exp.sum(dim=0)  # [C], >= 1
-        s = col_max + col_sum.log() - math.log(n_samples)  # [C]
         if offset.shape[0] == 1:
             s = s + offset[0]
+        if not ce_weight:
+            ce = z.new_zeros(())
         f = f_sums / counts.clamp(min=1)  # [C]
         w = weights * (counts > 0) if present_only else weights  # [C]
         wf, ws, wss = torch.stack([f, s, s * s]) @ w  # sum_c w_c F_c, sum_c w_c S_c, sum_c w_c S_c^2
         lader = ws + lam * wss - wf
-        ctx.save_for_backward(targets, probs, col_exp, col_sum, s, counts, w)
+        ctx.save_for_backward(targets, probs, col_exp, r, col_sum, row_sum, prior, s, counts, w)
         ctx.lam, ctx.alpha, ctx.ce_weight = lam, alpha, ce_weight
         ctx.mark_non_differentiable(ce, lader, f, s, wf, ws)
         return ce_weight * ce + alpha * lader, ce, lader, f, s, wf, ws
@@ -196,15 +217,22 @@ class _LADEFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g, *_):
-        targets, probs, col_exp, col_sum, s, counts, w = ctx.saved_tensors
-        n_samples = col_exp.shape[0]
+        targets, probs, col_exp, r, col_sum, row_sum, prior, s, counts, w = ctx.saved_tensors
+        n_samples = probs.shape[0]
         gw = (g * ctx.alpha) * w  # [C]
-        # softmax_i(z_ic + o_ic) * w_c (1 + 2 lam S_c); not in place: a retained graph may run backward again.
-        grad = col_exp * (gw * (1 + 2 * ctx.lam * s) / col_sum)  # [N, C]
+        col_scale = gw * (1 + 2 * ctx.lam * s) / col_sum  # [C]: w_c (1 + 2 lam S_c) / column sum
         at_target = (gw / counts.clamp(min=1))[targets]  # [N]
+        ce_scale = g * (ctx.ce_weight / n_samples)  # 0-dim tensor: no host sync
+        if col_exp is None:  # fused: grad = P * (r col_scale^T + (ce_scale / row_sum) p_s^T)
+            grad = r[:, None] * col_scale  # [N, C]; a new tensor: a retained graph may run backward again
+            if ctx.ce_weight:
+                grad.addcmul_((ce_scale / row_sum)[:, None], prior)  # in place: its broadcast is the fast kernel
+            grad.mul_(probs)
+        else:
+            grad = col_exp * col_scale  # [N, C]
+            if ctx.ce_weight:
+                grad.addcmul_(probs, ce_scale)
         if ctx.ce_weight:
-            ce_scale = g * (ctx.ce_weight / n_samples)  # 0-dim tensor: no host sync
-            grad.addcmul_(probs, ce_scale)
             at_target = at_target + ce_scale
         grad.scatter_add_(1, targets[:, None], -at_target[:, None])
         return grad, None, None, None, None, None, None, None, None
@@ -484,9 +512,10 @@ class _ExpertLoss(Loss):
         check_targets(targets, C)
         z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         z = z + self._cast.get("expert_offsets", self.expert_offsets, z)  # [N, E, C]
-        # Cross-entropy over C for every (sample, expert) at once: input [N, C, E], target [N, E].
-        per = F.cross_entropy(z.transpose(1, 2), targets[:, None].expand(-1, E), reduction="none")  # [N, E]
-        return per.mean(0)
+        # Cross-entropy over C for every (sample, expert) at once, on [N * E, C] rows: the class axis stays the
+        # contiguous one (a [N, C, E] transpose is 4-8x slower, bench/loss_speed.py).
+        per = F.cross_entropy(z.reshape(-1, C), targets.repeat_interleave(E), reduction="none")  # [N * E]
+        return per.view(-1, E).mean(0)
 
     def _terms(self, per: torch.Tensor) -> None:
         self.last_terms = {f"expert{e + 1}": per[e].detach() for e in range(self.num_experts)}
