@@ -76,6 +76,7 @@ def main() -> None:
         offset = lade.lader.released_offset.float().to(device)[None, :]
         losses = {name: build_loss(name, prior, train_counts=counts.long().tolist()).to(device) for name in LOSSES
                   if name not in ("lade", "causal_norm")}  # causal_norm trains softmax CE on its head's logits
+        before = before_cls(prior, alpha=0.1, lam=0.1).to(device) if before_cls else None
         experts = {name: fn.num_experts for name, fn in losses.items() if hasattr(fn, "num_experts")}
         ze = {e: torch.randn(args.batch, e, c, generator=g).to(device).requires_grad_() for e in set(experts.values())}
 
@@ -93,8 +94,7 @@ def main() -> None:
                 "lade": step(lambda: lade(z, y)),
                 "masked": step(lambda: masked_lade(z, y, log_ps, 0.1, 0.1, weights)),
                 "readable": step(lambda: lade_reference(z, y, log_ps, offset, weights, 0.1, 0.1)),
-                **({"lade_before": step(lambda m=before_cls(prior, alpha=0.1, lam=0.1).to(device): m(z, y))}
-                   if before_cls else {}),
+                **({"lade_before": step(lambda: before(z, y))} if before else {}),
                 **{name: step(lambda fn=fn: fn(z, y)) for name, fn in losses.items() if name not in experts},
                 **{f"ce x{e}": step(lambda x=x: F.cross_entropy(x.flatten(0, 1), y.repeat_interleave(x.shape[1])), x)
                    for e, x in ze.items()},

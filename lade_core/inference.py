@@ -8,7 +8,6 @@ Both return logits in split order (by the ``index`` column), with every sample e
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import partial
 from typing import Sequence
 
@@ -18,9 +17,8 @@ from torch import nn
 
 from .artifacts import ExpertViews
 from .checkpoint import load_checkpoint
-from .data.recipe import augment_seed, view_augment
-from .data.transforms import ImageTransform, normalize
-from .models import build_model, load_model_state, memory_format
+from .data.transforms import ImageTransform, expert_view_transforms, normalize
+from .models import build_model, expert_outputs, load_model_state, memory_format
 
 
 def model_batches(batches, device: torch.device, stats: dict,
@@ -106,33 +104,15 @@ def _gathered_logits(model: nn.Module, batches, num_samples: int, device: torch.
 # What is stored per image of a split, in this order: the experts' logits on the evaluation transform (what
 # aggregated weights are applied to) and on two augmented views (what the weights are learned from).
 EXPERT_VIEWS = ("clean", "view_a", "view_b")
-VIEW_EPOCH = 1 << 40
-
-
-def has_experts(model: nn.Module) -> bool:
-    """Whether ``model``'s classifier is a multi-expert head (``heads.ExpertHeads``)."""
-    return hasattr(getattr(model, "fc", None), "emit_experts")
-
-
-@contextmanager
-def expert_outputs(model: nn.Module):
-    """Within it, ``model`` in eval mode returns its experts' own logits [B, E, C] instead of their aggregate."""
-    head = model.fc
-    head.emit_experts = True
-    try:
-        yield model
-    finally:
-        head.emit_experts = False
 
 
 def view_transforms(prepared, image_size: int | None, seed: int) -> list[ImageTransform]:
     """The transforms of ``EXPERT_VIEWS`` for ``prepared``: its evaluation transform, then SADE's two augmented
-    views (``recipe.view_augment``) seeded per (run seed, view, sample), so a rerun stores the same views."""
+    views (``transforms.expert_view_transforms``) seeded per (run seed, view, sample), so a rerun stores the same
+    views."""
     crop = prepared.crop_size(image_size)
-    views = view_augment(prepared.family, crop, prepared.input_sizes(crop))
-    # Seeds of "epochs" no run reaches: the views never repeat a training crop by construction.
     return [prepared.eval_transform(image_size),
-            *(ImageTransform(prepared.family, crop, views, augment_seed(seed, VIEW_EPOCH + v)) for v in range(2))]
+            *expert_view_transforms(prepared.family, crop, prepared.input_sizes(crop), seed)]
 
 
 def sharded_expert_views(model: nn.Module, prepared, split: str, device: torch.device, image_size: int | None,

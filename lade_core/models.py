@@ -9,6 +9,7 @@ dict. Constructors never move to a device; the training loop does (Ray Train's `
 from __future__ import annotations
 
 import difflib
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -300,3 +301,21 @@ def check_input_size(name: str, num_classes: int, image_size: int, batch_size: i
 def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The classifier head's parameters (for a separate classifier learning rate)."""
     return list(model.fc.parameters())
+
+
+# --- A multi-expert model (heads.ExpertHeads) --------------------------------------------------------------
+
+def has_experts(model: nn.Module) -> bool:
+    """Whether ``model``'s classifier is a multi-expert head (``heads.ExpertHeads``)."""
+    return hasattr(getattr(model, "fc", None), "emit_experts")
+
+
+@contextmanager
+def expert_outputs(model: nn.Module):
+    """Within it, ``model`` in eval mode returns its experts' own logits [B, E, C] instead of their aggregate."""
+    head = model.fc
+    head.emit_experts = True
+    try:
+        yield model
+    finally:
+        head.emit_experts = False

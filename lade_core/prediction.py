@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from .data.sources import IMAGE_EXTENSIONS, DataError, check_inside_root, check_labels, read_split_list
@@ -91,30 +90,40 @@ def model_actors(requested: int | None, *, gpus: float, nodes: int, use_gpu: boo
     return nodes if nodes > 1 else 0
 
 
-def logits_batch(model, batch: dict, skip_bad: bool) -> dict:
-    """Step 1 of one batch: encoded images -> raw logits [B, C] (NaN rows: not decoded) and per-row errors."""
+def logits_batch(model, batch: dict, skip_bad: bool, view_seed: int | None = None) -> dict:
+    """Step 1 of one batch: encoded images -> raw logits [B, C] (NaN rows: not decoded) and per-row errors; with
+    ``view_seed``, instead the experts' logits on the clean image and two augmented views, "views" [B, 3, E, C]
+    (``LadeClassifier.expert_views``: test-time aggregation's input)."""
+    from .serving import decode_images
+
     n = len(batch["row"])
-    x, ok, errors = model.preprocess(pd.DataFrame({"image": list(batch["image"])}), skip_bad=True)
+    images, errors = decode_images(list(batch["image"]))
     if errors and not skip_bad:  # named by file, not by row number within this batch
         bad = [batch["path"][i] for i in errors]
         raise DataError(f"{len(bad)} images do not decode, e.g. {bad[:5]}; pass --skip-bad to predict the rest")
-    logits = np.full((n, model.card.num_classes), np.nan, dtype=np.float32)
-    logits[ok] = model.logits(x).numpy()
-    return {"row": batch["row"], "path": batch["path"], "true_label": batch["true_label"], "logits": logits,
+    ok = np.array([i for i, im in enumerate(images) if im is not None], dtype=np.int64)
+    decoded = [images[i] for i in ok]
+    if view_seed is None:
+        key, out = "logits", model.logits(model.preprocess_images(decoded))  # [B', C]
+    else:
+        key, out = "views", model.expert_views(decoded, np.asarray(batch["row"], dtype=np.int64)[ok], view_seed)
+    filled = np.full((n, *out.shape[1:]), np.nan, dtype=np.float32)
+    filled[ok] = out.numpy()
+    return {"row": batch["row"], "path": batch["path"], "true_label": batch["true_label"], key: filled,
             "error": np.array([errors.get(i, "") for i in range(n)], dtype=object)}
 
 
 class _PyfuncLogitsActor:
     """Step 1 on an actor: loads the model once, torch on its ``threads`` CPUs, then ``logits_batch``."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, skip_bad: bool, threads: int):
+    def __init__(self, model_uri: str, tracking_uri: str, skip_bad: bool, threads: int, view_seed: int | None):
         from .serving import load_classifier
 
         torch.set_num_threads(threads)  # the actor's CPUs, not Ray's one-thread default
-        self.model, self.skip_bad = load_classifier(model_uri, tracking_uri), skip_bad
+        self.model, self.skip_bad, self.view_seed = load_classifier(model_uri, tracking_uri), skip_bad, view_seed
 
     def __call__(self, batch: dict) -> dict:
-        return logits_batch(self.model, batch, self.skip_bad)
+        return logits_batch(self.model, batch, self.skip_bad, self.view_seed)
 
 
 def top_k_batch(batch: dict, offset: np.ndarray, k: int, class_names: list[str]) -> dict:
@@ -136,15 +145,16 @@ def top_k_batch(batch: dict, offset: np.ndarray, k: int, class_names: list[str])
 
 
 def predict_images(ds, model, model_uri: str, tracking_uri: str, *, num_actors: int, use_gpu: bool,
-                   batch_size: int, skip_bad: bool, cpus: float):
-    """Step 1: an iterator of numpy batches {"row", "path", "true_label", "logits" [B, C], "error"}.
+                   batch_size: int, skip_bad: bool, cpus: float, view_seed: int | None = None):
+    """Step 1: an iterator of numpy batches {"row", "path", "true_label", "logits" [B, C], "error"} ("views"
+    [B, 3, E, C] instead of "logits" with ``view_seed``: ``logits_batch``).
 
     ``num_actors`` 0: in this process with ``model`` (the driver's, already loaded), torch on all its threads;
     else a pool of that many actors that each load ``model_uri`` once (a GPU each with ``use_gpu``) and run torch
     on their share of the ``cpus`` the cluster has, fed blocks of one batch so that every actor gets work."""
     if num_actors == 0:
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            yield logits_batch(model, batch, skip_bad)
+            yield logits_batch(model, batch, skip_bad, view_seed)
         return
     from ray.data import ActorPoolStrategy
 
@@ -155,12 +165,18 @@ def predict_images(ds, model, model_uri: str, tracking_uri: str, *, num_actors: 
         _PyfuncLogitsActor, batch_format="numpy", batch_size=batch_size, compute=ActorPoolStrategy(size=num_actors),
         num_gpus=1 if use_gpu else 0, num_cpus=threads,
         fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri, "skip_bad": skip_bad,
-                               "threads": threads}).iter_batches(batch_size=None, batch_format="numpy")
+                               "threads": threads, "view_seed": view_seed},
+    ).iter_batches(batch_size=None, batch_format="numpy")
 
 
-def collect_logits(batches: list[dict]) -> torch.Tensor:
-    """The decoded rows' raw logits [N, C] float32 of step 1's batches, for prior estimation on the driver."""
-    return torch.cat([torch.from_numpy(np.array(b["logits"][np.isfinite(b["logits"]).all(1)])) for b in batches])
+def collect_logits(batches: list[dict], key: str = "logits") -> torch.Tensor:
+    """The decoded rows' step-1 outputs (``key``: "logits" [N, C] or "views" [N, 3, E, C]) float32, in input order
+    (by "row": what the driver estimates a prior or learns aggregation weights from, whatever order blocks came in)."""
+    rows = np.concatenate([np.asarray(b["row"]) for b in batches]) if batches else np.zeros(0, dtype=np.int64)
+    values = np.concatenate([np.asarray(b[key]) for b in batches]) if batches else np.zeros((0, 0), np.float32)
+    keep = np.isfinite(values.reshape(len(values), -1)).all(1)
+    order = np.argsort(rows[keep], kind="stable")
+    return torch.from_numpy(np.ascontiguousarray(values[keep][order]))
 
 
 def finish(batches, offset: torch.Tensor, k: int, class_names: list[str]):

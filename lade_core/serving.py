@@ -40,12 +40,13 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from . import __version__
 from .data.recipe import resolve_normalize
-from .data.transforms import ImageTransform, decode_rgb, normalize, transform_batch
+from .data.transforms import ImageTransform, decode_rgb, expert_view_transforms, normalize, transform_batch
+from .math.aggregation import aggregate
 from .math.heads import check_head_state
 from .math.losses import posthoc_rules
 from .math.posthoc import posthoc_logits
 from .math.priors import uniform_prior, validate_prior
-from .models import LINEAR, build_model, load_model_state, memory_format
+from .models import LINEAR, build_model, expert_outputs, has_experts, load_model_state, memory_format
 
 OUTPUTS = ("probabilities", "logits", "label")
 # Rows one predict call (one REST request) may carry, and rows decoded at a time: what bounds a request's memory,
@@ -230,6 +231,27 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
     def preprocess_images(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Decoded uint8 images [3, H, W] -> the model input [B, 3, S, S] (the card's transform and size)."""
         return transform_batch(images, ImageTransform(self.card.transform, self.card.image_size))
+
+    @torch.no_grad()
+    def expert_views(self, images: list[torch.Tensor], index: np.ndarray, seed: int = 0) -> torch.Tensor:
+        """A multi-expert model's experts' logits [B, 3, E, C] float32 (CPU) on decoded images: on the evaluation
+        transform and on test-time aggregation's two augmented views (``transforms.expert_view_transforms``, seeded
+        by ``seed`` and each image's ``index``), in the order ``inference.EXPERT_VIEWS`` stores a run's."""
+        if not has_experts(self.net):
+            raise ValueError(f"test-time aggregation needs a multi-expert model (sade, balpoe); this is a "
+                             f"{self.card.loss} model")
+        size, family = self.card.image_size, self.card.transform
+        if not images:
+            return torch.zeros(0, 3, self.net.fc.num_experts, self.card.num_classes)
+        tfs = [ImageTransform(family, size), *expert_view_transforms(family, size, [(size, size)], seed)]
+        with expert_outputs(self.net):
+            return torch.stack([self.logits(transform_batch(images, tf, index)) for tf in tfs], dim=1)
+
+    def aggregate_logits(self, expert_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The raw logits [B, C] of the experts' logits [B, E, C] under aggregation weights [E]: sum_e w_e z_e plus
+        the head's fixed inference offset (BalPoE's; zero for SADE), as the head itself infers with its weights."""
+        offset = self.net.fc.eval_offset.detach().to(expert_logits.dtype).cpu()
+        return aggregate(expert_logits, weights) + offset
 
     # ``pd.DataFrame``: one of the hints for which MLflow neither infers a schema nor converts the input, so a float
     # array still arrives as it is (an unhinted predict makes MLflow warn on every load).

@@ -21,12 +21,12 @@ from .checkpoint import load_checkpoint, restore_rng_state, rng_state, save_chec
 from .config import OptimizerConfig, RunContext, TrainConfig, flat_config, loss_hyperparameters, split_flat_config
 from .data.recipe import augment_seed
 from .data.transforms import ImageTransform
-from .inference import has_experts, model_batches, sharded_expert_views, sharded_logits, sync_buffers
+from .inference import model_batches, sharded_expert_views, sharded_logits, sync_buffers
 from .math.evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
 from .math.losses import build_loss, default_rule
 from .math.mixing import BatchMix, mixed_loss
 from .math.priors import uniform_prior
-from .models import build_model, classifier_parameters, load_model_state, memory_format
+from .models import build_model, classifier_parameters, has_experts, load_model_state, memory_format
 from .schedules import build_scheduler
 
 # Rows each worker's local shuffle buffer holds, in per-worker batches: enough to change every batch's make-up

@@ -12,6 +12,10 @@ probability, top_k_labels, top_k_probabilities, true_label (-1: unknown), error 
 --estimate-method) on the images' own BCTS-calibrated outputs (lade_core.label_shift); the estimate, its per-class
 bootstrap intervals (--interval, default 0.9; 0: none) and the expected top-1 gain over the uniform prior with its
 interval are written beside the predictions and logged to a run of the MLflow experiment `lade-predict`.
+--aggregate self-supervised (a multi-expert model: sade, balpoe): SADE's test-time aggregation — the experts' weights
+learned from two augmented views of the input images themselves (--seed seeds the views), the predictions their
+weighted sum (no prior injected: SADE's rule); the weights are written beside the predictions
+(`<output>.aggregate.json`) and logged to `lade-predict` like an estimate.
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from lade_core.aggregation import learn_expert_weights
 from lade_core.data import DataError
 from lade_core.label_shift import METHODS, Calibration, estimate_target_prior
 from lade_core.posthoc import posthoc_offset
@@ -46,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "steadier with many classes and few images)")
     ap.add_argument("--interval", type=float, default=0.9,
                     help="with --target-prior estimate: bootstrap interval level (0: no intervals)")
+    ap.add_argument("--aggregate", choices=["self-supervised"],
+                    help="a multi-expert model (sade, balpoe): learn the experts' weights on these images' two "
+                    "augmented views (SADE's test-time aggregation) and predict with them")
+    ap.add_argument("--seed", type=int, default=0, help="with --aggregate: the seed of the augmented views (a run's "
+                    "seed draws the views its run stored)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--num-workers", type=int, help="model actors, each loading the model once (0: this process; "
                     "default: one per GPU, one per node on a multi-node CPU cluster, else 0)")
@@ -75,6 +87,9 @@ def check_args(args) -> None:
         raise ValueError(f"--num-workers must be >= 0 (0: in this process), got {args.num_workers}")
     if not 0 <= args.interval < 1:
         raise ValueError(f"--interval must be a level in (0, 1) such as 0.9, or 0 for none; got {args.interval}")
+    if args.aggregate and args.target_prior != "uniform":
+        raise ValueError(f"--aggregate learns the experts' weights from the images and injects no prior; it does not "
+                         f"take --target-prior {args.target_prior!r}")
     if args.target_prior not in ("uniform", "estimate") and not Path(args.target_prior).is_file():
         raise ValueError(f"--target-prior {args.target_prior!r}: not uniform, estimate, or an existing file")
 
@@ -85,6 +100,15 @@ def log_estimate(tracking_uri: str, args, info: dict, n: int, path: Path) -> str
                                   "calibrated": info["calibration"] is not None},
                           metrics={"images": n, "em_iterations": info.get("iterations", 0),
                                    **{f"gain/{k}": v for k, v in info.get("interval", {}).get("gain", {}).items()}},
+                          files=(path,))
+
+
+def log_aggregation(tracking_uri: str, args, info: dict, n: int, path: Path) -> str:
+    return log_result_run(tracking_uri, "lade-predict",
+                          params={"model": args.model, "input": str(args.input),
+                                  "method": "aggregate (self-supervised)", "seed": args.seed},
+                          metrics={"images": n, "aggregate_epochs": info["epochs"],
+                                   **{f"aggregate/w{e}": w for e, w in enumerate(info["weights"])}},
                           files=(path,))
 
 
@@ -99,6 +123,9 @@ def main(argv=None) -> int:
         # Also on the driver: the card, and a bad URI fails before Ray starts.
         model = load_classifier(args.model, tracking_uri)
         card = model.card
+        if args.aggregate and (card.head or [None])[0] != "experts":
+            raise ValueError(f"--aggregate self-supervised needs a multi-expert model (sade, balpoe); {args.model} is "
+                             f"a {card.loss} model")
         prior = None if args.target_prior in ("uniform", "estimate") else \
             validate_prior(read_prior_file(args.target_prior), card.num_classes, "target_prior")
     except (ValueError, FileNotFoundError, DataError) as e:
@@ -116,8 +143,22 @@ def main(argv=None) -> int:
     try:
         ds = image_dataset(args.input, card.class_names, image_root=args.image_root, split=args.split)
         logits = predict_images(ds, model, args.model, tracking_uri, num_actors=actors, use_gpu=use_gpu,
-                                batch_size=args.batch_size, skip_bad=args.skip_bad, cpus=resources.get("CPU", 1))
+                                batch_size=args.batch_size, skip_bad=args.skip_bad, cpus=resources.get("CPU", 1),
+                                view_seed=args.seed if args.aggregate else None)
         out = Path(args.output)
+        if args.aggregate:
+            logits = list(logits)  # every image's views before any prediction
+            views = collect_logits(logits, "views")  # [N, 3, E, C]
+            weights, info = learn_expert_weights(views[:, 1], views[:, 2], seed=args.seed)
+            for b in logits:  # the experts' clean logits under the learned weights: what step 2 predicts from
+                b["logits"] = model.aggregate_logits(torch.from_numpy(b.pop("views")[:, 0]), weights.float()).numpy()
+            agg_path = out.with_name(out.stem + ".aggregate.json")
+            agg_path.write_text(json.dumps({"images": len(views), "seed": args.seed, **info}, indent=1))
+            run_id = log_aggregation(tracking_uri, args, info, len(views), agg_path)
+            print(f"expert weights learned on the images' two augmented views ({info['epochs']} passes"
+                  f"{', stopped early' if info['stopped_early'] else ''}): "
+                  f"{', '.join(f'{w:.3f}' for w in info['weights'])} -> {agg_path}; MLflow run {run_id} "
+                  f"(experiment lade-predict)")
         if args.target_prior == "estimate":
             logits = list(logits)  # every image's output before any prediction (kept: step 2 reads them again)
             z = collect_logits(logits)
@@ -134,8 +175,9 @@ def main(argv=None) -> int:
             print(f"estimated target prior ({info['method']}, {info.get('iterations')} iterations){said} -> "
                   f"{est_path}; MLflow run {run_id} (experiment lade-predict)")
         prior = uniform_prior(card.num_classes) if prior is None else prior
-        table = finish(logits, posthoc_offset(card.posthoc, card.source_prior, prior, card.num_classes),
-                       args.top_k, card.class_names)
+        offset = torch.zeros(card.num_classes, dtype=torch.float64) if args.aggregate else \
+            posthoc_offset(card.posthoc, card.source_prior, prior, card.num_classes)  # aggregation: none (SADE's)
+        table = finish(logits, offset, args.top_k, card.class_names)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

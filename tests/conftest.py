@@ -231,6 +231,14 @@ def run_train(workdir: Path, *args: str, timeout: int = 600, num_cpus: str | Non
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_predict(workdir: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
+    """pipelines/predict.py as a user runs it, in its own process with its own local Ray (4 logical CPUs)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, str(REPO / "pipelines" / "predict.py"), "--mlflow-uri", uri,
+                           "--num-cpus", "4", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+
+
 def run_prepare(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     """pipelines/prepare_data.py as a user runs it, in its own process: no Ray is left running in the test process
     (a second local Ray beside the pipelines' own confuses Ray Train's placement-group cleanup)."""

@@ -44,6 +44,9 @@ BAD_FLAGS = [
      "--output nodir/x.parquet: folder nodir does not exist"),
     ("predict.py", ["--model", "models:/m/1", "--input", ".", "--output", "x.parquet", "--target-prior", "estimate",
                     "--interval", "1.5"], "--interval must be a level in (0, 1) such as 0.9, or 0 for none; got 1.5"),
+    ("predict.py", ["--model", "models:/m/1", "--input", ".", "--output", "x.parquet", "--aggregate", "self-supervised",
+                    "--target-prior", "estimate"], "--aggregate learns the experts' weights from the images and "
+     "injects no prior; it does not take --target-prior 'estimate'"),
     ("prepare_data.py", ["synthetic", "--imbalance-ratio", "0.5", "--out", "d"], "imbalance_ratio must be >= 1"),
 ]
 

@@ -168,3 +168,43 @@ def test_expert_runs_store_their_views_and_evaluate_and_compare_aggregate_from_t
         assert Script(script).main([*argv, "--mlflow-uri", uri, "--aggregate", "self-supervised"]) == 2
         err = capsys.readouterr().err
         assert f"r-lade, loss lade) has no {VIEWS_ARTIFACT}: test-time aggregation needs a multi-expert model" in err
+
+
+def test_predict_aggregates_a_multi_expert_model_on_the_images_own_views(peers, tmp_path):
+    """``predict.py --aggregate self-supervised`` over a SADE run's test split, its views seeded with the run's seed:
+    they are the views the run stored, so its weights are those SADE's loop learns from the stored views, its
+    predictions the softmax of the weighted experts (no prior injected), written beside the predictions and logged
+    to lade-predict; a model without experts, or a prior beside the aggregation, is refused by name."""
+    from conftest import run_predict
+    from lade_core.aggregation import aggregate, learn_expert_weights
+
+    uri, client, runs, workdir = peers
+    run = runs["sade"]
+    views = read_expert_views_parquet(_download(client, run.info.run_id, VIEWS_ARTIFACT))
+    clean, view_a, view_b = views.logits.double().unbind(1)
+    seed, data = run.data.params["seed"], str(workdir / "data" / "synthetic_smoke")
+    args = ("--input", data, "--split", "test", "--aggregate", "self-supervised", "--seed", seed)
+    p = run_predict(tmp_path, uri, "--model", "models:/model-sade/1", "--output", str(tmp_path / "agg.parquet"), *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "expert weights learned on the images' two augmented views" in p.stdout
+    info = json.loads((tmp_path / "agg.aggregate.json").read_text())
+    w, want = learn_expert_weights(view_a, view_b, seed=int(seed))
+    assert info["images"] == len(views.labels) and info["epochs"] == want["epochs"]
+    np.testing.assert_allclose(info["weights"], w.numpy(), atol=1e-4)
+    out = pq.read_table(tmp_path / "agg.parquet").to_pandas()
+    assert out["row"].tolist() == list(range(len(views.labels)))
+    prob = torch.softmax(aggregate(clean, w) + views.eval_offset.double(), dim=1)
+    np.testing.assert_allclose(out["probability"], prob.max(1).values.numpy(), atol=2e-4)
+    assert (out["label"].to_numpy() == prob.argmax(1).numpy()).mean() > 0.98
+    logged = client.search_runs([client.get_experiment_by_name("lade-predict").experiment_id],
+                                "params.method = 'aggregate (self-supervised)'")
+    assert len(logged) == 1 and logged[0].data.metrics["aggregate/w1"] == pytest.approx(info["weights"][1])
+
+    p = run_predict(tmp_path, uri, "--model", "models:/model-lade/1", "--output", str(tmp_path / "no.parquet"), *args)
+    assert p.returncode == 2 and ("--aggregate self-supervised needs a multi-expert model (sade, balpoe); "
+                                  "models:/model-lade/1 is a lade model") in p.stderr, p.stderr[-2000:]
+    p = run_predict(tmp_path, uri, "--model", "models:/model-sade/1", "--output", str(tmp_path / "no.parquet"), *args,
+                    "--target-prior", "estimate")
+    assert p.returncode == 2 and "--aggregate learns the experts' weights from the images and injects no prior" \
+        in p.stderr
+    assert not (tmp_path / "no.parquet").exists()

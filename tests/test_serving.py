@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, free_port
+from conftest import free_port, run_predict
 from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
 from lade_core.label_shift import Calibration, estimate_target_prior, fit_calibration, source_logits
 
@@ -205,20 +205,13 @@ def test_rest_server_answers_like_the_pyfunc(store, tmp_path):
         log.close()
 
 
-def _predict(workdir, uri, *args):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, str(REPO / "pipelines" / "predict.py"), "--mlflow-uri", uri,
-                           "--num-cpus", "4", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_predict_pipeline_on_a_prepared_split_with_a_given_and_an_estimated_prior(store, tmp_path):
     uri, client, runs, data_dir = store
     logits, labels, ps = _stored(client, runs["r-lade"])
     prior_file = tmp_path / "pt.json"
     pt = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
     prior_file.write_text(json.dumps({"prior": pt.tolist()}))
-    p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir), "--split", "test",
+    p = run_predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir), "--split", "test",
                  "--output", str(tmp_path / "given.parquet"), "--target-prior", str(prior_file), "--num-workers", "2",
                  "--top-k", "3")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -231,11 +224,11 @@ def test_predict_pipeline_on_a_prepared_split_with_a_given_and_an_estimated_prio
     assert (np.stack(out["top_k_labels"])[:, 0] == top.indices[:, 0].numpy()).mean() > 0.97
     assert out["true_label"].tolist() == labels.tolist()
     # An existing output is never overwritten silently.
-    again = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir),
+    again = run_predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir),
                      "--output", str(tmp_path / "given.parquet"))
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
     # The estimated prior: EM on the images' own outputs with the card's calibration, logged to lade-predict.
-    p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir),
+    p = run_predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir),
                  "--output", str(tmp_path / "est.csv"), "--target-prior", "estimate")
     assert p.returncode == 0, p.stderr[-3000:]
     est = json.loads((tmp_path / "est.target_prior.json").read_text())
@@ -266,11 +259,11 @@ def test_predict_pipeline_on_an_image_folder_reports_bad_images(store, tmp_path)
     (folder / "unsorted").mkdir()
     (folder / "unsorted" / "b.png").write_bytes(_png(30))
     (folder / "unsorted" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder), "--output",
+    p = run_predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder), "--output",
                  str(tmp_path / "x.parquet"))
     assert p.returncode == 2 and "broken.jpg" in p.stderr and "--skip-bad" in p.stderr, p.stderr[-3000:]
     assert not (tmp_path / "x.parquet").exists()
-    p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder), "--output",
+    p = run_predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder), "--output",
                  str(tmp_path / "x.parquet"), "--skip-bad")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "1 not decoded" in p.stdout
@@ -281,6 +274,6 @@ def test_predict_pipeline_on_an_image_folder_reports_bad_images(store, tmp_path)
     unsorted = str(folder / "unsorted" / "b.png")
     assert out.loc[unsorted, "true_label"] == -1 and out.loc[unsorted, "label"] >= 0
     # An estimate over fewer images than classes is refused by name.
-    p = _predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder / "unsorted"), "--output",
+    p = run_predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder / "unsorted"), "--output",
                  str(tmp_path / "y.parquet"), "--skip-bad", "--target-prior", "estimate")
     assert p.returncode == 2 and "at least 4 unlabeled samples; got 1" in p.stderr, p.stderr[-3000:]

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchcodec import decoders
 
-from .recipe import build_augment, crop_flip, eval_transform, sample_seeds
+from .recipe import augment_seed, build_augment, crop_flip, eval_transform, sample_seeds, view_augment
 
 # Pixels (width x height) an image may have, checked from its header before anything is decoded: a 4 kB PNG can
 # declare 27 000 x 1 000 pixels and decode to 108 MB. 40 MP holds any camera photo; raise it for scans and slides.
@@ -157,6 +157,19 @@ class ImageTransform:
     @property
     def train(self) -> bool:
         return self.augment is not None
+
+
+# Seeds of "epochs" no run reaches: the augmented views of test-time aggregation never repeat a training crop.
+VIEW_EPOCH = 1 << 40
+
+
+def expert_view_transforms(family: str, size: int, input_sizes: list[tuple[int, int]], seed: int
+                           ) -> list[ImageTransform]:
+    """The transforms of the two augmented views of each target image that test-time aggregation compares
+    (``recipe.view_augment``, SADE's), seeded per (``seed``, view, sample index): the stored views of a run with
+    seed s and a prediction job's with ``--seed s`` are the same crops of the same images."""
+    views = view_augment(family, size, input_sizes)
+    return [ImageTransform(family, size, views, augment_seed(seed, VIEW_EPOCH + v)) for v in range(2)]
 
 
 def decode_augment(batch: dict, tf: ImageTransform, shard: tuple[int, int] | None = None,
