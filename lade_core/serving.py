@@ -41,7 +41,6 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from . import __version__
 from .data.recipe import resolve_normalize
 from .data.transforms import ImageTransform, decode_rgb, expert_view_transforms, normalize, transform_batch
-from .math.aggregation import aggregate
 from .math.heads import check_head_state
 from .math.losses import posthoc_rules
 from .math.posthoc import posthoc_logits
@@ -246,12 +245,6 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
         tfs = [ImageTransform(family, size), *expert_view_transforms(family, size, [(size, size)], seed)]
         with expert_outputs(self.net):
             return torch.stack([self.logits(transform_batch(images, tf, index)) for tf in tfs], dim=1)
-
-    def aggregate_logits(self, expert_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The raw logits [B, C] of the experts' logits [B, E, C] under aggregation weights [E]: sum_e w_e z_e plus
-        the head's fixed inference offset (BalPoE's; zero for SADE), as the head itself infers with its weights."""
-        offset = self.net.fc.eval_offset.detach().to(expert_logits.dtype).cpu()
-        return aggregate(expert_logits, weights) + offset
 
     # ``pd.DataFrame``: one of the hints for which MLflow neither infers a schema nor converts the input, so a float
     # array still arrives as it is (an unhinted predict makes MLflow warn on every load).

@@ -31,6 +31,7 @@ import torch
 from lade_core.aggregation import learn_expert_weights
 from lade_core.data import DataError
 from lade_core.label_shift import METHODS, Calibration, estimate_target_prior
+from lade_core.models import has_experts
 from lade_core.posthoc import posthoc_offset
 from lade_core.prediction import collect_logits, finish, image_dataset, model_actors, predict_images, write_predictions
 from lade_core.priors import read_prior_file, uniform_prior, validate_prior
@@ -94,22 +95,12 @@ def check_args(args) -> None:
         raise ValueError(f"--target-prior {args.target_prior!r}: not uniform, estimate, or an existing file")
 
 
-def log_estimate(tracking_uri: str, args, info: dict, n: int, path: Path) -> str:
-    return log_result_run(tracking_uri, "lade-predict",
-                          params={"model": args.model, "input": str(args.input), "method": info["method"],
-                                  "calibrated": info["calibration"] is not None},
-                          metrics={"images": n, "em_iterations": info.get("iterations", 0),
-                                   **{f"gain/{k}": v for k, v in info.get("interval", {}).get("gain", {}).items()}},
-                          files=(path,))
-
-
-def log_aggregation(tracking_uri: str, args, info: dict, n: int, path: Path) -> str:
-    return log_result_run(tracking_uri, "lade-predict",
-                          params={"model": args.model, "input": str(args.input),
-                                  "method": "aggregate (self-supervised)", "seed": args.seed},
-                          metrics={"images": n, "aggregate_epochs": info["epochs"],
-                                   **{f"aggregate/w{e}": w for e, w in enumerate(info["weights"])}},
-                          files=(path,))
+def log_result(tracking_uri: str, args, path: Path, params: dict, metrics: dict) -> str:
+    """A run of the MLflow experiment ``lade-predict`` holding what the job learned from its images (a prior
+    estimate, aggregation weights) and the file written beside the predictions."""
+    return log_result_run(tracking_uri, "lade-predict", params={"model": args.model, "input": str(args.input),
+                                                                **params},
+                          metrics=metrics, files=(path,))
 
 
 def main(argv=None) -> int:
@@ -123,7 +114,7 @@ def main(argv=None) -> int:
         # Also on the driver: the card, and a bad URI fails before Ray starts.
         model = load_classifier(args.model, tracking_uri)
         card = model.card
-        if args.aggregate and (card.head or [None])[0] != "experts":
+        if args.aggregate and not has_experts(model.net):
             raise ValueError(f"--aggregate self-supervised needs a multi-expert model (sade, balpoe); {args.model} is "
                              f"a {card.loss} model")
         prior = None if args.target_prior in ("uniform", "estimate") else \
@@ -151,10 +142,13 @@ def main(argv=None) -> int:
             views = collect_logits(logits, "views")  # [N, 3, E, C]
             weights, info = learn_expert_weights(views[:, 1], views[:, 2], seed=args.seed)
             for b in logits:  # the experts' clean logits under the learned weights: what step 2 predicts from
-                b["logits"] = model.aggregate_logits(torch.from_numpy(b.pop("views")[:, 0]), weights.float()).numpy()
+                b["logits"] = model.net.fc.combine(torch.from_numpy(b.pop("views")[:, 0]), weights).numpy()
             agg_path = out.with_name(out.stem + ".aggregate.json")
             agg_path.write_text(json.dumps({"images": len(views), "seed": args.seed, **info}, indent=1))
-            run_id = log_aggregation(tracking_uri, args, info, len(views), agg_path)
+            run_id = log_result(tracking_uri, args, agg_path,
+                                {"method": "aggregate (self-supervised)", "seed": args.seed},
+                                {"images": len(views), "aggregate_epochs": info["epochs"],
+                                 **{f"aggregate/w{e}": w for e, w in enumerate(info["weights"])}})
             print(f"expert weights learned on the images' two augmented views ({info['epochs']} passes"
                   f"{', stopped early' if info['stopped_early'] else ''}): "
                   f"{', '.join(f'{w:.3f}' for w in info['weights'])} -> {agg_path}; MLflow run {run_id} "
@@ -168,7 +162,10 @@ def main(argv=None) -> int:
             est_path = out.with_name(out.stem + ".target_prior.json")
             est_path.write_text(json.dumps({"prior": [float(x) for x in prior], "class_names": card.class_names,
                                             "images": len(z), **info}, indent=1))
-            run_id = log_estimate(tracking_uri, args, info, len(z), est_path)
+            run_id = log_result(tracking_uri, args, est_path,
+                                {"method": info["method"], "calibrated": info["calibration"] is not None},
+                                {"images": len(z), "em_iterations": info.get("iterations", 0),
+                                 **{f"gain/{k}": v for k, v in info.get("interval", {}).get("gain", {}).items()}})
             gain = info.get("interval", {}).get("gain")
             said = (f"; expected top-1 gain over uniform {gain['estimate']:+.4f} ({info['interval']['level']:.0%} "
                     f"interval {gain['lower']:+.4f} .. {gain['upper']:+.4f})") if gain else ""

@@ -134,9 +134,11 @@ class ExpertHeads(nn.Module):
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] -> [B, E, C]
         return torch.einsum("bd,ecd->bec", x, self.weight) + self.bias
 
-    def combine(self, z: torch.Tensor) -> torch.Tensor:  # z [B, E, C] -> [B, C]
-        """The inference logits of expert logits z: sum_e w_e z_e + eval_offset."""
-        return torch.einsum("bec,e->bc", z, self.expert_weights.to(z.dtype)) + self.eval_offset.to(z.dtype)
+    def combine(self, z: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:  # z [B, E, C] -> [B, C]
+        """The inference logits of expert logits z: sum_e w_e z_e + eval_offset, with w the head's
+        ``expert_weights`` or ``weights`` [E] (learned by test-time aggregation)."""
+        w = self.expert_weights if weights is None else weights
+        return torch.einsum("bec,e->bc", z, w.to(z.device, z.dtype)) + self.eval_offset.to(z.device, z.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] -> [B, E, C] (train) or [B, C] (eval)
         z = self.expert_logits(x)

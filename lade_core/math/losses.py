@@ -172,23 +172,23 @@ class _LADEFunction(torch.autograd.Function):
         else:  # bincount's output size needs a host sync on an accelerator; index_add_ does not
             counts = z.new_zeros(num_classes).index_add_(0, targets, z.new_ones(n_samples))
             f_sums = z.new_zeros(num_classes).index_add_(0, targets, z_at_target)
-        probs = torch.softmax(z, dim=1)  # P [N, C]: the one exp pass
-        lse = z.amax(dim=1) - probs.amax(dim=1).log()  # lse_i = max_c z_ic - log max_c P_ic [N]; max P >= 1/C
-        row_shift = lse if offset.shape[0] == 1 else lse + offset[:, 0]  # lse_i + o_i [N]
-        peak = row_shift.max()  # M
-        r = (row_shift - peak).exp_()  # [N], <= 1
-        col_sum = r @ probs  # [C]: sum_i e^{z_ic + o_i - M}
-        prior = row_sum = None
-        if ce_weight:
-            prior = log_prior.exp()  # p_s [C]
-            row_sum = probs @ prior  # [N]: sum_c P_ic p_c
-        # Underflow guard: every sum at least sqrt(tiny), so what underflowed in it is below N * sqrt(tiny) relative.
-        floor = math.sqrt(torch.finfo(z.dtype).tiny)
-        fused = z.device.type == "cpu" and bool(col_sum.min() > floor) and (row_sum is None
-                                                                             or bool(row_sum.min() > floor))
+        probs = r = row_sum = prior = col_exp = None
+        fused = z.device.type == "cpu"  # on an accelerator the underflow check below would cost a host sync
+        if fused:
+            probs = torch.softmax(z, dim=1)  # P [N, C]: the one exp pass
+            lse = z.amax(dim=1) - probs.amax(dim=1).log()  # lse_i = max_c z_ic - log max_c P_ic [N]; max P >= 1/C
+            row_shift = lse if offset.shape[0] == 1 else lse + offset[:, 0]  # lse_i + o_i [N]
+            peak = row_shift.max()  # M
+            r = (row_shift - peak).exp_()  # [N], <= 1
+            col_sum = r @ probs  # [C]: sum_i e^{z_ic + o_i - M}
+            if ce_weight:
+                prior = log_prior.exp()  # p_s [C]
+                row_sum = probs @ prior  # [N]: sum_c P_ic p_c
+            # Every sum at least sqrt(tiny): what underflowed in it is below N * sqrt(tiny) of it.
+            floor = math.sqrt(torch.finfo(z.dtype).tiny)
+            fused = bool(col_sum.min() > floor) and (row_sum is None or bool(row_sum.min() > floor))
         if fused:
             s = peak + col_sum.log() - math.log(n_samples)  # [C]
-            col_exp = None
             if ce_weight:
                 ce = (lse + row_sum.log() - z_at_target - log_prior[targets]).mean()
         else:  # the exact path: each column stabilized by its own max, the CE by the row softmax of z + log p_s
@@ -218,7 +218,7 @@ class _LADEFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g, *_):
         targets, probs, col_exp, r, col_sum, row_sum, prior, s, counts, w = ctx.saved_tensors
-        n_samples = probs.shape[0]
+        n_samples = targets.shape[0]
         gw = (g * ctx.alpha) * w  # [C]
         col_scale = gw * (1 + 2 * ctx.lam * s) / col_sum  # [C]: w_c (1 + 2 lam S_c) / column sum
         at_target = (gw / counts.clamp(min=1))[targets]  # [N]
