@@ -9,6 +9,8 @@ best estimated-prior row of LADE over SADE's aggregation at each target (goal >=
 estimated-prior top-1 over the true-prior top-1 of LADE (goal >= 0.98 where a target has >= 1 000 images).
 
   python bench/rank_methods.py [--dataset synthetic] [--methods lade softmax sade balpoe] [--workdir DIR]
+  python bench/make_places_lt_mini.py --out DIR        # a dataset in Places-LT's published layout, prepared
+  python bench/rank_methods.py --dataset bench/configs/places_lt_mini --workdir DIR
 """
 from __future__ import annotations
 
@@ -37,7 +39,9 @@ def run(args: list[str], cwd: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="synthetic", help="the recipes' dataset folder (lade_core/recipes)")
+    ap.add_argument("--dataset", default="synthetic",
+                    help="a dataset folder of lade's recipes (lade_core/recipes), or a folder of <method>.yaml "
+                         "configs such as bench/configs/places_lt_mini")
     ap.add_argument("--methods", nargs="+", default=["lade", "softmax", "sade", "balpoe"])
     ap.add_argument("--workdir", help="default: a fresh temporary folder")
     ap.add_argument("--no-train", action="store_true", help="compare the runs already trained in --workdir")
@@ -45,11 +49,14 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rank-"))
     work.mkdir(parents=True, exist_ok=True)
-    experiment = f"rank-{args.dataset}"
+    folder = Path(args.dataset)
+    dataset = folder.name
+    experiment = f"rank-{dataset}"
     for method in [] if args.no_train else args.methods:
+        config = str((folder / f"{method}.yaml").resolve()) if folder.is_dir() else f"{args.dataset}/{method}"
         t0 = time.perf_counter()
-        run([str(REPO / "pipelines" / "train.py"), "--config", f"{args.dataset}/{method}", "--experiment", experiment,
-             "--run-name", f"{args.dataset}-{method}", *args.train_args.split()], work)
+        run([str(REPO / "pipelines" / "train.py"), "--config", config, "--experiment", experiment,
+             "--run-name", f"{dataset}-{method}", *args.train_args.split()], work)
         print(f"trained {method} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     out = run([str(REPO / "pipelines" / "compare.py"), "--experiment", experiment, "--estimate-prior", "em", "mapls",
                "--aggregate", "self-supervised", "--format", "csv", "--no-log"], work)

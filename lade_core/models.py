@@ -8,6 +8,7 @@ dict. Constructors never move to a device; the training loop does (Ray Train's `
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from contextlib import contextmanager
 from functools import lru_cache
@@ -40,28 +41,82 @@ class _BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
+class ExpertStages(nn.Module):
+    """A backbone's last stages, one copy per expert, run side by side: x [B, ...] -> [E * B, ...] expert-major
+    (expert e's output is rows e * B .. (e + 1) * B - 1). What follows them in the model (pooling, flattening) acts
+    per sample, so it runs unchanged on every expert at once, and ``heads.ExpertHeads(own_features=True)`` reads
+    the experts' features back as [E, B, D]. The layout of SADE and RIDE: shared early stages, each expert its own
+    later ones and its own classifier."""
+
+    def __init__(self, stages: list[nn.Module]):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([stage(x) for stage in self.stages])
+
+
+# SADE's ``reduce_dimension``: its CIFAR experts' stages are 3/4 as wide as the plain ResNet's (24 and 48 channels
+# for 32 and 64), so three experts with their own last two stages cost about 1.5x one plain ResNet-32, not 2.3x.
+# BalPoE's released ResNet-32 keeps the full width; lade builds both at this one, so the two methods are compared
+# at the same compute. (A torchvision or timm ResNet's expert stages are copies of its own, at its width.)
+EXPERT_WIDTH = 0.75
+# The stages of torchvision's and timm's ResNet families (ResNet, ResNeXt, Wide ResNet, ...), split for experts.
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _cifar_stage(c_in: int, c_out: int, stride: int, n: int) -> list[nn.Module]:
+    return [_BasicBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1) for i in range(n)]
+
+
+def _kaiming_init(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight)
+
+
 class CifarResNet(nn.Module):
     """The standard 3-stage CIFAR ResNet (He et al. 2016): depth = 6n + 2, widths 16/32/64."""
+
+    WIDTHS, STRIDES = (16, 32, 64), (1, 2, 2)
 
     def __init__(self, depth: int = 32, num_classes: int = 100):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
-        n = (depth - 2) // 6
+        self.n = n = (depth - 2) // 6
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
         layers, c_in = [], 16
-        for c_out, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(n):
-                layers.append(_BasicBlock(c_in, c_out, stride if i == 0 else 1))
-                c_in = c_out
+        for c_out, stride in zip(self.WIDTHS, self.STRIDES):
+            layers += _cifar_stage(c_in, c_out, stride, n)
+            c_in = c_out
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(64, num_classes)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight)
+        _kaiming_init(self)
+
+    def split_experts(self, num_experts: int, stages: int) -> int:
+        """Give each of ``num_experts`` experts its own last ``stages`` stages (1-3), newly initialized at SADE's
+        reduced width (``EXPERT_WIDTH``), run side by side (``ExpertStages``); returns the experts' feature
+        dimension. The stem and the stages before stay shared (SADE's ``ResNet_s``: layer1 shared, layer2s and
+        layer3s per expert, ``stages=2``)."""
+        first = 3 - stages  # the first stage the experts own
+        shared = list(self.features)[:first * self.n]
+        c_shared = self.WIDTHS[first - 1] if first else 16
+        experts = []
+        for _ in range(num_experts):
+            blocks, c_in = [], c_shared
+            for s in range(first, 3):
+                c_out = round(self.WIDTHS[s] * EXPERT_WIDTH)
+                blocks += _cifar_stage(c_in, c_out, self.STRIDES[s], self.n)
+                c_in = c_out
+            experts.append(nn.Sequential(*blocks))
+        own = ExpertStages(experts)
+        _kaiming_init(own)
+        self.features = nn.Sequential(*shared, own)
+        return c_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 3, H, W] -> logits [B, C]
-        h = self.features(self.stem(x))
+        h = self.features(self.stem(x))  # [B, 64, H/4, W/4]; [E * B, 48, H/4, W/4] with experts' own stages
         return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
@@ -198,20 +253,59 @@ def _external(name: str, pretrained: str | None) -> tuple[nn.Module, str, int]:
 
 
 def _architecture(name: str, num_classes: int, head: Head, pretrained: str | None = None) -> nn.Module:
+    kind, kwargs = head
+    stages = 0
+    if kind == "experts":  # a card written before experts could own stages has no expert_stages: a shared backbone
+        kwargs = dict(kwargs)
+        stages = kwargs.pop("expert_stages", 0)
     if name in MODELS:
         model = MODELS[name](num_classes)
-        return model if head[0] == "linear" else _with_head(model, num_classes, head)
+        dim = model.fc.in_features
+        if stages:
+            if not hasattr(model, "split_experts") or stages > len(model.WIDTHS):
+                raise _cannot_split(name, stages)
+            dim = model.split_experts(kwargs["num_experts"], stages)
+        if kind != "linear":
+            model.fc = build_head(kind, dim, num_classes, **kwargs, **({"own_features": True} if stages else {}))
+        return model
     backbone, path, dim = _external(name, pretrained)  # the name was checked by build_model or the config
-    kind, kwargs = head
+    key_map: list[tuple[str, str]] = []
+    if stages:
+        if not all(isinstance(getattr(backbone, n, None), nn.Module) for n in RESNET_STAGES) \
+                or stages > len(RESNET_STAGES):
+            raise _cannot_split(name, stages)
+        # Experts trained from scratch start from independently initialized stages (as SADE's do), each from a
+        # model of its own; pretrained experts all start from the library's weights.
+        fresh = None if pretrained is not None else (lambda: _external(name, None)[0])
+        key_map = _split_resnet(backbone, fresh, kwargs["num_experts"], stages)
+        kwargs["own_features"] = True
     fc = nn.Linear(dim, num_classes) if kind == "linear" else build_head(kind, dim, num_classes, **kwargs)
-    return Backbone(backbone, fc, path)
-
-
-def _with_head(model: nn.Module, num_classes: int, head: Head) -> nn.Module:
-    kind, kwargs = head
-    if kind != "linear":
-        model.fc = build_head(kind, model.fc.in_features, num_classes, **kwargs)
+    model = Backbone(backbone, fc, path)
+    model.expert_key_map = [(f"backbone.{old}", f"backbone.{new}") for old, new in key_map]
     return model
+
+
+def _cannot_split(name: str, stages: int) -> ValueError:
+    return ValueError(f"model {name} cannot give each expert its own last {stages} stage(s): lade splits its "
+                      f"resnet32 (up to 3 stages) and the ResNet families of torchvision and timm (the models with "
+                      f"{'..'.join(RESNET_STAGES[::3])}, up to 4); with expert_stages 0 (--expert-stages 0) the "
+                      "experts have their own classifiers on the shared backbone")
+
+
+def _split_resnet(backbone: nn.Module, fresh: Callable[[], nn.Module] | None, num_experts: int,
+                  stages: int) -> list[tuple[str, str]]:
+    """Give each expert its own copy of a ResNet's last ``stages`` stages (``ExpertStages`` in place of the first
+    of them, the rest Identity); expert 0 keeps the model's own, the others come from ``fresh()`` models (or copies
+    when it is None). Returns (the stages' key prefixes in the unsplit model, their prefix in the split one with
+    ``{e}`` for the expert): how a torchvision or timm checkpoint file loads into every expert."""
+    names = RESNET_STAGES[len(RESNET_STAGES) - stages:]
+    sources = [backbone] + [fresh() if fresh else None for _ in range(num_experts - 1)]
+    copies = [nn.Sequential(*(getattr(src, n) if src is not None else copy.deepcopy(getattr(backbone, n))
+                              for n in names)) for src in sources]
+    setattr(backbone, names[0], ExpertStages(copies))
+    for n in names[1:]:
+        setattr(backbone, n, nn.Identity())
+    return [(f"{n}.", f"{names[0]}.stages.{{e}}.{j}.") for j, n in enumerate(names)]
 
 
 def memory_format(model: nn.Module) -> torch.memory_format:
@@ -250,6 +344,11 @@ def load_backbone_weights(model: nn.Module, name: str, weights_path: str) -> Non
         cls = model.classifier_path + "."
         state = {f"backbone.{k}": v for k, v in state.items() if not k.startswith(cls)}
     own = model.state_dict()
+    # A checkpoint of the unsplit model loads into every expert's own copy of the stages it split (_split_resnet).
+    for old, new in getattr(model, "expert_key_map", ()):
+        for k in [k for k in state if k.startswith(old) and k not in own]:
+            v = state.pop(k)
+            state.update({new.format(e=e) + k[len(old):]: v for e in range(model.fc.num_experts)})
     # A backbone checkpoint's classifier (another class count or another head) is not loaded.
     skip = {k for k in state if k.startswith("fc.") and (k not in own or state[k].shape != own[k].shape)}
     state = {k: v for k, v in state.items() if k not in skip}

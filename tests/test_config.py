@@ -125,10 +125,11 @@ def test_every_shipped_config_resolves_and_round_trips(tmp_path):
 
 def test_sections_cover_every_key_once_and_ints_stay_numbers():
     # Every key once; a config carries every key but the hyperparameters of losses added since lade's first runs
-    # (balpoe's taus, a plugin's own), which only their own loss's configs carry.
+    # (balpoe's taus, the experts' expert_stages, a plugin's own), which only their own loss's configs carry.
     later = {k for k in LOSS_KEYS if k not in loss_config_keys(DEFAULTS["loss"])}
     assert set(CONFIG_KEYS) == set(DEFAULTS) | later and len(CONFIG_KEYS) == len(set(CONFIG_KEYS))
-    assert "taus" in later and set(resolve_config(None, {"loss": "balpoe"})) == set(DEFAULTS) | {"taus"}
+    assert {"taus", "expert_stages"} <= later
+    assert set(resolve_config(None, {"loss": "balpoe"})) == set(DEFAULTS) | {"taus", "expert_stages"}
     cfg = resolve_config(None, {"lr": 1, "alpha": 0})  # an int where a float is expected is fine ...
     assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float)
     with pytest.raises(ValueError, match="alpha must be a finite number, got False"):  # ... a boolean is not

@@ -9,7 +9,7 @@ import torch
 from lade_core.config import resolve_config
 from lade_core.heads import ExpertHeads, build_head
 from lade_core.losses import BalPoELoss, SADELoss, build_loss, inverse_prior
-from lade_core.models import build_model
+from lade_core.models import ExpertStages, build_model, check_input_size, expert_outputs
 
 EPS = 1e-9  # SADE's and BalPoE's released code: log(p + 1e-9)
 
@@ -72,7 +72,7 @@ def test_sade_loss_is_the_three_experts_cross_entropies_summed(tau):
     assert math.isclose(float(out.detach()), sum(want), rel_tol=1e-12)
     np.testing.assert_allclose(zt.grad.numpy(), grad, rtol=1e-10, atol=1e-14)  # d(sum)/dz: every expert's own
     assert [float(loss.last_terms[f"expert{e}"]) for e in (1, 2, 3)] == pytest.approx(want, rel=1e-12)
-    assert loss.head == ("experts", {"num_experts": 3})
+    assert loss.head == ("experts", {"num_experts": 3, "expert_stages": 2})  # SADE's layout: the last 2 stages
 
 
 @pytest.mark.parametrize("taus", [[0.0, 1.0, 2.0], [0.5, 1.0, 2.0], [1.0], [0.0, 2.0, 1.0, 3.0]])
@@ -116,6 +116,86 @@ def test_the_experts_head_trains_every_expert_and_infers_their_weighted_sum():
     assert model.train()(images).shape == (2, 3, 4) and model.eval()(images).shape == (2, 4)
 
 
+def _expert_stages(model):
+    """The ExpertStages module of a model whose experts own stages, and the model's shared parameters."""
+    own = next(m for m in model.modules() if isinstance(m, ExpertStages))
+    mine = {id(p) for p in own.parameters()} | {id(p) for p in model.fc.parameters()}
+    return own, [p for p in model.parameters() if id(p) not in mine]
+
+
+@pytest.mark.parametrize("name,stages", [("resnet32", 2), ("resnet32", 1), ("resnet32", 3), ("resnet18", 2),
+                                         ("timm:test_resnet", 1)])
+def test_each_expert_owns_the_last_stages_of_the_backbone(name, stages):
+    torch.manual_seed(0)
+    model = build_model(name, 4, head=("experts", {"num_experts": 3, "expert_stages": stages}))
+    own, shared = _expert_stages(model)
+    assert len(own.stages) == 3 and shared  # the early stages stay shared
+    # Independently initialized experts (as SADE's), not three copies of one.
+    first = [next(stage.parameters()) for stage in own.stages]
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
+    x = torch.randn(4, 3, 32, 32)
+    z = model.train()(x)  # [B, E, C]
+    assert z.shape == (4, 3, 4)
+    for e in range(3):  # expert e's logits depend on its own stages and the shared ones, on no other expert's
+        model.zero_grad()
+        z = model(x)
+        z[:, e].sum().backward()
+        for k, stage in enumerate(own.stages):
+            moved = any(p.grad is not None and p.grad.abs().sum() > 0 for p in stage.parameters())
+            assert moved == (k == e), (e, k)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in shared)
+        grads = model.fc.weight.grad.abs().sum((1, 2))  # [E]: only expert e's classifier
+        assert grads[e] > 0 and grads.sum() == grads[e]
+    model.eval()
+    with torch.no_grad(), expert_outputs(model):
+        za = model(x)  # [B, E, C]
+        x2 = x.clone()
+        x2[1] += 1.0
+        zb = model(x2)
+    # Each image's logits are its own (the experts' rows are read back in the order they were stacked).
+    torch.testing.assert_close(za[[0, 2, 3]], zb[[0, 2, 3]])
+    assert not torch.allclose(za[1], zb[1])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), za.mean(1))  # inference: the experts' average (SADE's fixed weights)
+
+
+def test_a_checkpoint_of_the_unsplit_resnet_loads_into_every_expert(tmp_path):
+    import torchvision
+
+    torch.manual_seed(1)
+    plain = torchvision.models.resnet18()
+    torch.save(plain.state_dict(), tmp_path / "resnet18.pt")
+    model = build_model("resnet18", 4, weights_path=str(tmp_path / "resnet18.pt"),
+                        head=("experts", {"num_experts": 3, "expert_stages": 2}))
+    own, _ = _expert_stages(model)
+    for stage in own.stages:  # each expert starts from the file's layer3 and layer4
+        for mine, theirs in zip(stage.state_dict().values(), [*plain.layer3.state_dict().values(),
+                                                              *plain.layer4.state_dict().values()]):
+            torch.testing.assert_close(mine, theirs)
+    torch.testing.assert_close(model.backbone.conv1.weight, plain.conv1.weight)
+    # lade's ResNet-32 experts are narrower than its plain stages (SADE's 3/4 width): a plain checkpoint is refused.
+    plain32 = build_model("resnet32", 4)
+    torch.save(plain32.state_dict(), tmp_path / "resnet32.pt")
+    with pytest.raises(ValueError, match="does not match model resnet32"):
+        build_model("resnet32", 4, weights_path=str(tmp_path / "resnet32.pt"), head=SADELoss([0.25] * 4).head)
+
+
+def test_a_backbone_that_cannot_be_split_is_one_clear_error_and_shares_with_no_stages():
+    head = BalPoELoss([0.4, 0.3, 0.2, 0.1]).head
+    with pytest.raises(ValueError, match=r"model shufflenet_v2_x0_5 cannot give each expert its own last 2 stage.*"
+                                         r"--expert-stages 0"):
+        check_input_size("shufflenet_v2_x0_5", 4, 32, 8, head=head)  # on the driver, before any worker starts
+    with pytest.raises(ValueError, match="model resnet32 cannot give each expert its own last 4 stage"):
+        build_model("resnet32", 4, head=("experts", {"num_experts": 3, "expert_stages": 4}))
+    shared = build_loss("balpoe", [0.4, 0.3, 0.2, 0.1], expert_stages=0).head
+    model = build_model("shufflenet_v2_x0_5", 4, head=shared)
+    assert not any(isinstance(m, ExpertStages) for m in model.modules())
+    assert model.train()(torch.randn(2, 3, 32, 32)).shape == (2, 3, 4)
+    # A card written before experts owned stages (no expert_stages) builds the shared backbone it was trained as.
+    old = build_model("resnet32", 4, head=("experts", {"num_experts": 3}))
+    assert not any(isinstance(m, ExpertStages) for m in old.modules())
+
+
 def test_bad_expert_input_is_one_clear_error():
     with pytest.raises(ValueError, match="num_experts >= 1"):
         ExpertHeads(6, 4, num_experts=0)
@@ -139,6 +219,12 @@ def test_bad_expert_input_is_one_clear_error():
         resolve_config(None, {"loss": "balpoe", "taus": "0,1,2"})
     with pytest.raises(ValueError, match=r"loss sade takes no hyperparameters \['taus'\]"):
         resolve_config(None, {"loss": "sade", "taus": [1.0]})
+    for bad in (-1, 5, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="expert_stages"):
+            resolve_config(None, {"loss": "sade", "expert_stages": bad})
+        with pytest.raises(ValueError, match=r"expert_stages \(the last backbone stages each expert owns\) must be "
+                                             r"an integer from 0 to 4"):
+            build_loss("balpoe", [0.5, 0.5], expert_stages=bad)
 
 
 # ---------- test-time aggregation (SADE, Sec. 4.2) ----------

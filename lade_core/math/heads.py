@@ -10,8 +10,9 @@ is the model's posterior, before any post-hoc rule):
 - ``AdjustedLinear`` (logit adjustment, Menon et al. 2021): a linear layer whose inference output adds
   (tau - 1) * log p_s, so the stored logits are disentangled from p_s like a Balanced Softmax model's.
 - ``ExpertHeads`` (multi-expert models: SADE, Zhang et al. 2022; BalPoE, Sanchez Aimar et al. 2023): E linear
-  classifiers on the shared features; training output every expert's logits [B, E, C], inference output their
-  weighted sum (``expert_weights``, default 1/E each) plus a fixed per-class ``eval_offset``.
+  classifiers on the shared features or on each expert's own; training output every expert's logits [B, E, C],
+  inference output their weighted sum (``expert_weights``, default 1/E each) plus a fixed per-class
+  ``eval_offset``.
 ``HEADS`` names them; ``lade_core.losses`` says which loss trains which head.
 """
 from __future__ import annotations
@@ -98,23 +99,24 @@ class AdjustedLinear(nn.Linear):
 
 
 class ExpertHeads(nn.Module):
-    """E experts' linear classifiers on one shared feature (lade's multi-expert models).
+    """E experts' linear classifiers (lade's multi-expert models).
 
-    SADE and BalPoE give each expert its own last backbone stage (RIDE-style); lade's experts share the whole
-    backbone, whatever it is (lade's ResNet-32, torchvision's, timm's), and differ in their classifiers: the
-    experts' losses (``losses.SADELoss``, ``losses.BalPoELoss``) still make them skilled at different label
-    distributions, at a fraction of the compute. Training output: z [B, E, C], z_e = W_e x + b_e. Inference
-    output: sum_e w_e z_e + eval_offset [B, C], with ``expert_weights`` w [E] (default 1/E each: BalPoE's average,
-    SADE's fixed aggregation; test-time aggregation sets learned ones) and ``eval_offset`` [C] (BalPoE:
-    (mean tau - 1) log p_s, so the inference logits are balanced like a Balanced Softmax model's). Both are
-    buffers, saved with the model and served with it."""
+    The experts read either one shared feature x [B, D] (a backbone shared whole) or each its own, x [E * B, D]
+    expert-major, rows e * B .. (e + 1) * B - 1 from expert e's own last backbone stages (``own_features``: SADE's
+    and RIDE's layout, built by ``models.build_model``). Training output: z [B, E, C], z_e = W_e x_e + b_e.
+    Inference output: sum_e w_e z_e + eval_offset [B, C], with ``expert_weights`` w [E] (default 1/E each:
+    BalPoE's average, SADE's fixed aggregation; test-time aggregation sets learned ones) and ``eval_offset`` [C]
+    (BalPoE: (mean tau - 1) log p_s, so the inference logits are balanced like a Balanced Softmax model's). Both
+    are buffers, saved with the model and served with it. The experts' losses (``losses.SADELoss``,
+    ``losses.BalPoELoss``) make them skilled at different label distributions."""
 
     def __init__(self, in_features: int, num_classes: int, num_experts: int = 3,
-                 expert_weights: list[float] | None = None, eval_offset: list[float] | None = None):
+                 expert_weights: list[float] | None = None, eval_offset: list[float] | None = None,
+                 own_features: bool = False):
         super().__init__()
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"a multi-expert head needs num_experts >= 1 (an integer), got {num_experts!r}")
-        self.num_experts = num_experts
+        self.num_experts, self.own_features = num_experts, bool(own_features)
         self.weight = nn.Parameter(torch.empty(num_experts, num_classes, in_features))  # [E, C, D]
         self.bias = nn.Parameter(torch.empty(num_experts, num_classes))  # [E, C]
         bound = 1 / math.sqrt(in_features)
@@ -131,7 +133,10 @@ class ExpertHeads(nn.Module):
     # aggregation learns its weights from. A plain attribute, not state: it is never saved with the model.
     emit_experts: bool = False
 
-    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] -> [B, E, C]
+    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] or [E * B, D] (own_features) -> [B, E, C]
+        if self.own_features:
+            x = x.view(self.num_experts, -1, x.shape[-1])  # [E, B, D]: expert e's features are its rows
+            return torch.einsum("ebd,ecd->bec", x, self.weight) + self.bias
         return torch.einsum("bd,ecd->bec", x, self.weight) + self.bias
 
     def combine(self, z: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:  # z [B, E, C] -> [B, C]

@@ -472,6 +472,8 @@ class CausalNormLoss(SoftmaxLoss):
 
 # --- The registry ---------------------------------------------------------------------------------------------
 
+# The most backbone stages an expert can own: the four of the ResNet families (``models.RESNET_STAGES``).
+MAX_EXPERT_STAGES = 4
 # The experts' losses add log(p + 1e-9) as SADE's and BalPoE's released code does (model/loss.py of both).
 EXPERT_EPS = 1e-9
 
@@ -492,12 +494,17 @@ class _ExpertLoss(Loss):
     l_e = CE(z_e + o_e, y), over logits [N, E, C] (``heads.ExpertHeads``' training output). ``last_terms``: each
     expert's ``expert<e>`` (1-based)."""
 
-    def __init__(self, offsets: torch.Tensor, eval_offset: torch.Tensor | None = None):
+    def __init__(self, offsets: torch.Tensor, expert_stages: int, eval_offset: torch.Tensor | None = None):
         super().__init__()
         self.num_experts, self.num_classes = offsets.shape  # [E, C], from the source prior the subclass checked
+        if isinstance(expert_stages, bool) or not isinstance(expert_stages, int) \
+                or not 0 <= expert_stages <= MAX_EXPERT_STAGES:
+            raise ValueError(f"expert_stages (the last backbone stages each expert owns) must be an integer from 0 "
+                             f"to {MAX_EXPERT_STAGES}, got {expert_stages!r}")
         self.register_buffer("expert_offsets", offsets)  # [E, C], float64
         self._cast = _CastCache()
-        self.head = ("experts", {"num_experts": self.num_experts,
+        # The head's experts own the backbone's last ``expert_stages`` stages (models.build_model splits them).
+        self.head = ("experts", {"num_experts": self.num_experts, "expert_stages": expert_stages,
                                  **({"eval_offset": eval_offset.tolist()} if eval_offset is not None else {})})
         self.last_terms: dict[str, torch.Tensor] = {}
 
@@ -527,12 +534,12 @@ class SADELoss(_ExpertLoss):
     and CE(z_3 + log p_s - tau log p-bar_s, y) (the inverse-skilled one, p-bar_s = ``inverse_prior``). Each log has
     SADE's + 1e-9 inside. Inference: the experts' logits aggregated (``ExpertHeads``, 1/3 each by default)."""
 
-    def __init__(self, source_prior: PriorLike, tau: float = 2.0):
+    def __init__(self, source_prior: PriorLike, tau: float = 2.0, expert_stages: int = 2):
         p = _source_prior(source_prior)
         self.tau = check_range(tau, "sade tau", low=0)
         log_p = (p + EXPERT_EPS).log()
         offsets = torch.stack([torch.zeros_like(p), log_p, log_p - self.tau * (inverse_prior(p) + EXPERT_EPS).log()])
-        super().__init__(offsets)
+        super().__init__(offsets, expert_stages)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         per = self.expert_losses(logits, targets)
@@ -546,14 +553,15 @@ class BalPoELoss(_ExpertLoss):
     Inference: the experts' average plus (mean tau - 1) log p_s, balanced for any taus (the average is balanced
     as it is when mean tau = 1, BalPoE's default)."""
 
-    def __init__(self, source_prior: PriorLike, taus: Sequence[float] = [0.0, 1.0, 2.0]):  # noqa: B006 - only read
+    def __init__(self, source_prior: PriorLike, taus: Sequence[float] = [0.0, 1.0, 2.0],  # noqa: B006 - only read
+                 expert_stages: int = 2):
         p = _source_prior(source_prior)
         if isinstance(taus, (str, bytes)) or not isinstance(taus, Sequence) or len(taus) < 1:
             raise ValueError(f"balpoe taus must be a list of one number per expert (at least 1), got {taus!r}")
         self.taus = [check_range(t, f"balpoe taus[{i}]") for i, t in enumerate(taus)]
         log_p = (p + EXPERT_EPS).log()
         offsets = torch.stack([t * log_p for t in self.taus])
-        super().__init__(offsets, eval_offset=(sum(self.taus) / len(self.taus) - 1) * log_p)
+        super().__init__(offsets, expert_stages, eval_offset=(sum(self.taus) / len(self.taus) - 1) * log_p)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         per = self.expert_losses(logits, targets)
@@ -632,6 +640,10 @@ class LossSpec:
 
 
 _H = Hyperparameter
+# The multi-expert losses' model layout (SADE's and BalPoE's released ResNets: layer1 shared, the last two stages
+# each expert's own, ``models.CifarResNet.split_experts``); 0 shares the whole backbone.
+_EXPERT_STAGES = _H("expert_stages", 2, "last backbone stages each expert owns (SADE, BalPoE: 2; 0: the whole "
+                    "backbone shared, each expert its own classifier)", type=int, ge=0, le=MAX_EXPERT_STAGES)
 # A plain-softmax (or focal) model's logits are entangled with p_s and need PC compensation (Eq. 4); the logits of
 # LADE / Balanced Softmax, of a logit-adjusted model (its head's inference offset), of LDAM-DRW (re-weighted towards
 # balance) and of Causal Norm (TDE; the paper's "PC Causal Norm" adds log p_t - log p_u) are disentangled and
@@ -671,10 +683,12 @@ LOSSES: dict[str, LossSpec] = {
     ), ("inject", "raw")),
     "sade": LossSpec(SADELoss, (
         _H("tau", 2.0, "inverse expert's strength τ (Zhang et al.: 2)", ge=0, space=("uniform", 1.0, 3.0)),
+        _EXPERT_STAGES,
     ), ("inject", "raw")),
     "balpoe": LossSpec(BalPoELoss, (
         _H("taus", [0.0, 1.0, 2.0], "one logit-adjustment strength τ_k per expert (Sanchez Aimar et al.: 0, 1, 2)",
            type=list[float]),
+        _EXPERT_STAGES,
     ), ("inject", "raw")),
 }
 BUILTIN_LOSSES: tuple[str, ...] = tuple(LOSSES)
