@@ -29,6 +29,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 REAL_TRAIN = REPO / "tests" / "fixtures" / "shared" / "Places_LT" / "Places_LT_train.txt.xz"
 NUM_CLASSES, SCALE, MIN_TRAIN, VAL, TEST, SIZE = 40, 4, 2, 20, 40, 32
+# Each class's two stripe colours (class c shares colour c + 1 with class c + 1) and the pixel grid, drawn once.
+PALETTE = np.random.default_rng(1234).uniform(30, 225, (NUM_CLASSES + 1, 3))
+GRID_Y, GRID_X = np.mgrid[0:SIZE, 0:SIZE] / SIZE
 
 
 def real_classes() -> list[tuple[str, int]]:
@@ -46,12 +49,10 @@ def real_classes() -> list[tuple[str, int]]:
 def scene_image(label: int, rng: np.random.Generator) -> Image.Image:
     """Class ``label``'s stripes (orientation and frequency its own, colours shared with its neighbours), at a
     random phase, with a random clutter patch and pixel noise."""
-    palette = np.random.default_rng(1234).uniform(30, 225, (NUM_CLASSES + 1, 3))
-    a, b = palette[label], palette[label + 1]  # class c shares colour c + 1 with class c + 1
+    a, b = PALETTE[label], PALETTE[label + 1]
     angle = np.pi * ((label * 7) % NUM_CLASSES) / NUM_CLASSES
     freq = 2 + (label % 5)
-    ys, xs = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    wave = np.sin(2 * np.pi * freq * (xs * np.cos(angle) + ys * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+    wave = np.sin(2 * np.pi * freq * (GRID_X * np.cos(angle) + GRID_Y * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
     mix = (wave[..., None] + 1) / 2
     img = mix * a + (1 - mix) * b + rng.normal(0, 28, (SIZE, SIZE, 3))
     y, x = rng.integers(0, SIZE - 10, 2)

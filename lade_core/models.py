@@ -258,6 +258,8 @@ def _architecture(name: str, num_classes: int, head: Head, pretrained: str | Non
     if kind == "experts":  # a card written before experts could own stages has no expert_stages: a shared backbone
         kwargs = dict(kwargs)
         stages = kwargs.pop("expert_stages", 0)
+        if stages:
+            kwargs["own_features"] = True  # each expert's classifier reads its own stages' features
     if name in MODELS:
         model = MODELS[name](num_classes)
         dim = model.fc.in_features
@@ -266,7 +268,7 @@ def _architecture(name: str, num_classes: int, head: Head, pretrained: str | Non
                 raise _cannot_split(name, stages)
             dim = model.split_experts(kwargs["num_experts"], stages)
         if kind != "linear":
-            model.fc = build_head(kind, dim, num_classes, **kwargs, **({"own_features": True} if stages else {}))
+            model.fc = build_head(kind, dim, num_classes, **kwargs)
         return model
     backbone, path, dim = _external(name, pretrained)  # the name was checked by build_model or the config
     key_map: list[tuple[str, str]] = []
@@ -278,7 +280,6 @@ def _architecture(name: str, num_classes: int, head: Head, pretrained: str | Non
         # model of its own; pretrained experts all start from the library's weights.
         fresh = None if pretrained is not None else (lambda: _external(name, None)[0])
         key_map = _split_resnet(backbone, fresh, kwargs["num_experts"], stages)
-        kwargs["own_features"] = True
     fc = nn.Linear(dim, num_classes) if kind == "linear" else build_head(kind, dim, num_classes, **kwargs)
     model = Backbone(backbone, fc, path)
     model.expert_key_map = [(f"backbone.{old}", f"backbone.{new}") for old, new in key_map]
@@ -299,9 +300,12 @@ def _split_resnet(backbone: nn.Module, fresh: Callable[[], nn.Module] | None, nu
     when it is None). Returns (the stages' key prefixes in the unsplit model, their prefix in the split one with
     ``{e}`` for the expert): how a torchvision or timm checkpoint file loads into every expert."""
     names = RESNET_STAGES[len(RESNET_STAGES) - stages:]
-    sources = [backbone] + [fresh() if fresh else None for _ in range(num_experts - 1)]
-    copies = [nn.Sequential(*(getattr(src, n) if src is not None else copy.deepcopy(getattr(backbone, n))
-                              for n in names)) for src in sources]
+
+    def stages_of(model: nn.Module) -> nn.Sequential:
+        return nn.Sequential(*(getattr(model, n) for n in names))
+
+    own = stages_of(backbone)
+    copies = [own] + [stages_of(fresh()) if fresh else copy.deepcopy(own) for _ in range(num_experts - 1)]
     setattr(backbone, names[0], ExpertStages(copies))
     for n in names[1:]:
         setattr(backbone, n, nn.Identity())
