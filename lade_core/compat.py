@@ -1,13 +1,16 @@
 """Every place lade relies on a library's private API, gathered so that an upgrade is checked here.
 
 Written against (and tested with) torch 2.14, Ray 2.60 (Train V2, Tune, Data), MLflow 3.17, pyarrow 25. Each entry
-says what it touches, why no public API does it, and what breaks if it changes. Module level imports torch alone,
-so the math modules may use it; Ray is imported inside the functions that need it.
+says what it touches, why no public API does it, and what breaks if it changes. Module level imports nothing heavy:
+``lade_core.runtime`` imports it in every process of a local Ray (its worker setup hook), Ray's own actors included;
+torch and Ray are imported inside the functions that need them.
 
 - torch: ``Tensor._version`` (in-place edit counter) keys the losses' cast cache; ``torch._assert_async``
   checks labels on an accelerator without a host sync.
 - Ray core: ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``, switched off while a local Ray starts so that its
   servers bind loopback only (``loopback_node``).
+- Ray Train: the logger of its placement-group cleaner actor, which polls the dashboard's state API every second
+  and warns each time it finds none (``RAY_TRAIN_PG_CLEANER_LOGGER``, silenced on a local Ray without dashboard).
 - Ray Data: the logger ``ray.data._internal.progress`` (its "progress bars disabled" notice), and
   ``DataContext.use_datasource_v2``, a global switch read when a read is planned (``datasource_v1``).
 - Ray Tune: ``ASHAScheduler``'s ``_trial_info`` (trial -> bracket), ``_Bracket._rungs`` ([(milestone, {trial:
@@ -17,9 +20,10 @@ so the math modules may use it; Ray is imported inside the functions that need i
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # --- torch -----------------------------------------------------------------------------------------------------
 
@@ -32,6 +36,8 @@ def tensor_version(t: torch.Tensor) -> int:
 def assert_async(condition: torch.Tensor, message: str) -> None:
     """A device-side assert (``torch._assert_async``): stops the step with ``message`` if ``condition`` is false,
     without the host sync a Python ``if`` on a GPU tensor costs."""
+    import torch
+
     torch._assert_async(condition, message)
 
 
@@ -39,6 +45,9 @@ def assert_async(condition: torch.Tensor, message: str) -> None:
 
 # Ray Data's logger of the once-per-process "Progress bars disabled. To enable, set ..." notice.
 RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+# Ray Train V2's detached placement-group cleaner (one per run): it asks the state API each second whether the
+# run's controller lives, and logs "Failed to query Ray Train Controller actor state" when there is no dashboard.
+RAY_TRAIN_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 @contextlib.contextmanager

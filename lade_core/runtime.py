@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .compat import RAY_DATA_PROGRESS_LOGGER, loopback_node
+from .compat import RAY_DATA_PROGRESS_LOGGER, RAY_TRAIN_PG_CLEANER_LOGGER, loopback_node
 
 _VERBOSE = False
 # Loggers that print INFO lines on every run: Ray's (dataset plans, operator progress, controller state) and
@@ -70,11 +70,13 @@ def quiet_worker_logging() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = level == "INFO"
 
 
-def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+def init_ray(num_cpus: int | None = None, address: str | None = None, dashboard: bool = False) -> None:
     """Connect to the cluster in RAY_ADDRESS / ``address`` (as under ``ray job submit``) or start a local Ray.
 
     A local Ray gets ``num_cpus`` logical CPUs: on small machines give it more than the training workers reserve,
-    or Ray Data's read/decode tasks get no CPU and the pipeline stalls.
+    or Ray Data's read/decode tasks get no CPU and the pipeline stalls. It starts Ray's dashboard only with
+    ``dashboard``: a search (many trainer runs in one Ray) needs its state API, one run does not, and on 2 cores the
+    dashboard's processes cost ~10 s of every start (bench/README.md). Whoever starts Ray first decides.
     """
     import ray
 
@@ -95,15 +97,27 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         # Ray Train's controller polls its workers every 2 s (a cluster's default), so a finished run waited up to
         # 2 s more to be seen finished: 3.5 s -> 1.1 s from the last epoch to fit() returning on 2 cores.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        # The dashboard serves Ray's state API, which Ray Train V2 uses to release a finished or killed run's
-        # placement group; without it, each trainer run under Tune leaks its workers' CPUs until Ray stops.
+        # The dashboard serves Ray's state API, through which Ray Train V2's placement-group cleaner sees that a
+        # run's controller died: without it, each trial Tune stops leaks its workers' CPUs until Ray stops. A
+        # single run's controller ends with its driver, and this local Ray with them.
+        # Without a dashboard that cleaner (one per run) warns every second that it cannot ask: quiet it there.
+        hook = {} if dashboard else {"runtime_env": {"worker_process_setup_hook": f"{__name__}.quiet_pg_cleaner"}}
         with loopback_node():  # every server of the local node on 127.0.0.1 (lade_core.compat)
-            ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                     _system_config={"num_workers_soft_limit": worker_soft_limit(num_cpus)}, **logs)
+            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                     _system_config={"num_workers_soft_limit": worker_soft_limit(num_cpus)}, **hook, **logs)
     import ray.data
 
     # Ray Data's per-operator bars: useful while preparing, noise between the epoch lines of a training run.
     ray.data.DataContext.get_current().enable_progress_bars = _VERBOSE
+
+
+def quiet_pg_cleaner() -> None:
+    """The worker process setup hook of a local Ray started without a dashboard: Ray Train's placement-group
+    cleaner there logs only errors. Its job, noticing a controller that died without cleaning up, matters only
+    where trainer runs outlive one another in one Ray (a search, which starts the dashboard); a single run's
+    controller ends with its driver and this local Ray with both. Runs in every worker of the job before its first
+    task, so it imports nothing heavy."""
+    logging.getLogger(RAY_TRAIN_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def worker_soft_limit(num_cpus: int | None) -> int:

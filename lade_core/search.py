@@ -190,7 +190,7 @@ def search(args, held: contextlib.ExitStack) -> int:
             raise ValueError(f"ASHA's grace period {grace} ({given}) exceeds the {epochs} epochs per "
                              f"trial; pass --grace-period <= {epochs}")
         num_cpus = local_num_cpus(args.num_cpus, config.runtime.num_workers * config.runtime.cpus_per_worker)
-        config, prepared = load_dataset(config, num_cpus)
+        config, prepared = load_dataset(config, num_cpus, dashboard=True)  # Train's PG cleaner needs it
         config = check_against_dataset(config, prepared)  # trials are selected on val, never on test
         if args.objective == "shift_mean" and 0 in prepared.class_counts("val"):
             raise ValueError("objective shift_mean needs every class in the val split; use --objective uniform")
@@ -206,7 +206,7 @@ def search(args, held: contextlib.ExitStack) -> int:
         check_search_digest(uri, args.experiment, digest)
         if args.register:
             check_alias_classes(uri, args.register, CHAMPION, dataset_class_names(prepared))
-        init_ray(num_cpus=num_cpus)
+        init_ray(num_cpus=num_cpus, dashboard=True)
         max_concurrent = concurrency(args, config.runtime)
     except (ValueError, FileNotFoundError, DataError, RuntimeError) as e:  # LockHeld is a RuntimeError
         print(f"error: {e}", file=sys.stderr)

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    init_ray(num_cpus=args.num_cpus)
+    init_ray(num_cpus=args.num_cpus, dashboard=True)  # a long-lived service: Serve's view in the dashboard
     use_gpu = args.use_gpu if args.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     app = build_app(args.model, tracking_uri, args.num_replicas, use_gpu, args.window, args.warmup, change_test,
                     args.name)

@@ -11,15 +11,15 @@ pytestmark = pytest.mark.slow
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 # Runs in a process of its own (the only Ray on the machine while it runs): starts the local Ray the pipelines
-# start, runs a task (so a worker process listens too), prints the node address and each listening socket of its
-# process tree as "ip pid".
+# start (with the dashboard, as tune.py and serve.py do, or without, as the others do), runs a task (so a worker
+# process listens too), prints the node address and each listening socket of its process tree as "ip pid".
 PROBE = r'''
 import os, socket, struct, time
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
 from lade_core.runtime import init_ray
 
-init_ray(num_cpus=1)
+init_ray(num_cpus=1, dashboard=DASHBOARD)
 ray.get(ray.remote(lambda: os.getpid()).remote())
 time.sleep(2)
 children = {}
@@ -58,10 +58,12 @@ ray.shutdown()
 '''
 
 
-def test_a_local_ray_listens_on_loopback_only():
+@pytest.mark.parametrize("dashboard", [False, True])
+def test_a_local_ray_listens_on_loopback_only(dashboard):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    p = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", PROBE.replace("DASHBOARD", str(dashboard))], env=env,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [line.split() for line in p.stdout.splitlines()]
     listening = [(addr, int(pid)) for kind, addr, *rest in lines if kind == "listen" for pid in rest]
