@@ -76,7 +76,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, dashboard:
     A local Ray gets ``num_cpus`` logical CPUs: on small machines give it more than the training workers reserve,
     or Ray Data's read/decode tasks get no CPU and the pipeline stalls. It starts Ray's dashboard only with
     ``dashboard``: a search (many trainer runs in one Ray) needs its state API, one run does not, and on 2 cores the
-    dashboard's processes cost ~10 s of every start (bench/README.md). Whoever starts Ray first decides.
+    dashboard's processes cost 13-33 CPU seconds of a smoke run (bench/README.md). Whoever starts Ray first decides.
     """
     import ray
 

@@ -38,8 +38,10 @@ def test_a_run_survives_its_database_and_tracking_server_going_down(tmp_path, te
            str(EPOCHS), "--mlflow-uri", uri, "--storage-path", str(tmp_path / "ray_results"), "--experiment",
            "team", "--run-name", "outage", "--register", "model-team"]
     # No client retries: a failed request fails at once, as it does once MLflow's retries run out, and lade's logger
-    # keeps the epochs it could not write.
-    env = {**_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    # keeps the epochs it could not write. The outages answer at once (a 500 while the database is down, a refused
+    # connection while the server is), so the read timeout only has to outlast a slow answer from a live server:
+    # at 5 s the run's first request timed out once in CI, the server sharing 2 cores with the run's Ray starting.
+    env = {**_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     run_dir = str(tmp_path / "ray_results" / "outage")
