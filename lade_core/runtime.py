@@ -75,8 +75,10 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, dashboard:
 
     A local Ray gets ``num_cpus`` logical CPUs: on small machines give it more than the training workers reserve,
     or Ray Data's read/decode tasks get no CPU and the pipeline stalls. It starts Ray's dashboard only with
-    ``dashboard``: a search (many trainer runs in one Ray) needs its state API, one run does not, and on 2 cores the
-    dashboard's processes cost 13-33 CPU seconds of a smoke run (bench/README.md). Whoever starts Ray first decides.
+    ``dashboard``: its state API is how Ray Train V2's placement-group cleaner sees that a run's controller died,
+    which matters where trainer runs outlive one another in one Ray (a search: a stopped trial's leaked workers
+    starve the next); a single run's controller ends with its driver and this local Ray. On 2 cores the dashboard's
+    processes cost 13-33 CPU seconds of a smoke run (bench/README.md). Whoever starts Ray first decides.
     """
     import ray
 
@@ -97,10 +99,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, dashboard:
         # Ray Train's controller polls its workers every 2 s (a cluster's default), so a finished run waited up to
         # 2 s more to be seen finished: 3.5 s -> 1.1 s from the last epoch to fit() returning on 2 cores.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        # The dashboard serves Ray's state API, through which Ray Train V2's placement-group cleaner sees that a
-        # run's controller died: without it, each trial Tune stops leaks its workers' CPUs until Ray stops. A
-        # single run's controller ends with its driver, and this local Ray with them.
-        # Without a dashboard that cleaner (one per run) warns every second that it cannot ask: quiet it there.
+        # Without a dashboard, Train's placement-group cleaner warns every second that it cannot ask (quiet_pg_cleaner).
         hook = {} if dashboard else {"runtime_env": {"worker_process_setup_hook": f"{__name__}.quiet_pg_cleaner"}}
         with loopback_node():  # every server of the local node on 127.0.0.1 (lade_core.compat)
             ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
@@ -112,11 +111,9 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, dashboard:
 
 
 def quiet_pg_cleaner() -> None:
-    """The worker process setup hook of a local Ray started without a dashboard: Ray Train's placement-group
-    cleaner there logs only errors. Its job, noticing a controller that died without cleaning up, matters only
-    where trainer runs outlive one another in one Ray (a search, which starts the dashboard); a single run's
-    controller ends with its driver and this local Ray with both. Runs in every worker of the job before its first
-    task, so it imports nothing heavy."""
+    """The worker process setup hook of a local Ray started without a dashboard (``init_ray``): Ray Train's
+    placement-group cleaner there logs only errors. Runs in every worker of the job, Ray's own actors included,
+    before its first task, so this module imports nothing heavy."""
     logging.getLogger(RAY_TRAIN_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
