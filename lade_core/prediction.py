@@ -1,16 +1,18 @@
-"""Batch prediction of a logged lade model over new images, on Ray Data (``pipelines/predict.py``).
+"""Batch prediction of a logged lade model over new images (``pipelines/predict.py``): Ray Data where it pays.
 
 Two steps, because an estimated target prior needs every image's output before any prediction is final:
-  1. the images, read by Ray Data, map to the network's raw logits [B, C]: on an actor pool (one model load per
-     actor, a GPU each) where actors pay — a cluster with GPUs or with several nodes — else in the driver, which
-     already holds the model, with all of its node's cores (``model_actors``);
+  1. the images map to the network's raw logits [B, C]: read by Ray Data into an actor pool (one model load per
+     actor, a GPU each) where actors pay — a cluster with GPUs or with several nodes — else read and run in the
+     driver, which already holds the model, with all of its node's cores and no Ray (``step1_placement``);
   2. the driver fixes p_t (a file, uniform, or EM on step 1's calibrated outputs) and turns each batch of logits
      into p_t(y|x) with the model's post-hoc rule (a per-class offset, ``posthoc_offset``), keeping the top-k.
 """
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -58,6 +60,21 @@ def _read_files(batch: dict) -> dict:
     return {**batch, "image": np.array(data, dtype=object)}
 
 
+def _prepared(source: Path, class_names: list[str]):
+    from .data import open_prepared
+
+    prepared = open_prepared(source)
+    if prepared.num_classes != len(class_names):
+        raise DataError(f"{source} has {prepared.num_classes} classes; the model has {len(class_names)}")
+    return prepared
+
+
+def _prepared_rows(batch: dict, split: str) -> dict:
+    """A prepared split's stored rows {"image", "label", "index"} as step 1's input rows (the bytes as stored)."""
+    return {"row": batch["index"], "path": np.array([f"{split}#{i}" for i in batch["index"]]),
+            "true_label": batch["label"], "image": batch["image"]}
+
+
 def image_dataset(source: str | Path, class_names: list[str], *, image_root=None, split: str = "test"):
     """A Ray Dataset of {"row", "path", "true_label", "image" (encoded bytes)} from a folder, a split list, or a
     prepared dataset's split (read from its Parquet: the bytes as stored, labels known)."""
@@ -65,17 +82,27 @@ def image_dataset(source: str | Path, class_names: list[str], *, image_root=None
 
     source = Path(source)
     if (source / "dataset.json").exists():
-        from .data import open_prepared
-
-        prepared = open_prepared(source)
-        if prepared.num_classes != len(class_names):
-            raise DataError(f"{source} has {prepared.num_classes} classes; the model has {len(class_names)}")
-        return prepared.encoded_dataset(split).map_batches(
-            lambda b: {"row": b["index"], "path": np.array([f"{split}#{i}" for i in b["index"]]),
-                       "true_label": b["label"], "image": b["image"]}, batch_format="numpy")
+        return _prepared(source, class_names).encoded_dataset(split).map_batches(
+            partial(_prepared_rows, split=split), batch_format="numpy")
     rows = image_rows(source, class_names, image_root=image_root)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 64, 200)))
     return ds.map_batches(_read_files, batch_format="numpy")
+
+
+def image_batches(source: str | Path, class_names: list[str], *, image_root=None, split: str = "test",
+                  batch_size: int = 64) -> Iterator[dict]:
+    """``image_dataset``'s rows read in this process, without Ray, in numpy batches of ``batch_size``: the input
+    where step 1 runs here. Ray Data's read tasks would only carry the bytes into this process through the object
+    store, on the cores the model needs (bench/predict_throughput.py)."""
+    source = Path(source)
+    if (source / "dataset.json").exists():
+        for b in _prepared(source, class_names).raw_batches(split, ["image", "label", "index"], batch_size):
+            yield _prepared_rows({k: b.column(k).to_numpy(zero_copy_only=False) for k in b.schema.names}, split)
+        return
+    rows = image_rows(source, class_names, image_root=image_root)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        yield _read_files({k: np.array([r[k] for r in chunk]) for k in ("row", "path", "true_label")})
 
 
 def model_actors(requested: int | None, *, gpus: float, nodes: int, use_gpu: bool) -> int:
@@ -144,20 +171,49 @@ def top_k_batch(batch: dict, offset: np.ndarray, k: int, class_names: list[str])
             "true_label": batch["true_label"], "error": batch["error"]}
 
 
-def predict_images(ds, model, model_uri: str, tracking_uri: str, *, num_actors: int, use_gpu: bool,
-                   batch_size: int, skip_bad: bool, cpus: float, view_seed: int | None = None):
-    """Step 1: an iterator of numpy batches {"row", "path", "true_label", "logits" [B, C], "error"} ("views"
-    [B, 3, E, C] instead of "logits" with ``view_seed``: ``logits_batch``).
+def step1_placement(requested: int | None, use_gpu: bool | None, num_cpus: int | None) -> tuple[int, bool, float]:
+    """Where step 1 runs, as (model actors, on GPUs, the CPUs they share): ``model_actors`` on the cluster's
+    resources; ``use_gpu`` None: if it has GPUs. Starts Ray only where actors run.
 
-    ``num_actors`` 0: in this process with ``model`` (the driver's, already loaded), torch on all its threads;
-    else a pool of that many actors that each load ``model_uri`` once (a GPU each with ``use_gpu``) and run torch
-    on their share of the ``cpus`` the cluster has, fed blocks of one batch so that every actor gets work."""
+    Without RAY_ADDRESS the cluster a local Ray would start is this machine, whose GPUs are torch's (Ray counts the
+    same visible devices); with none, and no actors asked for, the model runs in this process and Ray never starts:
+    on one node a local Ray's start (~7 s on 2 cores) and its read tasks buy nothing."""
+    import ray
+
+    from .runtime import init_ray, local_num_cpus
+
+    if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+        gpus = torch.cuda.device_count()
+        on_gpu = use_gpu if use_gpu is not None else gpus > 0
+        if model_actors(requested, gpus=gpus, nodes=1, use_gpu=on_gpu) == 0:
+            return 0, on_gpu, float(os.cpu_count() or 1)
+    # A local Ray gets CPUs beyond the actors' own, or the read/decode tasks wait behind them and the job stalls.
+    init_ray(num_cpus=local_num_cpus(num_cpus, requested or 0))
+    resources = ray.cluster_resources()
+    on_gpu = use_gpu if use_gpu is not None else resources.get("GPU", 0) > 0
+    actors = model_actors(requested, gpus=resources.get("GPU", 0), use_gpu=on_gpu,
+                          nodes=sum(1 for n in ray.nodes() if n["Alive"]))
+    return actors, on_gpu, resources.get("CPU", 1)
+
+
+def predict_images(source: str | Path, class_names: list[str], model, model_uri: str, tracking_uri: str, *,
+                   image_root=None, split: str = "test", num_actors: int, use_gpu: bool, batch_size: int,
+                   skip_bad: bool, cpus: float, view_seed: int | None = None) -> Iterator[dict]:
+    """Step 1 over the images of ``source`` (``image_rows``' folder or list, or a prepared dataset's ``split``): an
+    iterator of numpy batches {"row", "path", "true_label", "logits" [B, C], "error"} ("views" [B, 3, E, C] instead
+    of "logits" with ``view_seed``: ``logits_batch``).
+
+    ``num_actors`` 0: in this process with ``model`` (the driver's, already loaded), torch on all its threads, the
+    images read here too (``image_batches``: no Ray); else read by Ray Data (``image_dataset``) into a pool of that
+    many actors that each load ``model_uri`` once (a GPU each with ``use_gpu``) and run torch on their share of the
+    ``cpus`` the cluster has, fed blocks of one batch so that every actor gets work."""
     if num_actors == 0:
-        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for batch in image_batches(source, class_names, image_root=image_root, split=split, batch_size=batch_size):
             yield logits_batch(model, batch, skip_bad, view_seed)
         return
     from ray.data import ActorPoolStrategy
 
+    ds = image_dataset(source, class_names, image_root=image_root, split=split)
     # Leave a CPU per actor's worth for the reads; a prepared split's few Parquet files would otherwise arrive as
     # a few large blocks and keep all but one actor idle (a streaming repartition: no barrier).
     threads = max(1, int(cpus // (num_actors + 1))) if not use_gpu else 1
@@ -184,8 +240,13 @@ def finish(batches, offset: torch.Tensor, k: int, class_names: list[str]):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    tables = [pa.table(top_k_batch(b, offset.numpy(), k, class_names)) for b in batches]
-    table = pa.concat_tables(tables)
+    # Step 2 runs per batch as step 1's arrive; Arrow converts once at the end: a pa.table per batch between the
+    # model's forwards slowed the whole job by ~30 % on 2 cores (bench/predict_throughput.py).
+    parts = [top_k_batch(b, offset.numpy(), k, class_names) for b in batches]
+    if not parts:
+        raise ValueError("no images to predict")
+    table = pa.table({key: np.concatenate([part[key] for part in parts]) if isinstance(parts[0][key], np.ndarray)
+                      else [v for part in parts for v in part[key]] for key in parts[0]})
     return table.take(pc.sort_indices(table, [("row", "ascending")]))
 
 

@@ -1,4 +1,5 @@
-"""Predict with a logged lade model over new images, as Ray Data batch inference, under a target prior p_t.
+"""Predict with a logged lade model over new images, under a target prior p_t: Ray Data batch inference on a
+cluster (model actors), the model in this process on one CPU node (no Ray).
 
   python pipelines/predict.py --model models:/lade@champion --input photos/ --output preds.parquet
   python pipelines/predict.py --model models:/lade/3 --input test.txt --image-root images/ --output preds.csv \\
@@ -33,9 +34,9 @@ from lade_core.data import DataError
 from lade_core.label_shift import METHODS, Calibration, estimate_target_prior
 from lade_core.models import has_experts
 from lade_core.posthoc import posthoc_offset
-from lade_core.prediction import collect_logits, finish, image_dataset, model_actors, predict_images, write_predictions
+from lade_core.prediction import collect_logits, finish, predict_images, step1_placement, write_predictions
 from lade_core.priors import read_prior_file, uniform_prior, validate_prior
-from lade_core.runtime import init_ray, local_num_cpus, quiet_logging
+from lade_core.runtime import quiet_logging
 from lade_core.tracking import log_result_run, resolve_tracking_uri
 
 
@@ -124,17 +125,15 @@ def main(argv=None) -> int:
         return 2
     import ray
 
-    # A local Ray gets CPUs beyond the actors' own, or the read/decode tasks wait behind them and the job stalls.
-    init_ray(num_cpus=local_num_cpus(args.num_cpus, args.num_workers or 0))
-    resources = ray.cluster_resources()
-    use_gpu = args.use_gpu if args.use_gpu is not None else resources.get("GPU", 0) > 0
-    actors = model_actors(args.num_workers, gpus=resources.get("GPU", 0), use_gpu=use_gpu,
-                          nodes=sum(1 for n in ray.nodes() if n["Alive"]))
+    actors, use_gpu, cpus = step1_placement(args.num_workers, args.use_gpu, args.num_cpus)
+    print(f"model: {actors} Ray actor{'s' if actors > 1 else ''}{' with a GPU each' if use_gpu else ''}" if actors
+          else f"model: in this process, {torch.get_num_threads()} torch threads, images read here"
+          f"{'' if ray.is_initialized() else ' (Ray not started: no actors on this one node)'}")
     t0 = time.perf_counter()
     try:
-        ds = image_dataset(args.input, card.class_names, image_root=args.image_root, split=args.split)
-        logits = predict_images(ds, model, args.model, tracking_uri, num_actors=actors, use_gpu=use_gpu,
-                                batch_size=args.batch_size, skip_bad=args.skip_bad, cpus=resources.get("CPU", 1),
+        logits = predict_images(args.input, card.class_names, model, args.model, tracking_uri,
+                                image_root=args.image_root, split=args.split, num_actors=actors, use_gpu=use_gpu,
+                                batch_size=args.batch_size, skip_bad=args.skip_bad, cpus=cpus,
                                 view_seed=args.seed if args.aggregate else None)
         out = Path(args.output)
         if args.aggregate:

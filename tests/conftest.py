@@ -232,7 +232,8 @@ def run_train(workdir: Path, *args: str, timeout: int = 600, num_cpus: str | Non
 
 
 def run_predict(workdir: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
-    """pipelines/predict.py as a user runs it, in its own process with its own local Ray (4 logical CPUs)."""
+    """pipelines/predict.py as a user runs it, in its own process (its own local Ray, 4 logical CPUs, where it
+    starts one: model actors)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, str(REPO / "pipelines" / "predict.py"), "--mlflow-uri", uri,

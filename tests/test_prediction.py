@@ -1,10 +1,14 @@
 """Step 2 of batch prediction (``prediction.top_k_batch``): raw logits + the post-hoc offset -> labels and top-k,
-checked against Eq. 17 / Eq. 6 written here; and where step 1 runs (``model_actors``). No Ray."""
+checked against Eq. 17 / Eq. 6 written here; where step 1 runs (``model_actors``, ``step1_placement``) and its input
+read in the driver (``image_batches``). No Ray."""
+import os
+
 import numpy as np
+import pytest
 import torch
 
 from lade_core.posthoc import posthoc_offset
-from lade_core.prediction import UNKNOWN, model_actors, top_k_batch
+from lade_core.prediction import UNKNOWN, image_batches, model_actors, step1_placement, top_k_batch
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -51,3 +55,42 @@ def test_model_actors_follow_the_cluster_unless_asked():
     assert model_actors(None, gpus=0, nodes=1, use_gpu=False) == 0
     assert model_actors(None, gpus=2, nodes=1, use_gpu=False) == 0  # --use-gpu off on a GPU node: CPU, the driver
     assert model_actors(2, gpus=0, nodes=1, use_gpu=False) == 2 and model_actors(0, gpus=8, nodes=4, use_gpu=True) == 0
+
+
+def test_image_batches_read_a_folder_in_this_process_as_the_ray_dataset_does(tmp_path):
+    """Without Ray (the driver's input where the model runs in the driver): every image of the folder once, in
+    batches of the asked size, in path order, its bytes as stored, the class folder as its true label (else
+    unknown)."""
+    files = {}
+    for k, name in enumerate(NAMES[:3]):
+        (tmp_path / name).mkdir()
+        for j in range(k + 2):  # 2, 3, 4 images: 9 in all
+            path = tmp_path / name / f"{j}.png"
+            path.write_bytes(bytes([k, j]) * 10)
+            files[str(path)] = (bytes([k, j]) * 10, k)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.jpg").write_bytes(b"jpeg?")
+    files[str(tmp_path / "other" / "x.jpg")] = (b"jpeg?", UNKNOWN)
+    batches = list(image_batches(tmp_path, NAMES, batch_size=4))
+    assert [len(b["row"]) for b in batches] == [4, 4, 2]
+    rows = np.concatenate([b["row"] for b in batches])
+    assert rows.tolist() == list(range(10))
+    got = {p: (bytes(im), int(y)) for b in batches for p, im, y in zip(b["path"], b["image"], b["true_label"])}
+    assert got == files
+
+
+def test_one_node_without_gpus_predicts_without_starting_ray(monkeypatch):
+    """No RAY_ADDRESS, no GPU, no actors asked for: the model runs in this process and Ray never starts."""
+    import ray
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has GPUs: step 1 runs on actors")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not ray.is_initialized()
+    try:
+        actors, use_gpu, cpus = step1_placement(None, None, 4)
+        assert (actors, use_gpu) == (0, False) and cpus == os.cpu_count()
+        assert step1_placement(0, None, 4)[0] == 0
+        assert not ray.is_initialized()
+    finally:
+        ray.shutdown()

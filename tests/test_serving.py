@@ -1,6 +1,7 @@
-"""The registered model under any target prior: the MLflow pyfunc in process, pipelines/predict.py on Ray Data,
-and `mlflow models serve` over REST; all on the models of real tiny training runs (session fixture ``smoke_run``),
-checked against the run's stored test logits and Eq. 6 / Eq. 17 computed here."""
+"""The registered model under any target prior: the MLflow pyfunc in process, pipelines/predict.py (the model in
+its own process, or on Ray Data's actors), and `mlflow models serve` over REST; all on the models of real tiny
+training runs (session fixture ``smoke_run``), checked against the run's stored test logits and Eq. 6 / Eq. 17
+computed here."""
 import base64
 import io
 import json
@@ -216,6 +217,7 @@ def test_predict_pipeline_on_a_prepared_split_with_a_given_and_an_estimated_prio
                  "--top-k", "3")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "80 images" in p.stdout and "top-1" in p.stdout
+    assert "model: 2 Ray actors" in p.stdout  # read by Ray Data into the actor pool
     out = pq.read_table(tmp_path / "given.parquet").to_pandas()
     assert out["row"].tolist() == list(range(80))  # one row per image, in split order
     expected = _expected_probabilities("lade", logits, ps, pt)
@@ -231,6 +233,8 @@ def test_predict_pipeline_on_a_prepared_split_with_a_given_and_an_estimated_prio
     p = run_predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir),
                  "--output", str(tmp_path / "est.csv"), "--target-prior", "estimate")
     assert p.returncode == 0, p.stderr[-3000:]
+    # The default on one node without GPUs: the split read and the model run in predict.py's own process.
+    assert "model: in this process" in p.stdout and "Ray not started" in p.stdout, p.stdout
     est = json.loads((tmp_path / "est.target_prior.json").read_text())
     card = mlflow.pyfunc.load_model("models:/model-lade/1").unwrap_python_model().card
     calibration = Calibration.from_dict(card.calibration) if card.calibration else None

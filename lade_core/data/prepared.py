@@ -165,6 +165,15 @@ class PreparedDataset:
         self._check_split(split)
         return pq.read_table(str(self.root / split), columns=columns)
 
+    def raw_batches(self, split: str, columns: list[str], batch_size: int):
+        """The split's Parquet rows as pyarrow RecordBatches of up to ``batch_size`` rows, streamed without Ray (the
+        files are read ahead on Arrow's I/O threads): ``raw_split`` for a split too large to hold at once."""
+        import pyarrow.dataset as pads
+
+        self._check_split(split)
+        yield from pads.dataset(str(self.root / split), format="parquet").to_batches(columns=columns,
+                                                                                       batch_size=batch_size)
+
 
 @lru_cache(maxsize=8)
 def _train_files(directory: str, fingerprint: str | None) -> list[tuple[str, np.ndarray]]:
