@@ -75,12 +75,13 @@ class _CastCache:
     def __init__(self) -> None:
         self._entries: dict[tuple, torch.Tensor] = {}
 
-    def get(self, name: str, buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def get(self, name: str, buf: torch.Tensor, like: torch.Tensor, derive=None) -> torch.Tensor:
+        """``buf`` (or ``derive(buf)``, computed in float64) in ``like``'s dtype and device."""
         key = (name, like.dtype, like.device, buf.data_ptr(), tensor_version(buf))
         out = self._entries.get(key)
         if out is None:
             self._entries = {k: v for k, v in self._entries.items() if k[0] != name}
-            out = self._entries[key] = buf.to(device=like.device, dtype=like.dtype)
+            out = self._entries[key] = (buf if derive is None else derive(buf)).to(device=like.device, dtype=like.dtype)
         return out
 
 
@@ -132,11 +133,18 @@ class BalancedSoftmaxLoss(Loss):
     def log_prior_like(self, z: torch.Tensor) -> torch.Tensor:
         return self._cast.get("log_source_prior", self.log_source_prior, z)
 
+    def prior_like(self, z: torch.Tensor) -> torch.Tensor:
+        return self._cast.get("source_prior", self.log_source_prior, z, torch.exp)
+
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         z = _check_logits(logits, targets, self.num_classes)
         loss = F.cross_entropy(z + self.log_prior_like(z), targets)
         self.last_terms = {"lade_ce": loss.detach()}
         return loss
+
+
+# sqrt of the smallest normal number per dtype: the fused LADE path's underflow bound (below).
+_UNDERFLOW_FLOOR = {dt: math.sqrt(torch.finfo(dt).tiny) for dt in (torch.float32, torch.float64)}
 
 
 class _LADEFunction(torch.autograd.Function):
@@ -147,8 +155,9 @@ class _LADEFunction(torch.autograd.Function):
       S_c = logsumexp_i(z_ic + o_ic) - log N, where the offset o is [1, C] ("released") or [N, 1] ("paper").
     dLADER/dz_ic = w_c (1 + 2 lam S_c) softmax_i(z_ic + o_ic) - w_c [y_i = c] / n_c.
     LADE-CE = mean_i CE(z_i + log p_s, y_i), dCE/dz_ic = (softmax_c(z_i + log p_s)_c - [y_i = c]) / N.
-    ``ce_weight = 0`` skips the CE term (LADER alone, e.g. on an all-gathered batch).
-    Returns (total, ce, lader, F [C], S [C], sum_c w_c F_c, sum_c w_c S_c); only ``total`` is differentiable.
+    ``ce_weight = 0`` skips the CE term (LADER alone, e.g. on an all-gathered batch; ``log_prior`` and ``prior``
+    are then None). Returns (total, terms): ``terms`` [4] = (ce, lader, sum_c w_c F_c, sum_c w_c S_c), detached:
+    one output for the logged terms, since each output costs autograd bookkeeping on every step.
     ``lade_reference`` is the same loss written as the equations read, for autograd; the tests hold the two together.
 
     Why it is shaped this way (bench/loss_speed.py): at large C the cost is the passes over [N, C] — memory traffic
@@ -163,7 +172,8 @@ class _LADEFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, targets, log_prior, offset, weights, lam, alpha, ce_weight, present_only):  # z [N, C]
+    def forward(ctx, z, targets, log_prior, prior, offset, weights, lam, alpha, ce_weight, present_only):  # z [N, C]
+        ctx.set_materialize_grads(False)  # ``terms`` gets no gradient: none is zero-filled for it
         n_samples, num_classes = z.shape
         z_at_target = z.gather(1, targets[:, None])[:, 0]  # [N]
         if z.device.type == "cpu":
@@ -172,21 +182,21 @@ class _LADEFunction(torch.autograd.Function):
         else:  # bincount's output size needs a host sync on an accelerator; index_add_ does not
             counts = z.new_zeros(num_classes).index_add_(0, targets, z.new_ones(n_samples))
             f_sums = z.new_zeros(num_classes).index_add_(0, targets, z_at_target)
-        probs = r = row_sum = prior = col_exp = None
+        probs = r = row_sum = col_exp = None
         fused = z.device.type == "cpu"  # on an accelerator the underflow check below would cost a host sync
         if fused:
             probs = torch.softmax(z, dim=1)  # P [N, C]: the one exp pass
-            lse = z.amax(dim=1) - probs.amax(dim=1).log()  # lse_i = max_c z_ic - log max_c P_ic [N]; max P >= 1/C
+            lse = z.amax(dim=1) - probs.amax(dim=1).log_()  # lse_i = max_c z_ic - log max_c P_ic [N]; max P >= 1/C
             row_shift = lse if offset.shape[0] == 1 else lse + offset[:, 0]  # lse_i + o_i [N]
             peak = row_shift.max()  # M
             r = (row_shift - peak).exp_()  # [N], <= 1
             col_sum = r @ probs  # [C]: sum_i e^{z_ic + o_i - M}
+            low = col_sum.min()
             if ce_weight:
-                prior = log_prior.exp()  # p_s [C]
                 row_sum = probs @ prior  # [N]: sum_c P_ic p_c
+                low = torch.minimum(low, row_sum.min())
             # Every sum at least sqrt(tiny): what underflowed in it is below N * sqrt(tiny) of it.
-            floor = math.sqrt(torch.finfo(z.dtype).tiny)
-            fused = bool(col_sum.min() > floor) and (row_sum is None or bool(row_sum.min() > floor))
+            fused = bool(low > _UNDERFLOW_FLOOR[z.dtype])
         if fused:
             s = peak + col_sum.log() - math.log(n_samples)  # [C]
             if ce_weight:
@@ -203,20 +213,25 @@ class _LADEFunction(torch.autograd.Function):
                 ce = (torch.logsumexp(x, dim=1) - x.gather(1, targets[:, None])[:, 0]).mean()
         if offset.shape[0] == 1:
             s = s + offset[0]
-        if not ce_weight:
-            ce = z.new_zeros(())
         f = f_sums / counts.clamp(min=1)  # [C]
         w = weights * (counts > 0) if present_only else weights  # [C]
         wf, ws, wss = torch.stack([f, s, s * s]) @ w  # sum_c w_c F_c, sum_c w_c S_c, sum_c w_c S_c^2
         lader = ws + lam * wss - wf
+        if ce_weight:
+            total = ce + alpha * lader if ce_weight == 1 else ce_weight * ce + alpha * lader
+        else:
+            total, ce = alpha * lader, torch.zeros_like(lader)
+        terms = torch.stack([ce, lader, wf, ws])  # [4]
         ctx.save_for_backward(targets, probs, col_exp, r, col_sum, row_sum, prior, s, counts, w)
         ctx.lam, ctx.alpha, ctx.ce_weight = lam, alpha, ce_weight
-        ctx.mark_non_differentiable(ce, lader, f, s, wf, ws)
-        return ce_weight * ce + alpha * lader, ce, lader, f, s, wf, ws
+        ctx.mark_non_differentiable(terms)
+        return total, terms
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g, *_):
+    def backward(ctx, g, _):
+        if g is None:  # only ``terms`` was used (never in training)
+            return (None,) * 10
         targets, probs, col_exp, r, col_sum, row_sum, prior, s, counts, w = ctx.saved_tensors
         n_samples = targets.shape[0]
         gw = (g * ctx.alpha) * w  # [C]
@@ -235,7 +250,7 @@ class _LADEFunction(torch.autograd.Function):
         if ctx.ce_weight:
             at_target = at_target + ce_scale
         grad.scatter_add_(1, targets[:, None], -at_target[:, None])
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def lade_reference(z: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor | None, offset: torch.Tensor,
@@ -296,7 +311,6 @@ class LADERLoss(Loss):
         self.register_buffer("released_offset", -math.log(self.num_classes) - p.log())  # [C], log((1/C) / p_s(c))
         self._cast = _CastCache()
         self.last_terms: dict[str, torch.Tensor] = {}
-        self.last_class_terms: dict[str, torch.Tensor] = {}
 
     def _offset(self, targets: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         offset = self._cast.get("released_offset", self.released_offset, z)  # log((1/C) / p_s(c)), [C]
@@ -304,22 +318,23 @@ class LADERLoss(Loss):
             return offset[None, :]  # [1, C]: importance weight by class c
         return offset[targets][:, None]  # [N, 1]: by each sample's label
 
-    def _run(self, z, targets, log_prior, alpha: float, ce_weight: float):
-        total, ce, lader, f, s, wf, ws = _LADEFunction.apply(
-            z, targets, log_prior, self._offset(targets, z), self._cast.get("class_weights", self.class_weights, z),
-            self.lam, alpha, ce_weight, self.estimator == "paper",
+    def _run(self, z, targets, log_prior, prior, alpha: float, ce_weight: float):
+        total, terms = _LADEFunction.apply(
+            z, targets, log_prior, prior, self._offset(targets, z),
+            self._cast.get("class_weights", self.class_weights, z), self.lam, alpha, ce_weight,
+            self.estimator == "paper",
         )
-        # Eq. 15-16 per class: F_c (mean logit of class-c samples) and S_c (log of the importance-weighted mean of
-        # e^{z_c}); the per-class DV bound is F_c - S_c. Scalars for logging: LADER itself and the alpha_c-weighted
-        # sums of F and S (LADER = -(F - S - lam * sum_c alpha_c S_c^2) with these sums).
-        self.last_class_terms = {"F": f, "S": s}
+        # Scalars for logging: LADER itself and the alpha_c-weighted sums of F_c (the mean logit of class-c samples)
+        # and S_c (the log of the importance-weighted mean of e^{z_c}), Eq. 15-16: LADER = -(F - S - lam * sum_c
+        # alpha_c S_c^2) with these sums.
+        ce, lader, wf, ws = terms.unbind()
         self.last_terms = {"lader": lader, "lader_F": wf, "lader_S": ws}
         return total, ce, lader
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         z = _check_logits(logits, targets, self.num_classes)
         z, targets = gather_batch(z, targets)
-        return self._run(z, targets, None, 1.0, 0.0)[0]
+        return self._run(z, targets, None, None, 1.0, 0.0)[0]
 
 
 class LADELoss(Loss):
@@ -357,7 +372,8 @@ class LADELoss(Loss):
             ce, reg = ce.detach(), reg.detach()
         else:
             z = _check_logits(logits, targets, self.lader.num_classes)
-            total, ce, reg = self.lader._run(z, targets, self.lade_ce.log_prior_like(z), self.alpha, 1.0)
+            total, ce, reg = self.lader._run(z, targets, self.lade_ce.log_prior_like(z), self.lade_ce.prior_like(z),
+                                             self.alpha, 1.0)
         self.last_terms = {"lade_ce": ce, **self.lader.last_terms, "lader": reg}
         return total
 
