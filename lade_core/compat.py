@@ -50,6 +50,33 @@ RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 RAY_TRAIN_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+# The raylet's notice that its node has started more Python worker processes than 4x its startup concurrency
+# (min(cores, logical CPUs): 2 on a 2-core laptop), pushed to the driver as an error message. A single Ray Train +
+# Ray Data job starts that many on a small machine by design (controller, workers, Data's actors and tasks).
+RAY_WORKER_POOL_NOTICE = "worker processes have been started on node"
+
+
+def drop_raylet_notice(marker: str) -> None:
+    """The driver stops printing raylet error messages that contain ``marker``. Ray 2.60's listener thread
+    (``ray._private.worker.listen_error_messages``) prints each through the module's ``print_to_stdstream``, looked
+    up at each call; the workers' own output goes through a handler bound at ``ray.init`` and is not touched."""
+    import ray._private.worker as ray_worker
+
+    printer = ray_worker.print_to_stdstream
+    markers = getattr(printer, "lade_dropped", None)
+    if markers is not None:
+        markers.add(marker)
+        return
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        lines = [line for line in data.get("lines", []) if not any(m in line for m in print_to_stdstream.lade_dropped)]
+        if lines:
+            printer({**data, "lines": lines}, ignore_prefix)
+
+    print_to_stdstream.lade_dropped = {marker}
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
 @contextlib.contextmanager
 def loopback_node() -> Iterator[None]:
     """A local Ray started inside binds every server of its node to 127.0.0.1, never the network: Ray's own

@@ -4,7 +4,13 @@ from __future__ import annotations
 import logging
 import os
 
-from .compat import RAY_DATA_PROGRESS_LOGGER, RAY_TRAIN_PG_CLEANER_LOGGER, loopback_node
+from .compat import (
+    RAY_DATA_PROGRESS_LOGGER,
+    RAY_TRAIN_PG_CLEANER_LOGGER,
+    RAY_WORKER_POOL_NOTICE,
+    drop_raylet_notice,
+    loopback_node,
+)
 
 _VERBOSE = False
 # Loggers that print INFO lines on every run: Ray's (dataset plans, operator progress, controller state) and
@@ -101,6 +107,8 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, dashboard:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         # Without a dashboard, Train's placement-group cleaner warns every second that it cannot ask (quiet_pg_cleaner).
         hook = {} if dashboard else {"runtime_env": {"worker_process_setup_hook": f"{__name__}.quiet_pg_cleaner"}}
+        if not _VERBOSE:  # on one machine nothing to act on: its cores, not the job, set the raylet's threshold
+            drop_raylet_notice(RAY_WORKER_POOL_NOTICE)
         with loopback_node():  # every server of the local node on 127.0.0.1 (lade_core.compat)
             ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                      _system_config={"num_workers_soft_limit": worker_soft_limit(num_cpus)}, **hook, **logs)

@@ -1,5 +1,6 @@
 """A local Ray started by the pipelines (``runtime.init_ray``) serves this machine alone: its node address is
-127.0.0.1 and every socket its processes listen on is a loopback one, read from the kernel's own tables."""
+127.0.0.1 and every socket its processes listen on is a loopback one, read from the kernel's own tables; and its
+driver prints the raylet's worker-pool notice only when verbose."""
 import os
 import subprocess
 import sys
@@ -70,3 +71,40 @@ def test_a_local_ray_listens_on_loopback_only(dashboard):
     assert ["node", "127.0.0.1"] in lines, p.stdout
     assert len({pid for _, pid in listening}) >= 3, p.stdout  # the GCS, the raylet, workers and agents
     assert {addr for addr, _ in listening} <= LOOPBACK, p.stdout
+
+
+# Starts more worker processes than 4x a 1-CPU node's startup concurrency (actors of no CPU, as Ray Train's and Ray
+# Data's own are), so that the raylet pushes its worker-pool notice to this driver; waits for it to arrive.
+CROWD = r'''
+import os, time
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+import ray
+from lade_core.runtime import init_ray, quiet_logging
+
+quiet_logging(verbose=VERBOSE)
+init_ray(num_cpus=1)
+
+@ray.remote(num_cpus=0)
+class Idle:
+    def pid(self):
+        return os.getpid()
+
+actors = [Idle.remote() for _ in range(12)]
+print("pids", len(set(ray.get([a.pid.remote() for a in actors]))), flush=True)
+time.sleep(3)
+ray.shutdown()
+'''
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_raylet_worker_pool_notice_is_shown_only_when_verbose(verbose):
+    """On a small machine a single run's Ray Train and Ray Data start more Python workers than the raylet expects
+    (4x min(cores, CPUs)); its notice names nothing a user can change, so a local Ray's driver drops it unless
+    ``--verbose``. Verbose is the control: the same crowd makes the raylet say it."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-c", CROWD.replace("VERBOSE", str(verbose))], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "pids 12" in p.stdout, p.stdout
+    assert ("worker processes have been started on node" in p.stdout + p.stderr) == verbose, p.stdout[-3000:]
