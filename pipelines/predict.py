@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--use-gpu", action="store_true", default=None,
                     help="one GPU per actor (default: if the cluster has GPUs)")
     ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
-    ap.add_argument("--num-cpus", type=int, help="logical CPUs for a local Ray")
+    ap.add_argument("--num-cpus", type=int, help="logical CPUs for a local Ray (started only for model actors)")
     ap.add_argument("--verbose", action="store_true")
     return ap.parse_args(argv)
 
