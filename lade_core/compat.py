@@ -56,24 +56,26 @@ RAY_TRAIN_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.place
 RAY_WORKER_POOL_NOTICE = "worker processes have been started on node"
 
 
+_DROPPED_RAYLET_LINES: set[str] = set()
+
+
 def drop_raylet_notice(marker: str) -> None:
     """The driver stops printing raylet error messages that contain ``marker``. Ray 2.60's listener thread
     (``ray._private.worker.listen_error_messages``) prints each through the module's ``print_to_stdstream``, looked
     up at each call; the workers' own output goes through a handler bound at ``ray.init`` and is not touched."""
     import ray._private.worker as ray_worker
 
+    _DROPPED_RAYLET_LINES.add(marker)
     printer = ray_worker.print_to_stdstream
-    markers = getattr(printer, "lade_dropped", None)
-    if markers is not None:
-        markers.add(marker)
+    if getattr(printer, "lade_filtered", False):  # wrapped by an earlier init_ray in this process
         return
 
     def print_to_stdstream(data, ignore_prefix: bool):
-        lines = [line for line in data.get("lines", []) if not any(m in line for m in print_to_stdstream.lade_dropped)]
+        lines = [line for line in data.get("lines", []) if not any(m in line for m in _DROPPED_RAYLET_LINES)]
         if lines:
             printer({**data, "lines": lines}, ignore_prefix)
 
-    print_to_stdstream.lade_dropped = {marker}
+    print_to_stdstream.lade_filtered = True
     ray_worker.print_to_stdstream = print_to_stdstream
 
 

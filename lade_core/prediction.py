@@ -182,18 +182,20 @@ def step1_placement(requested: int | None, use_gpu: bool | None, num_cpus: int |
 
     from .runtime import init_ray, local_num_cpus
 
-    if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
-        gpus = torch.cuda.device_count()
-        on_gpu = use_gpu if use_gpu is not None else gpus > 0
-        if model_actors(requested, gpus=gpus, nodes=1, use_gpu=on_gpu) == 0:
-            return 0, on_gpu, float(os.cpu_count() or 1)
-    # A local Ray gets CPUs beyond the actors' own, or the read/decode tasks wait behind them and the job stalls.
-    init_ray(num_cpus=local_num_cpus(num_cpus, requested or 0))
-    resources = ray.cluster_resources()
-    on_gpu = use_gpu if use_gpu is not None else resources.get("GPU", 0) > 0
-    actors = model_actors(requested, gpus=resources.get("GPU", 0), use_gpu=on_gpu,
-                          nodes=sum(1 for n in ray.nodes() if n["Alive"]))
-    return actors, on_gpu, resources.get("CPU", 1)
+    if os.environ.get("RAY_ADDRESS") or ray.is_initialized():  # a cluster: ask it
+        init_ray()
+        resources = ray.cluster_resources()
+        gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
+        nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    else:  # the one node a local Ray would start: this machine
+        gpus, nodes, cpus = torch.cuda.device_count(), 1, os.cpu_count() or 1
+    on_gpu = use_gpu if use_gpu is not None else gpus > 0
+    actors = model_actors(requested, gpus=gpus, nodes=nodes, use_gpu=on_gpu)
+    if actors and not ray.is_initialized():
+        # A local Ray gets CPUs beyond the actors' own, or the read/decode tasks wait behind them and the job stalls.
+        cpus = local_num_cpus(num_cpus, requested or 0)
+        init_ray(num_cpus=cpus)
+    return actors, on_gpu, float(cpus)
 
 
 def predict_images(source: str | Path, class_names: list[str], model, model_uri: str, tracking_uri: str, *,

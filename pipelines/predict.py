@@ -126,9 +126,11 @@ def main(argv=None) -> int:
     import ray
 
     actors, use_gpu, cpus = step1_placement(args.num_workers, args.use_gpu, args.num_cpus)
-    print(f"model: {actors} Ray actor{'s' if actors > 1 else ''}{' with a GPU each' if use_gpu else ''}" if actors
-          else f"model: in this process, {torch.get_num_threads()} torch threads, images read here"
-          f"{'' if ray.is_initialized() else ' (Ray not started: no actors on this one node)'}")
+    if actors:
+        print(f"model: {actors} Ray actor{'s' if actors > 1 else ''}{' with a GPU each' if use_gpu else ''}")
+    else:
+        why = "" if ray.is_initialized() else " (Ray not started: no actors on this one node)"
+        print(f"model: in this process, {torch.get_num_threads()} torch threads, images read here{why}")
     t0 = time.perf_counter()
     try:
         logits = predict_images(args.input, card.class_names, model, args.model, tracking_uri,

@@ -217,10 +217,9 @@ class _LADEFunction(torch.autograd.Function):
         w = weights * (counts > 0) if present_only else weights  # [C]
         wf, ws, wss = torch.stack([f, s, s * s]) @ w  # sum_c w_c F_c, sum_c w_c S_c, sum_c w_c S_c^2
         lader = ws + lam * wss - wf
-        if ce_weight:
-            total = ce + alpha * lader if ce_weight == 1 else ce_weight * ce + alpha * lader
-        else:
-            total, ce = alpha * lader, torch.zeros_like(lader)
+        if not ce_weight:
+            ce = torch.zeros_like(lader)
+        total = ce_weight * ce + alpha * lader
         terms = torch.stack([ce, lader, wf, ws])  # [4]
         ctx.save_for_backward(targets, probs, col_exp, r, col_sum, row_sum, prior, s, counts, w)
         ctx.lam, ctx.alpha, ctx.ce_weight = lam, alpha, ce_weight
