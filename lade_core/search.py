@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import sys
 
@@ -238,7 +239,15 @@ def search(args, held: contextlib.ExitStack) -> int:
         print("error: no trial reported the objective", file=sys.stderr)
         end_run(uri, parent_id, failed=True)
         return 1
-    best = results.get_best_result(metric=metric, mode="max", scope="last", filter_nan_and_inf=True)
+    # The best last objective; ties (coarse val/top1 on small validation sets) go to the smallest trial id, so that a
+    # rerun of a finished search picks the same champion: Tune's get_best_result takes the first in its result
+    # grid's order, which a restore may change (a second model version registered once in CI).
+    finite = sorted((r for r in ok if math.isfinite(r.metrics[metric])), key=lambda r: str(r.metrics["trial_id"]))
+    if not finite:
+        print("error: no trial reported a finite objective", file=sys.stderr)
+        end_run(uri, parent_id, failed=True)
+        return 1
+    best = max(finite, key=lambda r: r.metrics[metric])  # max keeps the first of equal values
     client.log_metric(parent_id, f"best/{metric}", float(best.metrics[metric]))
     client.set_tag(parent_id, "lade.best_trial", trial_run_name(best.config["search"], best.metrics["trial_id"]))
     chosen = select_method(best.config)
