@@ -1,5 +1,6 @@
 """Images/s of the training input path: Ray Data (read Parquet -> decode + augment in ``map_batches`` -> uint8
-batches -> ``iter_torch_batches``) against a torch DataLoader with as many worker processes as Ray has CPUs.
+batches -> ``iter_torch_batches``) against a torch DataLoader with as many worker processes as Ray has CPUs, and
+the training worker decoding its rows itself (``decode: worker``, the default on CPUs: one thread, no other process).
 
 Both run the same lade_core decode + train transform on the same encoded images, and both end with the same
 ``normalize`` on the consumer (what the training worker does), so the comparison is the input path alone:
@@ -7,7 +8,7 @@ Both run the same lade_core decode + train transform on the same encoded images,
   - imagenet: ~340x256 JPEG (quality 90), RandomResizedCrop(224) + flip + ColorJitter.
 Images look natural (smooth colour fields with shapes and mild noise), so their JPEGs are photograph-sized rather
 than the several-times-larger files of pure noise. Ray Data is timed on its second (warm) pass, best of --repeats.
-The last lines print ``<family> ray_data/dataloader <ratio>``.
+The last lines print ``<family> ray_data/dataloader <ratio>`` and ``<family> worker/dataloader <ratio>``.
 
   python bench/data_throughput.py [--smoke-test] [--cpus 2]
 """
@@ -84,12 +85,13 @@ def train_transform(ds) -> ImageTransform:
     return ImageTransform(ds.family, size, resolve_augment(None, ds.family, size, ds.input_sizes(size)), seed=0)
 
 
-def ray_data_ips(ds, batch_size: int, epoch: int = 0) -> float:
-    """What one training worker (of 1) reads in an epoch: ``PreparedDataset.rank_dataset``, in file order."""
+def lade_ips(ds, batch_size: int, epoch: int = 0, in_worker: bool = False) -> float:
+    """What one training worker (of 1) reads in an epoch: ``PreparedDataset.rank_batches``, in file order, decoded
+    by Ray Data's tasks or (``in_worker``) by this process."""
     t0 = time.perf_counter()
     count, stats = 0, resolve_normalize(None, ds.family, None)
-    rows = ds.rank_dataset(train_transform(ds), seed=0, epoch=epoch, rank=0, world=1)
-    for batch in rows.iter_torch_batches(batch_size=batch_size, prefetch_batches=2):
+    for batch in ds.rank_batches(train_transform(ds), seed=0, epoch=epoch, rank=0, world=1, batch_size=batch_size,
+                                 in_worker=in_worker):
         normalize(batch["image"], stats)
         count += len(batch["label"])
     return count / (time.perf_counter() - t0)
@@ -127,21 +129,24 @@ def main() -> None:
              "imagenet": 64 if args.smoke_test else 768 * args.scale}
     cases = [(kind, sizes[kind]) for kind in args.families]
     ratios = {}
-    print(f"{'family':>9} {'n':>6} {'mean bytes':>10} {'Ray Data img/s':>15} {'DataLoader img/s':>17} {'ratio':>6}")
+    print(f"{'family':>9} {'n':>6} {'mean bytes':>10} {'Ray Data img/s':>15} {'worker img/s':>13} "
+          f"{'DataLoader img/s':>17} {'Ray Data/DL':>11} {'worker/DL':>9}")
     with tempfile.TemporaryDirectory() as d:
         for kind, n in cases:
             ds = make_dataset(kind, n, Path(d))
             encoded = ds.raw_split("train").column("image").to_pylist()
-            ray_data_ips(ds, 64)  # warm-up: starts Ray's worker processes
-            r = max(ray_data_ips(ds, 64, epoch) for epoch in range(1, args.repeats + 1))
+            lade_ips(ds, 64)  # warm-up: starts Ray's worker processes
+            r = max(lade_ips(ds, 64, epoch) for epoch in range(1, args.repeats + 1))
+            w = max(lade_ips(ds, 64, epoch, in_worker=True) for epoch in range(1, args.repeats + 1))
             loader = make_loader(encoded, train_transform(ds), 64, args.cpus)
             dataloader_ips(loader, kind)  # warm-up: starts the worker processes
             t = max(dataloader_ips(loader, kind) for _ in range(args.repeats))
             del loader
-            ratios[kind] = r / t
-            print(f"{kind:>9} {n:>6} {np.mean([len(b) for b in encoded]):>10.0f} {r:>15.0f} {t:>17.0f} {r / t:>6.2f}")
-    for kind, ratio in ratios.items():
-        print(f"{kind} ray_data/dataloader {ratio:.2f}")
+            ratios[f"{kind} ray_data"], ratios[f"{kind} worker"] = r / t, w / t
+            print(f"{kind:>9} {n:>6} {np.mean([len(b) for b in encoded]):>10.0f} {r:>15.0f} {w:>13.0f} {t:>17.0f} "
+                  f"{r / t:>11.2f} {w / t:>9.2f}")
+    for name, ratio in ratios.items():
+        print(f"{name}/dataloader {ratio:.2f}")
 
 
 if __name__ == "__main__":

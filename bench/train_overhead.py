@@ -25,7 +25,7 @@ from data_throughput import _Encoded  # noqa: E402
 
 from lade_core.config import OptimizerConfig  # noqa: E402
 from lade_core.data.prepare import prepare_dataset  # noqa: E402
-from lade_core.data.prepared import open_prepared  # noqa: E402
+from lade_core.data.prepared import decodes_in_worker, open_prepared  # noqa: E402
 from lade_core.data.recipe import resolve_augment, resolve_normalize  # noqa: E402
 from lade_core.data.synthetic import make_synthetic  # noqa: E402
 from lade_core.data.transforms import ImageTransform  # noqa: E402
@@ -81,14 +81,15 @@ def _ray_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     prepared = open_prepared(config["root"])
     best = 0.0
+    device = ray.train.torch.get_device()
     for epoch in range(config["epochs"]):
-        if config["shuffle"]:  # what train.py runs: this rank's rows of the epoch, seeded
+        if config["shuffle"]:  # what train.py runs: this rank's rows of the epoch, seeded, decoded where it decodes
             batches = epoch_batches(prepared, _train_tf(prepared).augment, None, 0, epoch=epoch,
                                     rank=ray.train.get_context().get_world_rank(), world=world,
-                                    batch_size=config["batch_size"] // world)
+                                    batch_size=config["batch_size"] // world,
+                                    in_worker=decodes_in_worker("auto", device))
         else:  # Ray Train's own ingest: Ray Data's streaming split, blocks to whichever worker asks first
             batches = ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=config["batch_size"] // world)
-        device = ray.train.torch.get_device()
         batches = model_batches(batches, device, _stats(prepared))
         ips = train_one_epoch(model, criterion, optimizer, batches, device, amp=False)["images_per_s"]
         best = max(best, ips) if epoch else best

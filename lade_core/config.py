@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from .data.prepared import DECODE_PLACES
 from .data.recipe import check_augment, check_normalize
 from .data.sources import MIN_IMAGE_SIZE
 from .math.losses import CORE_LOSSES, LOSS_KEYS, LOSSES
@@ -153,6 +154,9 @@ class RuntimeConfig:
     storage_path: str | None = _opt(None, nonempty=True)  # checkpoints: a local path or a URI (s3://, gs://)
     max_failures: int = _opt(1, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
     progress: bool = True  # per-epoch progress bar on the driver's console (train.py: off when not a terminal)
+    # Where the training worker's images are decoded and augmented (PreparedDataset.batches): `ray_data` tasks on
+    # the cluster's CPUs, the training worker itself (`worker`), or `auto`: the worker when it trains on CPUs.
+    decode: str = _opt("auto", choices=DECODE_PLACES)
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DatasetConfig, "augment": AugmentConfig, "loss": LossConfig,

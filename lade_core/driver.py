@@ -35,7 +35,7 @@ from .training import build_trainer
 
 # Keys that may change between a run and its resumption without making it a different experiment.
 RUNTIME_KEYS = {"progress", "run_name", "register", "max_failures", "mlflow_uri", "storage_path", "num_workers",
-                "use_gpu", "cpus_per_worker", "worker_resources", "mlflow_run_id", "experiment"}
+                "use_gpu", "cpus_per_worker", "worker_resources", "mlflow_run_id", "experiment", "decode"}
 
 
 def config_digest(config: TrainConfig, run: RunContext) -> str:
@@ -108,7 +108,7 @@ def train_run(config_path: str | None, overrides: dict, num_cpus: int | None, he
         check_reachable(rt.mlflow_uri)
         num_cpus = local_num_cpus(num_cpus, rt.num_workers * rt.cpus_per_worker)
         check_runnable(config)
-        config, prepared = load_dataset(config, num_cpus)
+        config, prepared = load_dataset(config)
         config = check_against_dataset(config, prepared)
         config = config.replace(storage_path=storage_uri(rt.storage_path, "outputs/ray_results"))
         run_context = RunContext(prepared.source_prior.tolist(), prepared.class_counts("train"))

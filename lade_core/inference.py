@@ -66,18 +66,18 @@ EVAL_CACHE_BYTES = 256 * 2**20
 
 
 def sharded_logits(model: nn.Module, prepared, split: str, device: torch.device, image_size: int | None,
-                   stats: dict, rank: int, world: int, cache: dict | None = None
+                   stats: dict, rank: int, world: int, cache: dict | None = None, in_worker: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Logits of ``split`` computed by all ``world`` DDP workers together: each runs ``model`` on its disjoint share
     (``index % world == rank``) and rank 0 gathers them. Returns (logits [N, C], labels [N]) in split order on
     rank 0, None on the others. Every rank must call it (a collective). ``cache``: a dict that keeps this rank's
-    decoded share (uint8 batches) for the next call when it fits in EVAL_CACHE_BYTES."""
+    decoded share (uint8 batches) for the next call when it fits in EVAL_CACHE_BYTES. ``in_worker``: this process
+    decodes its share (``PreparedDataset.batches``), else Ray Data's tasks do."""
     if cache is not None and split in cache:
         batches = cache[split]
     else:
-        ds = prepared.ray_dataset(split, prepared.eval_transform(image_size),
-                                  shard=(rank, world) if world > 1 else None)
-        batches = ds.iter_torch_batches(batch_size=256)
+        batches = prepared.batches(split, prepared.eval_transform(image_size), batch_size=256, in_worker=in_worker,
+                                   shard=(rank, world) if world > 1 else None)
         crop = prepared.crop_size(image_size)
         share = -(-prepared.manifest["splits"][split]["num_samples"] // world)
         if cache is not None and share * 3 * crop * crop <= EVAL_CACHE_BYTES:
@@ -116,18 +116,18 @@ def view_transforms(prepared, image_size: int | None, seed: int) -> list[ImageTr
 
 
 def sharded_expert_views(model: nn.Module, prepared, split: str, device: torch.device, image_size: int | None,
-                         stats: dict, rank: int, world: int, seed: int, cache: dict | None = None
-                         ) -> ExpertViews | None:
+                         stats: dict, rank: int, world: int, seed: int, cache: dict | None = None,
+                         in_worker: bool = False) -> ExpertViews | None:
     """``sharded_logits`` of a multi-expert ``model`` for each of ``EXPERT_VIEWS``: the experts' logits
     [N, 3, E, C] in split order with labels and the head's eval_offset on rank 0, None on the others (a collective,
-    like ``sharded_logits``; ``cache``: its cache of the evaluation transform's batches)."""
+    like ``sharded_logits``; ``cache``: its cache of the evaluation transform's batches; ``in_worker``: as there)."""
     clean, *views = view_transforms(prepared, image_size, seed)
     num_samples = prepared.manifest["splits"][split]["num_samples"]
     shard = (rank, world) if world > 1 else None
     with expert_outputs(model):
-        out = [sharded_logits(model, prepared, split, device, image_size, stats, rank, world, cache)]
+        out = [sharded_logits(model, prepared, split, device, image_size, stats, rank, world, cache, in_worker)]
         for tf in views:
-            batches = prepared.ray_dataset(split, tf, shard=shard).iter_torch_batches(batch_size=256)
+            batches = prepared.batches(split, tf, batch_size=256, in_worker=in_worker, shard=shard)
             out.append(_gathered_logits(model, batches, num_samples, device, stats, rank, world))
     if rank != 0:
         return None

@@ -32,7 +32,6 @@ from .math.label_shift import auto_calibration, source_logits
 from .math.losses import default_rule, posthoc_rules
 from .models import build_model, check_input_size, load_model_state
 from .report import format_table
-from .runtime import init_ray
 from .serving import ModelCard, log_classifier
 from .tracking import (
     EpochLogger,
@@ -51,16 +50,14 @@ from .training import build_criterion
 SMOKE = {"dataset": "data/synthetic_smoke", "epochs": 1, "batch_size": 32, "num_workers": 2,
          "synthetic": {"num_classes": 4, "image_size": 16, "max_count": 40, "imbalance_ratio": 4,
                        "test_per_class": 20, "seed": 0}}
-def load_dataset(config: TrainConfig, num_cpus: int | None, dashboard: bool = False
-                 ) -> tuple[TrainConfig, PreparedDataset]:
-    """The config's prepared dataset, generated first from its ``synthetic`` options if it is absent (starting
-    the local Ray with ``num_cpus`` and ``dashboard``: ``init_ray``); returns the config with the dataset's absolute
-    path (what the workers open and the run records) and the dataset."""
+def load_dataset(config: TrainConfig) -> tuple[TrainConfig, PreparedDataset]:
+    """The config's prepared dataset, generated first from its ``synthetic`` options if it is absent (in this
+    process: no Ray); returns the config with the dataset's absolute path (what the workers open and the run
+    records) and the dataset."""
     path = Path(config.data.dataset)
     path = path if path.is_absolute() else (Path.cwd() / path)
     if not (path / "dataset.json").exists() and config.data.synthetic:
-        init_ray(num_cpus=num_cpus, dashboard=dashboard)
-        print(summary_line(prepare_dataset(make_synthetic(**config.data.synthetic), path, num_cpus=num_cpus)))
+        print(summary_line(prepare_dataset(make_synthetic(**config.data.synthetic), path)))
     return config.replace(dataset=str(path.resolve())), open_prepared(path)
 
 

@@ -118,6 +118,14 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, dashboard:
     ray.data.DataContext.get_current().enable_progress_bars = _VERBOSE
 
 
+def shutdown_ray() -> None:
+    """Disconnect from Ray now, stopping the local Ray this process started: at interpreter exit Ray's own hook
+    first sleeps 0.5 s for the log lines of tasks, which a finished job has none of left."""
+    import ray
+
+    ray.shutdown()
+
+
 def quiet_pg_cleaner() -> None:
     """The worker process setup hook of a local Ray started without a dashboard (``init_ray``): Ray Train's
     placement-group cleaner there logs only errors. Runs in every worker of the job, Ray's own actors included,

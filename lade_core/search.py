@@ -191,7 +191,7 @@ def search(args, held: contextlib.ExitStack) -> int:
             raise ValueError(f"ASHA's grace period {grace} ({given}) exceeds the {epochs} epochs per "
                              f"trial; pass --grace-period <= {epochs}")
         num_cpus = local_num_cpus(args.num_cpus, config.runtime.num_workers * config.runtime.cpus_per_worker)
-        config, prepared = load_dataset(config, num_cpus, dashboard=True)  # Train's PG cleaner needs it
+        config, prepared = load_dataset(config)
         config = check_against_dataset(config, prepared)  # trials are selected on val, never on test
         if args.objective == "shift_mean" and 0 in prepared.class_counts("val"):
             raise ValueError("objective shift_mean needs every class in the val split; use --objective uniform")

@@ -11,6 +11,7 @@ import random
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +48,16 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def epoch_batches(prepared, augment: list, image_size: int | None, seed: int, *, epoch: int, rank: int, world: int,
-                  batch_size: int):
+                  batch_size: int, in_worker: bool = False):
     """One epoch of training batches of worker ``rank`` of ``world``: its rows of the epoch
-    (``PreparedDataset.rank_dataset``), augmented by the run's resolved ``augment`` list at crop ``image_size``
+    (``PreparedDataset.rank_batches``), augmented by the run's resolved ``augment`` list at crop ``image_size``
     seeded per (seed, epoch, sample) and locally shuffled with a buffer of SHUFFLE_BUFFER_BATCHES batches seeded by
-    (seed, epoch, rank). The same batches for the same (seed, epoch, rank, world), on a rerun and after a restore
-    from a checkpoint."""
+    (seed, epoch, rank). The same batches for the same (seed, epoch, rank, world, in_worker), on a rerun and after a
+    restore from a checkpoint. ``in_worker``: this process decodes them (``data.decodes_in_worker``)."""
     tf = ImageTransform(prepared.family, prepared.crop_size(image_size), augment, augment_seed(seed, epoch))
-    ds = prepared.rank_dataset(tf, seed=seed, epoch=epoch, rank=rank, world=world)
-    return ds.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
-                                 local_shuffle_seed=epoch_seed(seed, epoch, rank))
+    return prepared.rank_batches(tf, seed=seed, epoch=epoch, rank=rank, world=world, batch_size=batch_size,
+                                 in_worker=in_worker, shuffle_buffer=SHUFFLE_BUFFER_BATCHES * batch_size,
+                                 shuffle_seed=epoch_seed(seed, epoch, rank))
 
 
 def build_optimizer(model: nn.Module, opt: OptimizerConfig) -> torch.optim.Optimizer:
@@ -127,7 +128,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .data import open_prepared
+    from .data import decodes_in_worker, open_prepared
     from .runtime import quiet_worker_logging
     from .tracking import EpochLogger
 
@@ -163,9 +164,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     criterion = criterion.to(device)
     # Under Tune the search driver logs the epochs (tuning.TrialEpochLogger), exactly those Tune acted on: a worker
     # runs up to an epoch ahead of what Tune has seen, and would log epochs of a trial the scheduler already stopped.
-    logger = EpochLogger(rt.mlflow_uri, run.mlflow_run_id) if rank == 0 and run.workers_log_epochs else None
-    if logger:
-        logger.backfill(history)  # epochs checkpointed before a crash but not yet in MLflow
+    # Rank 0 opens its MLflow client in a thread: importing MLflow and opening the store takes ~1.5 s, which every
+    # other rank would wait out at its first all-reduce; it is first used after the first checkpoint, and that
+    # first ``log_history`` also writes the epochs checkpointed before a crash but not yet in MLflow.
+    logger = (_in_thread(EpochLogger, rt.mlflow_uri, run.mlflow_run_id)
+              if rank == 0 and run.workers_log_epochs else None)
 
     per_worker_batch = opt.batch_size // world
     prepared = open_prepared(config.data.dataset)  # every worker reads its own rows of train and its share of val
@@ -173,13 +176,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     stats = config.augment.normalize  # {mean, std}, resolved on the driver (recipe.resolve_normalize)
     mixup, cutmix = config.augment.mixup, config.augment.cutmix
     mix = BatchMix((mixup or {}).get("alpha"), (cutmix or {}).get("alpha")) if (mixup or cutmix) else None
+    in_worker = decodes_in_worker(rt.decode, device)  # or Ray Data's tasks, on the cluster's CPUs
     val_cache: dict = {}  # this rank's decoded validation share, read once (inference.sharded_logits)
     for epoch in range(start_epoch, opt.epochs):
         # Every random draw of the epoch from (seed, epoch, rank): a resumed run repeats an unkilled one's.
         torch.manual_seed(epoch_seed(seed, epoch, rank))
         rng = np.random.default_rng([seed, epoch, rank, 0x31C])
         batches = epoch_batches(prepared, config.augment.augment, image_size, seed, epoch=epoch, rank=rank,
-                                world=world, batch_size=per_worker_batch)
+                                world=world, batch_size=per_worker_batch, in_worker=in_worker)
         progress = (_progress_bar(run.train_counts, epoch, opt.epochs, world, per_worker_batch)
                     if rank == 0 and rt.progress else None)
         criterion.set_epoch(epoch)  # e.g. LDAM-DRW's deferred re-weighting
@@ -191,15 +195,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scheduler.step()
         metrics["epoch"] = epoch
         sync_buffers(unwrap(model))
-        val = sharded_logits(unwrap(model), prepared, "val", device, image_size, stats, rank, world, val_cache)
+        val = sharded_logits(unwrap(model), prepared, "val", device, image_size, stats, rank, world, val_cache,
+                             in_worker)
         final = epoch == opt.epochs - 1
         # The final model's test logits from these warm workers (their GPUs, if any), not from a freshly started
         # actor pool that loads the model again: the last checkpoint carries them to runs.finalize.
-        test = (sharded_logits(unwrap(model), prepared, prepared.test_split, device, image_size, stats, rank, world)
+        test = (sharded_logits(unwrap(model), prepared, prepared.test_split, device, image_size, stats, rank, world,
+                               in_worker=in_worker)
                 if final and prepared.test_split != "val" else None)
         # A multi-expert model's experts on clean and augmented views of both splits: test-time aggregation's input.
         views = ({split: sharded_expert_views(unwrap(model), prepared, split, device, image_size, stats, rank, world,
-                                              seed, val_cache) for split in dict.fromkeys(("val", prepared.test_split))}
+                                              seed, val_cache, in_worker)
+                  for split in dict.fromkeys(("val", prepared.test_split))}
                  if final and has_experts(unwrap(model)) else {})
         if rank == 0:
             metrics.update(evaluate(*val, config.loss.loss, source_prior, run.train_counts))
@@ -214,12 +221,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                       views)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             if logger:  # after the checkpoint is durable: a crash in between is backfilled
-                logger.log_history(history)  # an MLflow outage warns, and what it missed is written next epoch
+                logger.result().log_history(history)  # an MLflow outage warns; what it missed is written next epoch
             # Straight to the worker's stdout, which Ray forwards to the driver once. A plain print() is patched
             # by Ray Train into a log record *and* echoed to the wrapped stdout: every line would appear twice.
             print(epoch_line(metrics, opt.epochs, world), file=sys.__stdout__, flush=True)
         else:
             ray.train.report(metrics)
+
+
+def _in_thread(fn, *args) -> Future:
+    """``fn(*args)`` started in a thread of its own; the future holds its result or its exception."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lade-{fn.__name__}")
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)  # the thread ends with its one task
+    return future
 
 
 def _fmt(v: float, digits: int = 3) -> str:

@@ -14,10 +14,11 @@ import contextlib
 import sys
 
 from lade_core.config import add_loss_arguments, json_or_name
+from lade_core.data import DECODE_PLACES
 from lade_core.driver import train_run, train_seeds
 from lade_core.losses import LOSSES
 from lade_core.runs import SMOKE
-from lade_core.runtime import quiet_logging
+from lade_core.runtime import quiet_logging, shutdown_ray
 
 DEFAULT_CONFIG = "synthetic/lade"  # one of lade's recipes (lade_core/recipes), found wherever lade is installed
 
@@ -50,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float)
     ap.add_argument("--num-workers", dest="num_workers", type=int)
     ap.add_argument("--use-gpu", dest="use_gpu", action="store_true")
+    ap.add_argument("--decode", choices=DECODE_PLACES, help="where training images are decoded: by Ray Data's tasks, "
+                    "by the training worker itself, or auto (the worker on CPUs, Ray Data on GPUs; the default)")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--seeds", type=int, nargs="+", help="one run per seed, under a parent run (compare.py reports "
                     "mean ± std over them)")
@@ -83,9 +86,12 @@ def main(argv=None) -> int:
         if "seed" in overrides:
             print("error: pass --seed or --seeds, not both", file=sys.stderr)
             return 2
-        return train_seeds(config_path, overrides, num_cpus, seeds)
-    with contextlib.ExitStack() as held:  # the run's lock, taken once its name is known, until this driver ends
-        return train_run(config_path, overrides, num_cpus, held)
+        rc = train_seeds(config_path, overrides, num_cpus, seeds)
+    else:
+        with contextlib.ExitStack() as held:  # the run's lock, taken once its name is known, until this driver ends
+            rc = train_run(config_path, overrides, num_cpus, held)
+    shutdown_ray()
+    return rc
 
 
 if __name__ == "__main__":

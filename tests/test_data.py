@@ -354,19 +354,21 @@ def test_open_prepared_rejects_missing_or_inconsistent_manifest(tmp_path, ray_lo
 
 # ---------- shuffled training epochs on class-sorted data ----------
 
-def _epoch_streams(prepared, epoch: int, seed: int = 0, per_worker_batch: int = 32) -> dict[int, list[dict]]:
-    """What each of 2 DDP workers gets in one epoch (``training.epoch_batches``, as the worker loop calls it)."""
+def _epoch_streams(prepared, epoch: int, seed: int = 0, per_worker_batch: int = 32, in_worker: bool = False
+                   ) -> dict[int, list[dict]]:
+    """What each of 2 DDP workers gets in one epoch (``training.epoch_batches``, as the worker loop calls it),
+    decoded by Ray Data's tasks or, ``in_worker``, by the worker itself."""
     from lade_core.data.recipe import resolve_augment
     from lade_core.training import epoch_batches
 
     augment = resolve_augment(None, "cifar", 8, [(8, 8)])
     return {rank: [{k: b[k].numpy() for k in ("label", "index", "image")} for b in
                    epoch_batches(prepared, augment, None, seed, epoch=epoch, rank=rank, world=2,
-                                 batch_size=per_worker_batch)]
+                                 batch_size=per_worker_batch, in_worker=in_worker)]
             for rank in (0, 1)}
 
 
-def test_training_epochs_mix_classes_differ_and_split_disjointly(tmp_path, ray_local):
+def _sorted_list_prepared(tmp_path):
     counts = [120, 100, 80, 70, 60, 50, 40, 30, 25, 20]  # 595 images, 10 classes, listed grouped by class
     lists = write_sorted_list_dataset(tmp_path, counts, test_per_class=1, size=8)
     raw = load_split_lists("sorted", tmp_path / "images", lists, transform="cifar")
@@ -374,11 +376,16 @@ def test_training_epochs_mix_classes_differ_and_split_disjointly(tmp_path, ray_l
 
     prepare_dataset(with_validation(raw, val_per_class=2, min_train_per_class=2, seed=0), tmp_path / "out",
                     progress=False)
-    prepared = open_prepared(tmp_path / "out")
+    return open_prepared(tmp_path / "out")
+
+
+@pytest.mark.parametrize("in_worker", [False, True], ids=["ray_data", "worker"])
+def test_training_epochs_mix_classes_differ_and_split_disjointly(tmp_path, ray_local, in_worker):
+    prepared = _sorted_list_prepared(tmp_path)
     n_train = sum(prepared.class_counts("train"))
     orders = []
     for epoch in (0, 1):
-        streams = _epoch_streams(prepared, epoch)
+        streams = _epoch_streams(prepared, epoch, in_worker=in_worker)
         # Each worker gets a disjoint, equal share (so equal batch counts); together they cover the split once but
         # for the n mod world rows left out of the epoch.
         seen = np.concatenate([b["index"] for r in (0, 1) for b in streams[r]])
@@ -395,13 +402,49 @@ def test_training_epochs_mix_classes_differ_and_split_disjointly(tmp_path, ray_l
     # The batches follow from (seed, epoch, rank, world) alone: built again (a rerun, or a worker group restored from a
     # checkpoint at that epoch), every batch is the same rows, in the same order, with the same augmented pixels.
     for epoch in (1, 0):
-        again = _epoch_streams(open_prepared(tmp_path / "out"), epoch)
+        again = _epoch_streams(open_prepared(tmp_path / "out"), epoch, in_worker=in_worker)
         for r in (0, 1):
             assert len(again[r]) == len(orders[epoch][r])
             for a, b in zip(again[r], orders[epoch][r]):
                 assert all(np.array_equal(a[k], b[k]) for k in ("index", "label", "image"))
-    other_seed = _epoch_streams(prepared, 0, seed=1)
+    other_seed = _epoch_streams(prepared, 0, seed=1, in_worker=in_worker)
     assert not np.array_equal(other_seed[0][0]["index"], orders[0][0][0]["index"])
+
+
+def test_a_worker_decoding_its_own_rows_gets_what_ray_data_gives_it(tmp_path, ray_local, monkeypatch):
+    """``decode: worker`` (the default on CPUs) reads the same rows of each rank's epoch as Ray Data's tasks would
+    hand it, with the same augmented pixels per sample (the same seeds), and the same validation share, without
+    building a Ray Dataset; only the local shuffle draws its own order."""
+    from lade_core.data import PreparedDataset
+
+    prepared = _sorted_list_prepared(tmp_path)
+    with monkeypatch.context() as m:  # the worker's path must never reach Ray Data's read
+        m.setattr(PreparedDataset, "encoded_dataset", lambda *a, **k: pytest.fail("a Ray Dataset was built"))
+        mine = _epoch_streams(prepared, 1, in_worker=True)
+        shares = {r: list(prepared.batches("val", batch_size=5, in_worker=True, shard=(r, 2))) for r in (0, 1)}
+    theirs = _epoch_streams(prepared, 1, in_worker=False)
+    for r in (0, 1):
+        rows = [np.concatenate([b[k] for b in s[r]]) for s in (mine, theirs) for k in ("index", "label", "image")]
+        a, b = np.argsort(rows[0]), np.argsort(rows[3])
+        for k in range(3):
+            assert np.array_equal(rows[k][a], rows[3 + k][b])  # per sample: index, label and augmented pixels
+        assert [len(x["index"]) for x in mine[r]] == [len(x["index"]) for x in theirs[r]]  # the same batch sizes
+        assert not np.array_equal(rows[0], rows[3])  # two shuffles: the order is each path's own
+        val = [np.concatenate([b[k].numpy() for b in got]) for got in (
+            shares[r], prepared.batches("val", batch_size=5, shard=(r, 2))) for k in ("index", "image")]
+        a, b = np.argsort(val[0]), np.argsort(val[2])
+        assert np.array_equal(val[0][a], val[2][b]) and np.array_equal(val[1][a], val[3][b])
+        assert set((val[0] % 2).tolist()) == {r}
+
+
+def test_where_images_are_decoded():
+    import torch
+
+    from lade_core.data import decodes_in_worker
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert decodes_in_worker("auto", cpu) and not decodes_in_worker("auto", gpu)
+    assert decodes_in_worker("worker", gpu) and not decodes_in_worker("ray_data", cpu)
 
 
 def test_resume_epoch_reads_the_latest_registered_checkpoint(tmp_path):

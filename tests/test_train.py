@@ -184,8 +184,8 @@ def test_unknown_loss_is_rejected_by_the_cli(workdir):
 
 
 def test_fresh_directory_default_local_ray_does_not_starve_ray_data(tmp_path):
-    # No --num-cpus and no prepared data yet: preparing the data starts the local Ray, which must already be
-    # sized for the training workers plus Ray Data (a 2-CPU Ray here hung once both workers took a CPU each).
-    p = run_train(tmp_path, "--run-name", "fresh", num_cpus=None, timeout=420)
+    # No --num-cpus and no prepared data yet: the local Ray the run starts must be sized for the training workers
+    # plus Ray Data's decode tasks (a 2-CPU Ray here hung once both workers took a CPU each).
+    p = run_train(tmp_path, "--run-name", "fresh", "--decode", "ray_data", num_cpus=None, timeout=420)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert (tmp_path / "data" / "synthetic_smoke" / "dataset.json").exists() and "backward_10" in p.stdout

@@ -1,4 +1,5 @@
-"""Raw dataset -> prepared dataset directory: Parquet shards per split (written with Ray Data) + dataset.json.
+"""Raw dataset -> prepared dataset directory: Parquet shards per split (image files read and written with Ray Data,
+in-memory arrays written by this process) + dataset.json.
 
 All checks (missing or undecodable images, labels, empty classes) run before any shard is written. The output is
 built in a temporary sibling directory and renamed into place at the end, so a prepared directory is either
@@ -122,24 +123,32 @@ def _class_counts(split: RawSplit, num_classes: int) -> list[int]:
 
 def _write_split(rs: RawSplit, out: Path, image_root: Path | None, rows_per_shard: int, progress: bool,
                  name: str) -> None:
-    import ray.data  # imported here: the math modules and readers must not need Ray
-
     if rs.images is not None:
+        # In-memory arrays (CIFAR's pickles, the synthetic set) are in this process already: encoded and written
+        # from here, one shard file per block. Ray Data would only carry them through the object store to write
+        # tasks in processes of their own (seconds of a small job on 2 cores, bench/README.md).
+        import pyarrow.parquet as pq
+
         encoded = [_encode_png(img) for img in tqdm(rs.images, desc=f"encoding {name}", unit="img",
                                                       disable=not progress, file=sys.stderr)]
         table = pa.table({"image": pa.array(encoded, pa.binary()), "label": rs.labels, "index": rs.index,
                           "path": pa.array([""] * rs.labels.size)})
-        ds = ray.data.from_arrow(_blocks(table, rows_per_shard))
-    else:
-        root = str(image_root)
-        items = pa.table({"label": rs.labels, "index": rs.index, "path": rs.paths})
+        out.mkdir(parents=True)
+        for i, block in enumerate(_blocks(table, rows_per_shard)):
+            pq.write_table(block, out / f"{i:06d}.parquet")
+        return
+    import ray.data  # imported here: the math modules and readers must not need Ray
 
-        def read_bytes(batch: dict) -> dict:
-            batch["image"] = np.array([Path(root, p).read_bytes() for p in batch["path"]], dtype=object)
-            return batch
+    # Image files: Ray Data reads them where the cluster has CPUs, a block per shard file.
+    root = str(image_root)
+    items = pa.table({"label": rs.labels, "index": rs.index, "path": rs.paths})
 
-        ds = ray.data.from_arrow(_blocks(items, rows_per_shard)).map_batches(read_bytes, batch_format="numpy",
-                                                                             batch_size=None)
+    def read_bytes(batch: dict) -> dict:
+        batch["image"] = np.array([Path(root, p).read_bytes() for p in batch["path"]], dtype=object)
+        return batch
+
+    ds = ray.data.from_arrow(_blocks(items, rows_per_shard)).map_batches(read_bytes, batch_format="numpy",
+                                                                         batch_size=None)
     ds.write_parquet(str(out), min_rows_per_file=rows_per_shard)
 
 
@@ -241,9 +250,10 @@ def _prepare(raw: RawDataset, out_dir: Path, overwrite: bool, skip_bad: bool, ro
     if raw.class_names is not None and len(raw.class_names) != raw.num_classes:
         raise DataError(f"{len(raw.class_names)} class names for {raw.num_classes} classes")
 
-    from ..runtime import init_ray
+    if any(rs.images is None for rs in splits.values()):  # image files are read by Ray Data (_write_split)
+        from ..runtime import init_ray
 
-    init_ray(num_cpus=num_cpus)  # only now: checks and no-op reruns need no Ray
+        init_ray(num_cpus=num_cpus)  # only now: checks and no-op reruns need no Ray
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:

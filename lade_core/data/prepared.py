@@ -19,6 +19,20 @@ from .sources import DataError
 from .transforms import ImageTransform, decode_augment_chunks
 
 _REQUIRED = ("name", "num_classes", "transform", "splits")
+# Where a training worker's images are decoded and augmented (``PreparedDataset.batches``; config key ``decode``).
+DECODE_PLACES = ("auto", "worker", "ray_data")
+DECODE_READ_ROWS = 512  # encoded rows a worker that decodes its own images reads at a time
+
+
+def decodes_in_worker(decode: str, device: torch.device) -> bool:
+    """Whether a training worker on ``device`` decodes its own images (``decode``: one of DECODE_PLACES).
+
+    ``auto`` decodes in the worker on a CPU: there the model's step costs milliseconds per image and decoding
+    (tens of microseconds for a 32-px PNG, ~1 ms for a 224-px JPEG with its augmentation) is noise next to it, while
+    Ray Data's read tasks cost processes that import torch, Arrow conversions and object-store copies on the same
+    cores (bench/README.md, the default job). On a GPU the step is faster than one core decodes, so Ray Data
+    decodes ahead on the cluster's CPUs."""
+    return decode == "worker" or (decode == "auto" and device.type == "cpu")
 
 
 @dataclass(frozen=True)
@@ -113,10 +127,11 @@ class PreparedDataset:
         last = np.searchsorted(ends, (rank + 1) * n - 1, side="right")
         return [files[i][0] for i in order[first:last + 1]] if n else [], np.sort(mine)
 
-    def rank_dataset(self, tf: ImageTransform, *, seed: int, epoch: int, rank: int, world: int):
+    def rank_batches(self, tf: ImageTransform, *, seed: int, epoch: int, rank: int, world: int, batch_size: int,
+                     in_worker: bool = False, shuffle_buffer: int = 0, shuffle_seed: int | None = None):
         """Training worker ``rank``'s rows of ``epoch`` (``epoch_rows``), decoded and augmented by ``tf`` (its
-        ``seed``: ``recipe.augment_seed(seed, epoch)``), in file order: with a seeded local shuffle buffer per
-        worker (``training.epoch_batches``) this is how a class-sorted dataset is mixed; why it suffices at
+        ``seed``: ``recipe.augment_seed(seed, epoch)``), in file order, as ``batches``: with a seeded local shuffle
+        buffer per worker (``training.epoch_batches``) this is how a class-sorted dataset is mixed; why it suffices at
         Places-LT's size (62 500 rows sorted by class):
 
         1. preparation wrote the rows in a seeded random order, so every shard file and every block read from it
@@ -124,10 +139,44 @@ class PreparedDataset:
         2. the file order is reseeded every epoch, so each worker gets other rows every epoch;
         3. the worker's local shuffle buffer, seeded by (seed, epoch, rank), reorders rows within its stream.
         No global ``random_shuffle``: it would move the whole split through the object store every epoch. Each
-        worker runs its own streaming read (Ray Data tasks on the cluster's CPUs) of only its files; Ray Data's
+        worker reads only its files (with Ray Data tasks on the cluster's CPUs, or itself: ``in_worker``); Ray Data's
         ``streaming_split`` would hand blocks to whichever worker asks first, so runs would differ."""
         files, rows = self.epoch_rows(seed, epoch, rank, world)
-        return self.ray_dataset("train", tf, files=files, rows=rows)
+        return self.batches("train", tf, batch_size=batch_size, in_worker=in_worker, files=files, rows=rows,
+                            shuffle_buffer=shuffle_buffer, shuffle_seed=shuffle_seed)
+
+    def batches(self, split: str, tf: ImageTransform | None = None, *, batch_size: int, in_worker: bool = False,
+                shard: tuple[int, int] | None = None, files: list[str] | None = None, rows: np.ndarray | None = None,
+                shuffle_buffer: int = 0, shuffle_seed: int | None = None):
+        """Torch batches {"image": uint8 [B, 3, S, S], "label": int64 [B], "index": int64 [B]} of the rows
+        ``ray_dataset`` selects with the same ``tf``, ``shard``, ``files`` and ``rows``, each image decoded and
+        transformed the same (its augmentation is seeded per sample), ``batch_size`` rows at a time.
+        ``shuffle_buffer`` > 0: a local shuffle buffer of that many rows, seeded by ``shuffle_seed``.
+
+        ``in_worker`` False: Ray Data's read tasks decode on the cluster's CPUs, ahead of the consumer
+        (``iter_torch_batches``). True: this process reads the Parquet files with pyarrow and decodes them itself,
+        no Ray task involved (``decodes_in_worker`` says when that pays). Both are a function of the arguments
+        alone; their local shuffles draw differently, so the two orders of a shuffled epoch differ."""
+        if not in_worker:
+            ds = self.ray_dataset(split, tf, shard=shard, files=files, rows=rows)
+            return ds.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer or None,
+                                         local_shuffle_seed=shuffle_seed if shuffle_buffer else None)
+        return _rebatch(self._decoded_chunks(split, tf or self.eval_transform(), shard, files, rows), batch_size,
+                        shuffle_buffer, shuffle_seed)
+
+    def _decoded_chunks(self, split: str, tf: ImageTransform, shard, files, rows):
+        """``ray_dataset``'s rows read and decoded in this process, through the same ``decode_augment_chunks``: the
+        shard files in ``files`` order (default: the split's files by name), each streamed in blocks of
+        DECODE_READ_ROWS encoded rows (a shard of large JPEGs is never held whole)."""
+        import pyarrow.parquet as pq
+
+        self._check_split(split)
+        for path in files if files is not None else sorted(map(str, (self.root / split).glob("*.parquet"))):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=DECODE_READ_ROWS,
+                                                           columns=["image", "label", "index"]):
+                block = {"image": batch.column("image").to_numpy(zero_copy_only=False),
+                         "label": batch.column("label").to_numpy(), "index": batch.column("index").to_numpy()}
+                yield from decode_augment_chunks(block, tf, shard, rows)
 
     def ray_dataset(self, split: str, tf: ImageTransform | None = None, *, shard: tuple[int, int] | None = None,
                     files: list[str] | None = None, rows: np.ndarray | None = None):
@@ -173,6 +222,30 @@ class PreparedDataset:
         self._check_split(split)
         yield from pads.dataset(str(self.root / split), format="parquet").to_batches(columns=columns,
                                                                                        batch_size=batch_size)
+
+
+def _rebatch(chunks, batch_size: int, shuffle_buffer: int, seed: int | None):
+    """Decoded chunks {"image", "label", "index"} (numpy) -> torch batches of ``batch_size`` rows (the last one
+    short), in order, or with ``shuffle_buffer`` > 0 through a seeded local shuffle buffer: each batch is drawn
+    at random from the buffered rows once ``shuffle_buffer`` more than a batch are held, the rest shuffled at the
+    end (the semantics of Ray Data's ``local_shuffle_buffer_size``)."""
+    rng = np.random.default_rng(seed)
+    held: dict[str, torch.Tensor] | None = None  # the rows read but not yet yielded, [n] / [n, 3, S, S]
+    for chunk in chunks:
+        part = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in chunk.items()}
+        held = part if held is None else {k: torch.cat([held[k], part[k]]) for k in part}
+        while len(held["label"]) >= batch_size + shuffle_buffer:
+            n = len(held["label"])
+            take = torch.from_numpy(rng.choice(n, batch_size, replace=False)) if shuffle_buffer else slice(batch_size)
+            rest = torch.ones(n, dtype=torch.bool)
+            rest[take] = False
+            yield {k: v[take] for k, v in held.items()}
+            held = {k: v[rest] for k, v in held.items()}
+    if held is not None and len(held["label"]):
+        n = len(held["label"])
+        order = torch.from_numpy(rng.permutation(n)) if shuffle_buffer else torch.arange(n)
+        for start in range(0, n, batch_size):
+            yield {k: v[order[start:start + batch_size]] for k, v in held.items()}
 
 
 @lru_cache(maxsize=8)
