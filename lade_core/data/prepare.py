@@ -9,7 +9,7 @@ Rows are written in a seeded random order, not the order the source lists them i
 arrive grouped by class (the Places-LT / ImageNet-LT lists, an ImageFolder tree, CIFAR-100-LT as built here); in
 that order every Parquet block, and so every training batch the streaming reader makes from a few blocks, would
 hold one or two classes. After the permutation every block is a uniform sample of the split, so training only
-has to vary block order and mix locally per epoch (``PreparedDataset.train_dataset``), never shuffle globally.
+has to vary block order and mix locally per epoch (``PreparedDataset.rank_batches``), never shuffle globally.
 """
 from __future__ import annotations
 

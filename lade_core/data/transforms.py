@@ -179,7 +179,7 @@ def decode_augment(batch: dict, tf: ImageTransform, shard: tuple[int, int] | Non
 
     Rows are selected before decoding: ``shard=(rank, world)`` keeps ``index % world == rank`` (each of ``world``
     inference workers decodes a disjoint share); ``rows`` (sorted split indices) keeps those (a training worker's
-    rows of the epoch, ``PreparedDataset.rank_dataset``).
+    rows of the epoch, ``PreparedDataset.rank_batches``).
     """
     index = np.asarray(batch["index"], dtype=np.int64)
     keep = np.arange(len(index))
