@@ -79,6 +79,7 @@ def main() -> None:
         before = before_cls(prior, alpha=0.1, lam=0.1).to(device) if before_cls else None
         experts = {name: fn.num_experts for name, fn in losses.items() if hasattr(fn, "num_experts")}
         ze = {e: torch.randn(args.batch, e, c, generator=g).to(device).requires_grad_() for e in set(experts.values())}
+        zc = (torch.rand(args.batch, c, generator=g) * 2 - 1).to(device).requires_grad_()  # cosines in [-1, 1]
 
         def step(loss_fn, x=z):
             def run():
@@ -95,7 +96,11 @@ def main() -> None:
                 "masked": step(lambda: masked_lade(z, y, log_ps, 0.1, 0.1, weights)),
                 "readable": step(lambda: lade_reference(z, y, log_ps, offset, weights, 0.1, 0.1)),
                 **({"lade_before": step(lambda: before(z, y))} if before else {}),
-                **{name: step(lambda fn=fn: fn(z, y)) for name, fn in losses.items() if name not in experts},
+                **{name: step(lambda fn=fn: fn(z, y)) for name, fn in losses.items()
+                   if name not in experts and fn.head[0] != "cosine"},
+                # A cosine classifier's loss gets cosines: s * c of randn "logits" (|s c| ~ 100) would time
+                # float32 subnormals in its softmax, not the loss.
+                **{name: step(lambda fn=fn: fn(zc, y), zc) for name, fn in losses.items() if fn.head[0] == "cosine"},
                 **{f"ce x{e}": step(lambda x=x: F.cross_entropy(x.flatten(0, 1), y.repeat_interleave(x.shape[1])), x)
                    for e, x in ze.items()},
                 **{name: step(lambda fn=losses[name], x=ze[e]: fn(x, y), ze[e]) for name, e in experts.items()},

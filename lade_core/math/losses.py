@@ -461,7 +461,9 @@ class LDAMDRWLoss(Loss):
     def forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         c = _check_logits(cosine, targets, self.num_classes)
         m = self._cast.get("margins", self.margins, c)
-        output = self.scale * (c - F.one_hot(targets, self.num_classes).to(c.dtype) * m)  # [N, C]
+        # s * (c - m_y e_y) = s c with s m_y subtracted at each row's target entry alone: one pass over [N, C]
+        # instead of the four of an [N, C] one-hot times the margins (bench/loss_speed.py).
+        output = (c * self.scale).scatter_add_(1, targets[:, None], -(self.scale * m[targets])[:, None])  # [N, C]
         weight = self._cast.get("drw_weights", self.drw_weights, c) if self.reweighting else None
         loss = F.cross_entropy(output, targets, weight=weight)
         # ``drw``: 1 once re-weighting is on, so the epoch it starts shows in the logged history.
