@@ -235,9 +235,12 @@ def _rebatch(chunks, batch_size: int, shuffle_buffer: int, seed: int | None):
         part = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in chunk.items()}
         held = part if held is None else {k: torch.cat([held[k], part[k]]) for k in part}
         while len(held["label"]) >= batch_size + shuffle_buffer:
-            n = len(held["label"])
-            take = torch.from_numpy(rng.choice(n, batch_size, replace=False)) if shuffle_buffer else slice(batch_size)
-            rest = torch.ones(n, dtype=torch.bool)
+            if not shuffle_buffer:  # in order: the first rows, the rest a view
+                yield {k: v[:batch_size] for k, v in held.items()}
+                held = {k: v[batch_size:] for k, v in held.items()}
+                continue
+            take = torch.from_numpy(rng.choice(len(held["label"]), batch_size, replace=False))
+            rest = torch.ones(len(held["label"]), dtype=torch.bool)
             rest[take] = False
             yield {k: v[take] for k, v in held.items()}
             held = {k: v[rest] for k, v in held.items()}
