@@ -27,7 +27,8 @@ def image_rows(source: str | Path, class_names: list[str], *, image_root: str | 
     """The images of a folder tree or a ``<path> <label>`` split list: [{"row", "path", "true_label"}].
 
     A folder's images take their parent folder's name as the true label when it is a class name (the ImageFolder
-    layout), else ``UNKNOWN``. A list's paths must stay inside ``image_root``."""
+    layout), else ``UNKNOWN``. A list's paths must stay inside ``image_root`` and a folder's images inside it, links
+    followed."""
     source = Path(source)
     if source.is_dir():
         index = {name: k for k, name in enumerate(class_names)}
@@ -35,12 +36,13 @@ def image_rows(source: str | Path, class_names: list[str], *, image_root: str | 
                        if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
         if not paths:
             raise DataError(f"{source}: no images with extensions {list(IMAGE_EXTENSIONS)}")
+        check_inside_root([os.path.relpath(p, source) for p in paths], source, str(source))
         labels = [index.get(Path(p).parent.name, UNKNOWN) for p in paths]
     elif source.is_file():
         if image_root is None:
             raise DataError(f"{source}: a split list needs --image-root, the folder its paths are relative to")
         rel, labels = read_split_list(source)
-        check_inside_root(rel, str(source))
+        check_inside_root(rel, image_root, str(source))
         check_labels(labels, len(class_names), str(source))
         paths = [str(Path(image_root) / p) for p in rel]
         labels = labels.tolist()

@@ -9,8 +9,9 @@ cluster (model actors), the model in this process on one CPU node (no Ray).
 --input: an image folder (a parent folder named like a class gives the true label), a `<path> <label>` split list
 (with --image-root), or a prepared dataset (with --split). One row per image: path, label, class_name,
 probability, top_k_labels, top_k_probabilities, true_label (-1: unknown), error (with --skip-bad).
---target-prior: uniform (default), a file (JSON / CSV as for evaluate.py), or `estimate`: EM (or MAPLS,
---estimate-method) on the images' own BCTS-calibrated outputs (lade_core.label_shift); the estimate, its per-class
+--target-prior: uniform (default), a file (JSON / CSV as for evaluate.py), or `estimate`: from the images' own
+BCTS-calibrated outputs (lade_core.label_shift) by the one of EM, MAPLS and the Dirichlet MAP that best predicts
+held-out images (--estimate-method auto, the default; it says which) or by the one you name; the estimate, its per-class
 bootstrap intervals (--interval, default 0.9; 0: none) and the expected top-1 gain over the uniform prior with its
 interval are written beside the predictions and logged to a run of the MLflow experiment `lade-predict`.
 --aggregate self-supervised (a multi-expert model: sade, balpoe): SADE's test-time aggregation — the experts' weights
@@ -50,9 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ap.add_argument("--target-prior", default="uniform", help="uniform, estimate, or a prior file")
     # BBSE needs a labeled validation split, which a prediction job does not have.
-    ap.add_argument("--estimate-method", choices=[m for m in METHODS if m != "bbse"], default="em",
-                    help="with --target-prior estimate: EM (maximum likelihood) or MAPLS (shrunk toward uniform; "
-                    "steadier with many classes and few images)")
+    ap.add_argument("--estimate-method", choices=[m for m in METHODS if m != "bbse"], default="auto",
+                    help="with --target-prior estimate: em (maximum likelihood), mapls (shrunk toward uniform), "
+                    "dirichlet (MAP with C uniform pseudo-images: shrunk with few images, EM with many), or auto "
+                    "(default: the one of the three with the highest 5-fold held-out likelihood)")
     ap.add_argument("--interval", type=float, default=0.9,
                     help="with --target-prior estimate: bootstrap interval level (0: no intervals)")
     ap.add_argument("--aggregate", choices=["self-supervised"],
@@ -164,13 +166,17 @@ def main(argv=None) -> int:
             est_path.write_text(json.dumps({"prior": [float(x) for x in prior], "class_names": card.class_names,
                                             "images": len(z), **info}, indent=1))
             run_id = log_result(tracking_uri, args, est_path,
-                                {"method": info["method"], "calibrated": info["calibration"] is not None},
+                                {"method": info["method"], "estimate_method": args.estimate_method,
+                                 "calibrated": info["calibration"] is not None},
                                 {"images": len(z), "em_iterations": info.get("iterations", 0),
                                  **{f"gain/{k}": v for k, v in info.get("interval", {}).get("gain", {}).items()}})
             gain = info.get("interval", {}).get("gain")
             said = (f"; expected top-1 gain over uniform {gain['estimate']:+.4f} ({info['interval']['level']:.0%} "
                     f"interval {gain['lower']:+.4f} .. {gain['upper']:+.4f})") if gain else ""
-            print(f"estimated target prior ({info['method']}, {info.get('iterations')} iterations){said} -> "
+            scores = info.get("chosen_by", {}).get("scores")
+            how = ("chosen by held-out likelihood per image ("
+                   + ", ".join(f"{m} {v:.4f}" for m, v in scores.items()) + "), ") if scores else ""
+            print(f"estimated target prior ({info['method']}, {how}{info.get('iterations')} iterations){said} -> "
                   f"{est_path}; MLflow run {run_id} (experiment lade-predict)")
         prior = uniform_prior(card.num_classes) if prior is None else prior
         offset = torch.zeros(card.num_classes, dtype=torch.float64) if args.aggregate else \

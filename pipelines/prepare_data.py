@@ -88,11 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="crop size for training and evaluation (default: 224 for imagenet, native for cifar)")
     for p in (lst, fold, inat):
         p.add_argument("--val-per-class", type=int, default=None,
-                       help="without a val split: images per class held out of train (default: up to 20, as many "
-                            "as the smallest class allows)")
+                       help="without a val split: images per class held out of train (default: 20%% of the "
+                            "smallest class, at least 1, at most 20)")
         p.add_argument("--min-train-per-class", type=int, default=MIN_TRAIN_PER_CLASS,
                        help="the hold-out never leaves a class with fewer training images than this")
         p.add_argument("--seed", type=int, default=0, help="hold-out and row-order seed")
+        p.add_argument("--allow-duplicates", action="store_true",
+                       help="keep images whose bytes are identical in two splits (refused by default: a test image "
+                            "that is also a training image measures memory); they are counted in dataset.json")
     for p in (syn, cif, lst, fold, inat):
         p.add_argument("--out", required=True, help="prepared dataset directory to create")
         p.add_argument("--overwrite", action="store_true", help="replace an existing, different prepared dataset")
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw = build_raw(args)
         manifest = prepare_dataset(raw, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad,
-                                   num_cpus=args.num_cpus)
+                                   allow_duplicates=getattr(args, "allow_duplicates", False), num_cpus=args.num_cpus)
     except (DataError, ValueError, LockHeld) as e:  # bad data, a bad option value, another preparation of --out
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from lade_core.label_shift import (
     auto_calibration,
     bbse_prior,
     calibrate,
+    dirichlet_prior,
     em_prior,
     estimate_target_prior,
     expected_gain,
@@ -16,9 +17,10 @@ from lade_core.label_shift import (
     fit_calibration,
     mapls_lambda,
     mapls_prior,
+    select_method,
     source_logits,
 )
-from lade_core.priors import long_tailed_counts, prior_from_counts
+from lade_core.priors import knockout_counts, long_tailed_counts, prior_from_counts
 
 C, D = 10, 4
 
@@ -106,7 +108,7 @@ def test_bcts_recovers_a_known_temperature_and_bias(world):
 
 
 @pytest.mark.parametrize("loss", ["softmax", "lade"])
-@pytest.mark.parametrize("method", ["em", "bbse"])
+@pytest.mark.parametrize("method", ["em", "bbse", "dirichlet", "auto"])
 def test_estimate_converges_to_the_true_prior_as_the_sample_grows(world, loss, method):
     """Exact source posteriors (the Bayes classifier under p_s); the target is the source's class order reversed."""
     p_true = prior_from_counts(list(reversed(long_tailed_counts(C, 500, 20))))
@@ -255,7 +257,7 @@ def _one_hot_world(g, c, n, snr, prior):
     return snr * s, y
 
 
-@pytest.mark.parametrize("method", ["em", "mapls"])
+@pytest.mark.parametrize("method", ["em", "mapls", "dirichlet"])
 def test_classes_absent_from_the_target_are_estimated_near_zero(method):
     """Half the classes have no target image; then the same logits x 200, so confident that softmax entries are
     exactly 0 in float64 and re-weighted rows can underflow."""
@@ -313,3 +315,78 @@ def test_expected_gain_is_the_label_free_accuracy_difference(world):
     assert measured > 0.02
     assert expected_gain(post, world.ps, p_true) == pytest.approx(measured, abs=0.01)
     assert expected_gain(post, world.ps, torch.full((C,), 1 / C, dtype=torch.float64)) == pytest.approx(0, abs=1e-12)
+
+
+def test_the_dirichlet_map_is_the_stationary_point_of_its_posterior(world):
+    """Independently of the fixed-point update: at the estimate, the gradient of the log posterior
+    sum_i log sum_y P_iy p_y / ps_y + sum_y (kappa / C) log p_y (a Dirichlet with alpha_y = 1 + kappa / C) is the
+    same in every class (the Lagrange condition on the simplex), in float64. kappa = 0 is EM; kappa -> inf uniform."""
+    x, _ = world.sample(world.ps.flip(0), 400)
+    post = torch.softmax(world.loglik(x) + world.ps.log(), 1).numpy()
+    ps = world.ps.numpy()
+    for kappa in (None, 3.0, 50.0):
+        est, info = dirichlet_prior(torch.from_numpy(post), world.ps, pseudo_counts=kappa, tol=1e-13)
+        k = C if kappa is None else kappa
+        p = est.numpy()
+        grad = (post / ps / (post @ (p / ps))[:, None]).sum(0) + (k / C) / p
+        assert info["converged"] and info["pseudo_counts"] == k
+        np.testing.assert_allclose(grad, np.full(C, grad.mean()), rtol=1e-8)
+        np.testing.assert_allclose(grad.mean(), len(post) + k, rtol=1e-8)  # mu = N + kappa, summing p_y * grad_y
+    np.testing.assert_allclose(dirichlet_prior(torch.from_numpy(post), world.ps, 0.0, tol=1e-12)[0],
+                               em_prior(torch.from_numpy(post), world.ps, tol=1e-12)[0], atol=1e-9)
+    assert torch.allclose(dirichlet_prior(torch.from_numpy(post), world.ps, 1e12)[0],
+                          torch.full((C,), 1 / C, dtype=torch.float64), atol=1e-8)
+    with pytest.raises(ValueError, match="pseudo_counts must be >= 0"):
+        dirichlet_prior(torch.from_numpy(post), world.ps, -1.0)
+
+
+def _knockout_logits(g, counts, kind, per_class, snr=3.0):
+    """A 50 % knock-out target (``knockout_counts``) of a LADE model's exact logits: (logits, true prior)."""
+    kc = torch.tensor(knockout_counts(counts, per_class, kind, 50), dtype=torch.float64)
+    y = torch.repeat_interleave(torch.arange(len(counts)), kc.long())
+    s = snr * torch.nn.functional.one_hot(y, len(counts)).double() + torch.randn(len(y), len(counts), generator=g,
+                                                                                  dtype=torch.float64)
+    return snr * s, kc / kc.sum()
+
+
+@pytest.mark.slow  # 2 x 4 estimates with 5-fold selection, 100 classes, up to 16 000 images: about 15 s a kind
+@pytest.mark.parametrize("kind", ["head", "tail", "random"])
+def test_on_knockout_targets_the_dirichlet_map_leaves_the_absent_classes_what_mapls_keeps(kind):
+    """100 classes (CIFAR-100-LT's prior), 4 000 target images, half the classes absent: MAPLS keeps ~0.2 of its
+    estimate on them (its lambda does not grow with the images), EM ~0.01; the Dirichlet MAP (kappa = C) ~0.04,
+    and less again with 4x the images (it converges to EM). ``auto`` picks the estimator closest to the truth."""
+    g = torch.Generator().manual_seed(0)
+    counts = long_tailed_counts(100, 500, 100)
+    ps = prior_from_counts(counts)
+    absent, tv = {}, {}
+    for per_class in (80, 320):  # 4 000 and 16 000 images
+        logits, p_true = _knockout_logits(g, counts, kind, per_class)
+        for m in ("em", "mapls", "dirichlet", "auto"):
+            est, info = estimate_target_prior(logits, ps, loss="lade", method=m)
+            absent[m, per_class] = float(est[p_true == 0].sum())
+            tv[m, per_class] = 0.5 * float((est - p_true).abs().sum())
+            if m == "auto":
+                chosen = info["method"]
+                assert info["chosen_by"]["scores"][chosen] == max(info["chosen_by"]["scores"].values())
+        assert tv["auto", per_class] == pytest.approx(min(tv[m, per_class] for m in ("em", "mapls", "dirichlet")))
+    assert absent["em", 80] < 0.02 and absent["mapls", 80] > 0.15 and absent["dirichlet", 80] < 0.05, absent
+    assert absent["dirichlet", 320] < absent["dirichlet", 80] / 2 and absent["mapls", 320] > 0.15, absent
+
+
+def test_auto_does_not_take_em_where_it_overfits_few_images():
+    """1 000 classes, 1 000 images (one per class): in-sample EM maximizes the likelihood by construction, yet on
+    held-out folds it does worst, and ``select_method`` takes a shrunk estimator, the closer one here."""
+    g = torch.Generator().manual_seed(3)
+    c = 1000
+    ps = prior_from_counts(long_tailed_counts(c, 500, 5))
+    p_true = torch.distributions.Dirichlet(torch.full((c,), 5.0, dtype=torch.float64)).sample()
+    logits, _ = _one_hot_world(g, c, 1000, 3.0, p_true)
+    post = torch.softmax(logits + ps.log(), 1)
+    chosen, scores = select_method(post, ps)
+    assert chosen != "em" and scores["em"] < min(scores["mapls"], scores["dirichlet"]), scores
+    tv = {m: 0.5 * float((estimate_target_prior(logits, ps, loss="lade", method=m)[0] - p_true).abs().sum())
+          for m in ("em", chosen)}
+    assert tv[chosen] < tv["em"], tv
+    with pytest.raises(ValueError, match="select_method chooses among"):
+        select_method(post, ps, methods=("bbse",))
+

@@ -106,3 +106,34 @@ def test_a_run_survives_its_database_and_tracking_server_going_down(tmp_path, te
         assert float(inject[target]) == pytest.approx(metrics[f"shift/{target}/inject/top1"]), target
     logged = client.get_experiment_by_name("lade-compare")
     assert logged is not None and client.search_runs([logged.experiment_id])
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root the server runs as nobody; other users run it as themselves")
+def test_the_server_starts_from_an_environment_in_a_private_home(tmp_path):
+    """A checkout in /root/... (0700): its virtual environment's binaries are out of ``nobody``'s reach, yet the
+    team server starts and answers (a real PostgreSQL, its binaries copied where ``nobody`` can read them)."""
+    import shutil
+
+    import psycopg
+    from postgres import PostgresServer, wheel_install
+
+    from conftest import free_port
+
+    home = tmp_path / "home"  # pytest's tmp folders are 0700 to root, as root's home is
+    home.mkdir(mode=0o700)
+    site = home / "venv" / "site-packages"
+    wheel = wheel_install()  # site-packages/pgserver/pginstall, its vendored libraries in site-packages/pgserver.libs
+    for folder in (wheel.parent, wheel.parent.parent / "pgserver.libs"):
+        shutil.copytree(folder, site / folder.name, symlinks=True)
+    server = PostgresServer(free_port(), install=site / "pgserver" / "pginstall")
+    try:
+        assert not str(server.install).startswith(str(tmp_path))
+        server.start()
+        server.create_database("mlflow")
+        with psycopg.connect(server.uri("mlflow", driver=False)) as conn:
+            assert conn.execute("SELECT current_database(), current_user").fetchone() == ("mlflow", "lade")
+    finally:
+        server.close()
+

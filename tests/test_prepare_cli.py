@@ -13,9 +13,9 @@ prepare_data = Script("prepare_data")
 pytestmark = pytest.mark.slow  # each test runs the pipeline, with its own Ray
 
 
-def test_sorted_list_without_val_gets_a_balanced_holdout_and_its_transform(tmp_path):
+def test_sorted_list_without_val_gets_a_balanced_holdout_and_its_transform(tmp_path, capsys):
 
-    counts = long_tailed_counts(10, 60, 10)  # 60 .. 6 images per class
+    counts = long_tailed_counts(10, 60, 10)[:-1] + [12]  # 60 .. 7 images per class, and 12 in the last
     lists = write_sorted_list_dataset(tmp_path, counts)
     out = tmp_path / "prepared"
     rc = prepare_data.main(["lists", "--name", "mine", "--image-root", str(tmp_path / "images"), "--train",
@@ -23,11 +23,14 @@ def test_sorted_list_without_val_gets_a_balanced_holdout_and_its_transform(tmp_p
                             "--image-size", "16", "--out", str(out)])
     assert rc == 0
     ds = open_prepared(out)
-    k = min(counts) - 2  # default: as many per class as the smallest class gives while keeping 2 for training
+    k = max(1, int(0.2 * min(counts)))  # default: 20 % of the smallest class (7 images: 1), never all but 2 of it
+    assert k == 1
     assert ds.class_counts("val") == [k] * 10
     assert ds.class_counts("train") == [n - k for n in counts]
     assert ds.manifest["validation"] == {"source": "held out of train (seeded, class-balanced)", "per_class": k,
-                                         "min_train_per_class": 2, "seed": 0}
+                                         "min_train_per_class": 2, "seed": 0, "images": 10 * k,
+                                         "share_of_train": round(10 * k / sum(counts), 4)}
+    assert f"1 per class (10 images, {10 / sum(counts):.0%} of train)" in capsys.readouterr().out
     train_paths = set(ds.raw_split("train")["path"].to_pylist())
     val_paths = set(ds.raw_split("val")["path"].to_pylist())
     assert not train_paths & val_paths and len(train_paths | val_paths) == sum(counts)

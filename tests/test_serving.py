@@ -229,7 +229,8 @@ def test_predict_pipeline_on_a_prepared_split_with_a_given_and_an_estimated_prio
     again = run_predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir),
                      "--output", str(tmp_path / "given.parquet"))
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
-    # The estimated prior: EM on the images' own outputs with the card's calibration, logged to lade-predict.
+    # The estimated prior: by default the one of EM, MAPLS and the Dirichlet MAP that best predicts held-out images,
+    # on the images' own outputs with the card's calibration, logged to lade-predict.
     p = run_predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir),
                  "--output", str(tmp_path / "est.csv"), "--target-prior", "estimate")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -238,8 +239,12 @@ def test_predict_pipeline_on_a_prepared_split_with_a_given_and_an_estimated_prio
     est = json.loads((tmp_path / "est.target_prior.json").read_text())
     card = mlflow.pyfunc.load_model("models:/model-lade/1").unwrap_python_model().card
     calibration = Calibration.from_dict(card.calibration) if card.calibration else None
-    ref, _ = estimate_target_prior(logits.float(), ps, loss="lade", calibration=calibration)
+    ref, ref_info = estimate_target_prior(logits.float(), ps, loss="lade", method="auto", calibration=calibration)
     np.testing.assert_allclose(est["prior"], ref.numpy(), atol=1e-3)
+    scores = est["chosen_by"]["scores"]
+    assert est["method"] == ref_info["method"] == max(scores, key=scores.get) and set(scores) == {"em", "mapls",
+                                                                                                  "dirichlet"}
+    assert f"estimated target prior ({est['method']}, chosen by held-out likelihood per image" in p.stdout
     # Beside it: its 90 % bootstrap intervals per class and the expected top-1 gain over uniform with its interval.
     iv = est["interval"]
     assert iv["level"] == 0.9 and iv["n_boot"] >= 100 and len(iv["lower"]) == len(iv["upper"]) == 4
@@ -248,8 +253,8 @@ def test_predict_pipeline_on_a_prepared_split_with_a_given_and_an_estimated_prio
     assert "expected top-1 gain over uniform" in p.stdout
     # The store is the session's: other prediction jobs (test_peers_pipeline's aggregation) log there too.
     logged = client.search_runs([client.get_experiment_by_name("lade-predict").experiment_id],
-                                "params.method = 'em'")
-    assert len(logged) == 1 and logged[0].data.params["method"] == "em"
+                                "params.estimate_method = 'auto'")
+    assert len(logged) == 1 and logged[0].data.params["method"] == est["method"]
     assert logged[0].data.metrics["gain/estimate"] == pytest.approx(iv["gain"]["estimate"])
     csv = pd.read_csv(tmp_path / "est.csv")
     expected = _expected_probabilities("lade", logits, ps, torch.tensor(est["prior"], dtype=torch.float64))

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..locks import exclusive
 from .recipe import ChannelStats
-from .sources import DataError, RawDataset, RawSplit, check_no_empty_class
+from .sources import DataError, RawDataset, RawSplit, check_no_empty_class, resolved_paths
 from .transforms import decode_rgb
 
 MANIFEST = "dataset.json"
@@ -88,14 +88,15 @@ def image_stats(raw: RawDataset) -> str | None:
 
 
 def _validate_files(raw: RawDataset, skip_bad: bool, progress: bool
-                    ) -> tuple[dict[str, RawSplit], dict, str, set, ChannelStats]:
+                    ) -> tuple[dict[str, RawSplit], dict, str, set, ChannelStats, dict[str, dict[bytes, str]]]:
     """Decode every image once; returns kept splits, per-split bad-sample report, a hash of image bytes, the
-    set of (H, W) sizes seen and the training split's channel statistics."""
+    set of (H, W) sizes seen, the training split's channel statistics and each split's image digests (SHA-256 of
+    the bytes -> the first path with them, for ``check_no_duplicates``)."""
     root = Path(raw.image_root or ".")
     h = hashlib.sha256(raw.input_hash.encode())
-    kept, skipped, sizes, stats = {}, {}, set(), ChannelStats()
+    kept, skipped, sizes, stats, digests = {}, {}, set(), ChannelStats(), {}
     for split, rs in raw.splits.items():
-        bad = []
+        bad, of_digests = [], digests.setdefault(split, {})
         of_split = stats if split == "train" else None
         with ThreadPoolExecutor(max_workers=8) as pool:
             checked = pool.map(partial(_check_image_file, stats=of_split), (root / p for p in rs.paths))
@@ -104,7 +105,9 @@ def _validate_files(raw: RawDataset, skip_bad: bool, progress: bool
                 if why:
                     bad.append((i, why))
                 else:
-                    h.update(hashlib.sha256(data).digest())
+                    digest = hashlib.sha256(data).digest()
+                    h.update(digest)
+                    of_digests.setdefault(digest, rs.paths[i])
                     sizes.add(shape)
                     if sums is not None:
                         stats.add_sums(*sums)
@@ -114,7 +117,48 @@ def _validate_files(raw: RawDataset, skip_bad: bool, progress: bool
         keep = np.setdiff1d(np.arange(rs.labels.size), [i for i, _ in bad])
         kept[split] = rs.take(keep)
         skipped[split] = {"count": len(bad), "examples": [{"path": rs.paths[i], "why": why} for i, why in bad[:20]]}
-    return kept, skipped, h.hexdigest(), sizes, stats
+    return kept, skipped, h.hexdigest(), sizes, stats, digests
+
+
+def check_disjoint_files(raw: RawDataset) -> None:
+    """No image file in two splits (a test list that is the train list, a hold-out from a list naming a file twice):
+    every later accuracy would be measured on training images. Paths are compared as the reader opens them (links
+    followed). Checked before any image is read; the error names the splits, how many files and which."""
+    if raw.image_root is None:
+        return
+    owner: dict[str, tuple[str, str]] = {}
+    shared: dict[tuple[str, str], list[str]] = {}
+    for split, rs in raw.splits.items():
+        for p, real in zip(rs.paths, resolved_paths(rs.paths, raw.image_root)):
+            first = owner.setdefault(real, (split, p))
+            if first[0] != split:
+                shared.setdefault((first[0], split), []).append(p)
+    if shared:
+        said = "; ".join(f"{a} and {b} share {len(ps)} image files (e.g. {ps[:3]})" for (a, b), ps in shared.items())
+        raise DataError(f"{said}: a split must not hold another split's images; fix the lists or folders")
+
+
+def check_no_duplicates(digests: dict[str, dict[bytes, str]], allow: bool) -> dict:
+    """Images with identical bytes in two splits (copies of train images in a test folder): refused unless ``allow``
+    (``--allow-duplicates``); returns the manifest's record {"count", "pairs", "examples"} of what was kept."""
+    splits = list(digests)
+    pairs, examples = {}, []
+    for i, a in enumerate(splits):
+        for b in splits[i + 1:]:
+            common = digests[a].keys() & digests[b].keys()
+            if common:
+                pairs[f"{a}/{b}"] = len(common)
+                examples += [{a: digests[a][d], b: digests[b][d]} for d in sorted(common)[:5]]
+    if pairs and not allow:
+        said = "; ".join(f"{pair.replace('/', ' and ')} share {n} images with identical bytes" for pair, n in
+                         pairs.items())
+        shown = ", ".join(" = ".join(f"{s} {p}" for s, p in e.items()) for e in examples[:3])
+        raise DataError(f"{said} (e.g. {shown}): scores on them measure memory, not recognition; remove the copies, "
+                        "or pass --allow-duplicates to keep them (counted in dataset.json)")
+    if pairs:
+        print(f"warning: kept {sum(pairs.values())} images whose bytes stand in two splits ({pairs}); "
+              "--allow-duplicates", file=sys.stderr)
+    return {"count": sum(pairs.values()), "pairs": pairs, "examples": examples}
 
 
 def _class_counts(split: RawSplit, num_classes: int) -> list[int]:
@@ -186,19 +230,21 @@ def prepare_dataset(
     *,
     overwrite: bool = False,
     skip_bad: bool = False,
+    allow_duplicates: bool = False,
     rows_per_shard: int = 4096,
     progress: bool = True,
     num_cpus: int | None = None,
 ) -> dict:
     """Write ``raw`` as a prepared dataset directory and return its manifest (idempotent for the same inputs). One
-    preparation of ``out_dir`` at a time (``locks``): a second one is refused, naming the first."""
+    preparation of ``out_dir`` at a time (``locks``): a second one is refused, naming the first. Splits that share an
+    image file are refused; splits that share an image's bytes too, unless ``allow_duplicates``."""
     out_dir = Path(out_dir).resolve()
     with exclusive(out_dir.parent / f".{out_dir.name}.lock", f"prepared dataset {out_dir}"):
-        return _prepare(raw, out_dir, overwrite, skip_bad, rows_per_shard, progress, num_cpus)
+        return _prepare(raw, out_dir, overwrite, skip_bad, allow_duplicates, rows_per_shard, progress, num_cpus)
 
 
-def _prepare(raw: RawDataset, out_dir: Path, overwrite: bool, skip_bad: bool, rows_per_shard: int, progress: bool,
-             num_cpus: int | None) -> dict:
+def _prepare(raw: RawDataset, out_dir: Path, overwrite: bool, skip_bad: bool, allow_duplicates: bool,
+             rows_per_shard: int, progress: bool, num_cpus: int | None) -> dict:
     fingerprint = _fingerprint(raw, skip_bad)
     _remove_leftovers(out_dir)
     if out_dir.exists():
@@ -223,7 +269,9 @@ def _prepare(raw: RawDataset, out_dir: Path, overwrite: bool, skip_bad: bool, ro
                             f"({existing.get('name')}); "
                             "choose another directory or pass --overwrite")
 
+    check_disjoint_files(raw)
     splits, skipped = raw.splits, {s: {"count": 0, "examples": []} for s in raw.splits}
+    duplicates = {"count": 0, "pairs": {}, "examples": []}
     input_hash, image_size, native_size = raw.input_hash, raw.image_size, None
     if splits["train"].images is not None:
         image_size = image_size or int(splits["train"].images.shape[1])  # native size of CIFAR-family arrays
@@ -233,7 +281,8 @@ def _prepare(raw: RawDataset, out_dir: Path, overwrite: bool, skip_bad: bool, ro
             chunk = torch.from_numpy(np.ascontiguousarray(splits["train"].images[start:start + 1024]))  # [B, H, W, 3]
             stats.add(chunk.permute(3, 0, 1, 2))
     if raw.image_root is not None:
-        splits, skipped, input_hash, sizes, stats = _validate_files(raw, skip_bad, progress)
+        splits, skipped, input_hash, sizes, stats, digests = _validate_files(raw, skip_bad, progress)
+        duplicates = check_no_duplicates(digests, allow_duplicates)
         native_size = [int(x) for x in next(iter(sizes))] if len(sizes) == 1 else None
         if image_size is None and raw.transform == "cifar":
             # The cifar family crops at the native size: one square size, or the user names one.
@@ -276,6 +325,8 @@ def _prepare(raw: RawDataset, out_dir: Path, overwrite: bool, skip_bad: bool, ro
             # Per-channel mean and std of the training split on the [0, 1] scale (`normalize: dataset`).
             "channel_stats": stats.result(),
             "validation": raw.validation,
+            # Images whose bytes stand in two splits, kept with allow_duplicates (else refused): how many, where.
+            "duplicates": duplicates,
             "row_order": {"shuffled": True, "seed": order_seed},
             "layout_version": LAYOUT_VERSION,
             "splits": {s: {"num_samples": int(sum(c)), "class_counts": c, "skipped": skipped[s]}
@@ -313,6 +364,7 @@ def summary_line(manifest: dict) -> str:
         f"{manifest['name']}: {manifest['num_classes']} classes; {sizes}; train max {max(train)} / min {min(train)} "
         f"per class (imbalance {manifest['imbalance_ratio']:.1f}); val: {val.get('source', '?')}"
         + (f", {val['per_class']} per class" if "per_class" in val else "")
+        + (f" ({val['images']} images, {val['share_of_train']:.0%} of train)" if "share_of_train" in val else "")
         + (f"; transform {manifest['transform']} at {manifest['image_size'] or 'default size'}")
         + (f"; skipped {skipped} bad images" if skipped else "")
         + (f"; ignored {ignored} non-image files" if ignored else "")

@@ -27,6 +27,9 @@ from .recipe import FAMILIES
 # fewest training images the hold-out may leave a class.
 VAL_PER_CLASS = 20
 MIN_TRAIN_PER_CLASS = 2
+# The default hold-out takes at most this share of the smallest class (at least 1 image): 12 images a class give 2
+# to validation and keep 10 for training, not 10 and 2. More with --val-per-class.
+HOLDOUT_SHARE = 0.2
 MIN_IMAGE_SIZE = 8
 # What the one decoder (transforms.decode_rgb, on Pillow) is meant for; an ImageFolder tree's other files are ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -92,13 +95,42 @@ def check_no_empty_class(counts, class_names: list[str] | None) -> None:
                         + (" ..." if len(empty) > 20 else ""))
 
 
-def check_inside_root(paths: list[str], where: str) -> None:
-    """Image paths from a list or json must name files under the image root: no absolute paths, no ``..``."""
+def resolved_paths(paths: list[str], root: str | Path) -> list[str]:
+    """The real path of each ``root``-relative path (symbolic links followed, as the reader will follow them).
+
+    Each folder is resolved once (a dataset has few folders and many files); a file is resolved on its own only if
+    it is itself a link, so a 62 500-image list costs one ``lstat`` per image.
+    """
+    folders: dict[str, str] = {}
+    out = []
+    for p in paths:
+        full = os.path.join(root, p)
+        if os.path.islink(full):
+            out.append(os.path.realpath(full))
+            continue
+        folder, name = os.path.split(full)
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        out.append(os.path.join(folders[folder], name))
+    return out
+
+
+def check_inside_root(paths: list[str], root: str | Path, where: str) -> None:
+    """Image paths from a list, json or folder walk must name files under the image root ``root``: relative, no
+    ``..``, and no symbolic link (a folder's or the file's own) that leads out of the root. The error names the
+    first path that leaves it, and where it leads."""
     for i, p in enumerate(paths):
         parts = p.replace("\\", "/").split("/")
         if os.path.isabs(p) or ".." in parts:
             raise DataError(f"{where}: image path {p!r} (entry {i + 1}) leaves the image root; paths must be "
                             "relative and stay inside it")
+    real_root = os.path.realpath(root)
+    inside = real_root.rstrip(os.sep) + os.sep
+    outside = [(i, r) for i, r in enumerate(resolved_paths(paths, root)) if not r.startswith(inside)]
+    if outside:
+        i, real = outside[0]
+        raise DataError(f"{where}: image path {paths[i]!r} (entry {i + 1}) leads through a symbolic link to {real}, "
+                        f"outside the image root {real_root} ({len(outside)} such paths); paths must stay inside it")
 
 
 def holdout_validation(train: RawSplit, num_classes: int, *, val_per_class: int | None = None,
@@ -108,8 +140,9 @@ def holdout_validation(train: RawSplit, num_classes: int, *, val_per_class: int 
 
     Balanced (the same count per class, like the published ImageNet-LT / Places-LT val lists) so that validation
     top-1 under the uniform prior and the shifted protocol mean what they mean on test. ``val_per_class=None``
-    takes as many as every class can give while keeping ``min_train_per_class``, at most VAL_PER_CLASS; a given
-    ``val_per_class`` that would leave some class below the minimum is an error naming those classes.
+    takes HOLDOUT_SHARE of the smallest class (at least 1, at most VAL_PER_CLASS), and never so many that a class
+    keeps fewer than ``min_train_per_class``; a given ``val_per_class`` that would leave some class below the
+    minimum is an error naming those classes. The record says how many images that took from train, and what share.
     """
     if min_train_per_class < 1:
         raise DataError(f"--min-train-per-class must be >= 1, got {min_train_per_class}")
@@ -117,7 +150,8 @@ def holdout_validation(train: RawSplit, num_classes: int, *, val_per_class: int 
     name = (lambda c: f"{c} ({class_names[c]})") if class_names else str
     check_no_empty_class(counts, class_names)
     if val_per_class is None:
-        val_per_class = int(min(VAL_PER_CLASS, counts.min() - min_train_per_class))
+        smallest = int(counts.min())
+        val_per_class = min(VAL_PER_CLASS, max(1, int(HOLDOUT_SHARE * smallest)), smallest - min_train_per_class)
         if val_per_class < 1:
             small = [f"{name(c)}: {counts[c]} images" for c in np.argsort(counts, kind="stable")[:5]
                      if counts[c] - 1 < min_train_per_class]
@@ -137,7 +171,8 @@ def holdout_validation(train: RawSplit, num_classes: int, *, val_per_class: int 
     for c in range(num_classes):
         held[rng.choice(np.nonzero(train.labels == c)[0], size=val_per_class, replace=False)] = True
     record = {"source": "held out of train (seeded, class-balanced)", "per_class": val_per_class,
-              "min_train_per_class": min_train_per_class, "seed": seed}
+              "min_train_per_class": min_train_per_class, "seed": seed, "images": int(held.sum()),
+              "share_of_train": round(float(held.sum()) / train.labels.size, 4)}
     return train.take(np.nonzero(~held)[0]), train.take(np.nonzero(held)[0]), record
 
 
@@ -291,7 +326,7 @@ def load_split_lists(
     splits, files = {}, []
     for split, list_path in lists.items():
         paths, labels = read_split_list(Path(list_path))
-        check_inside_root(paths, str(list_path))
+        check_inside_root(paths, image_root, str(list_path))
         splits[split] = RawSplit(labels=labels, paths=paths)
         files.append(Path(list_path))
     inferred = {s: int(r.labels.max()) + 1 for s, r in splits.items()}
@@ -355,6 +390,7 @@ def load_image_folder(root: str | Path, name: str | None = None, transform: str 
                     labels.append(index[cls])
         if not paths:
             raise DataError(f"{folder}: no images with extensions {list(IMAGE_EXTENSIONS)}")
+        check_inside_root(paths, root, str(folder))  # a class folder or image that links out of the tree
         splits[split] = RawSplit(labels=np.asarray(labels), paths=paths)
         ignored[split] = skipped
         listing.update("\n".join(f"{p} {y}" for p, y in zip(paths, labels)).encode())
@@ -387,7 +423,7 @@ def load_inat2018_json(image_root: str | Path, annotations: dict[str, str | Path
             labels = [by_image[im["id"]] for im in images]
         except (KeyError, TypeError, ValueError) as e:  # JSON syntax, a category_id that is no integer, non-UTF-8
             raise DataError(f"{ann_path}: not an iNaturalist annotation file ({type(e).__name__}: {e})") from e
-        check_inside_root(paths, str(ann_path))
+        check_inside_root(paths, image_root, str(ann_path))
         if "categories" in ann and class_names is None:
             cats = sorted(ann["categories"], key=lambda c: c["id"])
             class_names = [c.get("name", str(c["id"])) for c in cats]
