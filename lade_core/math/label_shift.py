@@ -170,13 +170,20 @@ def calibrate(z_source: torch.Tensor, calibration: Calibration | None) -> torch.
 def em_prior(posteriors: torch.Tensor, source_prior, tol: float = 1e-8, max_iter: int = 10_000,
              start: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """MLLS / EM (Saerens et al. 2002) on source posteriors [N, C] from ``start`` (default p_s): the target prior
-    [C] float64 and {"iterations", "converged"}."""
+    [C] float64 and {"iterations", "converged"}. The Dirichlet MAP with no pseudo-images (kappa = 0)."""
     p = posteriors.double()
-    ps = validate_prior(source_prior, p.shape[1], "source_prior")
+    return _em_fixed_point(p, validate_prior(source_prior, p.shape[1], "source_prior"), 0.0, tol, max_iter, start)
+
+
+def _em_fixed_point(p: torch.Tensor, ps: torch.Tensor, kappa: float, tol: float, max_iter: int,
+                    start: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """EM's fixed point with kappa uniform pseudo-images added in the M-step (the module docstring's Dirichlet MAP;
+    kappa = 0: plain EM), from ``start`` (default p_s) until the estimate moves less than ``tol``."""
+    n, c = p.shape
     pt = ps.clone() if start is None else torch.as_tensor(start, dtype=torch.float64).clone()
     for it in range(1, max_iter + 1):
         q = _reweighted(p, pt / ps)  # E-step: posteriors re-weighted to the current target prior, [N, C]
-        new = q.mean(0)  # M-step
+        new = (q.sum(0) + kappa / c) / (n + kappa)  # M-step (kappa = 0: the mean of q)
         done = float((new - pt).abs().max()) < tol
         pt = new
         if done:
@@ -244,19 +251,13 @@ def dirichlet_prior(posteriors: torch.Tensor, source_prior, pseudo_counts: float
     log-likelihood plus the Dirichlet's log density with every alpha_c >= 1, is concave: a warm start changes the
     iterations, not the maximum. Returns (prior, {"pseudo_counts", "iterations", "converged"})."""
     p = posteriors.double()
-    n, c = p.shape
+    c = p.shape[1]
     ps = validate_prior(source_prior, c, "source_prior")
     kappa = float(c if pseudo_counts is None else pseudo_counts)
     if not kappa >= 0:
         raise ValueError(f"pseudo_counts must be >= 0, got {pseudo_counts!r}")
-    pt = ps.clone() if start is None else torch.as_tensor(start, dtype=torch.float64).clone()
-    for it in range(1, max_iter + 1):
-        new = (_reweighted(p, pt / ps).sum(0) + kappa / c) / (n + kappa)
-        done = float((new - pt).abs().max()) < tol
-        pt = new
-        if done:
-            return pt, {"pseudo_counts": kappa, "iterations": it, "converged": True}
-    return pt, {"pseudo_counts": kappa, "iterations": max_iter, "converged": False}
+    pt, info = _em_fixed_point(p, ps, kappa, tol, max_iter, start)
+    return pt, {"pseudo_counts": kappa, **info}
 
 
 def log_likelihood(posteriors: torch.Tensor, source_prior, prior: torch.Tensor) -> float:
