@@ -39,6 +39,15 @@ VAL_VIEWS_ARTIFACT = "eval/val_expert_views.parquet"
 STATE_DICT_ARTIFACT = "checkpoint/state_dict.pt"
 MODEL_NAME = "model"  # the run's logged model (pyfunc: lade_core.serving.LadeClassifier)
 SHIFT_TABLE_ARTIFACT = "eval/shift_table.json"
+
+
+def tta_logits_artifact(tta: str) -> str:
+    """The run's test logits ensembled over the views of ``tta`` (``evaluate.py --tta``), beside its plain ones."""
+    return f"eval/test_logits_tta_{tta}.parquet"
+
+
+def tta_table_artifact(tta: str) -> str:
+    return f"eval/shift_table_tta_{tta}.json"
 AGGREGATE_WEIGHTS_ARTIFACT = "eval/aggregate_weights.json"  # evaluate.py --aggregate: the weights per target
 FIGURES_DIR = "eval/figures"
 ESTIMATE_METRICS = ("top1_estimated", "ratio", "tv", "kl")
@@ -285,3 +294,4 @@ def runs_with_logits(client, run_ids: list[str] | None = None, experiment: str |
     if not ids:
         raise ValueError(f"experiment {experiment!r} has no run with test logits ({LOGITS_ARTIFACT})")
     return ids
+

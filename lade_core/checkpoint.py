@@ -139,6 +139,24 @@ def latest_checkpoint(run_dir: str | None) -> LatestCheckpoint | None:
         return None  # no checkpoint yet: a new run
 
 
+def publish_checkpoint(local_dir: Path, run_dir: str, metrics: dict) -> str:
+    """Copy a checkpoint folder written by ``save_checkpoint`` to ``run_dir`` (a path or a URI) as
+    ``checkpoint_epoch_<epoch>`` and record it as the run's latest in the snapshot Ray Train keeps there
+    (``latest_checkpoint`` reads it): how a trial that trains without Ray Train (``features.head_trial``) leaves
+    its checkpoints as a Ray Train run does. Returns the checkpoint's path or URI."""
+    import pyarrow.fs
+
+    name = f"checkpoint_epoch_{int(metrics['epoch']):06d}"
+    fs, base = _storage_fs(run_dir)
+    fs.create_dir(f"{base}/{name}", recursive=True)
+    pyarrow.fs.copy_files(str(local_dir), f"{base}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                          destination_filesystem=fs)
+    snapshot = {"latest_checkpoint_result": {"metrics": metrics, "checkpoint_dir_name": name}}
+    with fs.open_output_stream(f"{base}/{_CHECKPOINT_SNAPSHOT}") as f:  # after the files: never points at a partial
+        f.write(json.dumps(snapshot, default=float).encode())
+    return join_path(run_dir, name)
+
+
 def _read_history(fs, checkpoint_dir: str) -> list[dict]:
     """``history.json`` of a checkpoint folder in filesystem ``fs``, read alone (not the weights beside it)."""
     with fs.open_input_stream(f"{checkpoint_dir.rstrip('/')}/{HISTORY_FILE}") as f:

@@ -25,6 +25,7 @@ import yaml
 from .data.prepared import DECODE_PLACES
 from .data.recipe import check_augment, check_normalize
 from .data.sources import MIN_IMAGE_SIZE
+from .foundation import TEXT_HEAD_SCALE, Finetuning, check_peft, text_embedding_dim, text_tower_source
 from .math.losses import CORE_LOSSES, LOSS_KEYS, LOSSES
 from .models import check_model_name
 
@@ -44,6 +45,15 @@ class ModelConfig:
     # timm, DEFAULT or a pretrained tag (in1k, ...); None: random init (or weights_path).
     pretrained: str | None = _opt(None, nonempty=True)
     weights_path: str | None = _opt(None, existing_file=True)  # a local state dict to start from
+    # A local copy of the library's pretrained weights (timm: its file, e.g. a Hugging Face repository's
+    # open_clip_pytorch_model.bin or model.safetensors): an air-gapped machine's `pretrained`.
+    pretrained_file: str | None = _opt(None, existing_file=True)
+    # Fine-tuning a pretrained backbone (lade_core.foundation): none (all of it), adaptformer or lora (adapters in a
+    # frozen ViT), linear (frozen backbone, the head only).
+    peft: str = _opt("none", check=check_peft)
+    peft_rank: int | None = _opt(None, ge=1)  # adaptformer's bottleneck / LoRA's rank; None: LIFT's rule / 8
+    # The classifier a cosine one initialised from the CLIP text embeddings of the class names (LIFT).
+    text_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,6 +220,10 @@ class TrainConfig:
 
     def _check_together(self, where) -> None:
         """Rules that span fields."""
+        m = self.model
+        if m.peft_rank is not None and m.peft not in ("adaptformer", "lora"):
+            raise ValueError(f"{where('peft_rank')}: peft_rank has no effect with peft {m.peft}: only adaptformer "
+                             "and lora have a rank")
         s = self.schedule
         if s.name == "multistep" and not s.milestones:
             raise ValueError(f"{where('schedule')}: schedule multistep needs milestones, e.g. [120, 160]")
@@ -294,6 +308,7 @@ class SearchContext:
     storage: str  # the search's folder in --storage-path; its trials' checkpoints under ``trials/``
     base_loss: str  # the base config's loss: only its trials keep the base config's loss hyperparameters
     parent_run_id: str | None = None  # the search's MLflow parent run
+    features: str | None = None  # --cache-features: the backbone's cached features, each trial trains a head on them
 
 
 @dataclass(frozen=True)
@@ -315,7 +330,7 @@ class RunContext:
 
 # The flat keys of a RunContext (beside a TrainConfig's) in the dict Ray and MLflow get.
 SEARCH_KEYS = {"search": "name", "search_storage": "storage", "search_base_loss": "base_loss",
-               "parent_run_id": "parent_run_id"}
+               "parent_run_id": "parent_run_id", "search_features": "features"}
 RUN_KEYS = ("source_prior", "train_counts", "mlflow_run_id", "epoch_logging", *SEARCH_KEYS)
 
 
@@ -587,6 +602,15 @@ def loss_hyperparameters(config: TrainConfig) -> dict:
     spec = LOSSES[config.loss.loss]
     defaults = {**spec.defaults, **{k: int(f * config.optimizer.epochs) for k, f in spec.epoch_keys.items()}}
     return {k: v if (v := config.loss.values.get(k)) is not None else defaults[k] for k in spec.hyperparameters}
+
+
+def model_finetuning(model: ModelConfig) -> Finetuning:
+    """The backbone's fine-tuning as ``models.build_model`` takes it: the config's peft and rank (the driver fills
+    in the default rank, ``runs.check_against_dataset``) and, with text_init, the CLIP embedding's width read from
+    the text tower's config."""
+    projection = (text_embedding_dim(text_tower_source(model.model, model.pretrained, model.pretrained_file))
+                  if model.text_init else None)
+    return Finetuning(model.peft, model.peft_rank, projection, TEXT_HEAD_SCALE if projection else None)
 
 
 def check_runnable(config: TrainConfig, num_classes: int | None = None) -> None:

@@ -14,7 +14,7 @@ from .checkpoint import join_path, latest_checkpoint
 from .config import RunContext, RuntimeConfig, TrainConfig, check_runnable, flat_config, resolve_train_config
 from .data import DataError
 from .locks import LockHeld, lock_for, maybe_exclusive
-from .runs import check_against_dataset, finalize, load_dataset, storage_uri
+from .runs import check_against_dataset, finalize, load_dataset, storage_uri, trainable_line
 from .runtime import check_job_locations, init_ray, local_num_cpus
 from .tracking import (
     CONFIG_DIGEST_TAG,
@@ -147,8 +147,11 @@ def train_run(config_path: str | None, overrides: dict, num_cpus: int | None, he
             register_once(client, run_id, rt.register, logged_model_uri(client, run_id, MODEL_NAME))
         print(f"run {rt.run_name} is finished (MLflow run {run_id}); nothing to do")
         return 0
+    line, fraction = trainable_line(config, prepared)
+    print(line)
     if not run.resumed:
         client.log_param(run_id, "config_digest", digest)  # also as a param, to compare runs by it in the UI
+        client.log_param(run_id, "trainable_fraction", f"{fraction:.6g}")
     else:
         print(f"resuming run {rt.run_name} (MLflow run {run_id})")
     try:

@@ -18,6 +18,7 @@ from torch import nn
 from .artifacts import ExpertViews
 from .checkpoint import load_checkpoint
 from .data.transforms import ImageTransform, expert_view_transforms, normalize
+from .foundation import Finetuning
 from .models import build_model, expert_outputs, load_model_state, memory_format
 
 
@@ -148,11 +149,12 @@ def sync_buffers(model: nn.Module) -> None:
 class _LogitsActor:
     """A Ray Data actor: loads the model from the run's checkpoint once, then maps uint8 image batches to logits."""
 
-    def __init__(self, model_name: str, num_classes: int, head, checkpoint, stats: dict, use_gpu: bool):
+    def __init__(self, model_name: str, num_classes: int, head, finetuning: dict, checkpoint, stats: dict,
+                 use_gpu: bool):
         with checkpoint.as_directory() as d:  # shared storage (or a copy of it): the same files rank 0 wrote
             state = load_checkpoint(d)["model"]
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = build_model(model_name, num_classes, head=head)
+        self.model = build_model(model_name, num_classes, head=head, finetuning=Finetuning.from_dict(finetuning))
         load_model_state(self.model, state)
         self.layout = memory_format(self.model)
         self.model.to(self.device, memory_format=self.layout).eval()
@@ -170,14 +172,15 @@ def _tag_split(batch: dict, split_id: int) -> dict:
     return {**batch, "split_id": np.full(len(batch["index"]), split_id, dtype=np.int64)}
 
 
-def batch_logits(prepared, splits: Sequence[str], model_name: str, head, checkpoint, *, image_size: int | None,
+def batch_logits(prepared, splits: Sequence[str], model_name: str, head, checkpoint, *,
+                 finetuning: Finetuning | None = None, image_size: int | None,
                  stats: dict, num_actors: int, use_gpu: bool, cpus_per_actor: float = 1,
                  batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{split: (logits [N, C], labels [N]) in split order} for each of ``splits``, by Ray Data batch inference in
     one pass over one pool of ``num_actors`` actors (each with a GPU if ``use_gpu``; the model is loaded once per
     actor, not once per split) that load the model from ``checkpoint`` (a ``ray.train.Checkpoint`` of
-    ``train_loop_per_worker``) with classifier ``head`` (``models.build_model``), its inputs normalized with ``stats``
-    (the run's ``normalize``); the driver only collects results."""
+    ``train_loop_per_worker``) with classifier ``head`` and ``finetuning`` (``models.build_model``), its inputs
+    normalized with ``stats`` (the run's ``normalize``); the driver only collects results."""
     from ray.data import ActorPoolStrategy
 
     tagged = [prepared.ray_dataset(split, prepared.eval_transform(image_size)).map_batches(
@@ -187,7 +190,7 @@ def batch_logits(prepared, splits: Sequence[str], model_name: str, head, checkpo
                          compute=ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0,
                          num_cpus=cpus_per_actor,
                          fn_constructor_kwargs={"model_name": model_name, "num_classes": prepared.num_classes,
-                                                "head": head,
+                                                "head": head, "finetuning": (finetuning or Finetuning()).to_dict(),
                                                 "checkpoint": checkpoint, "stats": stats,
                                                 "use_gpu": use_gpu})
     parts: dict[int, list] = {i: [] for i in range(len(splits))}

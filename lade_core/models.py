@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .foundation import Finetuning, apply_peft, cosine_head, trainable_fraction, transformer_blocks
 from .math.heads import build_head
 
 Head = tuple[str, dict]  # (kind in heads.HEADS, its keyword arguments)
 LINEAR: Head = ("linear", {})
+FULL = Finetuning()  # no adapters, every parameter trains, the loss's own head
 
 
 class _BasicBlock(nn.Module):
@@ -126,10 +128,18 @@ class Backbone(nn.Module):
     [B, C]), so every model keeps its classifier at ``fc``, the one place the optimizer's classifier learning
     rate, Causal Norm's feature direction and tau-normalization look for it."""
 
-    def __init__(self, backbone: nn.Module, fc: nn.Module, classifier_path: str):
+    def __init__(self, backbone: nn.Module, fc: nn.Module, classifier_path: str,
+                 finetuning: Finetuning = FULL):
         super().__init__()
         self.backbone, self.fc = backbone, fc
         self.classifier_path = classifier_path  # where the model kept its classifier (foreign checkpoints' keys)
+        self.finetuning = finetuning
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        if self.finetuning.peft == "linear":  # a linear probe: the frozen backbone's features as at inference
+            self.backbone.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 3, H, W] -> logits [B, C]
         return self.fc(self.backbone(x))
@@ -220,17 +230,40 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def _external(name: str, pretrained: str | None) -> tuple[nn.Module, str, int]:
+def _external(name: str, pretrained: str | None, pretrained_file: str | None = None,
+              projection: int | None = None) -> tuple[nn.Module, str, int]:
     """(backbone without its classifier, where the classifier was, feature dimension) of a torchvision or timm
-    model, with pretrained weights (from the library's own cache, downloaded as it normally does) if asked."""
+    model, with pretrained weights (from the library's own cache, downloaded as it normally does, or from
+    ``pretrained_file``) if asked. ``projection``: a timm CLIP image tower keeps its image projection (its
+    ``head``, that many outputs) and returns the CLIP image embedding (``foundation``, text_init)."""
     if name.startswith(TIMM_PREFIX):
         timm, arch = _timm(), name[len(TIMM_PREFIX):]
         tagged = arch if pretrained in (None, "DEFAULT") else f"{arch}.{pretrained}"
-        model = timm.create_model(tagged, pretrained=pretrained is not None)
-        path = model.pretrained_cfg.get("classifier") or _final_linear(model, model.num_classes)
-        dim = model.get_classifier().in_features
+        if pretrained_file is None:
+            model = timm.create_model(tagged, pretrained=pretrained is not None,
+                                      **({"num_classes": projection} if projection else {}))
+        else:  # timm's own loader on a local file: its checkpoint filter converts e.g. an open_clip checkpoint
+            # The overlay's class count is the file's classifier: kept as the projection, else dropped by timm.
+            overlay = {"file": str(Path(pretrained_file).resolve()),
+                       **({"num_classes": projection} if projection else {})}
+            try:
+                model = timm.create_model(tagged, pretrained=True, num_classes=projection or 0,
+                                          pretrained_cfg_overlay=overlay)
+            except (RuntimeError, KeyError, ValueError, AssertionError) as e:
+                raise ValueError(f"pretrained file {pretrained_file} does not fit model {name}: "
+                                 f"{' '.join(str(e).split())[:400]}") from None
+        path = model.pretrained_cfg.get("classifier") or "head"
+        if projection:
+            return model, path, projection  # its head is the CLIP image projection, part of the backbone
+        classifier = model.get_classifier()
+        # The classifier's input: timm's head_hidden_size (>= 1.0) where the file's loader already dropped it.
+        dim = (classifier.in_features if isinstance(classifier, nn.Linear)
+               else getattr(model, "head_hidden_size", None) or model.num_features)
         model.reset_classifier(0)  # the pooled features out; the head is lade's ``fc``
         return model, path, dim
+    if pretrained_file is not None:
+        raise ValueError(f"pretrained_file loads timm models (timm:NAME); for torchvision model {name} pass the state "
+                         "dict as weights_path (--weights-path)")
     import torchvision
 
     # Without weights the Inception models build without their auxiliary classifiers (and with their own init).
@@ -252,7 +285,10 @@ def _external(name: str, pretrained: str | None) -> tuple[nn.Module, str, int]:
     return model, path, dim
 
 
-def _architecture(name: str, num_classes: int, head: Head, pretrained: str | None = None) -> nn.Module:
+def _architecture(name: str, num_classes: int, head: Head, pretrained: str | None = None,
+                  finetuning: Finetuning = FULL, pretrained_file: str | None = None) -> nn.Module:
+    if finetuning.projection is not None:  # text_init: a cosine classifier over the CLIP embedding
+        head = cosine_head(head, finetuning.scale)
     kind, kwargs = head
     stages = 0
     if kind == "experts":  # a card written before experts could own stages has no expert_stages: a shared backbone
@@ -261,6 +297,9 @@ def _architecture(name: str, num_classes: int, head: Head, pretrained: str | Non
         if stages:
             kwargs["own_features"] = True  # each expert's classifier reads its own stages' features
     if name in MODELS:
+        if finetuning.peft != "none" or finetuning.projection is not None:
+            raise ValueError(f"model {name} is lade's own, trained from scratch: peft and text_init fine-tune a "
+                             "pretrained timm or torchvision model")
         model = MODELS[name](num_classes)
         dim = model.fc.in_features
         if stages:
@@ -270,7 +309,7 @@ def _architecture(name: str, num_classes: int, head: Head, pretrained: str | Non
         if kind != "linear":
             model.fc = build_head(kind, dim, num_classes, **kwargs)
         return model
-    backbone, path, dim = _external(name, pretrained)  # the name was checked by build_model or the config
+    backbone, path, dim = _external(name, pretrained, pretrained_file, finetuning.projection)  # name checked
     key_map: list[tuple[str, str]] = []
     if stages:
         if not all(isinstance(getattr(backbone, n, None), nn.Module) for n in RESNET_STAGES) \
@@ -281,7 +320,7 @@ def _architecture(name: str, num_classes: int, head: Head, pretrained: str | Non
         fresh = None if pretrained is not None else (lambda: _external(name, None)[0])
         key_map = _split_resnet(backbone, fresh, kwargs["num_experts"], stages)
     fc = nn.Linear(dim, num_classes) if kind == "linear" else build_head(kind, dim, num_classes, **kwargs)
-    model = Backbone(backbone, fc, path)
+    model = Backbone(backbone, fc, path, finetuning)
     model.expert_key_map = [(f"backbone.{old}", f"backbone.{new}") for old, new in key_map]
     return model
 
@@ -320,17 +359,34 @@ def memory_format(model: nn.Module) -> torch.memory_format:
 
 
 def build_model(name: str, num_classes: int, weights_path: str | None = None, head: Head = LINEAR,
-                pretrained: str | None = None) -> nn.Module:
+                pretrained: str | None = None, finetuning: Finetuning | None = None,
+                pretrained_file: str | None = None) -> nn.Module:
     """Model ``name`` (lade's own, any torchvision classification model, ``timm:NAME``) with classifier head
     ``head`` at ``fc`` for ``num_classes`` classes; ``pretrained``: the library's weights for the backbone;
-    ``weights_path``: a local state dict (a lade checkpoint, or a torchvision / timm one), whose classifier is not
-    loaded when its class count or head differs."""
+    ``pretrained_file``: a local copy of them (timm); ``weights_path``: a local state dict (a lade checkpoint, or a
+    torchvision / timm one), whose classifier is not loaded when its class count or head differs. ``finetuning``:
+    the backbone's adapters and text-initialised head (``foundation``), added after the weights load, so a
+    library's checkpoint loads into the model it was saved from."""
     check_model_name(name)
     check_pretrained(name, pretrained)
-    model = _architecture(name, num_classes, head, pretrained)
+    finetuning = finetuning or Finetuning()
+    model = _architecture(name, num_classes, head, pretrained, finetuning, pretrained_file)
     if weights_path:
         load_backbone_weights(model, name, weights_path)
+    if isinstance(model, Backbone):
+        apply_peft(model.backbone, finetuning, name)
     return model
+
+
+def transformer_depth(name: str) -> int:
+    """How many transformer blocks model ``name`` has that adapters can go in (``foundation.transformer_blocks``;
+    0 for a model without), counted on the meta device: no compute, no weights."""
+    with torch.device("meta"):
+        try:
+            model = _architecture(name, 2, LINEAR)
+        except NotImplementedError:
+            return 0
+    return len(transformer_blocks(model.backbone)) if isinstance(model, Backbone) else 0
 
 
 def load_backbone_weights(model: nn.Module, name: str, weights_path: str) -> None:
@@ -376,17 +432,24 @@ def load_model_state(model: nn.Module, state: dict) -> None:
     model.load_state_dict(state)
 
 
-def check_input_size(name: str, num_classes: int, image_size: int, batch_size: int, head: Head = LINEAR) -> None:
+def check_input_size(name: str, num_classes: int, image_size: int, batch_size: int, head: Head = LINEAR,
+                     finetuning: Finetuning = FULL) -> None:
     """Raise ValueError if the model cannot train on [batch_size, 3, image_size, image_size] inputs (a feature map
     pooled away, BatchNorm with one value per channel). Shapes only: the forward runs on the meta device, so it
     costs no compute and no memory, on the driver, before any worker starts (a model whose constructor cannot
     run there is checked on the CPU with a batch of 2)."""
+    def build() -> nn.Module:
+        model = _architecture(name, num_classes, head, finetuning=finetuning)
+        if isinstance(model, Backbone):
+            apply_peft(model.backbone, finetuning, name)
+        return model.train()
+
     try:
         with torch.device("meta"):
-            model = _architecture(name, num_classes, head).train()
+            model = build()
             x = torch.empty(batch_size, 3, image_size, image_size)
     except NotImplementedError:  # e.g. RegNet's init copies data
-        model = _architecture(name, num_classes, head).train()
+        model = build()
         x = torch.zeros(min(batch_size, 2), 3, image_size, image_size)
     try:
         with torch.no_grad():
@@ -399,6 +462,16 @@ def check_input_size(name: str, num_classes: int, image_size: int, batch_size: i
     if tuple(out.shape) != want:
         raise ValueError(f"model {name} maps {image_size}x{image_size} images to {tuple(out.shape)}, not "
                          f"{list(want)} logits")
+
+
+def parameter_counts(name: str, num_classes: int, head: Head = LINEAR,
+                     finetuning: Finetuning = FULL) -> tuple[int, int]:
+    """(trainable, total) parameters of the model ``build_model`` builds, counted on the meta device."""
+    with torch.device("meta"):
+        model = _architecture(name, num_classes, head, finetuning=finetuning)
+        if isinstance(model, Backbone):
+            apply_peft(model.backbone, finetuning, name)
+    return trainable_fraction(model)
 
 
 def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:

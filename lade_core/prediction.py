@@ -119,8 +119,9 @@ def model_actors(requested: int | None, *, gpus: float, nodes: int, use_gpu: boo
     return nodes if nodes > 1 else 0
 
 
-def logits_batch(model, batch: dict, skip_bad: bool, view_seed: int | None = None) -> dict:
-    """Step 1 of one batch: encoded images -> raw logits [B, C] (NaN rows: not decoded) and per-row errors; with
+def logits_batch(model, batch: dict, skip_bad: bool, view_seed: int | None = None, tta: str = "none") -> dict:
+    """Step 1 of one batch: encoded images -> raw logits [B, C] (NaN rows: not decoded; ``tta``: test-time
+    ensembled over its views, ``LadeClassifier.tta_logits``) and per-row errors; with
     ``view_seed``, instead the experts' logits on the clean image and two augmented views, "views" [B, 3, E, C]
     (``LadeClassifier.expert_views``: test-time aggregation's input)."""
     from .serving import decode_images
@@ -133,7 +134,7 @@ def logits_batch(model, batch: dict, skip_bad: bool, view_seed: int | None = Non
     ok = np.array([i for i, im in enumerate(images) if im is not None], dtype=np.int64)
     decoded = [images[i] for i in ok]
     if view_seed is None:
-        key, out = "logits", model.logits(model.preprocess_images(decoded))  # [B', C]
+        key, out = "logits", model.tta_logits(decoded, tta)  # [B', C]
     else:
         key, out = "views", model.expert_views(decoded, np.asarray(batch["row"], dtype=np.int64)[ok], view_seed)
     filled = np.full((n, *out.shape[1:]), np.nan, dtype=np.float32)
@@ -145,14 +146,16 @@ def logits_batch(model, batch: dict, skip_bad: bool, view_seed: int | None = Non
 class _PyfuncLogitsActor:
     """Step 1 on an actor: loads the model once, torch on its ``threads`` CPUs, then ``logits_batch``."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, skip_bad: bool, threads: int, view_seed: int | None):
+    def __init__(self, model_uri: str, tracking_uri: str, skip_bad: bool, threads: int, view_seed: int | None,
+                 tta: str):
         from .serving import load_classifier
 
         torch.set_num_threads(threads)  # the actor's CPUs, not Ray's one-thread default
         self.model, self.skip_bad, self.view_seed = load_classifier(model_uri, tracking_uri), skip_bad, view_seed
+        self.tta = tta
 
     def __call__(self, batch: dict) -> dict:
-        return logits_batch(self.model, batch, self.skip_bad, self.view_seed)
+        return logits_batch(self.model, batch, self.skip_bad, self.view_seed, self.tta)
 
 
 def top_k_batch(batch: dict, offset: np.ndarray, k: int, class_names: list[str]) -> dict:
@@ -202,7 +205,7 @@ def step1_placement(requested: int | None, use_gpu: bool | None, num_cpus: int |
 
 def predict_images(source: str | Path, class_names: list[str], model, model_uri: str, tracking_uri: str, *,
                    image_root=None, split: str = "test", num_actors: int, use_gpu: bool, batch_size: int,
-                   skip_bad: bool, cpus: float, view_seed: int | None = None) -> Iterator[dict]:
+                   skip_bad: bool, cpus: float, view_seed: int | None = None, tta: str = "none") -> Iterator[dict]:
     """Step 1 over the images of ``source`` (``image_rows``' folder or list, or a prepared dataset's ``split``): an
     iterator of numpy batches {"row", "path", "true_label", "logits" [B, C], "error"} ("views" [B, 3, E, C] instead
     of "logits" with ``view_seed``: ``logits_batch``).
@@ -213,7 +216,7 @@ def predict_images(source: str | Path, class_names: list[str], model, model_uri:
     ``cpus`` the cluster has, fed blocks of one batch so that every actor gets work."""
     if num_actors == 0:
         for batch in image_batches(source, class_names, image_root=image_root, split=split, batch_size=batch_size):
-            yield logits_batch(model, batch, skip_bad, view_seed)
+            yield logits_batch(model, batch, skip_bad, view_seed, tta)
         return
     from ray.data import ActorPoolStrategy
 
@@ -225,7 +228,7 @@ def predict_images(source: str | Path, class_names: list[str], model, model_uri:
         _PyfuncLogitsActor, batch_format="numpy", batch_size=batch_size, compute=ActorPoolStrategy(size=num_actors),
         num_gpus=1 if use_gpu else 0, num_cpus=threads,
         fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri, "skip_bad": skip_bad,
-                               "threads": threads, "view_seed": view_seed},
+                               "threads": threads, "view_seed": view_seed, "tta": tta},
     ).iter_batches(batch_size=None, batch_format="numpy")
 
 
@@ -268,3 +271,36 @@ def write_predictions(table, path: str | Path) -> None:
     for col in ("top_k_labels", "top_k_probabilities"):
         frame[col] = [None if v is None else json.dumps([x.item() for x in v]) for v in frame[col]]
     frame.to_csv(path, index=False)
+
+
+def run_tta_logits(client, run_id: str, tta: str, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, C], labels [N]) of run ``run_id``'s test split ensembled over the views of ``tta``: read back if
+    the run stores them (``artifacts.tta_logits_artifact``), else computed once with its logged model on its
+    prepared dataset (in this process) and stored in the run, so they are evaluated like its plain logits."""
+    import tempfile
+
+    from .artifacts import MODEL_NAME, read_logits_parquet, tta_logits_artifact, write_logits_parquet
+    from .data import open_prepared
+    from .serving import load_classifier
+    from .tracking import download_artifact, logged_model_uri
+
+    artifact = tta_logits_artifact(tta)
+    if artifact in {a.path for a in client.list_artifacts(run_id, str(Path(artifact).parent))}:
+        return read_logits_parquet(download_artifact(client.tracking_uri, run_id, artifact))
+    model_uri = logged_model_uri(client, run_id, MODEL_NAME)
+    dataset = client.get_run(run_id).data.params.get("dataset")
+    if model_uri is None or not dataset:
+        raise ValueError(f"--tta needs the run's logged model and its prepared dataset; run {run_id} has "
+                         f"{'no model' if model_uri is None else 'no dataset param'}")
+    if not (Path(dataset) / "dataset.json").exists():
+        raise ValueError(f"--tta: run {run_id}'s dataset {dataset} is not here (a prepared dataset directory)")
+    model = load_classifier(model_uri, client.tracking_uri)
+    split = open_prepared(dataset).test_split
+    batches = list(predict_images(dataset, model.card.class_names, model, model_uri, client.tracking_uri,
+                                  split=split, num_actors=0, use_gpu=False, batch_size=batch_size, skip_bad=False,
+                                  cpus=1, tta=tta))
+    logits, labels = collect_logits(batches), collect_logits(batches, "true_label").long()
+    with tempfile.TemporaryDirectory() as d:
+        write_logits_parquet(Path(d) / Path(artifact).name, logits, labels)
+        client.log_artifact(run_id, str(Path(d) / Path(artifact).name), str(Path(artifact).parent))
+    return logits, labels

@@ -21,16 +21,17 @@ from .artifacts import (
     write_logits_parquet,
 )
 from .checkpoint import final_expert_views, final_logits, load_checkpoint, saved_history
-from .config import RunContext, TrainConfig, check_runnable
+from .config import RunContext, TrainConfig, check_runnable, model_finetuning
 from .data import PreparedDataset, open_prepared
 from .data.prepare import prepare_dataset, summary_line
 from .data.recipe import resolve_augment, resolve_normalize
 from .data.synthetic import make_synthetic
+from .foundation import default_rank
 from .inference import batch_logits, sharded_expert_views
 from .math.evaluation import evaluate_targets, protocol_targets
 from .math.label_shift import auto_calibration, source_logits
 from .math.losses import default_rule, posthoc_rules
-from .models import build_model, check_input_size, load_model_state
+from .models import build_model, check_input_size, load_model_state, parameter_counts, transformer_depth
 from .report import format_table
 from .serving import ModelCard, log_classifier
 from .tracking import (
@@ -72,17 +73,39 @@ def check_against_dataset(config: TrainConfig, prepared: PreparedDataset) -> Tra
     head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
     crop = prepared.crop_size(config.data.image_size)
     model = config.model
+    if model.peft in ("adaptformer", "lora") and model.peft_rank is None:  # the run records the rank it uses
+        config = config.replace(peft_rank=default_rank(model.peft, prepared.num_classes,
+                                                       transformer_depth(model.model)))
+        model = config.model
+    if model.text_init and not prepared.manifest.get("class_names"):
+        raise ValueError(f"text_init initialises the classifier from the class names, and dataset {prepared.root} has "
+                         "none (its dataset.json lists no class_names): prepare it from a source with class names "
+                         "(an ImageFolder's folders, a classes file)")
+    finetuning = model_finetuning(model)
     check_input_size(model.model, prepared.num_classes, crop, config.optimizer.batch_size // config.runtime.num_workers,
-                     head)
+                     head, finetuning)
     # The image recipe the run records (checkpoint, MLflow params, config digest): the resolved lists, not presets.
     config = config.replace(
         augment=resolve_augment(config.augment.augment, prepared.family, crop, prepared.input_sizes(crop)),
         normalize=resolve_normalize(config.augment.normalize, prepared.family, prepared.channel_stats))
-    if model.weights_path or model.pretrained:
+    if model.weights_path or model.pretrained or model.pretrained_file:
         # The file (or the library's weights: fetched into its cache once, here) against the model, before Ray
         # starts any worker.
-        build_model(model.model, prepared.num_classes, model.weights_path, head=head, pretrained=model.pretrained)
+        build_model(model.model, prepared.num_classes, model.weights_path, head=head, pretrained=model.pretrained,
+                    finetuning=finetuning, pretrained_file=model.pretrained_file)
     return config
+
+
+def trainable_line(config: TrainConfig, prepared: PreparedDataset) -> tuple[str, float]:
+    """The console line that says how much of the model trains, and the trainable fraction (trainable / total
+    parameters, the run's ``trainable_fraction`` param)."""
+    model = config.model
+    head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
+    trainable, total = parameter_counts(model.model, prepared.num_classes, head, model_finetuning(model))
+    rank = f" (rank {model.peft_rank})" if model.peft_rank is not None else ""
+    text = ", cosine head from the class names' text embeddings" if model.text_init else ""
+    return (f"model {model.model}: peft {model.peft}{rank}{text}; {trainable:,} of {total:,} parameters trainable "
+            f"({100 * trainable / total:.2f} %)", trainable / total)
 
 
 def dataset_class_names(prepared) -> list[str]:
@@ -102,11 +125,12 @@ class Finalizing:
     the run is missing, so any step can be rerun alone after a driver died halfway."""
 
     def __init__(self, config: TrainConfig, run: RunContext, prepared: PreparedDataset, checkpoint):
-        self.config, self.prepared, self.checkpoint = config, prepared, checkpoint
+        self.config, self.run, self.prepared, self.checkpoint = config, run, prepared, checkpoint
         self.uri = config.runtime.mlflow_uri
         self.client, self.run_id = mlflow_client(self.uri), run.mlflow_run_id
         self.have = {a.path for d in ("eval", "checkpoint") for a in self.client.list_artifacts(self.run_id, d)}
         self.head = build_criterion(config, prepared.source_prior, prepared.class_counts("train")).head
+        self.finetuning = model_finetuning(config.model)  # the backbone's adapters, the text-initialised head
         self.splits = {prepared.test_split: LOGITS_ARTIFACT, "val": VAL_LOGITS_ARTIFACT}  # split -> artifact
         self.computed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # logits this driver computed
         self._state = None
@@ -116,6 +140,10 @@ class Finalizing:
         if self._state is None:
             with self.checkpoint.as_directory() as d:
                 self._state = load_checkpoint(d)
+            if "model" not in self._state:  # a trial on cached features saved its head: the backbone joins it
+                from .features import full_model_state
+
+                self._state["model"] = full_model_state(self.config, self.run, self._state["head"])
         return self._state
 
     def split_logits(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,8 +170,8 @@ def store_logits(f: Finalizing) -> None:
     rest = [split for split in missing if split not in f.computed]
     if rest:
         f.computed.update(batch_logits(f.prepared, rest, config.model.model, f.head, f.checkpoint,
-                                       image_size=config.data.image_size, stats=config.augment.normalize,
-                                       num_actors=rt.num_workers, use_gpu=rt.use_gpu,
+                                       finetuning=f.finetuning, image_size=config.data.image_size,
+                                       stats=config.augment.normalize, num_actors=rt.num_workers, use_gpu=rt.use_gpu,
                                        cpus_per_actor=rt.cpus_per_worker))
     for split, (z, y) in f.computed.items():
         artifact = f.splits[split]
@@ -164,7 +192,7 @@ def store_expert_views(f: Finalizing) -> None:
     views = final_expert_views(f.checkpoint, missing)
     rest = [split for split in missing if split not in views]
     if rest:  # e.g. a champion whose trial a scheduler stopped before its last epoch
-        model = build_model(config.model.model, prepared.num_classes, head=f.head)
+        model = build_model(config.model.model, prepared.num_classes, head=f.head, finetuning=f.finetuning)
         load_model_state(model, f.state()["model"])
         for split in rest:
             views[split] = sharded_expert_views(model, prepared, split, torch.device("cpu"), config.data.image_size,
@@ -218,7 +246,7 @@ def log_model(f: Finalizing) -> str:
                      [float(x) for x in source_prior], loss, prepared.family,
                      prepared.crop_size(config.data.image_size), calibration and calibration.to_dict(),
                      head=list(f.head), lade_version=__version__, normalize=config.augment.normalize,
-                     rules=list(posthoc_rules(loss)))
+                     rules=list(posthoc_rules(loss)), finetuning=f.finetuning.to_dict())
     with active_run(f.uri, f.run_id):
         return log_classifier(card, f.state()["model"], MODEL_NAME).model_uri
 

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import re
 import sys
+import time
 
 import pandas as pd
 
@@ -25,6 +26,7 @@ from .config import (
     split_flat_config,
 )
 from .data import DataError
+from .features import cache_features, check_cacheable
 from .locks import lock_for, maybe_exclusive
 from .math.losses import LOSSES
 from .report import format_table
@@ -70,6 +72,10 @@ TUNE_SMOKE = {**SMOKE, "dataset": "data/synthetic_tune_smoke",
               "synthetic": {**SMOKE["synthetic"], "max_count": 200, "val_per_class": 40}}
 
 
+# The model flags a search takes as train.py does (every trial's), part of the search's identity where given.
+FOUNDATION_FLAGS = ("model", "pretrained", "pretrained_file", "peft", "text_init", "image_size")
+
+
 def base_config(args, defaults: dict) -> TrainConfig:
     """The training config every trial starts from: the space's config file <- the flags given here."""
     overrides = {"num_workers": args.num_workers, "use_gpu": args.use_gpu, "experiment": args.experiment,
@@ -79,7 +85,8 @@ def base_config(args, defaults: dict) -> TrainConfig:
         overrides = {**TUNE_SMOKE, **overrides, "num_workers": args.num_workers}
     if args.dataset:
         overrides.update(dataset=args.dataset, synthetic=None)  # a named dataset is opened, never generated
-    overrides.update({k: getattr(args, k) for k in ("augment", "normalize") if getattr(args, k) is not None})
+    overrides.update({k: getattr(args, k) for k in ("augment", "normalize", *FOUNDATION_FLAGS)
+                      if getattr(args, k, None) is not None})
     return resolve_train_config(args.config or defaults["config"], overrides)
 
 
@@ -114,7 +121,9 @@ def build_tuner(args, config: TrainConfig, run: RunContext, space: dict, default
     from ray.tune.search import BasicVariantGenerator
 
     metric = OBJECTIVES[args.objective]
-    trainable = tune.with_resources(trial_driver, {"CPU": DRIVER_CPUS})
+    # A trial on cached features trains its head in its own process: the CPUs a Ray Train trial's workers would.
+    cpus = (config.runtime.num_workers * config.runtime.cpus_per_worker) if run.search.features else DRIVER_CPUS
+    trainable = tune.with_resources(trial_driver, {"CPU": cpus})
     path = join_path(storage, args.experiment)
     if tune.Tuner.can_restore(path):
         print(f"resuming search {args.experiment} from {path} (its space and settings are the saved ones)")
@@ -193,6 +202,8 @@ def search(args, held: contextlib.ExitStack) -> int:
         num_cpus = local_num_cpus(args.num_cpus, config.runtime.num_workers * config.runtime.cpus_per_worker)
         config, prepared = load_dataset(config)
         config = check_against_dataset(config, prepared)  # trials are selected on val, never on test
+        if args.cache_features:
+            check_cacheable(config)
         if args.objective == "shift_mean" and 0 in prepared.class_counts("val"):
             raise ValueError("objective shift_mean needs every class in the val split; use --objective uniform")
         uri = config.runtime.mlflow_uri
@@ -203,7 +214,10 @@ def search(args, held: contextlib.ExitStack) -> int:
                                 "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
                                 "epochs": epochs, "num_samples": args.num_samples, "seed": args.seed,
                                 "loss": config.loss.loss, "augment": config.augment.augment,
-                                "normalize": config.augment.normalize})
+                                "normalize": config.augment.normalize,
+                                **({"cache_features": True} if args.cache_features else {}),
+                                **{k: getattr(args, k) for k in FOUNDATION_FLAGS
+                                   if getattr(args, k, None) is not None}})
         check_search_digest(uri, args.experiment, digest)
         if args.register:
             check_alias_classes(uri, args.register, CHAMPION, dataset_class_names(prepared))
@@ -215,6 +229,13 @@ def search(args, held: contextlib.ExitStack) -> int:
     # Trials are epoch-logged by this driver (tuning.TrialEpochLogger), never by their workers.
     run = RunContext(prepared.source_prior.tolist(), prepared.class_counts("train"),
                      search=SearchContext(args.experiment, join_path(storage, args.experiment), config.loss.loss))
+    if args.cache_features:
+        t0 = time.perf_counter()
+        folder = cache_features(config, run, prepared, num_actors=config.runtime.num_workers,
+                                use_gpu=config.runtime.use_gpu)
+        print(f"features of {config.model.model} (frozen, of the evaluation view: the config's augment does not "
+              f"apply): {folder} ({time.perf_counter() - t0:.1f} s); each trial trains the head on them")
+        run = dataclasses.replace(run, search=dataclasses.replace(run.search, features=str(folder)))
     parent_id, _ = start_or_resume_run(uri, args.experiment, args.experiment,
                                        {**flat_config(config, run), "space": family, "objective": args.objective,
                                         "search_alg": args.search, "scheduler": args.scheduler},

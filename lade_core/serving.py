@@ -40,10 +40,18 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from . import __version__
 from .data.recipe import resolve_normalize
-from .data.transforms import ImageTransform, decode_rgb, expert_view_transforms, normalize, transform_batch
+from .data.transforms import (
+    ImageTransform,
+    decode_rgb,
+    expert_view_transforms,
+    normalize,
+    transform_batch,
+    tta_views,
+)
+from .foundation import Finetuning
 from .math.heads import check_head_state
 from .math.losses import posthoc_rules
-from .math.posthoc import posthoc_logits
+from .math.posthoc import ensemble_views, posthoc_logits
 from .math.priors import uniform_prior, validate_prior
 from .models import LINEAR, build_model, expert_outputs, has_experts, load_model_state, memory_format
 
@@ -69,12 +77,14 @@ SERVING_DISTRIBUTIONS = ("mlflow", "torch", "torchvision", "torchcodec", "pillow
                          "pyyaml", "tqdm")
 
 
-def serving_requirements(model: str) -> list[str]:
-    """``SERVING_DISTRIBUTIONS`` (and timm for a timm model) pinned to the installed versions: what trained it.
-    A local version suffix (torch's ``+cpu``) is dropped, so the serving machine takes its own build of it."""
+def serving_requirements(model: str, finetuning: dict | None = None) -> list[str]:
+    """``SERVING_DISTRIBUTIONS`` (and timm for a timm model, peft for a LoRA one) pinned to the installed versions:
+    what trained it. A local version suffix (torch's ``+cpu``) is dropped, so the serving machine takes its own
+    build of it."""
     from importlib.metadata import version
 
-    names = [*SERVING_DISTRIBUTIONS, *(("timm",) if model.startswith("timm:") else ())]
+    names = [*SERVING_DISTRIBUTIONS, *(("timm",) if model.startswith("timm:") else ()),
+             *(("peft",) if (finetuning or {}).get("peft") == "lora" else ())]
     return [f"{n}=={version(n).split('+')[0]}" for n in names]
 
 
@@ -99,6 +109,9 @@ class ModelCard:
     # The post-hoc rules that fit the model's logits, its loss's first (losses.posthoc_rules when logged): a model
     # of a plugin loss serves where the plugin is not installed. None: a card of an older lade (the registry's).
     rules: list[str] | None = None
+    # foundation.Finetuning.to_dict(): the backbone's adapters and a text-initialised head's layout, rebuilt before
+    # the weights load. None: a plain model (a card of an older lade).
+    finetuning: dict | None = None
 
     @property
     def normalization(self) -> dict:
@@ -173,7 +186,8 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
                   "preprocesses its images and applies its post-hoc rule", file=sys.stderr)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         head = tuple(self.card.head) if self.card.head else LINEAR
-        self.net = build_model(self.card.model, self.card.num_classes, head=head)
+        self.net = build_model(self.card.model, self.card.num_classes, head=head,
+                               finetuning=Finetuning.from_dict(self.card.finetuning))
         state = torch.load(weights_path, map_location="cpu", weights_only=True)  # shared storage never runs code
         check_head_state(head[0], state)
         load_model_state(self.net, state)
@@ -226,6 +240,15 @@ class LadeClassifier(mlflow.pyfunc.PythonModel):
                              "predict the rest")
         ok = np.array([i for i, im in enumerate(images) if im is not None], dtype=np.int64)
         return self.preprocess_images([images[i] for i in ok]), ok, errors
+
+    def tta_logits(self, images: list[torch.Tensor], tta: str) -> torch.Tensor:
+        """Decoded uint8 images [3, H, W] -> test-time ensembled logits [B, C] float32 (CPU): the card's transform
+        family and size, the views of ``tta`` (``transforms.tta_views``), their softmax averaged
+        (``posthoc.ensemble_views``); ``none``: the model's logits on the evaluation view."""
+        views = tta_views(images, self.card.transform, self.card.image_size, tta)
+        if len(views) == 1:
+            return self.logits(views[0])
+        return ensemble_views(torch.stack([self.logits(v) for v in views]))
 
     def preprocess_images(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Decoded uint8 images [3, H, W] -> the model input [B, 3, S, S] (the card's transform and size)."""
@@ -302,7 +325,7 @@ def log_classifier(card: ModelCard, state_dict: dict, name: str):
             artifacts={"card": str(Path(d) / CARD_FILE), "weights": str(Path(d) / WEIGHTS_FILE)},
             code_paths=[str(code)],
             # Explicit: inferring them would load the model in a subprocess.
-            pip_requirements=serving_requirements(card.model))
+            pip_requirements=serving_requirements(card.model, card.finetuning))
 
 
 # What ``log_classifier`` stores, as its MLmodel file says it (models-from-code): the entry file and two artifacts.

@@ -19,9 +19,18 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint, save_final_logits
-from .config import OptimizerConfig, RunContext, TrainConfig, flat_config, loss_hyperparameters, split_flat_config
+from .config import (
+    OptimizerConfig,
+    RunContext,
+    TrainConfig,
+    flat_config,
+    loss_hyperparameters,
+    model_finetuning,
+    split_flat_config,
+)
 from .data.recipe import augment_seed
 from .data.transforms import ImageTransform
+from .foundation import class_text_embeddings, init_head_from_text, text_tower_source
 from .inference import model_batches, sharded_expert_views, sharded_logits, sync_buffers
 from .math.evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
 from .math.losses import build_loss, default_rule
@@ -60,10 +69,25 @@ def epoch_batches(prepared, augment: list, image_size: int | None, seed: int, *,
                                  shuffle_seed=epoch_seed(seed, epoch, rank))
 
 
+def build_run_model(config: TrainConfig, num_classes: int, head, class_names: list[str] | None = None) -> nn.Module:
+    """The run's model as it starts training: the architecture with its pretrained weights, adapters and head
+    (``models.build_model``); with text_init and ``class_names`` (rank 0: DDP gives every rank rank 0's
+    parameters), the cosine head's class weights from the text tower (``foundation``)."""
+    m = config.model
+    finetuning = model_finetuning(m)
+    model = build_model(m.model, num_classes, m.weights_path, head=head,
+                        pretrained=m.pretrained, finetuning=finetuning, pretrained_file=m.pretrained_file)
+    if m.text_init and class_names:
+        source = text_tower_source(m.model, m.pretrained, m.pretrained_file)
+        init_head_from_text(model.fc, class_text_embeddings(source, class_names))
+    return model
+
+
 def build_optimizer(model: nn.Module, opt: OptimizerConfig) -> torch.optim.Optimizer:
-    """SGD with the classifier at ``lr`` and the backbone at ``backbone_lr`` (0: frozen, classifier retraining)."""
+    """SGD with the classifier at ``lr`` and the backbone at ``backbone_lr`` (0: frozen, classifier retraining);
+    a backbone's frozen parameters (``peft``: all but its adapters) are not given to it."""
     head = {id(p) for p in classifier_parameters(model)}
-    backbone = [p for p in model.parameters() if id(p) not in head]
+    backbone = [p for p in model.parameters() if id(p) not in head and p.requires_grad]
     groups = [{"params": classifier_parameters(model), "lr": opt.lr},
               {"params": backbone, "lr": opt.backbone_lr if opt.backbone_lr is not None else opt.lr}]
     return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
@@ -144,14 +168,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     source_prior = torch.tensor(run.source_prior, dtype=torch.float64)
 
     criterion = build_criterion(config, source_prior, run.train_counts)
-    model = build_model(config.model.model, len(source_prior), config.model.weights_path, head=criterion.head,
-                        pretrained=config.model.pretrained)
+    checkpoint = ray.train.get_checkpoint()
+    prepared = open_prepared(config.data.dataset)  # every worker reads its own rows of train and its share of val
+    model = build_run_model(config, len(source_prior), criterion.head,
+                            prepared.manifest.get("class_names") if rank == 0 and not checkpoint else None)
     layout = memory_format(model)
     model = model.to(memory_format=layout)  # before the optimizer and DDP see the parameters
     optimizer = build_optimizer(model, opt)
     scheduler = build_scheduler(optimizer, opt.epochs, config.schedule.to_dict())
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d)
@@ -171,7 +196,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
               if rank == 0 and run.workers_log_epochs else None)
 
     per_worker_batch = opt.batch_size // world
-    prepared = open_prepared(config.data.dataset)  # every worker reads its own rows of train and its share of val
     image_size = config.data.image_size
     stats = config.augment.normalize  # {mean, std}, resolved on the driver (recipe.resolve_normalize)
     mixup, cutmix = config.augment.mixup, config.augment.cutmix

@@ -259,7 +259,12 @@ def trial_driver(loop_config: dict) -> None:
         tune.report({**latest.metrics, CHECKPOINT_PATH_KEY: latest.path})
         return
     try:
-        build_trainer(config, run, open_prepared(config.data.dataset), callbacks=[TuneReportCallback()]).fit()
+        if search.features:  # --cache-features: the head alone, on the frozen backbone's features
+            from .features import head_trial
+
+            head_trial(config, run, open_prepared(config.data.dataset))
+        else:
+            build_trainer(config, run, open_prepared(config.data.dataset), callbacks=[TuneReportCallback()]).fit()
     except Exception:
         end_run(rt.mlflow_uri, run_id, failed=True)
         raise

@@ -15,12 +15,14 @@ Many/Medium/Few, NLL, ECE. With a run, results go back into it: metrics shift/<t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from lade_core.artifacts import (
     AGGREGATE_WEIGHTS_ARTIFACT,
@@ -34,7 +36,9 @@ from lade_core.artifacts import (
     read_local_run,
     run_for_model,
     shift_metrics,
+    tta_table_artifact,
 )
+from lade_core.data.transforms import TTA_MODES
 from lade_core.evaluation import (
     ESTIMATE_COLUMNS,
     METRICS,
@@ -46,6 +50,7 @@ from lade_core.evaluation import (
 from lade_core.figures import run_figures
 from lade_core.label_shift import BCTS_MIN_PER_CLASS, METHODS
 from lade_core.losses import LOSSES, posthoc_rules
+from lade_core.prediction import run_tta_logits
 from lade_core.report import format_table
 from lade_core.runtime import quiet_logging
 from lade_core.tracking import log_metrics_once, log_table_once, mlflow_client, resolve_tracking_uri
@@ -75,6 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--aggregate", choices=["self-supervised"], help="multi-expert runs (sade, balpoe): also score "
                     "SADE's test-time aggregation per target, its expert weights learned on the target's own "
                     "unlabeled images (two augmented views stored by the run); rows of rule 'aggregate'")
+    ap.add_argument("--tta", choices=TTA_MODES, default="none", help="with a run: evaluate its test logits "
+                    "ensembled over test-time views (flip: the image and its mirror; five_crop: LIFT's four corners "
+                    "and centre), their softmax averaged; computed once with the run's model and stored in it; rows "
+                    "of mode <rule>-<tta>")
     ap.add_argument("--mlflow-uri", help="default: sqlite store ./mlflow.db")
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="show MLflow's INFO logs and download bars")
@@ -87,6 +96,8 @@ def main(argv=None) -> int:
     client = None
     try:
         if args.logits:
+            if args.tta != "none":
+                raise ValueError("--tta needs a run (--run-id or --model): it runs the run's model on its images")
             if not (args.source_info and args.loss):
                 raise ValueError("--logits needs --source-info (the run's data/source_prior.json) and --loss")
             if args.aggregate:
@@ -99,6 +110,13 @@ def main(argv=None) -> int:
             run = load_run_logits(client, run_id, expert_views=bool(args.aggregate))
             if args.aggregate and run.expert_views is None:
                 raise ValueError(f"--aggregate: {missing_views_message(run)}")
+            if args.tta != "none":
+                if args.aggregate:
+                    raise ValueError("--tta and --aggregate: test-time aggregation has its own views; pass one")
+                logits, labels = run_tta_logits(client, run_id, args.tta)
+                if not torch.equal(labels, run.labels):
+                    raise ValueError(f"--tta: the test split of {run.run_name}'s dataset is not the one it stored")
+                run = dataclasses.replace(run, logits=logits)
         targets = evaluation_targets(run.labels, run.train_counts, args.target_prior, args.per_class)
         if (args.estimate_prior == "bbse" or args.calibration == "bcts") and run.val_logits is None:
             raise ValueError("BBSE and BCTS need the run's validation logits (eval/val_logits.parquet), which runs "
@@ -108,6 +126,8 @@ def main(argv=None) -> int:
         return 2
     rows = evaluate_targets(run.logits, run.labels, run.source_prior, run.train_counts,
                             posthoc_rules(run.loss), targets)
+    if args.tta != "none":  # rows, metrics and table of their own: shift/<target>/<rule>-<tta>/<metric>
+        rows = [{**r, "mode": f"{r['mode']}-{args.tta}"} for r in rows]
     weights = []
     if args.aggregate:
         ev = run.expert_views
@@ -149,16 +169,17 @@ def main(argv=None) -> int:
     if weights:
         log_table_once(client, run.run_id, pd.DataFrame(weights), AGGREGATE_WEIGHTS_ARTIFACT)
     n_new = log_metrics_once(client, run.run_id, metrics)
-    table_written = log_table_once(client, run.run_id, table, SHIFT_TABLE_ARTIFACT)
-    if not args.no_figures:
+    table_artifact = SHIFT_TABLE_ARTIFACT if args.tta == "none" else tta_table_artifact(args.tta)
+    table_written = log_table_once(client, run.run_id, table, table_artifact)
+    if not args.no_figures and args.tta == "none":
         with tempfile.TemporaryDirectory() as d:
             for p in run_figures(run, targets, rows, Path(d)):
                 client.log_artifact(run.run_id, str(p), FIGURES_DIR)
     n_finite = sum(math.isfinite(v) for v in metrics.values())
     print(f"MLflow run {run.run_id}: {n_new} metrics written, {n_finite - n_new} unchanged, "
           f"{len(metrics) - n_finite} not logged (NaN: an empty shot group); "
-          f"table {SHIFT_TABLE_ARTIFACT} {'written' if table_written else 'unchanged'}"
-          f"{'' if args.no_figures else f', figures in {FIGURES_DIR}/'}")
+          f"table {table_artifact} {'written' if table_written else 'unchanged'}"
+          f"{'' if args.no_figures or args.tta != 'none' else f', figures in {FIGURES_DIR}/'}")
     return 0
 
 

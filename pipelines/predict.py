@@ -14,6 +14,7 @@ BCTS-calibrated outputs (lade_core.label_shift) by the one of EM, MAPLS and the 
 held-out images (--estimate-method auto, the default; it says which) or by the one you name; the estimate, its per-class
 bootstrap intervals (--interval, default 0.9; 0: none) and the expected top-1 gain over the uniform prior with its
 interval are written beside the predictions and logged to a run of the MLflow experiment `lade-predict`.
+--tta flip / five_crop: each image's softmax averaged over its views (its mirror image; LIFT's five crops) first.
 --aggregate self-supervised (a multi-expert model: sade, balpoe): SADE's test-time aggregation — the experts' weights
 learned from two augmented views of the input images themselves (--seed seeds the views), the predictions their
 weighted sum (no prior injected: SADE's rule); the weights are written beside the predictions
@@ -32,6 +33,7 @@ import torch
 
 from lade_core.aggregation import learn_expert_weights
 from lade_core.data import DataError
+from lade_core.data.transforms import TTA_MODES
 from lade_core.label_shift import METHODS, Calibration, estimate_target_prior
 from lade_core.models import has_experts
 from lade_core.posthoc import posthoc_offset
@@ -62,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "augmented views (SADE's test-time aggregation) and predict with them")
     ap.add_argument("--seed", type=int, default=0, help="with --aggregate: the seed of the augmented views (a run's "
                     "seed draws the views its run stored)")
+    ap.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time ensembling: each image's softmax "
+                    "averaged over its views (flip: it and its mirror; five_crop: LIFT's four corners and centre) "
+                    "before the target prior is applied or estimated")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--num-workers", type=int, help="model actors, each loading the model once (0: this process; "
                     "default: one per GPU, one per node on a multi-node CPU cluster, else 0)")
@@ -91,6 +96,8 @@ def check_args(args) -> None:
         raise ValueError(f"--num-workers must be >= 0 (0: in this process), got {args.num_workers}")
     if not 0 <= args.interval < 1:
         raise ValueError(f"--interval must be a level in (0, 1) such as 0.9, or 0 for none; got {args.interval}")
+    if args.aggregate and args.tta != "none":
+        raise ValueError("--aggregate learns the experts' weights on views of its own; it does not take --tta")
     if args.aggregate and args.target_prior != "uniform":
         raise ValueError(f"--aggregate learns the experts' weights from the images and injects no prior; it does not "
                          f"take --target-prior {args.target_prior!r}")
@@ -102,7 +109,7 @@ def log_result(tracking_uri: str, args, path: Path, params: dict, metrics: dict)
     """A run of the MLflow experiment ``lade-predict`` holding what the job learned from its images (a prior
     estimate, aggregation weights) and the file written beside the predictions."""
     return log_result_run(tracking_uri, "lade-predict", params={"model": args.model, "input": str(args.input),
-                                                                **params},
+                                                                "tta": args.tta, **params},
                           metrics=metrics, files=(path,))
 
 
@@ -138,7 +145,7 @@ def main(argv=None) -> int:
         logits = predict_images(args.input, card.class_names, model, args.model, tracking_uri,
                                 image_root=args.image_root, split=args.split, num_actors=actors, use_gpu=use_gpu,
                                 batch_size=args.batch_size, skip_bad=args.skip_bad, cpus=cpus,
-                                view_seed=args.seed if args.aggregate else None)
+                                view_seed=args.seed if args.aggregate else None, tta=args.tta)
         out = Path(args.output)
         if args.aggregate:
             logits = list(logits)  # every image's views before any prediction

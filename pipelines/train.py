@@ -16,6 +16,7 @@ import sys
 from lade_core.config import add_loss_arguments, json_or_name
 from lade_core.data import DECODE_PLACES
 from lade_core.driver import train_run, train_seeds
+from lade_core.foundation import PEFT_METHODS
 from lade_core.losses import LOSSES
 from lade_core.runs import SMOKE
 from lade_core.runtime import quiet_logging, shutdown_ray
@@ -36,6 +37,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="the library's pretrained backbone: torchvision weights name (default DEFAULT) or timm tag")
     ap.add_argument("--weights-path", dest="weights_path", help="local state dict to initialize the model from "
                     "(a lade, torchvision or timm checkpoint; a classifier of another class count is left out)")
+    ap.add_argument("--pretrained-file", dest="pretrained_file", help="a local copy of the library's pretrained "
+                    "weights (timm: e.g. a Hugging Face repository's open_clip_pytorch_model.bin or "
+                    "model.safetensors), for a machine without internet")
+    ap.add_argument("--peft", choices=PEFT_METHODS, help="fine-tune a pretrained ViT with adapters in its frozen "
+                    "backbone (adaptformer, lora), train the head only (linear), or all of it (none, the default)")
+    ap.add_argument("--peft-rank", dest="peft_rank", type=int, help="adaptformer's bottleneck width or LoRA's rank "
+                    "(default: LIFT's 2^floor(log2(C / 2L)) for adaptformer, 8 for lora)")
+    ap.add_argument("--text-init", dest="text_init", action="store_true", help="a cosine classifier initialised "
+                    "from the CLIP text embeddings of 'a photo of a {class}.' (a timm CLIP model; lade[clip])")
     ap.add_argument("--augment", type=json_or_name, help="training augmentation: a preset (cifar, imagenet) or a "
                     "JSON list of torchvision.transforms.v2 entries, e.g. '[{\"RandomCrop\": {\"size\": 32, "
                     "\"padding\": 4}}]'")

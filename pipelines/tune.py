@@ -20,6 +20,7 @@ import sys
 
 from lade_core import tune_spaces
 from lade_core.config import json_or_name
+from lade_core.foundation import PEFT_METHODS
 from lade_core.runtime import quiet_logging
 from lade_core.search import search
 from lade_core.tuning import OBJECTIVES
@@ -38,6 +39,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--augment", type=json_or_name, help="every trial's training augmentation: a preset or a JSON list "
                     "of torchvision.transforms.v2 entries (as train.py --augment)")
     ap.add_argument("--normalize", type=json_or_name, help="dataset, a family name, or JSON {mean, std}")
+    ap.add_argument("--cache-features", action="store_true", help="with peft linear (a frozen backbone): compute "
+                    "the backbone's features once (Ray Data, stored beside the prepared data) and train each trial's "
+                    "head on them: seconds per trial")
+    ap.add_argument("--peft", choices=PEFT_METHODS, help="every trial's fine-tuning (as train.py --peft)")
+    ap.add_argument("--model", help="every trial's model (as train.py --model)")
+    ap.add_argument("--pretrained", nargs="?", const="DEFAULT", help="as train.py --pretrained")
+    ap.add_argument("--pretrained-file", help="as train.py --pretrained-file")
+    ap.add_argument("--text-init", action="store_true", default=None, help="as train.py --text-init")
+    ap.add_argument("--image-size", type=int, help="as train.py --image-size")
     ap.add_argument("--num-workers", type=int, default=1, help="training workers per trial")
     ap.add_argument("--use-gpu", action="store_true")
     ap.add_argument("--num-samples", type=int, help="trials (random) or repeats of the grid (grid)")

@@ -229,3 +229,43 @@ def test_compare_shows_the_estimated_prior_columns(store, capsys):
     table = _table(client, rid, "eval/estimate_em-bcts.json").set_index("target")
     for target, top1 in table["top1_estimated"].items():
         assert float(estimated[target]) == pytest.approx(top1, abs=1e-6), target
+
+
+def test_tta_logits_are_the_models_views_ensembled_and_evaluated_like_any_others(store, capsys, tmp_path):
+    from lade_core.artifacts import MODEL_NAME, tta_logits_artifact
+    from lade_core.data.transforms import decode_rgb
+    from lade_core.serving import load_classifier
+    from lade_core.tracking import logged_model_uri
+
+    uri, client, ids = store
+    rid = ids["r-lade"]
+    assert evaluate.main(["--run-id", rid, "--mlflow-uri", uri, "--tta", "flip"]) == 0
+    assert "inject-flip" in capsys.readouterr().out
+    stored, labels = read_logits_parquet(_download(client, rid, tta_logits_artifact("flip")))
+    plain, plain_labels = read_logits_parquet(_download(client, rid, LOGITS_ARTIFACT))
+    assert torch.equal(labels, plain_labels)
+    # Here: the model on each test image and on its mirror, log of the mean of the two softmaxes, in float64.
+    model = load_classifier(logged_model_uri(client, rid, MODEL_NAME), uri)
+    data = client.get_run(rid).data.params["dataset"]
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(f"{data}/test", columns=["image", "index"]).to_pydict()
+    order = np.argsort(t["index"])
+    images = [decode_rgb(t["image"][i]) for i in order]
+    x = model.preprocess_images(images)
+    z = torch.stack([model.logits(x), model.logits(x.flip(-1))]).double()
+    want = torch.log(torch.softmax(z, -1).mean(0))
+    np.testing.assert_allclose(stored.double().numpy(), want.numpy(), atol=1e-5)
+    assert not torch.allclose(stored, plain, atol=1e-3)  # the mirror changed something: the test can fail
+    # Evaluated under every target prior, as its own rows and metrics; rerun: read back, nothing new.
+    metrics = client.get_run(rid).data.metrics
+    ps = torch.tensor(json.loads(open(_download(client, rid, PRIOR_ARTIFACT)).read())["source_prior"])
+    uniform = posthoc_logits(stored.double(), "inject", ps.double(), torch.full((4,), 0.25, dtype=torch.float64))
+    top1 = float((uniform.argmax(1) == labels).double().mean())
+    assert metrics["shift/uniform/inject-flip/top1"] == pytest.approx(top1, abs=1e-6)
+    assert "shift/backward_50/raw-flip/nll" in metrics
+    assert evaluate.main(["--run-id", rid, "--mlflow-uri", uri, "--tta", "flip"]) == 0
+    assert "0 metrics written" in capsys.readouterr().out
+    assert evaluate.main(["--logits", str(tmp_path / "x.parquet"), "--source-info", "s.json", "--loss", "lade",
+                          "--tta", "flip"]) == 2
+    assert "--tta needs a run" in capsys.readouterr().err

@@ -17,8 +17,10 @@ BEFORE = json.loads((REPO / "tests" / "fixtures" / "recipes_e68b5aa.json").read_
 
 # Methods added since: one file each under methods/, composed with every dataset's base.
 LATER_METHODS = ("sade", "balpoe")
+# Recipes added since as files of a dataset's own: LIFT's fine-tuning of CLIP with LADE.
+LATER_RECIPES = ("imagenet_lt/lift", "places_lt/lift")
 # Config keys added since, with the default every recipe takes.
-LATER_KEYS = {"decode": "auto"}
+LATER_KEYS = {"decode": "auto", "peft": "none", "peft_rank": None, "pretrained_file": None, "text_init": False}
 
 
 def _as_before(resolved: dict) -> dict:
@@ -28,7 +30,8 @@ def _as_before(resolved: dict) -> dict:
 
 def test_every_recipe_resolves_as_it_did_when_each_was_a_file():
     datasets = sorted(p.parent.name for p in RECIPES.glob("*/_base.yaml"))
-    assert recipe_names() == sorted([*BEFORE, *(f"{d}/{m}" for d in datasets for m in LATER_METHODS)])
+    assert recipe_names() == sorted([*BEFORE, *(f"{d}/{m}" for d in datasets for m in LATER_METHODS),
+                                     *LATER_RECIPES])
     for name in BEFORE:
         assert _as_before(resolve_config(REPO / "configs" / f"{name}.yaml", {})) == BEFORE[name], name  # checkout path
         assert _as_before(resolve_config(name, {})) == BEFORE[name], name  # lade's recipe by name

@@ -288,3 +288,34 @@ def test_predict_pipeline_on_an_image_folder_reports_bad_images(store, tmp_path)
     p = run_predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(folder / "unsorted"), "--output",
                  str(tmp_path / "y.parquet"), "--skip-bad", "--target-prior", "estimate")
     assert p.returncode == 2 and "at least 4 unlabeled samples; got 1" in p.stderr, p.stderr[-3000:]
+
+
+def test_predict_pipeline_with_test_time_ensembling(store, tmp_path):
+    from lade_core.data.transforms import decode_rgb, tta_views
+    from lade_core.serving import load_classifier
+
+    uri, client, runs, data_dir = store
+    _, labels, ps = _stored(client, runs["r-lade"])
+    pt = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    (tmp_path / "pt.json").write_text(json.dumps(pt.tolist()))
+    p = run_predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir), "--split", "test",
+                    "--output", str(tmp_path / "tta.parquet"), "--target-prior", str(tmp_path / "pt.json"),
+                    "--tta", "five_crop", "--num-workers", "2", "--top-k", "4")
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = pq.read_table(tmp_path / "tta.parquet").to_pandas()
+    # Here: the five crops of each image through the model, their softmax averaged, then Eq. 17 with p_t.
+    model = load_classifier("models:/model-lade/1", uri)
+    images, index = _test_images(data_dir)
+    order = np.argsort(index)
+    decoded = [decode_rgb(images[i]) for i in order]
+    views = tta_views(decoded, model.card.transform, model.card.image_size, "five_crop")
+    posterior = torch.stack([torch.softmax(model.logits(v).double(), 1) for v in views]).mean(0)
+    expected = torch.softmax(torch.log(posterior) + torch.log(pt), 1)
+    top = expected.topk(4, dim=1)
+    np.testing.assert_allclose(np.stack(out["top_k_probabilities"]), top.values.numpy(), atol=2e-4)
+    plain = _expected_probabilities("lade", _stored(client, runs["r-lade"])[0], ps, pt)
+    assert not np.allclose(np.stack(out["top_k_probabilities"]), plain.topk(4, dim=1).values.numpy(), atol=1e-3)
+    assert out["true_label"].tolist() == labels.tolist()
+    bad = run_predict(tmp_path, uri, "--model", "models:/model-lade/1", "--input", str(data_dir), "--output",
+                      str(tmp_path / "x.parquet"), "--tta", "flip", "--aggregate", "self-supervised")
+    assert bad.returncode == 2 and "does not take --tta" in bad.stderr

@@ -172,6 +172,28 @@ def expert_view_transforms(family: str, size: int, input_sizes: list[tuple[int, 
     return [ImageTransform(family, size, views, augment_seed(seed, VIEW_EPOCH + v)) for v in range(2)]
 
 
+# Test-time ensembling's views (``tta_views``): the evaluation view alone, with its mirror image, or LIFT's five crops.
+TTA_MODES = ("none", "flip", "five_crop")
+
+
+def tta_views(images: list[torch.Tensor], family: str, size: int, tta: str) -> list[torch.Tensor]:
+    """The views test-time ensembling averages over, each uint8 [B, 3, S, S] of decoded images (uint8 [3, H, W]):
+    ``none``: the evaluation transform's; ``flip``: it and its horizontal mirror; ``five_crop``: LIFT's (its
+    ``tte``): the shorter side resized to S * 8 / 7 (the evaluation transform's S * 256 / 224), then the four
+    corner crops and the centre crop of S."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {list(TTA_MODES)}, got {tta!r}")
+    if tta == "five_crop":
+        from torchvision.transforms import v2
+
+        resize, crop = v2.Resize(int(size * 256 / 224), antialias=True), v2.FiveCrop(size)
+        crops = [crop(resize(im)) for im in images]  # per image: top-left, top-right, bottom-left, -right, centre
+        return [torch.stack([c[v] for c in crops]) if crops else torch.zeros((0, 3, size, size), dtype=torch.uint8)
+                for v in range(5)]
+    x = transform_batch(images, ImageTransform(family, size))
+    return [x, x.flip(-1)] if tta == "flip" else [x]
+
+
 def decode_augment(batch: dict, tf: ImageTransform, shard: tuple[int, int] | None = None,
                    rows: np.ndarray | None = None) -> dict:
     """{"image": encoded bytes [B], "label": [B], "index": [B]} -> {"image": uint8 [B, 3, S, S], "label": int64 [B],

@@ -9,6 +9,8 @@ is the model's posterior, before any post-hoc rule):
   inference output the TDE logits, which subtract alpha times the effect of the moving-average feature direction.
 - ``AdjustedLinear`` (logit adjustment, Menon et al. 2021): a linear layer whose inference output adds
   (tau - 1) * log p_s, so the stored logits are disentangled from p_s like a Balanced Softmax model's.
+- ``CosineLinear`` (LIFT, Shi et al. 2024): s * cos(w_c, x) in both modes (plus an adjusted head's eval offset at
+  inference): any logit-training loss on a text-initialised classifier.
 - ``ExpertHeads`` (multi-expert models: SADE, Zhang et al. 2022; BalPoE, Sanchez Aimar et al. 2023): E linear
   classifiers on the shared features or on each expert's own; training output every expert's logits [B, E, C],
   inference output their weighted sum (``expert_weights``, default 1/E each) plus a fixed per-class
@@ -23,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CosineClassifier", "CausalNormClassifier", "AdjustedLinear", "ExpertHeads", "HEADS", "build_head",
-           "tau_normalize"]
+__all__ = ["CosineClassifier", "CosineLinear", "CausalNormClassifier", "AdjustedLinear", "ExpertHeads", "HEADS",
+           "build_head", "tau_normalize"]
 
 
 class CosineClassifier(nn.Module):
@@ -98,6 +100,25 @@ class AdjustedLinear(nn.Linear):
         return z if self.training else z + self.eval_offset.to(z.dtype)
 
 
+class CosineLinear(nn.Module):
+    """s * cos(w_c, x) in training and at inference, plus a fixed per-class ``eval_offset`` [C] at inference (a
+    logit-adjusted loss's): the cosine classifier of LIFT (Shi et al. 2024), whose class weights start as the CLIP
+    text embeddings of the class names (``foundation.init_head_from_text``), for any loss that trains logits."""
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 25.0,
+                 eval_offset: torch.Tensor | None = None):
+        super().__init__()
+        self.scale = float(scale)
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))  # [C, D]
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        offset = torch.zeros(num_classes) if eval_offset is None else torch.as_tensor(eval_offset, dtype=torch.float32)
+        self.register_buffer("eval_offset", offset.reshape(num_classes).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] -> [B, C]
+        z = self.scale * (F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t())
+        return z if self.training else z + self.eval_offset.to(z.dtype)
+
+
 class ExpertHeads(nn.Module):
     """E experts' linear classifiers (lade's multi-expert models).
 
@@ -112,8 +133,10 @@ class ExpertHeads(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, num_experts: int = 3,
                  expert_weights: list[float] | None = None, eval_offset: list[float] | None = None,
-                 own_features: bool = False):
+                 own_features: bool = False, scale: float | None = None):
         super().__init__()
+        # scale: cosine experts, z_e = s * cos(W_e, x_e) without bias (a text-initialised head, foundation.py).
+        self.scale = None if scale is None else float(scale)
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"a multi-expert head needs num_experts >= 1 (an integer), got {num_experts!r}")
         self.num_experts, self.own_features = num_experts, bool(own_features)
@@ -134,10 +157,13 @@ class ExpertHeads(nn.Module):
     emit_experts: bool = False
 
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] or [E * B, D] (own_features) -> [B, E, C]
+        w, b = self.weight, self.bias
+        if self.scale is not None:  # cosine experts
+            x, w, b = F.normalize(x, dim=-1), self.scale * F.normalize(w, dim=-1), b * 0  # in the graph: DDP
         if self.own_features:
             x = x.view(self.num_experts, -1, x.shape[-1])  # [E, B, D]: expert e's features are its rows
-            return torch.einsum("ebd,ecd->bec", x, self.weight) + self.bias
-        return torch.einsum("bd,ecd->bec", x, self.weight) + self.bias
+            return torch.einsum("ebd,ecd->bec", x, w) + b
+        return torch.einsum("bd,ecd->bec", x, w) + b
 
     def combine(self, z: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:  # z [B, E, C] -> [B, C]
         """The inference logits of expert logits z: sum_e w_e z_e + eval_offset, with w the head's
@@ -159,7 +185,7 @@ def check_expert_weights(weights, num_experts: int) -> list[float]:
     return w
 
 
-HEADS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "cosine": CosineClassifier,
+HEADS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "cosine": CosineClassifier, "cosine_linear": CosineLinear,
                                      "causal_norm": CausalNormClassifier, "adjusted_linear": AdjustedLinear,
                                      "experts": ExpertHeads}
 

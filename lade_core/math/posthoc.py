@@ -13,6 +13,7 @@ logits (``lade_core.losses.LOSSES``); the tuned ones apply to logits entangled w
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +23,22 @@ from .heads import tau_normalize
 from .priors import validate_prior
 
 __all__ = ["RULES", "FIXED_RULES", "Rule", "TAU_GRID", "compensate", "pc_softmax", "inject_prior", "logit_adjust",
-           "posthoc_logits", "posthoc_offset"]
+           "posthoc_logits", "posthoc_offset", "ensemble_views"]
+
+
+def ensemble_views(z: torch.Tensor) -> torch.Tensor:
+    """Test-time ensembling: the logits [V, B, C] of V views of each image -> log of the mean of their softmax
+    [B, C], log (1/V) sum_v softmax(z_v).
+
+    The views' posteriors are averaged, not their logits, because a mixture of posteriors is itself a posterior
+    p(y|x): every post-hoc rule below (a per-class shift of log p(y|x), Eq. 4 / Eq. 17) and every label-shift
+    estimator (EM on posteriors) applies to it as to one view's. A mean of logits is a product of the views'
+    distributions, renormalized, whose temperature grows with how much the views agree. As stored logits the
+    result differs from the views' by a constant per row, which no softmax sees."""
+    if z.dim() != 3:
+        raise ValueError(f"ensemble_views takes logits [V, B, C], got {tuple(z.shape)}")
+    log_mean = torch.logsumexp(torch.log_softmax(z.double(), dim=-1), dim=0) - math.log(len(z))
+    return log_mean.to(z.dtype)
 
 
 def _log_prior(prior, logits: torch.Tensor, name: str) -> torch.Tensor:
