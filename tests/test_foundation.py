@@ -350,3 +350,48 @@ def test_every_loss_trains_on_a_text_initialised_head(loss, tiny_clip):
             cos = model.fc.scale * torch.nn.functional.normalize(model.backbone(x), dim=1) @ \
                 torch.nn.functional.normalize(model.fc.weight, dim=1).T
         torch.testing.assert_close(z, cos + (0.5 - 1) * ps.log().float())
+
+
+def _write_feature_split(folder, split, features, labels, seed):
+    """A split of cached features as cache_features writes it (Parquet under <folder>/<split>/), rows shuffled."""
+    import pyarrow as pa
+
+    order = np.random.default_rng(seed).permutation(len(labels))
+    (folder / split).mkdir(parents=True)
+    pq.write_table(pa.table({"feature": [features[i].tolist() for i in order], "label": labels[order].tolist(),
+                             "index": order.tolist()}), str(folder / split / "part-0.parquet"))
+
+
+def test_a_head_trial_resumed_from_its_checkpoint_ends_where_an_unbroken_one_does(tmp_path):
+    from lade_core.checkpoint import latest_checkpoint, load_checkpoint, publish_checkpoint, save_checkpoint
+    from lade_core.config import RunContext, flat_config
+    from lade_core.features import fit_head, read_features
+
+    rng = np.random.default_rng(0)
+    counts = [30, 12, 6]
+    labels = np.repeat(np.arange(3), counts)
+    features = (rng.normal(size=(len(labels), D)) + labels[:, None]).astype(np.float32)
+    for split, seed in (("train", 1), ("val", 2), ("test", 3)):
+        _write_feature_split(tmp_path / "f", split, features, labels, seed)
+    x, y = read_features(tmp_path / "f", "train")
+    np.testing.assert_array_equal(x.numpy(), features)  # back in split order, whatever order the rows were written
+    config = resolve_train_config(None, {"model": "timm:test_vit", "peft": "linear", "epochs": 3, "batch_size": 8,
+                                         "lr": 0.2}).with_loss_defaults()
+    run = RunContext((np.array(counts) / sum(counts)).tolist(), counts)
+    states, finals = [], []
+    whole = fit_head(config, run, tmp_path / "f", "test",
+                     on_epoch=lambda m, st, final: (states.append(copy.deepcopy(st)), finals.append(final)))
+    assert [s["epoch"] for s in states] == [0, 1, 2] and finals[:2] == [None, None]
+    assert set(finals[2]) == {"val", "test"} and finals[2]["test"][0].shape == (48, 3)
+    # The first epoch's checkpoint, published as a trial's, read back as a restarted trial reads it.
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_checkpoint(d, {k: v for k, v in states[0].items() if k != "history"}, flat_config(config, run),
+                    states[0]["history"])
+    path = publish_checkpoint(d, str(tmp_path / "trial"), {"epoch": 0, "val/top1": 0.5})
+    latest = latest_checkpoint(str(tmp_path / "trial"))
+    assert latest.epoch == 0 and latest.path == path and latest.metrics["val/top1"] == 0.5
+    resumed = fit_head(config, run, tmp_path / "f", "test", state=load_checkpoint(latest.path))
+    torch.testing.assert_close(resumed.weight, whole.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(resumed.bias, whole.bias, atol=1e-6, rtol=0)
+    assert (whole.weight - build_model("timm:test_vit", 3).fc.weight).abs().max() > 1e-2
