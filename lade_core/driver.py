@@ -38,10 +38,16 @@ RUNTIME_KEYS = {"progress", "run_name", "register", "max_failures", "mlflow_uri"
                 "use_gpu", "cpus_per_worker", "worker_resources", "mlflow_run_id", "experiment", "decode"}
 
 
+# Keys added after runs already existed, left out of the digest at these defaults: a run started before them keeps
+# its identity, and the default run name that holds its digest, so rerunning its command resumes or finishes it.
+LATER_DEFAULTS = {"peft": "none", "peft_rank": None, "text_init": False, "pretrained_file": None}
+
+
 def config_digest(config: TrainConfig, run: RunContext) -> str:
     """A run's identity: the digest of its flat config (``flat_config``: what its params and checkpoint hold)
-    without the keys that may change on resumption (``RUNTIME_KEYS``)."""
-    core = {k: v for k, v in flat_config(config, run).items() if k not in RUNTIME_KEYS}
+    without the keys that may change on resumption (``RUNTIME_KEYS``) and the later keys at their defaults."""
+    core = {k: v for k, v in flat_config(config, run).items()
+            if k not in RUNTIME_KEYS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

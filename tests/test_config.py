@@ -179,3 +179,17 @@ def test_an_image_size_the_model_cannot_train_on_is_refused_without_compute():
     check_input_size("resnet50", 10, 32, 2)
     with pytest.raises(ValueError, match="model resnet50 cannot train on 8x8 images in batches of 1 per worker"):
         check_input_size("resnet50", 10, 8, 1)  # BatchNorm would see one value per channel
+
+
+def test_a_config_digest_is_what_it_was_before_the_foundation_keys():
+    """Digests computed by lade at 269cda7, before peft / peft_rank / text_init / pretrained_file existed: a run
+    started then keeps its identity (and its default name, which holds the digest); a peft run gets its own."""
+    from lade_core.driver import config_digest
+
+    run = RunContext([0.75, 0.25], [3, 1])
+    for over, before in (({"dataset": "d"}, "2c42dc00ed"),
+                         ({"dataset": "d", "loss": "causal_norm", "model": "timm:test_vit", "pretrained": "DEFAULT"},
+                          "370e2b2ae7")):
+        config = resolve_train_config(None, over).with_loss_defaults()
+        assert config_digest(config, run) == before
+        assert config_digest(config.replace(peft="linear"), run) != before

@@ -223,6 +223,17 @@ def test_a_peft_run_trains_registers_and_serves_its_stored_logits(tmp_path, peft
     served = model.predict(pd.DataFrame({"image": t.column("image").to_pylist()}),
                            params={"output": "logits", "posthoc": "raw"})
     np.testing.assert_allclose(np.stack(served["logits"]), logits[index].numpy(), rtol=1e-4, atol=1e-4)
+    # Prior estimation and the online prior take these logits as any model's: the served ones give the stored ones'.
+    from lade_core.label_shift import Calibration, OnlinePrior, estimate_target_prior, source_logits
+
+    calibration = Calibration.from_dict(card.calibration) if card.calibration else None
+    z = torch.from_numpy(np.stack(served["logits"])[np.argsort(index)])
+    prior, _ = estimate_target_prior(z, card.source_prior, loss=card.loss, method="auto", calibration=calibration)
+    ref, _ = estimate_target_prior(logits, card.source_prior, loss=card.loss, method="auto", calibration=calibration)
+    np.testing.assert_allclose(prior.numpy(), ref.numpy(), atol=1e-3)
+    online = OnlinePrior(card.source_prior, window=80, warmup=40)
+    online.update(torch.softmax(source_logits(z, card.source_prior, card.loss), 1))
+    assert online.trusted and online.prior.sum().item() == pytest.approx(1.0)
 
 
 def test_tta_views_and_their_ensemble():
