@@ -198,7 +198,7 @@ def test_bad_foundation_settings_are_refused_before_ray(tmp_path, tiny_clip):
 @pytest.mark.parametrize("peft", ["adaptformer", "lora"])
 def test_a_peft_run_trains_registers_and_serves_its_stored_logits(tmp_path, peft, tiny_clip):
     flags = ["--model", "timm:test_vit", "--peft", peft, "--image-size", "16", "--run-name", f"p-{peft}",
-             "--register", f"m-{peft}"]
+             "--register", f"m-{peft}", "--num-workers", "1"]
     if peft == "adaptformer":  # LIFT's recipe: a text-initialised cosine head over the CLIP embedding
         flags += ["--text-init", "--pretrained-file", str(tiny_clip), "--loss", "logit_adjusted"]
     out = run_train(tmp_path, *flags)
@@ -285,6 +285,7 @@ def test_a_trial_on_cached_features_gives_the_full_pipelines_head_and_registers_
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     tune = subprocess.run([sys.executable, str(REPO / "pipelines" / "tune.py"), "--smoke-test", "--num-cpus", "4",
                            "--dataset", str(data), *flags, "--cache-features", "--register", "probe-champ",
+                           "--num-samples", "1", "--scheduler", "fifo",
                            "--mlflow-uri", uri, "--storage-path", str(tmp_path / "tune"), "--experiment", "cached"],
                           cwd=tmp_path, env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
                           timeout=900)
