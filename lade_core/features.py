@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 
 from . import __version__
 from .config import RunContext, TrainConfig, flat_config, split_flat_config
+from .training import build_optimizer, build_run_model, evaluate
 
 FEATURES_DIR = "features"
 FEATURES_MANIFEST = "features.json"
@@ -66,21 +66,6 @@ def check_cacheable(config: TrainConfig) -> None:
             raise ValueError(f"--cache-features: {key} mixes images, which cached features cannot; drop it")
 
 
-def seeded_model(config: TrainConfig, run: RunContext, class_names: list[str] | None) -> tuple[nn.Module, nn.Module]:
-    """(model, criterion) as rank 0 of the training loop builds them: the same seeds, the same order, so the
-    backbone (if randomly initialised) and the head start from the same values."""
-    from .training import build_criterion, build_run_model
-
-    seed = config.runtime.seed
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    source_prior = torch.tensor(run.source_prior, dtype=torch.float64)
-    criterion = build_criterion(config, source_prior, run.train_counts)
-    model = build_run_model(config, len(source_prior), criterion.head, class_names)
-    return model, criterion
-
-
 class _FeatureActor:
     """A Ray Data actor: builds the frozen backbone once, then maps uint8 image batches to its features."""
 
@@ -88,7 +73,7 @@ class _FeatureActor:
         from .models import memory_format
 
         config, run = split_flat_config(loop_config)
-        model, _ = seeded_model(config, run, None)
+        model, _ = build_run_model(config, run)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.layout = memory_format(model)
         self.backbone = model.backbone.to(self.device, memory_format=self.layout).eval()
@@ -162,10 +147,9 @@ def fit_head(config: TrainConfig, run: RunContext, folder: str | Path, test_spli
     ``optimizer``, ``scheduler``, ``epoch`` and ``history`` to resume from. ``on_epoch(metrics, state, final)``
     after each epoch, ``final`` holding the last epoch's {split: (logits, labels)}. Returns the trained head."""
     from .schedules import build_scheduler
-    from .training import build_optimizer, evaluate
 
     opt = config.optimizer
-    model, criterion = seeded_model(config, run, class_names)
+    model, criterion = build_run_model(config, run, class_names)
     head = model.fc
     optimizer = build_optimizer(model, opt)  # the backbone's group is empty: peft linear freezes all of it
     scheduler = build_scheduler(optimizer, opt.epochs, config.schedule.to_dict())
@@ -217,9 +201,9 @@ def fit_head(config: TrainConfig, run: RunContext, folder: str | Path, test_spli
 
 
 def full_model_state(config: TrainConfig, run: RunContext, head_state: dict) -> dict:
-    """The model's state dict: the backbone as the cached features were computed (``seeded_model``) and the head
-    trained on them."""
-    model, _ = seeded_model(config, run, None)
+    """The model's state dict: the backbone as the cached features were computed (``training.build_run_model``)
+    and the head trained on them."""
+    model, _ = build_run_model(config, run)
     model.fc.load_state_dict(head_state)
     return model.state_dict()
 

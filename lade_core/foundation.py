@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -209,8 +210,10 @@ def text_tower_source(model_name: str, pretrained: str | None, pretrained_file: 
     return f"hf-hub:{hub}"
 
 
+@lru_cache(maxsize=16)
 def text_embedding_dim(source: str) -> int:
-    """The CLIP joint embedding's width from the text tower's config (no weights read)."""
+    """The CLIP joint embedding's width from the text tower's config (no weights read; once per process: the
+    driver's checks, its finalization and a search's trials each ask)."""
     schema, _, where = source.partition(":")
     if schema == "local-dir":
         config = json.loads((Path(where) / OPEN_CLIP_CONFIG).read_text())

@@ -369,10 +369,15 @@ def build_model(name: str, num_classes: int, weights_path: str | None = None, he
     library's checkpoint loads into the model it was saved from."""
     check_model_name(name)
     check_pretrained(name, pretrained)
-    finetuning = finetuning or Finetuning()
+    finetuning = finetuning or FULL
     model = _architecture(name, num_classes, head, pretrained, finetuning, pretrained_file)
     if weights_path:
         load_backbone_weights(model, name, weights_path)
+    return _with_adapters(model, finetuning, name)
+
+
+def _with_adapters(model: nn.Module, finetuning: Finetuning, name: str) -> nn.Module:
+    """``model`` with ``finetuning``'s adapters in its backbone (``foundation.apply_peft``), after any weights."""
     if isinstance(model, Backbone):
         apply_peft(model.backbone, finetuning, name)
     return model
@@ -439,10 +444,7 @@ def check_input_size(name: str, num_classes: int, image_size: int, batch_size: i
     costs no compute and no memory, on the driver, before any worker starts (a model whose constructor cannot
     run there is checked on the CPU with a batch of 2)."""
     def build() -> nn.Module:
-        model = _architecture(name, num_classes, head, finetuning=finetuning)
-        if isinstance(model, Backbone):
-            apply_peft(model.backbone, finetuning, name)
-        return model.train()
+        return _with_adapters(_architecture(name, num_classes, head, finetuning=finetuning), finetuning, name).train()
 
     try:
         with torch.device("meta"):
@@ -468,9 +470,7 @@ def parameter_counts(name: str, num_classes: int, head: Head = LINEAR,
                      finetuning: Finetuning = FULL) -> tuple[int, int]:
     """(trainable, total) parameters of the model ``build_model`` builds, counted on the meta device."""
     with torch.device("meta"):
-        model = _architecture(name, num_classes, head, finetuning=finetuning)
-        if isinstance(model, Backbone):
-            apply_peft(model.backbone, finetuning, name)
+        model = _with_adapters(_architecture(name, num_classes, head, finetuning=finetuning), finetuning, name)
     return trainable_fraction(model)
 
 

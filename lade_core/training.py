@@ -69,18 +69,25 @@ def epoch_batches(prepared, augment: list, image_size: int | None, seed: int, *,
                                  shuffle_seed=epoch_seed(seed, epoch, rank))
 
 
-def build_run_model(config: TrainConfig, num_classes: int, head, class_names: list[str] | None = None) -> nn.Module:
-    """The run's model as it starts training: the architecture with its pretrained weights, adapters and head
+def build_run_model(config: TrainConfig, run: RunContext, class_names: list[str] | None = None,
+                    rank: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(model, criterion) of worker ``rank`` as the run starts training: every RNG seeded from (seed, rank), the
+    loss from the registry, then the architecture with its pretrained weights, adapters and head
     (``models.build_model``); with text_init and ``class_names`` (rank 0: DDP gives every rank rank 0's
-    parameters), the cosine head's class weights from the text tower (``foundation``)."""
-    m = config.model
-    finetuning = model_finetuning(m)
-    model = build_model(m.model, num_classes, m.weights_path, head=head,
-                        pretrained=m.pretrained, finetuning=finetuning, pretrained_file=m.pretrained_file)
+    parameters), the cosine head's class weights from the text tower (``foundation``). A run's rank 0 and a trial
+    on cached features (``features``) start from the same model this way."""
+    seed, m = config.runtime.seed, config.model
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
+    source_prior = torch.tensor(run.source_prior, dtype=torch.float64)
+    criterion = build_criterion(config, source_prior, run.train_counts)
+    model = build_model(m.model, len(source_prior), m.weights_path, head=criterion.head, pretrained=m.pretrained,
+                        finetuning=model_finetuning(m), pretrained_file=m.pretrained_file)
     if m.text_init and class_names:
         source = text_tower_source(m.model, m.pretrained, m.pretrained_file)
         init_head_from_text(model.fc, class_text_embeddings(source, class_names))
-    return model
+    return model, criterion
 
 
 def build_optimizer(model: nn.Module, opt: OptimizerConfig) -> torch.optim.Optimizer:
@@ -161,17 +168,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     opt, rt, seed = config.optimizer, config.runtime, config.runtime.seed
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(seed + rank)
-    np.random.seed(seed + rank)
-    random.seed(seed + rank)
     device = ray.train.torch.get_device()
     source_prior = torch.tensor(run.source_prior, dtype=torch.float64)
-
-    criterion = build_criterion(config, source_prior, run.train_counts)
     checkpoint = ray.train.get_checkpoint()
     prepared = open_prepared(config.data.dataset)  # every worker reads its own rows of train and its share of val
-    model = build_run_model(config, len(source_prior), criterion.head,
-                            prepared.manifest.get("class_names") if rank == 0 and not checkpoint else None)
+    model, criterion = build_run_model(config, run, prepared.manifest.get("class_names")
+                                       if rank == 0 and not checkpoint else None, rank)
     layout = memory_format(model)
     model = model.to(memory_format=layout)  # before the optimizer and DDP see the parameters
     optimizer = build_optimizer(model, opt)
