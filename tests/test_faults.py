@@ -1,6 +1,7 @@
 """Failures a cluster run meets, made for real: a node killed mid-epoch on a multi-node Ray cluster (the one that
 holds rank 0, then another), and a driver killed between training and finalizing. Each run must finish with every
 metric series logged exactly once per epoch and exactly one model version."""
+import contextlib
 import os
 import re
 import signal
@@ -163,8 +164,16 @@ def test_node_loss_on_a_multi_node_cluster_resumes_and_logs_each_epoch_once(tmp_
             pid, rank0 = wait_for(lambda: _rank0(logs, nodes, groups), 120, "rank 0 of a new worker group", proc)
             groups.add(pid)
             victim = rank0 if kill_rank0 else next(n for n in nodes if n is not rank0)
-            time.sleep(1.0)  # into the next epoch: the kill lands mid-epoch
-            cluster.remove_node(victim, allow_graceful=False)
+            time.sleep(0.5)  # into the next epoch: the kill lands mid-epoch
+            # Rank 0 stopped, no rank gets past its next all-reduce: however late this process is scheduled on a
+            # loaded box, no epoch ends and the run cannot finish between seeing rank 0's line and the kill (a CI run
+            # once trained the second group to the end before its node was gone, and no third group ran).
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                cluster.remove_node(victim, allow_graceful=False)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)  # alive if its node still is; else it must wake to see its raylet gone
             nodes.remove(victim)
             killed.append("rank 0" if kill_rank0 else "another rank")
             nodes.append(cluster.add_node(num_cpus=1, resources={"trainer": 1}))  # the replacement a cluster brings
