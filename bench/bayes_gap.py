@@ -10,7 +10,7 @@ validation sample) with log p_t injected.
 
 A second table: what not knowing p_t costs. Each shifted test set's prior is estimated from its own unlabeled
 logits (EM on the raw posteriors, and EM on posteriors BCTS-calibrated on a class-balanced validation sample of
---val-per-class images; lade_core.label_shift), and top-1 with the estimate is shown as a fraction of top-1 with
+--val-per-class images; lade_core.math.label_shift), and top-1 with the estimate is shown as a fraction of top-1 with
 the true prior, beside the uniform prior's fraction.
 
 Run: python bench/bayes_gap.py [--smoke-test] [--val-per-class 20]
@@ -22,11 +22,17 @@ import argparse
 import numpy as np
 import torch
 
-from lade_core.evaluation import Target, estimated_prior_rows, select_tau
-from lade_core.heads import build_head, tau_normalize
-from lade_core.losses import LOSSES, build_loss, default_rule
-from lade_core.posthoc import inject_prior, posthoc_logits
-from lade_core.priors import SHIFT_PROTOCOL, long_tailed_counts, prior_from_counts, shift_protocol_name, shifted_subset
+from lade_core.math.evaluation import Target, estimated_prior_rows, select_tau
+from lade_core.math.heads import build_head, tau_normalize
+from lade_core.math.losses import LOSSES, build_loss, default_rule
+from lade_core.math.posthoc import inject_prior, posthoc_logits
+from lade_core.math.priors import (
+    SHIFT_PROTOCOL,
+    long_tailed_counts,
+    prior_from_counts,
+    shift_protocol_name,
+    shifted_subset,
+)
 
 C, D, PER_CLASS_TEST = 50, 8, 400
 

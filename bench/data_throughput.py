@@ -28,7 +28,7 @@ from lade_core.data.prepared import open_prepared
 from lade_core.data.recipe import resolve_augment, resolve_normalize
 from lade_core.data.sources import RawDataset, RawSplit, load_image_folder
 from lade_core.data.transforms import ImageTransform, decode_augment, normalize
-from lade_core.runtime import init_ray
+from lade_core.runtime.local_ray import init_ray
 
 
 def natural_image(rng: np.random.Generator, height: int, width: int) -> Image.Image:

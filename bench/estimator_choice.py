@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from lade_core.label_shift import LABEL_FREE, estimate_target_prior
-from lade_core.priors import knockout_counts, long_tailed_counts, prior_from_counts
+from lade_core.math.label_shift import LABEL_FREE, estimate_target_prior
+from lade_core.math.priors import knockout_counts, long_tailed_counts, prior_from_counts
 
 TARGETS = ("dir5", "backward10", "knockout_tail50", "knockout_random50")
 

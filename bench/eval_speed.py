@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from lade_core.evaluation import evaluate_targets, protocol_targets
-from lade_core.metrics import expected_calibration_error, nll, shot_accuracies
-from lade_core.posthoc import posthoc_logits
-from lade_core.priors import long_tailed_counts, prior_from_counts
+from lade_core.math.evaluation import evaluate_targets, protocol_targets
+from lade_core.math.metrics import expected_calibration_error, nll, shot_accuracies
+from lade_core.math.posthoc import posthoc_logits
+from lade_core.math.priors import long_tailed_counts, prior_from_counts
 
 
 def reference(logits, labels, source_prior, train_counts, targets):
@@ -51,7 +51,7 @@ def main() -> None:
     ref = time.perf_counter() - t0
     print(f"logits {tuple(logits.shape)} float32, {len(targets)} priors x 2 modes = {len(rows)} rows, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"lade_core.evaluation: {fast:.2f} s (target <= 2 s)   float64 reference: {ref:.2f} s   "
+    print(f"lade_core.math.evaluation: {fast:.2f} s (target <= 2 s)   float64 reference: {ref:.2f} s   "
           f"ratio {ref / fast:.1f}x")
 
 

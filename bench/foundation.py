@@ -1,4 +1,4 @@
-"""Fine-tuning a pretrained ViT lightly (lade_core.foundation): step time and memory of each --peft against full
+"""Fine-tuning a pretrained ViT lightly (lade_core.models.foundation): step time and memory of each --peft against full
 fine-tuning of the same model, and a Tune search on cached features (--cache-features) against the same search
 through the pipeline.
 
@@ -32,10 +32,10 @@ PEFTS = ("none", "adaptformer", "lora", "linear")
 def _step_child(model_name: str, peft: str, batch: int, steps: int, queue) -> None:
     import torch
 
-    from lade_core.config import OptimizerConfig
-    from lade_core.foundation import Finetuning, default_rank, trainable_fraction
-    from lade_core.models import build_model, transformer_depth
-    from lade_core.training import build_optimizer
+    from lade_core.config.schema import OptimizerConfig
+    from lade_core.models.backbones import build_model, transformer_depth
+    from lade_core.models.foundation import Finetuning, default_rank, trainable_fraction
+    from lade_core.train.loop import build_optimizer
 
     torch.set_num_threads(min(2, os.cpu_count() or 1)) if not torch.cuda.is_available() else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

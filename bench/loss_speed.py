@@ -19,7 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import best_times  # noqa: E402
 
-from lade_core.losses import LOSSES, LADELoss, build_loss, lade_reference  # noqa: E402
+from lade_core.math.losses import LOSSES, LADELoss, build_loss, lade_reference  # noqa: E402
 
 
 def masked_lade(z, y, log_ps, alpha, lam, weights):

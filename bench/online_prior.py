@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from lade_core.label_shift import OnlinePrior
-from lade_core.priors import long_tailed_counts, prior_from_counts, shifted_counts
+from lade_core.math.label_shift import OnlinePrior
+from lade_core.math.priors import long_tailed_counts, prior_from_counts, shifted_counts
 
 C, DIM = 10, 16
 

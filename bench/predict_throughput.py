@@ -1,6 +1,6 @@
 """predict.py's images/s against a plain PyTorch loop over the same images, same model, same machine, one run.
 
-The model: a ResNet-32 pyfunc logged with ``lade_core.serving.log_classifier`` into a throwaway sqlite store (its
+The model: a ResNet-32 pyfunc logged with ``lade_core.tracking.model.log_classifier`` into a throwaway sqlite store (its
 weights don't matter for speed). The images: the test split of a prepared synthetic dataset (32x32 PNG in
 Parquet). Plain loop: decode + center crop + normalize + forward over the Parquet bytes already in memory, in
 batches of 64, one process with all its torch threads. predict.py's path: ``predict_images`` -> ``finish`` (target
@@ -35,12 +35,12 @@ def main() -> None:
     from lade_core.data.prepare import prepare_dataset
     from lade_core.data.prepared import open_prepared
     from lade_core.data.synthetic import make_synthetic
-    from lade_core.models import build_model
-    from lade_core.posthoc import posthoc_offset
-    from lade_core.prediction import finish, model_actors, predict_images
-    from lade_core.priors import uniform_prior
-    from lade_core.runtime import init_ray
-    from lade_core.serving import LadeClassifier, ModelCard, log_classifier
+    from lade_core.math.posthoc import posthoc_offset
+    from lade_core.math.priors import uniform_prior
+    from lade_core.models.backbones import build_model
+    from lade_core.runtime.local_ray import init_ray
+    from lade_core.serve.predict import finish, model_actors, predict_images
+    from lade_core.tracking.model import LadeClassifier, ModelCard, log_classifier
 
     per_class = 20 if args.smoke_test else 2000
     with tempfile.TemporaryDirectory() as d:

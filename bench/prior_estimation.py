@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from lade_core.label_shift import em_prior, estimate_target_prior, mapls_prior
-from lade_core.priors import long_tailed_counts, prior_from_counts
+from lade_core.math.label_shift import em_prior, estimate_target_prior, mapls_prior
+from lade_core.math.priors import long_tailed_counts, prior_from_counts
 
 
 def problem(c: int, n: int, snr: float, concentration: float, seed: int):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lade_core.report import format_table
+from lade_core.report.tables import format_table
 
 REPO = Path(__file__).resolve().parents[1]
 AGGREGATE = "aggregate (self-supervised)"

@@ -24,7 +24,7 @@ PROBE = r"""
 import json, os, sys, time
 t0 = time.perf_counter()
 import ray
-from lade_core.runtime import init_ray
+from lade_core.runtime.local_ray import init_ray
 
 init_ray(num_cpus=4, dashboard=sys.argv[1] == "True")
 t1 = time.perf_counter()

@@ -23,17 +23,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_throughput import _Encoded  # noqa: E402
 
-from lade_core.config import OptimizerConfig  # noqa: E402
+from lade_core.config.schema import OptimizerConfig  # noqa: E402
 from lade_core.data.prepare import prepare_dataset  # noqa: E402
 from lade_core.data.prepared import decodes_in_worker, open_prepared  # noqa: E402
 from lade_core.data.recipe import resolve_augment, resolve_normalize  # noqa: E402
 from lade_core.data.synthetic import make_synthetic  # noqa: E402
 from lade_core.data.transforms import ImageTransform  # noqa: E402
-from lade_core.inference import batch_logits, model_batches, predict_logits  # noqa: E402
-from lade_core.losses import LADELoss  # noqa: E402
-from lade_core.models import build_model  # noqa: E402
-from lade_core.runtime import init_ray  # noqa: E402
-from lade_core.training import build_optimizer, epoch_batches, train_one_epoch  # noqa: E402
+from lade_core.math.losses import LADELoss  # noqa: E402
+from lade_core.models.backbones import build_model  # noqa: E402
+from lade_core.runtime.local_ray import init_ray  # noqa: E402
+from lade_core.serve.inference import batch_logits, model_batches, predict_logits  # noqa: E402
+from lade_core.train.loop import build_optimizer, epoch_batches, train_one_epoch  # noqa: E402
 
 OPTIM = OptimizerConfig(lr=0.1, momentum=0.9, weight_decay=5e-4)
 THREADS = 2
@@ -132,7 +132,7 @@ def test_inference(root: str) -> tuple[float, float]:
     driver = time.perf_counter() - t0
     from ray.train import Checkpoint
 
-    from lade_core.checkpoint import save_checkpoint
+    from lade_core.train.checkpoint import save_checkpoint
 
     ckpt = Path(root).parent / "ckpt"
     ckpt.mkdir(exist_ok=True)

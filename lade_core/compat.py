@@ -2,8 +2,8 @@
 
 Written against (and tested with) torch 2.14, Ray 2.60 (Train V2, Tune, Data), MLflow 3.17, pyarrow 25. Each entry
 says what it touches, why no public API does it, and what breaks if it changes. Module level imports nothing heavy:
-``lade_core.runtime`` imports it in every process of a local Ray (its worker setup hook), Ray's own actors included;
-torch and Ray are imported inside the functions that need them.
+``lade_core.runtime.local_ray`` imports it in every process of a local Ray (its worker setup hook), Ray's own actors
+included; torch and Ray are imported inside the functions that need them.
 
 - torch: ``Tensor._version`` (in-place edit counter) keys the losses' cast cache; ``torch._assert_async``
   checks labels on an accelerator without a host sync.
@@ -15,7 +15,7 @@ torch and Ray are imported inside the functions that need them.
   ``DataContext.use_datasource_v2``, a global switch read when a read is planned (``datasource_v1``).
 - Ray Tune: ``ASHAScheduler``'s ``_trial_info`` (trial -> bracket), ``_Bracket._rungs`` ([(milestone, {trial:
   value})]), ``_metric_op`` (+1 max / -1 min) and ``_num_stopped``: a resumed search refills the rungs Tune does
-  not save (``lade_core.tuning.EpochASHA``).
+  not save (``lade_core.tune.trials.EpochASHA``).
 """
 from __future__ import annotations
 

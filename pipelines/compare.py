@@ -28,13 +28,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from lade_core.artifacts import load_run_logits, missing_views_message, runs_with_logits
-from lade_core.evaluation import KNOCKOUT_NAMES, PROTOCOL_NAMES, rule_rows
-from lade_core.figures import shift_curve
-from lade_core.label_shift import METHODS
-from lade_core.report import FORMATS, MeanStd, format_table, group_rows
-from lade_core.runtime import quiet_logging
-from lade_core.tracking import log_result_run, mlflow_client, resolve_tracking_uri
+from lade_core.math.evaluation import KNOCKOUT_NAMES, PROTOCOL_NAMES, rule_rows
+from lade_core.math.label_shift import METHODS
+from lade_core.report.figures import shift_curve
+from lade_core.report.tables import FORMATS, MeanStd, format_table, group_rows
+from lade_core.runtime.local_ray import quiet_logging
+from lade_core.tracking.artifacts import load_run_logits, missing_views_message, runs_with_logits
+from lade_core.tracking.store import log_result_run, mlflow_client, resolve_tracking_uri
 
 PRIORS = list(PROTOCOL_NAMES)
 TARGETS = [*PRIORS, *KNOCKOUT_NAMES, "mean"]

@@ -24,7 +24,22 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lade_core.artifacts import (
+from lade_core.data.transforms import TTA_MODES
+from lade_core.math.evaluation import (
+    ESTIMATE_COLUMNS,
+    METRICS,
+    aggregated_rows,
+    estimated_prior_rows,
+    evaluate_targets,
+    evaluation_targets,
+)
+from lade_core.math.label_shift import BCTS_MIN_PER_CLASS, METHODS
+from lade_core.math.losses import LOSSES, posthoc_rules
+from lade_core.report.figures import run_figures
+from lade_core.report.tables import format_table
+from lade_core.runtime.local_ray import quiet_logging
+from lade_core.serve.predict import run_tta_logits
+from lade_core.tracking.artifacts import (
     AGGREGATE_WEIGHTS_ARTIFACT,
     FIGURES_DIR,
     SHIFT_TABLE_ARTIFACT,
@@ -38,22 +53,7 @@ from lade_core.artifacts import (
     shift_metrics,
     tta_table_artifact,
 )
-from lade_core.data.transforms import TTA_MODES
-from lade_core.evaluation import (
-    ESTIMATE_COLUMNS,
-    METRICS,
-    aggregated_rows,
-    estimated_prior_rows,
-    evaluate_targets,
-    evaluation_targets,
-)
-from lade_core.figures import run_figures
-from lade_core.label_shift import BCTS_MIN_PER_CLASS, METHODS
-from lade_core.losses import LOSSES, posthoc_rules
-from lade_core.prediction import run_tta_logits
-from lade_core.report import format_table
-from lade_core.runtime import quiet_logging
-from lade_core.tracking import log_metrics_once, log_table_once, mlflow_client, resolve_tracking_uri
+from lade_core.tracking.store import log_metrics_once, log_table_once, mlflow_client, resolve_tracking_uri
 
 COLUMNS = ["target", "mode", "n", *METRICS]
 ESTIMATE_COLUMNS_SHOWN = ["target", "n", *ESTIMATE_COLUMNS]

@@ -10,7 +10,7 @@ cluster (model actors), the model in this process on one CPU node (no Ray).
 (with --image-root), or a prepared dataset (with --split). One row per image: path, label, class_name,
 probability, top_k_labels, top_k_probabilities, true_label (-1: unknown), error (with --skip-bad).
 --target-prior: uniform (default), a file (JSON / CSV as for evaluate.py), or `estimate`: from the images' own
-BCTS-calibrated outputs (lade_core.label_shift) by the one of EM, MAPLS and the Dirichlet MAP that best predicts
+BCTS-calibrated outputs (lade_core.math.label_shift) by the one of EM, MAPLS and the Dirichlet MAP that best predicts
 held-out images (--estimate-method auto, the default; it says which) or by the one you name; the estimate, its per-class
 bootstrap intervals (--interval, default 0.9; 0: none) and the expected top-1 gain over the uniform prior with its
 interval are written beside the predictions and logged to a run of the MLflow experiment `lade-predict`.
@@ -31,16 +31,16 @@ from pathlib import Path
 
 import torch
 
-from lade_core.aggregation import learn_expert_weights
 from lade_core.data import DataError
 from lade_core.data.transforms import TTA_MODES
-from lade_core.label_shift import METHODS, Calibration, estimate_target_prior
-from lade_core.models import has_experts
-from lade_core.posthoc import posthoc_offset
-from lade_core.prediction import collect_logits, finish, predict_images, step1_placement, write_predictions
-from lade_core.priors import read_prior_file, uniform_prior, validate_prior
-from lade_core.runtime import quiet_logging
-from lade_core.tracking import log_result_run, resolve_tracking_uri
+from lade_core.math.aggregation import learn_expert_weights
+from lade_core.math.label_shift import METHODS, Calibration, estimate_target_prior
+from lade_core.math.posthoc import posthoc_offset
+from lade_core.math.priors import read_prior_file, uniform_prior, validate_prior
+from lade_core.models.backbones import has_experts
+from lade_core.runtime.local_ray import quiet_logging
+from lade_core.serve.predict import collect_logits, finish, predict_images, step1_placement, write_predictions
+from lade_core.tracking.store import log_result_run, resolve_tracking_uri
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     tracking_uri = resolve_tracking_uri(args.mlflow_uri)
     try:
         check_args(args)
-        from lade_core.serving import load_classifier
+        from lade_core.tracking.model import load_classifier
 
         # Also on the driver: the card, and a bad URI fails before Ray starts.
         model = load_classifier(args.model, tracking_uri)

@@ -29,8 +29,8 @@ from lade_core.data.sources import (
     with_validation,
 )
 from lade_core.data.synthetic import make_synthetic
-from lade_core.locks import LockHeld
-from lade_core.runtime import quiet_logging
+from lade_core.runtime.local_ray import quiet_logging
+from lade_core.runtime.locks import LockHeld
 
 
 def build_raw(args: argparse.Namespace):

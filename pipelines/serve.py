@@ -5,17 +5,17 @@
   curl -s localhost:8000/prior            # the online estimate of p_t, its standard error and sample count
   curl -s -X POST localhost:8000/prior/reset
 
-The application is lade_core.serve_app (also `serve run lade_core.serve_app:app_builder model=...`). Ctrl-C stops it.
+The application is lade_core.serve.app (also `serve run lade_core.serve.app:app_builder model=...`). Ctrl-C stops it.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from lade_core.runtime import init_ray, quiet_logging
-from lade_core.serve_app import build_app
-from lade_core.serving import load_classifier
-from lade_core.tracking import resolve_tracking_uri
+from lade_core.runtime.local_ray import init_ray, quiet_logging
+from lade_core.serve.app import build_app
+from lade_core.tracking.model import load_classifier
+from lade_core.tracking.store import resolve_tracking_uri
 
 
 def parse_args(argv=None) -> argparse.Namespace:

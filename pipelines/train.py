@@ -5,7 +5,7 @@
   ray job submit --working-dir . -- python pipelines/train.py --smoke-test
 
 Config file -> CLI overrides (only flags you pass override). Rerunning with the same --run-name resumes.
-The run itself (checks, resume or finalize, seed groups) is lade_core.driver.
+The run itself (checks, resume or finalize, seed groups) is lade_core.train.driver.
 """
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import argparse
 import contextlib
 import sys
 
-from lade_core.config import add_loss_arguments, json_or_name
+from lade_core.config.schema import add_loss_arguments, json_or_name
 from lade_core.data import DECODE_PLACES
-from lade_core.driver import train_run, train_seeds
-from lade_core.foundation import PEFT_METHODS
-from lade_core.losses import LOSSES
-from lade_core.runs import SMOKE
-from lade_core.runtime import quiet_logging, shutdown_ray
+from lade_core.math.losses import LOSSES
+from lade_core.models.foundation import PEFT_METHODS
+from lade_core.runtime.local_ray import quiet_logging, shutdown_ray
+from lade_core.train.driver import train_run, train_seeds
+from lade_core.train.runs import SMOKE
 
 DEFAULT_CONFIG = "synthetic/lade"  # one of lade's recipes (lade_core/recipes), found wherever lade is installed
 
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="dataset, a family name, or JSON {\"mean\": [..], \"std\": [..]}")
     ap.add_argument("--mixup", type=lambda a: {"alpha": float(a)}, metavar="ALPHA", help="mixup, Beta(α, α)")
     ap.add_argument("--cutmix", type=lambda a: {"alpha": float(a)}, metavar="ALPHA", help="CutMix, Beta(α, α)")
-    add_loss_arguments(ap)  # --alpha, --tau, ...: each loss's own, from its declaration (lade_core.losses)
+    add_loss_arguments(ap)  # --alpha, --tau, ...: each loss's own, from its declaration (lade_core.math.losses)
     ap.add_argument("--image-size", dest="image_size", type=int,
                     help="crop size for training and evaluation (default: the prepared dataset's)")
     ap.add_argument("--epochs", type=int)

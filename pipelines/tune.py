@@ -18,12 +18,12 @@ import contextlib
 import os
 import sys
 
-from lade_core import tune_spaces
-from lade_core.config import json_or_name
-from lade_core.foundation import PEFT_METHODS
-from lade_core.runtime import quiet_logging
-from lade_core.search import search
-from lade_core.tuning import OBJECTIVES
+from lade_core.config.schema import json_or_name
+from lade_core.models.foundation import PEFT_METHODS
+from lade_core.runtime.local_ray import quiet_logging
+from lade_core.tune import spaces as tune_spaces
+from lade_core.tune.search import search
+from lade_core.tune.trials import OBJECTIVES
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -82,7 +82,7 @@ def ray_local():
     """
     import ray
 
-    from lade_core.runtime import init_ray
+    from lade_core.runtime.local_ray import init_ray
 
     global _RAY_LOCAL_UP
     init_ray(num_cpus=4)
@@ -116,8 +116,8 @@ def log_small_model(store: Path, experiment: str, tracking_uri: str | None = Non
     import mlflow
     import torch
 
-    from lade_core.models import build_model
-    from lade_core.serving import ModelCard, log_classifier
+    from lade_core.models.backbones import build_model
+    from lade_core.tracking.model import ModelCard, log_classifier
 
     uri = tracking_uri or f"sqlite:///{store / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)

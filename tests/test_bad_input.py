@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from lade_core.artifacts import write_logits_parquet, write_source_info
+from lade_core.tracking.artifacts import write_logits_parquet, write_source_info
 
 pytestmark = pytest.mark.slow  # a dozen script start-ups (torch, Ray and MLflow imports): over a minute
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lade_core.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from lade_core.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 
 
 def test_checkpoint_loads_with_weights_only_and_restores_every_rng(tmp_path):

@@ -1,7 +1,7 @@
 """The typed training config: every bad value is refused with the file (or command line) and the key, before Ray."""
 import pytest
 
-from lade_core.config import (
+from lade_core.config.schema import (
     CLI,
     CONFIG_KEYS,
     DEFAULTS,
@@ -15,8 +15,8 @@ from lade_core.config import (
     split_flat_config,
     validate_config,
 )
-from lade_core.losses import LOSS_KEYS, LOSSES
-from lade_core.schedules import lr_factor
+from lade_core.math.losses import LOSS_KEYS, LOSSES
+from lade_core.train.schedules import lr_factor
 
 
 def _write(tmp_path, text, name="c.yaml"):
@@ -173,7 +173,7 @@ def test_the_typed_config_and_run_context_cross_the_ray_boundary_as_one_flat_dic
 
 
 def test_an_image_size_the_model_cannot_train_on_is_refused_without_compute():
-    from lade_core.models import check_input_size
+    from lade_core.models.backbones import check_input_size
 
     check_input_size("resnet32", 10, 8, 2)  # the CIFAR ResNet takes 8 px
     check_input_size("resnet50", 10, 32, 2)
@@ -184,7 +184,7 @@ def test_an_image_size_the_model_cannot_train_on_is_refused_without_compute():
 def test_a_config_digest_is_what_it_was_before_the_foundation_keys():
     """Digests computed by lade at 269cda7, before peft / peft_rank / text_init / pretrained_file existed: a run
     started then keeps its identity (and its default name, which holds the digest); a peft run gets its own."""
-    from lade_core.driver import config_digest
+    from lade_core.train.driver import config_digest
 
     run = RunContext([0.75, 0.25], [3, 1])
     for over, before in (({"dataset": "d"}, "2c42dc00ed"),

@@ -13,7 +13,7 @@ from lade_core.data import DataError, open_prepared
 from lade_core.data.prepare import prepare_dataset
 from lade_core.data.sources import load_cifar100_lt, load_inat2018_json, load_split_lists, with_validation
 from lade_core.data.synthetic import make_synthetic
-from lade_core.priors import long_tailed_counts
+from lade_core.math.priors import long_tailed_counts
 
 
 def _decode(b: bytes) -> np.ndarray:
@@ -359,7 +359,7 @@ def _epoch_streams(prepared, epoch: int, seed: int = 0, per_worker_batch: int = 
     """What each of 2 DDP workers gets in one epoch (``training.epoch_batches``, as the worker loop calls it),
     decoded by Ray Data's tasks or, ``in_worker``, by the worker itself."""
     from lade_core.data.recipe import resolve_augment
-    from lade_core.training import epoch_batches
+    from lade_core.train.loop import epoch_batches
 
     augment = resolve_augment(None, "cifar", 8, [(8, 8)])
     return {rank: [{k: b[k].numpy() for k in ("label", "index", "image")} for b in
@@ -448,7 +448,7 @@ def test_where_images_are_decoded():
 
 
 def test_resume_epoch_reads_the_latest_registered_checkpoint(tmp_path):
-    from lade_core.checkpoint import resume_epoch
+    from lade_core.train.checkpoint import resume_epoch
 
     assert resume_epoch(str(tmp_path / "new_run")) == 0 and resume_epoch(None) == 0
     (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from lade_core.losses import LADELoss
+from lade_core.math.losses import LADELoss
 
 C, D = 7, 5
 

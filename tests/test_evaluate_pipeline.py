@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import Script
-from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
-from lade_core.evaluation import protocol_targets
-from lade_core.metrics import expected_calibration_error, nll, shot_accuracies
-from lade_core.posthoc import posthoc_logits
+from lade_core.math.evaluation import protocol_targets
+from lade_core.math.metrics import expected_calibration_error, nll, shot_accuracies
+from lade_core.math.posthoc import posthoc_logits
+from lade_core.tracking.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
 
 FIGURES = ("reliability", "predicted_prior", "logits", "accuracy_vs_shift")
 compare, evaluate = Script("compare"), Script("evaluate")
@@ -184,10 +184,10 @@ def test_local_logits_file(store, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["mapls", "bbse"])
 def test_estimated_prior_columns_against_a_direct_estimate(store, capsys, method):
     """evaluate.py --estimate-prior: per target, top-1 under the prior estimated from the target's own logits,
-    recomputed here from the stored test and validation logits with lade_core.label_shift and Eq. 17; the knock-outs
-    included."""
-    from lade_core.artifacts import VAL_LOGITS_ARTIFACT
-    from lade_core.label_shift import estimate_target_prior
+    recomputed here from the stored test and validation logits with lade_core.math.label_shift and Eq. 17; the
+    knock-outs included."""
+    from lade_core.math.label_shift import estimate_target_prior
+    from lade_core.tracking.artifacts import VAL_LOGITS_ARTIFACT
 
     uri, client, ids = store
     rid = ids["r-lade"]
@@ -232,10 +232,10 @@ def test_compare_shows_the_estimated_prior_columns(store, capsys):
 
 
 def test_tta_logits_are_the_models_views_ensembled_and_evaluated_like_any_others(store, capsys, tmp_path):
-    from lade_core.artifacts import MODEL_NAME, tta_logits_artifact
     from lade_core.data.transforms import decode_rgb
-    from lade_core.serving import load_classifier
-    from lade_core.tracking import logged_model_uri
+    from lade_core.tracking.artifacts import MODEL_NAME, tta_logits_artifact
+    from lade_core.tracking.model import load_classifier
+    from lade_core.tracking.store import logged_model_uri
 
     uri, client, ids = store
     rid = ids["r-lade"]

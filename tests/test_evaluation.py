@@ -1,11 +1,11 @@
-"""lade_core.evaluation against direct computations with the lade_core metric functions and plain loops."""
+"""lade_core.math.evaluation against direct computations with the lade_core metric functions and plain loops."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from lade_core.evaluation import (
+from lade_core.math.evaluation import (
     calibration_by_rule,
     evaluate_targets,
     logit_statistics,
@@ -13,9 +13,9 @@ from lade_core.evaluation import (
     protocol_targets,
     target_from_values,
 )
-from lade_core.metrics import expected_calibration_error, nll, reliability_bins, shot_accuracies
-from lade_core.posthoc import posthoc_logits
-from lade_core.priors import (
+from lade_core.math.metrics import expected_calibration_error, nll, reliability_bins, shot_accuracies
+from lade_core.math.posthoc import posthoc_logits
+from lade_core.math.priors import (
     KNOCKOUT_PROTOCOL,
     SHIFT_PROTOCOL,
     knockout_counts,
@@ -190,7 +190,7 @@ def test_evaluate_refuses_bad_logits_priors_and_files(tmp_path, capsys, case, me
     from conftest import Script
 
     evaluate = Script("evaluate")
-    from lade_core.artifacts import write_logits_parquet
+    from lade_core.tracking.artifacts import write_logits_parquet
 
     logits, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
     info = {"source_prior": [0.5, 0.3, 0.2], "train_counts": [50, 30, 20]}

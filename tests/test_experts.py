@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lade_core.config import resolve_config
-from lade_core.heads import ExpertHeads, build_head
-from lade_core.losses import BalPoELoss, SADELoss, build_loss, inverse_prior
-from lade_core.models import ExpertStages, build_model, check_input_size, expert_outputs
+from lade_core.config.schema import resolve_config
+from lade_core.math.heads import ExpertHeads, build_head
+from lade_core.math.losses import BalPoELoss, SADELoss, build_loss, inverse_prior
+from lade_core.models.backbones import ExpertStages, build_model, check_input_size, expert_outputs
 
 EPS = 1e-9  # SADE's and BalPoE's released code: log(p + 1e-9)
 
@@ -344,7 +344,7 @@ def test_aggregated_rows_learn_each_targets_weights_from_its_own_views():
 
 
 def test_expert_views_round_trip_and_a_plain_logits_file_is_refused(tmp_path):
-    from lade_core.artifacts import (
+    from lade_core.tracking.artifacts import (
         ExpertViews,
         read_expert_views_parquet,
         write_expert_views_parquet,
@@ -363,8 +363,8 @@ def test_expert_views_round_trip_and_a_plain_logits_file_is_refused(tmp_path):
 
 
 def test_aggregation_rows_of_a_run_without_expert_views_is_one_clear_error():
-    from lade_core.artifacts import RunLogits
     from lade_core.math.evaluation import rule_rows
+    from lade_core.tracking.artifacts import RunLogits
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(4).repeat_interleave(5)

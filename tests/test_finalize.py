@@ -9,12 +9,12 @@ from urllib.parse import urlparse
 import mlflow
 import torch
 
-from lade_core.artifacts import LOGITS_ARTIFACT, MODEL_NAME, VAL_LOGITS_ARTIFACT, read_logits_parquet
-from lade_core.checkpoint import CONFIG_FILE, latest_checkpoint
-from lade_core.config import split_flat_config
+from lade_core.config.schema import split_flat_config
 from lade_core.data import open_prepared
-from lade_core.runs import Finalizing, backfill_epochs, log_model, log_test_metrics, store_logits, store_weights
-from lade_core.tracking import find_run, logged_model_uri
+from lade_core.tracking.artifacts import LOGITS_ARTIFACT, MODEL_NAME, VAL_LOGITS_ARTIFACT, read_logits_parquet
+from lade_core.tracking.store import find_run, logged_model_uri
+from lade_core.train.checkpoint import CONFIG_FILE, latest_checkpoint
+from lade_core.train.runs import Finalizing, backfill_epochs, log_model, log_test_metrics, store_logits, store_weights
 
 
 def test_each_finalize_step_alone_does_only_what_the_run_lacks(train_workdir, smoke_run):

@@ -1,5 +1,5 @@
-"""Foundation models fine-tuned the way LIFT does (lade_core.foundation): adapters in a frozen ViT, a linear probe,
-a cosine head initialised from a CLIP text tower, pretrained weights from a local file in the Hugging Face
+"""Foundation models fine-tuned the way LIFT does (lade_core.models.foundation): adapters in a frozen ViT, a linear
+probe, a cosine head initialised from a CLIP text tower, pretrained weights from a local file in the Hugging Face
 repository's layout; and, end to end, a PEFT run trained, registered and served."""
 import copy
 import dataclasses
@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from conftest import run_train
-from lade_core.artifacts import LOGITS_ARTIFACT, read_logits_parquet
-from lade_core.config import model_finetuning, resolve_train_config
+from lade_core.config.schema import model_finetuning, resolve_train_config
 from lade_core.data.prepare import prepare_dataset
 from lade_core.data.prepared import open_prepared
 from lade_core.data.synthetic import make_synthetic
-from lade_core.foundation import (
+from lade_core.models.backbones import build_model, parameter_counts
+from lade_core.models.foundation import (
     PROMPT,
     AdaptFormer,
     Finetuning,
@@ -29,9 +29,9 @@ from lade_core.foundation import (
     init_head_from_text,
     text_tower_source,
 )
-from lade_core.models import build_model, parameter_counts
-from lade_core.runs import check_against_dataset
-from lade_core.training import build_optimizer
+from lade_core.tracking.artifacts import LOGITS_ARTIFACT, read_logits_parquet
+from lade_core.train.loop import build_optimizer
+from lade_core.train.runs import check_against_dataset
 
 open_clip = pytest.importorskip("open_clip")
 pytest.importorskip("peft")
@@ -224,7 +224,7 @@ def test_a_peft_run_trains_registers_and_serves_its_stored_logits(tmp_path, peft
                            params={"output": "logits", "posthoc": "raw"})
     np.testing.assert_allclose(np.stack(served["logits"]), logits[index].numpy(), rtol=1e-4, atol=1e-4)
     # Prior estimation and the online prior take these logits as any model's: the served ones give the stored ones'.
-    from lade_core.label_shift import Calibration, OnlinePrior, estimate_target_prior, source_logits
+    from lade_core.math.label_shift import Calibration, OnlinePrior, estimate_target_prior, source_logits
 
     calibration = Calibration.from_dict(card.calibration) if card.calibration else None
     z = torch.from_numpy(np.stack(served["logits"])[np.argsort(index)])
@@ -270,11 +270,11 @@ def test_a_trial_on_cached_features_gives_the_full_pipelines_head_and_registers_
     import sys
 
     from conftest import REPO
-    from lade_core.artifacts import STATE_DICT_ARTIFACT
-    from lade_core.checkpoint import latest_checkpoint, load_checkpoint
-    from lade_core.config import split_flat_config
-    from lade_core.features import FEATURES_DIR, FEATURES_MANIFEST, fit_head
-    from lade_core.serving import load_classifier
+    from lade_core.config.schema import split_flat_config
+    from lade_core.tracking.artifacts import STATE_DICT_ARTIFACT
+    from lade_core.tracking.model import load_classifier
+    from lade_core.train.checkpoint import latest_checkpoint, load_checkpoint
+    from lade_core.train.features import FEATURES_DIR, FEATURES_MANIFEST, fit_head
 
     flags = ["--model", "timm:test_vit", "--peft", "linear", "--image-size", "16"]
     out = run_train(tmp_path, *flags, "--augment", '[{"CenterCrop": {"size": 16}}]', "--batch-size", "512",
@@ -329,7 +329,7 @@ def champion_run_name(client) -> str:
 def test_a_lora_model_pins_peft_for_serving_and_a_plain_one_does_not():
     from importlib.metadata import version
 
-    from lade_core.serving import serving_requirements
+    from lade_core.tracking.model import serving_requirements
 
     assert f"peft=={version('peft').split('+')[0]}" in serving_requirements("timm:test_vit", {"peft": "lora"})
     assert not any(r.startswith("peft==") for r in serving_requirements("timm:test_vit", {"peft": "adaptformer"}))
@@ -375,9 +375,9 @@ def _write_feature_split(folder, split, features, labels, seed):
 
 
 def test_a_head_trial_resumed_from_its_checkpoint_ends_where_an_unbroken_one_does(tmp_path):
-    from lade_core.checkpoint import latest_checkpoint, load_checkpoint, publish_checkpoint, save_checkpoint
-    from lade_core.config import RunContext, flat_config
-    from lade_core.features import fit_head, read_features
+    from lade_core.config.schema import RunContext, flat_config
+    from lade_core.train.checkpoint import latest_checkpoint, load_checkpoint, publish_checkpoint, save_checkpoint
+    from lade_core.train.features import fit_head, read_features
 
     rng = np.random.default_rng(0)
     counts = [30, 12, 6]

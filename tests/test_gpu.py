@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lade_core.config import OptimizerConfig
-from lade_core.inference import predict_logits
-from lade_core.losses import LADELoss
-from lade_core.models import build_model
-from lade_core.training import build_optimizer, train_one_epoch
+from lade_core.config.schema import OptimizerConfig
+from lade_core.math.losses import LADELoss
+from lade_core.models.backbones import build_model
+from lade_core.serve.inference import predict_logits
+from lade_core.train.loop import build_optimizer, train_one_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 C = 10

@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 
 from lade_core.data.recipe import PRESETS, resolve_normalize
 from lade_core.data.transforms import ImageTransform, center_crop_batch, crop_flip_batch, decode_augment, normalize
-from lade_core.inference import merge_shards
+from lade_core.serve.inference import merge_shards
 
 STATS = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.25]}  # not a family's: the one passed must be the one used
 
@@ -57,12 +57,12 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
     from ray.train import Checkpoint, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from lade_core.checkpoint import save_checkpoint
     from lade_core.data import open_prepared
     from lade_core.data.prepare import prepare_dataset
     from lade_core.data.synthetic import make_synthetic
-    from lade_core.inference import batch_logits, model_batches, predict_logits
-    from lade_core.models import build_model
+    from lade_core.models.backbones import build_model
+    from lade_core.serve.inference import batch_logits, model_batches, predict_logits
+    from lade_core.train.checkpoint import save_checkpoint
 
     (tmp_path / "ckpt").mkdir()
     # 4 classes: val 4 x 5 = 20 rows and test 4 x 7 = 28 rows, neither divisible by 3 workers.
@@ -90,8 +90,8 @@ def test_sharded_and_actor_pool_logits_equal_single_process_logits(tmp_path, ray
         import ray.train
 
         from lade_core.data import open_prepared
-        from lade_core.inference import sharded_logits
-        from lade_core.models import build_model
+        from lade_core.models.backbones import build_model
+        from lade_core.serve.inference import sharded_logits
 
         ctx = ray.train.get_context()
         model = build_model("resnet32", 4)

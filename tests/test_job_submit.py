@@ -125,7 +125,7 @@ def test_cluster_configs_run_the_real_entry_point():
     text = (REPO / "cluster" / "aws-gpu.yaml").read_text() + (REPO / "cluster" / "kuberay-rayjob.yaml").read_text()
     assert "RAY_AUTH_MODE=disabled" not in text and "value: disabled" not in text
     # Every raylet keeps Ray Data's task workers warm between epochs, as the local Ray does (worker_soft_limit).
-    from lade_core.runtime import worker_soft_limit
+    from lade_core.runtime.local_ray import worker_soft_limit
 
     assert all("RAY_num_workers_soft_limit=$((2 * $(nproc) + 4))" in c for c in starts if "ray start" in c)
     groups = [job["spec"]["rayClusterSpec"]["headGroupSpec"], *job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]

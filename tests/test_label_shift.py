@@ -1,10 +1,10 @@
-"""Target-prior estimation (lade_core.label_shift) against independent float64 numpy formulas, and on synthetic
+"""Target-prior estimation (lade_core.math.label_shift) against independent float64 numpy formulas, and on synthetic
 data with a known shift: Gaussian classes whose exact Bayes posteriors are known."""
 import numpy as np
 import pytest
 import torch
 
-from lade_core.label_shift import (
+from lade_core.math.label_shift import (
     BCTS_MIN_PER_CLASS,
     auto_calibration,
     bbse_prior,
@@ -20,7 +20,7 @@ from lade_core.label_shift import (
     select_method,
     source_logits,
 )
-from lade_core.priors import knockout_counts, long_tailed_counts, prior_from_counts
+from lade_core.math.priors import knockout_counts, long_tailed_counts, prior_from_counts
 
 C, D = 10, 4
 

@@ -18,7 +18,7 @@ PROBE = r'''
 import os, socket, struct, time
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
-from lade_core.runtime import init_ray
+from lade_core.runtime.local_ray import init_ray
 
 init_ray(num_cpus=1, dashboard=DASHBOARD)
 ray.get(ray.remote(lambda: os.getpid()).remote())
@@ -79,7 +79,7 @@ CROWD = r'''
 import os, time
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
-from lade_core.runtime import init_ray, quiet_logging
+from lade_core.runtime.local_ray import init_ray, quiet_logging
 
 quiet_logging(verbose=VERBOSE)
 init_ray(num_cpus=1)

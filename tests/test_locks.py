@@ -1,5 +1,5 @@
-"""One driver at a time per run, prepared output and search (``lade_core.locks``), with real processes: the second
-is refused naming the first; a holder that dies (even SIGKILLed) leaves a lock the next one takes."""
+"""One driver at a time per run, prepared output and search (``lade_core.runtime.locks``), with real processes: the
+second is refused naming the first; a holder that dies (even SIGKILLed) leaves a lock the next one takes."""
 import os
 import signal
 import subprocess
@@ -9,10 +9,10 @@ import time
 import pytest
 
 from conftest import run_prepare, run_train
-from lade_core.locks import LockHeld, exclusive, lock_for
-from lade_core.tracking import run_key
+from lade_core.runtime.locks import LockHeld, exclusive, lock_for
+from lade_core.tracking.store import run_key
 
-HOLD = ("import sys, time\nfrom lade_core.locks import exclusive\n"
+HOLD = ("import sys, time\nfrom lade_core.runtime.locks import exclusive\n"
         "with exclusive(sys.argv[1], 'thing'):\n    print('held', flush=True)\n    time.sleep(600)\n")
 
 

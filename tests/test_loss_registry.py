@@ -1,4 +1,4 @@
-"""A loss is declared once (lade_core.losses.LOSSES: class, hyperparameters with type, range, default, help and
+"""A loss is declared once (lade_core.math.losses.LOSSES: class, hyperparameters with type, range, default, help and
 Tune range, post-hoc rules), and config, CLI, Tune and the README derive from it; a package adds a loss through the
 entry point group ``lade.losses`` (examples/label_smoothing_plugin), end to end: train, search, serve."""
 from __future__ import annotations
@@ -17,8 +17,16 @@ import pytest
 import torch
 
 from conftest import REPO
-from lade_core.config import resolve_config
-from lade_core.losses import BUILTIN_LOSSES, LOSSES, Hyperparameter, LossSpec, SoftmaxLoss, build_loss, register_loss
+from lade_core.config.schema import resolve_config
+from lade_core.math.losses import (
+    BUILTIN_LOSSES,
+    LOSSES,
+    Hyperparameter,
+    LossSpec,
+    SoftmaxLoss,
+    build_loss,
+    register_loss,
+)
 
 PLUGIN = REPO / "examples" / "label_smoothing_plugin"
 PRIOR = [0.5, 0.3, 0.2]
@@ -85,7 +93,7 @@ def test_a_hyperparameter_name_means_one_thing_within_its_loss():
 def test_train_py_flags_come_from_the_declarations():
     import argparse
 
-    from lade_core.config import add_loss_arguments
+    from lade_core.config.schema import add_loss_arguments
 
     ap = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
     add_loss_arguments(ap)
@@ -99,7 +107,7 @@ def test_train_py_flags_come_from_the_declarations():
 
 
 def test_tune_ranges_of_a_method_are_its_declared_spaces():
-    import tune_spaces
+    from lade_core.tune import spaces as tune_spaces
 
     assert tune_spaces.method_space("ldam_drw") == {"max_margin": ("uniform", 0.1, 1.0),
                                                     "scale": ("loguniform", 5.0, 50.0)}
@@ -154,7 +162,7 @@ def _python(code: str, pythonpath: Path | None = None) -> subprocess.CompletedPr
 
 def test_a_plugin_that_fails_to_load_is_named_where_its_loss_is_asked_for(tmp_path):
     _dist(tmp_path, "broken-plugin", "broken = no_such_module:declaration")
-    p = _python("from lade_core.losses import build_loss\nbuild_loss('broken', [0.5, 0.5])", tmp_path)
+    p = _python("from lade_core.math.losses import build_loss\nbuild_loss('broken', [0.5, 0.5])", tmp_path)
     assert p.returncode == 1
     assert "loss plugin 'broken' not loaded" in p.stderr  # the warning at import
     assert re.search(r"unknown loss 'broken' \(plugin: entry point 'no_such_module:declaration' failed: "
@@ -162,14 +170,14 @@ def test_a_plugin_that_fails_to_load_is_named_where_its_loss_is_asked_for(tmp_pa
 
 
 def test_a_plugin_loads_whichever_path_lade_is_imported_by_first(tmp_path):
-    """The plugin imports ``lade_core.losses`` while lade's registry is loading it: that works when a program starts
-    at the old path, at the math tier's, or at the config."""
+    """The plugin imports ``lade_core.math.losses`` while lade's registry is loading it: that works when a program
+    starts at the losses, at the config or at the training driver."""
     import shutil
 
     shutil.copytree(PLUGIN / "lade_label_smoothing", tmp_path / "lade_label_smoothing")
     _dist(tmp_path, "lade-label-smoothing", "label_smoothing = lade_label_smoothing:declaration")
-    for first in ("import lade_core.losses", "import lade_core.math.losses", "import lade_core.config"):
-        p = _python(f"{first}\nimport lade_core.losses as a, lade_core.math.losses as b\n"
+    for first in ("import lade_core.math.losses", "import lade_core.config.schema", "import lade_core.train.driver"):
+        p = _python(f"{first}\nimport lade_core.math.losses as a, lade_core.math.losses as b\n"
                     "print(a is b, 'label_smoothing' in a.LOSSES, a.PLUGIN_ERRORS)", tmp_path)
         assert p.returncode == 0 and p.stdout.split() == ["True", "True", "{}"], (first, p.stdout, p.stderr[-2000:])
 
@@ -179,7 +187,7 @@ def test_a_plugin_named_like_a_built_in_loss_is_refused_with_a_warning(tmp_path)
 
     shutil.copytree(PLUGIN / "lade_label_smoothing", tmp_path / "lade_label_smoothing")
     _dist(tmp_path, "shadowing-plugin", "lade = lade_label_smoothing:declaration")
-    p = _python("import lade_core.losses as l\nprint(l.LOSSES['lade'].cls.__name__)", tmp_path)
+    p = _python("import lade_core.math.losses as l\nprint(l.LOSSES['lade'].cls.__name__)", tmp_path)
     assert p.returncode == 0 and p.stdout.split() == ["LADELoss"], p.stderr[-2000:]
     assert "loss plugin 'lade' not loaded" in p.stderr and "not yet registered" in p.stderr
 
@@ -209,7 +217,7 @@ def test_the_example_plugin_loss_is_label_smoothed_cross_entropy_in_value_and_gr
 SERVE_BARE = """
 import json, sys
 import pandas as pd, pyarrow.parquet as pq
-from lade_core.serving import load_classifier
+from lade_core.tracking.model import load_classifier
 test = pq.read_table(sys.argv[2]).to_pandas().sort_values("index")
 table = load_classifier("models:/ls-model/1", sys.argv[1]).predict(None, pd.DataFrame({"image": list(test["image"])}))
 print(json.dumps(["lade_label_smoothing" in sys.modules, table["label"].tolist()]))
@@ -255,7 +263,7 @@ def test_an_installed_loss_plugin_trains_searches_and_serves(tmp_path):
 
     # Served where the plugin is not installed: a fresh interpreter without it on its path (no Ray, no predict.py
     # job), lade's own loader reading the card and the weights, answering the prepared test images in split order.
-    from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
+    from lade_core.tracking.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, read_logits_parquet
 
     bare = {k: v for k, v in env.items() if k != "PYTHONPATH"}
     split = tmp_path / "data" / "synthetic_smoke" / "test"
@@ -277,7 +285,7 @@ def test_the_classes_and_heads_defaults_are_the_declared_ones():
     the declarations state: the keyword defaults of the classes may not drift from ``LOSSES``."""
     import inspect
 
-    from lade_core.heads import CausalNormClassifier, CosineClassifier
+    from lade_core.math.heads import CausalNormClassifier, CosineClassifier
 
     for name in BUILTIN_LOSSES:
         spec = LOSSES[name]

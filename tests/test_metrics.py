@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lade_core.metrics import brier, expected_calibration_error, nll, reliability_bins, shot_accuracies
+from lade_core.math.metrics import brier, expected_calibration_error, nll, reliability_bins, shot_accuracies
 
 
 def test_shot_accuracies_on_real_places_lt_counts(places_train_counts, rng):

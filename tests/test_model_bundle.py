@@ -14,7 +14,7 @@ import pytest
 
 from conftest import log_small_model
 from lade_core import __version__
-from lade_core.serving import SERVING_DISTRIBUTIONS, load_classifier
+from lade_core.tracking.model import SERVING_DISTRIBUTIONS, load_classifier
 
 pytestmark = pytest.mark.slow  # fresh interpreters importing torch and MLflow: ~30 s
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lade_core.models import build_model
-from lade_core.serving import LadeClassifier, ModelCard, load_classifier, log_classifier
+from lade_core.models.backbones import build_model
+from lade_core.tracking.model import LadeClassifier, ModelCard, load_classifier, log_classifier
 
 # What a tampered artifact would do if it ever ran: leave this file behind.
 PAYLOAD = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
@@ -98,7 +98,7 @@ def test_a_model_with_another_layout_or_a_bad_card_is_one_clear_error(logged):
 
 
 def test_the_champion_alias_never_moves_to_a_model_of_other_classes(logged):
-    from lade_core.serving import check_alias_classes
+    from lade_core.tracking.model import check_alias_classes
 
     client, model_uri, _ = logged
     uri = client.tracking_uri
@@ -111,8 +111,8 @@ def test_the_champion_alias_never_moves_to_a_model_of_other_classes(logged):
 
 KILLED_LOGGER = r'''
 import sys, mlflow, torch
-from lade_core.models import build_model
-from lade_core.serving import ModelCard, log_classifier
+from lade_core.models.backbones import build_model
+from lade_core.tracking.model import ModelCard, log_classifier
 mlflow.set_tracking_uri(sys.argv[1])
 with mlflow.start_run(run_id=sys.argv[2]):
     log_classifier(ModelCard("resnet32", 3, ["a", "b", "c"], [0.6, 0.3, 0.1], "lade", "cifar", 16),
@@ -131,7 +131,7 @@ def test_a_driver_killed_inside_log_model_leaves_nothing_that_is_reused_or_regis
 
     from mlflow.entities import LoggedModelStatus
 
-    from lade_core.tracking import logged_model_uri, register_once, start_or_resume_run
+    from lade_core.tracking.store import logged_model_uri, register_once, start_or_resume_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id, _ = start_or_resume_run(uri, "killed", "r", {"source_prior": [0.6, 0.3, 0.1], "train_counts": [6, 3, 1]})

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lade_core.label_shift import OnlinePrior
-from lade_core.priors import long_tailed_counts, prior_from_counts
+from lade_core.math.label_shift import OnlinePrior
+from lade_core.math.priors import long_tailed_counts, prior_from_counts
 
 C, DIM = 6, 8
 

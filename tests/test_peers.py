@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from lade_core.heads import AdjustedLinear, CausalNormClassifier, CosineClassifier, check_head_state, tau_normalize
-from lade_core.losses import LOSSES, build_loss, classifier_head, posthoc_rules
-from lade_core.models import build_model
+from lade_core.math.heads import AdjustedLinear, CausalNormClassifier, CosineClassifier, check_head_state, tau_normalize
+from lade_core.math.losses import LOSSES, build_loss, classifier_head, posthoc_rules
+from lade_core.models.backbones import build_model
 
 
 def _lse(v):
@@ -239,7 +239,7 @@ def test_tau_normalized_logits_from_stored_logits_equal_rescaled_weights(rng, ta
 
 @pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 1.5])
 def test_post_hoc_logit_adjustment_formula_and_tau_one_is_pc(rng, tau):
-    from lade_core.posthoc import compensate, logit_adjust
+    from lade_core.math.posthoc import compensate, logit_adjust
 
     z, _, _, ps = _batch(rng)
     pt = rng.dirichlet(np.ones(len(ps)))
@@ -250,7 +250,7 @@ def test_post_hoc_logit_adjustment_formula_and_tau_one_is_pc(rng, tau):
 
 
 def test_select_tau_picks_the_best_validation_top1_and_the_smallest_on_ties():
-    from lade_core.evaluation import select_tau
+    from lade_core.math.evaluation import select_tau
 
     # Validation logits that classify every sample right only for tau in {0.6, 0.7, 0.8}, and at chance otherwise.
     zv = torch.tensor([[0.0, 0.0]] * 4, dtype=torch.float64)

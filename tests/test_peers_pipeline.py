@@ -13,7 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lade_core.artifacts import (
+from lade_core.math.evaluation import TAU_GRID, protocol_targets
+from lade_core.math.priors import SHIFT_PROTOCOL, shift_protocol_name
+from lade_core.tracking.artifacts import (
     LOGITS_ARTIFACT,
     PRIOR_ARTIFACT,
     STATE_DICT_ARTIFACT,
@@ -23,8 +25,6 @@ from lade_core.artifacts import (
     read_expert_views_parquet,
     read_logits_parquet,
 )
-from lade_core.evaluation import TAU_GRID, protocol_targets
-from lade_core.priors import SHIFT_PROTOCOL, shift_protocol_name
 
 # Every head and post-hoc rule (focal loss trains softmax's head with softmax's rule: tests/test_peers.py).
 METHODS = ("softmax", "lade", "logit_adjusted", "ldam_drw", "causal_norm")
@@ -127,7 +127,7 @@ def test_expert_runs_store_their_views_and_evaluate_and_compare_aggregate_from_t
     self-supervised`` learns SADE's weights per target from those views alone, logs its rows and weights, and
     ``compare.py --aggregate`` adds the row; a run without expert views is refused by name."""
     from conftest import Script
-    from lade_core.aggregation import aggregate, learn_expert_weights
+    from lade_core.math.aggregation import aggregate, learn_expert_weights
 
     uri, client, runs, _ = peers
     rid = runs["sade"].info.run_id
@@ -176,7 +176,7 @@ def test_predict_aggregates_a_multi_expert_model_on_the_images_own_views(peers, 
     predictions the softmax of the weighted experts (no prior injected), written beside the predictions and logged
     to lade-predict; a model without experts, or a prior beside the aggregation, is refused by name."""
     from conftest import run_predict
-    from lade_core.aggregation import aggregate, learn_expert_weights
+    from lade_core.math.aggregation import aggregate, learn_expert_weights
 
     uri, client, runs, workdir = peers
     run = runs["sade"]

@@ -14,8 +14,8 @@ import mlflow
 import pytest
 
 from conftest import REPO, Script, wait_for
-from lade_core.checkpoint import latest_checkpoint
-from lade_core.tracking import find_run
+from lade_core.tracking.store import find_run
+from lade_core.train.checkpoint import latest_checkpoint
 
 SERIES = ("val/top1", "val/ece", "train/loss", "lr")
 EPOCHS = 10

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lade_core.posthoc import posthoc_offset
-from lade_core.prediction import UNKNOWN, image_batches, model_actors, step1_placement, top_k_batch
+from lade_core.math.posthoc import posthoc_offset
+from lade_core.serve.predict import UNKNOWN, image_batches, model_actors, step1_placement, top_k_batch
 
 NAMES = ["a", "b", "c", "d"]
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import Script, class_png, write_sorted_list_dataset
 from lade_core.data import open_prepared
 from lade_core.data.transforms import decode_rgb, transform_batch
-from lade_core.priors import long_tailed_counts
+from lade_core.math.priors import long_tailed_counts
 
 prepare_data = Script("prepare_data")
 pytestmark = pytest.mark.slow  # each test runs the pipeline, with its own Ray

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from lade_core.priors import (
+from lade_core.math.priors import (
     long_tailed_counts,
     prior_from_counts,
     shifted_counts,
@@ -128,7 +128,7 @@ def test_shifted_subset_errors_when_class_is_short():
 
 
 def test_tempered_class_weights_interpolate_between_uniform_and_source_prior():
-    from lade_core.priors import tempered_class_weights
+    from lade_core.math.priors import tempered_class_weights
 
     p = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
     assert torch.allclose(tempered_class_weights(p, 1), p)

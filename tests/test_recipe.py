@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from lade_core.config import resolve_config
+from lade_core.config.schema import resolve_config
 from lade_core.data.recipe import (
     ChannelStats,
     RecipeError,
@@ -18,9 +18,9 @@ from lade_core.data.recipe import (
     sample_seeds,
 )
 from lade_core.data.transforms import ImageTransform, transform_batch
-from lade_core.losses import LOSSES, build_loss
-from lade_core.mixing import BatchMix, mixed_loss
-from lade_core.models import Backbone, build_model, check_input_size, load_model_state
+from lade_core.math.losses import LOSSES, build_loss
+from lade_core.math.mixing import BatchMix, mixed_loss
+from lade_core.models.backbones import Backbone, build_model, check_input_size, load_model_state
 
 
 def _images(n=6, h=20, w=20, seed=0):
@@ -167,8 +167,8 @@ def test_mixup_and_cutmix_images_and_the_losses_that_refuse_them():
 def test_train_one_epoch_trains_on_the_mixed_batch():
     """The worker loop's wiring: with ``mix`` every batch is mixed with draws from ``rng``, and the loss reported is
     ``mixed_loss`` on it (lr 0 keeps the model, so the epoch's loss can be recomputed)."""
-    from lade_core.config import OptimizerConfig
-    from lade_core.training import build_optimizer, train_one_epoch
+    from lade_core.config.schema import OptimizerConfig
+    from lade_core.train.loop import build_optimizer, train_one_epoch
 
     torch.manual_seed(0)
     model = build_model("resnet32", 3)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_prepare, train_worker_pids, wait_for, write_arrow_dataset
-from lade_core.artifacts import LOGITS_ARTIFACT, read_logits_parquet
-from lade_core.checkpoint import latest_checkpoint
+from lade_core.tracking.artifacts import LOGITS_ARTIFACT, read_logits_parquet
+from lade_core.train.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 NO_FLIP = '[{"RandomCrop": {"size": 16, "padding": 2}}]'

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, free_port, log_small_model
-from lade_core.serving import load_classifier
+from lade_core.tracking.model import load_classifier
 
 pytestmark = pytest.mark.slow  # a Ray and a Serve application in a subprocess: about a minute
 

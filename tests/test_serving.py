@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from conftest import free_port, run_predict
-from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
-from lade_core.label_shift import Calibration, estimate_target_prior, fit_calibration, source_logits
+from lade_core.math.label_shift import Calibration, estimate_target_prior, fit_calibration, source_logits
+from lade_core.tracking.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
 
 LOSSES = ("lade", "softmax")
 
@@ -107,7 +107,7 @@ def test_pyfunc_answers_under_any_target_prior(store, loss):
 
 
 def test_pyfunc_refuses_bad_input_by_name(store):
-    from lade_core.serving import load_classifier
+    from lade_core.tracking.model import load_classifier
 
     model = mlflow.pyfunc.load_model("models:/model-lade/1")
     good = pd.DataFrame({"image": [_png(10), _png(200)]})
@@ -292,7 +292,7 @@ def test_predict_pipeline_on_an_image_folder_reports_bad_images(store, tmp_path)
 
 def test_predict_pipeline_with_test_time_ensembling(store, tmp_path):
     from lade_core.data.transforms import decode_rgb, tta_views
-    from lade_core.serving import load_classifier
+    from lade_core.tracking.model import load_classifier
 
     uri, client, runs, data_dir = store
     _, labels, ps = _stored(client, runs["r-lade"])

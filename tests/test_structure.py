@@ -39,7 +39,7 @@ def _imports(name: str, path, modules: dict) -> set[str]:
 def test_lade_core_has_no_import_cycle():
     modules = _modules()
     graph = {m: _imports(m, f, modules) for m, f in modules.items()}
-    assert graph["lade_core.training"] >= {"lade_core.checkpoint", "lade_core.inference"}  # the graph is read
+    assert graph["lade_core.train.loop"] >= {"lade_core.train.checkpoint", "lade_core.serve.inference"}  # it is read
     cycles = []
 
     def visit(node: str, path: list[str]) -> None:
@@ -76,7 +76,8 @@ print(sorted(new - set(sys.stdlib_module_names) - {'lade_core'}))
 
 # The MLflow glue: what a run stores (artifacts), runs and metrics (tracking), the logged model (serving) and the
 # file MLflow runs to serve it. Every other module and script reaches MLflow through them.
-MLFLOW_GLUE = {"lade_core.tracking", "lade_core.artifacts", "lade_core.serving", "lade_core.pyfunc_entry"}
+MLFLOW_GLUE = {"lade_core.tracking.store", "lade_core.tracking.artifacts", "lade_core.tracking.model",
+               "lade_core.tracking.pyfunc_entry"}
 
 
 def test_only_the_mlflow_glue_imports_mlflow():
@@ -88,28 +89,43 @@ def test_only_the_mlflow_glue_imports_mlflow():
                 [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
                 importers.add(name)
-    assert "pipelines.train" in files and "lade_core.driver" in files  # the scan sees the scripts and the library
+    assert "pipelines.train" in files and "lade_core.train.driver" in files  # the scan sees the scripts and the library
     assert importers == MLFLOW_GLUE, sorted(importers ^ MLFLOW_GLUE)
 
 
-def test_the_old_module_paths_are_the_math_tiers_modules():
-    """``lade_core.losses`` and ``lade_core.math.losses`` (and every other math module) are one module object,
-    whichever is imported first and however (attribute, ``from`` import, plain import)."""
+def test_the_layout_shows_the_concepts_and_no_module_is_an_alias():
+    """At most 8 modules at lade_core's top level, the rest in concept subpackages; no module puts itself in
+    ``sys.modules`` under a second name."""
+    top = sorted(f.name for f in PACKAGE.glob("*.py"))
+    assert len(top) <= 8, top
+    assert {"math", "config", "data", "models", "train", "tune", "tracking", "serve"} <= {
+        d.name for d in PACKAGE.iterdir() if (d / "__init__.py").exists()}
+    aliasing = [name for name, f in _modules().items() if "sys.modules[" in f.read_text()]
+    assert not aliasing, aliasing
+
+
+def test_the_paths_stored_artifacts_name_are_the_modules_that_hold_their_names():
+    """``lade_core.tuning`` (a search's tuner.pkl) and ``lade_core.serving`` (a registered model's entry file) are
+    the modules that hold those names now, whichever is imported first and however; no other old path imports."""
     code = """
 import importlib, sys
 import lade_core
-names = lade_core._MATH
-for i, name in enumerate(names):
-    first, second = (f"lade_core.math.{name}", f"lade_core.{name}")[::(1 if i % 2 else -1)]
+for i, (old, new) in enumerate(lade_core.STORED_PATHS.items()):
+    first, second = (old, new)[::(1 if i % 2 else -1)]
     importlib.import_module(first)
     importlib.import_module(second)
-    home = sys.modules[f"lade_core.math.{name}"]
-    assert sys.modules[f"lade_core.{name}"] is home, name
-    assert getattr(lade_core, name) is home, name
-    exec(f"from lade_core import {name} as m", globals())
-    assert m is home, name
-print(len(names))
+    assert sys.modules[old] is sys.modules[new], old
+    assert sys.modules[new].__spec__.name == new, sys.modules[new].__spec__
+    exec(f"from lade_core import {old.rsplit('.', 1)[1]} as m", globals())
+    assert m is sys.modules[new], old
+for gone in ("lade_core.losses", "lade_core.priors", "lade_core.training", "lade_core.inference"):
+    try:
+        importlib.import_module(gone)
+    except ImportError:
+        continue
+    raise AssertionError(gone + " still imports")
+print(len(lade_core.STORED_PATHS))
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert int(p.stdout) == len(list((PACKAGE / "math").glob("[!_]*.py")))
+    assert int(p.stdout) == 2

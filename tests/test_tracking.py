@@ -4,7 +4,7 @@ import mlflow
 import pytest
 import torch
 
-from lade_core.tracking import (
+from lade_core.tracking.store import (
     EpochLogger,
     end_run,
     find_run,
@@ -99,7 +99,7 @@ def test_a_half_logged_model_is_never_reused_or_registered(uri):
 def test_a_rerun_resumes_only_the_search_it_names(uri):
     """The search's digest (its dataset, objective, space, schedule) is set on its parent run when it starts; a rerun
     with the same --experiment and other settings is refused instead of finalizing a champion against them."""
-    from lade_core.tuning import SEARCH_DIGEST_TAG, check_search_digest, search_digest
+    from lade_core.tune.trials import SEARCH_DIGEST_TAG, check_search_digest, search_digest
 
     digest = search_digest({"dataset": "/data/a", "objective": "uniform", "space": {"alpha": ("loguniform", 0.01, 1)}})
     check_search_digest(uri, "search", digest)  # nothing started yet

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import run_train
-from lade_core.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
-from lade_core.losses import classifier_head
-from lade_core.models import build_model
+from lade_core.math.losses import classifier_head
+from lade_core.models.backbones import build_model
+from lade_core.tracking.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     assert " INFO " not in p.stdout + p.stderr, [line for line in p.stderr.splitlines() if " INFO " in line]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == list(range(epochs))
     # What a restart of this run would resume from, read from the snapshot Ray Train wrote (its real format).
-    from lade_core.checkpoint import resume_epoch
+    from lade_core.train.checkpoint import resume_epoch
 
     assert resume_epoch(str(workdir / "ray_results" / f"r-{loss}")) == epochs
     arts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
@@ -78,7 +78,7 @@ def test_ddp_training_tracks_everything_in_mlflow(workdir, smoke_run, loss):
     # carries them: they are what the run stored (no model loaded again for it).
     from ray.train import Checkpoint
 
-    from lade_core.checkpoint import final_logits, latest_checkpoint
+    from lade_core.train.checkpoint import final_logits, latest_checkpoint
 
     last = latest_checkpoint(str(workdir / "ray_results" / f"r-{loss}"))
     stored = final_logits(Checkpoint(last.path), ["test", "val"])
@@ -125,7 +125,7 @@ def test_run_states_only_move_forward(workdir, smoke_run):
     """A finished run rerun is left FINISHED without starting Ray, even with settings its cluster cannot fit; a
     FAILED run rerun with another config stays FAILED (it used to be closed FINISHED); a run of that name without
     a config digest (not started by train.py) is refused, untouched."""
-    from lade_core.tracking import CONFIG_DIGEST_TAG, open_run
+    from lade_core.tracking.store import CONFIG_DIGEST_TAG, open_run
 
     smoke_run("lade")
     client = _client(workdir)

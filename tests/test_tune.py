@@ -11,8 +11,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-import tune_spaces
 from conftest import REPO
+from lade_core.tune import spaces as tune_spaces
 
 CMD = [sys.executable, str(REPO / "pipelines" / "tune.py"), "--smoke-test", "--num-cpus", "4",
        "--max-concurrent-trials", "2", "--register", "champ", "--experiment", "smoke-search",
@@ -53,7 +53,7 @@ def test_search_killed_midway_resumes_on_a_tracking_server_with_every_trial_once
     third run adds nothing, and the server never reported a database error."""
     import time
 
-    from lade_core.tracking import find_run
+    from lade_core.tracking.store import find_run
 
     uri, server_log = team_tracking.uri, team_tracking.log
     said_before = server_log.stat().st_size  # the session's server: only what it says during this test counts
@@ -200,8 +200,8 @@ def test_bad_space_is_one_clear_error(space, message):
 def test_a_search_over_the_loss_draws_each_method_with_its_own_hyperparameters():
     from ray.tune.search.sample import Categorical, Float
 
-    from lade_core.config import DEFAULTS, validate_config
-    from lade_core.tuning import select_method
+    from lade_core.config.schema import DEFAULTS, validate_config
+    from lade_core.tune.trials import select_method
 
     space, _ = tune_spaces.load_family("smoke")
     space = tune_spaces.with_methods(space, ["lade", "focal", "causal_norm", "softmax"])
@@ -240,9 +240,9 @@ def test_ray_tune_resolves_a_methods_space_into_valid_trial_configs():
     trial is a valid training config of its own method, random and grid alike."""
     from ray.tune.search.variant_generator import generate_variants
 
-    from lade_core.config import DEFAULTS, validate_config
-    from lade_core.losses import LOSSES
-    from lade_core.tuning import select_method
+    from lade_core.config.schema import DEFAULTS, validate_config
+    from lade_core.math.losses import LOSSES
+    from lade_core.tune.trials import select_method
 
     space = tune_spaces.with_methods(tune_spaces.load_family("smoke")[0], ["lade", "focal", "causal_norm", "ldam_drw"])
     base = {**DEFAULTS, "dataset": "d", "alpha": 0.1, "lam": 0.01, "estimator": "released", "search_base_loss": "lade"}
@@ -271,8 +271,8 @@ def test_asha_stops_the_same_trials_after_a_search_is_killed_and_resumed(tmp_pat
 
     import mlflow
 
-    from lade_core.tracking import start_or_resume_run
-    from lade_core.tuning import EpochASHA, trial_run_name
+    from lade_core.tracking.store import start_or_resume_run
+    from lade_core.tune.trials import EpochASHA, trial_run_name
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     top1 = {"a": [0.9, 0.95], "b": [0.5, 0.6], "c": [0.6, 0.8], "d": [0.2, 0.3]}  # val/top1 after epochs 1, 2
@@ -320,8 +320,8 @@ def test_asha_records_epochs_a_resumed_trial_skipped_at_their_own_rungs(tmp_path
 
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-    from lade_core.checkpoint import HISTORY_FILE
-    from lade_core.tuning import EpochASHA
+    from lade_core.train.checkpoint import HISTORY_FILE
+    from lade_core.tune.trials import EpochASHA
 
     def scheduler():
         # As in the smoke search: 2 epochs, reduction factor 4, so rung 1 (epoch 1) is the only rung.

@@ -3,7 +3,7 @@ network, a partial one, or no state dict at all is one error naming what differs
 import pytest
 import torch
 
-from lade_core.models import build_model
+from lade_core.models.backbones import build_model
 
 
 def test_a_backbone_checkpoint_with_another_class_count_loads_without_its_classifier(tmp_path):

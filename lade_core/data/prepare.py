@@ -29,11 +29,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..locks import exclusive
-from .recipe import ChannelStats
-from .sources import DataError, RawDataset, RawSplit, check_no_empty_class, resolved_paths
-from .transforms import decode_rgb
+from lade_core import __version__
+from lade_core.data.recipe import ChannelStats
+from lade_core.data.sources import DataError, RawDataset, RawSplit, check_no_empty_class, resolved_paths
+from lade_core.data.transforms import decode_rgb
+from lade_core.runtime.locks import exclusive
 
 MANIFEST = "dataset.json"
 # Bumped when the on-disk layout changes meaning (2: rows in seeded random order, a val split always present), so
@@ -300,7 +300,7 @@ def _prepare(raw: RawDataset, out_dir: Path, overwrite: bool, skip_bad: bool, al
         raise DataError(f"{len(raw.class_names)} class names for {raw.num_classes} classes")
 
     if any(rs.images is None for rs in splits.values()):  # image files are read by Ray Data (_write_split)
-        from ..runtime import init_ray
+        from lade_core.runtime.local_ray import init_ray
 
         init_ray(num_cpus=num_cpus)  # only now: checks and no-op reruns need no Ray
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"

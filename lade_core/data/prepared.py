@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..compat import datasource_v1
-from ..math.priors import prior_from_counts
-from .prepare import MANIFEST
-from .recipe import default_image_size
-from .sources import DataError
-from .transforms import ImageTransform, decode_augment_chunks
+from lade_core.compat import datasource_v1
+from lade_core.data.prepare import MANIFEST
+from lade_core.data.recipe import default_image_size
+from lade_core.data.sources import DataError
+from lade_core.data.transforms import ImageTransform, decode_augment_chunks
+from lade_core.math.priors import prior_from_counts
 
 _REQUIRED = ("name", "num_classes", "transform", "splits")
 # Where a training worker's images are decoded and augmented (``PreparedDataset.batches``; config key ``decode``).

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..math.priors import long_tailed_counts
-from .recipe import FAMILIES
+from lade_core.data.recipe import FAMILIES
+from lade_core.math.priors import long_tailed_counts
 
 # Validation images per class when a dataset brings none (ImageNet-LT and Places-LT publish 20 per class), and the
 # fewest training images the hold-out may leave a class.

@@ -10,8 +10,8 @@ import json
 
 import numpy as np
 
-from ..math.priors import long_tailed_counts
-from .sources import RawDataset, RawSplit
+from lade_core.data.sources import RawDataset, RawSplit
+from lade_core.math.priors import long_tailed_counts
 
 
 def _render(labels: np.ndarray, num_classes: int, size: int, rng: np.random.Generator) -> np.ndarray:

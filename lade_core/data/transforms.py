@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchcodec import decoders
 
-from .recipe import augment_seed, build_augment, crop_flip, eval_transform, sample_seeds, view_augment
+from lade_core.data.recipe import augment_seed, build_augment, crop_flip, eval_transform, sample_seeds, view_augment
 
 # Pixels (width x height) an image may have, checked from its header before anything is decoded: a 4 kB PNG can
 # declare 27 000 x 1 000 pixels and decode to 108 MB. 40 MP holds any camera photo; raise it for scans and slides.

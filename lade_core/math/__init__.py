@@ -3,6 +3,5 @@ post-hoc rules and their registry, metrics, evaluation under any target prior, l
 aggregation of a multi-expert model's experts, batch mixing, shared checks and DDP gathering.
 
 These modules import only torch, numpy and the standard library (``tests/test_structure.py`` holds them to it in a
-fresh interpreter). The rest of lade_core (data, models, Ray Train / Tune glue, MLflow glue, the drivers) builds on
-them; their old paths (``lade_core.losses``, ``lade_core.priors``, ...) stay as re-exports.
+fresh interpreter). The rest of lade_core (data, models, training, search, tracking, serving) builds on them.
 """

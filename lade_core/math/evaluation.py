@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .aggregation import aggregate, learn_expert_weights
-from .checks import bad_indices
-from .metrics import calibration_bins, ece_from_bins, shot_accuracies
-from .posthoc import RULES, TAU_GRID, posthoc_offset
-from .priors import (
+from lade_core.math.aggregation import aggregate, learn_expert_weights
+from lade_core.math.checks import bad_indices
+from lade_core.math.metrics import calibration_bins, ece_from_bins, shot_accuracies
+from lade_core.math.posthoc import RULES, TAU_GRID, posthoc_offset
+from lade_core.math.priors import (
     KNOCKOUT_PROTOCOL,
     SHIFT_PROTOCOL,
     knockout_counts,
@@ -267,7 +267,7 @@ def rule_rows(run, estimate: tuple[str, ...] | list[str] = (), aggregate_experts
     own rule: mean and min over the 17 targets (the knock-outs included), and a row of that estimated-prior top-1
     per target.
     ``aggregate_experts``: a row of SADE's test-time aggregation (``aggregated_rows``; the run's ``expert_views``)."""
-    from .losses import posthoc_rules, tuned_rules
+    from lade_core.math.losses import posthoc_rules, tuned_rules
 
     targets = protocol_targets(run.labels, run.train_counts, knockouts=True)
     rules = [(rule, rule, run.logits) for rule in posthoc_rules(run.loss)]
@@ -314,8 +314,8 @@ def estimated_prior_rows(logits, labels, source_prior, loss: str, targets: list[
     """Per target: top-1 under its true prior, under the prior estimated from its own (unlabeled) logits, and under
     the uniform prior, with the loss's post-hoc rule; ``ratio`` = estimated / true top-1; the estimation error as
     total variation and KL(true || estimate). ``calibration``: as for ``estimate_target_prior``, fitted once."""
-    from .label_shift import estimate_target_prior, resolve_calibration, source_logits
-    from .losses import default_rule
+    from lade_core.math.label_shift import estimate_target_prior, resolve_calibration, source_logits
+    from lade_core.math.losses import default_rule
 
     z = torch.as_tensor(logits).double()
     y = torch.as_tensor(_labels_np(labels))

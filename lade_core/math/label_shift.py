@@ -47,8 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .posthoc import posthoc_logits
-from .priors import validate_prior
+from lade_core.math.posthoc import posthoc_logits
+from lade_core.math.priors import validate_prior
 
 __all__ = ["CALIBRATIONS", "METHODS", "Calibration", "source_logits", "fit_bcts", "fit_calibration", "auto_calibration",
            "resolve_calibration", "calibrate", "em_prior", "mapls_lambda", "mapls_prior", "dirichlet_prior",
@@ -65,7 +65,7 @@ def source_logits(logits: torch.Tensor, source_prior, loss: str | None = None, *
     """Logits [N, C] -> float64 logits whose softmax is the model's source posterior p_s(y|x): the post-hoc rule
     with p_t = p_s — ``rule`` where the caller has it (a model card's), else the loss's own."""
     if rule is None:
-        from .losses import default_rule  # the registry: losses.py imports no estimator
+        from lade_core.math.losses import default_rule  # the registry: losses.py imports no estimator
 
         rule = default_rule(loss)
     z = logits.double()

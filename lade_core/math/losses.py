@@ -5,7 +5,7 @@ after it (SADE, BalPoE: logits [N, E, C], one row per expert).
 Notation: logits z [N, C], targets y [N], source prior p_s [C], class weights alpha_c [C] (default p_s).
 All modules follow ``forward(logits, targets) -> scalar``; priors are buffers, so ``.to(device)`` moves them.
 After each call ``last_terms`` holds the loss's own named scalar terms (detached), for logging. ``head`` is the
-classifier head the loss trains (``lade_core.heads``) and ``set_epoch(e)`` is called before each training epoch.
+classifier head the loss trains (``lade_core.math.heads``) and ``set_epoch(e)`` is called before each training epoch.
 
 ``LOSSES`` is the one place that says which losses exist, which hyperparameters each takes (``Hyperparameter``:
 the paper's default, type, range, help, Tune range) and which post-hoc rules fit its logits; config, CLI, trainer,
@@ -15,7 +15,6 @@ add losses through the entry point group ``lade.losses`` (``register_loss``).
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -24,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compat import assert_async, tensor_version
-from .checks import bad_indices, check_labels, check_range
-from .distributed import gather_batch, is_distributed
-from .posthoc import FIXED_RULES, RULES
-from .priors import tempered_class_weights, validate_prior
+from lade_core.compat import assert_async, tensor_version
+from lade_core.math.checks import bad_indices, check_labels, check_range
+from lade_core.math.distributed import gather_batch, is_distributed
+from lade_core.math.posthoc import FIXED_RULES, RULES
+from lade_core.math.priors import tempered_class_weights, validate_prior
 
 __all__ = ["SoftmaxLoss", "BalancedSoftmaxLoss", "LADERLoss", "LADELoss", "LogitAdjustedLoss", "FocalLoss",
            "LDAMDRWLoss", "CausalNormLoss", "SADELoss", "BalPoELoss", "inverse_prior", "ESTIMATORS", "LOSSES", "Loss",
@@ -612,7 +611,7 @@ class Hyperparameter:
 
     @property
     def checks(self) -> dict:
-        """The bounds as ``lade_core.config`` checks a value: {"ge": 0, ...}."""
+        """The bounds as ``lade_core.config.schema`` checks a value: {"ge": 0, ...}."""
         return {k: v for k in ("ge", "gt", "le", "lt", "choices") if (v := getattr(self, k)) is not None}
 
     @property
@@ -727,7 +726,7 @@ def register_loss(name: str, spec: LossSpec) -> LossSpec:
         raise ValueError(f"loss name {name!r} must be a Python identifier not yet registered "
                          f"(registered: {sorted(LOSSES)})")
     if not isinstance(spec, LossSpec):
-        raise TypeError(f"loss {name!r}: an entry point must name a lade_core.losses.LossSpec, got "
+        raise TypeError(f"loss {name!r}: an entry point must name a lade_core.math.losses.LossSpec, got "
                         f"{type(spec).__name__}")
     if not spec.posthoc or any(r not in FIXED_RULES for r in spec.posthoc):
         raise ValueError(f"loss {name!r}: posthoc must name rules among {FIXED_RULES}, got {spec.posthoc!r}")
@@ -754,9 +753,6 @@ def _load_plugins() -> None:
             warnings.warn(f"lade: loss plugin {ep.name!r} not loaded: {PLUGIN_ERRORS[ep.name]}", stacklevel=2)
 
 
-# A plugin imports what it needs from ``lade_core.losses`` (the documented path) while this module is still loading:
-# that name must already be this module, even when the import began at the old path's alias module.
-sys.modules[__name__.replace(".math.", ".")] = sys.modules[__name__]
 _load_plugins()
 # Every hyperparameter name any loss takes (config keys): a name means one thing within its loss.
 LOSS_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for spec in LOSSES.values() for k in spec.hyperparameters))

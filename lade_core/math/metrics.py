@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .checks import check_labels
+from lade_core.math.checks import check_labels
 
 __all__ = ["shot_accuracies", "expected_calibration_error", "reliability_bins", "calibration_bins", "ece_from_bins",
            "nll", "brier", "shot_groups"]

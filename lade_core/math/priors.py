@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from .checks import bad_indices, check_labels
+from lade_core.math.checks import bad_indices, check_labels
 
 __all__ = [
     "prior_from_counts",

@@ -1,7 +1,0 @@
-"""``lade_core.math.heads``, its home, under its old import path: the two names are one module, so code written
-against this path (user code, notebooks, stored artifacts) keeps working."""
-import sys
-
-from .math import heads
-
-sys.modules[__name__] = heads

@@ -1,0 +1,1 @@
+"""What a person reads: the comparison tables (``tables``) and the figures (``figures``)."""
