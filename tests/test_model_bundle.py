@@ -116,7 +116,7 @@ def test_the_model_loads_and_answers_where_lade_is_not_installed(logged, tmp_pat
 def test_lades_loader_never_runs_the_bundled_code(logged, tmp_path):
     _, model_uri, model_dir = logged
     marker = tmp_path / "marker"
-    bundled = model_dir / "code" / "lade_core" / "serving.py"
+    bundled = model_dir / "code" / "lade_core" / "tracking" / "model.py"
     original = bundled.read_text()
     bundled.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n" + original)
     try:

@@ -81,7 +81,8 @@ def test_recipes_and_search_spaces_work_from_the_installed_package_outside_a_che
     (wheel,) = (tmp_path / "wheel").glob("lade-*.whl")
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    probe = ("import json, lade_core, tune_spaces\n"
+    probe = ("import json, lade_core\n"
+             "from lade_core.tune import spaces as tune_spaces\n"
              "from lade_core.config.schema import resolve_config\n"
              "space, defaults = tune_spaces.load_family('cifar100_lt')\n"
              "print(json.dumps([lade_core.__file__, resolve_config('imagenet_lt/focal', {}),\n"
