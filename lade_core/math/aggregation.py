@@ -29,6 +29,13 @@ def aggregate(expert_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     return torch.einsum("nec,e->nc", expert_logits, weights.to(expert_logits.dtype))
 
 
+def aggregated(expert_logits: torch.Tensor, weights: torch.Tensor, eval_offset: torch.Tensor) -> torch.Tensor:
+    """The inference logits of a multi-expert head: sum_e w_e z_e + eval_offset (expert logits [N, E, C], weights
+    [E], the head's fixed offset [C], e.g. BalPoE's; zero for SADE), in the expert logits' dtype."""
+    offset = torch.as_tensor(eval_offset).to(expert_logits.device, expert_logits.dtype)
+    return aggregate(expert_logits, weights.to(expert_logits.device)) + offset.reshape(expert_logits.shape[2])
+
+
 def stability(view_a: torch.Tensor, view_b: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """S: the mean cosine similarity of the two views' aggregated posteriors ([N, E, C] each, weights [E])."""
     pa, pb = F.softmax(aggregate(view_a, weights), dim=1), F.softmax(aggregate(view_b, weights), dim=1)
@@ -77,3 +84,15 @@ def learn_expert_weights(view_a: torch.Tensor, view_b: torch.Tensor, *, epochs: 
     w = F.softmax(theta.detach(), 0)
     return w, {"weights": w.tolist(), "epochs": done, "stopped_early": stopped,
                "stability": {"before": before, "after": float(stability(a, b, w))}}
+
+
+def self_supervised_aggregation(expert_views: torch.Tensor, eval_offset: torch.Tensor,
+                                seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """SADE's test-time self-supervised aggregation over one target's unlabeled images: the expert weights learned
+    on the two augmented views (``learn_expert_weights``) applied to the clean view (``aggregated``); no prior is
+    injected (SADE's rule). expert_views [N, 3, E, C] (clean, view a, view b) -> (logits [N, C], the weights' info).
+    """
+    if expert_views.dim() != 4 or expert_views.shape[1] != 3:
+        raise ValueError(f"expert views must be [N, 3, E, C] (clean, view a, view b), got {tuple(expert_views.shape)}")
+    weights, info = learn_expert_weights(expert_views[:, 1], expert_views[:, 2], seed=seed)
+    return aggregated(expert_views[:, 0], weights, eval_offset), info

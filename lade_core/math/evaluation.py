@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lade_core.math.aggregation import aggregate, learn_expert_weights
+from lade_core.math.aggregation import self_supervised_aggregation
 from lade_core.math.checks import bad_indices
 from lade_core.math.metrics import calibration_bins, ece_from_bins, shot_accuracies
 from lade_core.math.posthoc import RULES, TAU_GRID, posthoc_offset
@@ -204,17 +204,13 @@ def aggregated_rows(expert_views, eval_offset, labels, source_prior, train_count
     expert_views [N, 3, E, C]: the experts' logits on the clean image, view a and view b (``inference.EXPERT_VIEWS``);
     eval_offset [C]: the head's fixed inference offset (BalPoE's; zero for SADE)."""
     v = torch.as_tensor(expert_views).double()
-    if v.dim() != 4 or v.shape[1] != 3:
-        raise ValueError(f"expert views must be [N, 3, E, C] (clean, view a, view b), got {tuple(v.shape)}")
-    offset = torch.as_tensor(eval_offset).double().reshape(v.shape[3])
     y = torch.as_tensor(_labels_np(labels))
     rows = []
     for target in targets:
         idx = torch.as_tensor(target.indices)
-        w, info = learn_expert_weights(v[idx, 1], v[idx, 2], seed=seed)
+        logits, info = self_supervised_aggregation(v[idx], eval_offset, seed)
         own = Target(target.name, np.arange(len(idx)), target.prior)  # the target's rows, renumbered
-        row = evaluate_targets(aggregate(v[idx, 0], w) + offset, y[idx], source_prior, train_counts, ("raw",),
-                               [own], n_bins)[0]
+        row = evaluate_targets(logits, y[idx], source_prior, train_counts, ("raw",), [own], n_bins)[0]
         rows.append({**row, "mode": AGGREGATE_MODE, "weights": info["weights"],
                      "stopped_early": info["stopped_early"]})
     return rows

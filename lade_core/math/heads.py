@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lade_core.math.aggregation import aggregated
+
 __all__ = ["CosineClassifier", "CosineLinear", "CausalNormClassifier", "AdjustedLinear", "ExpertHeads", "HEADS",
            "build_head", "tau_normalize"]
 
@@ -168,8 +170,7 @@ class ExpertHeads(nn.Module):
     def combine(self, z: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:  # z [B, E, C] -> [B, C]
         """The inference logits of expert logits z: sum_e w_e z_e + eval_offset, with w the head's
         ``expert_weights`` or ``weights`` [E] (learned by test-time aggregation)."""
-        w = self.expert_weights if weights is None else weights
-        return torch.einsum("bec,e->bc", z, w.to(z.device, z.dtype)) + self.eval_offset.to(z.device, z.dtype)
+        return aggregated(z, self.expert_weights if weights is None else weights, self.eval_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] -> [B, E, C] (train) or [B, C] (eval)
         z = self.expert_logits(x)

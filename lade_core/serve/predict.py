@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from lade_core.data.sources import IMAGE_EXTENSIONS, DataError, check_inside_root, check_labels, read_split_list
+from lade_core.math.aggregation import aggregated, learn_expert_weights
+from lade_core.math.label_shift import Calibration, estimate_target_prior
 
 UNKNOWN = -1  # the true label of an image whose class is not known
 
@@ -240,6 +242,29 @@ def collect_logits(batches: list[dict], key: str = "logits") -> torch.Tensor:
     keep = np.isfinite(values.reshape(len(values), -1)).all(1)
     order = np.argsort(rows[keep], kind="stable")
     return torch.from_numpy(np.ascontiguousarray(values[keep][order]))
+
+
+def aggregate_batches(batches: list[dict], eval_offset: torch.Tensor, seed: int) -> tuple[int, dict]:
+    """SADE's test-time aggregation over a prediction job's images, in place: the expert weights learned on every
+    decoded image's two augmented views (step 1's "views" [B, 3, E, C]), then each batch's "logits" [B, C] are its
+    clean view's aggregated logits (what step 2 predicts from; no prior is injected). -> (images the weights were
+    learned on, ``learn_expert_weights``'s info)."""
+    views = collect_logits(batches, "views")  # [N, 3, E, C]
+    weights, info = learn_expert_weights(views[:, 1], views[:, 2], seed=seed)
+    for b in batches:
+        b["logits"] = aggregated(torch.from_numpy(b.pop("views")[:, 0]), weights, eval_offset).numpy()
+    return len(views), info
+
+
+def estimate_batches_prior(batches: list[dict], card, method: str, interval: float | None
+                           ) -> tuple[torch.Tensor, int, dict]:
+    """The target prior of a prediction job's images, estimated from their step-1 logits under the model card's
+    calibration (``label_shift.estimate_target_prior``) -> (prior [C], images, the estimate's info)."""
+    z = collect_logits(batches)
+    calibration = Calibration.from_dict(card.calibration) if card.calibration else None
+    prior, info = estimate_target_prior(z, card.source_prior, loss=card.loss, method=method, calibration=calibration,
+                                        interval=interval)
+    return prior, len(z), info
 
 
 def finish(batches, offset: torch.Tensor, k: int, class_names: list[str]):
