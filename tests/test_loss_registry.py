@@ -119,11 +119,11 @@ def test_tune_ranges_of_a_method_are_its_declared_spaces():
         tune_spaces.validate_space({"loss": ("methods", {"causal_norm": {"tau": ("uniform", -1.0, 2.0)}})}, "mine")
 
 
-def test_the_readme_method_table_lists_each_loss_with_its_declared_hyperparameters():
-    text = (REPO / "README.md").read_text()
+def test_the_docs_method_table_lists_each_loss_with_its_declared_hyperparameters():
+    text = (REPO / "docs" / "training.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \|(.*)\|\s*$", text, re.M))
     for name in BUILTIN_LOSSES:
-        assert name in rows, f"README's method table has no row for loss {name}"
+        assert name in rows, f"docs/training.md's method table has no row for loss {name}"
         named = re.findall(r"`(\w+)`", rows[name].rsplit("|", 1)[-1])
         assert named == list(LOSSES[name].hyperparameters), (name, named)
         for h in LOSSES[name].params:  # a default the table states is the declared one

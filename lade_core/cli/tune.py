@@ -27,7 +27,7 @@ from lade_core.tune.trials import OBJECTIVES
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--space", choices=tune_spaces.FAMILIES, help="search space family (default: synthetic; smoke "
+    ap.add_argument("--space", choices=tune_spaces.SPACES, help="search space family (default: synthetic; smoke "
                     "with --smoke-test)")
     ap.add_argument("--config", help="base training config (default: the space's)")
     ap.add_argument("--methods", nargs="+", metavar="LOSS", help="search over these losses too, each with its own "

@@ -21,16 +21,18 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from lade_core.registry import Registry
+
 # The families' presets: (train augment at crop size s, normalization statistics, default crop size). CIFAR-100
 # and ImageNet statistics and augmentations as in torchvision's classification references.
-PRESETS: dict[str, dict] = {
+PRESETS: Registry[dict] = Registry("transform", {
     "cifar": {"augment": lambda s: [{"RandomCrop": {"size": s, "padding": 4}}, {"RandomHorizontalFlip": {}}],
               "mean": (0.507, 0.487, 0.441), "std": (0.267, 0.256, 0.276), "size": 32},
     "imagenet": {"augment": lambda s: [{"RandomResizedCrop": {"size": s, "antialias": True}},
                                        {"RandomHorizontalFlip": {}},
                                        {"ColorJitter": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4}}],
                  "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "size": 224},
-}
+})
 FAMILIES = tuple(PRESETS)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lade_core.data.recipe import FAMILIES
+from lade_core.data.recipe import PRESETS
 from lade_core.math.priors import long_tailed_counts
 
 # Validation images per class when a dataset brings none (ImageNet-LT and Places-LT publish 20 per class), and the
@@ -81,8 +81,8 @@ def check_image_size(image_size, name: str = "image size") -> None:
 
 def check_transform(transform: str, image_size: int | None) -> None:
     """One clear error for a transform family or image size training could not use."""
-    if transform not in FAMILIES:
-        raise DataError(f"unknown transform {transform!r}; choose one of {list(FAMILIES)}")
+    if transform not in PRESETS:
+        raise DataError(PRESETS.unknown(transform))
     check_image_size(image_size)
 
 

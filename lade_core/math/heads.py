@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lade_core.math.aggregation import aggregated
+from lade_core.registry import Registry
 
 __all__ = ["CosineClassifier", "CosineLinear", "CausalNormClassifier", "AdjustedLinear", "ExpertHeads", "HEADS",
            "build_head", "tau_normalize"]
@@ -186,15 +187,13 @@ def check_expert_weights(weights, num_experts: int) -> list[float]:
     return w
 
 
-HEADS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "cosine": CosineClassifier, "cosine_linear": CosineLinear,
-                                     "causal_norm": CausalNormClassifier, "adjusted_linear": AdjustedLinear,
-                                     "experts": ExpertHeads}
+HEADS: Registry[type[nn.Module]] = Registry("classifier head", {
+    "linear": nn.Linear, "cosine": CosineClassifier, "cosine_linear": CosineLinear,
+    "causal_norm": CausalNormClassifier, "adjusted_linear": AdjustedLinear, "experts": ExpertHeads})
 
 
 def build_head(kind: str, in_features: int, num_classes: int, **kwargs) -> nn.Module:
-    if kind not in HEADS:
-        raise ValueError(f"unknown classifier head {kind!r}; choose one of {sorted(HEADS)}")
-    return HEADS[kind](in_features, num_classes, **kwargs)
+    return HEADS.lookup(kind)(in_features, num_classes, **kwargs)
 
 
 def check_head_state(kind: str, state: dict) -> None:

@@ -44,19 +44,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from lade_core.math.posthoc import posthoc_logits
 from lade_core.math.priors import validate_prior
+from lade_core.registry import Registry
 
 __all__ = ["CALIBRATIONS", "METHODS", "Calibration", "source_logits", "fit_bcts", "fit_calibration", "auto_calibration",
            "resolve_calibration", "calibrate", "em_prior", "mapls_lambda", "mapls_prior", "dirichlet_prior",
            "log_likelihood", "select_method", "bbse_prior", "expected_gain", "estimate_target_prior", "OnlinePrior"]
 
-# The estimators that need no labels (what ``auto`` chooses among), then BBSE (validation labels) and ``auto``.
-LABEL_FREE = ("em", "mapls", "dirichlet")
-METHODS = (*LABEL_FREE, "bbse", "auto")
 CALIBRATIONS = (None, "bcts", "auto")
 
 
@@ -268,13 +267,20 @@ def log_likelihood(posteriors: torch.Tensor, source_prior, prior: torch.Tensor) 
     return float(torch.log((p * ratio).sum(1).clamp_min(torch.finfo(torch.float64).tiny)).sum())
 
 
+# The estimators that need no labels (what ``auto`` chooses among, in this order), each as
+# fn(posteriors [N, C], p_s [C], start [C] or None, tol) -> (prior [C], diagnostics).
+LABEL_FREE: Registry[Callable] = Registry("label-free prior estimation method", {
+    # the likelihood is concave: a warm start changes the iterations, not the maximum
+    "em": lambda post, ps, start, tol: em_prior(post, ps, tol=tol, start=start),
+    # a fixed number of steps from p_s, as the reference: no warm start
+    "mapls": lambda post, ps, start, tol: mapls_prior(post, ps),
+    "dirichlet": lambda post, ps, start, tol: dirichlet_prior(post, ps, tol=tol, start=start),
+})
+
+
 def _label_free(method: str, posteriors: torch.Tensor, ps: torch.Tensor, start: torch.Tensor | None = None,
                 tol: float = 1e-8) -> tuple[torch.Tensor, dict]:
-    if method == "em":  # the likelihood is concave: a warm start changes the iterations, not the maximum
-        return em_prior(posteriors, ps, tol=tol, start=start)
-    if method == "dirichlet":
-        return dirichlet_prior(posteriors, ps, tol=tol, start=start)
-    return mapls_prior(posteriors, ps)  # a fixed number of steps from p_s, as the reference: no warm start
+    return LABEL_FREE.lookup(method)(posteriors, ps, start, tol)
 
 
 def select_method(posteriors: torch.Tensor, source_prior, methods: tuple[str, ...] = LABEL_FREE, folds: int = 5,
@@ -287,7 +293,7 @@ def select_method(posteriors: torch.Tensor, source_prior, methods: tuple[str, ..
     ps = validate_prior(source_prior, p.shape[1], "source_prior")
     unknown = [m for m in methods if m not in LABEL_FREE]
     if unknown or not methods:
-        raise ValueError(f"select_method chooses among {LABEL_FREE}; got {list(methods)}")
+        raise ValueError(f"select_method chooses among {list(LABEL_FREE)}; got {list(methods)}")
     if not 2 <= folds <= len(p):
         raise ValueError(f"folds must be in [2, {len(p)}] (the images), got {folds}")
     parts = torch.randperm(len(p), generator=torch.Generator().manual_seed(seed)).chunk(folds)
@@ -331,6 +337,11 @@ def bbse_prior(posteriors: torch.Tensor, val_posteriors: torch.Tensor, val_label
     return pt / pt.sum(), {"clipped": int((w < 0).sum())}
 
 
+# Every estimator by name: the label-free ones, BBSE (it needs validation labels) and ``auto`` (the label-free one
+# that best predicts held-out images, ``select_method``).
+METHODS: Registry[Callable] = Registry("prior estimation method", {**LABEL_FREE, "bbse": bbse_prior,
+                                                                   "auto": select_method})
+
 START_FLOOR = 1e-3  # a warm start (OnlinePrior's, the bootstrap's): this share of p_s mixed into the last estimate
 
 
@@ -352,8 +363,7 @@ def estimate_target_prior(logits: torch.Tensor, source_prior, *, loss: str, meth
     "gain": the expected top-1 gain over the uniform prior (``expected_gain``) with its own interval.
     Returns (prior, info) with info: method, calibration, and the estimator's own diagnostics.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown prior estimation method {method!r}; choose one of {METHODS}")
+    METHODS.check(method)
     if interval is not None and not (isinstance(interval, float) and 0 < interval < 1):
         raise ValueError(f"interval must be a level in (0, 1) such as 0.9, got {interval!r}")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 10:

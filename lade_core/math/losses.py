@@ -9,8 +9,8 @@ classifier head the loss trains (``lade_core.math.heads``) and ``set_epoch(e)`` 
 
 ``LOSSES`` is the one place that says which losses exist, which hyperparameters each takes (``Hyperparameter``:
 the paper's default, type, range, help, Tune range) and which post-hoc rules fit its logits; config, CLI, trainer,
-evaluation, Tune and the README's method table all read it, and ``build_loss`` builds from it. Installed packages
-add losses through the entry point group ``lade.losses`` (``register_loss``).
+evaluation, Tune and the method table of docs/training.md all read it, and ``build_loss`` builds from it. Installed
+packages add losses through the entry point group ``lade.losses`` (``register_loss``).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from lade_core.math.checks import bad_indices, check_labels, check_range
 from lade_core.math.distributed import gather_batch, is_distributed
 from lade_core.math.posthoc import FIXED_RULES, RULES
 from lade_core.math.priors import tempered_class_weights, validate_prior
+from lade_core.registry import Registry
 
 __all__ = ["SoftmaxLoss", "BalancedSoftmaxLoss", "LADERLoss", "LADELoss", "LogitAdjustedLoss", "FocalLoss",
            "LDAMDRWLoss", "CausalNormLoss", "SADELoss", "BalPoELoss", "inverse_prior", "ESTIMATORS", "LOSSES", "Loss",
@@ -588,9 +589,9 @@ class BalPoELoss(_ExpertLoss):
 @dataclass(frozen=True)
 class Hyperparameter:
     """One hyperparameter of one loss, declared once: config validation (type and range), the ``train.py`` flag
-    (``--<name>``, dashes for underscores), Tune's default range for a search over the loss and the README's method
-    table all read it. A name means one thing within its loss: logit adjustment's ``tau`` and Causal Norm's are two
-    declarations with their own ranges.
+    (``--<name>``, dashes for underscores), Tune's default range for a search over the loss and the method table of
+    docs/training.md all read it. A name means one thing within its loss: logit adjustment's ``tau`` and Causal
+    Norm's are two declarations with their own ranges.
 
     ``type``: ``float``, ``int``, ``str`` or ``list[float]``; ``ge``/``gt``/``le``/``lt``/``choices`` bound the value
     (each element of a list). ``space``: Tune's range, ``("uniform" | "loguniform", low, high)`` or
@@ -616,7 +617,7 @@ class Hyperparameter:
 
     @property
     def range_text(self) -> str:
-        """The bounds in words, e.g. ``>= 0, < 1`` (for help texts and the README)."""
+        """The bounds in words, e.g. ``>= 0, < 1`` (for help texts and docs/training.md)."""
         if self.choices is not None:
             return " | ".join(map(str, self.choices))
         words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
@@ -664,7 +665,7 @@ _EXPERT_STAGES = _H("expert_stages", 2, "last backbone stages each expert owns (
 # LADE / Balanced Softmax, of a logit-adjusted model (its head's inference offset), of LDAM-DRW (re-weighted towards
 # balance) and of Causal Norm (TDE; the paper's "PC Causal Norm" adds log p_t - log p_u) are disentangled and
 # take p_t by injection (Eq. 17). "raw" is the logits as they are. A ``space`` brackets its paper's value.
-LOSSES: dict[str, LossSpec] = {
+LOSSES: Registry[LossSpec] = Registry("loss", {
     "softmax": LossSpec(SoftmaxLoss, (), ("pc", "raw")),
     "balanced_softmax": LossSpec(BalancedSoftmaxLoss, (), ("inject", "raw")),
     "lade": LossSpec(LADELoss, (
@@ -706,7 +707,7 @@ LOSSES: dict[str, LossSpec] = {
            type=list[float]),
         _EXPERT_STAGES,
     ), ("inject", "raw")),
-}
+})
 BUILTIN_LOSSES: tuple[str, ...] = tuple(LOSSES)
 # The losses whose hyperparameter names every config carries (None where unset): those of lade's first runs. A loss
 # added since, built in or a plugin, adds its new names only to its own configs, so the config, the digest and the
@@ -735,8 +736,7 @@ def register_loss(name: str, spec: LossSpec) -> LossSpec:
     if "source_prior" not in takes or missing:
         raise ValueError(f"loss {name!r}: {spec.cls.__name__}(source_prior, ...) must take its hyperparameters as "
                          f"keywords; missing {missing or ['source_prior']}")
-    LOSSES[name] = spec
-    return spec
+    return LOSSES.register(name, spec)
 
 
 def _load_plugins() -> None:
@@ -759,10 +759,7 @@ LOSS_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for spec in LOSSES.values() f
 
 
 def _spec(name: str) -> LossSpec:
-    if name not in LOSSES:
-        why = f" (plugin: {PLUGIN_ERRORS[name]})" if name in PLUGIN_ERRORS else ""
-        raise ValueError(f"unknown loss {name!r}{why}; choose one of {sorted(LOSSES)}")
-    return LOSSES[name]
+    return LOSSES.lookup(name, f" (plugin: {PLUGIN_ERRORS[name]})" if name in PLUGIN_ERRORS else "")
 
 
 def build_loss(name: str, source_prior: PriorLike, *, train_counts: Sequence[int] | None = None,

@@ -4,7 +4,7 @@ lambda per batch, each image mixed with its mirror in the batch (``x.flip(0)``).
 The mixed target is lam * onehot(y) + (1 - lam) * onehot(y.flip(0)). A loss whose per-sample value is linear in
 its (one-hot) target -- sum_c t_c * l_c(z) -- takes that soft target exactly as lam * L(z, y) + (1 - lam) *
 L(z, y.flip(0)), which is how ``mixed_loss`` computes it; ``losses.LossSpec.soft_targets`` says which losses are
-of that form (the README lists the others and why).
+of that form (docs/recipes.md lists the others and why).
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ import torch
 
 from lade_core.math.heads import tau_normalize
 from lade_core.math.priors import validate_prior
+from lade_core.registry import Registry
 
 __all__ = ["RULES", "FIXED_RULES", "Rule", "TAU_GRID", "compensate", "pc_softmax", "inject_prior", "logit_adjust",
            "posthoc_logits", "posthoc_offset", "ensemble_views"]
@@ -110,7 +111,7 @@ class Rule:
     needs_classifier: bool = False  # the transform needs the linear classifier's weights (w, b)
 
 
-RULES: dict[str, Rule] = {
+RULES: Registry[Rule] = Registry("post-hoc rule", {
     "raw": Rule("raw", _raw_offset),  # the logits as they are
     "pc": Rule("pc", _pc_offset, removes_source_prior=True),  # PC (Eq. 4): z - log p_s + log p_t
     "inject": Rule("inject", _inject_offset),  # Eq. 17: z + log p_t
@@ -120,15 +121,13 @@ RULES: dict[str, Rule] = {
     # τ-normalized classifier (Kang et al. 2020): (z - b) / |w|^τ + log p_t, τ on validation.
     "tau_norm": Rule("tau_norm", _inject_offset, removes_source_prior=True, tuned=True, grid=TAU_GRID,
                      transform=_tau_norm, needs_classifier=True),
-}
+})
 # The rules a loss may declare for its logits (``LossSpec.posthoc``), applied by name with no parameter to tune.
 FIXED_RULES: tuple[str, ...] = tuple(name for name, r in RULES.items() if not r.tuned)
 
 
 def _rule(rule: str, among) -> Rule:
-    if rule not in among:
-        raise ValueError(f"unknown post-hoc rule {rule!r}; choose one of {list(among)}")
-    return RULES[rule]
+    return RULES.lookup(rule, among=among)
 
 
 def posthoc_logits(logits: torch.Tensor, rule: str, source_prior, target_prior) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch import nn
 
 from lade_core.math.heads import build_head
 from lade_core.models.foundation import Finetuning, apply_peft, cosine_head, trainable_fraction, transformer_blocks
+from lade_core.registry import Registry
 
 Head = tuple[str, dict]  # (kind in heads.HEADS, its keyword arguments)
 LINEAR: Head = ("linear", {})
@@ -147,9 +148,13 @@ class Backbone(nn.Module):
 
 TIMM_PREFIX = "timm:"
 # lade's own architectures; every torchvision classification model and (lade[timm]) every timm model also build.
-MODELS: dict[str, Callable[[int], nn.Module]] = {
-    "resnet32": lambda num_classes: CifarResNet(32, num_classes),
-}
+MODELS: Registry[Callable[[int], nn.Module]] = Registry("model")
+
+
+@MODELS.register("resnet32")
+def resnet32(num_classes: int) -> nn.Module:
+    """ResNet-32 for 32-pixel images (He et al. 2016, Sec. 4.2), the backbone of the paper's CIFAR-100-LT runs."""
+    return CifarResNet(32, num_classes)
 
 
 @lru_cache(maxsize=None)

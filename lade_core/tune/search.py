@@ -120,7 +120,7 @@ def build_tuner(args, config: TrainConfig, run: RunContext, space: dict, default
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    metric = OBJECTIVES[args.objective]
+    metric = OBJECTIVES.lookup(args.objective)
     # A trial on cached features trains its head in its own process: the CPUs a Ray Train trial's workers would.
     cpus = (config.runtime.num_workers * config.runtime.cpus_per_worker) if run.search.features else DRIVER_CPUS
     trainable = tune.with_resources(trial_driver, {"CPU": cpus})
@@ -241,14 +241,14 @@ def search(args, held: contextlib.ExitStack) -> int:
                                         "search_alg": args.search, "scheduler": args.scheduler},
                                        tags={"lade.kind": "search", SEARCH_DIGEST_TAG: digest})
     run = dataclasses.replace(run, search=dataclasses.replace(run.search, parent_run_id=parent_id))
-    print(f"search {args.experiment}: space {family}, objective {OBJECTIVES[args.objective]}, {args.scheduler}, "
+    print(f"search {args.experiment}: space {family}, objective {OBJECTIVES.lookup(args.objective)}, {args.scheduler}, "
           f"up to {max_concurrent} trials at once; MLflow parent run {parent_id}")
     try:
         results = build_tuner(args, config, run, space, defaults, storage, max_concurrent).fit()
     except BaseException:
         end_run(uri, parent_id, failed=True)
         raise
-    metric = OBJECTIVES[args.objective]
+    metric = OBJECTIVES.lookup(args.objective)
     rows = summary_rows(results, list(space), metric, config.optimizer.epochs)
     client = mlflow_client(uri)
     close_trial_runs(client, results, TrialEpochLogger(mlflow_uri=uri, experiment=config.runtime.experiment,

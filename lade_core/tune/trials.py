@@ -16,9 +16,10 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.schedulers import ASHAScheduler
 
 from lade_core.compat import asha_bracket, asha_count_stop, asha_metric_sign, asha_rungs
+from lade_core.registry import Registry
 
-# Tune objectives -> the validation metric each reports (see lade_core.train.loop.evaluate).
-OBJECTIVES = {"uniform": "val/top1", "shift_mean": "val/shift_mean_top1"}
+# A search's objective -> the validation metric each trial reports (lade_core.train.loop.evaluate) and Tune maximizes.
+OBJECTIVES: Registry[str] = Registry("objective", {"uniform": "val/top1", "shift_mean": "val/shift_mean_top1"})
 
 
 # What makes a search the same search: a rerun with the same --experiment resumes it only if this agrees.

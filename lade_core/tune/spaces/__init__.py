@@ -18,7 +18,12 @@ from __future__ import annotations
 import importlib
 import math
 
-FAMILIES = ("smoke", "synthetic", "cifar100_lt", "imagenet_lt", "places_lt", "inat18")
+from lade_core.registry import Registry
+
+# A family's name -> the module that holds its SPACE and DEFAULTS (another package may register its own).
+SPACES: Registry[str] = Registry("search space", {name: f"{__name__}.{name}" for name in (
+    "smoke", "synthetic", "cifar100_lt", "imagenet_lt", "places_lt", "inat18")})
+FAMILIES = tuple(SPACES)  # the built-in ones
 KINDS = ("loguniform", "uniform", "choice")
 # Non-loss keys with a bounded range: a spec outside it is an error, not a silent clip. A loss hyperparameter's
 # range is its loss's declaration (lade_core.math.losses.LOSSES): the family's LADE keys are LADE's.
@@ -65,9 +70,7 @@ def with_methods(space: dict, names: list[str]) -> dict:
 
 def load_family(name: str) -> tuple[dict, dict]:
     """(SPACE, DEFAULTS) of a family, validated."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown search space {name!r}; choose one of {FAMILIES}")
-    module = importlib.import_module(f"{__name__}.{name}")
+    module = importlib.import_module(SPACES.lookup(name))
     space = dict(module.SPACE)
     validate_space(space, name)
     return space, dict(module.DEFAULTS)
