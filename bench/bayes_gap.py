@@ -24,7 +24,6 @@ import torch
 
 from lade_core.math.evaluation import Target, estimated_prior_rows, select_tau
 from lade_core.math.heads import build_head, tau_normalize
-from lade_core.math.losses import LOSSES, build_loss, default_rule
 from lade_core.math.posthoc import inject_prior, posthoc_logits
 from lade_core.math.priors import (
     SHIFT_PROTOCOL,
@@ -33,6 +32,7 @@ from lade_core.math.priors import (
     shift_protocol_name,
     shifted_subset,
 )
+from lade_core.methods import LOSSES, build_loss, default_rule
 
 C, D, PER_CLASS_TEST = 50, 8, 400
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import best_times  # noqa: E402
 
-from lade_core.math.losses import LOSSES, LADELoss, build_loss, lade_reference  # noqa: E402
+from lade_core.math.losses import LADELoss, lade_reference
+from lade_core.methods import LOSSES, build_loss  # noqa: E402
 
 
 def masked_lade(z, y, log_ps, alpha, lam, weights):

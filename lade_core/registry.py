@@ -1,4 +1,4 @@
-"""The one registration style for what lade looks up by name: losses (``math.losses.LOSSES``), post-hoc rules
+"""The one registration style for what lade looks up by name: losses (``methods.LOSSES``), post-hoc rules
 (``math.posthoc.RULES``), classifier heads (``math.heads.HEADS``), lade's own models (``models.backbones.MODELS``),
 augmentation presets (``data.recipe.PRESETS``), search spaces (``tune.spaces.SPACES``), prior estimators
 (``math.label_shift.ESTIMATION_METHODS``) and search objectives (``tune.trials.OBJECTIVES``).

@@ -15,7 +15,7 @@ from lade_core.config.schema import (
     split_flat_config,
     validate_config,
 )
-from lade_core.math.losses import LOSS_KEYS, LOSSES
+from lade_core.methods import LOSS_KEYS, LOSSES
 from lade_core.train.schedules import lr_factor
 
 

@@ -8,7 +8,8 @@ import torch
 
 from lade_core.config.schema import resolve_config
 from lade_core.math.heads import ExpertHeads, build_head
-from lade_core.math.losses import BalPoELoss, SADELoss, build_loss, inverse_prior
+from lade_core.math.losses import BalPoELoss, SADELoss, inverse_prior
+from lade_core.methods import build_loss
 from lade_core.models.backbones import ExpertStages, build_model, check_input_size, expert_outputs
 
 EPS = 1e-9  # SADE's and BalPoE's released code: log(p + 1e-9)

@@ -337,7 +337,7 @@ def test_a_lora_model_pins_peft_for_serving_and_a_plain_one_does_not():
 
 @pytest.mark.parametrize("loss", ["lade", "balanced_softmax", "logit_adjusted", "sade", "balpoe", "ldam_drw"])
 def test_every_loss_trains_on_a_text_initialised_head(loss, tiny_clip):
-    from lade_core.math.losses import build_loss, classifier_head
+    from lade_core.methods import build_loss, classifier_head
 
     ps = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     extra = {"expert_stages": 0} if loss in ("sade", "balpoe") else {}  # a ViT's experts share its backbone

@@ -1,6 +1,6 @@
-"""A loss is declared once (lade_core.math.losses.LOSSES: class, hyperparameters with type, range, default, help and
-Tune range, post-hoc rules), and config, CLI, Tune and the README derive from it; a package adds a loss through the
-entry point group ``lade.losses`` (examples/label_smoothing_plugin), end to end: train, search, serve."""
+"""A loss is declared once (lade_core.methods.LOSSES: class, hyperparameters with type, range, default, help and
+Tune range, post-hoc rules), and config, CLI, Tune and docs/training.md derive from it; a package adds a loss through
+the entry point group ``lade.losses`` (examples/label_smoothing_plugin), end to end: train, search, serve."""
 from __future__ import annotations
 
 import json
@@ -18,15 +18,8 @@ import torch
 
 from conftest import REPO
 from lade_core.config.schema import resolve_config
-from lade_core.math.losses import (
-    BUILTIN_LOSSES,
-    LOSSES,
-    Hyperparameter,
-    LossSpec,
-    SoftmaxLoss,
-    build_loss,
-    register_loss,
-)
+from lade_core.math.losses import SoftmaxLoss
+from lade_core.methods import BUILTIN_LOSSES, LOSSES, Hyperparameter, LossSpec, build_loss, register_loss
 
 PLUGIN = REPO / "examples" / "label_smoothing_plugin"
 PRIOR = [0.5, 0.3, 0.2]
@@ -162,7 +155,7 @@ def _python(code: str, pythonpath: Path | None = None) -> subprocess.CompletedPr
 
 def test_a_plugin_that_fails_to_load_is_named_where_its_loss_is_asked_for(tmp_path):
     _dist(tmp_path, "broken-plugin", "broken = no_such_module:declaration")
-    p = _python("from lade_core.math.losses import build_loss\nbuild_loss('broken', [0.5, 0.5])", tmp_path)
+    p = _python("from lade_core.methods import build_loss\nbuild_loss('broken', [0.5, 0.5])", tmp_path)
     assert p.returncode == 1
     assert "loss plugin 'broken' not loaded" in p.stderr  # the warning at import
     assert re.search(r"unknown loss 'broken' \(plugin: entry point 'no_such_module:declaration' failed: "
@@ -170,14 +163,15 @@ def test_a_plugin_that_fails_to_load_is_named_where_its_loss_is_asked_for(tmp_pa
 
 
 def test_a_plugin_loads_whichever_path_lade_is_imported_by_first(tmp_path):
-    """The plugin imports ``lade_core.math.losses`` while lade's registry is loading it: that works when a program
-    starts at the losses, at the config or at the training driver."""
+    """The plugin imports ``lade_core.methods`` (and ``lade_core.math.losses``) while lade's registry is loading it:
+    that works when a program starts at the declarations, at the losses, at the config or at the training driver."""
     import shutil
 
     shutil.copytree(PLUGIN / "lade_label_smoothing", tmp_path / "lade_label_smoothing")
     _dist(tmp_path, "lade-label-smoothing", "label_smoothing = lade_label_smoothing:declaration")
-    for first in ("import lade_core.math.losses", "import lade_core.config.schema", "import lade_core.train.driver"):
-        p = _python(f"{first}\nimport lade_core.math.losses as a, lade_core.math.losses as b\n"
+    for first in ("import lade_core.methods", "import lade_core.math.losses", "import lade_core.config.schema",
+                  "import lade_core.train.driver"):
+        p = _python(f"{first}\nimport lade_core.methods as a, lade_core.methods as b\n"
                     "print(a is b, 'label_smoothing' in a.LOSSES, a.PLUGIN_ERRORS)", tmp_path)
         assert p.returncode == 0 and p.stdout.split() == ["True", "True", "{}"], (first, p.stdout, p.stderr[-2000:])
 
@@ -187,7 +181,7 @@ def test_a_plugin_named_like_a_built_in_loss_is_refused_with_a_warning(tmp_path)
 
     shutil.copytree(PLUGIN / "lade_label_smoothing", tmp_path / "lade_label_smoothing")
     _dist(tmp_path, "shadowing-plugin", "lade = lade_label_smoothing:declaration")
-    p = _python("import lade_core.math.losses as l\nprint(l.LOSSES['lade'].cls.__name__)", tmp_path)
+    p = _python("import lade_core.methods as l\nprint(l.LOSSES['lade'].cls.__name__)", tmp_path)
     assert p.returncode == 0 and p.stdout.split() == ["LADELoss"], p.stderr[-2000:]
     assert "loss plugin 'lade' not loaded" in p.stderr and "not yet registered" in p.stderr
 

@@ -241,7 +241,7 @@ def ref_softmax_ce(z, y):
 
 
 def test_registry_builds_every_loss_with_its_own_terms(rng):
-    from lade_core.math.losses import LOSSES, build_loss, posthoc_rules
+    from lade_core.methods import LOSSES, build_loss, posthoc_rules
 
     z, y, ps = _batch(rng, 24, 7)
     zt, yt = torch.tensor(z), torch.tensor(y)
@@ -270,7 +270,7 @@ def test_registry_builds_every_loss_with_its_own_terms(rng):
 
 
 def test_registry_refuses_unknown_losses_and_hyperparameters():
-    from lade_core.math.losses import build_loss
+    from lade_core.methods import build_loss
 
     with pytest.raises(ValueError,
                        match=r"unknown loss 'fancy'; choose one of \['balanced_softmax', 'balpoe', 'causal_norm', "):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lade_core.math.heads import AdjustedLinear, CausalNormClassifier, CosineClassifier, check_head_state, tau_normalize
-from lade_core.math.losses import LOSSES, build_loss, classifier_head, posthoc_rules
+from lade_core.methods import LOSSES, build_loss, classifier_head, posthoc_rules
 from lade_core.models.backbones import build_model
 
 

@@ -34,7 +34,7 @@ def test_posthoc_rejects_bad_priors():
 
 
 def test_primary_posthoc_mode_per_loss():
-    from lade_core.math.losses import LOSSES, posthoc_rules
+    from lade_core.methods import LOSSES, posthoc_rules
 
     assert {loss: posthoc_rules(loss)[0] for loss in LOSSES} == {
         "softmax": "pc", "balanced_softmax": "inject", "lade": "inject", "logit_adjusted": "inject", "focal": "pc",

@@ -18,8 +18,8 @@ from lade_core.data.recipe import (
     sample_seeds,
 )
 from lade_core.data.transforms import ImageTransform, transform_batch
-from lade_core.math.losses import LOSSES, build_loss
 from lade_core.math.mixing import BatchMix, mixed_loss
+from lade_core.methods import LOSSES, build_loss
 from lade_core.models.backbones import Backbone, build_model, check_input_size, load_model_state
 
 

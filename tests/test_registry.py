@@ -7,8 +7,8 @@ import pytest
 from lade_core.data.recipe import PRESETS
 from lade_core.math.heads import HEADS, build_head
 from lade_core.math.label_shift import LABEL_FREE, METHODS, estimate_target_prior
-from lade_core.math.losses import LOSSES, build_loss
 from lade_core.math.posthoc import RULES
+from lade_core.methods import LOSSES, build_loss
 from lade_core.models.backbones import MODELS
 from lade_core.registry import Registry
 from lade_core.tune import spaces

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_train
-from lade_core.math.losses import classifier_head
+from lade_core.methods import classifier_head
 from lade_core.models.backbones import build_model
 from lade_core.tracking.artifacts import LOGITS_ARTIFACT, PRIOR_ARTIFACT, VAL_LOGITS_ARTIFACT, read_logits_parquet
 

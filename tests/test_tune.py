@@ -241,7 +241,7 @@ def test_ray_tune_resolves_a_methods_space_into_valid_trial_configs():
     from ray.tune.search.variant_generator import generate_variants
 
     from lade_core.config.schema import DEFAULTS, validate_config
-    from lade_core.math.losses import LOSSES
+    from lade_core.methods import LOSSES
     from lade_core.tune.trials import select_method
 
     space = tune_spaces.with_methods(tune_spaces.load_family("smoke")[0], ["lade", "focal", "causal_norm", "ldam_drw"])

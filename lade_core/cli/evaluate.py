@@ -34,7 +34,7 @@ from lade_core.math.evaluation import (
     evaluation_targets,
 )
 from lade_core.math.label_shift import BCTS_MIN_PER_CLASS, METHODS
-from lade_core.math.losses import LOSSES, posthoc_rules
+from lade_core.methods import LOSSES, posthoc_rules
 from lade_core.report.figures import run_figures
 from lade_core.report.tables import format_table
 from lade_core.runtime.local_ray import quiet_logging

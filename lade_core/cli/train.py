@@ -15,7 +15,7 @@ import sys
 
 from lade_core.config.schema import add_loss_arguments, json_or_name
 from lade_core.data import DECODE_PLACES
-from lade_core.math.losses import LOSSES
+from lade_core.methods import LOSSES
 from lade_core.models.foundation import PEFT_METHODS
 from lade_core.runtime.local_ray import quiet_logging, shutdown_ray
 from lade_core.train.driver import train_run, train_seeds
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="dataset, a family name, or JSON {\"mean\": [..], \"std\": [..]}")
     ap.add_argument("--mixup", type=lambda a: {"alpha": float(a)}, metavar="ALPHA", help="mixup, Beta(α, α)")
     ap.add_argument("--cutmix", type=lambda a: {"alpha": float(a)}, metavar="ALPHA", help="CutMix, Beta(α, α)")
-    add_loss_arguments(ap)  # --alpha, --tau, ...: each loss's own, from its declaration (lade_core.math.losses)
+    add_loss_arguments(ap)  # --alpha, --tau, ...: each loss's own, from its declaration (lade_core.methods)
     ap.add_argument("--image-size", dest="image_size", type=int,
                     help="crop size for training and evaluation (default: the prepared dataset's)")
     ap.add_argument("--epochs", type=int)

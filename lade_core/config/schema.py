@@ -25,7 +25,7 @@ import yaml
 from lade_core.data.prepared import DECODE_PLACES
 from lade_core.data.recipe import check_augment, check_normalize
 from lade_core.data.sources import MIN_IMAGE_SIZE
-from lade_core.math.losses import CORE_LOSSES, LOSS_KEYS, LOSSES
+from lade_core.methods import CORE_LOSSES, LOSS_KEYS, LOSSES
 from lade_core.models.backbones import check_model_name
 from lade_core.models.foundation import TEXT_HEAD_SCALE, Finetuning, check_peft, text_embedding_dim, text_tower_source
 
@@ -89,7 +89,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The loss and its hyperparameters, as the loss declares them (``lade_core.math.losses.LOSSES``: type, range,
+    """The loss and its hyperparameters, as the loss declares them (``lade_core.methods.LOSSES``: type, range,
     default). A config stays flat (``loss: causal_norm``, ``tau: 16``): a hyperparameter key means that
     hyperparameter of the config's loss, so ``tau`` is checked against Causal Norm's range (> 0) there and logit
     adjustment's (>= 0) with ``loss: logit_adjusted``. A hyperparameter left None takes the loss's default; one the

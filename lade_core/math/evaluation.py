@@ -263,7 +263,7 @@ def rule_rows(run, estimate: tuple[str, ...] | list[str] = (), aggregate_experts
     own rule: mean and min over the 17 targets (the knock-outs included), and a row of that estimated-prior top-1
     per target.
     ``aggregate_experts``: a row of SADE's test-time aggregation (``aggregated_rows``; the run's ``expert_views``)."""
-    from lade_core.math.losses import posthoc_rules, tuned_rules
+    from lade_core.methods import posthoc_rules, tuned_rules
 
     targets = protocol_targets(run.labels, run.train_counts, knockouts=True)
     rules = [(rule, rule, run.logits) for rule in posthoc_rules(run.loss)]
@@ -311,7 +311,7 @@ def estimated_prior_rows(logits, labels, source_prior, loss: str, targets: list[
     the uniform prior, with the loss's post-hoc rule; ``ratio`` = estimated / true top-1; the estimation error as
     total variation and KL(true || estimate). ``calibration``: as for ``estimate_target_prior``, fitted once."""
     from lade_core.math.label_shift import estimate_target_prior, resolve_calibration, source_logits
-    from lade_core.math.losses import default_rule
+    from lade_core.methods import default_rule
 
     z = torch.as_tensor(logits).double()
     y = torch.as_tensor(_labels_np(labels))

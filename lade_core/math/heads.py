@@ -15,7 +15,7 @@ is the model's posterior, before any post-hoc rule):
   classifiers on the shared features or on each expert's own; training output every expert's logits [B, E, C],
   inference output their weighted sum (``expert_weights``, default 1/E each) plus a fixed per-class
   ``eval_offset``.
-``HEADS`` names them; ``lade_core.math.losses`` says which loss trains which head.
+``HEADS`` names them; ``lade_core.methods`` says which loss trains which head.
 """
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def source_logits(logits: torch.Tensor, source_prior, loss: str | None = None, *
     """Logits [N, C] -> float64 logits whose softmax is the model's source posterior p_s(y|x): the post-hoc rule
     with p_t = p_s — ``rule`` where the caller has it (a model card's), else the loss's own."""
     if rule is None:
-        from lade_core.math.losses import default_rule  # the registry: losses.py imports no estimator
+        from lade_core.methods import default_rule  # the registry: losses.py imports no estimator
 
         rule = default_rule(loss)
     z = logits.double()

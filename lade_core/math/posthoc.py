@@ -8,7 +8,7 @@
 
 A rule is a per-class shift of a model's logits (``Rule.offset``), after, for a rule tuned on validation, a transform
 with a parameter τ chosen there (``Rule.transform`` over ``Rule.grid``). A loss declares the fixed rules that fit its
-logits (``lade_core.math.losses.LOSSES``); the tuned ones apply to logits entangled with p_s (a loss whose own rule is
+logits (``lade_core.methods.LOSSES``); the tuned ones apply to logits entangled with p_s (a loss whose own rule is
 ``pc``). Evaluation, comparison, label-shift estimation and the served model all apply rules through ``RULES``.
 """
 from __future__ import annotations
@@ -132,7 +132,7 @@ def _rule(rule: str, among) -> Rule:
 
 def posthoc_logits(logits: torch.Tensor, rule: str, source_prior, target_prior) -> torch.Tensor:
     """Apply one fixed post-hoc rule by name: ``raw``, ``pc`` (compensate) or ``inject``. Which rules fit a model is
-    its loss's business: ``lade_core.math.losses.posthoc_rules``."""
+    its loss's business: ``lade_core.methods.posthoc_rules``."""
     if _rule(rule, FIXED_RULES).name == "raw":
         return logits
     if rule == "pc":

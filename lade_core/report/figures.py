@@ -101,7 +101,7 @@ def run_figures(run, targets: list, rows: list[dict], out: Path) -> list[Path]:
     reliability and predicted prior under the uniform target per post-hoc rule, logit statistics, top-1 across the
     shifted protocol."""
     from lade_core.math.evaluation import PROTOCOL_NAMES, calibration_by_rule, logit_statistics, mean_predicted_prior
-    from lade_core.math.losses import posthoc_rules
+    from lade_core.methods import posthoc_rules
 
     rules = posthoc_rules(run.loss)
     uniform = next(t for t in targets if t.name == "uniform")

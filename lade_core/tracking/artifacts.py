@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 import torch
 
 from lade_core.math.checks import check_labels
-from lade_core.math.losses import tuned_rules
 from lade_core.math.posthoc import RULES
+from lade_core.methods import tuned_rules
 
 LOGITS_ARTIFACT = "eval/test_logits.parquet"
 VAL_LOGITS_ARTIFACT = "eval/val_logits.parquet"

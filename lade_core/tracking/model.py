@@ -49,9 +49,9 @@ from lade_core.data.transforms import (
     tta_views,
 )
 from lade_core.math.heads import check_head_state
-from lade_core.math.losses import posthoc_rules
 from lade_core.math.posthoc import ensemble_views, posthoc_logits
 from lade_core.math.priors import uniform_prior, validate_prior
+from lade_core.methods import posthoc_rules
 from lade_core.models.backbones import LINEAR, build_model, expert_outputs, has_experts, load_model_state, memory_format
 from lade_core.models.foundation import Finetuning
 

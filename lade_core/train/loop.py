@@ -30,9 +30,9 @@ from lade_core.config.schema import (
 from lade_core.data.recipe import augment_seed
 from lade_core.data.transforms import ImageTransform
 from lade_core.math.evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
-from lade_core.math.losses import build_loss, default_rule
 from lade_core.math.mixing import BatchMix, mixed_loss
 from lade_core.math.priors import uniform_prior
+from lade_core.methods import build_loss, default_rule
 from lade_core.models.backbones import build_model, classifier_parameters, has_experts, load_model_state, memory_format
 from lade_core.models.foundation import class_text_embeddings, init_head_from_text, text_tower_source
 from lade_core.serve.inference import model_batches, sharded_expert_views, sharded_logits, sync_buffers

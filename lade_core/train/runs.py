@@ -16,7 +16,7 @@ from lade_core.data.recipe import resolve_augment, resolve_normalize
 from lade_core.data.synthetic import make_synthetic
 from lade_core.math.evaluation import evaluate_targets, protocol_targets
 from lade_core.math.label_shift import auto_calibration, source_logits
-from lade_core.math.losses import default_rule, posthoc_rules
+from lade_core.methods import default_rule, posthoc_rules
 from lade_core.models.backbones import (
     build_model,
     check_input_size,

@@ -24,7 +24,7 @@ from lade_core.config.schema import (
     split_flat_config,
 )
 from lade_core.data import DataError
-from lade_core.math.losses import LOSSES
+from lade_core.methods import LOSSES
 from lade_core.report.tables import format_table
 from lade_core.runtime.local_ray import check_job_locations, init_ray, local_num_cpus
 from lade_core.runtime.locks import lock_for, maybe_exclusive

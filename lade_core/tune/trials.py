@@ -51,7 +51,7 @@ def select_method(config: dict) -> dict:
     grid's {loss, key: value} setting), other methods' draws dropped. The base config's loss hyperparameters stay
     only for trials of the base config's loss (``search_base_loss``): another loss starts from its own defaults,
     never reads LADE's alpha as Causal Norm's."""
-    from lade_core.math.losses import LOSS_KEYS
+    from lade_core.methods import LOSS_KEYS
 
     config = dict(config)
     setting = config["loss"] if isinstance(config.get("loss"), dict) else {}
@@ -274,7 +274,7 @@ def trial_driver(loop_config: dict) -> None:
 def summary_rows(results, space_keys: list[str], metric: str, epochs: int) -> list[dict]:
     """One row per trial of a ``ResultGrid``: sampled values, epochs run, last objective, early stop. In a search
     over the loss, ``loss`` and the drawn method's own values (``hyperparameters``)."""
-    from lade_core.math.losses import LOSSES
+    from lade_core.methods import LOSSES
 
     rows = []
     for r in results:

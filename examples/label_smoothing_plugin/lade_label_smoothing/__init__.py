@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lade_core.math.losses import Hyperparameter, Loss, LossSpec, check_targets
+from lade_core.math.losses import Loss, check_targets
+from lade_core.methods import Hyperparameter, LossSpec
 
 
 class LabelSmoothingLoss(Loss):

@@ -26,14 +26,14 @@ SPACES: Registry[str] = Registry("search space", {name: f"{__name__}.{name}" for
 FAMILIES = tuple(SPACES)  # the built-in ones
 KINDS = ("loguniform", "uniform", "choice")
 # Non-loss keys with a bounded range: a spec outside it is an error, not a silent clip. A loss hyperparameter's
-# range is its loss's declaration (lade_core.math.losses.LOSSES): the family's LADE keys are LADE's.
+# range is its loss's declaration (lade_core.methods.LOSSES): the family's LADE keys are LADE's.
 BOUNDS = {"lr": (0.0, math.inf), "backbone_lr": (0.0, math.inf), "weight_decay": (0.0, math.inf)}
 
 
 def method_space(name: str) -> dict:
     """Loss ``name``'s own ranges for a search over the loss: each hyperparameter's declared ``space`` (bracketing
     its paper's value); the others keep their defaults."""
-    from lade_core.math.losses import LOSSES
+    from lade_core.methods import LOSSES
 
     return {h.name: h.space for h in LOSSES[name].params if h.space is not None}
 
@@ -41,7 +41,7 @@ def method_space(name: str) -> dict:
 def _bounds(key: str, loss: str) -> tuple[float, float]:
     """(low, high) a range for ``key`` must lie in: the declared bounds of loss ``loss``'s hyperparameter ``key``
     (open or closed alike: a range's end may touch them), else ``BOUNDS``."""
-    from lade_core.math.losses import LOSSES
+    from lade_core.methods import LOSSES
 
     if key in LOSSES[loss].hyperparameters:
         h = LOSSES[loss].param(key)
@@ -57,7 +57,7 @@ METHODS = "methods"
 def with_methods(space: dict, names: list[str]) -> dict:
     """``space`` searching over the losses ``names`` too: LADE with the family's LADE ranges, the others with
     ``method_space``; the family's other keys (learning rate, ...) are shared by all."""
-    from lade_core.math.losses import LOSSES
+    from lade_core.methods import LOSSES
 
     unknown = [n for n in names if n not in LOSSES]
     if unknown or not names:
@@ -114,7 +114,7 @@ def validate_space(space: dict, name: str = "space", loss: str = "lade") -> None
 
 
 def _validate_methods(spec: tuple, name: str) -> None:
-    from lade_core.math.losses import LOSSES
+    from lade_core.methods import LOSSES
 
     methods = spec[1] if len(spec) == 2 and isinstance(spec[1], dict) else None
     if not methods:
