@@ -1,20 +1,9 @@
 """The typed training config: every bad value is refused with the file (or command line) and the key, before Ray."""
 import pytest
 
-from lade_core.config.schema import (
-    CLI,
-    CONFIG_KEYS,
-    DEFAULTS,
-    RunContext,
-    SearchContext,
-    TrainConfig,
-    flat_config,
-    loss_config_keys,
-    resolve_config,
-    resolve_train_config,
-    split_flat_config,
-    validate_config,
-)
+from lade_core.config.context import RunContext, SearchContext, flat_config, split_flat_config
+from lade_core.config.recipes import resolve_config, resolve_train_config
+from lade_core.config.schema import CLI, CONFIG_KEYS, DEFAULTS, TrainConfig, loss_config_keys, validate_config
 from lade_core.methods import LOSS_KEYS, LOSSES
 from lade_core.train.schedules import lr_factor
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lade_core.config.schema import resolve_config
+from lade_core.config.recipes import resolve_config
 from lade_core.math.heads import ExpertHeads, build_head
 from lade_core.math.losses import BalPoELoss, SADELoss, inverse_prior
 from lade_core.methods import build_loss

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import mlflow
 import torch
 
-from lade_core.config.schema import split_flat_config
+from lade_core.config.context import split_flat_config
 from lade_core.data import open_prepared
 from lade_core.tracking.artifacts import LOGITS_ARTIFACT, MODEL_NAME, VAL_LOGITS_ARTIFACT, read_logits_parquet
 from lade_core.tracking.store import find_run, logged_model_uri

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import run_train
-from lade_core.config.schema import model_finetuning, resolve_train_config
+from lade_core.config.recipes import resolve_train_config
+from lade_core.config.schema import model_finetuning
 from lade_core.data.prepare import prepare_dataset
 from lade_core.data.prepared import open_prepared
 from lade_core.data.synthetic import make_synthetic
@@ -270,7 +271,7 @@ def test_a_trial_on_cached_features_gives_the_full_pipelines_head_and_registers_
     import sys
 
     from conftest import REPO
-    from lade_core.config.schema import split_flat_config
+    from lade_core.config.context import split_flat_config
     from lade_core.tracking.artifacts import STATE_DICT_ARTIFACT
     from lade_core.tracking.model import load_classifier
     from lade_core.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -375,7 +376,7 @@ def _write_feature_split(folder, split, features, labels, seed):
 
 
 def test_a_head_trial_resumed_from_its_checkpoint_ends_where_an_unbroken_one_does(tmp_path):
-    from lade_core.config.schema import RunContext, flat_config
+    from lade_core.config.context import RunContext, flat_config
     from lade_core.train.checkpoint import latest_checkpoint, load_checkpoint, publish_checkpoint, save_checkpoint
     from lade_core.train.features import fit_head, read_features
 

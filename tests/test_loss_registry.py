@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from lade_core.config.schema import resolve_config
+from lade_core.config.recipes import resolve_config
 from lade_core.math.losses import SoftmaxLoss
 from lade_core.methods import BUILTIN_LOSSES, LOSSES, Hyperparameter, LossSpec, build_loss, register_loss
 
@@ -86,7 +86,7 @@ def test_a_hyperparameter_name_means_one_thing_within_its_loss():
 def test_train_py_flags_come_from_the_declarations():
     import argparse
 
-    from lade_core.config.schema import add_loss_arguments
+    from lade_core.config.flags import add_loss_arguments
 
     ap = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
     add_loss_arguments(ap)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from lade_core.config.schema import resolve_config
+from lade_core.config.recipes import resolve_config
 from lade_core.data.recipe import (
     ChannelStats,
     RecipeError,

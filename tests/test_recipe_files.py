@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from conftest import REPO
-from lade_core.config.schema import RECIPES, composed_recipe, recipe_names, recipe_paths, resolve_config
+from lade_core.config.recipes import RECIPES, composed_recipe, recipe_names, recipe_paths, resolve_config
 
 # Every recipe as resolved at e68b5aa, when configs/ held 36 files (25 of them byte-identical copies).
 BEFORE = json.loads((REPO / "tests" / "fixtures" / "recipes_e68b5aa.json").read_text())
@@ -83,7 +83,7 @@ def test_recipes_and_search_spaces_work_from_the_installed_package_outside_a_che
     zipfile.ZipFile(wheel).extractall(site)
     probe = ("import json, lade_core\n"
              "from lade_core.tune import spaces as tune_spaces\n"
-             "from lade_core.config.schema import resolve_config\n"
+             "from lade_core.config.recipes import resolve_config\n"
              "space, defaults = tune_spaces.load_family('cifar100_lt')\n"
              "print(json.dumps([lade_core.__file__, resolve_config('imagenet_lt/focal', {}),\n"
              "                  resolve_config(defaults['config'], {})]))\n")

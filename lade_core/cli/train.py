@@ -13,7 +13,7 @@ import argparse
 import contextlib
 import sys
 
-from lade_core.config.schema import add_loss_arguments, json_or_name
+from lade_core.config.flags import add_loss_arguments, json_or_name
 from lade_core.data import DECODE_PLACES
 from lade_core.methods import LOSSES
 from lade_core.models.foundation import PEFT_METHODS

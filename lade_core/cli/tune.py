@@ -17,7 +17,7 @@ import argparse
 import contextlib
 import os
 
-from lade_core.config.schema import json_or_name
+from lade_core.config.flags import json_or_name
 from lade_core.models.foundation import PEFT_METHODS
 from lade_core.runtime.local_ray import quiet_logging
 from lade_core.tune import spaces as tune_spaces

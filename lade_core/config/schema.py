@@ -1,4 +1,4 @@
-"""Training config: typed sections built from a YAML file (with ``base:`` inheritance) and CLI overrides.
+"""Training config: typed sections, built from a recipe and CLI overrides (``lade_core.config.recipes``).
 
 A config file is flat YAML (``lr: 0.1``, ``loss: lade``, ``schedule: {name: cosine}``); every key belongs to
 exactly one section below (model, data, loss, optimizer, schedule, runtime), which gives it a type and a range.
@@ -9,18 +9,13 @@ line) and the key, before Ray starts. What it returns is the flat, checked dict 
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import inspect
-import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 from lade_core.data.prepared import DECODE_PLACES
 from lade_core.data.recipe import check_augment, check_normalize
@@ -299,70 +294,6 @@ class TrainConfig:
         return self.replace(**loss_hyperparameters(self))
 
 
-@dataclass(frozen=True)
-class SearchContext:
-    """The Tune search a trial belongs to (``lade_core.tune.search``). Flat, at the Ray and MLflow boundaries, as the
-    keys ``search``, ``search_storage``, ``search_base_loss`` and ``parent_run_id``."""
-
-    name: str  # the search (its --experiment): its parent run, its trials' run names
-    storage: str  # the search's folder in --storage-path; its trials' checkpoints under ``trials/``
-    base_loss: str  # the base config's loss: only its trials keep the base config's loss hyperparameters
-    parent_run_id: str | None = None  # the search's MLflow parent run
-    features: str | None = None  # --cache-features: the backbone's cached features, each trial trains a head on them
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What a run derives at run time beside its ``TrainConfig``, never written in a recipe: its dataset's source
-    prior and training class counts, its MLflow run, and the search it is a trial of. Under a search the driver
-    logs the epochs Tune acted on (``tuning.TrialEpochLogger``) and the workers log none; else rank 0 logs them.
-    """
-
-    source_prior: list[float]  # p_s(y), [C]
-    train_counts: list[int]  # training images per class, [C]
-    mlflow_run_id: str | None = None
-    search: SearchContext | None = None
-
-    @property
-    def workers_log_epochs(self) -> bool:
-        return self.search is None
-
-
-# The flat keys of a RunContext (beside a TrainConfig's) in the dict Ray and MLflow get.
-SEARCH_KEYS = {"search": "name", "search_storage": "storage", "search_base_loss": "base_loss",
-               "parent_run_id": "parent_run_id", "search_features": "features"}
-RUN_KEYS = ("source_prior", "train_counts", "mlflow_run_id", "epoch_logging", *SEARCH_KEYS)
-
-
-def flat_config(config: TrainConfig, run: RunContext | None = None) -> dict:
-    """The one flat dict of a run at the Ray and MLflow boundaries: Ray Train's ``train_loop_config``, Tune's param
-    space, the checkpoint's ``config.json``, MLflow params and ``config.yaml``, the config digest. Keys unset in
-    ``run`` are left out (a run's params and digest never held them)."""
-    flat = config.to_dict()
-    if run is None:
-        return flat
-    flat.update(source_prior=list(run.source_prior), train_counts=list(run.train_counts))
-    if run.mlflow_run_id is not None:
-        flat["mlflow_run_id"] = run.mlflow_run_id
-    if run.search is not None:
-        flat.update({key: getattr(run.search, field) for key, field in SEARCH_KEYS.items()
-                     if getattr(run.search, field) is not None})
-        flat["epoch_logging"] = "driver"
-    return flat
-
-
-def split_flat_config(flat: dict) -> tuple[TrainConfig, RunContext]:
-    """``flat_config``'s inverse, where a flat dict comes back from Ray (a worker's ``train_loop_config``, a Tune
-    trial's sampled config, a restored search's saved param space): the config checked again (a trial's sampled
-    values are checked here like a file's) and the run's context."""
-    unknown = sorted(set(flat) - set(KEY_SECTION) - set(RUN_KEYS))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(KEY_SECTION)}")
-    config = TrainConfig.from_dict({k: v for k, v in flat.items() if k in KEY_SECTION})
-    search = (SearchContext(**{field: flat.get(key) for key, field in SEARCH_KEYS.items()})
-              if flat.get("search") is not None else None)
-    return config, RunContext(flat["source_prior"], flat["train_counts"], flat.get("mlflow_run_id"), search)
-
 
 def _build(cls: type, values: dict, where, prefix: str):
     hints = typing.get_type_hints(cls)
@@ -436,163 +367,6 @@ def _check_value(key: str, value, tp, checks, where: str):
 
 
 DEFAULTS: dict = TrainConfig.from_dict({}).to_dict()
-
-
-def _merge(base: dict, over: dict, origins: dict | None = None, origin: str = "") -> dict:
-    """``over``'s keys replace ``base``'s whole, mappings too: a file that sets ``schedule: {name: cosine}`` gets
-    exactly that schedule, not its base's milestones beside it."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = copy.deepcopy(v)
-        if origins is not None:
-            origins[k] = origin
-    return out
-
-
-# configs/<dataset>/<method>.yaml without a file of its own is the dataset's _base.yaml under
-# configs/methods/<method>.yaml: one recipe per dataset and one per method, composed, instead of a copy of each
-# method in every dataset's directory (a dataset's own file, where it has one, states what differs there).
-DATASET_BASE = "_base.yaml"
-METHODS_DIR = "methods"
-# lade's own recipes, package data (configs/ in a checkout links here): ``--config cifar100_lt/lade`` names one.
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def composed_recipe(path: str | Path) -> list[Path] | None:
-    """The files ``configs/<dataset>/<method>.yaml`` is composed of when it is not a file itself:
-    ``[<dataset>/_base.yaml, methods/<method>.yaml]``, or None where either is missing."""
-    path = Path(path)
-    parts = [path.parent / DATASET_BASE, path.parent.parent / METHODS_DIR / path.name]
-    return parts if not path.is_file() and path.suffix == ".yaml" and all(p.is_file() for p in parts) else None
-
-
-def recipe_paths(root: str | Path) -> list[Path]:
-    """Every recipe under a configs directory, a file or composed: what ``--config`` accepts there."""
-    root = Path(root)
-    files = {p for p in root.glob("*/[a-z]*.yaml") if p.parent.name != METHODS_DIR}
-    methods = sorted((root / METHODS_DIR).glob("[a-z]*.yaml"))
-    composed = {base.parent / m.name for base in root.glob(f"*/{DATASET_BASE}") for m in methods}
-    return sorted(files | composed)
-
-
-def recipe_file(config: str | Path) -> Path:
-    """``--config``'s file: a path (a file or a composed recipe), else a recipe name of lade's own (``RECIPES``)
-    such as ``cifar100_lt/lade``; a name that is neither comes back as given, for the not-found error."""
-    path = Path(config)
-    if path.is_file() or composed_recipe(path) or path.is_absolute() or path.suffix:
-        return path
-    named = RECIPES / f"{config}.yaml"
-    return named if named.is_file() or composed_recipe(named) else path
-
-
-def recipe_names() -> list[str]:
-    """lade's own recipes by name (``dataset/method``)."""
-    return [str(p.relative_to(RECIPES).with_suffix("")) for p in recipe_paths(RECIPES)]
-
-
-def load_config_file(path: str | Path, origins: dict | None = None, _chain: tuple = ()) -> dict:
-    """A YAML config and the ``base:`` files it inherits from: one file name or a list merged left to right, each
-    relative to the file (see ``composed_recipe`` for a recipe that is no file of its own). ``origins`` records
-    which file set each key. Errors name the file: syntax (with the line), not a mapping, a missing base, a
-    ``base:`` loop."""
-    named = not _chain and not Path(path).suffix  # --config NAME: one of lade's recipes
-    path = (recipe_file(path) if not _chain else Path(path)).resolve()
-    if path in _chain:
-        loop = " -> ".join(str(p) for p in (*_chain, path))
-        raise ValueError(f"{path}: base loop: {loop}")
-    parts = composed_recipe(path)
-    if parts is not None:
-        data = {"base": [str(p) for p in parts]}
-    elif not path.is_file():
-        via = f" (base of {_chain[-1]})" if _chain else ""
-        hint = f"; lade's recipes: {recipe_names()}" if named else _recipes_hint(path)
-        raise FileNotFoundError(f"config file not found: {path}{via}{hint}")
-    else:
-        data = _read_yaml(path)
-    base = data.pop("base", None)
-    bases = [base] if isinstance(base, str) else base
-    if base is not None and (not isinstance(bases, list) or not bases
-                             or not all(isinstance(b, str) and b for b in bases)):
-        raise ValueError(f"{path}: base must be a file name or a list of file names, got {base!r}")
-    merged: dict = {}
-    for b in bases or []:
-        merged = _merge(merged, load_config_file(path.parent / b, origins, (*_chain, path)))
-    unknown = sorted(set(data) - set(KEY_SECTION))
-    if unknown:
-        raise ValueError(f"{path}: unknown config keys {unknown}; known keys: {sorted(KEY_SECTION)}")
-    return _merge(merged, data, origins, str(path))
-
-
-def _recipes_hint(path: Path) -> str:
-    methods = sorted(p.stem for p in (path.parent.parent / METHODS_DIR).glob("[a-z]*.yaml"))
-    if not (path.parent / DATASET_BASE).is_file() or not methods:
-        return ""
-    return f"; this directory's recipes: its own files or a method of {path.parent.parent / METHODS_DIR}: {methods}"
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ValueError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must be a mapping of keys to values, got {type(data).__name__}")
-    bad_keys = [k for k in data if not isinstance(k, str)]
-    if bad_keys:
-        raise ValueError(f"{path}: config keys must be strings, got {bad_keys}")
-    return data
-
-
-def resolve_config(path: str | Path | None, overrides: dict) -> dict:
-    """``resolve_train_config``'s flat form (the recipe's values as a dict)."""
-    return resolve_train_config(path, overrides).to_dict()
-
-
-def resolve_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
-    """DEFAULTS <- config file (and its bases) <- overrides (only the flags the user actually passed), checked.
-
-    Raises ValueError / FileNotFoundError naming the file or command line and key.
-    """
-    origins: dict[str, str] = {}
-    cfg = _merge(DEFAULTS, load_config_file(path, origins) if path else {})
-    file_loss = cfg["loss"]
-    cfg = _merge(cfg, overrides, origins, CLI)
-    if cfg["loss"] != file_loss:
-        # A file's loss hyperparameters belong to the file's loss: `--loss focal` on a LADE recipe drops its alpha
-        # and lam rather than failing on them (or, worse, reading LADE's alpha as Causal Norm's).
-        cfg.update({k: None for k in LOSS_KEYS if origins.get(k) not in (None, CLI)})
-    return TrainConfig.from_dict(cfg, origins)
-
-
-def json_or_name(text: str):
-    """A command-line value of a structured key: JSON (a list or a mapping) or a bare name such as ``dataset`` or
-    ``cifar``; malformed JSON is an error naming it."""
-    if text.lstrip()[:1] not in ("[", "{"):
-        return text
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None  # a ValueError argparse shows
-
-
-def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--<name>`` flag (dashes for underscores) per loss hyperparameter name, built-in or plugin, typed and
-    described by the losses' declarations (unset: the loss's default). The config checks the value against the
-    chosen loss's range."""
-    parsers = {float: float, int: int, str: str, list[float]: json.loads}  # a declaration's type -> the flag's
-    for key in LOSS_KEYS:
-        declared = [(name, spec.param(key)) for name, spec in LOSSES.items() if key in spec.hyperparameters]
-        types = {h.type for _, h in declared}
-        first = declared[0][1]
-        # One type for the flag: the declarations' if they agree; else YAML's reading of the text, checked later.
-        kwargs = {"type": parsers.get(first.type, yaml.safe_load) if len(types) == 1 else yaml.safe_load}
-        if len(declared) == 1 and first.choices is not None:
-            kwargs["choices"] = list(first.choices)
-        text = "; ".join(f"{name}: {h.help} ({h.range_text}; default {h.default})" for name, h in declared)
-        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, help=text.replace("%", "%%"), **kwargs)
 
 
 def loss_hyperparameters(config: TrainConfig) -> dict:

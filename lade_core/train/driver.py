@@ -9,14 +9,9 @@ import hashlib
 import json
 import sys
 
-from lade_core.config.schema import (
-    RunContext,
-    RuntimeConfig,
-    TrainConfig,
-    check_runnable,
-    flat_config,
-    resolve_train_config,
-)
+from lade_core.config.context import RunContext, flat_config
+from lade_core.config.recipes import resolve_train_config
+from lade_core.config.schema import RuntimeConfig, TrainConfig, check_runnable
 from lade_core.data import DataError
 from lade_core.runtime.local_ray import check_job_locations, init_ray, local_num_cpus
 from lade_core.runtime.locks import LockHeld, lock_for, maybe_exclusive

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from lade_core import __version__
-from lade_core.config.schema import RunContext, TrainConfig, flat_config, split_flat_config
+from lade_core.config.context import RunContext, flat_config, split_flat_config
+from lade_core.config.schema import TrainConfig
 from lade_core.train.loop import build_optimizer, build_run_model, evaluate
 
 FEATURES_DIR = "features"

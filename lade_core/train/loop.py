@@ -18,15 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lade_core.config.schema import (
-    OptimizerConfig,
-    RunContext,
-    TrainConfig,
-    flat_config,
-    loss_hyperparameters,
-    model_finetuning,
-    split_flat_config,
-)
+from lade_core.config.context import RunContext, flat_config, split_flat_config
+from lade_core.config.schema import OptimizerConfig, TrainConfig, loss_hyperparameters, model_finetuning
 from lade_core.data.recipe import augment_seed
 from lade_core.data.transforms import ImageTransform
 from lade_core.math.evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1

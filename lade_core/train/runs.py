@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from lade_core import __version__
-from lade_core.config.schema import RunContext, TrainConfig, check_runnable, model_finetuning
+from lade_core.config.context import RunContext
+from lade_core.config.schema import TrainConfig, check_runnable, model_finetuning
 from lade_core.data import PreparedDataset, open_prepared
 from lade_core.data.prepare import prepare_dataset, summary_line
 from lade_core.data.recipe import resolve_augment, resolve_normalize

@@ -13,16 +13,9 @@ import time
 
 import pandas as pd
 
-from lade_core.config.schema import (
-    RunContext,
-    RuntimeConfig,
-    SearchContext,
-    TrainConfig,
-    check_runnable,
-    flat_config,
-    resolve_train_config,
-    split_flat_config,
-)
+from lade_core.config.context import RunContext, SearchContext, flat_config, split_flat_config
+from lade_core.config.recipes import resolve_train_config
+from lade_core.config.schema import RuntimeConfig, TrainConfig, check_runnable
 from lade_core.data import DataError
 from lade_core.methods import LOSSES
 from lade_core.report.tables import format_table

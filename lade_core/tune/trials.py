@@ -235,7 +235,7 @@ def trial_driver(loop_config: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from lade_core.config.schema import flat_config, split_flat_config
+    from lade_core.config.context import flat_config, split_flat_config
     from lade_core.data import open_prepared
     from lade_core.runtime.local_ray import quiet_worker_logging
     from lade_core.tracking.store import end_run, start_or_resume_run
