@@ -1,7 +1,7 @@
 """The one registration style for what lade looks up by name: losses (``methods.LOSSES``), post-hoc rules
 (``math.posthoc.RULES``), classifier heads (``math.heads.HEADS``), lade's own models (``models.backbones.MODELS``),
 augmentation presets (``data.recipe.PRESETS``), search spaces (``tune.spaces.SPACES``), prior estimators
-(``math.label_shift.ESTIMATION_METHODS``) and search objectives (``tune.trials.OBJECTIVES``).
+(``math.label_shift.METHODS``) and search objectives (``tune.trials.OBJECTIVES``).
 
 A ``Registry`` is a dict from name to entry that knows what it holds (``kind``). Entries come in through
 ``register`` (a call, or a decorator), which refuses to replace a name silently. ``lookup`` answers an unknown name
@@ -54,8 +54,3 @@ class Registry(dict, Generic[T]):
         if isinstance(name, str) and name in allowed and name in self:
             return self[name]
         raise ValueError(self.unknown(name, why, among))
-
-    def check(self, name: str, why: str = "", among: Iterable[str] | None = None) -> str:
-        """``name`` itself if it is registered (and among ``among``), else the ``lookup`` error."""
-        self.lookup(name, why, among)
-        return name

@@ -64,7 +64,7 @@ def source_logits(logits: torch.Tensor, source_prior, loss: str | None = None, *
     """Logits [N, C] -> float64 logits whose softmax is the model's source posterior p_s(y|x): the post-hoc rule
     with p_t = p_s — ``rule`` where the caller has it (a model card's), else the loss's own."""
     if rule is None:
-        from lade_core.methods import default_rule  # the registry: losses.py imports no estimator
+        from lade_core.methods import default_rule  # lazily: the declarations import no estimator
 
         rule = default_rule(loss)
     z = logits.double()
@@ -363,7 +363,7 @@ def estimate_target_prior(logits: torch.Tensor, source_prior, *, loss: str, meth
     "gain": the expected top-1 gain over the uniform prior (``expected_gain``) with its own interval.
     Returns (prior, info) with info: method, calibration, and the estimator's own diagnostics.
     """
-    METHODS.check(method)
+    METHODS.lookup(method)  # an unknown name: one error with its close matches
     if interval is not None and not (isinstance(interval, float) and 0 < interval < 1):
         raise ValueError(f"interval must be a level in (0, 1) such as 0.9, got {interval!r}")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 10:
