@@ -22,7 +22,7 @@ import argparse
 import numpy as np
 import torch
 
-from lade_core.math.evaluation import Target, estimated_prior_rows, select_tau
+from lade_core.math.evaluation import Target, select_tau
 from lade_core.math.heads import build_head, tau_normalize
 from lade_core.math.posthoc import inject_prior, posthoc_logits
 from lade_core.math.priors import (
@@ -33,6 +33,7 @@ from lade_core.math.priors import (
     shifted_subset,
 )
 from lade_core.methods import LOSSES, build_loss, default_rule
+from lade_core.report.protocol import estimated_prior_rows
 
 C, D, PER_CLASS_TEST = 50, 8, 400
 

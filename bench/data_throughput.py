@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from lade_core.data.augment import resolve_augment, resolve_normalize
 from lade_core.data.prepare import prepare_dataset
 from lade_core.data.prepared import open_prepared
-from lade_core.data.recipe import resolve_augment, resolve_normalize
 from lade_core.data.sources import RawDataset, RawSplit, load_image_folder
 from lade_core.data.transforms import ImageTransform, decode_augment, normalize
 from lade_core.runtime.local_ray import init_ray

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_throughput import _Encoded  # noqa: E402
 
 from lade_core.config.schema import OptimizerConfig  # noqa: E402
+from lade_core.data.augment import resolve_augment, resolve_normalize  # noqa: E402
 from lade_core.data.prepare import prepare_dataset  # noqa: E402
 from lade_core.data.prepared import decodes_in_worker, open_prepared  # noqa: E402
-from lade_core.data.recipe import resolve_augment, resolve_normalize  # noqa: E402
 from lade_core.data.synthetic import make_synthetic  # noqa: E402
 from lade_core.data.transforms import ImageTransform  # noqa: E402
 from lade_core.math.losses import LADELoss  # noqa: E402

@@ -5,8 +5,7 @@ says what it touches, why no public API does it, and what breaks if it changes. 
 ``lade_core.runtime.local_ray`` imports it in every process of a local Ray (its worker setup hook), Ray's own actors
 included; torch and Ray are imported inside the functions that need them.
 
-- torch: ``Tensor._version`` (in-place edit counter) keys the losses' cast cache; ``torch._assert_async``
-  checks labels on an accelerator without a host sync.
+- torch: in ``lade_core.math.torch_private``, so that the math tier imports nothing outside itself.
 - Ray core: ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``, switched off while a local Ray starts so that its
   servers bind loopback only (``loopback_node``).
 - Ray Train: the logger of its placement-group cleaner actor, which polls the dashboard's state API every second
@@ -20,26 +19,7 @@ included; torch and Ray are imported inside the functions that need them.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator
-
-if TYPE_CHECKING:
-    import torch
-
-# --- torch -----------------------------------------------------------------------------------------------------
-
-
-def tensor_version(t: torch.Tensor) -> int:
-    """The tensor's in-place modification counter (``Tensor._version``): bumped by every in-place op."""
-    return t._version
-
-
-def assert_async(condition: torch.Tensor, message: str) -> None:
-    """A device-side assert (``torch._assert_async``): stops the step with ``message`` if ``condition`` is false,
-    without the host sync a Python ``if`` on a GPU tensor costs."""
-    import torch
-
-    torch._assert_async(condition, message)
-
+from typing import Iterator
 
 # --- Ray core and Ray Data -------------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The one registration style for what lade looks up by name: losses (``methods.LOSSES``), post-hoc rules
 (``math.posthoc.RULES``), classifier heads (``math.heads.HEADS``), lade's own models (``models.backbones.MODELS``),
-augmentation presets (``data.recipe.PRESETS``), search spaces (``tune.spaces.SPACES``), prior estimators
+augmentation presets (``data.augment.PRESETS``), search spaces (``tune.spaces.SPACES``), prior estimators
 (``math.label_shift.METHODS``) and search objectives (``tune.trials.OBJECTIVES``).
 
 A ``Registry`` is a dict from name to entry that knows what it holds (``kind``). Entries come in through

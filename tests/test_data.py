@@ -358,7 +358,7 @@ def _epoch_streams(prepared, epoch: int, seed: int = 0, per_worker_batch: int = 
                    ) -> dict[int, list[dict]]:
     """What each of 2 DDP workers gets in one epoch (``training.epoch_batches``, as the worker loop calls it),
     decoded by Ray Data's tasks or, ``in_worker``, by the worker itself."""
-    from lade_core.data.recipe import resolve_augment
+    from lade_core.data.augment import resolve_augment
     from lade_core.train.loop import epoch_batches
 
     augment = resolve_augment(None, "cifar", 8, [(8, 8)])

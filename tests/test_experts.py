@@ -364,7 +364,7 @@ def test_expert_views_round_trip_and_a_plain_logits_file_is_refused(tmp_path):
 
 
 def test_aggregation_rows_of_a_run_without_expert_views_is_one_clear_error():
-    from lade_core.math.evaluation import rule_rows
+    from lade_core.report.protocol import rule_rows
     from lade_core.tracking.artifacts import RunLogits
 
     g = torch.Generator().manual_seed(0)

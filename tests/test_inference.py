@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from lade_core.data.recipe import PRESETS, resolve_normalize
+from lade_core.data.augment import PRESETS, resolve_normalize
 from lade_core.data.transforms import ImageTransform, center_crop_batch, crop_flip_batch, decode_augment, normalize
 from lade_core.serve.inference import merge_shards
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lade_core.data.recipe import PRESETS
+from lade_core.data.augment import PRESETS
 from lade_core.math.heads import HEADS, build_head
 from lade_core.math.label_shift import LABEL_FREE, METHODS, estimate_target_prior
 from lade_core.math.posthoc import RULES

@@ -74,6 +74,25 @@ print(sorted(new - set(sys.stdlib_module_names) - {'lade_core'}))
     assert p.stdout.strip() == "[]", p.stdout
 
 
+# What the math tier may import from the rest of lade, lazy imports included: the registry (standard library only).
+# One exception, lazily: ``label_shift.source_logits`` asks the declarations which post-hoc rule a loss name's logits
+# need (a caller holding a model card passes the rule itself).
+MATH_MAY_IMPORT = {"lade_core.registry"}
+MATH_LAZY_EXCEPTIONS = {("lade_core.math.label_shift", "lade_core.methods")}
+
+
+def test_the_math_tier_imports_nothing_of_lade_outside_itself():
+    """No math module reaches up to the declarations, the config, the data, the MLflow glue or ``compat`` (the
+    static graph: a lazy import inside a function counts)."""
+    modules = _modules()
+    outside = sorted((m, dep) for m, f in modules.items() if m.startswith("lade_core.math")
+                     for dep in _imports(m, f, modules)
+                     if not dep.startswith("lade_core.math") and dep not in MATH_MAY_IMPORT | {"lade_core"}
+                     and (m, dep) not in MATH_LAZY_EXCEPTIONS)
+    assert "lade_core.math.losses.base" in modules and "lade_core.math.evaluation" in modules  # the scan sees them
+    assert not outside, outside
+
+
 # The MLflow glue: what a run stores (artifacts), runs and metrics (tracking), the logged model (serving) and the
 # file MLflow runs to serve it. Every other module and script reaches MLflow through them.
 MLFLOW_GLUE = {"lade_core.tracking.store", "lade_core.tracking.artifacts", "lade_core.tracking.model",

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from lade_core.math.evaluation import KNOCKOUT_NAMES, PROTOCOL_NAMES, rule_rows
+from lade_core.math.evaluation import KNOCKOUT_NAMES, PROTOCOL_NAMES
 from lade_core.math.label_shift import METHODS
 from lade_core.report.figures import shift_curve
+from lade_core.report.protocol import rule_rows
 from lade_core.report.tables import FORMATS, MeanStd, format_table, group_rows
 from lade_core.runtime.local_ray import quiet_logging
 from lade_core.tracking.artifacts import load_run_logits, missing_views_message, runs_with_logits

@@ -25,17 +25,11 @@ import pandas as pd
 import torch
 
 from lade_core.data.transforms import TTA_MODES
-from lade_core.math.evaluation import (
-    ESTIMATE_COLUMNS,
-    METRICS,
-    aggregated_rows,
-    estimated_prior_rows,
-    evaluate_targets,
-    evaluation_targets,
-)
+from lade_core.math.evaluation import METRICS, aggregated_rows, evaluate_targets
 from lade_core.math.label_shift import BCTS_MIN_PER_CLASS, METHODS
 from lade_core.methods import LOSSES, posthoc_rules
 from lade_core.report.figures import run_figures
+from lade_core.report.protocol import ESTIMATE_COLUMNS, estimated_prior_rows, evaluation_targets
 from lade_core.report.tables import format_table
 from lade_core.runtime.local_ray import quiet_logging
 from lade_core.serve.predict import run_tta_logits

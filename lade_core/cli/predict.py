@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 
 from lade_core.data import DataError
+from lade_core.data.prior_files import read_prior_file
 from lade_core.data.transforms import TTA_MODES
 from lade_core.math.label_shift import METHODS
 from lade_core.math.posthoc import posthoc_offset
-from lade_core.math.priors import read_prior_file, uniform_prior, validate_prior
+from lade_core.math.priors import uniform_prior, validate_prior
 from lade_core.models.backbones import has_experts
 from lade_core.runtime.local_ray import quiet_logging
 from lade_core.serve.predict import (

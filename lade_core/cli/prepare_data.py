@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lade_core.data.augment import FAMILIES
 from lade_core.data.prepare import prepare_dataset, summary_line
-from lade_core.data.recipe import FAMILIES
 from lade_core.data.sources import (
     MIN_TRAIN_PER_CLASS,
     VAL_PER_CLASS,

@@ -17,8 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lade_core.data.augment import check_augment, check_normalize
 from lade_core.data.prepared import DECODE_PLACES
-from lade_core.data.recipe import check_augment, check_normalize
 from lade_core.data.sources import MIN_IMAGE_SIZE
 from lade_core.methods import CORE_LOSSES, LOSS_KEYS, LOSSES
 from lade_core.models.backbones import check_model_name
@@ -71,7 +71,7 @@ def _check_mix(value):
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """The image recipe (lade_core.data.recipe): training augmentation, normalization, batch mixing."""
+    """The image pipeline (lade_core.data.augment): training augmentation, normalization, batch mixing."""
 
     # None: the dataset family's preset; a preset name (cifar, imagenet); or [{TransformName: {kwargs}}, ...] of
     # torchvision.transforms.v2, on uint8 images. The resolved list is what the run records.

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lade_core import __version__
-from lade_core.data.recipe import ChannelStats
+from lade_core.data.augment import ChannelStats
 from lade_core.data.sources import DataError, RawDataset, RawSplit, check_no_empty_class, resolved_paths
 from lade_core.data.transforms import decode_rgb
 from lade_core.runtime.locks import exclusive

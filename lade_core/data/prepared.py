@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from lade_core.compat import datasource_v1
+from lade_core.data.augment import default_image_size
 from lade_core.data.prepare import MANIFEST
-from lade_core.data.recipe import default_image_size
 from lade_core.data.sources import DataError
 from lade_core.data.transforms import ImageTransform, decode_augment_chunks
 from lade_core.math.priors import prior_from_counts
@@ -74,7 +74,7 @@ class PreparedDataset:
     @property
     def family(self) -> str:
         """The transform family (``cifar`` / ``imagenet``): the evaluation transform, and the default augment
-        preset and normalization statistics (``lade_core.data.recipe``)."""
+        preset and normalization statistics (``lade_core.data.augment``)."""
         return self.manifest["transform"]
 
     @property
@@ -130,7 +130,7 @@ class PreparedDataset:
     def rank_batches(self, tf: ImageTransform, *, seed: int, epoch: int, rank: int, world: int, batch_size: int,
                      in_worker: bool = False, shuffle_buffer: int = 0, shuffle_seed: int | None = None):
         """Training worker ``rank``'s rows of ``epoch`` (``epoch_rows``), decoded and augmented by ``tf`` (its
-        ``seed``: ``recipe.augment_seed(seed, epoch)``), in file order, as ``batches``: with a seeded local shuffle
+        ``seed``: ``augment.augment_seed(seed, epoch)``), in file order, as ``batches``: with a seeded local shuffle
         buffer per worker (``training.epoch_batches``) this is how a class-sorted dataset is mixed; why it suffices at
         Places-LT's size (62 500 rows sorted by class):
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lade_core.data.recipe import PRESETS
+from lade_core.data.augment import PRESETS
 from lade_core.math.priors import long_tailed_counts
 
 # Validation images per class when a dataset brings none (ImageNet-LT and Places-LT publish 20 per class), and the

@@ -1,6 +1,6 @@
 """Decode + augment for Ray Data ``map_batches`` (encoded image bytes -> uint8 [B, 3, H, W]) and ``normalize``, which
-turns those into the model's float32 input on the training or inference worker. What to apply is the run's recipe
-(``lade_core.data.recipe``: the ``augment`` list, the evaluation transform, the normalization statistics).
+turns those into the model's float32 input on the training or inference worker. What to apply is the run's augmentation
+(``lade_core.data.augment``: the ``augment`` list, the evaluation transform, the normalization statistics).
 
 Why uint8 out of Ray Data: each batch goes through Arrow and the object store to the worker; uint8 is 4x fewer
 bytes than float32, and the float conversion then runs where the model runs (on its GPU when there is one)."""
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchcodec import decoders
 
-from lade_core.data.recipe import augment_seed, build_augment, crop_flip, eval_transform, sample_seeds, view_augment
+from lade_core.data.augment import augment_seed, build_augment, crop_flip, eval_transform, sample_seeds, view_augment
 
 # Pixels (width x height) an image may have, checked from its header before anything is decoded: a 4 kB PNG can
 # declare 27 000 x 1 000 pixels and decode to 108 MB. 40 MP holds any camera photo; raise it for scans and slides.
@@ -146,13 +146,13 @@ def _decode_pillow(data: bytes, limit: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class ImageTransform:
     """What turns decoded images into a model batch at crop size ``size``: the training ``augment`` list
-    (``recipe.resolve_augment``) seeded per (``seed``, sample), or, with ``augment`` None, the deterministic
+    (``augment.resolve_augment``) seeded per (``seed``, sample), or, with ``augment`` None, the deterministic
     evaluation transform of ``family``."""
 
     family: str
     size: int
     augment: list | None = None
-    seed: int | None = None  # recipe.augment_seed of the epoch; None: a fresh random one per batch
+    seed: int | None = None  # augment.augment_seed of the epoch; None: a fresh random one per batch
 
     @property
     def train(self) -> bool:
@@ -166,7 +166,7 @@ VIEW_EPOCH = 1 << 40
 def expert_view_transforms(family: str, size: int, input_sizes: list[tuple[int, int]], seed: int
                            ) -> list[ImageTransform]:
     """The transforms of the two augmented views of each target image that test-time aggregation compares
-    (``recipe.view_augment``, SADE's), seeded per (``seed``, view, sample index): the stored views of a run with
+    (``augment.view_augment``, SADE's), seeded per (``seed``, view, sample index): the stored views of a run with
     seed s and a prediction job's with ``--seed s`` are the same crops of the same images."""
     views = view_augment(family, size, input_sizes)
     return [ImageTransform(family, size, views, augment_seed(seed, VIEW_EPOCH + v)) for v in range(2)]
@@ -215,7 +215,7 @@ def decode_augment(batch: dict, tf: ImageTransform, shard: tuple[int, int] | Non
 
 def transform_batch(images: list[torch.Tensor], tf: ImageTransform, index: np.ndarray | None = None) -> torch.Tensor:
     """Decoded images (uint8 [3, H_i, W_i] each) -> ``tf``, stacked: uint8 [B, 3, S, S]. ``index`` [B]: the
-    samples' split indices, which seed their augmentation (``recipe.sample_seeds``)."""
+    samples' split indices, which seed their augmentation (``augment.sample_seeds``)."""
     if not images:
         return torch.zeros((0, 3, tf.size, tf.size), dtype=torch.uint8)
     same = len({im.shape for im in images}) == 1
@@ -286,7 +286,7 @@ def crop_flip_batch(images: torch.Tensor, size: int, padding: int, p: float, see
 
 def normalize(images: torch.Tensor, stats: dict) -> torch.Tensor:
     """uint8 [B, 3, H, W] on any device -> float32 [B, 3, H, W], scaled to [0, 1] and normalized with
-    ``stats`` = {"mean": [3], "std": [3]} (``recipe.resolve_normalize``): torchvision's ``ToDtype(scale=True)`` +
+    ``stats`` = {"mean": [3], "std": [3]} (``augment.resolve_normalize``): torchvision's ``ToDtype(scale=True)`` +
     ``Normalize``, in one pass."""
     m = torch.tensor(stats["mean"], device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
     s = torch.tensor(stats["std"], device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255

@@ -7,9 +7,7 @@ reduced once for the whole split. No Python loop over samples anywhere.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,18 +21,15 @@ from lade_core.math.priors import (
     SHIFT_PROTOCOL,
     knockout_counts,
     knockout_name,
-    read_prior_file,
     shift_protocol_name,
     shifted_counts,
     subset_with_counts,
     validate_prior,
 )
 
-__all__ = ["Target", "protocol_targets", "evaluation_targets", "target_from_values", "evaluate_targets", "METRICS",
-           "logit_statistics", "aggregated_rows", "AGGREGATE_MODE",
-           "mean_predicted_prior", "calibration_by_rule", "protocol_mean_top1", "ESTIMATE_COLUMNS",
-           "estimated_prior_rows", "TAU_GRID", "select_tau", "tuned_rule_logits", "rule_rows", "PROTOCOL_NAMES",
-           "KNOCKOUT_NAMES"]
+__all__ = ["Target", "protocol_targets", "target_from_values", "evaluate_targets", "METRICS", "logit_statistics",
+           "aggregated_rows", "AGGREGATE_MODE", "mean_predicted_prior", "calibration_by_rule", "protocol_mean_top1",
+           "TAU_GRID", "select_tau", "tuned_rule_logits", "PROTOCOL_NAMES", "KNOCKOUT_NAMES"]
 
 METRICS: tuple[str, ...] = ("top1", "many", "medium", "few", "nll", "ece")
 
@@ -48,7 +43,8 @@ class Target:
     prior: torch.Tensor
 
 
-def _labels_np(labels) -> np.ndarray:
+def labels_array(labels) -> np.ndarray:
+    """Class labels [N] (a tensor on any device, or a sequence) as int64 numpy."""
     return np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
 
 
@@ -60,7 +56,7 @@ def protocol_targets(labels, train_counts, per_class: int | None = None, knockou
     ``per_class`` (the head class's count) defaults to the smallest class count of the test split, as in the
     paper's protocol (ImageNet-LT: 50).
     """
-    y = _labels_np(labels)
+    y = labels_array(labels)
     num_classes = len(train_counts)
     available = np.bincount(y, minlength=num_classes)
     if per_class is None:
@@ -93,7 +89,7 @@ def target_from_values(name: str, values, labels, num_classes: int) -> Target:
                          f"{bad_indices(~torch.isfinite(v))}")
     if (v < 0).any():
         raise ValueError(f"target prior {name!r} is negative at class indices {bad_indices(v < 0)}")
-    y = _labels_np(labels)
+    y = labels_array(labels)
     available = np.bincount(y, minlength=num_classes).astype(np.float64)
     is_counts = bool((v == v.round()).all()) and abs(float(v.sum()) - 1.0) > 1e-6
     if is_counts:
@@ -112,24 +108,6 @@ def target_from_values(name: str, values, labels, num_classes: int) -> Target:
         scale = float(np.min(available[pos] / p[pos]))
         counts = np.floor(p * scale + 1e-9).astype(np.int64)
     return Target(name, subset_with_counts(y, counts, f"target prior {name!r}"), prior)
-
-
-def evaluation_targets(labels, train_counts, prior_files: list[str] = (), per_class: int | None = None,
-                       flag: str = "--target-prior") -> list[Target]:
-    """The 11 targets of the shifted protocol and the 6 knock-outs, then one per target-prior file (named by its
-    file's stem, which names the target in the stored metric keys ``shift/<target>/...``: MLflow allows only these
-    characters there)."""
-    targets = protocol_targets(labels, train_counts, per_class, knockouts=True)
-    for f in prior_files:
-        name = Path(f).stem
-        if not re.fullmatch(r"[\w.\- ]+", name):
-            raise ValueError(f"{flag} {f}: its file name {name!r} names the target in the metric keys, "
-                             "which allow only letters, digits, '_', '-', '.' and spaces; rename the file")
-        targets.append(target_from_values(name, read_prior_file(f), labels, len(train_counts)))
-    names = [t.name for t in targets]
-    if len(set(names)) != len(names):
-        raise ValueError(f"target names must be unique; got {names} (rename a {flag} file)")
-    return targets
 
 
 def _row_stats(z: torch.Tensor, y: torch.Tensor, offset: torch.Tensor | None):
@@ -165,7 +143,7 @@ def evaluate_targets(
     z = torch.as_tensor(logits)
     if not z.is_floating_point() or z.dim() != 2:
         raise ValueError(f"logits must be a float tensor [N, C], got {z.dtype} {tuple(z.shape)}")
-    y = torch.as_tensor(_labels_np(labels))
+    y = torch.as_tensor(labels_array(labels))
     num_classes = z.shape[1]
     if y.shape != (z.shape[0],):
         raise ValueError(f"{z.shape[0]} logits rows but {y.numel()} labels")
@@ -191,7 +169,7 @@ def evaluate_targets(
 
 # --- Test-time aggregation of a multi-expert model (SADE) ------------------------------------------------------
 
-AGGREGATE_MODE = "aggregate"  # the rule name of its rows: shift/<target>/aggregate/<metric>
+AGGREGATE_MODE = "aggregate"  # the rule name of its rows, beside the post-hoc rules'
 
 
 def aggregated_rows(expert_views, eval_offset, labels, source_prior, train_counts, targets: list[Target],
@@ -204,7 +182,7 @@ def aggregated_rows(expert_views, eval_offset, labels, source_prior, train_count
     expert_views [N, 3, E, C]: the experts' logits on the clean image, view a and view b (``inference.EXPERT_VIEWS``);
     eval_offset [C]: the head's fixed inference offset (BalPoE's; zero for SADE)."""
     v = torch.as_tensor(expert_views).double()
-    y = torch.as_tensor(_labels_np(labels))
+    y = torch.as_tensor(labels_array(labels))
     rows = []
     for target in targets:
         idx = torch.as_tensor(target.indices)
@@ -221,7 +199,7 @@ def protocol_mean_top1(logits, labels, source_prior, train_counts, rule: str) ->
 
     NaN when the split lacks a class (the protocol needs every class).
     """
-    if (np.bincount(_labels_np(labels), minlength=len(train_counts)) == 0).any():
+    if (np.bincount(labels_array(labels), minlength=len(train_counts)) == 0).any():
         return float("nan")
     rows = evaluate_targets(logits, labels, source_prior, train_counts, (rule,), protocol_targets(labels, train_counts))
     return float(np.mean([r["top1"] for r in rows]))
@@ -234,7 +212,7 @@ def select_tau(val_logits, val_labels, logits_at, grid: tuple[float, ...] = TAU_
     balanced) validation split, the smallest such tau on ties. Never chosen on the test split. E.g.
     ``logits_at = lambda z, t: heads.tau_normalize(z, w, b, t)`` (τ-norm) or
     ``lambda z, t: posthoc.logit_adjust(z, p_s, uniform, t)`` (post-hoc logit adjustment)."""
-    z, y = torch.as_tensor(val_logits).double(), torch.as_tensor(_labels_np(val_labels))
+    z, y = torch.as_tensor(val_logits).double(), torch.as_tensor(labels_array(val_labels))
     scores = [float((logits_at(z, t).argmax(1) == y).double().mean()) for t in grid]
     return grid[int(np.argmax(scores))]
 
@@ -255,95 +233,11 @@ PROTOCOL_NAMES: tuple[str, ...] = tuple(shift_protocol_name(d, r) for d, r in SH
 KNOCKOUT_NAMES: tuple[str, ...] = tuple(knockout_name(k, p) for k, p in KNOCKOUT_PROTOCOL)
 
 
-def rule_rows(run, estimate: tuple[str, ...] | list[str] = (), aggregate_experts: bool = False) -> list[dict]:
-    """The rows of Table 6 for one run (``artifacts.RunLogits``), one per post-hoc rule that fits its loss: its own
-    first, then the rules tuned on validation (``losses.tuned_rules``: post-hoc logit adjustment, and τ-norm where
-    the linear classifier is stored), each labelled with its τ. With ``estimate`` (``label_shift`` methods), per
-    method the top-1 with p_t estimated from each target's own logits over the top-1 with the true p_t, on the run's
-    own rule: mean and min over the 17 targets (the knock-outs included), and a row of that estimated-prior top-1
-    per target.
-    ``aggregate_experts``: a row of SADE's test-time aggregation (``aggregated_rows``; the run's ``expert_views``)."""
-    from lade_core.methods import posthoc_rules, tuned_rules
-
-    targets = protocol_targets(run.labels, run.train_counts, knockouts=True)
-    rules = [(rule, rule, run.logits) for rule in posthoc_rules(run.loss)]
-    if run.val_logits is not None:
-        for name in tuned_rules(run.loss, run.classifier is not None):
-            tau, logits = tuned_rule_logits(name, run.logits, run.val_logits.double(), run.val_labels,
-                                            run.source_prior, run.classifier)
-            rules.append((f"{name} (τ={tau:g})", name, logits))
-    name = f"{run.run_name} ({run.run_id[:8]})"
-
-    def table_row(label: str, rows: list[dict]) -> dict:
-        by_target = {r["target"]: r for r in rows}
-        u, top1 = by_target.get("uniform", {}), {p: by_target[p]["top1"] for p in PROTOCOL_NAMES + KNOCKOUT_NAMES}
-        return {"run": name, "loss": run.loss, "posthoc": label, **top1, "mean": float(np.mean(list(top1.values()))),
-                **{k: u.get(k, float("nan")) for k in ("many", "medium", "few", "ece")}}
-
-    out = [table_row(label, evaluate_targets(logits, run.labels, run.source_prior, run.train_counts, (rule,),
-                                             targets))
-           for label, rule, logits in rules]
-    for method in estimate:
-        est = estimated_prior_rows(run.logits, run.labels, run.source_prior, run.loss, targets, method,
-                                   run.val_logits, run.val_labels)
-        ratios = [r["ratio"] for r in est]
-        out[0].update({f"{method}/true mean": float(sum(ratios) / len(ratios)), f"{method}/true min": min(ratios)})
-        out.append(table_row(f"{rules[0][0]} ({method} estimate)",
-                             [{"target": r["target"], "top1": r["top1_estimated"]} for r in est]))
-    if aggregate_experts:
-        if run.expert_views is None:
-            raise ValueError(f"{name}: test-time aggregation needs the run's expert views (a multi-expert model: "
-                             f"--loss sade or balpoe); loss {run.loss} stored none")
-        ev = run.expert_views
-        out.append(table_row("aggregate (self-supervised)", aggregated_rows(
-            ev.logits, ev.eval_offset, run.labels, run.source_prior, run.train_counts, targets)))
-    return out
-
-
-# --- What not knowing p_t costs ------------------------------------------------------------------------------
-
-ESTIMATE_COLUMNS: tuple[str, ...] = ("top1_true", "top1_estimated", "top1_uniform", "ratio", "tv", "kl")
-
-
-def estimated_prior_rows(logits, labels, source_prior, loss: str, targets: list[Target], method: str = "em",
-                         val_logits=None, val_labels=None, calibration: str | None = "auto") -> list[dict]:
-    """Per target: top-1 under its true prior, under the prior estimated from its own (unlabeled) logits, and under
-    the uniform prior, with the loss's post-hoc rule; ``ratio`` = estimated / true top-1; the estimation error as
-    total variation and KL(true || estimate). ``calibration``: as for ``estimate_target_prior``, fitted once."""
-    from lade_core.math.label_shift import estimate_target_prior, resolve_calibration, source_logits
-    from lade_core.methods import default_rule
-
-    z = torch.as_tensor(logits).double()
-    y = torch.as_tensor(_labels_np(labels))
-    num_classes, rule = z.shape[1], default_rule(loss)
-    z_val = source_logits(val_logits, source_prior, loss) if val_logits is not None else None
-    calibration = resolve_calibration(calibration, z_val, val_labels, source_prior)  # fitted once, for every target
-
-    def top1(zt, yt, prior) -> float:
-        return float(((zt + posthoc_offset(rule, source_prior, prior, num_classes)).argmax(1) == yt).double().mean())
-
-    rows = []
-    for t in targets:
-        idx = torch.as_tensor(t.indices)
-        zt, yt = z[idx], y[idx]
-        est, _ = estimate_target_prior(zt, source_prior, loss=loss, method=method, calibration=calibration,
-                                       val_logits=val_logits, val_labels=val_labels)
-        true, with_est = top1(zt, yt, t.prior), top1(zt, yt, est)
-        pos = t.prior > 0
-        rows.append({"target": t.name, "n": int(idx.numel()), "calibrated": calibration is not None,
-                     "top1_true": true, "top1_estimated": with_est,
-                     "top1_uniform": top1(zt, yt, torch.full((num_classes,), 1 / num_classes, dtype=torch.float64)),
-                     "ratio": with_est / true if true > 0 else float("nan"),
-                     "tv": 0.5 * float((est - t.prior).abs().sum()),
-                     "kl": float((t.prior[pos] * (t.prior[pos] / est[pos].clamp_min(1e-300)).log()).sum())})
-    return rows
-
-
 # --- Quantities behind the paper's figures -------------------------------------------------------------------
 
 def calibration_by_rule(logits, labels, source_prior, target: Target, rules, n_bins: int = 20) -> dict[str, dict]:
     """Reliability bins (paper Fig. 4) of each post-hoc rule on one target."""
-    z, y = torch.as_tensor(logits), torch.as_tensor(_labels_np(labels))
+    z, y = torch.as_tensor(logits), torch.as_tensor(labels_array(labels))
     idx = torch.as_tensor(target.indices)
     out = {}
     for rule in rules:
@@ -365,7 +259,7 @@ def logit_statistics(logits, labels) -> dict[str, torch.Tensor]:
     Returns float64 [C] tensors pos_mean, pos_std, neg_mean, neg_std (NaN where a class has no positives).
     """
     z = torch.as_tensor(logits).double()  # [N, C]
-    y = torch.as_tensor(_labels_np(labels))
+    y = torch.as_tensor(labels_array(labels))
     n, num_classes = z.shape
     zy = z.gather(1, y[:, None])[:, 0]  # [N] positive logit of each sample's own class
     n_pos = torch.bincount(y, minlength=num_classes).double()

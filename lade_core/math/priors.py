@@ -5,10 +5,7 @@ Every prior is a float64 probability vector of shape [C]. Validation lives here 
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
-from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -30,7 +27,6 @@ __all__ = [
     "KNOCKOUT_PROTOCOL",
     "knockout_name",
     "knockout_counts",
-    "read_prior_file",
 ]
 
 Direction = Literal["forward", "backward"]
@@ -250,45 +246,3 @@ def tempered_class_weights(source_prior: Sequence[float] | np.ndarray | torch.Te
     p = validate_prior(source_prior, len(source_prior), "source_prior")
     w = p.pow(float(power))
     return w / w.sum()
-
-
-def read_prior_file(path: str | Path) -> np.ndarray:
-    """Per-class values from JSON (a list, {"prior": [...]} or {"counts": [...]}) or CSV (value or class,value)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"target prior file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-            if isinstance(data, dict):
-                keys = [k for k in ("prior", "probabilities", "counts") if k in data]
-                if len(keys) != 1:
-                    raise ValueError('a JSON object needs exactly one of the keys "prior", "probabilities", "counts"')
-                data = data[keys[0]]
-            return np.asarray(data, dtype=np.float64)
-        rows = [r for r in csv.reader(text.splitlines()) if r and any(x.strip() for x in r)]
-        if rows and not _is_number(rows[0][-1]):
-            rows = rows[1:]  # a header line
-        if rows and len(rows[0]) == 2:
-            classes = [int(cls) for cls, _ in rows]
-            negative = [c for c in classes if c < 0]
-            if negative:
-                raise ValueError(f"negative class indices {negative[:20]}")
-            if sorted(classes) != list(range(len(rows))):
-                raise ValueError(f"class indices must be 0..{len(rows) - 1}, each once; got {sorted(classes)[:20]}...")
-            values = np.full(len(rows), np.nan)
-            for cls, (_, v) in zip(classes, rows):
-                values[cls] = float(v)
-            return values
-        return np.asarray([float(r[-1]) for r in rows], dtype=np.float64)
-    except (ValueError, IndexError, TypeError) as e:
-        raise ValueError(f"target prior file {path}: cannot read per-class values ({e})") from e
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False

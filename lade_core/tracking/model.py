@@ -39,7 +39,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from lade_core import __version__
-from lade_core.data.recipe import resolve_normalize
+from lade_core.data.augment import resolve_normalize
 from lade_core.data.transforms import (
     ImageTransform,
     decode_rgb,
@@ -104,7 +104,7 @@ class ModelCard:
     # The lade that trained it: preprocessing and post-hoc rules are lade's code, so a load by another version says
     # so (None: a card written before versions were recorded).
     lade_version: str | None = None
-    # {mean, std} the model's inputs were normalized with (recipe.resolve_normalize); None: the family's.
+    # {mean, std} the model's inputs were normalized with (augment.resolve_normalize); None: the family's.
     normalize: dict | None = None
     # The post-hoc rules that fit the model's logits, its loss's first (losses.posthoc_rules when logged): a model
     # of a plugin loss serves where the plugin is not installed. None: a card of an older lade (the registry's).

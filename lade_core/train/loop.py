@@ -20,7 +20,7 @@ from torch import nn
 
 from lade_core.config.context import RunContext, flat_config, split_flat_config
 from lade_core.config.schema import OptimizerConfig, TrainConfig, loss_hyperparameters, model_finetuning
-from lade_core.data.recipe import augment_seed
+from lade_core.data.augment import augment_seed
 from lade_core.data.transforms import ImageTransform
 from lade_core.math.evaluation import METRICS, Target, evaluate_targets, protocol_mean_top1
 from lade_core.math.mixing import BatchMix, mixed_loss
@@ -192,7 +192,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     per_worker_batch = opt.batch_size // world
     image_size = config.data.image_size
-    stats = config.augment.normalize  # {mean, std}, resolved on the driver (recipe.resolve_normalize)
+    stats = config.augment.normalize  # {mean, std}, resolved on the driver (augment.resolve_normalize)
     mixup, cutmix = config.augment.mixup, config.augment.cutmix
     mix = BatchMix((mixup or {}).get("alpha"), (cutmix or {}).get("alpha")) if (mixup or cutmix) else None
     in_worker = decodes_in_worker(rt.decode, device)  # or Ray Data's tasks, on the cluster's CPUs

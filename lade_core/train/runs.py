@@ -12,8 +12,8 @@ from lade_core import __version__
 from lade_core.config.context import RunContext
 from lade_core.config.schema import TrainConfig, check_runnable, model_finetuning
 from lade_core.data import PreparedDataset, open_prepared
+from lade_core.data.augment import resolve_augment, resolve_normalize
 from lade_core.data.prepare import prepare_dataset, summary_line
-from lade_core.data.recipe import resolve_augment, resolve_normalize
 from lade_core.data.synthetic import make_synthetic
 from lade_core.math.evaluation import evaluate_targets, protocol_targets
 from lade_core.math.label_shift import auto_calibration, source_logits
@@ -72,7 +72,7 @@ def load_dataset(config: TrainConfig) -> tuple[TrainConfig, PreparedDataset]:
 def check_against_dataset(config: TrainConfig, prepared: PreparedDataset) -> TrainConfig:
     """The checks that need the opened dataset, before Ray starts any worker: the config against its classes, a
     validation split to select on (never test), and the model against the input size it will get. Returns the
-    config as the run records it: the loss's defaults filled in, the image recipe resolved."""
+    config as the run records it: the loss's defaults filled in, the augmentation and normalization resolved."""
     check_runnable(config, prepared.num_classes)
     config = config.with_loss_defaults()
     prepared.check_validation_split()
@@ -91,7 +91,7 @@ def check_against_dataset(config: TrainConfig, prepared: PreparedDataset) -> Tra
     finetuning = model_finetuning(model)
     check_input_size(model.model, prepared.num_classes, crop, config.optimizer.batch_size // config.runtime.num_workers,
                      head, finetuning)
-    # The image recipe the run records (checkpoint, MLflow params, config digest): the resolved lists, not presets.
+    # The augmentation the run records (checkpoint, MLflow params, config digest): the resolved lists, not presets.
     config = config.replace(
         augment=resolve_augment(config.augment.augment, prepared.family, crop, prepared.input_sizes(crop)),
         normalize=resolve_normalize(config.augment.normalize, prepared.family, prepared.channel_stats))

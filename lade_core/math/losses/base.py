@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lade_core.compat import assert_async, tensor_version
 from lade_core.math.checks import bad_indices, check_labels
 from lade_core.math.priors import validate_prior
+from lade_core.math.torch_private import assert_async, tensor_version
 
 PriorLike = Sequence[float] | np.ndarray | torch.Tensor
 

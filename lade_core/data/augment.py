@@ -1,4 +1,4 @@
-"""A run's image recipe, as data: the training augmentation (a list of torchvision ``transforms.v2`` entries), the
+"""Images as a run sees them, as data: the training augmentation (a list of torchvision ``transforms.v2`` entries), the
 deterministic evaluation transform of the dataset's family, and the normalization statistics.
 
 An ``augment`` entry is ``{ClassName: {kwargs}}`` of a ``torchvision.transforms.v2`` transform, applied in order to
@@ -50,7 +50,7 @@ _REFUSED = {"MixUp": "use the config key `mixup: {alpha: ...}`", "CutMix": "use 
             "ConvertImageDtype": "images stay uint8 until normalize"}
 
 
-class RecipeError(ValueError):
+class AugmentError(ValueError):
     """An ``augment`` or ``normalize`` value a run could not use."""
 
 
@@ -66,18 +66,18 @@ def _transform_names() -> list[str]:
 
 def _entry(entry, where: str) -> tuple[str, dict]:
     if not isinstance(entry, dict) or len(entry) != 1:
-        raise RecipeError(f"{where}: an augment entry is one {{TransformName: {{kwargs}}}} mapping, got {entry!r}")
+        raise AugmentError(f"{where}: an augment entry is one {{TransformName: {{kwargs}}}} mapping, got {entry!r}")
     (name, kwargs), = entry.items()
     kwargs = {} if kwargs is None else kwargs
     if not isinstance(name, str) or not isinstance(kwargs, dict):
-        raise RecipeError(f"{where}: {name!r} needs a mapping of keyword arguments, got {kwargs!r}")
+        raise AugmentError(f"{where}: {name!r} needs a mapping of keyword arguments, got {kwargs!r}")
     if name in _REFUSED:
-        raise RecipeError(f"{where}: {name} is not an augment entry: {_REFUSED[name]}")
+        raise AugmentError(f"{where}: {name} is not an augment entry: {_REFUSED[name]}")
     names = _transform_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
-        raise RecipeError(f"{where}: unknown transform {name!r} (torchvision.transforms.v2)"
-                          + (f"; did you mean {close}?" if close else ""))
+        raise AugmentError(f"{where}: unknown transform {name!r} (torchvision.transforms.v2)"
+                           + (f"; did you mean {close}?" if close else ""))
     return name, kwargs
 
 
@@ -100,17 +100,17 @@ def _enum(enum, value: str, where: str):
     for member in enum:
         if value.lower() in (member.value, member.name.lower()):
             return member
-    raise RecipeError(f"{where} {value!r}: choose one of {[m.value for m in enum]}")
+    raise AugmentError(f"{where} {value!r}: choose one of {[m.value for m in enum]}")
 
 
 def _build(entry, where: str) -> v2.Transform:
     name, kwargs = _entry(entry, where)
     try:
         return getattr(v2, name)(**_kwargs(name, kwargs, where))
-    except RecipeError:
+    except AugmentError:
         raise
     except (TypeError, ValueError) as e:
-        raise RecipeError(f"{where}: {name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {e}") from None
+        raise AugmentError(f"{where}: {name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {e}") from None
 
 
 def check_augment(augment) -> list | str | None:
@@ -120,12 +120,12 @@ def check_augment(augment) -> list | str | None:
         return None
     if isinstance(augment, str):
         if augment not in PRESETS:
-            raise RecipeError(f"augment preset {augment!r} is unknown; the presets are {list(FAMILIES)}, or give a "
-                              "list of {TransformName: {kwargs}} entries")
+            raise AugmentError(f"augment preset {augment!r} is unknown; the presets are {list(FAMILIES)}, or give a "
+                               "list of {TransformName: {kwargs}} entries")
         return augment
     if not isinstance(augment, (list, tuple)):
-        raise RecipeError(f"augment must be a preset name or a list of {{TransformName: {{kwargs}}}} entries, got "
-                          f"{augment!r}")
+        raise AugmentError(f"augment must be a preset name or a list of {{TransformName: {{kwargs}}}} entries, got "
+                           f"{augment!r}")
     for i, entry in enumerate(augment):
         _build(entry, f"augment[{i}]")
     return [dict(e) if e else e for e in augment]
@@ -145,19 +145,19 @@ def resolve_augment(augment, family: str, size: int, input_sizes: list[tuple[int
             for i, entry in enumerate(specs):
                 try:
                     x = _build(entry, f"augment[{i}]")(x)
-                except RecipeError:
+                except AugmentError:
                     raise
                 except (RuntimeError, TypeError, ValueError) as e:
-                    raise RecipeError(f"augment[{i}] {next(iter(entry))} fails on a {h}x{w} image: {e}") from None
+                    raise AugmentError(f"augment[{i}] {next(iter(entry))} fails on a {h}x{w} image: {e}") from None
                 if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 3 or x.shape[0] != 3:
                     got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-                    raise RecipeError(f"augment[{i}] {next(iter(entry))} turns a uint8 [3, {h}, {w}] image into {got}; "
-                                      "every step must keep uint8 [3, H, W]")
+                    raise AugmentError(f"augment[{i}] {next(iter(entry))} turns a uint8 [3, {h}, {w}] image into "
+                                       f"{got}; every step must keep uint8 [3, H, W]")
             if tuple(x.shape[1:]) != (size, size):
-                raise RecipeError(f"augment gives {x.shape[1]}x{x.shape[2]} images from {h}x{w} inputs, not the crop "
-                                  f"size {size}x{size}: end it with a crop or resize to {size} (e.g. "
-                                  f"{{RandomCrop: {{size: {size}, padding: 4}}}} or {{RandomResizedCrop: {{size: "
-                                  f"{size}}}}})")
+                raise AugmentError(f"augment gives {x.shape[1]}x{x.shape[2]} images from {h}x{w} inputs, not the crop "
+                                   f"size {size}x{size}: end it with a crop or resize to {size} (e.g. "
+                                   f"{{RandomCrop: {{size: {size}, padding: 4}}}} or {{RandomResizedCrop: {{size: "
+                                   f"{size}}}}})")
     return specs
 
 
@@ -165,7 +165,7 @@ def view_augment(family: str, size: int, input_sizes: list[tuple[int, int]]) -> 
     """The resolved ``augment`` list of the two augmented views of each target image that test-time aggregation
     compares, at crop ``size``: SADE's test-time training views (``test_training_{cifar,imagenet}.py`` of its
     release, MoCo v2's recipe), the same for every run of a family so two runs' stored views are drawn alike;
-    checked on the dataset's input sizes like a training recipe (``resolve_augment``)."""
+    checked on the dataset's input sizes like a training augment list (``resolve_augment``)."""
     crop = ({"RandomCrop": {"size": size, "padding": 4}} if family == "cifar" else
             {"RandomResizedCrop": {"size": size, "scale": [0.2, 1.0], "antialias": True}})
     blur = {"GaussianBlur": {"kernel_size": _blur_kernel(size), "sigma": [0.1, 2.0]}}
@@ -251,16 +251,16 @@ def check_normalize(value) -> dict | str | None:
     if isinstance(value, str) and value in PRESETS:
         return value
     if not isinstance(value, dict) or set(value) != {"mean", "std"}:
-        raise RecipeError(f"normalize must be `dataset`, a family name {list(FAMILIES)}, or {{mean: [r, g, b], std: "
-                          f"[r, g, b]}}; got {value!r}")
+        raise AugmentError(f"normalize must be `dataset`, a family name {list(FAMILIES)}, or {{mean: [r, g, b], std: "
+                           f"[r, g, b]}}; got {value!r}")
     for key in ("mean", "std"):
         v = value[key]
         if (not isinstance(v, (list, tuple)) or len(v) != 3
                 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v)):
-            raise RecipeError(f"normalize.{key} must be 3 finite numbers (one per RGB channel: images are decoded "
-                              f"to 3 channels), got {v!r}")
+            raise AugmentError(f"normalize.{key} must be 3 finite numbers (one per RGB channel: images are decoded "
+                               f"to 3 channels), got {v!r}")
     if any(x <= 0 for x in value["std"]):
-        raise RecipeError(f"normalize.std must be > 0 in every channel, got {value['std']!r}")
+        raise AugmentError(f"normalize.std must be > 0 in every channel, got {value['std']!r}")
     return {"mean": [float(x) for x in value["mean"]], "std": [float(x) for x in value["std"]]}
 
 
@@ -273,8 +273,8 @@ def resolve_normalize(value, family: str, channel_stats: dict | None) -> dict:
         return {"mean": list(preset["mean"]), "std": list(preset["std"])}
     if value == "dataset":
         if not channel_stats:
-            raise RecipeError("normalize: dataset needs the training split's channel statistics, which this prepared "
-                              "dataset lacks (prepared by an older lade): prepare it again with --overwrite")
+            raise AugmentError("normalize: dataset needs the training split's channel statistics, which this prepared "
+                               "dataset lacks (prepared by an older lade): prepare it again with --overwrite")
         return check_normalize({"mean": channel_stats["mean"], "std": channel_stats["std"]})
     return value
 

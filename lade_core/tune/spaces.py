@@ -1,11 +1,12 @@
-"""Ray Tune search spaces, one module per dataset family, as plain data: importing them has no side effects.
+"""Ray Tune search spaces: a dataset's lives in its recipe folder, ``recipes/<dataset>/_search.yaml``, beside the
+training recipes it searches (``<dataset>/lade``), so a dataset is declared in one place.
 
-Each family module defines ``SPACE`` (config key -> distribution spec) and ``DEFAULTS`` (search settings: the
-base config file, epochs, samples, ASHA grace period). A spec is one of
-  ("loguniform", low, high)   ("uniform", low, high)   ("choice", [values])   or a constant.
+A search file holds ``space`` (config key -> distribution spec) and the search's settings: ``num_samples``,
+``grace_period`` (ASHA's), and ``epochs`` where a trial trains for fewer or more epochs than the recipe. A spec is
+  [loguniform, low, high]   [uniform, low, high]   [choice, [values]]   or a constant.
 Keys are training config keys (lade_core.config.schema); ``class_weight_power`` sets the LADER class weights
-alpha_c ∝ p_s(c)^power. ``to_param_space`` turns a validated SPACE into Ray Tune domains (random search) or grids
-(grid search).
+alpha_c ∝ p_s(c)^power. ``to_param_space`` turns a validated space into Ray Tune domains (random search) or grids
+(grid search). ``recipes/synthetic/_search_smoke.yaml`` is the ``smoke`` space (``--smoke-test``).
 
 A search over the loss itself: ``with_methods(space, names)`` replaces the family's LADE keys by
   "loss": ("methods", {name: {its own hyperparameter: spec, ...}, ...})
@@ -15,15 +16,22 @@ config.
 """
 from __future__ import annotations
 
-import importlib
 import math
+from pathlib import Path
 
+import yaml
+
+from lade_core.config.recipes import RECIPES
 from lade_core.registry import Registry
 
-# A family's name -> the module that holds its SPACE and DEFAULTS (another package may register its own).
-SPACES: Registry[str] = Registry("search space", {name: f"{__name__}.{name}" for name in (
-    "smoke", "synthetic", "cifar100_lt", "imagenet_lt", "places_lt", "inat18")})
+SEARCH_FILE = "_search.yaml"
+# A space's name -> its search file: each dataset folder's, and the smoke test's (another package may register its
+# own file).
+SPACES: Registry[Path] = Registry("search space", {
+    **{f.parent.name: f for f in sorted(RECIPES.glob(f"*/{SEARCH_FILE}"))},
+    "smoke": RECIPES / "synthetic" / "_search_smoke.yaml"})
 FAMILIES = tuple(SPACES)  # the built-in ones
+SETTINGS = ("space", "num_samples", "grace_period", "epochs")
 KINDS = ("loguniform", "uniform", "choice")
 # Non-loss keys with a bounded range: a spec outside it is an error, not a silent clip. A loss hyperparameter's
 # range is its loss's declaration (lade_core.methods.LOSSES): the family's LADE keys are LADE's.
@@ -68,12 +76,31 @@ def with_methods(space: dict, names: list[str]) -> dict:
     return {**{k: v for k, v in space.items() if k not in lade_keys}, "loss": (METHODS, methods)}
 
 
+def _spec(value):
+    """A YAML spec as the tuple ``validate_space`` reads ([kind, ...] -> (kind, ...)); a constant as given."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def load_family(name: str) -> tuple[dict, dict]:
-    """(SPACE, DEFAULTS) of a family, validated."""
-    module = importlib.import_module(SPACES.lookup(name))
-    space = dict(module.SPACE)
+    """(space, settings) of a search space by name, validated. The settings: the base config (the space's dataset's
+    ``lade`` recipe), the epochs per trial (the file's, else the recipe's), num_samples, grace_period."""
+    from lade_core.config.recipes import resolve_config
+
+    path = SPACES.lookup(name)
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("space"), dict):
+        raise ValueError(f"search space {name!r} ({path}): a search file is a mapping whose `space` maps config keys "
+                         "to specs")
+    unknown = sorted(set(data) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"search space {name!r} ({path}): unknown keys {unknown}; a search file holds "
+                         f"{list(SETTINGS)}")
+    space = {key: _spec(spec) for key, spec in data["space"].items()}
     validate_space(space, name)
-    return space, dict(module.DEFAULTS)
+    config = f"{Path(path).parent.name}/lade"
+    epochs = data.get("epochs") or resolve_config(config, {})["epochs"]
+    return space, {"config": config, "epochs": epochs, "num_samples": data["num_samples"],
+                   "grace_period": data["grace_period"]}
 
 
 def validate_space(space: dict, name: str = "space", loss: str = "lade") -> None:

@@ -8,9 +8,9 @@ import torch
 from torchvision.transforms import v2
 
 from lade_core.config.recipes import resolve_config
-from lade_core.data.recipe import (
+from lade_core.data.augment import (
+    AugmentError,
     ChannelStats,
-    RecipeError,
     augment_seed,
     build_augment,
     resolve_augment,
@@ -91,13 +91,13 @@ def test_bad_augment_is_one_clear_error_naming_the_entry(augment, message):
 
 
 def test_augment_output_must_be_the_crop_size_on_the_datasets_image_sizes():
-    with pytest.raises(RecipeError, match=r"augment gives 20x20 images from 20x20 inputs, not the crop size 16x16"):
+    with pytest.raises(AugmentError, match=r"augment gives 20x20 images from 20x20 inputs, not the crop size 16x16"):
         resolve_augment([{"RandomHorizontalFlip": {}}], "cifar", 16, [(20, 20)])
-    with pytest.raises(RecipeError, match=r"augment gives 35x25 images from 35x25 inputs"):  # sizes vary: a flip alone
+    with pytest.raises(AugmentError, match=r"augment gives 35x25 images from 35x25 inputs"):  # sizes vary: a flip alone
         resolve_augment([], "imagenet", 16, [(16, 16), (35, 25)])
-    with pytest.raises(RecipeError, match=r"augment\[0\] RandomCrop fails on a 12x12 image"):
+    with pytest.raises(AugmentError, match=r"augment\[0\] RandomCrop fails on a 12x12 image"):
         resolve_augment([{"RandomCrop": {"size": 16}}], "cifar", 16, [(12, 12)])
-    with pytest.raises(RecipeError, match=r"augment\[0\] Grayscale turns a uint8 \[3, 16, 16\] image into"):
+    with pytest.raises(AugmentError, match=r"augment\[0\] Grayscale turns a uint8 \[3, 16, 16\] image into"):
         resolve_augment([{"Grayscale": {}}], "cifar", 16, [(16, 16)])
     assert resolve_augment([], "cifar", 16, [(16, 16)]) == []  # none at all, on images of the crop size
 
@@ -109,7 +109,7 @@ def test_normalize_values_and_their_errors():
     assert resolve_normalize("imagenet", "cifar", None)["mean"] == [0.485, 0.456, 0.406]
     stats = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
     assert resolve_normalize("dataset", "cifar", stats) == stats
-    with pytest.raises(RecipeError, match="prepared by an older lade"):
+    with pytest.raises(AugmentError, match="prepared by an older lade"):
         resolve_normalize("dataset", "cifar", None)
     for value, message in (({"mean": [0.5], "std": [0.2]}, "normalize.mean must be 3 finite numbers"),
                            ({"mean": [0.5] * 3, "std": [0.2, 0, 0.2]}, "normalize.std must be > 0"),
