@@ -12,7 +12,6 @@ import shlex
 import pytest
 
 from conftest import REPO
-
 from lade_core.cli import COMMANDS
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
