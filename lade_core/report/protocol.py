@@ -52,7 +52,7 @@ def evaluation_targets(labels, train_counts, prior_files: list[str] = (), per_cl
 
 def rule_rows(run, estimate: tuple[str, ...] | list[str] = (), aggregate_experts: bool = False) -> list[dict]:
     """The rows of Table 6 for one run (``artifacts.RunLogits``), one per post-hoc rule that fits its loss: its own
-    first, then the rules tuned on validation (``losses.tuned_rules``: post-hoc logit adjustment, and τ-norm where
+    first, then the rules tuned on validation (``methods.tuned_rules``: post-hoc logit adjustment, and τ-norm where
     the linear classifier is stored), each labelled with its τ. With ``estimate`` (``label_shift`` methods), per
     method the top-1 with p_t estimated from each target's own logits over the top-1 with the true p_t, on the run's
     own rule: mean and min over the 17 targets (the knock-outs included), and a row of that estimated-prior top-1

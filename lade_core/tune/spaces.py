@@ -32,6 +32,7 @@ SPACES: Registry[Path] = Registry("search space", {
     "smoke": RECIPES / "synthetic" / "_search_smoke.yaml"})
 FAMILIES = tuple(SPACES)  # the built-in ones
 SETTINGS = ("space", "num_samples", "grace_period", "epochs")
+REQUIRED = SETTINGS[:3]  # epochs defaults to the recipe's
 KINDS = ("loguniform", "uniform", "choice")
 # Non-loss keys with a bounded range: a spec outside it is an error, not a silent clip. A loss hyperparameter's
 # range is its loss's declaration (lade_core.methods.LOSSES): the family's LADE keys are LADE's.
@@ -91,10 +92,10 @@ def load_family(name: str) -> tuple[dict, dict]:
     if not isinstance(data, dict) or not isinstance(data.get("space"), dict):
         raise ValueError(f"search space {name!r} ({path}): a search file is a mapping whose `space` maps config keys "
                          "to specs")
-    unknown = sorted(set(data) - set(SETTINGS))
-    if unknown:
-        raise ValueError(f"search space {name!r} ({path}): unknown keys {unknown}; a search file holds "
-                         f"{list(SETTINGS)}")
+    unknown, missing = sorted(set(data) - set(SETTINGS)), [k for k in REQUIRED if k not in data]
+    if unknown or missing:
+        raise ValueError(f"search space {name!r} ({path}): unknown keys {unknown}, missing keys {missing}; a search "
+                         f"file holds {list(SETTINGS)}, all but epochs required")
     space = {key: _spec(spec) for key, spec in data["space"].items()}
     validate_space(space, name)
     config = f"{Path(path).parent.name}/lade"
