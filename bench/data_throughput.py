@@ -1,6 +1,7 @@
 """Images/s of the training input path: Ray Data (read Parquet -> decode + augment in ``map_batches`` -> uint8
 batches -> ``iter_torch_batches``) against a torch DataLoader with as many worker processes as Ray has CPUs, and
-the training worker decoding its rows itself (``decode: worker``, the default on CPUs: one thread, no other process).
+the training worker decoding its rows itself (``decode: worker``, the default on CPUs: as many threads as the
+DataLoader has processes, no other process).
 
 Both run the same lade_core decode + train transform on the same encoded images, and both end with the same
 ``normalize`` on the consumer (what the training worker does), so the comparison is the input path alone:
@@ -85,13 +86,13 @@ def train_transform(ds) -> ImageTransform:
     return ImageTransform(ds.family, size, resolve_augment(None, ds.family, size, ds.input_sizes(size)), seed=0)
 
 
-def lade_ips(ds, batch_size: int, epoch: int = 0, in_worker: bool = False) -> float:
+def lade_ips(ds, batch_size: int, epoch: int = 0, in_worker: bool = False, threads: int = 1) -> float:
     """What one training worker (of 1) reads in an epoch: ``PreparedDataset.rank_batches``, in file order, decoded
-    by Ray Data's tasks or (``in_worker``) by this process."""
+    by Ray Data's tasks or (``in_worker``) by this process on ``threads`` threads."""
     t0 = time.perf_counter()
     count, stats = 0, resolve_normalize(None, ds.family, None)
     for batch in ds.rank_batches(train_transform(ds), seed=0, epoch=epoch, rank=0, world=1, batch_size=batch_size,
-                                 in_worker=in_worker):
+                                 in_worker=in_worker, decode_threads=threads):
         normalize(batch["image"], stats)
         count += len(batch["label"])
     return count / (time.perf_counter() - t0)
@@ -137,7 +138,7 @@ def main() -> None:
             encoded = ds.raw_split("train").column("image").to_pylist()
             lade_ips(ds, 64)  # warm-up: starts Ray's worker processes
             r = max(lade_ips(ds, 64, epoch) for epoch in range(1, args.repeats + 1))
-            w = max(lade_ips(ds, 64, epoch, in_worker=True) for epoch in range(1, args.repeats + 1))
+            w = max(lade_ips(ds, 64, epoch, in_worker=True, threads=args.cpus) for epoch in range(1, args.repeats + 1))
             loader = make_loader(encoded, train_transform(ds), 64, args.cpus)
             dataloader_ips(loader, kind)  # warm-up: starts the worker processes
             t = max(dataloader_ips(loader, kind) for _ in range(args.repeats))

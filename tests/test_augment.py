@@ -17,7 +17,7 @@ from lade_core.data.augment import (
     resolve_normalize,
     sample_seeds,
 )
-from lade_core.data.transforms import ImageTransform, transform_batch
+from lade_core.data.transforms import ImageTransform, seeded_steps, transform_batch
 from lade_core.math.mixing import BatchMix, mixed_loss
 from lade_core.methods import LOSSES, build_loss
 from lade_core.models.backbones import Backbone, build_model, check_input_size, load_model_state
@@ -52,6 +52,76 @@ def test_augment_list_is_the_torchvision_pipeline_it_names():
         assert torch.equal(out[i], compose(images[i]))
     other = transform_batch(images, ImageTransform("imagenet", 16, specs, augment_seed(0, 4)), index)
     assert not torch.equal(out, other)  # another epoch, other draws
+
+
+@pytest.mark.parametrize("specs", [
+    "imagenet",  # the preset: RandomResizedCrop + flip + ColorJitter(0.4, 0.4, 0.4)
+    [{"RandomResizedCrop": {"size": 16, "scale": [0.5, 1.0], "ratio": [0.5, 2.0], "interpolation": "nearest"}},
+     {"ColorJitter": {"brightness": 0.8, "saturation": [0.0, 2.0], "hue": 0.3}}, {"RandomHorizontalFlip": {"p": 0.9}}],
+    # ratios no 20x24 crop can have: RandomResizedCrop's 10 tries fail and it falls back to the central crop
+    [{"RandomResizedCrop": {"size": 16, "scale": [0.99, 1.0], "ratio": [3.0, 4.0], "antialias": False}}],
+    [{"ColorJitter": {"contrast": [0.0, 3.0]}}, {"RandomResizedCrop": {"size": 16}}],
+])
+def test_the_seeded_path_gives_torchvisions_images_bit_for_bit(specs):
+    """The seeded path (its own generator per call, torchvision's kernels called directly) against torchvision's
+    pipeline seeded per sample on the global generator: every pixel of every image equal."""
+    specs = resolve_augment(specs, "imagenet", 16, [(20, 24)])
+    assert seeded_steps(specs) is not None  # these lists take the seeded path
+    images, index = _images(64, 20, 24, seed=3), np.arange(64)
+    tf = ImageTransform("imagenet", 16, specs, augment_seed(1, 2))
+    out = transform_batch(images, tf, index)
+    compose, seeds = build_augment(specs), sample_seeds(tf.seed, index)
+    state = torch.get_rng_state()
+    for i in range(64):
+        torch.default_generator.manual_seed(int(seeds[i] >> np.uint64(1)))
+        assert torch.equal(out[i], compose(images[i])), f"image {i}"
+    torch.set_rng_state(state)
+    assert seeded_steps([*specs, {"RandomGrayscale": {"p": 0.2}}]) is None  # any other step: torchvision's pipeline
+
+
+def _jpeg_blocks(n=40, per_block=16):
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    encoded = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (18 + i % 5, 24, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        encoded.append(buf.getvalue())
+    index = np.arange(n)
+    return [{"image": np.array(encoded[s:s + per_block], dtype=object), "label": index[s:s + per_block] % 3,
+             "index": index[s:s + per_block]} for s in range(0, n, per_block)]
+
+
+@pytest.mark.parametrize("specs", ["imagenet", [{"RandomGrayscale": {"p": 0.5}}, {"RandomResizedCrop": {"size": 16}}],
+                                   None])
+def test_decoding_on_threads_gives_the_one_thread_chunks_and_leaves_the_callers_draws_alone(specs):
+    """``decode_augment_threaded`` (a worker decoding its own rows) on 3 threads: the chunks of one thread, in order,
+    for the seeded path, for a list torchvision draws from the global generator (run in the caller's thread) and
+    for the evaluation transform; the caller's own draws between chunks (dropout, mixup) are what they are
+    without any decoding."""
+    from lade_core.data.transforms import decode_augment_threaded
+
+    blocks = _jpeg_blocks()
+    augment = None if specs is None else resolve_augment(specs, "imagenet", 16, [(18, 24)])
+    tf = ImageTransform("imagenet", 16, augment, None if augment is None else augment_seed(0, 1))
+    torch.manual_seed(5)
+    expected_draws = [torch.rand(1) for _ in range(8)]
+    runs = {}
+    for threads in (1, 3):
+        torch.manual_seed(5)
+        chunks, draws = [], []
+        for chunk in decode_augment_threaded(blocks, tf, threads=threads, chunk=6):
+            chunks.append(chunk)
+            draws.append(torch.rand(1))  # the training step's own draws
+        assert torch.equal(torch.cat(draws), torch.cat(expected_draws[:len(draws)])), threads
+        runs[threads] = chunks
+    assert len(runs[1]) == len(runs[3]) == 8  # 6-row chunks of each 16-row block
+    for a, b in zip(runs[1], runs[3]):
+        assert all(np.array_equal(a[k], b[k]) for k in ("image", "label", "index"))
+    assert np.array_equal(np.concatenate([c["index"] for c in runs[3]]), np.arange(40))
 
 
 def test_presets_resolve_to_their_lists_and_the_crop_flip_fast_path_matches_its_distribution():

@@ -15,7 +15,7 @@ from lade_core.compat import datasource_v1
 from lade_core.data.augment import default_image_size
 from lade_core.data.prepare import MANIFEST
 from lade_core.data.sources import DataError
-from lade_core.data.transforms import ImageTransform, decode_augment_chunks
+from lade_core.data.transforms import ImageTransform, decode_augment_chunks, decode_augment_threaded
 from lade_core.math.priors import prior_from_counts
 
 _REQUIRED = ("name", "num_classes", "transform", "splits")
@@ -128,7 +128,8 @@ class PreparedDataset:
         return [files[i][0] for i in order[first:last + 1]] if n else [], np.sort(mine)
 
     def rank_batches(self, tf: ImageTransform, *, seed: int, epoch: int, rank: int, world: int, batch_size: int,
-                     in_worker: bool = False, shuffle_buffer: int = 0, shuffle_seed: int | None = None):
+                     in_worker: bool = False, shuffle_buffer: int = 0, shuffle_seed: int | None = None,
+                     decode_threads: int | None = None):
         """Training worker ``rank``'s rows of ``epoch`` (``epoch_rows``), decoded and augmented by ``tf`` (its
         ``seed``: ``augment.augment_seed(seed, epoch)``), in file order, as ``batches``: with a seeded local shuffle
         buffer per worker (``training.epoch_batches``) this is how a class-sorted dataset is mixed; why it suffices at
@@ -143,40 +144,45 @@ class PreparedDataset:
         ``streaming_split`` would hand blocks to whichever worker asks first, so runs would differ."""
         files, rows = self.epoch_rows(seed, epoch, rank, world)
         return self.batches("train", tf, batch_size=batch_size, in_worker=in_worker, files=files, rows=rows,
-                            shuffle_buffer=shuffle_buffer, shuffle_seed=shuffle_seed)
+                            shuffle_buffer=shuffle_buffer, shuffle_seed=shuffle_seed, decode_threads=decode_threads)
 
     def batches(self, split: str, tf: ImageTransform | None = None, *, batch_size: int, in_worker: bool = False,
                 shard: tuple[int, int] | None = None, files: list[str] | None = None, rows: np.ndarray | None = None,
-                shuffle_buffer: int = 0, shuffle_seed: int | None = None):
+                shuffle_buffer: int = 0, shuffle_seed: int | None = None, decode_threads: int | None = None):
         """Torch batches {"image": uint8 [B, 3, S, S], "label": int64 [B], "index": int64 [B]} of the rows
         ``ray_dataset`` selects with the same ``tf``, ``shard``, ``files`` and ``rows``, each image decoded and
         transformed the same (its augmentation is seeded per sample), ``batch_size`` rows at a time.
         ``shuffle_buffer`` > 0: a local shuffle buffer of that many rows, seeded by ``shuffle_seed``.
 
         ``in_worker`` False: Ray Data's read tasks decode on the cluster's CPUs, ahead of the consumer
-        (``iter_torch_batches``). True: this process reads the Parquet files with pyarrow and decodes them itself,
-        no Ray task involved (``decodes_in_worker`` says when that pays). Both are a function of the arguments
+        (``iter_torch_batches``). True: this process reads the Parquet files with pyarrow and decodes them itself on
+        ``decode_threads`` threads ahead of the caller (None: as many as torch's, which Ray sets to a worker's
+        CPUs), no Ray task involved (``decodes_in_worker`` says when that pays). Both are a function of the arguments
         alone; their local shuffles draw differently, so the two orders of a shuffled epoch differ."""
         if not in_worker:
             ds = self.ray_dataset(split, tf, shard=shard, files=files, rows=rows)
             return ds.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer or None,
                                          local_shuffle_seed=shuffle_seed if shuffle_buffer else None)
-        return _rebatch(self._decoded_chunks(split, tf or self.eval_transform(), shard, files, rows), batch_size,
-                        shuffle_buffer, shuffle_seed)
+        threads = decode_threads or torch.get_num_threads()
+        return _rebatch(self._decoded_chunks(split, tf or self.eval_transform(), shard, files, rows, threads),
+                        batch_size, shuffle_buffer, shuffle_seed)
 
-    def _decoded_chunks(self, split: str, tf: ImageTransform, shard, files, rows):
-        """``ray_dataset``'s rows read and decoded in this process, through the same ``decode_augment_chunks``: the
-        shard files in ``files`` order (default: the split's files by name), each streamed in blocks of
-        DECODE_READ_ROWS encoded rows (a shard of large JPEGs is never held whole)."""
+    def _decoded_chunks(self, split: str, tf: ImageTransform, shard, files, rows, threads: int):
+        """``ray_dataset``'s rows read and decoded in this process, through the same ``decode_augment`` on
+        ``threads`` threads (``transforms.decode_augment_threaded``): the shard files in ``files`` order (default:
+        the split's files by name), each streamed in blocks of DECODE_READ_ROWS encoded rows (a shard of large JPEGs
+        is never held whole)."""
         import pyarrow.parquet as pq
 
         self._check_split(split)
-        for path in files if files is not None else sorted(map(str, (self.root / split).glob("*.parquet"))):
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=DECODE_READ_ROWS,
-                                                           columns=["image", "label", "index"]):
-                block = {"image": batch.column("image").to_numpy(zero_copy_only=False),
-                         "label": batch.column("label").to_numpy(), "index": batch.column("index").to_numpy()}
-                yield from decode_augment_chunks(block, tf, shard, rows)
+        def blocks():
+            for path in files if files is not None else sorted(map(str, (self.root / split).glob("*.parquet"))):
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=DECODE_READ_ROWS,
+                                                               columns=["image", "label", "index"]):
+                    yield {"image": batch.column("image").to_numpy(zero_copy_only=False),
+                           "label": batch.column("label").to_numpy(), "index": batch.column("index").to_numpy()}
+
+        yield from decode_augment_threaded(blocks(), tf, shard, rows, threads=threads)
 
     def ray_dataset(self, split: str, tf: ImageTransform | None = None, *, shard: tuple[int, int] | None = None,
                     files: list[str] | None = None, rows: np.ndarray | None = None):
@@ -233,7 +239,7 @@ def _rebatch(chunks, batch_size: int, shuffle_buffer: int, seed: int | None):
     held: dict[str, torch.Tensor] | None = None  # the rows read but not yet yielded, [n] / [n, 3, S, S]
     for chunk in chunks:
         part = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in chunk.items()}
-        held = part if held is None else {k: torch.cat([held[k], part[k]]) for k in part}
+        held = part if held is None or not len(held["label"]) else {k: torch.cat([held[k], part[k]]) for k in part}
         while len(held["label"]) >= batch_size + shuffle_buffer:
             if not shuffle_buffer:  # in order: the first rows, the rest a view
                 yield {k: v[:batch_size] for k, v in held.items()}

@@ -7,14 +7,18 @@ bytes than float32, and the float conversion then runs where the model runs (on 
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from torchcodec import decoders
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from lade_core.data.augment import augment_seed, build_augment, crop_flip, eval_transform, sample_seeds, view_augment
 
@@ -203,14 +207,71 @@ def decode_augment(batch: dict, tf: ImageTransform, shard: tuple[int, int] | Non
     inference workers decodes a disjoint share); ``rows`` (sorted split indices) keeps those (a training worker's
     rows of the epoch, ``PreparedDataset.rank_batches``).
     """
+    return augment_decoded(decode_rows(batch, shard, rows), tf)
+
+
+def decode_rows(batch: dict, shard: tuple[int, int] | None = None, rows: np.ndarray | None = None) -> dict:
+    """``decode_augment``'s first half: its rows selected and decoded, {"image": [uint8 [3, H_i, W_i]], "label",
+    "index"}."""
     index = np.asarray(batch["index"], dtype=np.int64)
     keep = np.arange(len(index))
     if shard is not None:
         keep = np.flatnonzero(index % shard[1] == shard[0])
     if rows is not None:
         keep = keep[np.isin(index[keep], rows, assume_unique=True)]
-    stacked = transform_batch([decode_rgb(batch["image"][i]) for i in keep], tf, index[keep])
-    return {"image": stacked.numpy(), "label": np.asarray(batch["label"], dtype=np.int64)[keep], "index": index[keep]}
+    return {"image": [decode_rgb(batch["image"][i]) for i in keep],
+            "label": np.asarray(batch["label"], dtype=np.int64)[keep], "index": index[keep]}
+
+
+def augment_decoded(decoded: dict, tf: ImageTransform) -> dict:
+    """``decode_augment``'s second half: ``decode_rows``'s images through ``tf``, stacked (numpy uint8)."""
+    return {**decoded, "image": transform_batch(decoded["image"], tf, decoded["index"]).numpy()}
+
+
+def off_thread_safe(images: list[torch.Tensor], tf: ImageTransform) -> bool:
+    """Whether ``transform_batch(images, tf)`` may run on another thread beside the caller's: it draws nothing from
+    torch's global generator (the evaluation transforms, the vectorized crop + flip, the seeded path), so the
+    caller's own draws (dropout, mixup) and every image stay what they are in one thread."""
+    if not tf.train:
+        return True
+    return tf.seed is not None and ((crop_flip(tf.augment) is not None and len({im.shape for im in images}) == 1)
+                                    or seeded_steps(tf.augment) is not None)
+
+
+def decode_augment_threaded(blocks, tf: ImageTransform, shard: tuple[int, int] | None = None,
+                            rows: np.ndarray | None = None, threads: int = 1, chunk: int = 64):
+    """``decode_augment`` over ``blocks`` (dicts as it takes), ``chunk`` rows at a time, on ``threads`` threads
+    ahead of the caller, yielded in order: what a DataLoader's worker processes give, in threads.
+
+    Why threads suffice: TorchCodec's decoders and torch's kernels release the GIL, and the seeded path leaves only
+    a few Python lines per image (bench/README.md, data_throughput). The output is the one-thread output: each chunk
+    is a function of its rows and seeds, and a transform that draws from torch's global generator
+    (``off_thread_safe``) runs in the caller's thread, after its images were decoded on the pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(part: dict) -> dict:
+        decoded = decode_rows(part, shard, rows)
+        return augment_decoded(decoded, tf) if off_thread_safe(decoded["image"], tf) else decoded
+
+    parts = ({k: v[start:start + chunk] for k, v in block.items()}
+             for block in blocks for start in range(0, len(block["label"]), chunk))
+    pool, pending = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lade-decode"), []
+    try:
+        for part in parts:
+            pending.append(pool.submit(work, part))
+            if len(pending) > 2 * threads:  # a bounded lookahead: 2 chunks per thread
+                yield from _finished(pending.pop(0).result(), tf)
+        for future in pending:
+            yield from _finished(future.result(), tf)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _finished(out: dict, tf: ImageTransform):
+    if isinstance(out["image"], list):  # decoded only: its transform draws from the global generator (here)
+        out = augment_decoded(out, tf)
+    if len(out["label"]):
+        yield out
 
 
 def transform_batch(images: list[torch.Tensor], tf: ImageTransform, index: np.ndarray | None = None) -> torch.Tensor:
@@ -229,13 +290,149 @@ def transform_batch(images: list[torch.Tensor], tf: ImageTransform, index: np.nd
     fast = crop_flip(tf.augment)
     if fast and same:
         return crop_flip_batch(torch.stack(images), *fast, seeds)  # one vectorized pass
+    steps = seeded_steps(tf.augment)
+    if steps is not None:  # the same images, drawn from a generator of this call's own: threads may run it at once
+        gen = torch.Generator()
+        return torch.stack([apply_seeded(steps, im, gen, s) for im, s in zip(images, seeds)])
     compose, gen = build_augment(tf.augment), torch.default_generator
     out = []
+    # v2 transforms draw from torch's global CPU generator (so this part runs in the caller's thread:
+    # off_thread_safe).
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
         for im, s in zip(images, seeds):
-            gen.manual_seed(int(s >> np.uint64(1)))  # v2 transforms draw from torch's default CPU generator
+            gen.manual_seed(int(s >> np.uint64(1)))
             out.append(compose(im))
     return torch.stack(out)
+
+
+
+# --- the seeded path: torchvision's draws and kernels, each call with its own generator --------------------------
+#
+# Why: torchvision's v2 transforms draw their parameters from torch's global generator, so two threads augmenting
+# at once would interleave their draws, and their per-image Python (input flattening, kernel dispatch) holds the GIL.
+# For the steps below the same draws are made, in the same order, from a generator the call owns (seeded as
+# transform_batch seeds the global one), and the same arithmetic runs: the images are bit-identical
+# (tests/test_augment.py). ColorJitter's steps keep the image in float32 between them instead of converting it to
+# uint8 and back after each: torchvision's uint8 kernels compute in float32 and truncate, and the floats here hold
+# the same integers after each step (clamped to [0, 255], then floored), so one conversion at the end gives the same
+# bytes; torch's float32 -> uint8 ``to`` is also 6x slower on these CPUs than numpy's (bench/README.md).
+
+def _uint8(x: torch.Tensor) -> torch.Tensor:
+    """float32 integer values in [0, 255] -> uint8 (what ``Tensor.to(torch.uint8)`` gives them)."""
+    return torch.from_numpy(x.numpy().astype(np.uint8))
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: torch.Size) -> torch.Tensor:
+    """A float32 buffer of this thread's, reused image after image. Why: a fresh 600 kB tensor per image is a fresh
+    mapping of pages from the OS on these VMs (glibc maps large blocks), and faulting them in costs 10x the
+    arithmetic (bench/README.md)."""
+    key = (name, tuple(shape))
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    if key not in buffers:
+        buffers[key] = torch.empty(shape, dtype=torch.float32)
+    return buffers[key]
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's luma of an image [3, H, W] of integer values: float32 [1, H, W] (a scratch buffer), floored as
+    its uint8 kernels floor it."""
+    r, g, b = x.unbind(-3)
+    out = torch.mul(r, 0.2989, out=_scratch("gray", r.shape))
+    return out.add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().unsqueeze(-3)
+
+
+def _blend_(x: torch.Tensor, other: torch.Tensor, ratio: float) -> torch.Tensor:
+    """torchvision's ``_blend`` of a uint8 image (here float32 ``x``, in place) with ``other``: x * r + other *
+    (1 - r), clamped to [0, 255] and truncated to an integer."""
+    return x.mul_(ratio).add_(other, alpha=1.0 - ratio).clamp_(0, 255).floor_()
+
+
+def _jitter_brightness(x: torch.Tensor, f: float) -> torch.Tensor:
+    return x.mul_(f).clamp_(0, 255).floor_()
+
+
+def _jitter_contrast(x: torch.Tensor, f: float) -> torch.Tensor:
+    return _blend_(x, torch.mean(_gray(x), dim=(-3, -2, -1), keepdim=True), f)
+
+
+def _jitter_saturation(x: torch.Tensor, f: float) -> torch.Tensor:
+    return _blend_(x, _gray(x), f)
+
+
+def _jitter_hue(x: torch.Tensor, f: float) -> torch.Tensor:
+    return F.adjust_hue_image(_uint8(x), f).float()  # HSV arithmetic: torchvision's kernel on the uint8 image
+
+
+_JITTER = (_jitter_brightness, _jitter_contrast, _jitter_saturation, _jitter_hue)  # ColorJitter's fn_idx order
+
+
+def _uniform(lo: float, hi: float, gen: torch.Generator) -> float:
+    return float(torch.empty(1).uniform_(lo, hi, generator=gen).item())
+
+
+def _resized_crop(t: v2.RandomResizedCrop, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``RandomResizedCrop.make_params`` (up to 10 tries, then the central crop) and its kernel."""
+    height, width = x.shape[-2:]
+    area, log_ratio = height * width, torch.log(torch.tensor(t.ratio))  # float32 logs, as torchvision takes them
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(t.scale[0], t.scale[1], generator=gen).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=gen)).item()
+        w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,), generator=gen).item()
+            left = torch.randint(0, width - w + 1, size=(1,), generator=gen).item()
+            break
+    else:
+        in_ratio = float(width) / float(height)
+        if in_ratio < min(t.ratio):
+            w, h = width, int(round(width / min(t.ratio)))
+        elif in_ratio > max(t.ratio):
+            w, h = int(round(height * max(t.ratio))), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    return F.resized_crop_image(x, top, left, h, w, size=t.size, interpolation=t.interpolation,
+                                antialias=t.antialias)
+
+
+def _flip(t: v2.RandomHorizontalFlip, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return x if torch.rand(1, generator=gen) >= t.p else x.flip(-1)
+
+
+def _color_jitter(t: v2.ColorJitter, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``ColorJitter.make_params`` (the order, then each factor set) and its kernels in that order."""
+    order = torch.randperm(4, generator=gen).tolist()
+    ranges = (t.brightness, t.contrast, t.saturation, t.hue)  # each None or (low, high)
+    factors = [None if r is None else _uniform(r[0], r[1], gen) for r in ranges]
+    y = _scratch("image", x.shape).copy_(x)  # [3, H, W], uint8's integers
+    for i in order:
+        if factors[i] is not None:
+            y = _JITTER[i](y, factors[i])
+    return _uint8(y)
+
+
+# The v2 transforms (exactly these classes, not subclasses) the seeded path runs; any other step in a list sends the
+# whole list through torchvision's own pipeline.
+_SEEDED = {v2.RandomResizedCrop: _resized_crop, v2.RandomHorizontalFlip: _flip, v2.ColorJitter: _color_jitter}
+
+
+def seeded_steps(specs: list[dict]) -> list | None:
+    """[(step function, built transform)] of a resolved ``augment`` list whose every step the seeded path runs,
+    else None (built once per list: ``augment.build_augment``)."""
+    steps = [(_SEEDED.get(type(t)), t) for t in build_augment(specs).transforms]
+    return None if any(fn is None for fn, _ in steps) else steps
+
+
+def apply_seeded(steps: list, image: torch.Tensor, gen: torch.Generator, seed: np.uint64) -> torch.Tensor:
+    """One image (uint8 [3, H, W]) through ``seeded_steps``, ``gen`` seeded with the sample's ``seed`` as
+    ``transform_batch`` seeds torch's global generator for torchvision's pipeline: the same uint8 [3, S, S]."""
+    gen.manual_seed(int(seed >> np.uint64(1)))
+    for fn, t in steps:
+        image = fn(t, image, gen)
+    return image
 
 
 def decode_augment_chunks(batch: dict, tf: ImageTransform, shard: tuple[int, int] | None = None,
