@@ -124,6 +124,41 @@ def test_decoding_on_threads_gives_the_one_thread_chunks_and_leaves_the_callers_
     assert np.array_equal(np.concatenate([c["index"] for c in runs[3]]), np.arange(40))
 
 
+def test_reduced_decoding_crops_what_the_full_decode_crops_at_a_fraction_of_the_pixels():
+    """``reduced_decode``: a JPEG whose RandomResizedCrop box allows it is decoded at 1/2, 1/4 or 1/8 of its size and
+    the box scaled to it. The crops are the full decode's within a mean absolute difference of 3 (another crop of
+    the same image is ~40 away); a PNG, which has no reduced decode, gives the full decode's bytes; and on threads
+    the chunks are those of one thread."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from lade_core.data.transforms import decode_augment, decode_augment_threaded
+
+    rng, encoded = np.random.default_rng(0), {"JPEG": [], "PNG": []}
+    for _ in range(16):
+        im = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize((480, 360), Image.BICUBIC)
+        ImageDraw.Draw(im).ellipse([60, 80, 300, 330], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        for kind in encoded:
+            buf = io.BytesIO()
+            im.save(buf, format=kind, **({"quality": 90} if kind == "JPEG" else {}))
+            encoded[kind].append(buf.getvalue())
+    specs = resolve_augment("imagenet", "imagenet", 48, [(360, 480)])
+    full, reduced, other = (ImageTransform("imagenet", 48, specs, augment_seed(0, e), reduced_decode=r)
+                            for e, r in ((1, False), (1, True), (2, False)))
+    for kind, images in encoded.items():
+        batch = {"image": np.array(images, dtype=object), "label": np.zeros(16, np.int64), "index": np.arange(16)}
+        a, b, c = (decode_augment(batch, tf)["image"].astype(np.int64) for tf in (full, reduced, other))
+        if kind == "PNG":
+            assert np.array_equal(a, b)
+            continue
+        per_image = np.abs(a - b).mean(axis=(1, 2, 3))
+        assert per_image.mean() < 3 and (per_image > 0).sum() >= 8, per_image  # most boxes allowed 1/2 or less
+        assert np.abs(a - c).mean() > 20
+        threaded = list(decode_augment_threaded([batch], reduced, threads=3, chunk=5))
+        assert np.array_equal(np.concatenate([t["image"] for t in threaded]), b)
+
+
 def test_presets_resolve_to_their_lists_and_the_crop_flip_fast_path_matches_its_distribution():
     assert resolve_augment(None, "cifar", 32, [(32, 32)]) == [{"RandomCrop": {"size": 32, "padding": 4}},
                                                              {"RandomHorizontalFlip": {}}]

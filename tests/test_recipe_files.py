@@ -20,7 +20,8 @@ LATER_METHODS = ("sade", "balpoe")
 # Recipes added since as files of a dataset's own: LIFT's fine-tuning of CLIP with LADE.
 LATER_RECIPES = ("imagenet_lt/lift", "places_lt/lift")
 # Config keys added since, with the default every recipe takes.
-LATER_KEYS = {"decode": "auto", "peft": "none", "peft_rank": None, "pretrained_file": None, "text_init": False}
+LATER_KEYS = {"decode": "auto", "peft": "none", "peft_rank": None, "pretrained_file": None, "text_init": False,
+              "reduced_decode": False}
 
 
 def _as_before(resolved: dict) -> dict:

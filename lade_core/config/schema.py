@@ -80,6 +80,9 @@ class AugmentConfig:
     normalize: object = _opt(None, check=check_normalize)
     mixup: object = _opt(None, check=_check_mix)  # {alpha}: Beta(alpha, alpha) mixing weights (lade_core.math.mixing)
     cutmix: object = _opt(None, check=_check_mix)  # {alpha}: CutMix box areas ~ Beta(alpha, alpha)
+    # JPEGs decoded at 1/2, 1/4 or 1/8 of their size where the training RandomResizedCrop's box allows it (libjpeg's
+    # DCT scaling): close to the full decode's crops, not equal (data.transforms.reduced_steps; bench/README.md).
+    reduced_decode: bool = False
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,9 @@ class ImageTransform:
     size: int
     augment: list | None = None
     seed: int | None = None  # augment.augment_seed of the epoch; None: a fresh random one per batch
+    # JPEGs decoded at the reduced size their RandomResizedCrop allows (``reduced_steps``): close to the full
+    # decode's pixels, not equal, so it is a run's choice (config key ``reduced_decode``).
+    reduced_decode: bool = False
 
     @property
     def train(self) -> bool:
@@ -207,18 +210,31 @@ def decode_augment(batch: dict, tf: ImageTransform, shard: tuple[int, int] | Non
     inference workers decodes a disjoint share); ``rows`` (sorted split indices) keeps those (a training worker's
     rows of the epoch, ``PreparedDataset.rank_batches``).
     """
-    return augment_decoded(decode_rows(batch, shard, rows), tf)
+    steps = reduced_steps(tf)
+    if steps is None:
+        return augment_decoded(decode_rows(batch, shard, rows), tf)
+    keep, index = _kept(batch, shard, rows)
+    gen, seeds = torch.Generator(), sample_seeds(tf.seed, index[keep])
+    images = [decode_crop_seeded(batch["image"][i], steps, gen, s) for i, s in zip(keep, seeds)]
+    stacked = torch.stack(images) if images else torch.zeros((0, 3, tf.size, tf.size), dtype=torch.uint8)
+    return {"image": stacked.numpy(), "label": np.asarray(batch["label"], dtype=np.int64)[keep], "index": index[keep]}
 
 
-def decode_rows(batch: dict, shard: tuple[int, int] | None = None, rows: np.ndarray | None = None) -> dict:
-    """``decode_augment``'s first half: its rows selected and decoded, {"image": [uint8 [3, H_i, W_i]], "label",
-    "index"}."""
+def _kept(batch: dict, shard: tuple[int, int] | None, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the rows ``decode_augment`` keeps [n], the batch's split indices [B])."""
     index = np.asarray(batch["index"], dtype=np.int64)
     keep = np.arange(len(index))
     if shard is not None:
         keep = np.flatnonzero(index % shard[1] == shard[0])
     if rows is not None:
         keep = keep[np.isin(index[keep], rows, assume_unique=True)]
+    return keep, index
+
+
+def decode_rows(batch: dict, shard: tuple[int, int] | None = None, rows: np.ndarray | None = None) -> dict:
+    """``decode_augment``'s first half: its rows selected and decoded, {"image": [uint8 [3, H_i, W_i]], "label",
+    "index"}."""
+    keep, index = _kept(batch, shard, rows)
     return {"image": [decode_rgb(batch["image"][i]) for i in keep],
             "label": np.asarray(batch["label"], dtype=np.int64)[keep], "index": index[keep]}
 
@@ -250,6 +266,8 @@ def decode_augment_threaded(blocks, tf: ImageTransform, shard: tuple[int, int] |
     from concurrent.futures import ThreadPoolExecutor
 
     def work(part: dict) -> dict:
+        if reduced_steps(tf) is not None:  # decoded and cropped together, drawing from its own generator
+            return decode_augment(part, tf, shard, rows)
         decoded = decode_rows(part, shard, rows)
         return augment_decoded(decoded, tf) if off_thread_safe(decoded["image"], tf) else decoded
 
@@ -373,9 +391,10 @@ def _uniform(lo: float, hi: float, gen: torch.Generator) -> float:
     return float(torch.empty(1).uniform_(lo, hi, generator=gen).item())
 
 
-def _resized_crop(t: v2.RandomResizedCrop, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """``RandomResizedCrop.make_params`` (up to 10 tries, then the central crop) and its kernel."""
-    height, width = x.shape[-2:]
+def _resized_crop_box(t: v2.RandomResizedCrop, height: int, width: int, gen: torch.Generator
+                      ) -> tuple[int, int, int, int]:
+    """``RandomResizedCrop.make_params`` of a ``height`` x ``width`` image: (top, left, h, w), up to 10 tries,
+    then the central crop."""
     area, log_ratio = height * width, torch.log(torch.tensor(t.ratio))  # float32 logs, as torchvision takes them
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(t.scale[0], t.scale[1], generator=gen).item()
@@ -384,16 +403,19 @@ def _resized_crop(t: v2.RandomResizedCrop, x: torch.Tensor, gen: torch.Generator
         if 0 < w <= width and 0 < h <= height:
             top = torch.randint(0, height - h + 1, size=(1,), generator=gen).item()
             left = torch.randint(0, width - w + 1, size=(1,), generator=gen).item()
-            break
+            return top, left, h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(t.ratio):
+        w, h = width, int(round(width / min(t.ratio)))
+    elif in_ratio > max(t.ratio):
+        w, h = int(round(height * max(t.ratio))), height
     else:
-        in_ratio = float(width) / float(height)
-        if in_ratio < min(t.ratio):
-            w, h = width, int(round(width / min(t.ratio)))
-        elif in_ratio > max(t.ratio):
-            w, h = int(round(height * max(t.ratio))), height
-        else:
-            w, h = width, height
-        top, left = (height - h) // 2, (width - w) // 2
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _resized_crop(t: v2.RandomResizedCrop, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    top, left, h, w = _resized_crop_box(t, x.shape[-2], x.shape[-1], gen)
     return F.resized_crop_image(x, top, left, h, w, size=t.size, interpolation=t.interpolation,
                                 antialias=t.antialias)
 
@@ -433,6 +455,70 @@ def apply_seeded(steps: list, image: torch.Tensor, gen: torch.Generator, seed: n
     for fn, t in steps:
         image = fn(t, image, gen)
     return image
+
+
+# --- reduced-size JPEG decoding (``ImageTransform.reduced_decode``) ----------------------------------------------
+#
+# A RandomResizedCrop draws its box from the image's size alone, which the header gives before any pixel is decoded.
+# Where the box, shrunk k times (k = 2, 4 or 8), still holds the crop size on each side, libjpeg can decode the image
+# at 1/k of its size straight from its DCT coefficients (Pillow's ``draft``): k^2 fewer pixels decoded and resized.
+# The result is close to, not equal to, the full decode's (bench/README.md, decode_speed: mean absolute difference),
+# so it is the run's choice (``augment.reduced_decode``), recorded with its config.
+
+def _draft_scale(box_h: int, box_w: int, size: list[int]) -> int:
+    """The largest k in (8, 4, 2) at which the crop box, k times smaller, is still the crop size on each side (the
+    resize still shrinks), else 1."""
+    return next((k for k in (8, 4, 2) if box_h // k >= size[0] and box_w // k >= size[1]), 1)
+
+
+def decode_jpeg_reduced(data: bytes, k: int) -> torch.Tensor:
+    """A JPEG decoded at 1/k of its size (k in 1, 2, 4, 8; libjpeg's DCT scaling through Pillow's ``draft``):
+    uint8 [3, ceil(H / k), ceil(W / k)]."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            im.draft("RGB", (-(-width // k), -(-height // k)))
+            rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # [h, w, 3], writable
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"corrupt image data ({e})") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1)  # [3, h, w] view, as TorchCodec lays it out
+
+
+def reduced_steps(tf: ImageTransform) -> list | None:
+    """The seeded steps of ``tf`` when it decodes at reduced size (``reduced_decode``, a seeded list that starts
+    with RandomResizedCrop), else None."""
+    if not (tf.train and tf.reduced_decode and tf.seed is not None):
+        return None
+    steps = seeded_steps(tf.augment)
+    return steps if steps and steps[0][0] is _resized_crop else None
+
+
+def decode_crop_seeded(data: bytes, steps: list, gen: torch.Generator, seed: np.uint64) -> torch.Tensor:
+    """One encoded image through ``steps`` (``reduced_steps``) with the draws of ``apply_seeded``: the crop box is
+    drawn from the header's size, the JPEG decoded at the reduced size that box allows (``_draft_scale``), the box
+    scaled to it; other formats, and boxes too small to shrink, are decoded in full (the same image as
+    ``apply_seeded``'s)."""
+    data = data if isinstance(data, bytes) else bytes(data)
+    kind, size = _header_size(data)
+    if kind != "JPEG" or size is None:
+        return apply_seeded(steps, decode_rgb(data), gen, seed)
+    _check_pixels(*size, MAX_PIXELS)
+    (width, height), (_, crop) = size, steps[0]
+    gen.manual_seed(int(seed >> np.uint64(1)))
+    top, left, h, w = _resized_crop_box(crop, height, width, gen)
+    k = _draft_scale(h, w, crop.size)
+    if k == 1:
+        image = decode_rgb(data)
+    else:
+        image = decode_jpeg_reduced(data, k)
+        sy, sx = image.shape[-2] / height, image.shape[-1] / width
+        top, left = min(int(round(top * sy)), image.shape[-2] - 1), min(int(round(left * sx)), image.shape[-1] - 1)
+        h, w = min(int(round(h * sy)), image.shape[-2] - top), min(int(round(w * sx)), image.shape[-1] - left)
+    x = F.resized_crop_image(image, top, left, h, w, size=crop.size, interpolation=crop.interpolation,
+                             antialias=crop.antialias)
+    for fn, t in steps[1:]:
+        x = fn(t, x, gen)
+    return x
 
 
 def decode_augment_chunks(batch: dict, tf: ImageTransform, shard: tuple[int, int] | None = None,

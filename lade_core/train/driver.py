@@ -42,7 +42,8 @@ RUNTIME_KEYS = {"progress", "run_name", "register", "max_failures", "mlflow_uri"
 
 # Keys added after runs already existed, left out of the digest at these defaults: a run started before them keeps
 # its identity, and the default run name that holds its digest, so rerunning its command resumes or finishes it.
-LATER_DEFAULTS = {"peft": "none", "peft_rank": None, "text_init": False, "pretrained_file": None}
+LATER_DEFAULTS = {"peft": "none", "peft_rank": None, "text_init": False, "pretrained_file": None,
+                  "reduced_decode": False}
 
 
 def config_digest(config: TrainConfig, run: RunContext) -> str:

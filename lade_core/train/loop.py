@@ -50,13 +50,15 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def epoch_batches(prepared, augment: list, image_size: int | None, seed: int, *, epoch: int, rank: int, world: int,
-                  batch_size: int, in_worker: bool = False):
+                  batch_size: int, in_worker: bool = False, reduced_decode: bool = False):
     """One epoch of training batches of worker ``rank`` of ``world``: its rows of the epoch
     (``PreparedDataset.rank_batches``), augmented by the run's resolved ``augment`` list at crop ``image_size``
     seeded per (seed, epoch, sample) and locally shuffled with a buffer of SHUFFLE_BUFFER_BATCHES batches seeded by
     (seed, epoch, rank). The same batches for the same (seed, epoch, rank, world, in_worker), on a rerun and after a
-    restore from a checkpoint. ``in_worker``: this process decodes them (``data.decodes_in_worker``)."""
-    tf = ImageTransform(prepared.family, prepared.crop_size(image_size), augment, augment_seed(seed, epoch))
+    restore from a checkpoint. ``in_worker``: this process decodes them (``data.decodes_in_worker``);
+    ``reduced_decode``: JPEGs at the reduced size their crop allows (``ImageTransform.reduced_decode``)."""
+    tf = ImageTransform(prepared.family, prepared.crop_size(image_size), augment, augment_seed(seed, epoch),
+                        reduced_decode=reduced_decode)
     return prepared.rank_batches(tf, seed=seed, epoch=epoch, rank=rank, world=world, batch_size=batch_size,
                                  in_worker=in_worker, shuffle_buffer=SHUFFLE_BUFFER_BATCHES * batch_size,
                                  shuffle_seed=epoch_seed(seed, epoch, rank))
@@ -202,7 +204,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.manual_seed(epoch_seed(seed, epoch, rank))
         rng = np.random.default_rng([seed, epoch, rank, 0x31C])
         batches = epoch_batches(prepared, config.augment.augment, image_size, seed, epoch=epoch, rank=rank,
-                                world=world, batch_size=per_worker_batch, in_worker=in_worker)
+                                world=world, batch_size=per_worker_batch, in_worker=in_worker,
+                                reduced_decode=config.augment.reduced_decode)
         progress = (_progress_bar(run.train_counts, epoch, opt.epochs, world, per_worker_batch)
                     if rank == 0 and rt.progress else None)
         criterion.set_epoch(epoch)  # e.g. LDAM-DRW's deferred re-weighting
