@@ -477,7 +477,7 @@ def decode_jpeg_reduced(data: bytes, k: int) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
-            im.draft("RGB", (-(-width // k), -(-height // k)))
+            im.draft("RGB", (width // k, height // k))  # Pillow takes the largest scale that holds this size
             rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # [h, w, 3], writable
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"corrupt image data ({e})") from None
