@@ -506,7 +506,9 @@ def decode_crop_seeded(data: bytes, steps: list, gen: torch.Generator, seed: np.
     (width, height), (_, crop) = size, steps[0]
     gen.manual_seed(int(seed >> np.uint64(1)))
     top, left, h, w = _resized_crop_box(crop, height, width, gen)
-    k = _draft_scale(h, w, crop.size)
+    # Pillow refuses (or warns about) images over its own MAX_IMAGE_PIXELS, which LADE_MAX_IMAGE_MEGAPIXELS may exceed:
+    # those are decoded in full by TorchCodec, under lade's limit alone.
+    k = _draft_scale(h, w, crop.size) if width * height <= (Image.MAX_IMAGE_PIXELS or math.inf) else 1
     if k == 1:
         image = decode_rgb(data)
     else:
