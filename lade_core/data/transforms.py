@@ -265,14 +265,15 @@ def decode_augment_threaded(blocks, tf: ImageTransform, shard: tuple[int, int] |
     (``off_thread_safe``) runs in the caller's thread, after its images were decoded on the pool."""
     from concurrent.futures import ThreadPoolExecutor
 
+    reduced = reduced_steps(tf) is not None  # decoded and cropped together, drawing from its own generator
+
     def work(part: dict) -> dict:
-        if reduced_steps(tf) is not None:  # decoded and cropped together, drawing from its own generator
+        if reduced:
             return decode_augment(part, tf, shard, rows)
         decoded = decode_rows(part, shard, rows)
         return augment_decoded(decoded, tf) if off_thread_safe(decoded["image"], tf) else decoded
 
-    parts = ({k: v[start:start + chunk] for k, v in block.items()}
-             for block in blocks for start in range(0, len(block["label"]), chunk))
+    parts = (part for block in blocks for part in _parts(block, chunk))
     pool, pending = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lade-decode"), []
     try:
         for part in parts:
@@ -530,11 +531,16 @@ def decode_augment_chunks(batch: dict, tf: ImageTransform, shard: tuple[int, int
     Why: with ``map_batches(batch_size=None)`` Ray Data fuses the decode into the Parquet read task (one task per
     block instead of a read task plus a map task, and the encoded bytes never go through the object store); a
     generator keeps each output block small whatever the size of the block it reads (bench/README.md)."""
-    n = len(batch["label"])
-    for start in range(0, n, chunk):
-        out = decode_augment({k: v[start:start + chunk] for k, v in batch.items()}, tf, shard, rows)
+    for part in _parts(batch, chunk):
+        out = decode_augment(part, tf, shard, rows)
         if len(out["label"]):
             yield out
+
+
+def _parts(block: dict, chunk: int):
+    """A block's columns ``chunk`` rows at a time."""
+    for start in range(0, len(block["label"]), chunk):
+        yield {k: v[start:start + chunk] for k, v in block.items()}
 
 
 def center_crop_batch(images: torch.Tensor, size: int) -> torch.Tensor:
