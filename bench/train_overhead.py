@@ -26,7 +26,7 @@ from data_throughput import _Encoded  # noqa: E402
 from lade_core.config.schema import OptimizerConfig  # noqa: E402
 from lade_core.data.augment import resolve_augment, resolve_normalize  # noqa: E402
 from lade_core.data.prepare import prepare_dataset  # noqa: E402
-from lade_core.data.prepared import decodes_in_worker, open_prepared  # noqa: E402
+from lade_core.data.prepared import decode_place, open_prepared  # noqa: E402
 from lade_core.data.synthetic import make_synthetic  # noqa: E402
 from lade_core.data.transforms import ImageTransform  # noqa: E402
 from lade_core.math.losses import LADELoss  # noqa: E402
@@ -84,10 +84,12 @@ def _ray_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     for epoch in range(config["epochs"]):
         if config["shuffle"]:  # what train.py runs: this rank's rows of the epoch, seeded, decoded where it decodes
-            batches = epoch_batches(prepared, _train_tf(prepared).augment, None, 0, epoch=epoch,
+            augment = _train_tf(prepared).augment
+            place = decode_place("auto", device, augment)
+            batches = epoch_batches(prepared, augment, None, 0, epoch=epoch,
                                     rank=ray.train.get_context().get_world_rank(), world=world,
-                                    batch_size=config["batch_size"] // world,
-                                    in_worker=decodes_in_worker("auto", device))
+                                    batch_size=config["batch_size"] // world, in_worker=place != "ray_data",
+                                    device=device if place == "device" else None)
         else:  # Ray Train's own ingest: Ray Data's streaming split, blocks to whichever worker asks first
             batches = ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=config["batch_size"] // world)
         batches = model_batches(batches, device, _stats(prepared))

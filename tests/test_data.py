@@ -437,16 +437,6 @@ def test_a_worker_decoding_its_own_rows_gets_what_ray_data_gives_it(tmp_path, ra
         assert set((val[0] % 2).tolist()) == {r}
 
 
-def test_where_images_are_decoded():
-    import torch
-
-    from lade_core.data import decodes_in_worker
-
-    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert decodes_in_worker("auto", cpu) and not decodes_in_worker("auto", gpu)
-    assert decodes_in_worker("worker", gpu) and not decodes_in_worker("ray_data", cpu)
-
-
 def test_resume_epoch_reads_the_latest_registered_checkpoint(tmp_path):
     from lade_core.train.checkpoint import resume_epoch
 

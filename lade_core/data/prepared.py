@@ -13,6 +13,7 @@ import torch
 
 from lade_core.compat import datasource_v1
 from lade_core.data.augment import default_image_size
+from lade_core.data.device_augment import device_decode_chunks, device_decode_works, device_steps
 from lade_core.data.prepare import MANIFEST
 from lade_core.data.sources import DataError
 from lade_core.data.transforms import ImageTransform, decode_augment_chunks, decode_augment_threaded
@@ -20,19 +21,30 @@ from lade_core.math.priors import prior_from_counts
 
 _REQUIRED = ("name", "num_classes", "transform", "splits")
 # Where a training worker's images are decoded and augmented (``PreparedDataset.batches``; config key ``decode``).
-DECODE_PLACES = ("auto", "worker", "ray_data")
+DECODE_PLACES = ("auto", "worker", "ray_data", "device")
 DECODE_READ_ROWS = 512  # encoded rows a worker that decodes its own images reads at a time
 
 
-def decodes_in_worker(decode: str, device: torch.device) -> bool:
-    """Whether a training worker on ``device`` decodes its own images (``decode``: one of DECODE_PLACES).
+def decode_place(decode: str, device: torch.device, augment: list | None) -> str:
+    """Where a training worker on ``device`` gets its training batches decoded and augmented by the resolved
+    ``augment`` list (``decode``: one of DECODE_PLACES): ``worker`` (this process, on threads), ``ray_data`` (Ray
+    Data's read tasks on the cluster's CPUs) or ``device`` (this process, on ``device``: ``device_augment``).
 
     ``auto`` decodes in the worker on a CPU: there the model's step costs milliseconds per image and decoding
     (tens of microseconds for a 32-px PNG, ~1 ms for a 224-px JPEG with its augmentation) is noise next to it, while
     Ray Data's read tasks cost processes that import torch, Arrow conversions and object-store copies on the same
-    cores (bench/README.md, the default job). On a GPU the step is faster than one core decodes, so Ray Data
-    decodes ahead on the cluster's CPUs."""
-    return decode == "worker" or (decode == "auto" and device.type == "cpu")
+    cores (bench/README.md, the default job). On a GPU the step is faster than one core decodes: the GPU decodes
+    (nvJPEG) and augments when the list is one ``device_augment`` runs and nvJPEG works there
+    (``device_decode_works``), else Ray Data decodes ahead on the cluster's CPUs. Evaluation batches are decoded
+    in the worker only for ``worker``."""
+    if decode == "device" and device_steps(augment) is None:
+        raise ValueError(f"decode: device runs a bilinear RandomResizedCrop followed by flips and colour jitters; "
+                         f"this run's augment list is {augment} (use decode: worker or ray_data)")
+    if decode != "auto":
+        return decode
+    if device.type == "cpu":
+        return "worker"
+    return "device" if device_steps(augment) is not None and device_decode_works(device) else "ray_data"
 
 
 @dataclass(frozen=True)
@@ -129,7 +141,7 @@ class PreparedDataset:
 
     def rank_batches(self, tf: ImageTransform, *, seed: int, epoch: int, rank: int, world: int, batch_size: int,
                      in_worker: bool = False, shuffle_buffer: int = 0, shuffle_seed: int | None = None,
-                     decode_threads: int | None = None):
+                     decode_threads: int | None = None, device: torch.device | None = None):
         """Training worker ``rank``'s rows of ``epoch`` (``epoch_rows``), decoded and augmented by ``tf`` (its
         ``seed``: ``augment.augment_seed(seed, epoch)``), in file order, as ``batches``: with a seeded local shuffle
         buffer per worker (``training.epoch_batches``) this is how a class-sorted dataset is mixed; why it suffices at
@@ -140,15 +152,18 @@ class PreparedDataset:
         2. the file order is reseeded every epoch, so each worker gets other rows every epoch;
         3. the worker's local shuffle buffer, seeded by (seed, epoch, rank), reorders rows within its stream.
         No global ``random_shuffle``: it would move the whole split through the object store every epoch. Each
-        worker reads only its files (with Ray Data tasks on the cluster's CPUs, or itself: ``in_worker``); Ray Data's
+        worker reads only its files (with Ray Data tasks on the cluster's CPUs, or itself: ``in_worker``, on its
+        ``device`` if given); Ray Data's
         ``streaming_split`` would hand blocks to whichever worker asks first, so runs would differ."""
         files, rows = self.epoch_rows(seed, epoch, rank, world)
         return self.batches("train", tf, batch_size=batch_size, in_worker=in_worker, files=files, rows=rows,
-                            shuffle_buffer=shuffle_buffer, shuffle_seed=shuffle_seed, decode_threads=decode_threads)
+                            shuffle_buffer=shuffle_buffer, shuffle_seed=shuffle_seed, decode_threads=decode_threads,
+                            device=device)
 
     def batches(self, split: str, tf: ImageTransform | None = None, *, batch_size: int, in_worker: bool = False,
                 shard: tuple[int, int] | None = None, files: list[str] | None = None, rows: np.ndarray | None = None,
-                shuffle_buffer: int = 0, shuffle_seed: int | None = None, decode_threads: int | None = None):
+                shuffle_buffer: int = 0, shuffle_seed: int | None = None, decode_threads: int | None = None,
+                device: torch.device | None = None):
         """Torch batches {"image": uint8 [B, 3, S, S], "label": int64 [B], "index": int64 [B]} of the rows
         ``ray_dataset`` selects with the same ``tf``, ``shard``, ``files`` and ``rows``, each image decoded and
         transformed the same (its augmentation is seeded per sample), ``batch_size`` rows at a time.
@@ -157,21 +172,25 @@ class PreparedDataset:
         ``in_worker`` False: Ray Data's read tasks decode on the cluster's CPUs, ahead of the consumer
         (``iter_torch_batches``). True: this process reads the Parquet files with pyarrow and decodes them itself on
         ``decode_threads`` threads ahead of the caller (None: as many as torch's, which Ray sets to a worker's
-        CPUs), no Ray task involved (``decodes_in_worker`` says when that pays). Both are a function of the arguments
-        alone; their local shuffles draw differently, so the two orders of a shuffled epoch differ."""
+        CPUs), no Ray task involved (``decode_place`` says when that pays); with ``device`` as well, this process
+        decodes and augments on that device (``device_augment``: "image" is on it). All are a function of the
+        arguments alone; Ray Data's local shuffle draws differently from the others', so its order of a shuffled
+        epoch differs."""
         if not in_worker:
             ds = self.ray_dataset(split, tf, shard=shard, files=files, rows=rows)
             return ds.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer or None,
                                          local_shuffle_seed=shuffle_seed if shuffle_buffer else None)
         threads = decode_threads or torch.get_num_threads()
-        return _rebatch(self._decoded_chunks(split, tf or self.eval_transform(), shard, files, rows, threads),
-                        batch_size, shuffle_buffer, shuffle_seed)
+        chunks = self._decoded_chunks(split, tf or self.eval_transform(), shard, files, rows, threads, device)
+        return _rebatch(chunks, batch_size, shuffle_buffer, shuffle_seed)
 
-    def _decoded_chunks(self, split: str, tf: ImageTransform, shard, files, rows, threads: int):
+    def _decoded_chunks(self, split: str, tf: ImageTransform, shard, files, rows, threads: int,
+                        device: torch.device | None = None):
         """``ray_dataset``'s rows read and decoded in this process, through the same ``decode_augment`` on
-        ``threads`` threads (``transforms.decode_augment_threaded``): the shard files in ``files`` order (default:
-        the split's files by name), each streamed in blocks of DECODE_READ_ROWS encoded rows (a shard of large JPEGs
-        is never held whole)."""
+        ``threads`` threads (``transforms.decode_augment_threaded``), or on ``device``
+        (``device_augment.device_decode_chunks``): the shard files in ``files`` order (default: the split's files by
+        name), each streamed in blocks of DECODE_READ_ROWS encoded rows (a shard of large JPEGs is never held
+        whole)."""
         import pyarrow.parquet as pq
 
         self._check_split(split)
@@ -182,7 +201,10 @@ class PreparedDataset:
                     yield {"image": batch.column("image").to_numpy(zero_copy_only=False),
                            "label": batch.column("label").to_numpy(), "index": batch.column("index").to_numpy()}
 
-        yield from decode_augment_threaded(blocks(), tf, shard, rows, threads=threads)
+        if device is not None:
+            yield from device_decode_chunks(blocks(), tf, device, shard, rows)
+        else:
+            yield from decode_augment_threaded(blocks(), tf, shard, rows, threads=threads)
 
     def ray_dataset(self, split: str, tf: ImageTransform | None = None, *, shard: tuple[int, int] | None = None,
                     files: list[str] | None = None, rows: np.ndarray | None = None):
@@ -231,14 +253,15 @@ class PreparedDataset:
 
 
 def _rebatch(chunks, batch_size: int, shuffle_buffer: int, seed: int | None):
-    """Decoded chunks {"image", "label", "index"} (numpy) -> torch batches of ``batch_size`` rows (the last one
-    short), in order, or with ``shuffle_buffer`` > 0 through a seeded local shuffle buffer: each batch is drawn
-    at random from the buffered rows once ``shuffle_buffer`` more than a batch are held, the rest shuffled at the
-    end (the semantics of Ray Data's ``local_shuffle_buffer_size``)."""
+    """Decoded chunks {"image", "label", "index"} (numpy; "image" may be a torch tensor on a device) -> torch
+    batches of ``batch_size`` rows (the last one short), in order, or with ``shuffle_buffer`` > 0 through a seeded
+    local shuffle buffer: each batch is drawn at random from the buffered rows once ``shuffle_buffer`` more than a
+    batch are held, the rest shuffled at the end (the semantics of Ray Data's ``local_shuffle_buffer_size``)."""
     rng = np.random.default_rng(seed)
     held: dict[str, torch.Tensor] | None = None  # the rows read but not yet yielded, [n] / [n, 3, S, S]
     for chunk in chunks:
-        part = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in chunk.items()}
+        part = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+                for k, v in chunk.items()}
         held = part if held is None or not len(held["label"]) else {k: torch.cat([held[k], part[k]]) for k in part}
         while len(held["label"]) >= batch_size + shuffle_buffer:
             if not shuffle_buffer:  # in order: the first rows, the rest a view
@@ -248,13 +271,13 @@ def _rebatch(chunks, batch_size: int, shuffle_buffer: int, seed: int | None):
             take = torch.from_numpy(rng.choice(len(held["label"]), batch_size, replace=False))
             rest = torch.ones(len(held["label"]), dtype=torch.bool)
             rest[take] = False
-            yield {k: v[take] for k, v in held.items()}
-            held = {k: v[rest] for k, v in held.items()}
+            yield {k: v[take.to(v.device)] for k, v in held.items()}
+            held = {k: v[rest.to(v.device)] for k, v in held.items()}
     if held is not None and len(held["label"]):
         n = len(held["label"])
         order = torch.from_numpy(rng.permutation(n)) if shuffle_buffer else torch.arange(n)
         for start in range(0, n, batch_size):
-            yield {k: v[order[start:start + batch_size]] for k, v in held.items()}
+            yield {k: v[order[start:start + batch_size].to(v.device)] for k, v in held.items()}
 
 
 @lru_cache(maxsize=8)

@@ -263,8 +263,6 @@ def decode_augment_threaded(blocks, tf: ImageTransform, shard: tuple[int, int] |
     a few Python lines per image (bench/README.md, data_throughput). The output is the one-thread output: each chunk
     is a function of its rows and seeds, and a transform that draws from torch's global generator
     (``off_thread_safe``) runs in the caller's thread, after its images were decoded on the pool."""
-    from concurrent.futures import ThreadPoolExecutor
-
     reduced = reduced_steps(tf) is not None  # decoded and cropped together, drawing from its own generator
 
     def work(part: dict) -> dict:
@@ -274,14 +272,23 @@ def decode_augment_threaded(blocks, tf: ImageTransform, shard: tuple[int, int] |
         return augment_decoded(decoded, tf) if off_thread_safe(decoded["image"], tf) else decoded
 
     parts = (part for block in blocks for part in _parts(block, chunk))
+    for out in run_ahead(work, parts, threads):
+        yield from _finished(out, tf)
+
+
+def run_ahead(work, items, threads: int):
+    """``work(item)`` of each of ``items`` on ``threads`` threads, up to 2 per thread ahead of the caller, the
+    results yielded in ``items``' order."""
+    from concurrent.futures import ThreadPoolExecutor
+
     pool, pending = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lade-decode"), []
     try:
-        for part in parts:
-            pending.append(pool.submit(work, part))
-            if len(pending) > 2 * threads:  # a bounded lookahead: 2 chunks per thread
-                yield from _finished(pending.pop(0).result(), tf)
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) > 2 * threads:  # a bounded lookahead: 2 items per thread
+                yield pending.pop(0).result()
         for future in pending:
-            yield from _finished(future.result(), tf)
+            yield future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -338,50 +345,74 @@ def transform_batch(images: list[torch.Tensor], tf: ImageTransform, index: np.nd
 
 def _uint8(x: torch.Tensor) -> torch.Tensor:
     """float32 integer values in [0, 255] -> uint8 (what ``Tensor.to(torch.uint8)`` gives them)."""
+    if x.device.type != "cpu":
+        return x.to(torch.uint8)
     return torch.from_numpy(x.numpy().astype(np.uint8))
 
 
 _SCRATCH = threading.local()
 
 
-def _scratch(name: str, shape: torch.Size) -> torch.Tensor:
-    """A float32 buffer of this thread's, reused image after image. Why: a fresh 600 kB tensor per image is a fresh
-    mapping of pages from the OS on these VMs (glibc maps large blocks), and faulting them in costs 10x the
-    arithmetic (bench/README.md)."""
-    key = (name, tuple(shape))
+def _scratch(name: str, like: torch.Tensor) -> torch.Tensor:
+    """A float32 buffer of ``like``'s shape on its device; on the CPU this thread's, reused
+    image after image. Why: a fresh 600 kB tensor per image is a fresh mapping of pages from the OS on these VMs
+    (glibc maps large blocks), and faulting them in costs 10x the arithmetic (bench/README.md). A GPU's caching
+    allocator already reuses its blocks."""
+    if like.device.type != "cpu":
+        return torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    key = (name, tuple(like.shape))
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     if key not in buffers:
-        buffers[key] = torch.empty(shape, dtype=torch.float32)
+        buffers[key] = torch.empty(like.shape, dtype=torch.float32)
     return buffers[key]
 
 
+def _ratio(f: float | torch.Tensor) -> float | torch.Tensor:
+    """A factor as torchvision's kernels take it: a Python float, or one float64 factor per image [n], made
+    [n, 1, 1, 1] float32 as the kernel casts a Python float."""
+    return f.float().view(-1, 1, 1, 1) if isinstance(f, torch.Tensor) else f
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    """torchvision's luma of an image [3, H, W] of integer values: float32 [1, H, W] (a scratch buffer), floored as
-    its uint8 kernels floor it."""
+    """torchvision's luma of images [..., 3, H, W] of integer values: float32 [..., 1, H, W] (a scratch buffer),
+    floored as its uint8 kernels floor it."""
     r, g, b = x.unbind(-3)
-    out = torch.mul(r, 0.2989, out=_scratch("gray", r.shape))
+    out = torch.mul(r, 0.2989, out=_scratch("gray", r))
     return out.add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().unsqueeze(-3)
 
 
-def _blend_(x: torch.Tensor, other: torch.Tensor, ratio: float) -> torch.Tensor:
+def _blend_(x: torch.Tensor, other: torch.Tensor, ratio: float | torch.Tensor) -> torch.Tensor:
     """torchvision's ``_blend`` of a uint8 image (here float32 ``x``, in place) with ``other``: x * r + other *
-    (1 - r), clamped to [0, 255] and truncated to an integer."""
-    return x.mul_(ratio).add_(other, alpha=1.0 - ratio).clamp_(0, 255).floor_()
+    (1 - r), clamped to [0, 255] and truncated to an integer. ``ratio`` per image [n]: torch's ``add_`` takes its
+    ``alpha`` as one number and fuses it (x * r + other * alpha, rounded once), so the sum is made in float64 from
+    the same float32 terms and rounded once to float32: the same bits (tests/test_augment.py)."""
+    if not isinstance(ratio, torch.Tensor):
+        return x.mul_(ratio).add_(other, alpha=1.0 - ratio).clamp_(0, 255).floor_()
+    alpha = (1 - ratio).float().double().view(-1, 1, 1, 1)  # the float32 alpha, as add_ casts a Python float
+    fused = x.mul_(_ratio(ratio)).double().add_(other.double() * alpha)
+    return x.copy_(fused).clamp_(0, 255).floor_()
 
 
-def _jitter_brightness(x: torch.Tensor, f: float) -> torch.Tensor:
-    return x.mul_(f).clamp_(0, 255).floor_()
+def _jitter_brightness(x: torch.Tensor, f: float | torch.Tensor) -> torch.Tensor:
+    return x.mul_(_ratio(f)).clamp_(0, 255).floor_()
 
 
-def _jitter_contrast(x: torch.Tensor, f: float) -> torch.Tensor:
-    return _blend_(x, torch.mean(_gray(x), dim=(-3, -2, -1), keepdim=True), f)
+def _jitter_contrast(x: torch.Tensor, f: float | torch.Tensor) -> torch.Tensor:
+    gray = _gray(x)
+    if x.ndim == 3:
+        mean = torch.mean(gray, dim=(-3, -2, -1), keepdim=True)
+    else:  # one mean per image, each reduced as a lone image's is (a batched reduction may sum in another order)
+        mean = torch.stack([torch.mean(g, dim=(-3, -2, -1), keepdim=True) for g in gray])
+    return _blend_(x, mean, f)
 
 
-def _jitter_saturation(x: torch.Tensor, f: float) -> torch.Tensor:
+def _jitter_saturation(x: torch.Tensor, f: float | torch.Tensor) -> torch.Tensor:
     return _blend_(x, _gray(x), f)
 
 
-def _jitter_hue(x: torch.Tensor, f: float) -> torch.Tensor:
+def _jitter_hue(x: torch.Tensor, f: float | torch.Tensor) -> torch.Tensor:
+    if isinstance(f, torch.Tensor):  # torchvision's kernel takes one factor: image by image
+        return torch.stack([_jitter_hue(im, float(v)) for im, v in zip(x, f)])
     return F.adjust_hue_image(_uint8(x), f).float()  # HSV arithmetic: torchvision's kernel on the uint8 image
 
 
@@ -421,16 +452,26 @@ def _resized_crop(t: v2.RandomResizedCrop, x: torch.Tensor, gen: torch.Generator
                                 antialias=t.antialias)
 
 
+def _flip_coin(t: v2.RandomHorizontalFlip, gen: torch.Generator) -> bool:
+    """``RandomHorizontalFlip``'s draw: whether this image is mirrored."""
+    return bool(torch.rand(1, generator=gen) < t.p)
+
+
 def _flip(t: v2.RandomHorizontalFlip, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    return x if torch.rand(1, generator=gen) >= t.p else x.flip(-1)
+    return x.flip(-1) if _flip_coin(t, gen) else x
+
+
+def _jitter_params(t: v2.ColorJitter, gen: torch.Generator) -> tuple[list[int], list[float | None]]:
+    """``ColorJitter.make_params``: the order of its 4 steps, then each factor (None where the step is off)."""
+    order = torch.randperm(4, generator=gen).tolist()
+    ranges = (t.brightness, t.contrast, t.saturation, t.hue)  # each None or (low, high)
+    return order, [None if r is None else _uniform(r[0], r[1], gen) for r in ranges]
 
 
 def _color_jitter(t: v2.ColorJitter, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """``ColorJitter.make_params`` (the order, then each factor set) and its kernels in that order."""
-    order = torch.randperm(4, generator=gen).tolist()
-    ranges = (t.brightness, t.contrast, t.saturation, t.hue)  # each None or (low, high)
-    factors = [None if r is None else _uniform(r[0], r[1], gen) for r in ranges]
-    y = _scratch("image", x.shape).copy_(x)  # [3, H, W], uint8's integers
+    """``ColorJitter``'s draws and its kernels in their order."""
+    order, factors = _jitter_params(t, gen)
+    y = _scratch("image", x).copy_(x)  # [3, H, W], uint8's integers
     for i in order:
         if factors[i] is not None:
             y = _JITTER[i](y, factors[i])

@@ -50,18 +50,20 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def epoch_batches(prepared, augment: list, image_size: int | None, seed: int, *, epoch: int, rank: int, world: int,
-                  batch_size: int, in_worker: bool = False, reduced_decode: bool = False):
+                  batch_size: int, in_worker: bool = False, reduced_decode: bool = False,
+                  device: torch.device | None = None):
     """One epoch of training batches of worker ``rank`` of ``world``: its rows of the epoch
     (``PreparedDataset.rank_batches``), augmented by the run's resolved ``augment`` list at crop ``image_size``
     seeded per (seed, epoch, sample) and locally shuffled with a buffer of SHUFFLE_BUFFER_BATCHES batches seeded by
     (seed, epoch, rank). The same batches for the same (seed, epoch, rank, world, in_worker), on a rerun and after a
-    restore from a checkpoint. ``in_worker``: this process decodes them (``data.decodes_in_worker``);
-    ``reduced_decode``: JPEGs at the reduced size their crop allows (``ImageTransform.reduced_decode``)."""
+    restore from a checkpoint. ``in_worker``: this process decodes them (``data.decode_place``), on ``device``
+    if given (``data.device_augment``); ``reduced_decode``: JPEGs at the reduced size their crop allows
+    (``ImageTransform.reduced_decode``)."""
     tf = ImageTransform(prepared.family, prepared.crop_size(image_size), augment, augment_seed(seed, epoch),
                         reduced_decode=reduced_decode)
     return prepared.rank_batches(tf, seed=seed, epoch=epoch, rank=rank, world=world, batch_size=batch_size,
                                  in_worker=in_worker, shuffle_buffer=SHUFFLE_BUFFER_BATCHES * batch_size,
-                                 shuffle_seed=epoch_seed(seed, epoch, rank))
+                                 shuffle_seed=epoch_seed(seed, epoch, rank), device=device)
 
 
 def build_run_model(config: TrainConfig, run: RunContext, class_names: list[str] | None = None,
@@ -154,7 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from lade_core.data import decodes_in_worker, open_prepared
+    from lade_core.data import decode_place, open_prepared
     from lade_core.runtime.local_ray import quiet_worker_logging
     from lade_core.tracking.store import EpochLogger
 
@@ -197,15 +199,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     stats = config.augment.normalize  # {mean, std}, resolved on the driver (augment.resolve_normalize)
     mixup, cutmix = config.augment.mixup, config.augment.cutmix
     mix = BatchMix((mixup or {}).get("alpha"), (cutmix or {}).get("alpha")) if (mixup or cutmix) else None
-    in_worker = decodes_in_worker(rt.decode, device)  # or Ray Data's tasks, on the cluster's CPUs
+    # The training batches' place: this process on threads, on its device, or Ray Data's tasks on the cluster's
+    # CPUs; evaluation batches are decoded here only for "worker".
+    place = decode_place(rt.decode, device, config.augment.augment)
+    in_worker = place == "worker"
     val_cache: dict = {}  # this rank's decoded validation share, read once (inference.sharded_logits)
     for epoch in range(start_epoch, opt.epochs):
         # Every random draw of the epoch from (seed, epoch, rank): a resumed run repeats an unkilled one's.
         torch.manual_seed(epoch_seed(seed, epoch, rank))
         rng = np.random.default_rng([seed, epoch, rank, 0x31C])
         batches = epoch_batches(prepared, config.augment.augment, image_size, seed, epoch=epoch, rank=rank,
-                                world=world, batch_size=per_worker_batch, in_worker=in_worker,
-                                reduced_decode=config.augment.reduced_decode)
+                                world=world, batch_size=per_worker_batch, in_worker=place != "ray_data",
+                                reduced_decode=config.augment.reduced_decode,
+                                device=device if place == "device" else None)
         progress = (_progress_bar(run.train_counts, epoch, opt.epochs, world, per_worker_batch)
                     if rank == 0 and rt.progress else None)
         criterion.set_epoch(epoch)  # e.g. LDAM-DRW's deferred re-weighting
