@@ -181,3 +181,23 @@ def test_a_device_epoch_is_the_worker_epoch_on_the_device_and_repeats(tmp_path, 
             assert b["image"].device == CPU and b["image"].dtype == torch.uint8
             assert (a["image"].float() - b["image"].float()).abs().mean() < 0.5
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(device, epoch(rank, CPU)))
+
+
+def test_decode_device_with_a_list_it_cannot_run_is_refused_before_ray(tmp_path):
+    from lade_core.config.recipes import resolve_train_config
+    from lade_core.data.prepare import prepare_dataset
+    from lade_core.data.prepared import open_prepared
+    from lade_core.data.synthetic import make_synthetic
+    from lade_core.train.runs import check_against_dataset
+
+    prepare_dataset(make_synthetic(num_classes=3, image_size=16, max_count=8, imbalance_ratio=2, test_per_class=2),
+                    tmp_path / "syn")
+
+    def check(**over):
+        config = resolve_train_config(None, {"dataset": str(tmp_path / "syn"), "image_size": 16, "synthetic": None,
+                                             "batch_size": 4, "decode": "device", **over})
+        return check_against_dataset(config, open_prepared(tmp_path / "syn"))
+
+    with pytest.raises(ValueError, match="decode: device runs a bilinear RandomResizedCrop .*RandomCrop"):
+        check()  # the synthetic set is the cifar family: RandomCrop + flip
+    assert check(augment="imagenet").runtime.decode == "device"

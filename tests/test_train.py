@@ -189,3 +189,16 @@ def test_fresh_directory_default_local_ray_does_not_starve_ray_data(tmp_path):
     p = run_train(tmp_path, "--run-name", "fresh", "--decode", "ray_data", num_cpus=None, timeout=420)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert (tmp_path / "data" / "synthetic_smoke" / "dataset.json").exists() and "backward_10" in p.stdout
+
+
+def test_a_run_that_decodes_on_its_device_trains_and_a_list_it_cannot_run_is_refused_first(tmp_path):
+    """``decode: device`` end to end on the CPU as the device (a GPU worker's path with nvJPEG swapped for the CPU
+    decoder): the imagenet preset's batches decoded and augmented in the worker, a run trained and evaluated; the
+    cifar preset with ``decode: device`` refused by name before any worker starts."""
+    p = run_train(tmp_path, "--run-name", "dev", "--decode", "device", "--augment", "imagenet")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "epoch 1/1" in p.stdout and "backward_10" in p.stdout
+    refused = run_train(tmp_path, "--run-name", "refused", "--decode", "device")
+    assert refused.returncode == 2
+    assert "decode: device runs a bilinear RandomResizedCrop" in refused.stderr, refused.stderr[-2000:]
+    assert "RayTrainWorker" not in refused.stdout + refused.stderr

@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-workers", dest="num_workers", type=int)
     ap.add_argument("--use-gpu", dest="use_gpu", action="store_true")
     ap.add_argument("--decode", choices=DECODE_PLACES, help="where training images are decoded: by Ray Data's tasks, "
-                    "by the training worker itself, or auto (the worker on CPUs, Ray Data on GPUs; the default)")
+                    "by the training worker itself, on its GPU (device: nvJPEG), or auto (the worker on CPUs, its GPU "
+                    "where nvJPEG works, else Ray Data; the default)")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--seeds", type=int, nargs="+", help="one run per seed, under a parent run (compare.py reports "
                     "mean ± std over them)")

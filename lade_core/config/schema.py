@@ -162,8 +162,9 @@ class RuntimeConfig:
     storage_path: str | None = _opt(None, nonempty=True)  # checkpoints: a local path or a URI (s3://, gs://)
     max_failures: int = _opt(1, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
     progress: bool = True  # per-epoch progress bar on the driver's console (train.py: off when not a terminal)
-    # Where the training worker's images are decoded and augmented (PreparedDataset.batches): `ray_data` tasks on
-    # the cluster's CPUs, the training worker itself (`worker`), or `auto`: the worker when it trains on CPUs.
+    # Where the training worker's images are decoded and augmented (data.decode_place): `ray_data` tasks on the
+    # cluster's CPUs, the training worker itself (`worker`), the worker's GPU (`device`: nvJPEG + batched
+    # augmentation), or `auto`: the worker on CPUs, its GPU where that works, else Ray Data.
     decode: str = _opt("auto", choices=DECODE_PLACES)
 
 

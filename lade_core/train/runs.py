@@ -11,7 +11,7 @@ import torch
 from lade_core import __version__
 from lade_core.config.context import RunContext
 from lade_core.config.schema import TrainConfig, check_runnable, model_finetuning
-from lade_core.data import PreparedDataset, open_prepared
+from lade_core.data import PreparedDataset, decode_place, open_prepared
 from lade_core.data.augment import resolve_augment, resolve_normalize
 from lade_core.data.prepare import prepare_dataset, summary_line
 from lade_core.data.synthetic import make_synthetic
@@ -95,6 +95,8 @@ def check_against_dataset(config: TrainConfig, prepared: PreparedDataset) -> Tra
     config = config.replace(
         augment=resolve_augment(config.augment.augment, prepared.family, crop, prepared.input_sizes(crop)),
         normalize=resolve_normalize(config.augment.normalize, prepared.family, prepared.channel_stats))
+    if config.runtime.decode == "device":  # a list the device path does not run, refused now, not in every worker
+        decode_place("device", torch.device("cpu"), config.augment.augment)
     if model.weights_path or model.pretrained or model.pretrained_file:
         # The file (or the library's weights: fetched into its cache once, here) against the model, before Ray
         # starts any worker.
