@@ -84,8 +84,7 @@ def main() -> None:
         ratios[f"{width}x{height}"] = rates["device"] / rates["cpu"]
         print(f"{width}x{height}: device {rates['device']:.0f} img/s, cpu ({args.threads} threads) "
               f"{rates['cpu']:.0f} img/s, mean abs difference {mad:.2f}")
-    for size, ratio in ratios.items():
-        print(f"device_augment {size} device/cpu {ratio:.2f}")
+    print("\n".join(f"device_augment {size} device/cpu {ratio:.2f}" for size, ratio in ratios.items()))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def _write(tmp_path, text, name="c.yaml"):
         ("synthetic: {num_classes: 4, max_cnt: 3}", "unknown synthetic keys ['max_cnt']"),
         ("max_failures: -2", "max_failures must be >= -1"),
         ("cpus_per_worker: 0", "cpus_per_worker must be > 0"),
-        ("decode: gpu", "decode must be one of ['auto', 'worker', 'ray_data'], got 'gpu'"),
+        ("decode: gpu", "decode must be one of ['auto', 'worker', 'ray_data', 'device'], got 'gpu'"),
         ("- a\n- b", "a config file must be a mapping"),
         ("lr: [0.1\n", "invalid YAML at line"),
     ],
