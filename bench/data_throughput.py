@@ -9,6 +9,8 @@ Both run the same lade_core decode + train transform on the same encoded images,
   - imagenet: ~340x256 JPEG (quality 90), RandomResizedCrop(224) + flip + ColorJitter.
 Images look natural (smooth colour fields with shapes and mild noise), so their JPEGs are photograph-sized rather
 than the several-times-larger files of pure noise. Ray Data is timed on its second (warm) pass, best of --repeats.
+The DataLoader is timed first, in the process as a plain script has it; then the process keeps freed blocks in its heap
+as lade's training worker does (``runtime.malloc``; ``--tuned-dataloader``: for the DataLoader's consumer too).
 The last lines print ``<family> ray_data/dataloader <ratio>`` and ``<family> worker/dataloader <ratio>``.
 
   python bench/data_throughput.py [--smoke-test] [--cpus 2]
@@ -30,6 +32,7 @@ from lade_core.data.prepared import open_prepared
 from lade_core.data.sources import RawDataset, RawSplit, load_image_folder
 from lade_core.data.transforms import ImageTransform, decode_augment, normalize
 from lade_core.runtime.local_ray import init_ray
+from lade_core.runtime.malloc import keep_freed_blocks
 
 
 def natural_image(rng: np.random.Generator, height: int, width: int) -> Image.Image:
@@ -121,6 +124,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--families", nargs="+", default=["cifar", "imagenet"], choices=["cifar", "imagenet"])
     ap.add_argument("--scale", type=int, default=1, help="images per pass x this (per-pass start-up amortized)")
+    ap.add_argument("--tuned-dataloader", action="store_true",
+                    help="the DataLoader's consumer with lade's malloc tuning too (runtime.malloc)")
     args = ap.parse_args()
     init_ray(num_cpus=args.cpus)
     # The consumer stands in for the training worker, which would normalize on its GPU: one thread here, for both
@@ -133,16 +138,23 @@ def main() -> None:
     print(f"{'family':>9} {'n':>6} {'mean bytes':>10} {'Ray Data img/s':>15} {'worker img/s':>13} "
           f"{'DataLoader img/s':>17} {'Ray Data/DL':>11} {'worker/DL':>9}")
     with tempfile.TemporaryDirectory() as d:
+        datasets, plain = {}, {}
+        if args.tuned_dataloader:
+            keep_freed_blocks()
+        for kind, n in cases:  # the DataLoader first, in a process with glibc's malloc as a plain script has it
+            datasets[kind] = ds = make_dataset(kind, n, Path(d))
+            loader = make_loader(ds.raw_split("train").column("image").to_pylist(), train_transform(ds), 64,
+                                 args.cpus)
+            dataloader_ips(loader, kind)  # warm-up: starts the worker processes
+            plain[kind] = max(dataloader_ips(loader, kind) for _ in range(args.repeats))
+            del loader
+        keep_freed_blocks()  # as lade's training worker does (lade_core.runtime.malloc)
         for kind, n in cases:
-            ds = make_dataset(kind, n, Path(d))
+            ds, t = datasets[kind], plain[kind]
             encoded = ds.raw_split("train").column("image").to_pylist()
             lade_ips(ds, 64)  # warm-up: starts Ray's worker processes
             r = max(lade_ips(ds, 64, epoch) for epoch in range(1, args.repeats + 1))
             w = max(lade_ips(ds, 64, epoch, in_worker=True, threads=args.cpus) for epoch in range(1, args.repeats + 1))
-            loader = make_loader(encoded, train_transform(ds), 64, args.cpus)
-            dataloader_ips(loader, kind)  # warm-up: starts the worker processes
-            t = max(dataloader_ips(loader, kind) for _ in range(args.repeats))
-            del loader
             ratios[f"{kind} ray_data"], ratios[f"{kind} worker"] = r / t, w / t
             print(f"{kind:>9} {n:>6} {np.mean([len(b) for b in encoded]):>10.0f} {r:>15.0f} {w:>13.0f} {t:>17.0f} "
                   f"{r / t:>11.2f} {w / t:>9.2f}")

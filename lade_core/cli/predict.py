@@ -39,6 +39,7 @@ from lade_core.math.posthoc import posthoc_offset
 from lade_core.math.priors import uniform_prior, validate_prior
 from lade_core.models.backbones import has_experts
 from lade_core.runtime.local_ray import quiet_logging
+from lade_core.runtime.malloc import keep_freed_blocks
 from lade_core.serve.predict import (
     aggregate_batches,
     estimate_batches_prior,
@@ -123,6 +124,7 @@ def log_result(tracking_uri: str, args, path: Path, params: dict, metrics: dict)
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_logging(args.verbose)
+    keep_freed_blocks()  # the driver decodes and runs batches itself on a CPU node (runtime.malloc)
     tracking_uri = resolve_tracking_uri(args.mlflow_uri)
     try:
         check_args(args)

@@ -158,9 +158,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from lade_core.data import decode_place, open_prepared
     from lade_core.runtime.local_ray import quiet_worker_logging
+    from lade_core.runtime.malloc import keep_freed_blocks
     from lade_core.tracking.store import EpochLogger
 
     quiet_worker_logging()
+    keep_freed_blocks()  # each batch's tensors from the heap, not fresh pages from the OS (runtime.malloc)
     config, run = split_flat_config(loop_config)  # Ray's flat dict -> the typed config and the run's context
     opt, rt, seed = config.optimizer, config.runtime, config.runtime.seed
     ctx = ray.train.get_context()
