@@ -32,6 +32,7 @@ from lade_core.data.transforms import ImageTransform  # noqa: E402
 from lade_core.math.losses import LADELoss  # noqa: E402
 from lade_core.models.backbones import build_model  # noqa: E402
 from lade_core.runtime.local_ray import init_ray  # noqa: E402
+from lade_core.runtime.malloc import keep_freed_blocks  # noqa: E402
 from lade_core.serve.inference import batch_logits, model_batches, predict_logits  # noqa: E402
 from lade_core.train.loop import build_optimizer, epoch_batches, train_one_epoch  # noqa: E402
 
@@ -76,6 +77,7 @@ def _ray_worker(config: dict) -> None:
     import ray.train.torch
 
     torch.set_num_threads(config["threads"])
+    keep_freed_blocks()  # as train.py's worker does (lade_core.runtime.malloc)
     world = ray.train.get_context().get_world_size()
     model, optimizer, criterion = _setup(config["num_classes"], config["source_prior"])
     model = ray.train.torch.prepare_model(model)

@@ -40,3 +40,5 @@ def test_a_tuned_process_reuses_its_batch_memory_and_a_users_settings_are_kept()
     # glibc's own knob set by the user: left alone, and the batches fault as glibc was told.
     applied, kept = _run("tuned", MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     assert applied == "False" and float(kept) > 0.9 * pages
+    applied, off = _run("tuned", LADE_KEEP_FREED_BLOCKS="0")  # lade's own switch: glibc's defaults
+    assert applied == "False" and float(off) > 0.9 * pages

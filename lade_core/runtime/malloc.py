@@ -26,7 +26,10 @@ _USER_KNOBS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_P
 def keep_freed_blocks() -> bool:
     """Keep freed blocks up to KEEP_MIB in this process's heaps instead of returning them to the OS (glibc's
     ``mallopt``: a fixed mmap threshold and trim threshold of KEEP_MIB). Once per process; False where it does not
-    apply: not Linux, not glibc, or the user set glibc's knobs or preloaded another allocator."""
+    apply: not Linux, not glibc, the user set glibc's knobs or preloaded another allocator, or turned it off
+    (``LADE_KEEP_FREED_BLOCKS=0``)."""
+    if os.environ.get("LADE_KEEP_FREED_BLOCKS", "1") == "0":
+        return False
     if not sys.platform.startswith("linux") or any(k in os.environ for k in _USER_KNOBS):
         return False
     try:
