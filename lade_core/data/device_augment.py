@@ -32,17 +32,14 @@ from torchvision.transforms import InterpolationMode, v2
 from lade_core.data.augment import sample_seeds
 from lade_core.data.transforms import (
     _JITTER,
-    MAX_PIXELS,
-    ImageDecodeError,
     ImageTransform,
-    _check_pixels,
     _flip_coin,
-    _header_size,
     _jitter_params,
     _kept,
     _parts,
     _resized_crop_box,
     _uint8,
+    checked_kind,
     decode_rgb,
     run_ahead,
     seeded_steps,
@@ -152,14 +149,7 @@ def decode_batch(encoded: list, device: torch.device) -> list[torch.Tensor]:
     ``transforms.decode_rgb`` checks it (the pixel limit). On a GPU the JPEGs go through nvJPEG in one call; other
     formats, and a batch nvJPEG refuses (a CMYK JPEG, say), are decoded on the CPU by ``decode_rgb`` and copied."""
     data = [d if isinstance(d, bytes) else bytes(d) for d in encoded]
-    kinds = []
-    for d in data:
-        kind, size = _header_size(d)
-        if kind is not None and size is None:
-            raise ImageDecodeError(f"corrupt {kind} header")
-        if size is not None:
-            _check_pixels(*size, MAX_PIXELS)
-        kinds.append(kind)
+    kinds = [checked_kind(d) for d in data]  # every header, before any decode
     out: list[torch.Tensor | None] = [None] * len(data)
     jpegs = [i for i, k in enumerate(kinds) if k == "JPEG"] if device.type == "cuda" else []
     if jpegs:

@@ -49,12 +49,9 @@ def decode_rgb(data: bytes, max_pixels: int | None = None) -> torch.Tensor:
     """
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     data = data if isinstance(data, bytes) else bytes(data)
-    kind, size = _header_size(data)
+    kind = checked_kind(data, limit)
     if kind is None:
         return _decode_pillow(data, limit)
-    if size is None:
-        raise ImageDecodeError(f"corrupt {kind} header")
-    _check_pixels(*size, limit)
     # The format's own decoder on a tensor of the bytes: no second format sniffing, no copy inside TorchCodec
     # (bench/decode_speed.py: on par with torchvision's decoder; decoders.decode_image on bytes is ~20 % slower).
     decode = _DECODERS.get(kind, decoders.decode_image)
@@ -63,6 +60,17 @@ def decode_rgb(data: bytes, max_pixels: int | None = None) -> torch.Tensor:
     except (RuntimeError, ValueError) as e:  # a truncated or corrupt file, found while decoding
         raise ImageDecodeError(f"corrupt image data ({str(e).splitlines()[0][:160]})") from None
     return image[0] if image.ndim == 4 else image
+
+
+def checked_kind(data: bytes, limit: int = MAX_PIXELS) -> str | None:
+    """The format the header of ``data`` names (PNG, JPEG, GIF, WebP; None: one Pillow reads, checked as it
+    decodes), its declared size checked against ``limit`` pixels before anything is decoded."""
+    kind, size = _header_size(data)
+    if kind is not None and size is None:
+        raise ImageDecodeError(f"corrupt {kind} header")
+    if size is not None:
+        _check_pixels(*size, limit)
+    return kind
 
 
 def _check_pixels(w: int, h: int, limit: int) -> None:
@@ -354,10 +362,10 @@ _SCRATCH = threading.local()
 
 
 def _scratch(name: str, like: torch.Tensor) -> torch.Tensor:
-    """A float32 buffer of ``like``'s shape on its device; on the CPU this thread's, reused
-    image after image. Why: a fresh 600 kB tensor per image is a fresh mapping of pages from the OS on these VMs
-    (glibc maps large blocks), and faulting them in costs 10x the arithmetic (bench/README.md). A GPU's caching
-    allocator already reuses its blocks."""
+    """A float32 buffer of ``like``'s shape on its device; on the CPU this thread's, reused image after image.
+    Why: a fresh 600 kB tensor per image is a fresh mapping of pages from the OS on these VMs (glibc maps large
+    blocks), and faulting them in costs 10x the arithmetic (bench/README.md). A GPU's caching allocator already
+    reuses its blocks."""
     if like.device.type != "cpu":
         return torch.empty(like.shape, dtype=torch.float32, device=like.device)
     key = (name, tuple(like.shape))
