@@ -16,3 +16,69 @@ def best_times(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: 
             fn()
             best[k] = min(best[k], time.perf_counter() - t0)
     return best
+
+
+class ProcessCPU:
+    """CPU seconds (user + system, /proc) each process on this machine spends inside a ``with`` block, sampled
+    every ``interval`` s so processes that start and end inside it count too. Linux only; empty elsewhere.
+    ``by_name()``: {command name: CPU s}, Ray's processes by their title (``ray::TrainController``, ``raylet``)."""
+
+    def __init__(self, interval: float = 0.5):
+        import threading
+
+        self.interval, self._stop, self._thread = interval, threading.Event(), None
+        self.before: dict[int, tuple[float, str]] = {}
+        self.after: dict[int, tuple[float, str]] = {}
+        self.wall_s = 0.0
+
+    @staticmethod
+    def sample() -> dict[int, tuple[float, str]]:
+        import os
+
+        out = {}
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        for pid in (p for p in (os.listdir("/proc") if os.path.isdir("/proc") else []) if p.isdigit()):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read()
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:  # ended between listing and reading
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state is fields[0]
+            name = argv[0].decode(errors="replace").split("/")[-1].strip() or stat[stat.find("(") + 1:stat.rfind(")")]
+            if name.startswith("python") and len(argv) > 1:  # a script or a spawned child, not the interpreter
+                name = " ".join(a.decode(errors="replace").split("/")[-1] for a in argv[1:] if a)[:48]
+            out[int(pid)] = ((int(fields[11]) + int(fields[12])) / tick, name)
+        return out
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.after.update(self.sample())
+
+    def __enter__(self) -> "ProcessCPU":
+        import threading
+
+        self.before, self._t0 = self.sample(), time.perf_counter()
+        self.after = dict(self.before)
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.after.update(self.sample())
+        self.wall_s = time.perf_counter() - self._t0
+
+    def by_name(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, (cpu, name) in self.after.items():
+            spent = cpu - self.before.get(pid, (0.0, name))[0]
+            if spent > 0:
+                out[name] = out.get(name, 0.0) + spent
+        for short in sorted(out, key=len):  # a process title cut short (Ray's ray::RayTrainWo...): the full one's
+            full = [n for n in out if n != short and n.startswith(short)]
+            if full:
+                out[full[0]] += out.pop(short)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))

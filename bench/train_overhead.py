@@ -8,8 +8,10 @@ same model run on the driver.
 Same model (ResNet-32, LADE loss, SGD), same prepared synthetic dataset (32x32 PNG in Parquet), same decode +
 augment, same total torch threads (2). Plain loop: a torch DataLoader over the Parquet bytes, train_one_epoch.
 Ray Train: TorchTrainer (DDP via prepare_model, gloo), data streamed from Ray Data, the same train_one_epoch.
-Each variant runs a few epochs and reports its best epoch after the first (warm).
-Run: python bench/train_overhead.py [--smoke-test]
+Each variant runs a few epochs and reports its best epoch after the first (warm). The plain loop and the 1-worker
+Ray Train loop run ``--rounds`` times, interleaved (the box's speed drifts by tens of % within minutes: both see the
+same drift), best of each; and each process's CPU seconds over those runs say where the time went.
+Run: python bench/train_overhead.py [--smoke-test] [--rounds N]
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import ProcessCPU  # noqa: E402
 from data_throughput import _Encoded  # noqa: E402
 
 from lade_core.config.schema import OptimizerConfig  # noqa: E402
@@ -150,6 +153,7 @@ def test_inference(root: str) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke-test", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the plain and 1-worker loops")
     args = ap.parse_args()
     per_class, epochs = (30, 2) if args.smoke_test else (300, 4)
     init_ray(num_cpus=2 * THREADS)  # logical CPUs beyond the workers' so Ray Data's decode tasks can run
@@ -159,8 +163,15 @@ def main() -> None:
                              test_per_class=20 if args.smoke_test else 300, seed=0)
         prepare_dataset(raw, Path(d) / "data", progress=False)
         root, batch = str(Path(d) / "data"), 128
-        plain = plain_loop(root, epochs, batch)
-        one = ray_train_loop(root, epochs, batch, 1, d)
+        plain = one = 0.0
+        cpu: dict[str, list[ProcessCPU]] = {"plain": [], "ray": []}
+        for _ in range(args.rounds):  # interleaved, best of each
+            with ProcessCPU() as spent:
+                plain = max(plain, plain_loop(root, epochs, batch))
+            cpu["plain"].append(spent)
+            with ProcessCPU() as spent:
+                one = max(one, ray_train_loop(root, epochs, batch, 1, d))
+            cpu["ray"].append(spent)
         two = ray_train_loop(root, epochs, batch, 2, d)
         unshuffled = ray_train_loop(root, epochs, batch, 1, d, shuffle=False)
         test_inference(root)  # warm-up
@@ -177,6 +188,17 @@ def main() -> None:
     n_test = 10 * (20 if args.smoke_test else 300)
     print(f"test inference, {n_test} images: driver {driver_s:.2f} s, 2 Ray Data actors {actors_s:.2f} s "
           f"(actors / driver {actors_s / driver_s:.2f}; a run's own end uses neither: its last epoch's warm workers)")
+    print(f"where the CPU went, {args.rounds} rounds of {epochs} epochs each (CPU s per process over the loop's "
+          f"whole run, start-up included; {THREADS} cores):")
+    for variant, runs in cpu.items():
+        wall = sum(r.wall_s for r in runs)
+        total: dict[str, float] = {}
+        for r in runs:
+            for name, s in r.by_name().items():
+                total[name] = total.get(name, 0.0) + s
+        top = sorted(total.items(), key=lambda kv: -kv[1])
+        print(f"  {variant}: {wall:.0f} s wall, {sum(total.values()):.0f} CPU s in all; "
+              + "; ".join(f"{name} {s:.1f}" for name, s in top[:8] if s >= 0.5))
     print(f"train/plain {one / plain:.2f}")
     print(f"train_2workers/train {two / one:.2f}")
 
