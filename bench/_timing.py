@@ -1,6 +1,8 @@
 """Tiny timing helper shared by the benchmarks: best-of-k wall time, interleaved so noise hits all variants."""
 from __future__ import annotations
 
+import os
+import threading
 import time
 from typing import Callable
 
@@ -24,8 +26,6 @@ class ProcessCPU:
     ``by_name()``: {command name: CPU s}, Ray's processes by their title (``ray::TrainController``, ``raylet``)."""
 
     def __init__(self, interval: float = 0.5):
-        import threading
-
         self.interval, self._stop, self._thread = interval, threading.Event(), None
         self.before: dict[int, tuple[float, str]] = {}
         self.after: dict[int, tuple[float, str]] = {}
@@ -33,8 +33,6 @@ class ProcessCPU:
 
     @staticmethod
     def sample() -> dict[int, tuple[float, str]]:
-        import os
-
         out = {}
         tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         for pid in (p for p in (os.listdir("/proc") if os.path.isdir("/proc") else []) if p.isdigit()):
@@ -57,8 +55,6 @@ class ProcessCPU:
             self.after.update(self.sample())
 
     def __enter__(self) -> "ProcessCPU":
-        import threading
-
         self.before, self._t0 = self.sample(), time.perf_counter()
         self.after = dict(self.before)
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -81,4 +77,4 @@ class ProcessCPU:
             full = [n for n in out if n != short and n.startswith(short)]
             if full:
                 out[full[0]] += out.pop(short)
-        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+        return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -192,13 +193,10 @@ def main() -> None:
           f"whole run, start-up included; {THREADS} cores):")
     for variant, runs in cpu.items():
         wall = sum(r.wall_s for r in runs)
-        total: dict[str, float] = {}
-        for r in runs:
-            for name, s in r.by_name().items():
-                total[name] = total.get(name, 0.0) + s
-        top = sorted(total.items(), key=lambda kv: -kv[1])
+        total = sum((Counter(r.by_name()) for r in runs), Counter())
+        top = total.most_common(8)
         print(f"  {variant}: {wall:.0f} s wall, {sum(total.values()):.0f} CPU s in all; "
-              + "; ".join(f"{name} {s:.1f}" for name, s in top[:8] if s >= 0.5))
+              + "; ".join(f"{name} {s:.1f}" for name, s in top if s >= 0.5))
     print(f"train/plain {one / plain:.2f}")
     print(f"train_2workers/train {two / one:.2f}")
 
