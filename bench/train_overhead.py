@@ -16,8 +16,10 @@ Run: python bench/train_overhead.py [--smoke-test] [--rounds N]
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -59,7 +61,8 @@ def _stats(ds) -> dict:
     return resolve_normalize(None, ds.family, None)
 
 
-def plain_loop(root: str, epochs: int, batch_size: int) -> float:
+def plain_loop(root: str, epochs: int, batch_size: int) -> tuple[float, tuple[float, float]]:
+    """(best warm epoch's img/s, (time.time() at the warm epochs' start, at their end))."""
     torch.set_num_threads(THREADS)
     ds = open_prepared(root)
     table = ds.raw_split("train")
@@ -68,12 +71,14 @@ def plain_loop(root: str, epochs: int, batch_size: int) -> float:
         batch_size=batch_size, shuffle=True, num_workers=1, persistent_workers=True,
         multiprocessing_context="spawn")  # a fork of a process running a Ray driver confuses the raylet
     model, optimizer, criterion = _setup(ds.num_classes, ds.source_prior.tolist())
-    best = 0.0
+    best, warm = 0.0, [0.0, 0.0]
     for epoch in range(epochs):
+        warm[0] = warm[0] or (time.time() if epoch == 1 else 0.0)
         batches = model_batches(({"image": x, "label": y} for x, y in loader), torch.device("cpu"), _stats(ds))
         ips = train_one_epoch(model, criterion, optimizer, batches, torch.device("cpu"), amp=False)["images_per_s"]
         best = max(best, ips) if epoch else best
-    return best
+    warm[1] = time.time()
+    return best, tuple(warm)
 
 
 def _ray_worker(config: dict) -> None:
@@ -86,9 +91,10 @@ def _ray_worker(config: dict) -> None:
     model, optimizer, criterion = _setup(config["num_classes"], config["source_prior"])
     model = ray.train.torch.prepare_model(model)
     prepared = open_prepared(config["root"])
-    best = 0.0
+    best, warm = 0.0, [0.0, 0.0]
     device = ray.train.torch.get_device()
     for epoch in range(config["epochs"]):
+        warm[0] = warm[0] or (time.time() if epoch == 1 else 0.0)
         if config["shuffle"]:  # what train.py runs: this rank's rows of the epoch, seeded, decoded where it decodes
             augment = _train_tf(prepared).augment
             place = decode_place("auto", device, augment)
@@ -101,13 +107,16 @@ def _ray_worker(config: dict) -> None:
         batches = model_batches(batches, device, _stats(prepared))
         ips = train_one_epoch(model, criterion, optimizer, batches, device, amp=False)["images_per_s"]
         best = max(best, ips) if epoch else best
+    warm[1] = time.time()
     if ray.train.get_context().get_world_rank() == 0:
-        # Train V2 keeps only metrics that come with a checkpoint; the figure goes to a file on this node instead.
-        Path(config["out"]).write_text(str(best * world))  # shards are equal: global = per-worker x world
+        # Train V2 keeps only metrics that come with a checkpoint; the figures go to a file on this node instead.
+        # Shards are equal: global img/s = per-worker x world.
+        Path(config["out"]).write_text(json.dumps({"ips": best * world, "warm": warm}))
 
 
 def ray_train_loop(root: str, epochs: int, batch_size: int, num_workers: int, storage: str,
-                   shuffle: bool = True) -> float:
+                   shuffle: bool = True) -> tuple[float, tuple[float, float]]:
+    """As ``plain_loop``, rank 0's figures."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -123,13 +132,12 @@ def ray_train_loop(root: str, epochs: int, batch_size: int, num_workers: int, st
         **({} if shuffle else {"datasets": {"train": ds.ray_dataset("train", _train_tf(ds))}}),
     )
     trainer.fit()
-    return float((Path(storage) / f"ips-{num_workers}-{shuffle}").read_text())
+    out = json.loads((Path(storage) / f"ips-{num_workers}-{shuffle}").read_text())
+    return out["ips"], tuple(out["warm"])
 
 
 def test_inference(root: str) -> tuple[float, float]:
     """Seconds for the test split's logits: on the driver (one process, 2 threads) vs 2 Ray Data actors."""
-    import time
-
     ds = open_prepared(root)
     torch.manual_seed(0)
     model = build_model("resnet32", ds.num_classes).eval()
@@ -164,17 +172,19 @@ def main() -> None:
                              test_per_class=20 if args.smoke_test else 300, seed=0)
         prepare_dataset(raw, Path(d) / "data", progress=False)
         root, batch = str(Path(d) / "data"), 128
-        plain = one = 0.0
-        cpu: dict[str, list[ProcessCPU]] = {"plain": [], "ray": []}
+        best = {"plain": 0.0, "ray": 0.0}
+        cpu: dict[str, list[tuple[ProcessCPU, tuple[float, float]]]] = {"plain": [], "ray": []}
+        loops = {"plain": lambda: plain_loop(root, epochs, batch), "ray": lambda: ray_train_loop(root, epochs, batch,
+                                                                                                 1, d)}
         for _ in range(args.rounds):  # interleaved, best of each
-            with ProcessCPU() as spent:
-                plain = max(plain, plain_loop(root, epochs, batch))
-            cpu["plain"].append(spent)
-            with ProcessCPU() as spent:
-                one = max(one, ray_train_loop(root, epochs, batch, 1, d))
-            cpu["ray"].append(spent)
-        two = ray_train_loop(root, epochs, batch, 2, d)
-        unshuffled = ray_train_loop(root, epochs, batch, 1, d, shuffle=False)
+            for variant, loop in loops.items():
+                with ProcessCPU() as spent:
+                    ips, warm = loop()
+                best[variant] = max(best[variant], ips)
+                cpu[variant].append((spent, warm))
+        plain, one = best["plain"], best["ray"]
+        two = ray_train_loop(root, epochs, batch, 2, d)[0]
+        unshuffled = ray_train_loop(root, epochs, batch, 1, d, shuffle=False)[0]
         test_inference(root)  # warm-up
         driver_s, actors_s = test_inference(root)
     n = 10 * per_class
@@ -192,11 +202,17 @@ def main() -> None:
     print(f"where the CPU went, {args.rounds} rounds of {epochs} epochs each (CPU s per process over the loop's "
           f"whole run, start-up included; {THREADS} cores):")
     for variant, runs in cpu.items():
-        wall = sum(r.wall_s for r in runs)
-        total = sum((Counter(r.by_name()) for r in runs), Counter())
+        wall = sum(r.wall_s for r, _ in runs)
+        total = Counter(ProcessCPU.merge_titles(sum((Counter(r.by_name()) for r, _ in runs), Counter())))
         top = total.most_common(8)
         print(f"  {variant}: {wall:.0f} s wall, {sum(total.values()):.0f} CPU s in all; "
               + "; ".join(f"{name} {s:.1f}" for name, s in top if s >= 0.5))
+    print(f"the warm epochs only (epochs 2..{epochs}, the ones timed; cores busy = CPU s / wall s, of {THREADS}):")
+    for variant, runs in cpu.items():
+        wall = sum(r.window(*warm)[0] for r, warm in runs)
+        total = Counter(ProcessCPU.merge_titles(sum((Counter(r.by_name(*warm)) for r, warm in runs), Counter())))
+        print(f"  {variant}: {wall:.0f} s wall, {sum(total.values()) / wall:.2f} cores busy; "
+              + "; ".join(f"{name} {s / wall:.3f}" for name, s in total.most_common(10) if s / wall >= 0.005))
     print(f"train/plain {one / plain:.2f}")
     print(f"train_2workers/train {two / one:.2f}")
 
