@@ -9,8 +9,10 @@ Both run the same lade_core decode + train transform on the same encoded images,
   - imagenet: ~340x256 JPEG (quality 90), RandomResizedCrop(224) + flip + ColorJitter.
 Images look natural (smooth colour fields with shapes and mild noise), so their JPEGs are photograph-sized rather
 than the several-times-larger files of pure noise. Ray Data is timed on its second (warm) pass, best of --repeats.
-The DataLoader is timed first, in the process as a plain script has it; then the process keeps freed blocks in its heap
-as lade's training worker does (``runtime.malloc``; ``--tuned-dataloader``: for the DataLoader's consumer too).
+The DataLoader runs in a process of its own, whose malloc is as a plain script has it (``--tuned-dataloader``: that
+process keeps freed blocks too); this process keeps freed blocks in its heap as lade's training worker does
+(``runtime.malloc``). The three paths' passes interleave, best of --repeats each: the box's speed drifts by tens of
+% within minutes, and all three see the same drift.
 The last lines print ``<family> ray_data/dataloader <ratio>`` and ``<family> worker/dataloader <ratio>``.
 
   python bench/data_throughput.py [--smoke-test] [--cpus 2]
@@ -117,6 +119,41 @@ def dataloader_ips(loader, kind: str) -> float:
     return count / (time.perf_counter() - t0)
 
 
+def _dataloader_process(conn, encoded: list[bytes], tf: ImageTransform, kind: str, workers: int,
+                        tuned: bool) -> None:
+    """The DataLoader's side in a process of its own, as a plain script has it (glibc's malloc untouched unless
+    ``tuned``), timing one pass each time it is asked, so its passes interleave with lade's."""
+    torch.set_num_threads(1)
+    if tuned:
+        keep_freed_blocks()
+    loader = make_loader(encoded, tf, 64, workers)
+    dataloader_ips(loader, kind)  # warm-up: starts the worker processes
+    conn.send("ready")
+    while conn.recv():
+        conn.send(dataloader_ips(loader, kind))
+
+
+class DataLoaderSide:
+    """``DataLoaderSide(...).ips()``: one timed pass of the DataLoader in its own process (``_dataloader_process``)."""
+
+    def __init__(self, encoded: list[bytes], tf: ImageTransform, kind: str, workers: int, tuned: bool):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # a forked child of a process that runs a Ray driver confuses the raylet
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_dataloader_process, args=(child, encoded, tf, kind, workers, tuned))
+        self.proc.start()
+        assert self.conn.recv() == "ready"
+
+    def ips(self) -> float:
+        self.conn.send(True)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(False)
+        self.proc.join()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke-test", action="store_true")
@@ -137,24 +174,19 @@ def main() -> None:
     ratios = {}
     print(f"{'family':>9} {'n':>6} {'mean bytes':>10} {'Ray Data img/s':>15} {'worker img/s':>13} "
           f"{'DataLoader img/s':>17} {'Ray Data/DL':>11} {'worker/DL':>9}")
+    keep_freed_blocks()  # as lade's training worker does (lade_core.runtime.malloc); the DataLoader's own process not
     with tempfile.TemporaryDirectory() as d:
-        datasets, plain = {}, {}
-        if args.tuned_dataloader:
-            keep_freed_blocks()
-        for kind, n in cases:  # the DataLoader first, in a process with glibc's malloc as a plain script has it
-            datasets[kind] = ds = make_dataset(kind, n, Path(d))
-            loader = make_loader(ds.raw_split("train").column("image").to_pylist(), train_transform(ds), 64,
-                                 args.cpus)
-            dataloader_ips(loader, kind)  # warm-up: starts the worker processes
-            plain[kind] = max(dataloader_ips(loader, kind) for _ in range(args.repeats))
-            del loader
-        keep_freed_blocks()  # as lade's training worker does (lade_core.runtime.malloc)
         for kind, n in cases:
-            ds, t = datasets[kind], plain[kind]
+            ds = make_dataset(kind, n, Path(d))
             encoded = ds.raw_split("train").column("image").to_pylist()
+            loader = DataLoaderSide(encoded, train_transform(ds), kind, args.cpus, args.tuned_dataloader)
             lade_ips(ds, 64)  # warm-up: starts Ray's worker processes
-            r = max(lade_ips(ds, 64, epoch) for epoch in range(1, args.repeats + 1))
-            w = max(lade_ips(ds, 64, epoch, in_worker=True, threads=args.cpus) for epoch in range(1, args.repeats + 1))
+            t = r = w = 0.0
+            for epoch in range(1, args.repeats + 1):  # interleaved (the box's speed drifts), best of each
+                t = max(t, loader.ips())
+                r = max(r, lade_ips(ds, 64, epoch))
+                w = max(w, lade_ips(ds, 64, epoch, in_worker=True, threads=args.cpus))
+            loader.close()
             ratios[f"{kind} ray_data"], ratios[f"{kind} worker"] = r / t, w / t
             print(f"{kind:>9} {n:>6} {np.mean([len(b) for b in encoded]):>10.0f} {r:>15.0f} {w:>13.0f} {t:>17.0f} "
                   f"{r / t:>11.2f} {w / t:>9.2f}")
