@@ -215,7 +215,8 @@ class PreparedDataset:
         order), and of them only the rows with those split indices."""
         tf = tf or self.eval_transform()
         fn = partial(decode_augment_chunks, tf=tf, shard=shard, rows=rows)
-        # batch_size=None: the decode runs inside the read task (fused), a block at a time, in 64-row chunks.
+        # batch_size=None: the decode runs inside the read task (fused, where the read is not split: _read_tasks), a
+        # block at a time, in 64-row chunks.
         ds = self.encoded_dataset(split, files=files).map_batches(fn, batch_format="numpy", batch_size=None)
         if files is not None:  # a training worker's rows: in file order, whatever order the read tasks finish in
             ds.context.execution_options.preserve_order = True
