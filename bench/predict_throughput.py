@@ -32,6 +32,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import mlflow
 
+    from lade_core import __version__
     from lade_core.data.prepare import prepare_dataset
     from lade_core.data.prepared import open_prepared
     from lade_core.data.synthetic import make_synthetic
@@ -51,7 +52,7 @@ def main() -> None:
         uri = f"sqlite:///{d}/mlflow.db"
         mlflow.set_tracking_uri(uri)
         card = ModelCard("resnet32", 10, [f"class_{c}" for c in range(10)], prepared.source_prior.tolist(), "lade",
-                         "cifar", 32, None)
+                         "cifar", 32, None, lade_version=__version__)  # as train.py's card: no old-model note
         torch.manual_seed(0)
         with mlflow.start_run():
             model_uri = log_classifier(card, build_model("resnet32", 10).state_dict(), "model").model_uri
