@@ -195,7 +195,7 @@ class PreparedDataset:
 
         self._check_split(split)
         def blocks():
-            for path in files if files is not None else sorted(map(str, (self.root / split).glob("*.parquet"))):
+            for path in files if files is not None else self.split_files(split):
                 for batch in pq.ParquetFile(path).iter_batches(batch_size=DECODE_READ_ROWS,
                                                                columns=["image", "label", "index"]):
                     yield {"image": batch.column("image").to_numpy(zero_copy_only=False),
@@ -232,10 +232,14 @@ class PreparedDataset:
         # whatever the size, and a training loop re-executes the read every epoch; V1 takes ~0.2 s (bench/README.md,
         # train_overhead). The user's RAY_DATA_USE_DATASOURCE_V2 wins if set.
         user_set = "RAY_DATA_USE_DATASOURCE_V2" in os.environ
-        paths = files if files is not None else sorted(map(str, (self.root / split).glob("*.parquet")))
+        paths = files if files is not None else self.split_files(split)
         with contextlib.nullcontext() if user_set else datasource_v1(ray.data.DataContext.get_current()):
             return ray.data.read_parquet(paths, columns=["image", "label", "index"],
                                          override_num_blocks=_read_tasks(len(paths)))
+
+    def split_files(self, split: str) -> list[str]:
+        """The split's shard files, in name order (the order a whole-split read takes them)."""
+        return sorted(map(str, (self.root / split).glob("*.parquet")))
 
     def raw_split(self, split: str, columns: list[str] | None = None):
         """The split's Parquet rows as a pyarrow Table (encoded bytes), read without Ray."""
